@@ -1,0 +1,3 @@
+"""histotransfer: transfer learning for histopathology whole-slide images."""
+
+__version__ = "0.1.0"
