@@ -1,0 +1,134 @@
+"""Read and write per-slide patch files (``patches/<slide_id>.h5``), the contract tiling hands to extraction.
+
+Layout (``formats.PATCHES``): dataset ``coords`` (N, 2) int64 level-0 (x, y) of each patch's top-left corner,
+dataset ``tissue_fraction`` (N,) float32, and the ``PatchSpec`` fields as attrs on the root and on ``coords``
+(where CLAM reads ``patch_size`` and ``patch_level``). Readers also accept CLAM files (``coords`` attrs
+``patch_size`` at ``patch_level``) and TRIDENT files (``coords`` attrs ``patch_size`` at the target
+magnification and ``patch_size_level0``); their missing fields are filled from the slide when it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .._io import atomic_path
+from ..errors import FormatError
+from ..formats import PATCHES, check, stamp
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How the patches of one slide are cut.
+
+    ``patch_size`` is the patch side in pixels at the target magnification; ``patch_size_level0`` its
+    footprint in level-0 pixels; ``patch_level`` the pyramid level read; ``downsample`` level-0 pixels per
+    target pixel; ``mpp`` the slide's level-0 microns per pixel; ``stride`` the grid step in target pixels.
+    Fields a CLAM or TRIDENT file lacks are None until ``geometry.resolve_spec`` fills them from the slide.
+    """
+
+    patch_size: int
+    patch_size_level0: int | None = None
+    patch_level: int | None = None
+    downsample: float | None = None
+    target_magnification: float | None = None
+    mpp: float | None = None
+    min_tissue: float | None = None
+    stride: int | None = None
+    slide_path: str | None = None
+
+    def attrs(self) -> dict[str, Any]:
+        """The non-None fields, as HDF5 attrs."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class PatchSet:
+    """The patches of one slide: ``tissue_fraction`` is NaN where the file has none (CLAM/TRIDENT)."""
+
+    slide_id: str
+    coords: np.ndarray  # (N, 2) int64 level-0 (x, y)
+    tissue_fraction: np.ndarray  # (N,) float32
+    spec: PatchSpec
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray,
+                     spec: PatchSpec) -> None:
+    """Write one slide's patch file atomically (temporary name, renamed when complete)."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
+    if len(coords) != len(tissue_fraction):
+        raise ValueError(f"{len(coords)} coords but {len(tissue_fraction)} tissue fractions")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        stamp(f, PATCHES)
+        dset = f.create_dataset("coords", data=coords)
+        f.create_dataset("tissue_fraction", data=tissue_fraction)
+        for key, value in spec.attrs().items():
+            f.attrs[key] = value
+            dset.attrs[key] = value
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _spec_from_attrs(attrs: dict[str, Any], path: Path) -> PatchSpec:
+    types = {"patch_size": int, "patch_size_level0": int, "patch_level": int, "downsample": float,
+             "target_magnification": float, "mpp": float, "min_tissue": float, "stride": int, "slide_path": str}
+    values: dict[str, Any] = {}
+    for field in fields(PatchSpec):
+        if field.name in attrs:
+            try:
+                values[field.name] = types[field.name](attrs[field.name])
+            except (TypeError, ValueError) as exc:
+                raise FormatError(f"{path}: attribute {field.name}={attrs[field.name]!r} is not a "
+                                  f"{types[field.name].__name__}; re-tile the slide.") from exc
+    if "patch_size" not in values or values["patch_size"] <= 0:
+        raise FormatError(f"{path}: no positive patch_size attribute on 'coords' (CLAM and TRIDENT files "
+                          "carry one); re-tile the slide with `histotransfer tile`.")
+    if "patch_level" not in values and "patch_size_level0" not in values:
+        raise FormatError(f"{path}: cannot tell the patches' scale: neither patch_level (CLAM) nor "
+                          "patch_size_level0 (TRIDENT) is set; re-tile the slide with `histotransfer tile`.")
+    return PatchSpec(**values)
+
+
+def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
+    """Load one patch file (ours, CLAM's or TRIDENT's), validating its layout."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FormatError(f"{path}: not a readable HDF5 file ({exc}); re-tile this slide.") from exc
+    with f:
+        check(f, PATCHES, path, needs=("coords",))
+        coords = np.asarray(f["coords"][()])
+        attrs = {k: _attr(v) for k, v in f.attrs.items()}
+        attrs.update({k: _attr(v) for k, v in f["coords"].attrs.items()})
+        fraction = np.asarray(f["tissue_fraction"][()], dtype=np.float32) if "tissue_fraction" in f else None
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise FormatError(f"{path}: 'coords' must be (N, 2) level-0 (x, y), got shape {coords.shape}.")
+    integral = np.issubdtype(coords.dtype, np.floating) and bool(np.all(np.mod(coords, 1) == 0))
+    if not (np.issubdtype(coords.dtype, np.integer) or integral):
+        raise FormatError(f"{path}: 'coords' must hold whole pixel coordinates, got {coords.dtype}.")
+    coords = coords.astype(np.int64)
+    if fraction is None:
+        fraction = np.full(len(coords), np.nan, np.float32)
+    elif fraction.shape != (len(coords),):
+        raise FormatError(f"{path}: 'tissue_fraction' has shape {fraction.shape}, expected ({len(coords)},).")
+    return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path))
