@@ -46,6 +46,11 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> None:
             p.unlink(missing_ok=True)
 
 
+def h5_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The ``<slide_id>.h5`` files of ``folder``, sorted, without files still being written (hidden temps)."""
+    return sorted(p for p in Path(folder).glob("*.h5") if not p.name.startswith("."))
+
+
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write a CSV atomically."""
     with atomic_path(path) as tmp:

@@ -1,0 +1,214 @@
+"""Feature extraction speed, measured side by side in one run on one slide. Prints rates and ratios.
+
+On the same patches of the same slide, with the same encoder and threads:
+
+1. ``extract``: our whole ``extract_features`` (loader worker processes reading while the encoder runs,
+   channels_last, inference mode, streaming HDF5 writes), in patches/s.
+2. ``clam-style``: the usual baseline: one process, OpenSlide ``read_region`` per patch, PIL image,
+   ``ToTensor`` + ``Normalize``, the encoder in NCHW, reading and encoding never overlapping.
+   Target: extract >= 2x clam-style.
+3. ``encoder``: the encoder alone on pixels already in memory (its ceiling), and its achieved GFLOP/s
+   (FLOPs counted by ``torch.utils.flop_counter``) as a fraction of this machine's fp32 matmul peak, measured
+   here with a large ``torch.mm``.
+4. ``loader``: our loader alone (the same worker processes, no encoder), patches/s.
+   Target: loader >= 3x encoder, so reading is never the bottleneck.
+
+5. ``clam-style reading``: the baseline's reading alone (OpenSlide, PIL, ToTensor, Normalize).
+
+Each measurement is repeated ``--repeats`` times, interleaved, and the median kept: the machine may be shared.
+Defaults: the real Aperio slide from ../shared when present (else a synthetic one), tiled at 20x into 224 px
+patches with a 112 px stride (so that a small slide gives enough patches), first 128 patches; two encoders:
+DenseNet121 with the real ImageNet weights from ../shared (else random) and ResNet18 cut after layer2.
+
+Run: ``.venv/bin/python benchmarks/bench_extract.py [--encoder resnet18 --weights random --truncate 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import openslide
+import torch
+import torchvision.transforms as T
+from torch.utils.flop_counter import FlopCounterMode
+
+from histotransfer.demo_slides import make_demo_slides
+from histotransfer.features import create_encoder, extract_features, read_feature_file
+from histotransfer.features.extract import BatchEncoder
+from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
+from histotransfer.patches import read_patch_file, write_patch_file
+from histotransfer.patches.tiling import tile_slides
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CMU = SHARED / "data" / "CMU-1-Small-Region.svs"
+DENSENET = SHARED / "weights" / "densenet121_imagenet_from_keras.safetensors"
+
+
+def elapsed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """fp32 GFLOP/s of a large square matmul on this process's threads (best of ``reps``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(elapsed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_patch(model: torch.nn.Module, size: int) -> float:
+    x = torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops()
+
+
+def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, input_size: int,
+               model: torch.nn.Module, batch_size: int) -> np.ndarray:
+    """The baseline: read a patch, make it a tensor, batch, encode; one step after the other."""
+    transform = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    out = []
+    with openslide.OpenSlide(slide_path) as slide, torch.inference_mode():
+        for start in range(0, len(coords), batch_size):
+            batch = []
+            for x, y in coords[start:start + batch_size]:
+                img = slide.read_region((int(x), int(y)), level, (read_size, read_size)).convert("RGB")
+                if read_size != input_size:
+                    img = img.resize((input_size, input_size))
+                batch.append(transform(img))
+            out.append(model(torch.stack(batch)).numpy())
+    return np.concatenate(out)
+
+
+def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weights: str, truncate: int,
+                 batch_size: int, workers: int, repeats: int, tmp: Path) -> None:
+    """Time extract (in-process reading and worker processes), the CLAM-style baseline, the encoder alone,
+    the loader alone and the baseline's reading alone, interleaved."""
+    ps = read_patch_file(patch_file)
+    spec, coords, n = ps.spec, ps.coords, len(ps.coords)
+    size = spec.patch_size
+    with openslide.OpenSlide(slide) as osr:
+        read_size = int(round(spec.patch_size_level0 / osr.level_downsamples[spec.patch_level]))
+
+    model = create_encoder(encoder, weights, truncate)
+    encode = BatchEncoder(model, torch.device("cpu"), "fp32")
+    pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
+    with torch.inference_mode():  # build both memory formats' kernels once before any timing
+        encode(pixels)
+        create_encoder(encoder, weights, truncate)(torch.zeros(batch_size, 3, size, size))
+
+    def run_encoder() -> None:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                encode(pixels[: min(batch_size, n - start)])
+
+    job = SlideJob(ps.slide_id, slide, patch_file, coords, spec)
+
+    def run_loader() -> None:
+        for _ in patch_loader(PatchBatches([job], batch_size), workers, pin_memory=False):
+            pass
+
+    outs: list[Path] = []
+
+    def run_extract(n_workers: int) -> None:  # end to end, building the encoder included
+        out = tmp / f"out{len(outs)}"
+        outs.append(extract_features(patches, out, encoder, weights, truncate, batch_size=batch_size,
+                                     workers=n_workers, device="cpu"))
+
+    baseline: list[np.ndarray] = []
+
+    def run_baseline() -> None:  # end to end, building the encoder included
+        base_model = create_encoder(encoder, weights, truncate)
+        baseline.append(clam_style(slide, coords, spec.patch_level, read_size, size, base_model, batch_size))
+
+    def run_baseline_reading() -> None:
+        clam_style(slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size)
+
+    steps = {f"extract, {workers} worker(s)": lambda: run_extract(workers),
+             "clam-style": run_baseline, "encoder": run_encoder, "loader": run_loader,
+             "clam-style reading": run_baseline_reading}
+    timings: dict[str, list[float]] = {k: [] for k in steps}
+    peaks = []
+    for _ in range(repeats):
+        for key, fn in steps.items():
+            timings[key].append(elapsed(fn))
+        peaks.append(matmul_peak_gflops())
+    rate = {k: n / statistics.median(v) for k, v in timings.items()}
+    ours = rate[f"extract, {workers} worker(s)"]
+    peak = statistics.median(peaks)
+    gflop = flops_per_patch(model, size) / 1e9
+    feats = read_feature_file(outs[-1] / f"{ps.slide_id}.h5").features
+    agree = float(np.abs(feats - baseline[-1]).max() / max(np.abs(baseline[-1]).max(), 1e-12))
+
+    print(f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
+          f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
+          f"threads, {os.cpu_count()} cores; median of {repeats}")
+    for key in steps:
+        if key.startswith("extract"):
+            print(f"  {key + ' (ours)':32} {rate[key]:8.1f} patches/s")
+    print(f"  {'clam-style baseline':32} {rate['clam-style']:8.1f} patches/s")
+    print(f"  {'encoder alone':32} {rate['encoder']:8.1f} patches/s  ({gflop:.2f} GFLOP/patch, "
+          f"{gflop * rate['encoder']:.1f} GFLOP/s)")
+    print(f"  {f'loader alone, {workers} worker(s)':32} {rate['loader']:8.1f} patches/s")
+    print(f"  {'clam-style reading alone':32} {rate['clam-style reading']:8.1f} patches/s")
+    print(f"  {'fp32 matmul peak':32} {peak:8.1f} GFLOP/s")
+    print(f"  features ours vs baseline: max difference {agree:.1e} of the largest value")
+    print(f"  ratio extract / clam-style         {ours / rate['clam-style']:6.2f}x  (target >= 2)")
+    print(f"  ratio loader / encoder             {rate['loader'] / rate['encoder']:6.2f}x  (target >= 3)")
+    print(f"  ratio loader / clam-style reading  {rate['loader'] / rate['clam-style reading']:6.2f}x")
+    print(f"  ratio encoder GFLOP/s / peak       {gflop * rate['encoder'] / peak:6.2f}")
+    print(f"  ratio extract / encoder            {ours / rate['encoder']:6.2f}   (1.0: reading costs nothing)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", default=str(CMU) if CMU.exists() else None)
+    ap.add_argument("--configs", default="densenet121:0,resnet18:2",
+                    help="comma-separated ENCODER:TRUNCATE (default densenet121:0,resnet18:2)")
+    ap.add_argument("--weights", default=None,
+                    help="weights for every config (default: ../shared DenseNet121 weights for densenet121, "
+                         "else random)")
+    ap.add_argument("--patch-size", type=int, default=224)
+    ap.add_argument("--magnification", type=float, default=20.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None, help="loader processes (default: extract's default)")
+    ap.add_argument("--max-patches", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        slide = args.slide or str(make_demo_slides(tmp / "demo", 1, seed=0, size=4096, mpp=0.5).slides[0])
+        tiled = tile_slides([slide], tmp / "tiles", magnification=args.magnification, patch_size=args.patch_size,
+                            stride=args.patch_size // 2)
+        if tiled[0].status != "ok":
+            raise SystemExit(f"tiling {slide} gave no patches: {tiled[0].message}")
+        tiled_file = next((tmp / "tiles" / "patches").glob("*.h5"))
+        ps = read_patch_file(tiled_file)
+        patches = tmp / "patches"
+        patch_file = patches / tiled_file.name
+        keep = slice(0, args.max_patches)
+        write_patch_file(patch_file, ps.coords[keep], ps.tissue_fraction[keep], ps.spec)
+        workers = default_workers(torch.device("cpu")) if args.workers is None else args.workers
+        for config in args.configs.split(","):
+            encoder, truncate = config.split(":")
+            weights = args.weights or (str(DENSENET) if DENSENET.exists() and encoder == "densenet121"
+                                       else "random")
+            bench_config(slide, patches, patch_file, encoder, weights, int(truncate), args.batch_size, workers,
+                         args.repeats, tmp / config.replace(":", "-"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Patch pixels for extraction, read in DataLoader worker processes.
+
+One dataset item is one batch of one slide (batches never span slides), so the encoder side can stream each
+slide's rows straight into its feature file. Each worker opens the slides it reads itself (native handles are
+never shared across processes) and keeps the last two open. A slide that cannot be read gives an item with an
+error message instead of pixels: the extractor reports that slide and goes on with the others.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..batch import one_line
+from ..patches import PatchReader, PatchSpec
+from ..slide import Slide, open_slide
+
+OPEN_SLIDES_PER_WORKER = 2
+
+
+@dataclass
+class SlideJob:
+    """One slide to extract: its patch coords (level-0 top-left) and how to cut them."""
+
+    slide_id: str
+    slide_path: str
+    patch_file: Path
+    coords: np.ndarray
+    spec: PatchSpec
+
+
+@dataclass
+class PatchBatch:
+    """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or the error reading them."""
+
+    job: int
+    start: int
+    pixels: torch.Tensor | None
+    error: str = ""
+
+    def pin_memory(self) -> PatchBatch:
+        """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
+        pixels = self.pixels.pin_memory() if self.pixels is not None else None
+        return PatchBatch(self.job, self.start, pixels, self.error)
+
+
+def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
+    """Resize a patch to ``size`` pixels: area averaging when shrinking (no aliasing), bilinear when growing."""
+    interp = cv2.INTER_AREA if size < patch.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(patch, (size, size), interpolation=interp)
+
+
+class PatchBatches(Dataset):
+    """Batches of patch pixels of a list of slides, in order: slide by slide, rows in patch-file order."""
+
+    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None):
+        self.jobs = jobs
+        self.input_size = input_size
+        self.items = [(j, s, min(s + batch_size, len(job.coords)))
+                      for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)]
+        self._open: OrderedDict[int, tuple[Slide, PatchReader]] = OrderedDict()
+        self._failed: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _reader(self, j: int) -> PatchReader:
+        if j in self._open:
+            return self._open[j][1]
+        job = self.jobs[j]
+        slide = open_slide(job.slide_path, mpp=job.spec.mpp)
+        try:
+            reader = PatchReader(slide, job.spec)
+        except BaseException:
+            slide.close()
+            raise
+        self._open[j] = (slide, reader)
+        while len(self._open) > OPEN_SLIDES_PER_WORKER:
+            _, (old_slide, old_reader) = self._open.popitem(last=False)
+            old_reader.close()
+            old_slide.close()
+        return reader
+
+    def __getitem__(self, i: int) -> PatchBatch:
+        j, start, stop = self.items[i]
+        if j in self._failed:
+            return PatchBatch(j, start, None, self._failed[j])
+        try:
+            reader = self._reader(j)
+            patches = [reader.read(int(x), int(y)) for x, y in self.jobs[j].coords[start:stop]]
+            if self.input_size is not None and patches[0].shape[0] != self.input_size:
+                patches = [resize_patch(p, self.input_size) for p in patches]
+            return PatchBatch(j, start, torch.from_numpy(np.stack(patches)))
+        except Exception as exc:  # reported per slide by the extractor; the other slides go on
+            self._failed[j] = f"{self.jobs[j].slide_path}: {one_line(exc)}"
+            return PatchBatch(j, start, None, self._failed[j])
+
+
+def _identity(item: PatchBatch) -> PatchBatch:
+    return item
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader processes when none are asked for: half the cores beside a CPU encoder, up to 8 for a GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return max(1, min(4, cores // 2))
+    return max(1, min(8, cores - 1))
+
+
+def patch_loader(dataset: PatchBatches, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader yielding the dataset's batches in order, read ahead by ``workers`` processes."""
+    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+                      pin_memory=pin_memory, **extra)

@@ -1,0 +1,191 @@
+"""Load encoder weights from checkpoint files without ever running code stored in them.
+
+``.safetensors`` files hold tensors only; ``.pth`` / ``.pt`` / ``.ckpt`` files are read with
+``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain containers.
+Published checkpoints wrap a torchvision state dict in different ways (nested under ``state_dict`` or
+``model``, keys prefixed by the training wrapper, a classification or multi-task head): they are normalised
+here to torchvision's own key names, and :func:`apply_state_dict` then refuses anything that does not fit the
+model exactly, instead of a silent partial load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import file_sha256
+from ..errors import HistotransferError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+# Containers a state dict is nested under (PyTorch Lightning, common training scripts).
+NESTING_KEYS = ("state_dict", "model_state_dict", "model")
+
+# Top-level modules that are classification heads, not part of an encoder: torchvision's ``fc``
+# (ResNet) and ``classifier`` (DenseNet, EfficientNet), and the per-task ``heads`` of multi-task models.
+HEAD_ROOTS = frozenset({"fc", "classifier", "heads"})
+
+# Top-level module names of the torchvision architectures in the registry. A prefix shared by every key is a
+# training wrapper (``module.``, ``model.resnet.``, ...) to strip, unless it is one of these names, or
+# stripping it leaves keys that start with these names (``features.features.*`` of a multi-task DenseNet).
+TORCHVISION_ROOTS = frozenset(
+    {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "features", "fc", "classifier"}
+)
+
+# torchvision's pre-0.4 DenseNet checkpoints name layers ``norm.1`` instead of ``norm1``; torchvision's own
+# loader renames them with this pattern, and so do we.
+_LEGACY_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def weights_cache_dir() -> Path:
+    """Where pre-trained checkpoint files are looked for: ``$HISTOTRANSFER_WEIGHTS`` or torch's hub cache."""
+    env = os.environ.get("HISTOTRANSFER_WEIGHTS")
+    return Path(env) if env else Path(torch.hub.get_dir()) / "checkpoints"
+
+
+@lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def weights_file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, computed once per process for an unchanged file."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _read_checkpoint(path: Path) -> object:
+    """The raw object stored in a checkpoint file, never unpickling anything but tensors and containers."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise HistotransferError(
+                f"{path}: not a readable safetensors file ({exc}); the file may be truncated: download it again."
+            ) from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "Weights only load failed" in str(exc):
+            raise HistotransferError(
+                f"{path}: refused: the checkpoint stores Python objects, not only tensors "
+                f"({_unpickler_reason(exc)}), and loading it could run code from the file. If you trust its "
+                "source, load it once yourself and save its state dict with safetensors.torch.save_file, then "
+                "pass the .safetensors file."
+            ) from exc
+        raise HistotransferError(
+            f"{path}: not a readable PyTorch checkpoint ({' '.join(str(exc).split())[:160]}); the file may be "
+            "truncated or corrupt: download it again."
+        ) from exc
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The one paragraph of torch's weights_only error that says what was refused."""
+    for para in str(exc).split("\n\n"):
+        para = " ".join(para.replace("WeightsUnpickler error:", "").split())
+        if para and not para.startswith(("Weights only load failed", "Check the documentation")):
+            return para[:200]
+    return type(exc).__name__
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint, descending through ``state_dict`` / ``model`` containers."""
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in NESTING_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            keys = ", ".join(map(str, list(obj)[:8]))
+            raise HistotransferError(
+                f"{path}: no state dict found (top-level keys: {keys}); expected tensors, optionally nested "
+                f"under one of {', '.join(NESTING_KEYS)}."
+            )
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise HistotransferError(f"{path}: holds no tensors; pass a state dict checkpoint.")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _root(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip training-wrapper prefixes, drop classification heads, rename legacy DenseNet keys."""
+    while True:
+        state = {k: v for k, v in state.items() if _root(k) not in HEAD_ROOTS}
+        roots = {_root(k) for k in state}
+        if len(roots) != 1 or all("." not in k for k in state):
+            break
+        prefix = roots.pop()
+        stripped = {k[len(prefix) + 1 :]: v for k, v in state.items()}
+        if prefix in TORCHVISION_ROOTS and not {_root(k) for k in stripped} <= TORCHVISION_ROOTS:
+            break
+        state = stripped
+    renamed = {}
+    for key, value in state.items():
+        m = _LEGACY_DENSENET.match(key)
+        renamed[m.group(1) + m.group(2) if m else key] = value
+    return renamed
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a torchvision-style state dict: heads dropped, wrapper prefixes stripped.
+
+    Accepts ``.safetensors`` and ``.pth`` / ``.pt`` / ``.ckpt`` / ``.bin`` (loaded with ``weights_only=True``);
+    a file whose pickle would construct anything but tensors is refused with a HistotransferError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HistotransferError(f"{path}: weights file not found; pass an existing .safetensors/.pth file.")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise HistotransferError(
+            f"{path}: unknown weights file type '{path.suffix}'; expected one of {', '.join(CHECKPOINT_SUFFIXES)}."
+        )
+    state = _unwrap(_read_checkpoint(path), path)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise HistotransferError(f"{path}: entries that are not tensors: {', '.join(bad[:5])}.")
+    return normalize_keys(state)
+
+
+def _preview(keys: list[str], n: int = 4) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, architecture: str) -> None:
+    """Load ``state`` into a full torchvision ``model``; any key mismatch outside the head is an error."""
+    own = model.state_dict()
+    # BatchNorm's num_batches_tracked only matters for training with momentum=None; files converted from
+    # other frameworks lack it.
+    missing = [
+        k for k in own if k not in state and _root(k) not in HEAD_ROOTS and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_preview(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {_preview(shapes, 2)}")
+        raise HistotransferError(
+            f"{source}: does not fit a torchvision {architecture}: {'; '.join(parts)}. "
+            f"Pass weights of a {architecture} (a torchvision state dict, optionally nested or prefixed)."
+        )
+    model.load_state_dict(state, strict=False)
