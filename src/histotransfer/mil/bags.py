@@ -1,0 +1,117 @@
+"""Load the feature files of labelled slides into memory as bags for MIL training and inference."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..batch import one_line
+from ..errors import HistotransferError
+from ..features.feature_file import read_feature_file
+
+ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "weights", "weights_sha256", "input_size")
+
+
+@dataclass
+class BagSet:
+    """Bags of several slides: contiguous float32 (N_i, D) tensors, their coords and feature-file attrs."""
+
+    slide_ids: list[str]
+    features: list[torch.Tensor]
+    coords: list[np.ndarray]
+    attrs: list[dict[str, Any]]
+
+    @property
+    def dim(self) -> int:
+        return int(self.features[0].shape[1])
+
+    def subset(self, slide_ids: list[str]) -> BagSet:
+        pos = {s: i for i, s in enumerate(self.slide_ids)}
+        idx = [pos[s] for s in slide_ids]
+        return BagSet([self.slide_ids[i] for i in idx], [self.features[i] for i in idx],
+                      [self.coords[i] for i in idx], [self.attrs[i] for i in idx])
+
+
+def encoder_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs of a feature file that say how its features were made (absent in CLAM/TRIDENT files), as
+    plain JSON values."""
+    return {k: attrs[k].tolist() if hasattr(attrs[k], "tolist") else attrs[k] for k in ENCODER_KEYS if k in attrs}
+
+
+def load_bags(files: dict[str, Path], expect_dim: int | None = None,
+              expect_encoder: dict[str, Any] | None = None) -> tuple[BagSet, dict[str, str]]:
+    """Read the feature files ``slide_id -> path``; an unreadable file is skipped and returned in the
+    second value (``slide_id -> reason``) with a warning. All bags must share the feature dimension and the
+    encoder attrs (of ``expect_*`` when given, else of the first file); a mismatch is an error."""
+    bags = BagSet([], [], [], [])
+    broken: dict[str, str] = {}
+    for slide_id, path in tqdm(sorted(files.items()), desc="loading features", unit="slide", dynamic_ncols=True):
+        try:
+            bag = read_feature_file(path)
+        except (HistotransferError, OSError, KeyError, ValueError) as exc:
+            broken[slide_id] = f"{path}: {one_line(exc)}"
+            warnings.warn(f"skipping unreadable feature file {broken[slide_id]}", stacklevel=2)
+            continue
+        enc = encoder_attrs(bag.attrs)
+        if expect_dim is None:
+            expect_dim = bag.features.shape[1]
+        if expect_encoder is None:
+            expect_encoder = enc
+        if bag.features.shape[1] != expect_dim:
+            raise HistotransferError(
+                f"{path}: features have dimension {bag.features.shape[1]}, expected {expect_dim}; all slides "
+                "must come from the same encoder (pass one features/<encoder_id> folder)."
+            )
+        if enc != expect_encoder:
+            raise HistotransferError(
+                f"{path}: made by encoder {enc or 'unknown'}, expected {expect_encoder or 'unknown'}; all "
+                "slides must come from the same encoder (pass one features/<encoder_id> folder)."
+            )
+        bags.slide_ids.append(slide_id)
+        bags.features.append(torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)))
+        bags.coords.append(bag.coords)
+        bags.attrs.append(bag.attrs)
+    return bags, broken
+
+
+def feature_stats(bags: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and (population) std over all patches of ``bags``, in float64.
+
+    Per-bag moments are merged with Chan et al.'s pairwise update, which stays accurate for large means and
+    never concatenates the bags."""
+    n, mean, m2 = 0, None, None
+    for bag in bags:
+        x = bag.double()
+        nb, mb = x.shape[0], x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        delta = mb - mean
+        total = n + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta**2 * (n * nb / total)
+        n = total
+    return mean.numpy(), (m2 / n).sqrt().numpy()
+
+
+def patch_size_level0(attrs: dict[str, Any]) -> int | None:
+    """The patch side in level-0 pixels, from a feature file's attrs or the patch file they name."""
+    if attrs.get("patch_size_level0") is not None:
+        return int(attrs["patch_size_level0"])
+    patch_file = attrs.get("patch_file")
+    if patch_file and Path(patch_file).is_file():
+        try:
+            with h5py.File(patch_file, "r") as f:
+                value = f.attrs.get("patch_size_level0")
+        except OSError:
+            return None
+        return None if value is None else int(value)
+    return None

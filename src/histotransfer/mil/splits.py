@@ -1,0 +1,206 @@
+"""Patient-level train/val/test splits: stratified random, k-fold, or read from the user's file.
+
+A patient's slides always land in one split. scikit-learn's ``StratifiedGroupKFold`` keeps groups together but
+neither takes arbitrary fractions (65/15/20) nor guarantees that every class reaches a small val or test
+split, so the allocation is done here: patients are grouped by the set of classes of their slides (their
+stratum), each stratum is shuffled with the seed and dealt to the splits by the target fractions, then a
+repair pass moves single patients so each split holds every class whenever the data allow it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import HistotransferError
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = {"train": 0.65, "val": 0.15, "test": 0.20}
+# In k-fold, the share of the non-test patients used for validation: 15 / 80, as in the default split.
+KFOLD_VAL_FRACTION = DEFAULT_FRACTIONS["val"] / (1 - DEFAULT_FRACTIONS["test"])
+_COVER_ORDER = ("train", "test", "val")  # the order in which a split missing a class is repaired
+
+
+def _patients(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient (sorted): the set of classes of its slides and its stratum name."""
+    classes = frame.groupby("patient_id", sort=True)["label"].agg(lambda s: frozenset(int(v) for v in s))
+    out = pd.DataFrame({"classes": classes})
+    out["stratum"] = ["+".join(map(str, sorted(c))) for c in out["classes"]]
+    return out
+
+
+def _largest_remainder(n: int, fractions: list[float]) -> list[int]:
+    """Split ``n`` items into integer counts proportional to ``fractions``, at least one per nonzero share
+    when there are enough items."""
+    raw = np.asarray(fractions, dtype=float) * n / sum(fractions)
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    wanted = [i for i, f in enumerate(fractions) if f > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                counts[int(np.argmax(counts))] -= 1
+                counts[i] = 1
+    return counts.tolist()
+
+
+def _deal(patients: pd.DataFrame, fractions: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """Assign each patient to a split, stratum by stratum, in proportion to ``fractions``."""
+    names = list(fractions)
+    assign: dict[str, str] = {}
+    for _, group in patients.groupby("stratum", sort=True):
+        ids = list(group.index[rng.permutation(len(group))])
+        start = 0
+        for name, count in zip(names, _largest_remainder(len(ids), [fractions[n] for n in names])):
+            assign.update({p: name for p in ids[start:start + count]})
+            start += count
+    _cover(assign, patients["classes"].to_dict(), [n for n in _COVER_ORDER if n in names and fractions[n] > 0], rng)
+    return assign
+
+
+def _cover(assign: dict[str, str], pclasses: dict[str, frozenset], splits: list[str],
+           rng: np.random.Generator) -> None:
+    """Move single patients into splits that miss a class, only from splits that keep all their classes.
+
+    Donors are taken from the largest split first, and single-class patients before mixed ones."""
+    all_classes = sorted(set().union(*pclasses.values()))
+    for target in splits:
+        for c in all_classes:
+            members = {s: sorted(p for p in assign if assign[p] == s) for s in splits}
+            if any(c in pclasses[p] for p in members[target]):
+                continue
+            candidates = []
+            for donor in splits:
+                if donor == target or len(members[donor]) < 2:
+                    continue
+                have = set().union(*(pclasses[p] for p in members[donor]))
+                for p in members[donor]:
+                    rest = set().union(*(pclasses[q] for q in members[donor] if q != p))
+                    if c in pclasses[p] and rest >= have:
+                        candidates.append((-len(members[donor]), len(pclasses[p]), p))
+            if candidates:
+                order = rng.permutation(len(candidates))
+                best = min(range(len(candidates)), key=lambda i: (candidates[i][:2], order[i]))
+                assign[candidates[best][2]] = target
+
+
+def _missing(split: pd.DataFrame, names: list[str], n_classes: int) -> dict[str, list[int]]:
+    """Classes (of ``0..n_classes-1``) absent from each split name in ``names``."""
+    return {
+        s: [c for c in range(n_classes) if c not in set(split.loc[split["split"] == s, "label"])]
+        for s in names
+    }
+
+
+def _too_small(frame: pd.DataFrame, classes: list[str], needed: int, what: str) -> HistotransferError:
+    counts = frame.groupby("label")["patient_id"].nunique().reindex(range(len(classes)), fill_value=0)
+    worst = int(counts.idxmin())
+    return HistotransferError(
+        f"class {classes[worst]!r} has slides from only {int(counts.min())} patient(s); {what} needs at least "
+        f"{needed} patients per class so that every split holds both classes (validation AUC picks the model, "
+        "test AUC reports it). Label more slides, or pass --split-file with your own split (a val or test "
+        "split with one class then gets no AUC)."
+    )
+
+
+def check_no_leak(split: pd.DataFrame, source: str | Path = "split") -> None:
+    """Raise HistotransferError if a patient has slides in two splits."""
+    per_patient = split.groupby("patient_id")["split"].nunique()
+    leaked = per_patient.index[per_patient > 1].tolist()
+    if leaked:
+        raise HistotransferError(
+            f"{source}: patient(s) {', '.join(map(str, leaked[:5]))} have slides in more than one split; put all "
+            "slides of a patient in the same split."
+        )
+
+
+def random_split(frame: pd.DataFrame, classes: list[str], seed: int = 0,
+                 fractions: dict[str, float] | None = None) -> pd.DataFrame:
+    """Patient-level stratified split of ``frame`` (slide_id, patient_id, label) into train/val/test.
+
+    Fractions (default 65/15/20) are of patients within each stratum. Each split gets every class whenever
+    each class has at least 3 patients; otherwise HistotransferError explains the minimum.
+    """
+    fractions = dict(fractions or DEFAULT_FRACTIONS)
+    rng = np.random.default_rng(seed)
+    assign = _deal(_patients(frame), fractions, rng)
+    out = frame[["slide_id", "patient_id", "label"]].copy()
+    out["split"] = out["patient_id"].map(assign)
+    used = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    if any(_missing(out, used, len(classes)).values()):
+        raise _too_small(frame, classes, len(used), "a patient-level train/val/test split")
+    check_no_leak(out)
+    return out
+
+
+def kfold_splits(frame: pd.DataFrame, classes: list[str], folds: int, seed: int = 0,
+                 val_fraction: float = KFOLD_VAL_FRACTION) -> list[pd.DataFrame]:
+    """Patient-level stratified k-fold: fold k's patients are the test split, the rest are split into
+    train/val (``val_fraction`` of them, stratified). Test folds partition the patients."""
+    if folds < 2:
+        raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
+    rng = np.random.default_rng(seed)
+    patients = _patients(frame)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for _, group in patients.groupby("stratum", sort=True):
+        ids = list(group.index[rng.permutation(len(group))])
+        fold_of.update({p: (offset + i) % folds for i, p in enumerate(ids)})
+        offset += len(ids)
+    out = []
+    for k in range(folds):
+        rest = patients.loc[[p for p in patients.index if fold_of[p] != k]]
+        assign = _deal(rest, {"train": 1 - val_fraction, "val": val_fraction}, rng)
+        assign.update({p: "test" for p in patients.index if fold_of[p] == k})
+        split = frame[["slide_id", "patient_id", "label"]].copy()
+        split["split"] = split["patient_id"].map(assign)
+        if any(_missing(split, list(SPLITS), len(classes)).values()):
+            raise _too_small(frame, classes, folds + 2, f"{folds}-fold cross-validation")
+        check_no_leak(split)
+        out.append(split)
+    return out
+
+
+def read_split_file(path: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """The user's split (``slide_id,split``; other columns, e.g. of a run's splits.csv, are ignored), obeyed
+    exactly. It must name every labelled slide and no other; splits are train/val/test; train needs two
+    classes; a patient may not be in two splits. A val or test split with one class is warned about."""
+    path = Path(path)
+    if not path.is_file():
+        raise HistotransferError(f"{path}: no such split file; pass a CSV with columns slide_id,split.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise HistotransferError(f"{path}: is empty; write a header slide_id,split and one row per slide.")
+    df.columns = [str(c).strip() for c in df.columns]
+    if not {"slide_id", "split"} <= set(df.columns):
+        raise HistotransferError(f"{path}: needs columns slide_id,split (found {', '.join(df.columns)}).")
+    df = df[["slide_id", "split"]].apply(lambda c: c.str.strip())
+    dup = df["slide_id"][df["slide_id"].duplicated()].unique()
+    if len(dup):
+        raise HistotransferError(f"{path}: duplicate slide_id(s) {', '.join(dup[:5])}.")
+    bad = sorted(set(df["split"]) - set(SPLITS))
+    if bad:
+        raise HistotransferError(f"{path}: unknown split name(s) {', '.join(map(repr, bad))}; use train, val or test.")
+    extra = sorted(set(df["slide_id"]) - set(frame["slide_id"]))
+    if extra:
+        raise HistotransferError(f"{path}: slide(s) {', '.join(extra[:5])} are not in the label file; remove them.")
+    absent = sorted(set(frame["slide_id"]) - set(df["slide_id"]))
+    if absent:
+        raise HistotransferError(
+            f"{path}: labelled slide(s) {', '.join(absent[:5])} have no split; add them or remove them from the "
+            "label file."
+        )
+    out = frame[["slide_id", "patient_id", "label"]].merge(df, on="slide_id", how="left")
+    check_no_leak(out, path)
+    missing = _missing(out, list(SPLITS), int(frame["label"].max()) + 1)
+    if missing["train"] or not (out["split"] == "train").any():
+        raise HistotransferError(f"{path}: the train split must hold slides of both classes.")
+    for s in ("val", "test"):
+        if (out["split"] == s).any() and missing[s]:
+            warnings.warn(f"{path}: the {s} split holds one class only; its AUC is undefined.", stacklevel=2)
+    return out

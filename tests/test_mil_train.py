@@ -1,0 +1,233 @@
+"""Training, evaluation and run folders on synthetic bags with planted positive instances."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histotransfer.cli import main
+from histotransfer.errors import HistotransferError
+from histotransfer.mil import AttentionMIL, evaluate_run, load_run_model, train_mil
+from histotransfer.mil.metrics import METRIC_KEYS
+from histotransfer.mil.rundir import read_attention
+from histotransfer.mil.synthetic import planted_bags, write_feature_folder
+from histotransfer.mil.train import fit
+
+# input_size as an array attr, as some tools store it: it must come back as a JSON list.
+ENCODER = {"encoder": "densenet121", "encoder_id": "densenet121-imagenet-t2", "truncate": 2, "weights": "imagenet",
+           "weights_sha256": "ab" * 32, "input_size": [224, 224]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These bags are tiny: one thread is faster than two and keeps timings steady on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cohort(folder: Path, n_slides: int, seed: int, **kw) -> tuple[Path, Path, list]:
+    bags = planted_bags(n_slides, seed=seed, **kw)
+    write_feature_folder(folder / "features", bags, **ENCODER, patch_size_level0=256)
+    pd.DataFrame({"slide_id": [b.slide_id for b in bags],
+                  "label": ["tumor" if b.label else "normal" for b in bags]}).to_csv(folder / "labels.csv", index=False)
+    return folder / "features", folder / "labels.csv", bags
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One run on 60 bags (20-40 patches of 16 features, 3 planted instances in positives, large scale)."""
+    root = tmp_path_factory.mktemp("planted")
+    features, labels, bags = make_cohort(root, 60, seed=0, dim=16, shift=4.0, scale=5.0)
+    run = train_mil(features, labels, root / "run", epochs=15, seed=0)
+    return root, run, bags
+
+
+def test_planted_signal_is_learned_and_attended(trained):
+    _, run, bags = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["auc"] >= 0.95 and metrics["val"]["auc"] >= 0.95
+    split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str}).set_index("slide_id")["split"]
+    held_out = [b for b in bags if b.label == 1 and split[b.slide_id] != "train"]
+    assert len(held_out) >= 6
+    precision = []
+    for bag in held_out:
+        score = read_attention(run / "attention" / f"{bag.slide_id}.h5")["score"]
+        top = np.argsort(-score)[: len(bag.planted)]
+        assert top[0] in bag.planted, bag.slide_id
+        precision.append(np.isin(top, bag.planted).mean())
+    assert np.mean(precision) >= 0.75
+
+
+def test_run_folder_contents(trained):
+    root, run, bags = trained
+    assert {p.name for p in run.iterdir()} >= {"config.json", "splits.csv", "model.pt", "predictions.csv",
+                                                "metrics.json", "history.csv", "roc.png", "attention"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["features_dir"] == str((root / "features").resolve())
+    assert config["labels"] == str((root / "labels.csv").resolve())
+    assert config["encoder"] == ENCODER
+    assert config["label_mapping"] == {"normal": 0, "tumor": 1} and config["positive_class"] == "tumor"
+    assert config["seed"] == 0 and config["model"]["name"] == "histotransfer" and config["model"]["standardize"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"train", "val", "test"} and all(set(m) == set(METRIC_KEYS) for m in metrics.values())
+    assert sum(m["n_slides"] for m in metrics.values()) == 60
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert predictions.columns.tolist() == ["slide_id", "patient_id", "split", "label", "probability"]
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 16)) and history["selected"].sum() == 1
+    best = history.loc[history["val_auc"] == history["val_auc"].max()]
+    assert history.loc[history["selected"], "epoch"].item() == best.loc[best["val_loss"].idxmin(), "epoch"]
+    payload = torch.load(run / "model.pt", weights_only=True)
+    assert payload["selected_epoch"] == history.loc[history["selected"], "epoch"].item()
+    # The standardisation in the model is the train split's patch statistics.
+    split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+    train_ids = set(split.loc[split["split"] == "train", "slide_id"])
+    x = np.concatenate([b.features for b in bags if b.slide_id in train_ids]).astype(np.float64)
+    np.testing.assert_allclose(payload["state_dict"]["feature_mean"].numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(payload["state_dict"]["feature_std"].numpy(), x.std(0), rtol=1e-5)
+
+
+def test_attention_files_hold_coords_scores_and_softmax_weights(trained):
+    _, run, bags = trained
+    model = load_run_model(run)
+    for bag in bags[:3] + bags[-3:]:
+        att = read_attention(run / "attention" / f"{bag.slide_id}.h5")
+        np.testing.assert_array_equal(att["coords"], bag.coords)
+        _, scores = model(torch.from_numpy(bag.features))
+        np.testing.assert_allclose(att["score"], scores.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(att["weight"], torch.softmax(scores.detach().double(), 0).numpy(), rtol=1e-5)
+        assert att["attrs"]["patch_size_level0"] == 256
+
+
+def test_evaluate_on_test_slides_reproduces_test_metrics(trained, tmp_path):
+    root, run, _ = trained
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str})
+    test = predictions[predictions["split"] == "test"]
+    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    labels[labels["slide_id"].isin(test["slide_id"])].to_csv(tmp_path / "test.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the other slides of the folder are ignored
+        result = evaluate_run(run, root / "features", tmp_path / "test.csv", tmp_path / "eval")
+    assert result["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["all"] == result["metrics"]
+    got = result["predictions"].set_index("slide_id")["probability"]
+    assert got.to_dict() == test.set_index("slide_id")["probability"].to_dict()
+
+
+def test_auc_is_over_slides_duplicating_patches_changes_nothing(trained, tmp_path):
+    root, run, bags = trained
+    dup = tmp_path / "features"
+    shutil.copytree(root / "features", dup)
+    with h5py.File(dup / f"{bags[0].slide_id}.h5", "r+") as f:
+        feats, coords = f["features"][()], f["coords"][()]
+        del f["features"], f["coords"]
+        f["features"], f["coords"] = np.tile(feats, (100, 1)), np.tile(coords, (100, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = evaluate_run(run, root / "features", root / "labels.csv", tmp_path / "a")
+        dupl = evaluate_run(run, dup, root / "labels.csv", tmp_path / "b")
+    assert dupl["metrics"]["n_slides"] == base["metrics"]["n_slides"] == 60
+    assert dupl["metrics"]["auc"] == base["metrics"]["auc"]
+    np.testing.assert_allclose(dupl["predictions"]["probability"], base["predictions"]["probability"], atol=1e-6)
+
+
+def test_evaluate_without_labels_predicts_every_slide(trained, tmp_path):
+    root, run, bags = trained
+    result = evaluate_run(run, root / "features", out_dir=tmp_path / "eval")
+    assert result["metrics"] is None and not (tmp_path / "eval" / "metrics.json").exists()
+    assert sorted(result["predictions"]["slide_id"]) == sorted(b.slide_id for b in bags)
+    assert set(result["predictions"]["predicted"]) <= {"normal", "tumor"}
+    assert len(list((tmp_path / "eval" / "attention").glob("*.h5"))) == 60
+
+
+def test_evaluate_refuses_features_of_another_encoder(trained, tmp_path):
+    root, run, _ = trained
+    bags = planted_bags(4, n_patches=(3, 4), dim=16, seed=9)
+    write_feature_folder(tmp_path / "other", bags, **{**ENCODER, "truncate": 3})
+    with pytest.raises(HistotransferError, match="made by encoder"):
+        evaluate_run(run, tmp_path / "other")
+
+
+def test_same_seed_gives_identical_predictions_and_finished_runs_are_kept(tmp_path):
+    features, labels, _ = make_cohort(tmp_path, 24, seed=1, n_patches=(5, 10), dim=8)
+    a = train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
+    b = train_mil(features, labels, tmp_path / "b", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
+    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+    assert (a / "history.csv").read_text().split("seconds")[0] == (b / "history.csv").read_text().split("seconds")[0]
+    c = train_mil(features, labels, tmp_path / "c", model="gated", epochs=4, seed=8, hidden=16, dropout=0.2)
+    assert (a / "predictions.csv").read_bytes() != (c / "predictions.csv").read_bytes()
+    # Re-running a finished run keeps it; other settings into the same folder are refused.
+    stamp = (a / "model.pt").stat().st_mtime_ns
+    train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
+    assert (a / "model.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(HistotransferError, match="other settings.*seed"):
+        train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2)
+
+
+def test_no_standardize_feeds_raw_features(tmp_path):
+    features, labels, _ = make_cohort(tmp_path, 20, seed=2, n_patches=(5, 10), dim=8)
+    run = train_mil(features, labels, tmp_path / "run", epochs=1, standardize=False)
+    state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert torch.equal(state["feature_mean"], torch.zeros(8)) and torch.equal(state["feature_std"], torch.ones(8))
+    assert json.loads((run / "config.json").read_text())["model"]["standardize"] is False
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_val_auc():
+    bags = planted_bags(16, n_patches=(5, 10), dim=8, seed=6)
+    x = [torch.from_numpy(b.features) for b in bags]
+    y = np.array([b.label for b in bags])
+    torch.manual_seed(0)
+    # Validation labels are the training labels flipped: learning the training set makes validation worse.
+    result = fit(AttentionMIL(8), (x, y), (x, 1 - y), epochs=40, lr=1e-2, seed=0, early_stopping=3)
+    assert len(result.history) == result.selected_epoch + 3 < 40
+    assert result.history["selected"].sum() == 1
+
+
+def test_k_fold_writes_fold_runs_and_a_summary(tmp_path):
+    features, labels, _ = make_cohort(tmp_path, 24, seed=3, n_patches=(5, 10), dim=8)
+    out = train_mil(features, labels, tmp_path / "cv", epochs=2, folds=3)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert sorted(summary["folds"]) == ["fold_0", "fold_1", "fold_2"]
+    aucs = [summary["folds"][f"fold_{k}"]["test"]["auc"] for k in range(3)]
+    assert summary["mean"]["test"]["auc"] == pytest.approx(np.mean(aucs))
+    assert summary["sd"]["test"]["auc"] == pytest.approx(np.std(aucs, ddof=1))
+    tested = pd.concat(pd.read_csv(out / f"fold_{k}" / "predictions.csv").query("split == 'test'") for k in range(3))
+    assert sorted(tested["slide_id"]) == sorted(pd.read_csv(labels)["slide_id"])
+    assert pd.read_csv(out / "splits.csv")["fold"].value_counts().sum() == 24
+    assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {"method": "k-fold", "folds": 3,
+                                                                               "fold": 1}
+
+
+def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
+    features, labels, bags = make_cohort(tmp_path, 20, seed=4, n_patches=(5, 10), dim=8)
+    (features / f"{bags[0].slide_id}.h5").write_bytes(b"not hdf5")
+    with pytest.warns(UserWarning, match="skipping unreadable feature file"):
+        run = train_mil(features, labels, tmp_path / "run", epochs=1)
+    config = json.loads((run / "config.json").read_text())
+    assert list(config["unreadable_slides"]) == [bags[0].slide_id]
+    assert bags[0].slide_id not in set(pd.read_csv(run / "predictions.csv")["slide_id"])
+
+
+def test_cli_train_and_evaluate(tmp_path, capsys):
+    features, labels, _ = make_cohort(tmp_path, 20, seed=5, n_patches=(5, 10), dim=8)
+    assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
+                 "--epochs", "2", "--model", "gated", "--hidden", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "val " in out and "test " in out and "AUC" in out
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--features", str(features),
+                 "--labels", str(labels)]) == 0
+    assert "predicted 20 slide(s)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "evaluation" / "metrics.json").is_file()
+    assert main(["train", "--features", str(features), "--labels", str(tmp_path / "missing.csv"),
+                 "--out", str(tmp_path / "run2")]) == 2
+    assert "no such label file" in capsys.readouterr().err
