@@ -1,0 +1,275 @@
+"""Block-wise CKA between two encoders on the same patches (the paper's Fig. 2).
+
+**Which activations are compared.** For each stage that :meth:`Encoder.forward_stages` returns (``stem``
+and then ResNet ``layer1..4``, DenseNet ``denseblock1..4`` (each opened by its transition; the last one
+ends with norm5 + ReLU), EfficientNet ``stage1..4``), the stage's output feature map (B, C, H, W) in eval
+mode (BatchNorm running statistics), for ImageNet-normalised RGB patches at the input size.
+
+* ``pooling="mean"``: the spatial mean of the map, (n, C) - the representation attention MIL sees when the
+  encoder is truncated after that stage. The d x d cross-products are accumulated in float64 over batches
+  (:class:`StreamingCKA`), so memory is O(C^2) however many patches are used.
+* ``pooling="flatten"``: the whole map flattened, (n, C*H*W), as in Kornblith et al. Each stage's maps are
+  written to a temporary float32 file (``n * C*H*W * 4`` bytes of disk per stage and encoder; e.g. 2000
+  patches of 224 px through resnet18's ``layer1`` take 1.6 GB) and reduced to an n x n centred Gram matrix
+  in column chunks (``n^2 * 8`` bytes of memory per stage and encoder). Use fewer patches or a smaller input
+  size when that does not fit.
+
+Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
+of A with every stage of B (``cka_matrix.csv`` and a heatmap).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from .._io import atomic_path, write_csv, write_json
+from ..errors import HistotransferError
+from ..features import Encoder, create_encoder
+from ..features.extract import find_patch_files, resolve_device
+from ..features.loader import PatchBatches, SlideJob, patch_loader
+from ..finetune.data import SlidesArg, locate_slide, normalise, slide_index
+from ..finetune.encoder_io import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
+from ..patches import read_patch_file
+from .cka import StreamingCKA, centred_gram, gram_cka
+
+POOLINGS = ("mean", "flatten")
+
+
+@dataclass
+class ResolvedEncoder:
+    """An encoder to compare, a label for tables and figures, and the input size its run used (if any)."""
+
+    encoder: Encoder
+    label: str
+    input_size: int | None = None
+
+
+EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
+
+
+def resolve_encoder(spec: EncoderLike, weights: str = "imagenet", truncate: int = 0) -> ResolvedEncoder:
+    """Turn an encoder spec into an :class:`Encoder`.
+
+    ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}``; a run folder (``train`` run: its
+    frozen encoder; ``finetune`` run: its fine-tuned one); a fine-tuned ``encoder.pt`` (its run folder's
+    ``config.json`` names the architecture); or a registry name, built with ``weights`` and ``truncate``.
+    """
+    if isinstance(spec, ResolvedEncoder):
+        return spec
+    if isinstance(spec, Encoder):
+        return ResolvedEncoder(spec, f"{spec.name} (t{spec.truncate})")
+    if isinstance(spec, Mapping):
+        name = spec.get("name") or spec.get("encoder")
+        if not name:
+            raise HistotransferError(f"encoder spec {dict(spec)}: needs a 'name'.")
+        w, t = str(spec.get("weights", weights)), int(spec.get("truncate", truncate))
+        return ResolvedEncoder(create_encoder(str(name), w, t), f"{name} ({Path(w).name}, t{t})")
+    path = Path(spec)
+    if path.is_dir() or path.is_file():
+        run_dir = path if path.is_dir() else path.parent
+        attrs = run_encoder_attrs(run_dir)
+        if path.is_file():
+            if path.name != ENCODER_FILE:
+                raise HistotransferError(
+                    f"{path}: pass a registry name with --weights FILE for a plain weights file; a file given "
+                    f"alone must be a fine-tuned run's {ENCODER_FILE}."
+                )
+            attrs = {**attrs, "weights": str(path.resolve()), "weights_sha256": ""}
+        encoder = encoder_from_attrs(attrs, run_dir / "config.json", local_dir=run_dir)
+        size = attrs.get("input_size")
+        return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, t{encoder.truncate})",
+                               int(size) if size else None)
+    name = str(spec)
+    return ResolvedEncoder(create_encoder(name, weights, truncate), f"{name} ({Path(weights).name}, t{truncate})")
+
+
+def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slides: SlidesArg = None) -> list[SlideJob]:
+    """``n_patches`` patches drawn uniformly without replacement from all slides (seeded), grouped by slide.
+
+    Slide files are found at the paths the patch files record, or in ``slides`` (a folder or a list)."""
+    index = slide_index(slides)
+    files = find_patch_files(patches_dir)
+    sets = [read_patch_file(p) for p in files]
+    sizes = np.array([len(s) for s in sets])
+    total = int(sizes.sum())
+    if total < 2:
+        raise HistotransferError(f"{patches_dir}: holds {total} patch(es); CKA needs at least 2.")
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(n_patches, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    jobs = []
+    for i, (path, ps) in enumerate(zip(files, sets)):
+        rows = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
+        if len(rows):
+            slide_path = locate_slide(ps.slide_id, ps.spec.slide_path, index, path)
+            jobs.append(SlideJob(ps.slide_id, slide_path, path, ps.coords[rows], ps.spec))
+    return jobs
+
+
+def _pool(maps: list[torch.Tensor], pooling: str) -> list[np.ndarray]:
+    if pooling == "mean":
+        return [torch.flatten(F.adaptive_avg_pool2d(m.float(), 1), 1).double().cpu().numpy() for m in maps]
+    return [m.float().flatten(1).cpu().numpy() for m in maps]
+
+
+class _FlattenStore:
+    """Flattened stage maps of all patches in temporary float32 files, reduced to centred Gram matrices."""
+
+    def __init__(self, folder: Path, n: int, pairs: list[tuple[str, str]]):
+        self.folder, self.n, self.pairs = folder, n, pairs
+        self.arrays: dict[str, np.memmap] = {}
+        self.row = 0
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        for key, rows in batch.items():
+            if key not in self.arrays:
+                self.arrays[key] = np.lib.format.open_memmap(
+                    self.folder / f"{len(self.arrays)}.npy", mode="w+", dtype=np.float32,
+                    shape=(self.n, rows.shape[1]))
+            self.arrays[key][self.row:self.row + len(rows)] = rows
+        self.row += len(next(iter(batch.values())))
+
+    def result(self) -> dict[tuple[str, str], float]:
+        grams = {k: centred_gram(a[: self.row]) for k, a in tqdm(self.arrays.items(), desc="Gram matrices",
+                                                                  unit="map", dynamic_ncols=True)}
+        return gram_cka(grams, self.pairs)
+
+
+def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
+    fig = Figure(figsize=(max(4.0, 1.1 * len(df) + 1.5), 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(df)), df["cka"], color="#4C72B0")
+    for bar, value in zip(bars, df["cka"]):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", va="bottom",
+                fontsize=8)
+    ax.set_xticks(range(len(df)), df["stage"], rotation=20, ha="right")
+    ax.set(ylim=(0, 1.1), ylabel="linear CKA", title=title)
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _plot_matrix(matrix: pd.DataFrame, path: Path, label_a: str, label_b: str) -> None:
+    fig = Figure(figsize=(1.0 * matrix.shape[1] + 2.5, 0.8 * matrix.shape[0] + 1.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+    for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), matrix.index)
+    ax.set(xlabel=label_b, ylabel=label_a, title="linear CKA, stage by stage")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def compare_encoders(
+    encoder_a: EncoderLike,
+    encoder_b: EncoderLike,
+    patches_dir: str | Path,
+    out_dir: str | Path,
+    n_patches: int = 2000,
+    pooling: str = "mean",
+    full_matrix: bool = False,
+    seed: int = 0,
+    batch_size: int = 32,
+    input_size: int | None = None,
+    workers: int = 0,
+    device: str = "auto",
+    slides: SlidesArg = None,
+) -> pd.DataFrame:
+    """Linear CKA between the same stages of two encoders on ``n_patches`` patches sampled from ``patches_dir``.
+
+    Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`). ``input_size``
+    resizes patches (default: the input size of the encoders' runs when both say the same, else the tiled
+    size). Writes ``cka.csv`` (stage, cka), ``cka.png``, ``patches.csv`` (the patches used), ``cka.json``
+    (settings) and, with ``full_matrix``, ``cka_matrix.csv`` / ``cka_matrix.png``. Returns the cka.csv table.
+    """
+    if pooling not in POOLINGS:
+        raise HistotransferError(f"pooling '{pooling}': choose one of {', '.join(POOLINGS)}.")
+    if n_patches < 2 or batch_size < 1:
+        raise HistotransferError("n_patches must be at least 2 and batch_size at least 1.")
+    a, b = resolve_encoder(encoder_a), resolve_encoder(encoder_b)
+    if input_size is None and a.input_size is not None and a.input_size == b.input_size:
+        input_size = a.input_size
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = sample_patches(patches_dir, n_patches, seed, slides)
+    n_total = sum(len(j.coords) for j in jobs)
+
+    names_a = [f"a:{s}" for s in a.encoder.stage_names]
+    names_b = [f"b:{s}" for s in b.encoder.stage_names]
+    pairs = list(zip(names_a, names_b))
+    if full_matrix:
+        pairs += [(x, y) for x in names_a for y in names_b]
+    pairs = list(dict.fromkeys(pairs))
+
+    models = [a.encoder.to(dev).eval(), b.encoder.to(dev).eval()]
+    used: list[tuple[str, int, int]] = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
+        acc = StreamingCKA(pairs) if pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
+        loader = patch_loader(PatchBatches(jobs, batch_size, input_size), workers, pin_memory=dev.type == "cuda")
+        failed: set[int] = set()
+        with torch.inference_mode(), tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True) as bar:
+            for item in loader:
+                if item.error:
+                    if item.job not in failed:
+                        warnings.warn(f"skipping slide: {item.error}", stacklevel=2)
+                        failed.add(item.job)
+                    continue
+                x = normalise(item.pixels, dev)
+                batch = {}
+                for model, names in zip(models, (names_a, names_b)):
+                    batch.update(zip(names, _pool(model.forward_stages(x), pooling)))
+                acc.update(batch)
+                job = jobs[item.job]
+                used += [(job.slide_id, int(cx), int(cy))
+                         for cx, cy in job.coords[item.start:item.start + len(item.pixels)]]
+                bar.update(len(item.pixels))
+        if len(used) < 2:
+            raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
+        values = acc.result()
+
+    df = pd.DataFrame({
+        "stage": [sa if sa == sb else f"{sa} | {sb}"
+                  for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
+        "cka": [values[p] for p in zip(names_a, names_b)],
+    })
+    write_csv(df, out / "cka.csv")
+    write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
+    title = f"{a.label} vs {b.label}\n{len(used)} patches, {pooling} pooling"
+    _plot_bars(df, out / "cka.png", title)
+    settings = {"encoder_a": a.label, "encoder_b": b.label, "n_patches": len(used), "pooling": pooling,
+                "seed": seed, "input_size": input_size, "patches_dir": str(Path(patches_dir).resolve()),
+                "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256}
+    if full_matrix:
+        matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
+                              index=a.encoder.stage_names, columns=b.encoder.stage_names)
+        with atomic_path(out / "cka_matrix.csv") as tmp_csv:
+            matrix.rename_axis("stage").to_csv(tmp_csv)
+        _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
+    write_json(settings, out / "cka.json")
+    return df
+
+
+def cka_summary(df: pd.DataFrame) -> str:
+    """The cka.csv table as aligned text lines."""
+    width = max(len(s) for s in df["stage"])
+    return "\n".join(f"  {s:<{width}}  {v:.4f}" for s, v in zip(df["stage"], df["cka"]))

@@ -1,0 +1,210 @@
+"""The end-to-end training loop on top-k bags: Adam, one or more slides per step, selection on val AUC.
+
+Each epoch's slide order is drawn from ``(seed, epoch)``, and the state after every epoch (model, optimizer,
+best model so far, history) is saved to a checkpoint, so a killed run resumes at the next epoch.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel: every rank takes its
+share of the epoch's slides (the order padded by repetition to a multiple of the world size, so every rank
+does the same number of steps), gradients are averaged across ranks, and validation slides are split across
+ranks and their predictions gathered, so every rank makes the same selection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .._io import atomic_path
+from ..errors import HistotransferError
+from ..features.distributed import Ranks
+from ..features.loader import PatchBatch
+from .data import TopKSlide, bag_loader, normalise
+from .model import EndToEndMIL
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs besides the model and the slides."""
+
+    epochs: int
+    lr: float
+    batch_slides: int
+    precision: str
+    seed: int
+    workers: int
+    input_size: int | None
+
+
+@dataclass
+class FitResult:
+    """The selected model state, the per-epoch history and the selected epoch."""
+
+    state: dict[str, torch.Tensor]
+    history: pd.DataFrame
+    selected_epoch: int
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _batches(loader: Any, slides: list[TopKSlide], per_step: int) -> Iterator[tuple[list[PatchBatch], list[int]]]:
+    """Group the loader's one-slide items into steps of ``per_step`` slides (with their labels)."""
+    items: list[PatchBatch] = []
+    for item in loader:
+        if item.error:
+            raise HistotransferError(f"reading top-k patches failed: {item.error}")
+        items.append(item)
+        if len(items) == per_step:
+            yield items, [slides[i.job].label for i in items]
+            items = []
+    if items:
+        yield items, [slides[i.job].label for i in items]
+
+
+def _inputs(items: list[PatchBatch], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    x = normalise(torch.cat([i.pixels for i in items]), device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, [len(i.pixels) for i in items]
+
+
+def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
+    """This rank's part of an epoch's slide order, padded by repetition so every rank gets as many slides."""
+    if not ranks.distributed:
+        return order
+    total = math.ceil(len(order) / ranks.world) * ranks.world
+    padded = np.resize(order, total)
+    return padded[ranks.rank::ranks.world]
+
+
+@torch.no_grad()
+def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: LoopSettings, device: torch.device,
+                 ranks: Ranks) -> np.ndarray:
+    """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
+    model.eval()
+    mine = list(range(len(slides)))[ranks.rank::ranks.world]
+    out: dict[int, np.ndarray] = {}
+    if mine:
+        loader = bag_loader(slides, mine, cfg.input_size, cfg.workers, device.type == "cuda")
+        for items, _ in _batches(loader, slides, 1):
+            x, sizes = _inputs(items, device)
+            with _autocast(device, cfg.precision):
+                logits, _ = model(x, sizes)
+            out[items[0].job] = torch.softmax(logits[0].double(), 0).cpu().numpy()
+    if ranks.distributed:
+        parts: list[Any] = [None] * ranks.world
+        dist.all_gather_object(parts, out)
+        out = {k: v for part in parts for k, v in part.items()}
+    return np.stack([out[i] for i in range(len(slides))])
+
+
+def _loss_auc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float | None]:
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    auc = float(roc_auc_score(labels, probs[:, 1])) if len(np.unique(labels)) == 2 else None
+    return float(-np.log(p).mean()), auc
+
+
+def _mean_across_ranks(total: float, count: int, ranks: Ranks, device: torch.device) -> float:
+    if ranks.distributed:
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = float(t[0]), int(t[1])
+    return total / max(count, 1)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: LoopSettings,
+                   device: torch.device, ranks: Ranks, checkpoint_path: Path) -> FitResult:
+    """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
+    (ties: lower val loss; without validation slides, the last epoch). Epoch 0 in the history is the
+    model before fine-tuning, for reference (never selected)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    net: torch.nn.Module = model
+    if ranks.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    val_labels = np.array([s.label for s in val], dtype=int)
+    rows: list[dict[str, Any]] = []
+    best_key: tuple | None = None
+    best_state, best_epoch, start = None, 0, 1
+
+    if checkpoint_path.is_file():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        rows, best_state, best_epoch = ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
+        best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
+        start = ckpt["epoch"] + 1
+        if ranks.rank == 0:
+            tqdm.write(f"{checkpoint_path}: resuming after epoch {ckpt['epoch']}")
+    elif len(val):
+        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, device, ranks), val_labels)
+        rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
+                     "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
+
+    bar = tqdm(range(start, cfg.epochs + 1), desc="fine-tuning", unit="epoch", dynamic_ncols=True,
+               disable=ranks.rank != 0)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        order = rank_share(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)), ranks)
+        loader = bag_loader(train, order, cfg.input_size, cfg.workers, device.type == "cuda")
+        model.train()
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            for items, labels in _batches(loader, train, cfg.batch_slides):
+                x, sizes = _inputs(items, device)
+                target = torch.tensor(labels, device=device)
+                with _autocast(device, cfg.precision):
+                    logits, _ = net(x, sizes)
+                loss = F.cross_entropy(logits.float(), target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(labels)
+                count += len(labels)
+        train_loss = _mean_across_ranks(total, count, ranks, device)
+        val_loss, val_auc = math.nan, None
+        if len(val):
+            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, device, ranks), val_labels)
+        key = ((-1.0 if val_auc is None else val_auc), -val_loss) if len(val) else (epoch,)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, best_state = key, epoch, _cpu_state(model)
+        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                     "val_auc": math.nan if val_auc is None else val_auc, "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_auc="-" if val_auc is None else f"{val_auc:.3f}")
+        if ranks.rank == 0:
+            with atomic_path(checkpoint_path) as tmp:
+                torch.save({"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "best_state": best_state,
+                            "best_key": list(best_key), "best_epoch": best_epoch, "history": rows}, tmp)
+        ranks.barrier()
+    history = pd.DataFrame(rows)
+    history["selected"] = history["epoch"] == best_epoch
+    assert best_state is not None
+    return FitResult(best_state, history, best_epoch)

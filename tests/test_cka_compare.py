@@ -1,0 +1,107 @@
+"""compare_encoders on real tiled TIFF patches: exact against an independent per-patch computation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histotransfer.analysis import compare_encoders, linear_cka
+from histotransfer.demo_slides import make_demo_slides
+from histotransfer.errors import HistotransferError
+from histotransfer.features import create_encoder
+from histotransfer.features.loader import resize_patch
+from histotransfer.patches import PatchReader, read_patch_file
+from histotransfer.patches.tiling import tile_slides
+from histotransfer.slide import open_slide
+
+INPUT = 32
+
+
+@pytest.fixture(scope="module")
+def patches_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cka_demo")
+    demo = make_demo_slides(root, n_slides=4, seed=1, size=1024, mpp=0.5)
+    tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
+    return root / "tiles" / "patches"
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    """A random resnet18 cut after layer2 and a copy whose layer2 moved, as fine-tuning with the stem and
+    layer1 frozen does."""
+    torch.manual_seed(0)
+    a = create_encoder("resnet18", "random", 2)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for name, p in b.named_parameters():
+            if not name.startswith(("body.stem", "body.layer1")):
+                p.add_(0.05 * torch.randn_like(p))
+    return a, b
+
+
+def reference_maps(encoder, patches_dir, used: pd.DataFrame) -> list[np.ndarray]:
+    """Each stage's output for the patches in ``used``, read one by one with PatchReader."""
+    pixels = []
+    for slide_id, x, y in used.itertuples(index=False):
+        spec = read_patch_file(patches_dir / f"{slide_id}.h5").spec
+        with open_slide(spec.slide_path) as slide:
+            pixels.append(resize_patch(PatchReader(slide, spec).read(x, y), INPUT))
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return [m.double().numpy() for m in encoder.eval().forward_stages(x)]
+
+
+def test_untouched_stages_have_cka_one_and_match_reference(patches_dir, encoders, tmp_path):
+    a, b = encoders
+    df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=40, batch_size=16, input_size=INPUT, device="cpu")
+    assert list(df["stage"]) == ["stem", "layer1", "layer2"]
+    assert df["cka"].iloc[0] == pytest.approx(1.0, abs=1e-6)
+    assert df["cka"].iloc[1] == pytest.approx(1.0, abs=1e-6)
+    assert df["cka"].iloc[2] < 0.9999
+    for name in ("cka.csv", "cka.png", "patches.csv", "cka.json"):
+        assert (tmp_path / name).is_file()
+    used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
+    assert len(used) == 40 and not used.duplicated().any()
+    maps_a = reference_maps(a, patches_dir, used)
+    maps_b = reference_maps(b, patches_dir, used)
+    for value, ma, mb in zip(df["cka"], maps_a, maps_b):
+        assert value == pytest.approx(linear_cka(ma.mean(axis=(2, 3)), mb.mean(axis=(2, 3))), abs=1e-6)
+
+
+def test_flatten_pooling_and_full_matrix(patches_dir, encoders, tmp_path):
+    a, b = encoders
+    df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=24, pooling="flatten", full_matrix=True,
+                          batch_size=10, input_size=INPUT, seed=3, device="cpu")
+    used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
+    maps_a = reference_maps(a, patches_dir, used)
+    maps_b = reference_maps(b, patches_dir, used)
+    flat = [(ma.reshape(len(ma), -1), mb.reshape(len(mb), -1)) for ma, mb in zip(maps_a, maps_b)]
+    for value, (fa, fb) in zip(df["cka"], flat):
+        assert value == pytest.approx(linear_cka(fa, fb), abs=1e-6)
+    matrix = pd.read_csv(tmp_path / "cka_matrix.csv", index_col="stage")
+    assert list(matrix.index) == list(matrix.columns) == list(df["stage"])
+    np.testing.assert_allclose(np.diag(matrix.to_numpy()), df["cka"], atol=1e-9)
+    assert matrix.loc["layer1", "layer2"] == pytest.approx(linear_cka(flat[1][0], flat[2][1]), abs=1e-6)
+    assert matrix.loc["layer2", "stem"] == pytest.approx(linear_cka(flat[2][0], flat[0][1]), abs=1e-6)
+    assert (tmp_path / "cka_matrix.png").is_file()
+    assert not list(tmp_path.glob(".cka-maps-*"))  # temporary maps removed
+
+
+def test_sampling_is_seeded_and_bad_settings_are_refused(patches_dir, encoders, tmp_path):
+    a, b = encoders
+    runs = {}
+    for name, seed in (("s0", 0), ("s0_again", 0), ("s1", 1)):
+        compare_encoders(a, a, patches_dir, tmp_path / name, n_patches=8, input_size=INPUT, seed=seed, device="cpu")
+        runs[name] = pd.read_csv(tmp_path / name / "patches.csv")
+    pd.testing.assert_frame_equal(runs["s0"], runs["s0_again"])
+    assert not runs["s0"].equals(runs["s1"])
+    assert pd.read_csv(tmp_path / "s0" / "cka.csv")["cka"].to_numpy() == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(HistotransferError, match="pooling"):
+        compare_encoders(a, b, patches_dir, tmp_path / "bad", pooling="max")
+    with pytest.raises(HistotransferError, match="no such folder"):
+        compare_encoders(a, b, tmp_path / "nowhere", tmp_path / "bad")
