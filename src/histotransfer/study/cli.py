@@ -1,0 +1,47 @@
+"""``histotransfer study FILE [--out DIR] [--check]``."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from .cells import read_done
+from .config import load_study
+from .runner import default_out_dir, execute, plan
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "study", help="run a whole study (grid of encoders x truncations x datasets x seeds) from a YAML file",
+        description="Run every cell of the study not already done (tiling, extraction, MIL per seed, "
+                    "fine-tuning, CKA), then write tables/, figures/ and report.html. Re-running resumes.")
+    p.add_argument("study_file", metavar="FILE", help="study file (YAML); see examples/paper_study.yaml")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the file's 'out' key, else ./<FILE stem>_out)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the file and list the cells (done / to do) without running anything")
+    p.set_defaults(func=_study)
+
+
+def _study(args: argparse.Namespace) -> int:
+    study = load_study(args.study_file)
+    if args.check:
+        out = default_out_dir(study) if args.out is None else Path(args.out).expanduser().resolve()
+        cells = plan(study)
+        todo = Counter(c.kind for c in cells if read_done(c, out) is None)
+        total = Counter(c.kind for c in cells)
+        print(f"{study.path}: valid; {len(cells)} cells in {out}")
+        for kind, n in total.items():
+            print(f"  {kind:9s} {n:5d} cells, {todo.get(kind, 0)} to do")
+        return 0
+    report, records = execute(study, args.out)
+    counts = Counter(r["status"] for r in records)
+    print("cells: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for r in records:
+        if r["status"] == "failed":
+            print(f"  failed {r['key']}: {r['message']}")
+    print(f"tables:  {report.parent / 'tables'}")
+    print(f"figures: {report.parent / 'figures'}")
+    print(f"report:  {report}")
+    return 1 if counts.get("failed") or counts.get("blocked") else 0

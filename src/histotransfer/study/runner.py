@@ -1,0 +1,376 @@
+"""Run a study: plan the grid of cells, run each one not already done, then write tables, figures and report.
+
+Cells, in order: per dataset, demo slides (when asked) -> tiling -> one extraction per encoder configuration ->
+one MIL run per configuration and seed -> fine-tuning of the chosen configurations -> CKA. A failed cell is
+recorded and the cells that need it are skipped with the reason; everything else still runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .._io import file_sha256, h5_files, write_csv, write_text
+from ..batch import one_line
+from ..errors import HistotransferError
+from ..slide import slide_id_of
+from .cells import Cell, prepare_folder, read_done, write_done, write_failed
+from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
+from .figures import draw_figures
+from .report import write_report
+from .tables import build_tables, cka_stages, finetune_runs, mil_runs, write_tables
+
+CELL_COLUMNS = ["kind", "key", "dataset", "config", "seed", "status", "seconds", "message", "folder"]
+
+
+def _rel(path: str | Path, out_dir: Path) -> str:
+    return Path(path).resolve().relative_to(out_dir.resolve()).as_posix()
+
+
+def plan(study: Study) -> list[Cell]:
+    """Every cell of the study, dependencies before dependents."""
+    cells: list[Cell] = []
+    ex, mil = study.extract, study.mil
+    for ds in study.datasets:
+        demo = None
+        if ds.demo is not None:
+            demo = _resumable(Cell("demo", f"demo/{ds.name}", dict(ds.demo), dataset=ds.name))
+            cells.append(demo)
+        tiling = {"magnification": ds.magnification, "patch_size": ds.patch_size, "stride": ds.stride,
+                  "min_tissue": ds.min_tissue, "mpp": ds.mpp}
+        # Tiling skips slides already tiled with the same settings and re-tiles the others by itself.
+        tile = Cell("tile", f"tile/{ds.name}", {"slides": [str(p) for p in ds.slides], **tiling},
+                    deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
+        cells.append(tile)
+        extracts: dict[EncoderConfig, Cell] = {}
+        for enc in study.encoders:
+            settings = {"encoder": enc.spec(), "input_size": ex.input_size, "precision": ex.precision,
+                        "dtype": ex.dtype}
+            # Extraction skips finished slides: resumable while the tiling settings stay (slides may come and go).
+            extracts[enc] = Cell("extract", f"extract/{ds.name}/{enc.key}", settings, deps=(tile,),
+                                 dataset=ds.name, encoder=enc, resume_key=settings_hash([settings, tiling]))
+            cells.append(extracts[enc])
+        labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
+        mils: dict[tuple[EncoderConfig, int], Cell] = {}
+        for enc in study.encoders:
+            for seed in study.seeds:
+                mils[enc, seed] = _resumable(Cell("mil", f"mil/{ds.name}/{enc.key}/seed{seed}", {
+                    **labels, "model": mil.model, "epochs": mil.epochs, "lr": mil.lr,
+                    "standardize": mil.standardize, "early_stopping": mil.early_stopping, "hidden": mil.hidden,
+                    "dropout": mil.dropout, "seed": seed,
+                }, deps=(extracts[enc],) + ((demo,) if demo else ()), dataset=ds.name, encoder=enc, seed=seed))
+                cells.append(mils[enc, seed])
+        finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
+        if study.finetune is not None:
+            ft = study.finetune
+            for enc in ft.encoders:
+                for seed in ft.seeds:
+                    settings = {"top_k": ft.top_k, "epochs": ft.epochs, "lr": ft.lr,
+                                "batch_slides": ft.batch_slides, "freeze_stages": ft.freeze_stages,
+                                "precision": ft.precision, "seed": seed}
+                    finetunes[enc, seed] = _resumable(Cell(
+                        "finetune", f"finetune/{ds.name}/{enc.key}/seed{seed}", settings,
+                        deps=(mils[enc, seed], tile), dataset=ds.name, encoder=enc, seed=seed))
+                    cells.append(finetunes[enc, seed])
+        if study.cka is not None:
+            ck = study.cka
+            settings = {"n_patches": ck.n_patches, "pooling": ck.pooling, "full_matrix": ck.full_matrix,
+                        "input_size": ex.input_size}
+            if ck.finetuned:
+                for (enc, seed), ft_cell in finetunes.items():
+                    cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}/seed{seed}", {
+                        **settings, "seed": seed, "comparison": "finetuned"},
+                        deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed))
+            for a, b in ck.pairs:
+                cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}", {
+                    **settings, "seed": study.seeds[0], "comparison": "pair", "a": a.spec(), "b": b.spec()},
+                    deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0]))
+    return cells
+
+
+def _resumable(cell: Cell) -> Cell:
+    """A cell whose stage resumes its own partial work when re-run with the very same settings."""
+    cell.resume_key = cell.hash
+    return cell
+
+
+def _file_id(path: Path | None) -> str | None:
+    """A file's identity for cache keys: its content hash, so editing labels retrains."""
+    return None if path is None else file_sha256(path)
+
+
+class _Context:
+    """What a cell's work needs: the study, the output folder and finished dependencies' results."""
+
+    def __init__(self, study: Study, out_dir: Path):
+        self.study = study
+        self.out = out_dir
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def dataset(self, cell: Cell) -> Dataset:
+        return next(d for d in self.study.datasets if d.name == cell.dataset)
+
+    def dep(self, cell: Cell, kind: str) -> dict[str, Any] | None:
+        for d in cell.deps:
+            if d.kind == kind:
+                return self.results[d.key]
+        return None
+
+    def path(self, rel: str) -> Path:
+        return self.out / rel
+
+    def weights(self, enc: EncoderConfig | dict[str, Any]) -> str:
+        """The weights argument for the stages ("random" is one fixed seeded network in every stage)."""
+        spec = enc.spec() if isinstance(enc, EncoderConfig) else enc
+        return spec["weights"]
+
+    def slides_and_labels(self, cell: Cell) -> tuple[list[Path], Path | None]:
+        ds = self.dataset(cell)
+        demo = self.dep(cell, "demo")
+        if demo is not None:
+            return [self.path(p) for p in demo["slides"]], self.path(demo["labels"])
+        return list(ds.slides), ds.labels
+
+
+def _run_demo(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..demo_slides import make_demo_slides
+
+    demo = make_demo_slides(folder, n_slides=cell.settings["n_slides"], seed=cell.settings["seed"],
+                            size=cell.settings["size"])
+    return {"slides": [_rel(p, ctx.out) for p in demo.slides], "labels": _rel(demo.labels_csv, ctx.out)}, \
+        f"{len(demo.slides)} demo slides"
+
+
+def _run_tile(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..patches import tile_slides
+
+    ds = ctx.dataset(cell)
+    slides, _ = ctx.slides_and_labels(cell)
+    results = tile_slides(slides, folder, magnification=ds.magnification, patch_size=ds.patch_size,
+                          stride=ds.stride, min_tissue=ds.min_tissue, mpp=ds.mpp, workers=ctx.study.tile_workers)
+    keep = {slide_id_of(p) for p in slides}
+    for stale in h5_files(folder / "patches"):  # slides no longer in the dataset
+        if stale.stem not in keep:
+            stale.unlink()
+    bad = [r for r in results if r.status == "error"]
+    ok = [r for r in results if r.status in ("ok", "skipped") and r.n_patches > 0]
+    if not ok:
+        first = bad[0].message if bad else "no tissue found in any slide"
+        raise HistotransferError(f"no slide of dataset '{ds.name}' was tiled ({first}); see {folder / 'tiling.csv'}")
+    message = f"{len(ok)} slides tiled, {sum(r.n_patches for r in ok)} patches"
+    if len(ok) < len(results):
+        message += f"; {len(results) - len(ok)} slide(s) without patches or failed (see tiling.csv)"
+    return {"patches": _rel(folder / "patches", ctx.out)}, message
+
+
+def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..features import extract_features
+
+    ex, enc = ctx.study.extract, cell.encoder
+    assert enc is not None
+    patches = ctx.path(ctx.dep(cell, "tile")["patches"])
+    features = Path(extract_features(patches, folder, encoder=enc.name, weights=ctx.weights(enc),
+                                     truncate=enc.truncate, input_size=ex.input_size, batch_size=ex.batch_size,
+                                     workers=ex.workers, device=ex.device, precision=ex.precision,
+                                     dtype=ex.dtype))
+    tiled = {p.stem for p in h5_files(patches)}
+    for stale in h5_files(features):  # slides no longer tiled
+        if stale.stem not in tiled:
+            stale.unlink()
+    n = len(h5_files(features))
+    if n == 0:
+        raise HistotransferError(f"no slide's features were extracted; see {features / 'extract.csv'}")
+    return {"features": _rel(features, ctx.out)}, f"{n} slides"
+
+
+def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[Path, str]:
+    """The labels restricted to slides that have features, so one slide lost upstream is skipped, not fatal."""
+    df = pd.read_csv(labels, dtype={"slide_id": str})
+    have = {p.stem for p in h5_files(features)}
+    missing = sorted(set(df["slide_id"]) - have)
+    if not missing:
+        return labels, ""
+    kept = folder / "labels_used.csv"
+    write_csv(df[df["slide_id"].isin(have)], kept)
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return kept, f"{len(missing)} labelled slide(s) without features skipped: {shown}"
+
+
+def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..mil import train_mil
+
+    m, ds = ctx.study.mil, ctx.dataset(cell)
+    features = ctx.path(ctx.dep(cell, "extract")["features"])
+    _, labels = ctx.slides_and_labels(cell)
+    labels_used, note = _labels_with_features(labels, features, folder)
+    run = Path(train_mil(features, labels_used, folder / "run", model=m.model, epochs=m.epochs, lr=m.lr,
+                         seed=cell.seed, split_file=ds.split_file, standardize=m.standardize,
+                         early_stopping=m.early_stopping, hidden=m.hidden, dropout=m.dropout))
+    return {"run": _rel(run, ctx.out)}, note
+
+
+def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..finetune import finetune
+
+    ft = ctx.study.finetune
+    assert ft is not None
+    frozen = ctx.dep(cell, "mil")["run"]
+    slides, _ = ctx.slides_and_labels(cell)
+    run = Path(finetune(ctx.path(frozen), folder / "run", slides=slides, top_k=ft.top_k, lr=ft.lr,
+                        epochs=ft.epochs, batch_slides=ft.batch_slides, grad_checkpointing=ft.grad_checkpointing,
+                        precision=ft.precision, device=ft.device, seed=cell.seed, workers=ft.workers,
+                        freeze_stages=ft.freeze_stages, extract_batch_size=ctx.study.extract.batch_size))
+    return {"run": _rel(run, ctx.out), "frozen_run": frozen, "encoder": _rel(run / "encoder.pt", ctx.out)}, ""
+
+
+def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..analysis import compare_encoders
+
+    ck, ex = ctx.study.cka, ctx.study.extract
+    assert ck is not None and cell.encoder is not None
+    patches = ctx.path(ctx.dep(cell, "tile")["patches"])
+    if cell.settings["comparison"] == "finetuned":
+        a: Any = dict(cell.encoder.spec(), weights=ctx.weights(cell.encoder))
+        b: Any = ctx.path(ctx.dep(cell, "finetune")["run"])
+        comparison = f"{cell.encoder.label}: frozen vs fine-tuned"
+    else:
+        a, b = cell.settings["a"], cell.settings["b"]
+        a, b = dict(a, weights=ctx.weights(a)), dict(b, weights=ctx.weights(b))
+        comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
+                      f"{EncoderConfig(**cell.settings['b']).label}")
+    # Compare the encoders on patches as the study extracted them (same input size and device).
+    compare_encoders(a, b, patches, folder / "cka", n_patches=ck.n_patches, pooling=ck.pooling,
+                     full_matrix=ck.full_matrix, seed=cell.seed, batch_size=ex.batch_size,
+                     input_size=ex.input_size, workers=ex.workers or 0, device=ex.device)
+    return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
+
+
+WORK = {"demo": _run_demo, "tile": _run_tile, "extract": _run_extract, "mil": _run_mil,
+        "finetune": _run_finetune, "cka": _run_cka}
+
+
+OUTPUT_KEYS = ("slides", "labels", "patches", "features", "run", "frozen_run", "encoder", "csv")
+
+
+def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
+    """False when a finished cell's outputs were deleted since: the cell is then redone."""
+    for key in OUTPUT_KEYS:
+        value = result.get(key)
+        for rel in (value if isinstance(value, list) else [value] if value else []):
+            if not (out_dir / rel).exists():
+                return False
+    return True
+
+
+@contextmanager
+def _lock(out_dir: Path) -> Iterator[None]:
+    """Refuse two studies writing into one folder at once (the lock dies with its process, even on kill -9)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".study.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HistotransferError(f"{out_dir}: another study is running in this folder; wait for it to "
+                                     "finish or choose another --out") from None
+        yield
+
+
+def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
+    df = pd.DataFrame(records, columns=CELL_COLUMNS)
+    write_csv(df.astype({"seed": "Int64", "seconds": float}).round({"seconds": 2}), out_dir / "cells.csv")
+
+
+def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell not already done; return one record per cell (status done/cached/failed/blocked)."""
+    ctx = _Context(study, out_dir)
+    records: list[dict[str, Any]] = []
+    status: dict[str, str] = {}
+    cached = {c.key: m for c in cells
+              if (m := read_done(c, out_dir)) is not None and _outputs_exist(m["result"], out_dir)}
+    bar = tqdm(total=len(cells), initial=len(cached), desc=f"study {study.name}", unit="cell",
+               dynamic_ncols=True, disable=not progress)
+    for cell in cells:
+        if cell.key in cached:
+            marker = cached[cell.key]
+            ctx.results[cell.key] = marker["result"]
+            status[cell.key] = "cached"
+            records.append(cell.record("cached", marker.get("seconds"), marker.get("message", ""),
+                                       marker["result"]))
+            continue
+        broken = [d for d in cell.deps if status.get(d.key) not in ("done", "cached")]
+        if broken:
+            status[cell.key] = "blocked"
+            records.append(cell.record("blocked", message=f"needs {broken[0].key}, which {status[broken[0].key]}"))
+        else:
+            bar.set_postfix_str(cell.key, refresh=True)
+            folder = prepare_folder(cell, out_dir)
+            t0 = time.perf_counter()
+            try:
+                result, message = WORK[cell.kind](cell, ctx, folder)
+            except Exception as exc:  # one failed cell is recorded; the rest of the grid goes on
+                reason = one_line(exc)
+                write_failed(cell, out_dir, reason, exc)
+                status[cell.key] = "failed"
+                records.append(cell.record("failed", time.perf_counter() - t0, reason))
+                tqdm.write(f"failed {cell.key}: {reason}")
+                if "HISTOTRANSFER_DEBUG" in os.environ:
+                    raise
+            else:
+                seconds = time.perf_counter() - t0
+                write_done(cell, out_dir, result, seconds, message)
+                ctx.results[cell.key] = result
+                status[cell.key] = "done"
+                records.append(cell.record("done", seconds, message, result))
+        _write_cells(records, out_dir)
+        bar.update(1)
+    bar.close()
+    _write_cells(records, out_dir)
+    return records
+
+
+def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) -> Path:
+    """Tables, figures and report.html from the finished cells."""
+    finished = [r for r in records if r["status"] in ("done", "cached")]
+    info = study.encoder_info
+    datasets = [d.name for d in study.datasets]
+    mil = mil_runs(out_dir, finished, info)
+    ft = finetune_runs(out_dir, finished, info)
+    cka = cka_stages(out_dir, finished)
+    tables = build_tables(mil, ft, study.encoders, study.finetune.encoders if study.finetune else (), datasets,
+                          info)
+    shown = write_tables(out_dir / "tables", tables, datasets,
+                         {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka})
+    figures = draw_figures(out_dir / "figures", mil, cka)
+    return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records)
+
+
+def default_out_dir(study: Study) -> Path:
+    """The study file's ``out`` key, else ``<study file stem>_out`` in the current folder."""
+    return study.out if study.out is not None else Path.cwd() / f"{study.path.stem}_out"
+
+
+def execute(study: Study, out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict]]:
+    """Run a loaded study; return (report path, cell records)."""
+    out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study)
+    with _lock(out):
+        write_text(study.text, out / "study.yaml")
+        records = run_cells(study, plan(study), out, progress=progress)
+        report = write_outputs(study, out, records)
+    return report, records
+
+
+def run_study(study_file: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Run (or resume) the study described by ``study_file``; return the path of its ``report.html``.
+
+    Finished cells are reused; failed cells are listed in the report and in ``cells.csv``.
+    """
+    report, _ = execute(load_study(study_file), out_dir)
+    return report

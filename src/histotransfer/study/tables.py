@@ -1,0 +1,227 @@
+"""The paper's Tables I-IV from the study's finished runs.
+
+Every number comes from a run's ``metrics.json`` (slide-level test AUC and the number of test slides): the
+long tables (``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run, the summary
+tables one row per encoder configuration with, per dataset, the mean and sample sd of the test AUC over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._io import write_csv, write_text
+from .config import NAMED_WEIGHTS, EncoderConfig
+
+TABLES = {
+    "table1_architectures": "Table I. ImageNet-family architectures (full depth): slide-level test AUC",
+    "table2_histopathology_encoders": "Table II. Histopathology encoders (full depth): slide-level test AUC",
+    "table3_finetuning": "Table III. Frozen vs fine-tuned encoder: slide-level test AUC",
+    "table4_truncation": "Table IV. Truncated encoders: slide-level test AUC by number of removed stages",
+}
+FOOTNOTE = "Test-set slide-level AUC, mean ± sd over seeds (sd needs two seeds); n = test slides."
+
+
+def _test_metrics(run: Path) -> tuple[float, int]:
+    """(test AUC, test slides) from a run folder's metrics.json; AUC is NaN when it could not be computed."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["test"]
+    auc = test.get("auc")
+    return (float("nan") if auc is None else float(auc)), int(test.get("n_slides") or 0)
+
+
+def _encoder_columns(spec: Mapping[str, Any], info: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]))
+    meta = info.get(cfg.name, {})
+    return {"config": cfg.key, "encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
+            "family": meta.get("family"), "imagenet_top1": meta.get("imagenet_top1")}
+
+
+def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
+             info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per finished MIL run: dataset, encoder configuration, seed, test AUC, test slides, run folder."""
+    rows = []
+    for r in records:
+        if r["kind"] != "mil":
+            continue
+        run = r["result"]["run"]
+        auc, n = _test_metrics(out_dir / run)
+        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "seed": r["seed"],
+                     "auc": auc, "n_slides": n, "run": run})
+    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
+                                       "imagenet_top1", "seed", "auc", "n_slides", "run"])
+
+
+def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
+                  info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per finished fine-tuning run, with the frozen run of the same seed beside it."""
+    rows = []
+    for r in records:
+        if r["kind"] != "finetune":
+            continue
+        frozen_auc, _ = _test_metrics(out_dir / r["result"]["frozen_run"])
+        auc, n = _test_metrics(out_dir / r["result"]["run"])
+        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "seed": r["seed"],
+                     "frozen_auc": frozen_auc, "finetuned_auc": auc, "n_slides": n, "run": r["result"]["run"],
+                     "frozen_run": r["result"]["frozen_run"]})
+    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
+                                       "imagenet_top1", "seed", "frozen_auc", "finetuned_auc", "n_slides", "run",
+                                       "frozen_run"])
+
+
+def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (CKA run, stage): which encoders were compared on which dataset, and the CKA."""
+    frames = []
+    for r in records:
+        if r["kind"] != "cka":
+            continue
+        df = pd.read_csv(out_dir / r["result"]["csv"])
+        frames.append(pd.DataFrame({
+            "dataset": r["dataset"], "comparison": r["result"]["comparison"], "seed": r["seed"],
+            "stage_index": np.arange(len(df)), "stage": df["stage"].astype(str), "cka": df["cka"].astype(float),
+            "csv": r["result"]["csv"],
+        }))
+    columns = ["dataset", "comparison", "seed", "stage_index", "stage", "cka", "csv"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def _n_slides(values: pd.Series) -> Any:
+    """The test-slide count: one number when every seed has the same, else 'min-max'."""
+    lo, hi = int(values.min()), int(values.max())
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _summary(values: pd.Series) -> tuple[float, float, int]:
+    """(mean, sample sd, seeds) of the finite values; sd is NaN below two seeds."""
+    v = values.to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), int(len(v))
+
+
+def _grid_table(runs: pd.DataFrame, configs: Sequence[EncoderConfig], datasets: Sequence[str],
+                columns: Sequence[str], info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per configuration (in study order), per dataset: AUC mean, sd, seeds and test slides."""
+    rows = []
+    for cfg in configs:
+        meta = info.get(cfg.name, {})
+        row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
+                               "family": meta.get("family"), "imagenet_top1": meta.get("imagenet_top1")}
+        row = {k: row[k] for k in columns}
+        for ds in datasets:
+            sel = runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds)] if len(runs) else runs
+            mean, sd, k = _summary(sel["auc"]) if len(sel) else (float("nan"), float("nan"), 0)
+            row.update({f"{ds}_auc_mean": mean, f"{ds}_auc_sd": sd, f"{ds}_n_seeds": k,
+                        f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
+        rows.append(row)
+    names = list(columns) + [f"{ds}_{c}" for ds in datasets for c in ("auc_mean", "auc_sd", "n_seeds", "n_slides")]
+    return pd.DataFrame(rows, columns=names)
+
+
+def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[EncoderConfig],
+                 finetune_encoders: Sequence[EncoderConfig], datasets: Sequence[str],
+                 info: Mapping[str, Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Tables I-IV as numeric DataFrames, rows in the study file's order, one column group per dataset."""
+    def family(cfg: EncoderConfig) -> str | None:
+        return info.get(cfg.name, {}).get("family")
+
+    full_imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology"]
+    full_histo = [c for c in encoders if c.truncate == 0 and family(c) == "histopathology"]
+    truncated_archs = {(c.name, c.weights) for c in encoders if c.truncate > 0}
+    truncation = sorted((c for c in encoders if (c.name, c.weights) in truncated_archs),
+                        key=lambda c: ([(e.name, e.weights) for e in encoders].index((c.name, c.weights)),
+                                       c.truncate))
+
+    ft_rows = []
+    for cfg in finetune_encoders:
+        row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate}
+        for ds in datasets:
+            sel = finetune[(finetune["config"] == cfg.key) & (finetune["dataset"] == ds)] if len(finetune) \
+                else finetune
+            sel = sel[np.isfinite(sel["frozen_auc"].astype(float)) & np.isfinite(sel["finetuned_auc"].astype(float))]
+            f_mean, f_sd, k = _summary(sel["frozen_auc"])
+            t_mean, t_sd, _ = _summary(sel["finetuned_auc"])
+            row.update({f"{ds}_frozen_auc_mean": f_mean, f"{ds}_frozen_auc_sd": f_sd,
+                        f"{ds}_finetuned_auc_mean": t_mean, f"{ds}_finetuned_auc_sd": t_sd,
+                        f"{ds}_n_seeds": k, f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
+        ft_rows.append(row)
+    ft_cols = ["encoder", "weights", "truncate"] + [
+        f"{ds}_{c}" for ds in datasets for c in ("frozen_auc_mean", "frozen_auc_sd", "finetuned_auc_mean",
+                                                 "finetuned_auc_sd", "n_seeds", "n_slides")]
+    return {
+        "table1_architectures": _grid_table(mil, full_imagenet, datasets, ["encoder", "weights", "imagenet_top1"],
+                                            info),
+        "table2_histopathology_encoders": _grid_table(mil, full_histo, datasets, ["encoder", "weights"], info),
+        "table3_finetuning": pd.DataFrame(ft_rows, columns=ft_cols),
+        "table4_truncation": _grid_table(mil, truncation, datasets, ["encoder", "weights", "truncate"], info),
+    }
+
+
+def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> str:
+    """'0.912 ± 0.013 (n=48)'; an en dash where there is no finished run."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    text = f"{mean:.3f}" if (sd is None or math.isnan(sd)) else f"{mean:.3f} ± {sd:.3f}"
+    return f"{text} (n={n_slides})" if with_n else text
+
+
+def _weights_label(w: str) -> str:
+    return w if w in NAMED_WEIGHTS else Path(w).name
+
+
+def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    """The human-readable form of a numeric table: one formatted AUC column per dataset."""
+    out = pd.DataFrame()
+    out["Encoder"] = table["encoder"]
+    out["Weights"] = table["weights"].map(_weights_label)
+    if "truncate" in table and name != "table1_architectures" and name != "table2_histopathology_encoders":
+        out["Truncation"] = table["truncate"]
+    if "imagenet_top1" in table:
+        out["ImageNet top-1 (%)"] = [("–" if v is None or pd.isna(v) else f"{float(v):.1f}")
+                                     for v in table["imagenet_top1"]]
+    for ds in datasets:
+        if name == "table3_finetuning":
+            out[f"{ds}: frozen"] = [format_auc(m, s, n) for m, s, n in zip(
+                table[f"{ds}_frozen_auc_mean"], table[f"{ds}_frozen_auc_sd"], table[f"{ds}_n_slides"])]
+            out[f"{ds}: fine-tuned"] = [format_auc(m, s, n) for m, s, n in zip(
+                table[f"{ds}_finetuned_auc_mean"], table[f"{ds}_finetuned_auc_sd"], table[f"{ds}_n_slides"])]
+        else:
+            out[ds] = [format_auc(m, s, n) for m, s, n in zip(
+                table[f"{ds}_auc_mean"], table[f"{ds}_auc_sd"], table[f"{ds}_n_slides"])]
+    return out
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (written here to avoid a `tabulate` dependency for a few lines)."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
+             "| " + " | ".join("---" for _ in df.columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(tables_dir: Path, tables: Mapping[str, pd.DataFrame], datasets: Sequence[str],
+                 long: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Write each table as CSV (numeric) and Markdown (formatted), plus the long per-run CSVs.
+
+    Returns the formatted tables, which the HTML report shows.
+    """
+    shown = {}
+    for name, table in tables.items():
+        write_csv(table, tables_dir / f"{name}.csv")
+        disp = display_table(name, table, datasets)
+        shown[name] = disp
+        body = to_markdown(disp) if len(disp) else "_No encoder configuration of the study belongs here._\n"
+        write_text(f"**{TABLES[name]}**\n\n{body}\n{FOOTNOTE}\n", tables_dir / f"{name}.md")
+    for name, df in long.items():
+        write_csv(df, tables_dir / f"{name}.csv")
+    return shown
