@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/histotransfer demo --out $(DEMO_DIR)
+	$(BIN)/histotransfer study examples/demo_study.yaml --out $(DEMO_DIR)/study
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,43 +1,87 @@
 """``histotransfer demo``: the whole pipeline on generated demo slides, end to end.
 
 Generates a small seeded set of synthetic pyramidal TIFF slides (half of them carry lesions), then runs every
-stage on them, printing where each stage's results are. Everything runs on the CPU in a few minutes.
+stage on them (tiling, feature extraction, attention MIL, heatmaps, top-k fine-tuning, CKA), printing what each
+stage did and where its results are. Everything runs offline on the CPU in a few minutes, so the encoder is a
+seeded random-init ResNet18 truncated by two stages at 64 px input: the numbers show the pipeline works, not
+which encoder is best (``histotransfer study`` answers that on real slides).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+import pandas as pd
+
+from .analysis import compare_encoders
 from .batch import summarize
+from .demo_slides import make_demo_slides
+from .features import extract_features
+from .finetune import finetune
+from .mil import train_mil, write_heatmaps
+from .patches import tile_slides
 
-DEMO_ENCODER = dict(encoder="resnet18", weights="random", truncate=2, input_size=64)
+ENCODER, TRUNCATE, INPUT_SIZE, PATCH_SIZE = "resnet18", 2, 64, 256
 
 
-def _stage(title: str) -> float:
-    print(f"\n== {title}", flush=True)
-    return time.perf_counter()
+class _Stage:
+    """Prints a stage's title, then its duration and output folder."""
+
+    def __init__(self, title: str, where: Path):
+        self.title, self.where = title, where
+
+    def __enter__(self) -> None:
+        print(f"\n== {self.title}", flush=True)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            print(f"   {time.perf_counter() - self.t0:.1f} s -> {self.where}", flush=True)
 
 
-def _done(t0: float, where: Path) -> None:
-    print(f"   done in {time.perf_counter() - t0:.1f} s -> {where}", flush=True)
+def _auc(metrics: dict, split: str) -> str:
+    m = metrics.get(split) or {}
+    return "n/a" if m.get("auc") is None else f"{m['auc']:.3f} (n={m['n_slides']})"
 
 
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
     """Run the pipeline on demo slides under ``out_dir``; return the demo folder."""
-    from .demo_slides import make_demo_slides
-    from .patches import tile_slides
-
     out = Path(out_dir).resolve()
-    t0 = _stage(f"1/2 demo slides: {n_slides} synthetic pyramidal TIFFs (seed {seed})")
-    demo = make_demo_slides(out / "demo_slides", n_slides=n_slides, seed=seed)
-    _done(t0, out / "demo_slides")
+    with _Stage(f"1/7 demo slides: {n_slides} synthetic 40x pyramidal TIFFs (seed {seed})", out / "demo_slides"):
+        demo = make_demo_slides(out / "demo_slides", n_slides=n_slides, seed=seed)
 
-    t0 = _stage("2/2 tiling: Otsu tissue mask, 256 px patches at 20x, keep >= 50% tissue")
-    results = tile_slides(demo.slides, out / "tiles", magnification=20.0, patch_size=256)
-    print("   " + summarize(results, "tiling"))
-    _done(t0, out / "tiles")
+    with _Stage(f"2/7 tiling: Otsu tissue mask, {PATCH_SIZE} px patches at 20x, >= 50% tissue", out / "tiles"):
+        results = tile_slides(demo.slides, out / "tiles", magnification=20.0, patch_size=PATCH_SIZE)
+        print("   " + summarize(results, "tiling"))
+
+    with _Stage(f"3/7 features: {ENCODER} truncated by {TRUNCATE}, {INPUT_SIZE} px input, weights: random init "
+                "(fixed seed; the demo downloads nothing)", out / "features"):
+        features_dir = extract_features(out / "tiles" / "patches", out, ENCODER, weights="random",
+                                        truncate=TRUNCATE, input_size=INPUT_SIZE, workers=0)
+
+    with _Stage("4/7 attention MIL: patient-level 65/15/20 split, 20 epochs", out / "mil"):
+        run = train_mil(features_dir, demo.labels_csv, out / "mil", seed=seed)
+        metrics = json.loads((run / "metrics.json").read_text())
+        print(f"   validation AUC {_auc(metrics, 'val')}, test AUC {_auc(metrics, 'test')}")
+
+    with _Stage("5/7 attention heatmaps (PNG + QuPath GeoJSON) of the test slides", out / "heatmaps"):
+        split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+        test_ids = set(split.loc[split["split"] == "test", "slide_id"])
+        slides = [s for s in demo.slides if s.stem in test_ids][:4]
+        write_heatmaps(run, slides, out / "heatmaps")
+
+    with _Stage("6/7 fine-tuning on the top-16 attended patches per slide (2 epochs, lr 1e-5)", out / "finetune"):
+        ft = finetune(run, out / "finetune", top_k=16, epochs=2, lr=1e-5, device="cpu", seed=seed)
+        test = json.loads((ft / "comparison.json").read_text())["splits"]["test"]
+        print(f"   test AUC: frozen {test['frozen_auc']:.3f}, fine-tuned {test['finetuned_auc']:.3f}")
+
+    with _Stage("7/7 CKA per stage, frozen vs fine-tuned encoder (500 patches)", out / "cka"):
+        cka = compare_encoders(run, ft, out / "tiles" / "patches", out / "cka", n_patches=500, device="cpu")
+        for row in cka.itertuples():
+            print(f"   {row.stage:<10} CKA {row.cka:.4f}")
     return out
 
 
@@ -45,5 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on generated demo slides")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--n-slides", type=int, default=16, help="number of demo slides (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo slides (default: 0)")
-    p.set_defaults(func=lambda a: (run_demo(a.out, a.n_slides, a.seed), 0)[1])
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo slides and weights (default: 0)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = run_demo(args.out, args.n_slides, args.seed)
+    print(f"\ndemo finished: results under {out}")
+    return 0
