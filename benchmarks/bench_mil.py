@@ -5,7 +5,8 @@ Default: 300 slides x 5,000 patches x 512 features (about 3 GB in memory), the `
 GEMM work (forward, weight gradients, and input gradients of every layer but the first) divided by the best
 matmul rate measured in this run (the epoch's two big GEMM shapes and a square GEMM, measured every few
 steps in between the steps, so they see the same machine load). Prints, for
-``histotransfer.mil.train.train_epoch`` and (unless ``--no-naive``) a straightforward loop on the same bags:
+``histotransfer.mil.train.train_epoch`` and (unless ``--no-naive``) a straightforward loop on the same bags,
+the two taking turns slide by slide:
 each epoch's time, the best epoch against the bound, and the sum over slides of each slide's best step time
 over the rounds against the bound (on a machine shared with other work, this filters out most of the time
 stolen by other processes).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -83,19 +85,21 @@ def measure_peak(n: int, d: int, h: int) -> float:
                gemm_gflops(1024, 1024, 1024, repeat=3))
 
 
-def timed_epochs(step, n_slides: int, rounds: int, peak_every: int, shape: tuple[int, int, int],
-                 rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
-    """Per-step times (rounds, n_slides) of ``step(i)`` over shuffled epochs, and matmul peaks measured every
-    ``peak_every`` steps in between (so both see the same machine load)."""
-    times = np.zeros((rounds, n_slides))
+def timed_epochs(steps: dict[str, Callable[[int], None]], n_slides: int, rounds: int, peak_every: int,
+                 shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Per-step times (rounds, n_slides) of each ``steps[name](i)`` over shuffled epochs, the loops taking
+    turns slide by slide, and matmul peaks measured every ``peak_every`` slides in between (so all of them
+    see the same machine load)."""
+    times = {name: np.zeros((rounds, n_slides)) for name in steps}
     peaks = []
     for r in range(rounds):
         for k, i in enumerate(rng.permutation(n_slides)):
             if k % peak_every == 0:
                 peaks.append(measure_peak(*shape))
-            t0 = time.perf_counter()
-            step(i)
-            times[r, i] = time.perf_counter() - t0
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step(i)
+                times[name][r, i] = time.perf_counter() - t0
     return times, peaks
 
 
@@ -136,25 +140,24 @@ def main() -> None:
     targets = [torch.tensor([int(y)]) for y in labels]
     train_epoch(model, bags, targets, rng.permutation(len(bags))[:5], opt)  # warm-up
     # train_epoch over one slide is one training step; summed over a shuffled epoch it is train_epoch.
-    times, peaks = timed_epochs(lambda i: train_epoch(model, bags, targets, [i], opt), args.slides, args.rounds,
-                                peak_every, shape, rng)
+    steps = {"histotransfer train_epoch": lambda i: train_epoch(model, bags, targets, [i], opt)}
     if not args.no_naive:
         naive = NaiveMIL(args.dim, model.feature_mean.clone(), model.feature_std.clone())
         naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
         for i in range(5):
             naive_step(naive, naive_opt, bags[i], int(labels[i]))
-        naive_times, naive_peaks = timed_epochs(lambda i: naive_step(naive, naive_opt, bags[i], int(labels[i])),
-                                                args.slides, args.rounds, peak_every, shape, rng)
-        peaks += naive_peaks
+        steps["straightforward loop     "] = lambda i: naive_step(naive, naive_opt, bags[i], int(labels[i]))
+    times, peaks = timed_epochs(steps, args.slides, args.rounds, peak_every, shape, rng)
     bound = flops / (max(peaks) * 1e9)
     print(f"matmul peak: best {max(peaks):.1f} GFLOP/s, median {float(np.median(peaks)):.1f} over {len(peaks)} "
           f"measurements -> FLOP-bound epoch {bound:.2f} s")
-    report("histotransfer train_epoch", times, peaks, flops)
+    for name, t in times.items():
+        report(name, t, peaks, flops)
     if not args.no_naive:
-        report("straightforward loop     ", naive_times, peaks, flops)
+        ours, naive_t = times.values()
         print(f"speed-up of train_epoch over the straightforward loop: best epoch "
-              f"{naive_times.sum(axis=1).min() / times.sum(axis=1).min():.2f}x, per-slide best "
-              f"{naive_times.min(axis=0).sum() / times.min(axis=0).sum():.2f}x")
+              f"{naive_t.sum(axis=1).min() / ours.sum(axis=1).min():.2f}x, per-slide best "
+              f"{naive_t.min(axis=0).sum() / ours.min(axis=0).sum():.2f}x")
     print(f"goal: train_epoch within 1.25x of the bound. Load average at the end {os.getloadavg()[0]:.1f}: other "
           "work on the machine inflates every time (the per-slide best over rounds filters most of it).")
 

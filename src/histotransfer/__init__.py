@@ -1,3 +1,51 @@
-"""histotransfer: transfer learning for histopathology whole-slide images."""
+"""histotransfer: transfer learning for histopathology whole-slide images.
+
+The public API, one function per pipeline step (slide -> patches -> features -> MIL -> fine-tune -> analysis
+-> study). Names are imported on first use (PEP 562), so ``import histotransfer`` and the CLI stay fast and a
+stage's heavy dependencies (torch, torchvision) load only when that stage is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "open_slide": "histotransfer.slide",
+    "tile_slides": "histotransfer.patches",
+    "tile_slide": "histotransfer.patches",
+    "read_patch_file": "histotransfer.patches.patch_file",
+    "create_encoder": "histotransfer.features",
+    "list_encoders": "histotransfer.features",
+    "encoder_info": "histotransfer.features",
+    "extract_features": "histotransfer.features",
+    "read_feature_file": "histotransfer.features",
+    "train_mil": "histotransfer.mil",
+    "evaluate_run": "histotransfer.mil",
+    "load_run_model": "histotransfer.mil",
+    "write_heatmaps": "histotransfer.mil",
+    "select_top_k": "histotransfer.finetune",
+    "finetune": "histotransfer.finetune",
+    "linear_cka": "histotransfer.analysis",
+    "compare_encoders": "histotransfer.analysis",
+    "load_study": "histotransfer.study",
+    "run_study": "histotransfer.study",
+    "make_demo_slides": "histotransfer.demo_slides",
+    "HistotransferError": "histotransfer.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'histotransfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

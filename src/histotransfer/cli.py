@@ -1,7 +1,8 @@
 """The ``histotransfer`` command: a thin layer over the Python API.
 
 Each pipeline stage registers its sub-commands from its own ``cli`` module (``register(subparsers)``), each
-setting ``func(args) -> int`` as the handler.
+setting ``func(args) -> int`` as the handler. Only the module of the command being run is imported, so a
+command does not pay for importing every stage (torch, torchvision) it does not use.
 """
 
 from __future__ import annotations
@@ -14,34 +15,37 @@ from collections.abc import Sequence
 
 from .errors import HistotransferError
 
-STAGE_CLIS = [
-    "histotransfer.patches.cli",
-    "histotransfer.features.cli",
-    "histotransfer.mil.cli",
-    "histotransfer.finetune.cli",
-    "histotransfer.analysis.cli",
-    "histotransfer.study.cli",
-    "histotransfer.demo",
-]
+COMMANDS = {
+    "tile": "histotransfer.patches.cli",
+    "encoders": "histotransfer.features.cli",
+    "extract": "histotransfer.features.cli",
+    "train": "histotransfer.mil.cli",
+    "evaluate": "histotransfer.mil.cli",
+    "heatmap": "histotransfer.mil.cli",
+    "finetune": "histotransfer.finetune.cli",
+    "cka": "histotransfer.analysis.cli",
+    "study": "histotransfer.study.cli",
+    "demo": "histotransfer.demo",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with ``command``'s stage registered, or every stage when ``command`` is None or unknown."""
     parser = argparse.ArgumentParser(
         prog="histotransfer",
         description="Transfer learning for histopathology whole-slide images.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in STAGE_CLIS:
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except HistotransferError as exc:
