@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from histotransfer.demo_slides import DemoSlides, make_demo_slides, render_tissue, write_pyramidal_tiff
 
@@ -59,3 +60,13 @@ def cmu_svs() -> Path:
     if not CMU_SVS.exists():
         pytest.skip(f"real slide {CMU_SVS} is absent (optional shared data)")
     return CMU_SVS
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test, restored after: tiny inputs run faster without OpenMP spin-waiting on a
+    shared, loaded machine. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

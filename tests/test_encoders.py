@@ -35,14 +35,7 @@ EXPECTED_DIMS = {
     "mormont-mtl-densenet121": [1024, 1024, 512, 256],
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_study_encoders():

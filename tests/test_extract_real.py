@@ -19,8 +19,9 @@ SLIDE = SHARED / "data" / "CMU-1-Small-Region.svs"
 WEIGHTS = SHARED / "weights" / "densenet121_imagenet_from_keras.safetensors"
 PATCH = 128
 
-pytestmark = pytest.mark.skipif(not (SLIDE.exists() and WEIGHTS.exists()),
-                                reason=f"real slide or weights not present under {SHARED}")
+pytestmark = [pytest.mark.skipif(not (SLIDE.exists() and WEIGHTS.exists()),
+                                 reason=f"real slide or weights not present under {SHARED}"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def openslide_pixels(coords: np.ndarray) -> np.ndarray:
@@ -51,14 +52,6 @@ def torchvision_features(pixels: np.ndarray) -> dict[int, np.ndarray]:
                 out[4 - int(name[-1])] = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1).numpy()
         out[0] = torch.flatten(F.adaptive_avg_pool2d(F.relu(h), 1), 1).numpy()
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_real_slide_real_weights_equal_torchvision(tmp_path):

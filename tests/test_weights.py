@@ -19,14 +19,7 @@ from histotransfer.features import weights as weights_module
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DENSENET = SHARED / "weights" / "densenet121_imagenet_from_keras.safetensors"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ file of ours that has another name or version, naming the file and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -40,3 +42,16 @@ def check(f: h5py.File, fmt: tuple[str, int], path: str | Path, needs: tuple[str
     missing = [k for k in needs if k not in f]
     if missing:
         raise FormatError(f"{path}: missing dataset(s) {', '.join(missing)} required by '{fmt[0]}'.")
+
+
+@contextmanager
+def open_h5(path: str | Path, fmt: tuple[str, int], needs: tuple[str, ...], fix: str) -> Iterator[h5py.File]:
+    """Open ``path`` read-only and ``check`` it as layout ``fmt``; a file HDF5 cannot open raises FormatError
+    naming it and ``fix`` (what the user should do, e.g. "re-tile this slide")."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FormatError(f"{path}: not a readable HDF5 file ({exc}); {fix}.") from exc
+    with f:
+        check(f, fmt, path, needs=needs)
+        yield f

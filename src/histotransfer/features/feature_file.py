@@ -16,7 +16,7 @@ import numpy as np
 
 from .._io import atomic_path
 from ..errors import FormatError
-from ..formats import FEATURES, check, stamp
+from ..formats import FEATURES, open_h5, stamp
 
 
 @dataclass
@@ -29,6 +29,9 @@ class FeatureBag:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+_REEXTRACT = "re-run extraction for this slide"
+
+
 def _attr(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -39,20 +42,14 @@ def _attr(value: Any) -> Any:
 
 def read_feature_attrs(path: str | Path) -> dict[str, Any]:
     """The root attrs of a feature file, without loading its arrays."""
-    with h5py.File(path, "r") as f:
-        check(f, FEATURES, path, needs=("features", "coords"))
+    with open_h5(path, FEATURES, ("features", "coords"), _REEXTRACT) as f:
         return {k: _attr(v) for k, v in f.attrs.items()}
 
 
 def read_feature_file(path: str | Path) -> FeatureBag:
     """Load one slide's features and coords as float32 / int64 arrays, validating shapes."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise FormatError(f"{path}: not a readable HDF5 file ({exc}); re-run extraction for this slide.") from exc
-    with f:
-        check(f, FEATURES, path, needs=("features", "coords"))
+    with open_h5(path, FEATURES, ("features", "coords"), _REEXTRACT) as f:
         feats = np.asarray(f["features"][()], dtype=np.float32)
         coords = np.asarray(f["coords"][()], dtype=np.int64)
         attrs = {k: _attr(v) for k, v in f.attrs.items()}

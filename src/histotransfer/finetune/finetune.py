@@ -34,12 +34,11 @@ from ..features.extract import resolve_device
 from ..features.encoders import encoder_info
 from ..features.loader import PatchBatches, SlideJob
 from ..mil import load_run_model
-from ..mil.bags import encoder_attrs, load_bags, patch_size_level0
+from ..mil.bags import encoder_attrs, load_bags
 from ..mil.labels import feature_files
-from ..mil.metrics import slide_metrics
-from ..mil.rundir import plot_roc, read_checkpoint, read_config, save_model, write_attention
+from ..mil.rundir import read_checkpoint, read_config, save_model
 from ..mil.splits import SPLITS
-from ..mil.train import predict
+from ..mil.train import write_run_outputs
 from .data import SlidesArg, TopKSlide, normalise, slides_folder, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL
@@ -154,25 +153,10 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     bags, broken = load_bags({s: files[s] for s in splits["slide_id"] if s in files}, expect_dim=head.in_dim)
     unreadable = {**unreadable, **missing, **broken}
     kept = splits[splits["slide_id"].isin(bags.slide_ids)]
-    ordered = kept.sort_values(["split", "slide_id"], key=lambda c: c.map(SPLITS.index) if c.name == "split" else c)
-    subset = bags.subset(ordered["slide_id"].tolist())
-    probs, scores = predict(head, subset.features)
-    for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
-        write_attention(out / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs))
-    cols = [c for c in ("slide_id", "patient_id", "split", "label") if c in ordered.columns]
-    predictions = ordered[cols].assign(probability=probs[:, 1])
-    write_csv(predictions, out / "predictions.csv")
-    metrics, curves = {}, {}
-    for name in SPLITS:
-        part = predictions[predictions["split"] == name]
-        metrics[name] = slide_metrics(part["label"], part["probability"], seed=config["seed"])
-        curves[name] = (part["label"].to_numpy(), part["probability"].to_numpy(), metrics[name]["auc"])
     selected = int(read_checkpoint(out)["selected_epoch"])
-    plot_roc(curves, out / "roc.png", f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, "
-                                      f"epoch {selected}")
-    config = {**config, "unreadable_slides": unreadable}
-    write_json(config, out / "config.json")
-    write_json(metrics, out / "metrics.json")
+    write_json({**config, "unreadable_slides": unreadable}, out / "config.json")
+    metrics = write_run_outputs(out, head, bags, kept, config["seed"],
+                                f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}")
     frozen = json.loads((run_dir / "metrics.json").read_text())
     comparison = {
         "frozen_run": str(run_dir.resolve()), "finetuned_run": str(out.resolve()), "selected_epoch": selected,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .._io import h5_files
 from ..errors import HistotransferError
 
 ALLOWED_COLUMNS = ("slide_id", "label", "patient_id")
@@ -47,10 +48,26 @@ def feature_files(features_dir: str | Path) -> dict[str, Path]:
             f"{folder}: no such features folder; pass the folder holding <slide_id>.h5 feature files "
             "(e.g. OUT/features/<encoder_id>)."
         )
-    files = {p.stem: p for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+    files = {p.stem: p for p in h5_files(folder)}
     if not files:
         raise HistotransferError(f"{folder}: holds no <slide_id>.h5 feature files; run `histotransfer extract` first.")
     return files
+
+
+def read_user_csv(path: Path, kind: str, header: str) -> pd.DataFrame:
+    """A CSV the user wrote (a ``kind`` file with columns ``header``) as strings, column names stripped.
+
+    A missing, empty or unparsable file raises HistotransferError naming the file and the fix."""
+    if not path.is_file():
+        raise HistotransferError(f"{path}: no such {kind} file; pass a CSV with columns {header}.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise HistotransferError(f"{path}: is empty; write a header {header} and one row per slide.")
+    except pd.errors.ParserError as exc:
+        raise HistotransferError(f"{path}: not a readable CSV ({' '.join(str(exc).split())}).") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
 
 
 def _normalise(values: pd.Series) -> tuple[list[str], pd.Series]:
@@ -93,15 +110,7 @@ def read_labels(labels_csv: str | Path, features_dir: str | Path, classes: list[
     a trained run) labels are mapped to those classes and one class is enough.
     """
     path = Path(labels_csv)
-    if not path.is_file():
-        raise HistotransferError(f"{path}: no such label file; pass a CSV with columns slide_id,label[,patient_id].")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise HistotransferError(f"{path}: is empty; write a header slide_id,label[,patient_id] and one row per slide.")
-    except pd.errors.ParserError as exc:
-        raise HistotransferError(f"{path}: not a readable CSV ({' '.join(str(exc).split())}).") from exc
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_user_csv(path, "label", "slide_id,label[,patient_id]")
     unknown = [c for c in df.columns if c not in ALLOWED_COLUMNS]
     if unknown:
         raise HistotransferError(

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_curve
 
 from .._io import atomic_path
 from ..errors import FormatError, HistotransferError
-from ..formats import ATTENTION, check, stamp
+from ..formats import ATTENTION, open_h5, stamp
 from .models import AttentionMIL, build_model
 
 MODEL_FORMAT = ("histotransfer.mil", 1)
@@ -89,8 +89,7 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
 
 def read_attention(path: str | Path) -> dict[str, Any]:
     """An attention file as ``{"coords", "score", "weight", "attrs"}``."""
-    with h5py.File(path, "r") as f:
-        check(f, ATTENTION, path, needs=("coords", "score", "weight"))
+    with open_h5(path, ATTENTION, ("coords", "score", "weight"), "re-run `histotransfer train` for this run") as f:
         out = {k: f[k][()] for k in ("coords", "score", "weight")}
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     return out

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import HistotransferError
+from .labels import read_user_csv
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.65, "val": 0.15, "test": 0.20}
@@ -170,13 +171,7 @@ def read_split_file(path: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
     exactly. It must name every labelled slide and no other; splits are train/val/test; train needs two
     classes; a patient may not be in two splits. A val or test split with one class is warned about."""
     path = Path(path)
-    if not path.is_file():
-        raise HistotransferError(f"{path}: no such split file; pass a CSV with columns slide_id,split.")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise HistotransferError(f"{path}: is empty; write a header slide_id,split and one row per slide.")
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_user_csv(path, "split", "slide_id,split")
     if not {"slide_id", "split"} <= set(df.columns):
         raise HistotransferError(f"{path}: needs columns slide_id,split (found {', '.join(df.columns)}).")
     df = df[["slide_id", "split"]].apply(lambda c: c.str.strip())

@@ -210,19 +210,29 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
     save_model(model, run_dir / "model.pt", classes, result.selected_epoch)
     write_csv(result.history, run_dir / "history.csv")
 
+    return write_run_outputs(run_dir, model, bags, split, config["seed"],
+                             f"{mcfg['name']} attention MIL, epoch {result.selected_epoch}")
+
+
+def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: BagSet, split: pd.DataFrame, seed: int,
+                      title: str) -> dict[str, Any]:
+    """Predict every slide of ``split`` with the trained ``model`` and write the run's evaluation files:
+    ``attention/<slide_id>.h5``, ``predictions.csv``, ``roc.png`` (titled ``title``) and, last, as the mark
+    of a finished run, ``metrics.json``. Returns the metrics per split (bootstrap CIs seeded by ``seed``)."""
     ordered = split.sort_values(["split", "slide_id"], key=lambda c: c.map(SPLITS.index) if c.name == "split" else c)
     subset = bags.subset(ordered["slide_id"].tolist())
     probs, scores = predict(model, subset.features)
     for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
         write_attention(run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs))
-    predictions = ordered[["slide_id", "patient_id", "split", "label"]].assign(probability=probs[:, 1])
+    cols = [c for c in ("slide_id", "patient_id", "split", "label") if c in ordered.columns]
+    predictions = ordered[cols].assign(probability=probs[:, 1])
     write_csv(predictions, run_dir / "predictions.csv")
     metrics, curves = {}, {}
     for name in SPLITS:
         part = predictions[predictions["split"] == name]
-        metrics[name] = slide_metrics(part["label"], part["probability"], seed=config["seed"])
+        metrics[name] = slide_metrics(part["label"], part["probability"], seed=seed)
         curves[name] = (part["label"].to_numpy(), part["probability"].to_numpy(), metrics[name]["auc"])
-    plot_roc(curves, run_dir / "roc.png", f"{mcfg['name']} attention MIL, epoch {result.selected_epoch}")
+    plot_roc(curves, run_dir / "roc.png", title)
     write_json(metrics, run_dir / "metrics.json")
     return metrics
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._io import atomic_path
 from ..errors import FormatError
-from ..formats import PATCHES, check, stamp
+from ..formats import PATCHES, open_h5, stamp
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,7 @@ def _spec_from_attrs(attrs: dict[str, Any], path: Path) -> PatchSpec:
 def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
     """Load one patch file (ours, CLAM's or TRIDENT's), validating its layout."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise FormatError(f"{path}: not a readable HDF5 file ({exc}); re-tile this slide.") from exc
-    with f:
-        check(f, PATCHES, path, needs=("coords",))
+    with open_h5(path, PATCHES, ("coords",), "re-tile this slide") as f:
         coords = np.asarray(f["coords"][()])
         attrs = {k: _attr(v) for k, v in f.attrs.items()}
         attrs.update({k: _attr(v) for k, v in f["coords"].attrs.items()})
