@@ -284,10 +284,6 @@ def list_encoders() -> list[str]:
 
 def encoder_spec(name: str) -> EncoderSpec:
     """The registry entry of ``name`` (its builder and stage split), for code that rebuilds the network."""
-    return _spec(name)
-
-
-def _spec(name: str) -> EncoderSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -312,7 +308,7 @@ def _meta_stages(spec: EncoderSpec) -> list[Stage]:
 
 def encoder_info(name: str) -> dict[str, Any]:
     """What the registry knows about an encoder, without loading weights (for tables and ``--help``)."""
-    spec = _spec(name)
+    spec = encoder_spec(name)
     stages = _meta_stages(spec)
     n = len(stages) - 1
     top1 = None
@@ -381,7 +377,7 @@ def resolve_weights(name: str, weights: str | Path) -> WeightsChoice:
     For histopathology encoders "imagenet" (the default) and "pretrained" mean their published checkpoint,
     looked up by file name in :func:`weights_cache_dir`; nothing is downloaded at this point.
     """
-    spec = _spec(name)
+    spec = encoder_spec(name)
     text = str(weights)
     if text == "random":
         return WeightsChoice("random", None, "random")
@@ -408,7 +404,7 @@ def create_encoder(name: str, weights: str = "imagenet", truncate: int = 0) -> E
     "random" is torchvision's initialisation drawn with a fixed seed, identical in every process. The returned
     module is on the CPU in eval mode; the weights file's sha256 is in ``weights_sha256``.
     """
-    spec = _spec(name)
+    spec = encoder_spec(name)
     choice = resolve_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
         # "random" weights are the same in every process and run (resume and sharding rely on that).
@@ -434,7 +430,7 @@ def encoder_id(name: str, weights: str | Path, truncate: int, input_size: int | 
     A local weights file is named by the first 12 hex digits of its sha256, so renaming the file keeps the id
     and replacing its contents changes it.
     """
-    spec = _spec(name)
+    spec = encoder_spec(name)
     _check_truncate(spec, truncate, len(_meta_stages(spec)) - 1)
     if precision not in PRECISIONS:
         raise HistotransferError(f"precision '{precision}': choose one of {', '.join(PRECISIONS)}.")

@@ -18,7 +18,7 @@ import torch
 from .._io import atomic_path
 from ..errors import HistotransferError
 from ..features import Encoder, create_encoder
-from ..features.encoders import _spec
+from ..features.encoders import encoder_spec
 
 ENCODER_FILE = "encoder.pt"
 
@@ -89,7 +89,7 @@ def torchvision_state_dict(encoder: Encoder, base: Encoder | None = None) -> dic
     if base.name != encoder.name or base.truncate != 0:
         raise HistotransferError(f"saving {encoder.name} truncated by {encoder.truncate}: pass the untruncated "
                                  f"{encoder.name} it was cut from as base, to supply the dropped stages.")
-    spec = _spec(encoder.name)
+    spec = encoder_spec(encoder.name)
     with torch.device("meta"):
         network = spec.build()
         reference = Encoder(encoder.name, spec.stages(network), 0, "", None)

@@ -37,7 +37,6 @@ class _Level:
     tile_w: int
     tile_h: int
     tiles_across: int
-    tiles_down: int
     width: int
     height: int
     decode: Any
@@ -95,7 +94,7 @@ class TiledTiff:
                 if _usable(page) and (page.imagewidth, page.imagelength) == (w, h):
                     self.levels[i] = _Level(
                         tuple(page.dataoffsets), tuple(page.databytecounts), page.tilewidth, page.tilelength,
-                        -(-w // page.tilewidth), -(-h // page.tilelength), w, h, page.decode, page.jpegtables,
+                        -(-w // page.tilewidth), w, h, page.decode, page.jpegtables,
                         _jpeg_colorspace(page))
                     break
 
