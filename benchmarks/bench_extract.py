@@ -20,7 +20,10 @@ Defaults: the real Aperio slide from ../shared when present (else a synthetic on
 patches with a 112 px stride (so that a small slide gives enough patches), first 128 patches; two encoders:
 DenseNet121 with the real ImageNet weights from ../shared (else random) and ResNet18 cut after layer2.
 
-Run: ``.venv/bin/python benchmarks/bench_extract.py [--encoder resnet18 --weights random --truncate 1]``
+On a GPU machine, ``--device cuda`` runs both encoders (ours and the baseline's) on the GPU; the matmul peak is
+then the GPU's true-fp32 rate.
+
+Run: ``.venv/bin/python benchmarks/bench_extract.py [--configs resnet18:1 --weights random] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import create_encoder, extract_features, read_feature_file
+from histotransfer.features.encoders import precision_context
 from histotransfer.features.extract import BatchEncoder
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
 from histotransfer.patches import read_patch_file, write_patch_file
@@ -58,12 +62,24 @@ def elapsed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """fp32 GFLOP/s of a large square matmul on this process's threads (best of ``reps``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(elapsed(lambda: torch.mm(a, b)) for _ in range(reps))
+def matmul_peak_gflops(device: torch.device, reps: int = 5) -> float:
+    """fp32 GFLOP/s of a large square matmul on ``device`` (best of ``reps``; true fp32 on a GPU, no TF32)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def mm() -> None:
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with precision_context(device, "fp32"):
+        mm()
+        best = min(elapsed(mm) for _ in range(reps))
     return 2 * n**3 / best / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
 
 
 def flops_per_patch(model: torch.nn.Module, size: int) -> float:
@@ -74,7 +90,7 @@ def flops_per_patch(model: torch.nn.Module, size: int) -> float:
 
 
 def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, input_size: int,
-               model: torch.nn.Module, batch_size: int) -> np.ndarray:
+               model: torch.nn.Module, batch_size: int, device: torch.device) -> np.ndarray:
     """The baseline: read a patch, make it a tensor, batch, encode; one step after the other."""
     transform = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     out = []
@@ -86,12 +102,13 @@ def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, 
                 if read_size != input_size:
                     img = img.resize((input_size, input_size))
                 batch.append(transform(img))
-            out.append(model(torch.stack(batch)).numpy())
+            with precision_context(device, "fp32"):
+                out.append(model(torch.stack(batch).to(device)).cpu().numpy())
     return np.concatenate(out)
 
 
 def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weights: str, truncate: int,
-                 batch_size: int, workers: int, repeats: int, tmp: Path) -> None:
+                 batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
     """Time extract (in-process reading and worker processes), the CLAM-style baseline, the encoder alone,
     the loader alone and the baseline's reading alone, interleaved."""
     ps = read_patch_file(patch_file)
@@ -101,11 +118,11 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
         read_size = int(round(spec.patch_size_level0 / osr.level_downsamples[spec.patch_level]))
 
     model = create_encoder(encoder, weights, truncate)
-    encode = BatchEncoder(model, torch.device("cpu"), "fp32")
+    encode = BatchEncoder(model, device, "fp32")
     pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
     with torch.inference_mode():  # build both memory formats' kernels once before any timing
         encode(pixels)
-        create_encoder(encoder, weights, truncate)(torch.zeros(batch_size, 3, size, size))
+        create_encoder(encoder, weights, truncate).to(device)(torch.zeros(batch_size, 3, size, size, device=device))
 
     def run_encoder() -> None:
         with torch.inference_mode():
@@ -123,16 +140,18 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     def run_extract(n_workers: int) -> None:  # end to end, building the encoder included
         out = tmp / f"out{len(outs)}"
         outs.append(extract_features(patches, out, encoder, weights, truncate, batch_size=batch_size,
-                                     workers=n_workers, device="cpu"))
+                                     workers=n_workers, device=device.type))
 
     baseline: list[np.ndarray] = []
 
     def run_baseline() -> None:  # end to end, building the encoder included
-        base_model = create_encoder(encoder, weights, truncate)
-        baseline.append(clam_style(slide, coords, spec.patch_level, read_size, size, base_model, batch_size))
+        base_model = create_encoder(encoder, weights, truncate).to(device)
+        baseline.append(clam_style(slide, coords, spec.patch_level, read_size, size, base_model, batch_size,
+                                   device))
 
     def run_baseline_reading() -> None:
-        clam_style(slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size)
+        clam_style(slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size,
+                   torch.device("cpu"))
 
     steps = {f"extract, {workers} worker(s)": lambda: run_extract(workers),
              "clam-style": run_baseline, "encoder": run_encoder, "loader": run_loader,
@@ -142,17 +161,17 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     for _ in range(repeats):
         for key, fn in steps.items():
             timings[key].append(elapsed(fn))
-        peaks.append(matmul_peak_gflops())
+        peaks.append(matmul_peak_gflops(device))
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
     ours = rate[f"extract, {workers} worker(s)"]
     peak = statistics.median(peaks)
-    gflop = flops_per_patch(model, size) / 1e9
+    gflop = flops_per_patch(model.cpu(), size) / 1e9
     feats = read_feature_file(outs[-1] / f"{ps.slide_id}.h5").features
     agree = float(np.abs(feats - baseline[-1]).max() / max(np.abs(baseline[-1]).max(), 1e-12))
 
     print(f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
           f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} cores; median of {repeats}")
+          f"threads, {os.cpu_count()} cores, encoder on {device_name(device)}; median of {repeats}")
     for key in steps:
         if key.startswith("extract"):
             print(f"  {key + ' (ours)':32} {rate[key]:8.1f} patches/s")
@@ -183,14 +202,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="loader processes (default: extract's default)")
     ap.add_argument("--max-patches", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=None,
+                    help="tiling stride in px (default: half the patch size); a small stride gives a small slide "
+                         "enough (overlapping) patches to time a GPU")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the encoders run, ours and the baseline's: cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         slide = args.slide or str(make_demo_slides(tmp / "demo", 1, seed=0, size=4096, mpp=0.5).slides[0])
         tiled = tile_slides([slide], tmp / "tiles", magnification=args.magnification, patch_size=args.patch_size,
-                            stride=args.patch_size // 2)
+                            stride=args.stride or args.patch_size // 2)
         if tiled[0].status != "ok":
             raise SystemExit(f"tiling {slide} gave no patches: {tiled[0].message}")
         tiled_file = next((tmp / "tiles" / "patches").glob("*.h5"))
@@ -199,13 +223,13 @@ def main() -> None:
         patch_file = patches / tiled_file.name
         keep = slice(0, args.max_patches)
         write_patch_file(patch_file, ps.coords[keep], ps.tissue_fraction[keep], ps.spec)
-        workers = default_workers(torch.device("cpu")) if args.workers is None else args.workers
+        workers = default_workers(device) if args.workers is None else args.workers
         for config in args.configs.split(","):
             encoder, truncate = config.split(":")
             weights = args.weights or (str(DENSENET) if DENSENET.exists() and encoder == "densenet121"
                                        else "random")
             bench_config(slide, patches, patch_file, encoder, weights, int(truncate), args.batch_size, workers,
-                         args.repeats, tmp / config.replace(":", "-"))
+                         args.repeats, tmp / config.replace(":", "-"), device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

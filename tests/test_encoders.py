@@ -183,3 +183,18 @@ def test_register_adds_an_encoder():
             register("tiny-resnet-test", stages=enc_module.resnet_stages)(tiny)
     finally:
         enc_module._REGISTRY.pop("tiny-resnet-test")
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
+    """fp32 on a GPU means IEEE float32 (TF32 convolutions would move features by ~1e-3); the flags are put
+    back afterwards, also after an error. The flags exist without a GPU, so this runs everywhere."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with enc_module.precision_context(torch.device("cuda"), "fp32"):
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError), enc_module.precision_context(torch.device("cuda"), "fp32"):
+        raise RuntimeError("boom")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with enc_module.precision_context(torch.device("cpu"), "fp32"):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_path, write_csv, write_json
 from ..errors import HistotransferError
 from ..features import Encoder, create_encoder
+from ..features.encoders import precision_context
 from ..features.extract import find_patch_files, resolve_device
 from ..features.loader import PatchBatches, SlideJob, patch_loader
 from ..finetune.data import SlidesArg, locate_slide, normalise, slide_index
@@ -227,7 +228,7 @@ def compare_encoders(
         acc = StreamingCKA(pairs) if pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
         loader = patch_loader(PatchBatches(jobs, batch_size, input_size), workers, pin_memory=dev.type == "cuda")
         failed: set[int] = set()
-        with torch.inference_mode(), tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True) as bar:
+        with torch.inference_mode(), precision_context(dev, "fp32"), tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True) as bar:
             for item in loader:
                 if item.error:
                     if item.job not in failed:

@@ -23,7 +23,8 @@ New encoders are added with :func:`register` on a function returning the full to
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,33 @@ from .weights import (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RANDOM_INIT_SEED = 0
+
+
+@contextmanager
+def precision_context(device: torch.device, precision: str) -> Iterator[None]:
+    """Run the enclosed forward passes at ``precision`` on ``device``.
+
+    bf16/fp16: autocast (GPU only). fp32: true IEEE float32 on the GPU as well. PyTorch runs float32
+    convolutions as TF32 on recent NVIDIA GPUs by default, whose 10-bit mantissa moves features by about 1e-3
+    relative; fp32 here means the same numbers as on the CPU, to float32 rounding.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None:
+        with torch.autocast("cuda", dtype=dtype):
+            yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import glob
 import json
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,19 @@ from ..errors import HistotransferError
 from ..patches import read_patch_file
 from ..slide import SLIDE_SUFFIXES, slide_id_of
 from .distributed import Ranks, init_ranks, shard, torchrun_local_rank
-from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, create_encoder, encoder_id
+from .encoders import (
+    AUTOCAST_DTYPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    create_encoder,
+    encoder_id,
+    precision_context,
+)
 from .feature_file import FeatureWriter, read_feature_attrs
 from .loader import PatchBatches, SlideJob, default_workers, patch_loader
 
 REPORT_NAME = "extract.csv"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -134,14 +140,13 @@ class BatchEncoder:
         self.device = device
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        dtype = AUTOCAST_DTYPES.get(precision)
-        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+        self.precision = precision
 
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
         # NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.div_(255).sub_(self.mean).div_(self.std)
-        with self.autocast:
+        with precision_context(self.device, self.precision):
             y = self.model(x)
         return y.float().cpu().numpy()
 

@@ -31,7 +31,7 @@ from ..errors import HistotransferError
 from ..features import create_encoder, extract_features, read_feature_attrs, read_feature_file
 from ..features.distributed import Ranks, init_ranks
 from ..features.extract import resolve_device
-from ..features.encoders import encoder_info
+from ..features.encoders import AUTOCAST_DTYPES, encoder_info
 from ..features.loader import PatchBatches, SlideJob
 from ..mil import load_run_model
 from ..mil.bags import encoder_attrs, load_bags
@@ -43,7 +43,7 @@ from .data import SlidesArg, TopKSlide, normalise, slides_folder, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL
 from .topk import read_splits, select_top_k
-from .train import AUTOCAST_DTYPES, FitResult, LoopSettings, fit_end_to_end
+from .train import FitResult, LoopSettings, fit_end_to_end
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,10 @@ from tqdm.auto import tqdm
 from .._io import atomic_path
 from ..errors import HistotransferError
 from ..features.distributed import Ranks
+from ..features.encoders import precision_context
 from ..features.loader import PatchBatch
 from .data import TopKSlide, bag_loader, normalise
 from .model import EndToEndMIL
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class LoopSettings:
@@ -58,11 +55,6 @@ class FitResult:
     state: dict[str, torch.Tensor]
     history: pd.DataFrame
     selected_epoch: int
-
-
-def _autocast(device: torch.device, precision: str) -> Any:
-    dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _batches(loader: Any, slides: list[TopKSlide], per_step: int) -> Iterator[tuple[list[PatchBatch], list[int]]]:
@@ -106,7 +98,7 @@ def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: LoopSettings,
         loader = bag_loader(slides, mine, cfg.input_size, cfg.workers, device.type == "cuda")
         for items, _ in _batches(loader, slides, 1):
             x, sizes = _inputs(items, device)
-            with _autocast(device, cfg.precision):
+            with precision_context(device, cfg.precision):
                 logits, _ = model(x, sizes)
             out[items[0].job] = torch.softmax(logits[0].double(), 0).cpu().numpy()
     if ranks.distributed:
@@ -179,7 +171,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
             for items, labels in _batches(loader, train, cfg.batch_slides):
                 x, sizes = _inputs(items, device)
                 target = torch.tensor(labels, device=device)
-                with _autocast(device, cfg.precision):
+                with precision_context(device, cfg.precision):
                     logits, _ = net(x, sizes)
                 loss = F.cross_entropy(logits.float(), target)
                 optimizer.zero_grad(set_to_none=True)
