@@ -33,6 +33,7 @@ from ..batch import BatchReport, SlideResult, one_line
 from ..errors import HistotransferError
 from ..patches import read_patch_file
 from ..slide import SLIDE_SUFFIXES, slide_id_of
+from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .distributed import Ranks, init_ranks, shard, torchrun_local_rank
 from .encoders import (
     AUTOCAST_DTYPES,
@@ -119,6 +120,12 @@ def _remove_stale(folder: Path, slide_id: str) -> None:
         p.unlink(missing_ok=True)
 
 
+def inference_model(model: Encoder) -> nn.Module:
+    """The fastest exact inference form of ``model``: DenseNets rearranged (``densenet_inference``), other
+    networks with their BatchNorms folded."""
+    return DenseNetInference(model).eval() if is_densenet_encoder(model) else fold_batchnorm(model)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode model with each BatchNorm that follows a convolution folded into its weights.
 
@@ -136,12 +143,13 @@ class BatchEncoder:
 
     def __init__(self, model: Encoder, device: torch.device, precision: str):
         self.feature_dim = model.feature_dim
-        self.model = fold_batchnorm(model).to(device, memory_format=torch.channels_last)
+        self.model = inference_model(model).to(device, memory_format=torch.channels_last)
         self.device = device
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.precision = precision
 
+    @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
         # NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
