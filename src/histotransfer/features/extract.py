@@ -60,6 +60,12 @@ class ExtractionRun:
     world: int = 1
 
 
+# On a CPU the encoder runs a batch in calls of about this many pixels (4 patches of 224 px, 1 of 512 px):
+# smaller activations stay in cache and reuse freed memory instead of faulting in fresh pages. Measured
+# (bench_extract.py, 2 cores): DenseNet121 at 224 px +12%, ResNet18-t2 +22%, DenseNet121-t1 at 512 px +30%.
+CPU_PIXELS_PER_CALL = 4 * 224 * 224
+
+
 def resolve_device(device: str) -> torch.device:
     """"auto" is CUDA when available, else CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
     if device == "auto":
@@ -154,8 +160,11 @@ class BatchEncoder:
         # NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.div_(255).sub_(self.mean).div_(self.std)
+        step = len(x)
+        if self.device.type == "cpu":
+            step = max(1, CPU_PIXELS_PER_CALL // (x.shape[2] * x.shape[3]))
         with precision_context(self.device, self.precision):
-            y = self.model(x)
+            y = torch.cat([self.model(x[i:i + step]) for i in range(0, len(x), step)])
         return y.float().cpu().numpy()
 
 
