@@ -72,3 +72,12 @@ def test_only_densenets_are_rearranged():
     pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     encode = BatchEncoder(res, torch.device("cpu"), "fp32")
     assert encode(pixels).shape == (2, res.feature_dim)
+
+
+def test_leaves_the_encoder_untouched():
+    encoder = create_encoder("densenet121", weights="random", truncate=2).eval()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    fast = DenseNetInference(encoder).to(torch.float64, memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float64 for p in fast.parameters())
+    after = encoder.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

@@ -21,6 +21,8 @@ real ImageNet weights); only ``forward`` (pooled features) is provided, which is
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,7 +94,7 @@ class DenseLayer(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.bottleneck = NormReLUConv(layer.norm1, layer.conv1, after=layer.norm2)
-        self.conv2 = layer.conv2
+        self.conv2 = copy.deepcopy(layer.conv2)
         self.in_channels = layer.norm1.num_features
 
     def forward(self, buffer: Tensor, scratch: Tensor) -> Tensor:
@@ -127,7 +129,8 @@ class DenseBlock(nn.Module):
 
 
 class DenseNetInference(nn.Module):
-    """``Encoder.forward`` of a DenseNet encoder (any truncation), rearranged as described above."""
+    """``Encoder.forward`` of a DenseNet encoder (any truncation), rearranged as described above. Shares no
+    parameters with ``encoder``, which stays as it was."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -139,7 +142,7 @@ class DenseNetInference(nn.Module):
             i = len(blocks) + 1
             blocks.append(DenseBlock(parts[f"denseblock{i}"], parts.get(f"transition{i - 1}")))
             if "norm5" in parts:
-                self.norm5 = parts["norm5"]
+                self.norm5 = copy.deepcopy(parts["norm5"])
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
