@@ -303,3 +303,19 @@ def test_torchrun_two_processes_equal_one(demo, tmp_path):
     report = pd.read_csv(dist_folder / "extract.csv")
     assert sorted(report.slide_id) == ["demo_01", "demo_02", "demo_03"]  # each slide once
     assert set(report.status) == {"ok"}
+
+
+def test_default_workers_share_the_cores_between_local_ranks(monkeypatch):
+    from histotransfer.features.loader import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers(torch.device("cuda")) == 8
+    assert default_workers(torch.device("cpu")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 8 cores per rank
+    assert default_workers(torch.device("cuda")) == 7
+    assert default_workers(torch.device("cpu")) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(torch.device("cuda")) == 1
+    assert default_workers(torch.device("cpu")) == 0

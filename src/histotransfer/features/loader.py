@@ -108,13 +108,16 @@ def _identity(item: PatchBatch) -> PatchBatch:
 
 
 def default_workers(device: torch.device) -> int:
-    """Loader processes when none are asked for: up to 8 beside a GPU encoder; beside a CPU encoder none on
+    """Loader processes when none are asked for, from this rank's share of the cores (the cores divided by
+    torchrun's ``LOCAL_WORLD_SIZE``): beside a GPU encoder all but one, up to 8; beside a CPU encoder none on
     small machines (reading in-process), one per 8 cores (up to 4) on large ones.
 
-    A CPU encoder already keeps every core busy with its intra-op threads, so a loader process competes with it:
-    on 2 cores, ``benchmarks/bench_extract.py`` measured ResNet18-t2 extraction at 0.66 of the encoder's own rate
-    with one loader process and 0.93 reading in-process (reading is ~50x faster than encoding there)."""
+    Beside a GPU (``benchmarks/bench_extract.py --device cuda``, 16 cores): 8 loader processes read ~10,000
+    patches/s of 224 px; 15 read no more, and ResNet18-t2 extraction ran slower with them. A CPU encoder already
+    keeps every core busy with its intra-op threads, so a loader process competes with it: on 2 cores, ResNet18-t2
+    extraction ran at 0.66 of the encoder's own rate with one loader process and 0.93 reading in-process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cpu":
         return min(4, cores // 8)
     return max(1, min(8, cores - 1))
