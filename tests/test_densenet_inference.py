@@ -46,14 +46,14 @@ def test_equals_torchvision_forward(name, truncate, one_thread):
 
 def test_norm_relu_conv_is_exact_per_channel():
     """The clamp form of relu(a*x + b) for positive, negative, zero and tiny a, pooled and not."""
-    bn = nn.BatchNorm2d(6).eval()
-    conv = nn.Conv2d(6, 4, 1, bias=True)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([2.0, -3.0, 0.0, 1e-35, -0.5, 1.0]))
-        bn.bias.copy_(torch.tensor([0.5, 0.2, 0.7, -0.3, -1.0, 0.0]))
-        bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0, 1.0, -1.0]))
-        bn.running_var.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0, 0.1, 3.0]))
-    x = torch.randn(3, 6, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    bn = nn.BatchNorm2d(8).eval()
+    conv = nn.Conv2d(8, 4, 1, bias=True)
+    with torch.no_grad():  # the last three: kinks at -b/a of about 3e34, -1e34 and 0 with a tiny a
+        bn.weight.copy_(torch.tensor([2.0, -3.0, 0.0, 1e-35, -0.5, 1.0, 1e-25, -1e-25]))
+        bn.bias.copy_(torch.tensor([0.5, 0.2, 0.7, -0.3, -1.0, 0.0, -3e9, -1e9]))
+        bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0, 1.0, -1.0, 0.0, 0.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0, 0.1, 3.0, 1.0, 1.0]))
+    x = torch.randn(3, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad():
         for pool in (False, True):
             want = conv(F.relu(bn(x)))

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 from torchvision.models.densenet import _DenseBlock, _Transition
 
-# |a| below this is treated as a == 0: relu(a*x + b) is then relu(b) for any |x| < 1e20, and -b/a could
-# overflow float32.
-_ZERO_SCALE = 1e-30
+# A channel whose kink -b/a lies beyond this is constant: relu(a*x + b) == relu(b) for every |x| below it
+# (activations are many orders smaller), and -b/a itself could overflow float32.
+_FAR_KINK = 1e20
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -53,7 +53,7 @@ class NormReLUConv(nn.Module):
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
             raise ValueError("only a plain 1x1 convolution can take a BatchNorm + ReLU in front of it")
         a, b = _bn_scale_shift(bn)
-        zero = a.abs() < _ZERO_SCALE
+        zero = b.abs() >= a.abs() * _FAR_KINK  # includes a == 0
         a = torch.where(zero, torch.zeros_like(a), a)
         safe_a = torch.where(zero, torch.ones_like(a), a)
         t = -b / safe_a
