@@ -228,7 +228,8 @@ def compare_encoders(
         acc = StreamingCKA(pairs) if pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
         loader = patch_loader(PatchBatches(jobs, batch_size, input_size), workers, pin_memory=dev.type == "cuda")
         failed: set[int] = set()
-        with torch.inference_mode(), precision_context(dev, "fp32"), tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True) as bar:
+        bar = tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True)
+        with torch.inference_mode(), precision_context(dev, "fp32"), bar:
             for item in loader:
                 if item.error:
                     if item.job not in failed:

@@ -31,7 +31,7 @@ from ..errors import HistotransferError
 from ..features import create_encoder, extract_features, read_feature_attrs, read_feature_file
 from ..features.distributed import Ranks, init_ranks
 from ..features.extract import resolve_device
-from ..features.encoders import AUTOCAST_DTYPES, encoder_info
+from ..features.encoders import AUTOCAST_DTYPES, PRECISIONS, encoder_info
 from ..features.loader import PatchBatches, SlideJob
 from ..mil import load_run_model
 from ..mil.bags import encoder_attrs, load_bags
@@ -46,7 +46,6 @@ from .topk import read_splits, select_top_k
 from .train import FitResult, LoopSettings, fit_end_to_end
 
 CHECKPOINT_FILE = "checkpoint.pt"
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Largest relative difference tolerated between the run's stored features and the rebuilt encoder's output
 # for the same pixels: float32 rounding across devices (TF32 convolutions on GPUs) stays far below it, while
 # other weights, pixels or input sizes give differences of order 1.

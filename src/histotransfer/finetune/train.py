@@ -35,6 +35,7 @@ from ..features.loader import PatchBatch
 from .data import TopKSlide, bag_loader, normalise
 from .model import EndToEndMIL
 
+
 @dataclass
 class LoopSettings:
     """What the loop needs besides the model and the slides."""
