@@ -7,6 +7,7 @@ the others go on. The report CSV is rewritten atomically after every slide, so a
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -16,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ._io import write_csv
+from ._io import disk_full, write_csv
+from .errors import HistotransferError, one_line
 
 REPORT_COLUMNS = ["slide_id", "slide_path", "status", "n_patches", "seconds", "message"]
 
@@ -27,16 +29,26 @@ class SlideResult:
 
     slide_id: str
     slide_path: str
-    status: str  # "ok", "skipped" (already done), "no_tissue" or "error"
+    status: str  # "ok", "skipped" (already done), "no_tissue", "duplicate", "busy" (another process) or "error"
     n_patches: int = 0
     seconds: float = 0.0
     message: str = ""
 
 
-def one_line(exc: BaseException) -> str:
-    """A single-line description of an exception."""
-    text = " ".join(str(exc).split())
-    return text if text else type(exc).__name__
+def error_result(slide_id: str, slide_path: str, exc: BaseException, started: float) -> SlideResult:
+    """The report row of a slide whose work raised ``exc``: the message names the file, then says what failed.
+
+    A full disk is not a property of the slide: it is re-raised, so the whole run stops (and resumes once
+    space is freed) instead of marking every following slide as failed.
+    """
+    if disk_full(exc):
+        raise exc
+    text = one_line(exc)
+    if not isinstance(exc, HistotransferError) or slide_path not in text:
+        text = f"{slide_path}: {text}"
+    if "HISTOTRANSFER_DEBUG" in os.environ:
+        traceback.print_exception(exc)
+    return SlideResult(slide_id, slide_path, "error", 0, round(time.perf_counter() - started, 3), text)
 
 
 class BatchReport:
@@ -73,21 +85,40 @@ def run_batch(
         try:
             result = work(slide_id, slide_path)
         except Exception as exc:  # one broken slide must not stop the batch
-            result = SlideResult(slide_id, slide_path, "error", 0, time.perf_counter() - t0,
-                                 f"{slide_path}: {one_line(exc)}")
+            result = error_result(slide_id, slide_path, exc, t0)
             tqdm.write(f"error: {result.message}")
-            if "HISTOTRANSFER_DEBUG" in os.environ:
-                traceback.print_exc()
         report.update(result)
         results.append(result)
     return results
 
 
-def summarize(results: list[SlideResult], stage: str) -> str:
-    """A short summary of a batch: counts per status and the failed slides."""
+STATUS_ORDER = ("ok", "skipped", "no_tissue", "duplicate", "busy", "error")
+
+
+def summarize(results: list[SlideResult], stage: str, seconds: float | None = None,
+              outputs: str | os.PathLike[str] | None = None) -> str:
+    """A batch in one line (counts per status, wall time, where the outputs are), then one line per failure."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    lines = [f"{stage}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-    lines += [f"  failed {r.slide_id}: {r.message}" for r in results if r.status == "error"]
+    order = sorted(counts, key=lambda s: (STATUS_ORDER.index(s) if s in STATUS_ORDER else 99, s))
+    names = {"ok": "done", "skipped": "skipped (done before)", "error": "failed"}
+    line = f"{stage}: " + (", ".join(f"{counts[s]} {names.get(s, s)}" for s in order) or "nothing to do")
+    if seconds is not None:
+        line += f" in {seconds:.1f} s"
+    if outputs is not None:
+        line += f"; outputs in {outputs}"
+    lines = [line] + [f"  failed {r.slide_id}: {r.message}" for r in results if r.status == "error"]
+    lines += [f"  busy {r.slide_id}: {r.message}" for r in results if r.status == "busy"]
     return "\n".join(lines)
+
+
+def print_summary(results: list[SlideResult], stage: str, seconds: float, outputs: str | os.PathLike[str],
+                  report: str | os.PathLike[str] | None = None, prefix: str = "") -> int:
+    """Print :func:`summarize` (to stderr when a slide failed) and return the command's exit code."""
+    failed = any(r.status == "error" for r in results)
+    text = prefix + summarize(results, stage, seconds, outputs)
+    if report is not None:
+        text += f"\n  report: {report}"
+    print(text, file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0

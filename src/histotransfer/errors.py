@@ -7,3 +7,13 @@ class HistotransferError(Exception):
 
 class FormatError(HistotransferError):
     """A file does not follow the layout (or version) that this stage reads."""
+
+
+class ProvenanceError(HistotransferError):
+    """An input is not the one a stage's earlier output was made from (another slide, tiling or run)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A single-line description of an exception."""
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__

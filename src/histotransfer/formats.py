@@ -15,8 +15,8 @@ import h5py
 
 from .errors import FormatError
 
-PATCHES = ("histotransfer.patches", 1)
-FEATURES = ("histotransfer.features", 1)
+PATCHES = ("histotransfer.patches", 2)
+FEATURES = ("histotransfer.features", 2)
 ATTENTION = ("histotransfer.attention", 1)
 
 

@@ -1,6 +1,10 @@
 """Representation analysis: linear CKA between encoders, stage by stage."""
 
-from .cka import StreamingCKA, linear_cka
-from .compare import compare_encoders, resolve_encoder
+from .._lazy import lazy_exports
 
-__all__ = ["StreamingCKA", "compare_encoders", "linear_cka", "resolve_encoder"]
+_EXPORTS = {
+    "StreamingCKA": ".cka", "linear_cka": ".cka", "compare_encoders": ".compare", "resolve_encoder": ".compare",
+    "CkaSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,29 +1,15 @@
 """Patch encoders (ImageNet and histopathology, optionally truncated) and feature extraction."""
 
-from .encoders import (
-    Encoder,
-    create_encoder,
-    encoder_id,
-    encoder_info,
-    list_encoders,
-    register,
-)
-from .extract import extract_features, run_extraction
-from .feature_file import FeatureBag, FeatureWriter, read_feature_attrs, read_feature_file
-from .weights import load_state_dict_file
+from .._lazy import lazy_exports
 
-__all__ = [
-    "Encoder",
-    "FeatureBag",
-    "FeatureWriter",
-    "create_encoder",
-    "encoder_id",
-    "encoder_info",
-    "extract_features",
-    "list_encoders",
-    "load_state_dict_file",
-    "read_feature_attrs",
-    "read_feature_file",
-    "register",
-    "run_extraction",
-]
+_EXPORTS = {
+    "Encoder": ".encoders", "create_encoder": ".encoders", "encoder_id": ".encoders",
+    "extract_features": ".extract", "run_extraction": ".extract",
+    "FeatureBag": ".feature_file", "FeatureWriter": ".feature_file", "read_feature_attrs": ".feature_file",
+    "read_feature_file": ".feature_file",
+    "encoder_info": ".registry", "list_encoders": ".registry", "register": ".registry",
+    "load_state_dict_file": ".weights",
+    "EncoderChoice": ".settings", "ExtractSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,9 +1,16 @@
 """Feature extraction: every patch of every slide through a frozen encoder, one HDF5 file per slide.
 
 Patch pixels are read in DataLoader worker processes while the encoder runs (``loader``); each slide's rows
-stream into its feature file under a temporary name that is renamed when the slide is complete. A re-run skips
-finished slides and deletes what a killed run left behind, so a killed run resumed gives the same files as
-an uninterrupted one. Under ``torchrun`` the slides are sharded across ranks (``distributed``).
+stream into its feature file under a temporary name that is renamed when the slide is complete. Features live
+with their tiling (``<tiling folder>/features/<encoder_id>/``, or ``OUT/features/<encoder_id>/``), and a feature
+folder belongs to one tiling (``features.json``).
+
+A slide is skipped only when its feature file was made from the very patches that are there now (the patch
+file's fingerprint), with the same encoder weights and settings; otherwise it is redone. Before its pixels are
+read, each slide file is checked against the identity its patch file recorded. Several processes (``torchrun``
+ranks, or separate ``extract`` commands on machines sharing the folder) split the slides: each takes a slide's
+lock file before working on it, so no slide is done twice, and temporary files are removed only when the
+process that wrote them is gone.
 
 This does not use ``batch.run_batch`` (one slide after the other): batches of consecutive slides flow through
 one loader without a pause between slides, and per-slide results are reported with the same rows.
@@ -11,7 +18,6 @@ one loader without a pause between slides, and per-slide results are reported wi
 
 from __future__ import annotations
 
-import glob
 import json
 import platform
 import time
@@ -28,26 +34,29 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import TMP_MARK, h5_files, write_csv
-from ..batch import BatchReport, SlideResult, one_line
-from ..errors import HistotransferError
-from ..patches import read_patch_file
-from ..slide import SLIDE_SUFFIXES, slide_id_of
+from .._io import LOCK_SUFFIX, ItemLock, h5_files, output_folder, remove_stale_temps, write_csv, write_json
+from ..batch import BatchReport, SlideResult, error_result
+from ..errors import FormatError, HistotransferError, ProvenanceError
+from ..patches import find_tiling, read_patch_file
+from ..patches.layout import TilingFolder
+from ..provenance import canonical_json, json_fingerprint
+from ..runtime import Ranks, check_precision, init_ranks, precision_context, resolve_device, shard
+from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .densenet_inference import DenseNetInference, is_densenet_encoder
-from .distributed import Ranks, init_ranks, shard, torchrun_local_rank
-from .encoders import (
-    AUTOCAST_DTYPES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Encoder,
-    create_encoder,
-    encoder_id,
-    precision_context,
-)
-from .feature_file import FeatureWriter, read_feature_attrs
+from .encoders import Encoder, create_encoder, describe_encoder, encoder_id
+from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .loader import PatchBatches, SlideJob, default_workers, patch_loader
+from .settings import EncoderChoice, ExtractSettings
 
 REPORT_NAME = "extract.csv"
+FOLDER_RECORD = "features.json"
+# Slides locked and read per loader pass: a few, so that processes sharing a folder interleave finely.
+LOCK_WINDOW = 8
+# On a CPU the encoder runs a batch in calls of about this many pixels (4 patches of 224 px, 1 of 512 px):
+# smaller activations stay in cache and reuse freed memory instead of faulting in fresh pages. Measured
+# (bench_extract.py, 2 cores): DenseNet121 at 224 px +12%, ResNet18-t2 +22%, DenseNet121-t1 at 512 px +30%.
+CPU_PIXELS_PER_CALL = 4 * 224 * 224
+DONE_MESSAGE = "already done with these settings"
 
 
 @dataclass
@@ -60,38 +69,6 @@ class ExtractionRun:
     world: int = 1
 
 
-# On a CPU the encoder runs a batch in calls of about this many pixels (4 patches of 224 px, 1 of 512 px):
-# smaller activations stay in cache and reuse freed memory instead of faulting in fresh pages. Measured
-# (bench_extract.py, 2 cores): DenseNet121 at 224 px +12%, ResNet18-t2 +22%, DenseNet121-t1 at 512 px +30%.
-CPU_PIXELS_PER_CALL = 4 * 224 * 224
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" is CUDA when available, else CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise HistotransferError(f"device '{device}': choose auto, cpu or cuda.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HistotransferError("device cuda: no CUDA GPU is visible to PyTorch; use --device cpu.")
-    if device == "cuda":
-        return torch.device("cuda", torchrun_local_rank())
-    return torch.device(device)
-
-
-def find_patch_files(patches_dir: str | Path) -> list[Path]:
-    """The ``<slide_id>.h5`` patch files in ``patches_dir`` (or in its ``patches/`` subfolder)."""
-    folder = Path(patches_dir)
-    if not folder.is_dir():
-        raise HistotransferError(f"{folder}: no such folder; pass the 'patches' folder that tiling wrote.")
-    files = h5_files(folder)
-    if not files and (folder / "patches").is_dir():
-        files = h5_files(folder / "patches")
-    if not files:
-        raise HistotransferError(f"{folder}: holds no patch files (*.h5); run `histotransfer tile` first.")
-    return files
-
-
 def _n_rows(path: Path) -> int:
     """Number of patches in a patch file, for balancing ranks (0 when unreadable: its error comes later)."""
     try:
@@ -101,29 +78,10 @@ def _n_rows(path: Path) -> int:
         return 0
 
 
-def _slide_path(spec_path: str | None, slide_id: str, slides_dir: Path | None, patch_file: Path) -> str:
-    """The slide file a patch file was cut from: its recorded path, or ``<slide_id>.*`` in ``slides_dir``."""
-    if slides_dir is not None:
-        matches = [p for p in slides_dir.glob(f"{glob.escape(slide_id)}.*")
-                   if slide_id_of(p) == slide_id and p.suffix.lower() in SLIDE_SUFFIXES]
-        if matches:
-            return str(sorted(matches)[0].resolve())
-    if spec_path and Path(spec_path).exists():
-        return spec_path
-    where = f"recorded path {spec_path} does not exist" if spec_path else "the patch file records no slide path"
-    raise HistotransferError(f"{patch_file}: {where}; pass --slides DIR (the folder holding {slide_id}.*).")
-
-
 def _versions() -> str:
     return json.dumps({"histotransfer": __version__, "python": platform.python_version(),
                        "torch": torch.__version__, "torchvision": torchvision.__version__,
                        "numpy": np.__version__, "h5py": h5py.__version__})
-
-
-def _remove_stale(folder: Path, slide_id: str) -> None:
-    """Delete temporary files a killed run left for this slide (only this rank's slides: others may be busy)."""
-    for p in folder.glob(f".{glob.escape(slide_id)}.h5{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
 
 
 def inference_model(model: Encoder) -> nn.Module:
@@ -149,17 +107,14 @@ class BatchEncoder:
 
     def __init__(self, model: Encoder, device: torch.device, precision: str):
         self.feature_dim = model.feature_dim
+        self.preprocess = model.preprocess
         self.model = inference_model(model).to(device, memory_format=torch.channels_last)
         self.device = device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.precision = precision
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        # NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = x.div_(255).sub_(self.mean).div_(self.std)
+        x = self.preprocess(pixels, self.device)
         step = len(x)
         if self.device.type == "cpu":
             step = max(1, CPU_PIXELS_PER_CALL // (x.shape[2] * x.shape[3]))
@@ -170,8 +125,10 @@ class BatchEncoder:
 
 def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs: dict[str, Any], dtype: str,
                  batch_size: int, input_size: int | None, workers: int, report: BatchReport,
-                 desc: str) -> list[SlideResult]:
-    """Run every patch of ``jobs`` through the encoder, streaming each slide into its file."""
+                 bar: tqdm) -> list[SlideResult]:
+    """Run every patch of ``jobs`` through the encoder, streaming each slide into its file.
+
+    A slide whose features come out NaN or inf is an error for that slide (nothing is written for it)."""
     dataset = PatchBatches(jobs, batch_size, input_size)
     loader = patch_loader(dataset, workers, pin_memory=encode.device.type == "cuda")
     dim = encode.feature_dim
@@ -195,8 +152,6 @@ def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs
         report.update(result)
         results.append(result)
 
-    total = sum(len(job.coords) for job in jobs)
-    bar = tqdm(total=total, desc=desc, unit="patch", dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
             for item in loader:
@@ -208,23 +163,31 @@ def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs
                     finish(j, "error", item.error)
                     continue
                 job = jobs[j]
+                rows = encode(item.pixels)
+                bad = first_non_finite(rows)
+                if bad is not None:
+                    x, y = job.coords[item.start + bad]
+                    finish(j, "error", f"{job.slide_path}: the encoder gave NaN or inf features for patch row "
+                                       f"{item.start + bad} at ({x}, {y}); nothing was written for this slide "
+                                       "(check the weights file and --precision)")
+                    continue
                 if j not in writers:
                     slide_attrs = dict(attrs, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
-                                       patch_size=int(job.spec.patch_size),
+                                       patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
+                                       slide_identity=canonical_json(job.identity),
                                        input_size=int(input_size or job.spec.patch_size))
+                    if job.spec.patch_size_level0 is not None:
+                        slide_attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
                     writers[j] = FeatureWriter(folder / f"{job.slide_id}.h5", job.coords, dim, dtype,
                                                slide_attrs).open()
-                writers[j].write(encode(item.pixels))
+                writers[j].write(rows)
                 bar.update(len(item.pixels))
                 if writers[j].complete:
                     finish(j, "ok")
-                    bar.set_postfix_str(f"{len(finished)}/{len(jobs)} slides", refresh=False)
     except BaseException:
         for writer in writers.values():  # delete the temporary files of unfinished slides
             writer.discard()
         raise
-    finally:
-        bar.close()
     return results
 
 
@@ -241,65 +204,109 @@ def _merge_reports(folder: Path, world: int) -> None:
         part.unlink()
 
 
-def _check_options(batch_size: int, workers: int | None, precision: str, device: torch.device) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise HistotransferError(f"batch size {batch_size!r}: pass a positive integer.")
-    if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise HistotransferError(f"workers {workers!r}: pass 0 (read in this process) or more.")
-    if precision in AUTOCAST_DTYPES and device.type != "cuda":
-        raise HistotransferError(f"precision {precision} runs on a CUDA GPU only; use --precision fp32 on CPU.")
+def _claim_folder(folder: Path, record: dict[str, Any]) -> None:
+    """Record which tiling and settings a feature folder holds; refuse one made for another tiling."""
+    path = folder / FOLDER_RECORD
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("tiling") != record["tiling"]:
+            raise ProvenanceError(
+                f"{folder}: holds features of tiling {old.get('tiling')!r}, not of {record['tiling']!r} "
+                f"({record['patches']}); leave out --out to extract into the tiling's own folder, or choose "
+                "another --out."
+            )
+        if old == record:
+            return
+    write_json(record, path)
 
 
-def run_extraction(patches_dir: str | Path, out_dir: str | Path, encoder: str, weights: str = "imagenet",
-                   truncate: int = 0, input_size: int | None = None, batch_size: int = 64,
-                   workers: int | None = None, device: str = "auto", precision: str = "fp32",
-                   dtype: str = "float32", slides_dir: str | Path | None = None) -> ExtractionRun:
+def _done(out: Path, settings_fp: str, patches_fp: str, weights_sha: str) -> bool:
+    """Whether ``out`` is a complete feature file of these patches made with these settings and weights."""
+    if not out.exists():
+        return False
+    try:
+        done = read_feature_attrs(out)
+    except (FormatError, OSError):
+        return False
+    return (done.get("settings_fingerprint") == settings_fp and done.get("patches_fingerprint") == patches_fp
+            and str(done.get("weights_sha256", "")) == weights_sha and bool(done.get("fingerprint")))
+
+
+def _job(sid: str, patch_file: Path, index: dict[str, Path] | None) -> SlideJob:
+    """The slide's reading job, after checking that the slide file is the one its patches were cut from."""
+    patches = read_patch_file(patch_file)
+    path = locate_slide(sid, patches.spec.slide_path, index, patch_file)
+    with open_slide(path, mpp=patches.spec.mpp) as slide:
+        check_identity(slide, patches.identity, str(patch_file))
+    return SlideJob(sid, str(path), patch_file, patches.coords, patches.spec, patches.fingerprint, patches.identity)
+
+
+def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
+    """Where feature folders go: ``out_dir/features``, else the tiling folder's ``features``."""
+    if out_dir is not None:
+        return output_folder(out_dir) / "features"
+    if tiling.root is None:
+        raise HistotransferError(f"{tiling.patches}: a folder of patch files without its tiling folder; pass --out "
+                                 "to say where the features go.")
+    return output_folder(tiling.root) / "features"
+
+
+def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
+                   weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
+                   slides: Any = None, **overrides: Any) -> ExtractionRun:
     """:func:`extract_features`, also returning this process's per-slide results (for the CLI)."""
-    dev = resolve_device(device)
-    _check_options(batch_size, workers, precision, dev)
-    eid = encoder_id(encoder, weights, truncate, input_size, precision, dtype)
-    patch_files = {p.stem: p for p in find_patch_files(patches_dir)}
-    model = create_encoder(encoder, weights, truncate)  # fails early (e.g. weights missing) before any output
-    slides = Path(slides_dir) if slides_dir is not None else None
-    folder = Path(out_dir) / "features" / eid
+    choice = encoder if isinstance(encoder, EncoderChoice) else EncoderChoice.build(
+        encoder=encoder, weights=weights, truncate=truncate)
+    s = ExtractSettings.build(settings, **overrides)
+    dev = resolve_device(s.device)
+    check_precision(s.precision, dev)
+    tiling = find_tiling(patches)
+    files = {p.stem: p for p in tiling.files}
+    if not files:
+        raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
+    model = create_encoder(choice.encoder, choice.weights, choice.truncate)  # fails early, before any output
+    input_size = s.input_size if s.input_size is not None else model.preprocessing.input_size
+    eid = encoder_id(choice.encoder, choice.weights, choice.truncate, input_size, s.precision, s.dtype)
+    index = slide_index(slides)
+    folder = features_root(tiling, out_dir) / eid
     folder.mkdir(parents=True, exist_ok=True)
+    described = describe_encoder(model)
+    settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
+                                    "input_size": input_size, "weights_sha256": described["weights_sha256"]})
     ranks: Ranks = init_ranks(dev)
     try:
-        mine = shard({sid: _n_rows(p) for sid, p in patch_files.items()}, ranks.world)[ranks.rank]
+        if ranks.rank == 0:
+            _claim_folder(folder, {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
+                                   "encoder": described, "settings": s.record(), "input_size": input_size})
+        ranks.barrier()
+        mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         report = BatchReport(folder / (REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"))
         results: list[SlideResult] = []
-        jobs: list[SlideJob] = []
+        todo: list[str] = []
         for sid in mine:
-            _remove_stale(folder, sid)
-            out = folder / f"{sid}.h5"
+            remove_stale_temps(folder, prefix=f"{sid}.h5")
+            t0 = time.perf_counter()
             try:
-                if out.exists():
-                    done = read_feature_attrs(out)
-                    results.append(SlideResult(sid, str(done.get("slide_path", "")), "skipped",
-                                               _n_rows(out), 0.0, "already extracted"))
-                    continue
-                patches = read_patch_file(patch_files[sid])
-                path = _slide_path(patches.spec.slide_path, sid, slides, patch_files[sid])
-                if len(patches) == 0:
-                    results.append(SlideResult(sid, path, "no_tissue", 0, 0.0, "patch file holds no patches"))
-                    continue
-                jobs.append(SlideJob(sid, path, patch_files[sid], patches.coords, patches.spec))
-            except Exception as exc:  # a broken slide is reported, the others go on
-                results.append(SlideResult(sid, str(patch_files[sid]), "error", 0, 0.0, one_line(exc)))
-                tqdm.write(f"error: {results[-1].message}")
+                fp = read_patch_file(files[sid]).fingerprint
+                if _done(folder / f"{sid}.h5", settings_fp, fp, described["weights_sha256"]):
+                    results.append(SlideResult(sid, str(files[sid]), "skipped", _n_rows(files[sid]), 0.0,
+                                               DONE_MESSAGE))
+                else:
+                    todo.append(sid)
+            except Exception as exc:  # a broken patch file is reported, the others go on
+                results.append(error_result(sid, str(files[sid]), exc, t0))
         for r in results:
             report.update(r)
-        if jobs:
-            attrs = {"encoder": encoder, "encoder_id": eid, "truncate": truncate,
-                     "weights": model.weights_source, "weights_sha256": model.weights_sha256 or "",
-                     "feature_dim": model.feature_dim, "stage": model.stage_names[-1], "precision": precision,
-                     "normalization": json.dumps({"scale": "rgb / 255", "mean": IMAGENET_MEAN,
-                                                  "std": IMAGENET_STD}),
-                     "versions": _versions()}
-            n_workers = default_workers(dev) if workers is None else workers
-            desc = f"extract {eid}" + (f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else "")
-            results += _encode_jobs(jobs, BatchEncoder(model, dev, precision), folder, attrs, dtype, batch_size,
-                                    input_size, n_workers, report, desc)
+        attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
+                 "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
+                 "tiling": tiling.name or "", "preprocessing": canonical_json(model.preprocessing.describe()),
+                 "versions": _versions()}
+        if todo:
+            results += _extract_todo(todo, files, index, folder, model, s, input_size, attrs, settings_fp,
+                                     report, ranks, dev, eid)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             _merge_reports(folder, ranks.world)
@@ -308,17 +315,73 @@ def run_extraction(patches_dir: str | Path, out_dir: str | Path, encoder: str, w
         ranks.close()
 
 
-def extract_features(patches_dir: str | Path, out_dir: str | Path, encoder: str, weights: str = "imagenet",
-                     truncate: int = 0, input_size: int | None = None, batch_size: int = 64,
-                     workers: int | None = None, device: str = "auto", precision: str = "fp32",
-                     dtype: str = "float32", slides_dir: str | Path | None = None) -> Path:
-    """Extract features of every slide in ``patches_dir`` into ``out_dir/features/<encoder_id>/``.
+def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path] | None, folder: Path,
+                  model: Encoder, s: ExtractSettings, input_size: int | None, attrs: dict[str, Any],
+                  settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device,
+                  eid: str) -> list[SlideResult]:
+    """Extract the slides in ``todo``, a window of locked slides at a time."""
+    encode = BatchEncoder(model, dev, s.precision)
+    workers = default_workers(dev) if s.workers is None else s.workers
+    desc = f"extract {eid}" + (f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else "")
+    bar = tqdm(total=sum(_n_rows(files[sid]) for sid in todo), desc=desc, unit="patch", dynamic_ncols=True,
+               smoothing=0.1)
+    results: list[SlideResult] = []
+    try:
+        for start in range(0, len(todo), LOCK_WINDOW):
+            locks, jobs = [], []
+            for sid in todo[start:start + LOCK_WINDOW]:
+                lock = ItemLock(folder / f".{sid}{LOCK_SUFFIX}")
+                if not lock.acquire():
+                    results.append(SlideResult(sid, str(files[sid]), "busy", 0, 0.0,
+                                               f"being extracted by {lock.owner} (lock {lock.path})"))
+                    bar.update(_n_rows(files[sid]))
+                    continue
+                locks.append(lock)
+                t0 = time.perf_counter()
+                try:
+                    job = _job(sid, files[sid], index)
+                    if _done(folder / f"{sid}.h5", settings_fp, job.fingerprint, attrs["weights_sha256"]):
+                        results.append(SlideResult(sid, job.slide_path, "skipped", len(job.coords), 0.0,
+                                                   "done by another process meanwhile"))
+                    elif len(job.coords) == 0:
+                        results.append(SlideResult(sid, job.slide_path, "no_tissue", 0, 0.0,
+                                                   "patch file holds no patches"))
+                    else:
+                        jobs.append(job)
+                        continue
+                except Exception as exc:  # a broken slide is reported, the others go on
+                    results.append(error_result(sid, str(files[sid]), exc, t0))
+                    tqdm.write(f"error: {results[-1].message}")
+                bar.update(_n_rows(files[sid]))
+                report.update(results[-1])
+            try:
+                if jobs:
+                    results += _encode_jobs(jobs, encode, folder, attrs, s.dtype, s.batch_size, input_size,
+                                            workers, report, bar)
+            finally:
+                for lock in locks:
+                    lock.release()
+            bar.set_postfix_str(f"{min(start + LOCK_WINDOW, len(todo))}/{len(todo)} slides", refresh=False)
+    finally:
+        bar.close()
+    for r in results:
+        if r.status == "busy":
+            report.update(r)
+    return results
 
-    Writes ``<slide_id>.h5`` (``features`` (N, D) ``dtype``, ``coords`` in patch-file order, attrs saying how
-    they were made) and ``extract.csv`` (one row per slide). ``input_size`` resizes patches (None: their
-    tiled size); ``workers`` loader processes (None: automatic, 0: read in this process); ``precision``
-    bf16/fp16 autocasts on a GPU. ``slides_dir`` locates slides whose patch file records no (valid) path.
-    Finished slides are skipped, so an interrupted run resumes. Returns the feature folder.
+
+def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
+                     weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
+                     slides: Any = None, **overrides: Any) -> Path:
+    """Extract features of every slide of a tiling into ``<features root>/<encoder_id>/``; return that folder.
+
+    ``patches`` is a tiling folder, its ``patches`` folder, an output folder holding one tiling, or a folder of
+    CLAM/TRIDENT patch files. Features go to ``out_dir/features/`` (default: the tiling folder's ``features/``).
+    ``encoder``/``weights``/``truncate`` choose the encoder (or pass an :class:`EncoderChoice`); ``settings``
+    (or keyword overrides such as ``input_size=224, batch_size=32, workers=0, device="cpu"``) say how it runs.
+    ``slides`` (a folder or list of slide files) says where slides are when they moved since tiling. Writes
+    ``<slide_id>.h5`` (``features`` (N, D), ``coords`` in patch-file order, attrs recording how and from what
+    they were made), ``extract.csv`` (one row per slide) and ``features.json``. Finished slides are skipped
+    (unless their patches or the settings changed), so an interrupted run resumes.
     """
-    return run_extraction(patches_dir, out_dir, encoder, weights, truncate, input_size, batch_size, workers,
-                          device, precision, dtype, slides_dir).folder
+    return run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, **overrides).folder

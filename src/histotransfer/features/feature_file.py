@@ -2,10 +2,15 @@
 
 Readers accept CLAM and TRIDENT files too: only ``features`` (N, D) and ``coords`` (N, 2) are required
 (CLAM stores features as (N, D) and sometimes (1, N, D); both are accepted).
+
+Our files record how they were made and from what (attrs, see docs/formats.md) and their own ``fingerprint``:
+the sha256 of their coords and feature rows, computed while the rows are written. A run records the fingerprints
+of the files it was trained on; for files without one (CLAM, TRIDENT) it is computed from the arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,26 @@ class FeatureBag:
     features: np.ndarray  # (N, D) float32
     coords: np.ndarray  # (N, 2) int64
     attrs: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def rows_fingerprint(coords: np.ndarray, features: np.ndarray) -> str:
+    """The fingerprint of a feature file's contents, as :class:`FeatureWriter` computes it while writing."""
+    h = _content_hash(coords)
+    h.update(np.ascontiguousarray(features).tobytes())
+    return h.hexdigest()
+
+
+def _content_hash(coords: np.ndarray) -> Any:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
+    return h
+
+
+def first_non_finite(features: np.ndarray) -> int | None:
+    """Index of the first row holding NaN or inf, None when every value is finite."""
+    bad = ~np.isfinite(features).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 _REEXTRACT = "re-run extraction for this slide"
@@ -47,12 +72,16 @@ def read_feature_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def read_feature_file(path: str | Path) -> FeatureBag:
-    """Load one slide's features and coords as float32 / int64 arrays, validating shapes."""
+    """Load one slide's features and coords as float32 / int64 arrays, validating shapes and values.
+
+    A file holding NaN or inf is refused (FormatError naming the file and its first bad row): one such row
+    would make every number computed from the slide meaningless."""
     path = Path(path)
     with open_h5(path, FEATURES, ("features", "coords"), _REEXTRACT) as f:
-        feats = np.asarray(f["features"][()], dtype=np.float32)
+        stored = np.asarray(f["features"][()])
         coords = np.asarray(f["coords"][()], dtype=np.int64)
         attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    feats = stored.astype(np.float32, copy=False)
     if feats.ndim == 3 and feats.shape[0] == 1:
         feats = feats[0]
     if coords.ndim == 3 and coords.shape[0] == 1:
@@ -63,7 +92,12 @@ def read_feature_file(path: str | Path) -> FeatureBag:
         )
     if len(feats) == 0:
         raise FormatError(f"{path}: holds no patches; re-tile the slide or drop it from the labels.")
-    return FeatureBag(path.stem, feats, coords, attrs)
+    bad = first_non_finite(feats)
+    if bad is not None:
+        raise FormatError(f"{path}: row {bad} (patch at {tuple(int(v) for v in coords[bad])}) holds NaN or inf "
+                          "features; re-extract this slide.")
+    fingerprint = str(attrs.get("fingerprint") or rows_fingerprint(coords, stored.reshape(feats.shape)))
+    return FeatureBag(path.stem, feats, coords, attrs, fingerprint)
 
 
 class _Discarded(Exception):
@@ -74,7 +108,8 @@ class FeatureWriter:
     """Stream one slide's features to ``path`` batch by batch, never holding them all in memory.
 
     ``open()`` starts a temporary file (``_io.atomic_path``); ``write()`` appends rows in coords order;
-    ``close()`` renames it onto ``path`` once all ``len(coords)`` rows are written; ``discard()`` deletes it.
+    ``close()`` records the contents' fingerprint and renames the file onto ``path`` once all ``len(coords)``
+    rows are written; ``discard()`` deletes it.
     As a context manager it closes on success and discards on error. No timestamps are stored, so the same
     inputs give a byte-identical file.
     """
@@ -88,12 +123,14 @@ class FeatureWriter:
         self.attrs = attrs or {}
         self.rows_written = 0
         self._stack: ExitStack | None = None
+        self._file: h5py.File | None = None
         self._features: h5py.Dataset | None = None
+        self._hash = _content_hash(self.coords)
 
     def open(self) -> FeatureWriter:
         with ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
-            f = stack.enter_context(h5py.File(tmp, "w"))
+            f = self._file = stack.enter_context(h5py.File(tmp, "w"))
             stamp(f, FEATURES)
             for key, value in self.attrs.items():
                 f.attrs[key] = value
@@ -112,7 +149,9 @@ class FeatureWriter:
         if rows.ndim != 2 or rows.shape[1] != self.dim or end > len(self.coords):
             raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit ({len(self.coords)}, {self.dim}) "
                              f"after {self.rows_written} rows")
-        self._features[self.rows_written:end] = rows.astype(self.dtype, copy=False)
+        rows = np.ascontiguousarray(rows.astype(self.dtype, copy=False))
+        self._features[self.rows_written:end] = rows
+        self._hash.update(rows.tobytes())
         self.rows_written = end
 
     @property
@@ -120,7 +159,7 @@ class FeatureWriter:
         return self.rows_written == len(self.coords)
 
     def _take(self) -> ExitStack:
-        stack, self._stack, self._features = self._stack, None, None
+        stack, self._stack, self._features, self._file = self._stack, None, None, None
         if stack is None:
             raise ValueError(f"{self.path}: the writer is not open")
         return stack
@@ -130,6 +169,8 @@ class FeatureWriter:
         if not self.complete:
             self.discard()
             raise ValueError(f"{self.path}: only {self.rows_written} of {len(self.coords)} rows were written")
+        assert self._file is not None
+        self._file.attrs["fingerprint"] = self._hash.hexdigest()
         self._take().close()
 
     def discard(self) -> None:

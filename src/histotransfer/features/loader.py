@@ -12,13 +12,14 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..batch import one_line
+from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
 
@@ -27,13 +28,16 @@ OPEN_SLIDES_PER_WORKER = 2
 
 @dataclass
 class SlideJob:
-    """One slide to extract: its patch coords (level-0 top-left) and how to cut them."""
+    """One slide to read: its patch coords (level-0 top-left), how to cut them, and the fingerprint and slide
+    identity of the patch file they come from (recorded in the outputs)."""
 
     slide_id: str
     slide_path: str
     patch_file: Path
     coords: np.ndarray
     spec: PatchSpec
+    fingerprint: str = ""
+    identity: dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Load encoder weights from checkpoint files without ever running code stored in them.
+"""Which weights an encoder gets, and loading them from checkpoint files without ever running code in them.
+
+``weights`` is ``None`` (the encoder's default), ``"random"`` (the architecture's initialisation drawn from a
+fixed seed), one of the encoder's named options (``imagenet``, ``imagenet-v2``, ``pretrained``, ...; see the
+registry) or a path to a checkpoint file.
 
 ``.safetensors`` files hold tensors only; ``.pth`` / ``.pt`` / ``.ckpt`` files are read with
 ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain containers.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from torch import nn
 
 from .._io import file_sha256
 from ..errors import HistotransferError
+from .registry import RANDOM, EncoderSpec, WeightsOption, encoder_spec
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
@@ -189,3 +195,86 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
             f"Pass weights of a {architecture} (a torchvision state dict, optionally nested or prefixed)."
         )
     model.load_state_dict(state, strict=False)
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """Resolved weights: ``kind`` is random, named (an option of the registry) or file (a user's checkpoint)."""
+
+    kind: str
+    option: WeightsOption | None
+    path: Path | None
+    source: str
+
+    @property
+    def label(self) -> str:
+        """How encoder ids name these weights: the option's name, or ``w`` + 12 hex of a file's sha256."""
+        if self.kind == RANDOM:
+            return RANDOM
+        if self.option is not None and self.option.torchvision is not None:
+            return self.option.name
+        assert self.path is not None
+        return f"w{weights_file_sha256(self.path)[:12]}"
+
+
+def _published_checkpoint(spec: EncoderSpec, option: WeightsOption) -> Path:
+    ckpt = option.checkpoint
+    assert ckpt is not None
+    path = weights_cache_dir() / ckpt.filename
+    if not path.is_file():
+        access = f" {ckpt.access}" if ckpt.access else ""
+        raise HistotransferError(
+            f"{spec.name} needs its published checkpoint '{ckpt.filename}' ({ckpt.reference}), not found at "
+            f"{path}. Download it from {ckpt.url}{access} and pass its path as weights (--weights PATH), or put it "
+            f"in {weights_cache_dir()} (set HISTOTRANSFER_WEIGHTS to use another folder)."
+        )
+    return path
+
+
+def torchvision_file(spec: EncoderSpec, option: WeightsOption) -> Path:
+    """The torchvision checkpoint of ``option``, downloaded into the weights folder when absent."""
+    url = option.torchvision.url
+    path = weights_cache_dir() / Path(url).name
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        torch.hub.download_url_to_file(url, str(path), prefix.group(1) if prefix else None, progress=True)
+    except Exception as exc:
+        raise HistotransferError(
+            f"could not download ImageNet weights for {spec.name} from {url} ({exc}); without internet, "
+            f"download that file elsewhere and pass its path as weights (--weights PATH), or copy it to {path}."
+        ) from exc
+    return path
+
+
+def resolve_weights(name: str, weights: str | Path | None) -> WeightsChoice:
+    """Interpret ``weights`` for encoder ``name`` (see the module docstring); nothing is downloaded here."""
+    spec = encoder_spec(name)
+    text = spec.default_weights if weights is None else str(weights)
+    if text == RANDOM:
+        return WeightsChoice(RANDOM, None, None, RANDOM)
+    if text in spec.weights:
+        option = spec.weights[text]
+        if option.checkpoint is not None:
+            path = _published_checkpoint(spec, option)
+            return WeightsChoice("named", option, path, str(path))
+        return WeightsChoice("named", option, None, f"{option.name} ({option.torchvision})")
+    path = Path(text).expanduser()
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        names = ", ".join([*spec.weights, RANDOM])
+        raise HistotransferError(
+            f"weights '{text}' for {name}: expected one of {names} or a path to a "
+            f"{'/'.join(CHECKPOINT_SUFFIXES)} file."
+        )
+    if not path.is_file():
+        raise HistotransferError(f"weights file {path} not found; pass an existing checkpoint file.")
+    return WeightsChoice("file", None, path.resolve(), str(path.resolve()))
+
+
+def weights_file(spec: EncoderSpec, choice: WeightsChoice) -> Path | None:
+    """The file to load for ``choice`` (a torchvision option's file is fetched now), None for random weights."""
+    if choice.option is not None and choice.option.torchvision is not None:
+        return torchvision_file(spec, choice.option)
+    return choice.path

@@ -1,7 +1,10 @@
 """Top-k fine-tuning: train a run's encoder end to end on its most-attended patches, then re-extract."""
 
-from .encoder_io import run_encoder, save_encoder
-from .finetune import finetune
-from .topk import select_top_k
+from .._lazy import lazy_exports
 
-__all__ = ["finetune", "run_encoder", "save_encoder", "select_top_k"]
+_EXPORTS = {
+    "run_encoder": ".encoder_io", "save_encoder": ".encoder_io", "finetune": ".finetune",
+    "select_top_k": ".topk", "FinetuneSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

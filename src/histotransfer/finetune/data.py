@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..batch import one_line
+from ..errors import one_line
 from ..errors import HistotransferError
 from ..features.encoders import IMAGENET_MEAN, IMAGENET_STD
 from ..features.feature_file import read_feature_attrs

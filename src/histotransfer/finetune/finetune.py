@@ -29,7 +29,7 @@ from .. import __version__
 from .._io import remove_stale_temps, write_csv, write_json
 from ..errors import HistotransferError
 from ..features import create_encoder, extract_features, read_feature_attrs, read_feature_file
-from ..features.distributed import Ranks, init_ranks
+from ..runtime import Ranks, init_ranks
 from ..features.extract import resolve_device
 from ..features.encoders import AUTOCAST_DTYPES, PRECISIONS, encoder_info
 from ..features.loader import PatchBatches, SlideJob

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_path
 from ..errors import HistotransferError
-from ..features.distributed import Ranks
+from ..runtime import Ranks
 from ..features.encoders import precision_context
 from ..features.loader import PatchBatch
 from .data import TopKSlide, bag_loader, normalise

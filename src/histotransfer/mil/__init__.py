@@ -1,9 +1,10 @@
 """Attention-MIL slide classification: labels, patient-level splits, training, evaluation, heatmaps."""
 
-from .evaluate import evaluate_run
-from .heatmap import write_heatmaps
-from .models import AttentionMIL, attention_scores
-from .rundir import load_run_model
-from .train import train_mil
+from .._lazy import lazy_exports
 
-__all__ = ["AttentionMIL", "attention_scores", "evaluate_run", "load_run_model", "train_mil", "write_heatmaps"]
+_EXPORTS = {
+    "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap", "AttentionMIL": ".models",
+    "attention_scores": ".models", "load_run_model": ".rundir", "train_mil": ".train", "MilSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..batch import one_line
+from ..errors import one_line
 from ..errors import HistotransferError
 from ..features.feature_file import read_feature_file
 

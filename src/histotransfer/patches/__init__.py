@@ -1,9 +1,14 @@
 """Tiling: tissue detection, patch grids at a target magnification, patch files and patch reading."""
 
-from .patch_file import PatchSet, PatchSpec, read_patch_file, write_patch_file
-from .reader import PatchReader
-from .tiling import tile_slide, tile_slides
-from .tissue import tissue_mask
+from .._lazy import lazy_exports
 
-__all__ = ["PatchReader", "PatchSet", "PatchSpec", "read_patch_file", "tile_slide", "tile_slides",
-           "tissue_mask", "write_patch_file"]
+_EXPORTS = {
+    "TilingFolder": ".layout", "find_tiling": ".layout",
+    "PatchSet": ".patch_file", "PatchSpec": ".patch_file", "read_patch_file": ".patch_file",
+    "write_patch_file": ".patch_file",
+    "PatchReader": ".reader", "TileSettings": ".settings",
+    "TilingRun": ".tiling", "tile_slide": ".tiling", "tile_slides": ".tiling",
+    "tissue_mask": ".tissue",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

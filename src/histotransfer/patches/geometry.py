@@ -29,7 +29,7 @@ def tiling_spec(slide: Slide, magnification: float, patch_size: int, stride: int
     The footprint is ``patch_size * target_mpp / slide_mpp`` level-0 pixels, read from the level closest above
     the target resolution and resized. When that level's resolution matches the target within
     ``MPP_TOLERANCE`` it is read natively and the footprint is ``patch_size`` level pixels exactly.
-    Refuses a target magnification higher than the slide's.
+    Refuses a target magnification higher than the slide's, and a patch larger than the slide.
     """
     if magnification <= 0:
         raise HistotransferError(f"--magnification must be positive, got {magnification}.")
@@ -47,9 +47,16 @@ def tiling_spec(slide: Slide, magnification: float, patch_size: int, stride: int
     level_ds = slide.level_downsamples[level]
     if abs(level_ds / downsample - 1) <= MPP_TOLERANCE:
         downsample = level_ds
+    footprint = int(round(patch_size * downsample))
+    if footprint > min(slide.dimensions):
+        w, h = slide.dimensions
+        raise HistotransferError(
+            f"{slide.path}: a {patch_size} px patch at {magnification:g}x covers {footprint} level-0 pixels, more "
+            f"than the slide's {w} x {h}; choose a smaller --patch-size or a lower --magnification."
+        )
     return PatchSpec(
         patch_size=int(patch_size),
-        patch_size_level0=int(round(patch_size * downsample)),
+        patch_size_level0=footprint,
         patch_level=level,
         downsample=float(downsample),
         target_magnification=float(magnification),

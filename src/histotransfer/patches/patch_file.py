@@ -2,13 +2,15 @@
 
 Layout (``formats.PATCHES``): dataset ``coords`` (N, 2) int64 level-0 (x, y) of each patch's top-left corner,
 dataset ``tissue_fraction`` (N,) float32, and the ``PatchSpec`` fields as attrs on the root and on ``coords``
-(where CLAM reads ``patch_size`` and ``patch_level``). Readers also accept CLAM files (``coords`` attrs
+(where CLAM reads ``patch_size`` and ``patch_level``), the identity of the slide they were cut from
+(``slide_identity``, JSON) and the tiling's name and settings (``tiling``, ``tiling_settings``). Readers also accept CLAM files (``coords`` attrs
 ``patch_size`` at ``patch_level``) and TRIDENT files (``coords`` attrs ``patch_size`` at the target
 magnification and ``patch_size_level0``); their missing fields are filled from the slide when it is opened.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +22,8 @@ import numpy as np
 from .._io import atomic_path
 from ..errors import FormatError
 from ..formats import PATCHES, open_h5, stamp
+from ..provenance import array_fingerprint, canonical_json
+from ..slide.identity import parse_identity
 
 
 @dataclass(frozen=True)
@@ -49,19 +53,34 @@ class PatchSpec:
 
 @dataclass
 class PatchSet:
-    """The patches of one slide: ``tissue_fraction`` is NaN where the file has none (CLAM/TRIDENT)."""
+    """The patches of one slide: ``tissue_fraction`` is NaN where the file has none (CLAM/TRIDENT).
+
+    ``identity`` is the slide's identity at tiling (None for CLAM/TRIDENT files), ``tiling`` the name of the
+    tiling (its folder) and ``tiling_settings`` its settings.
+    """
 
     slide_id: str
     coords: np.ndarray  # (N, 2) int64 level-0 (x, y)
     tissue_fraction: np.ndarray  # (N,) float32
     spec: PatchSpec
+    identity: dict[str, Any] | None = None
+    tiling: str | None = None
+    tiling_settings: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.coords)
 
+    @property
+    def fingerprint(self) -> str:
+        """What extraction records to tell whether its features still belong to these patches: the coords,
+        the geometry (without the slide's path, which may move) and the slide's identity."""
+        geometry = {k: v for k, v in self.spec.attrs().items() if k != "slide_path"}
+        return array_fingerprint(self.coords, meta={"spec": geometry, "identity": self.identity})
+
 
 def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray,
-                     spec: PatchSpec) -> None:
+                     spec: PatchSpec, identity: dict[str, Any] | None = None, tiling: str | None = None,
+                     tiling_settings: dict[str, Any] | None = None) -> None:
     """Write one slide's patch file atomically (temporary name, renamed when complete)."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
@@ -74,6 +93,11 @@ def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fr
         for key, value in spec.attrs().items():
             f.attrs[key] = value
             dset.attrs[key] = value
+        if identity is not None:
+            f.attrs["slide_identity"] = canonical_json(identity)
+        if tiling is not None:
+            f.attrs["tiling"] = tiling
+            f.attrs["tiling_settings"] = canonical_json(tiling_settings or {})
 
 
 def _attr(value: Any) -> Any:
@@ -126,4 +150,11 @@ def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
         fraction = np.full(len(coords), np.nan, np.float32)
     elif fraction.shape != (len(coords),):
         raise FormatError(f"{path}: 'tissue_fraction' has shape {fraction.shape}, expected ({len(coords)},).")
-    return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path))
+    try:
+        identity = parse_identity(attrs.get("slide_identity"))
+        settings = json.loads(attrs["tiling_settings"]) if attrs.get("tiling_settings") else None
+    except ValueError as exc:
+        raise FormatError(f"{path}: unreadable slide_identity or tiling_settings attribute ({exc}); re-tile the "
+                          "slide.") from exc
+    return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path), identity, attrs.get("tiling"),
+                    settings)

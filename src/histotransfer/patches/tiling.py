@@ -2,9 +2,10 @@
 
 Per slide: tissue mask on a low-resolution level (``tissue.tissue_mask``), a sliding-window grid of patch
 footprints over level 0, each patch's tissue fraction from the mask, and the patches with fraction
->= ``min_tissue`` kept. Outputs under ``out_dir``: ``patches/<slide_id>.h5``, ``masks/<slide_id>.png``,
-``thumbnails/<slide_id>.png`` and the batch report ``tiling.csv``. Every file is written atomically; the
-patch file is written last and marks the slide done, so a re-run skips it when its settings match.
+>= ``min_tissue`` kept. Outputs go to the tiling's own folder ``OUT/<tiling name>/`` (``layout``):
+``patches/<slide_id>.h5``, ``masks/<slide_id>.png``, ``thumbnails/<slide_id>.png``, the batch report
+``tiling.csv`` and the settings ``tiling.json``. Every file is written atomically; the patch file is written last
+and marks the slide done, so a re-run skips it when its settings and the slide file itself are unchanged.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from .._io import atomic_path, remove_stale_temps
-from ..batch import BatchReport, SlideResult, one_line, run_batch
-from ..errors import FormatError, HistotransferError
-from ..slide import SLIDE_SUFFIXES, Slide, open_slide, slide_id_of
+from .. import __version__
+from .._io import atomic_path, output_folder, remove_stale_temps, write_json
+from ..batch import BatchReport, SlideResult, error_result, run_batch
+from ..errors import FormatError, HistotransferError, one_line
+from ..slide import Slide, list_slides, open_slide, slide_id_of, slide_identity
 from .geometry import tiling_spec
+from .layout import REPORT_FILE, SETTINGS_FILE, SUBDIRS
 from .patch_file import PatchSpec, read_patch_file, write_patch_file
+from .settings import TileSettings
 from .tissue import tissue_mask
 
 MASK_MPP = 8.0  # um per mask pixel (1.25x), finer when needed to give >= MASK_PIXELS_PER_PATCH per side
 MASK_PIXELS_PER_PATCH = 16
 THUMBNAIL_SIDE = 1024
-SUBDIRS = ("patches", "masks", "thumbnails")
+DONE_MESSAGE = "already done with these settings"
 
 
 def mask_mpp_for(spec: PatchSpec) -> float:
@@ -115,40 +121,53 @@ def _write_png(rgb_or_gray: np.ndarray, path: Path) -> None:
             raise OSError(f"could not write {path}")
 
 
-def _outputs(out_dir: Path, slide_id: str) -> tuple[Path, Path, Path]:
-    return (out_dir / "patches" / f"{slide_id}.h5", out_dir / "masks" / f"{slide_id}.png",
-            out_dir / "thumbnails" / f"{slide_id}.png")
+def _outputs(folder: Path, slide_id: str) -> tuple[Path, Path, Path]:
+    return (folder / "patches" / f"{slide_id}.h5", folder / "masks" / f"{slide_id}.png",
+            folder / "thumbnails" / f"{slide_id}.png")
 
 
-def _already_tiled(out_dir: Path, slide_id: str, spec: PatchSpec) -> int | None:
-    """The patch count of a complete earlier tiling of this slide with ``spec``, else None."""
-    patch_path, mask_path, thumb_path = _outputs(out_dir, slide_id)
+def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[str, Any],
+                   settings: TileSettings) -> int | None:
+    """The patch count of a complete earlier tiling of this very slide file with these settings, else None."""
+    patch_path, mask_path, thumb_path = _outputs(folder, slide_id)
     if not (patch_path.exists() and mask_path.exists() and thumb_path.exists()):
         return None
     try:
         done = read_patch_file(patch_path)
     except FormatError:
         return None
-    return len(done) if done.spec == spec else None
+    same = (done.spec == spec and done.identity == identity
+            and done.tiling_settings == settings.result_settings())
+    return len(done) if same else None
 
 
-def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], magnification: float = 20.0,
-               patch_size: int = 512, stride: int | None = None, min_tissue: float = 0.5,
-               mpp: float | None = None) -> SlideResult:
-    """Tile one slide; returns its ``tiling.csv`` row (status ``ok`` or ``no_tissue``).
+def tiling_folder(out_dir: str | os.PathLike[str], settings: TileSettings) -> Path:
+    """``out_dir/<tiling name>``: where a tiling with ``settings`` lives."""
+    return Path(out_dir) / settings.folder_name
 
-    Bad input (missing, unreadable, no mpp, magnification above the slide's) raises HistotransferError.
-    A slide already tiled with the same settings is not redone (status ``ok``, message "already tiled").
+
+def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+               settings: TileSettings | None = None, **overrides: Any) -> SlideResult:
+    """Tile one slide into ``out_dir/<tiling name>/``; returns its ``tiling.csv`` row.
+
+    ``settings`` (or keyword overrides such as ``magnification=20, patch_size=512``) say how. Status ``ok``,
+    ``skipped`` (the same slide file was already tiled with the same settings) or ``no_tissue``. Bad input
+    (missing, unreadable, no mpp, magnification above the slide's, patch larger than the slide) raises
+    HistotransferError naming the file.
     """
+    s = TileSettings.build(settings, **overrides)
     t0 = time.perf_counter()
-    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    slide_path = Path(slide_path)
+    folder = tiling_folder(out_dir, s)
     slide_id = slide_id_of(slide_path)
-    patch_path, mask_path, thumb_path = _outputs(out_dir, slide_id)
-    with open_slide(slide_path, mpp=mpp) as slide:
-        spec = tiling_spec(slide, magnification, patch_size, stride, min_tissue)
-        done = _already_tiled(out_dir, slide_id, spec)
+    patch_path, mask_path, thumb_path = _outputs(folder, slide_id)
+    with open_slide(slide_path, mpp=s.mpp) as slide:
+        spec = tiling_spec(slide, s.magnification, s.patch_size, s.stride, s.min_tissue)
+        identity = slide_identity(slide)
+        done = _already_tiled(folder, slide_id, spec, identity, s)
         if done is not None:
-            return SlideResult(slide_id, str(slide_path), "ok", done, time.perf_counter() - t0, "already tiled")
+            return SlideResult(slide_id, str(slide_path), "skipped", done, round(time.perf_counter() - t0, 3),
+                               DONE_MESSAGE)
         try:
             mask = slide_mask(slide, mask_mpp_for(spec))
             coords, fractions = patch_coords(mask, slide.dimensions, spec)
@@ -160,72 +179,65 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
                                      "may be truncated or corrupt.") from exc
     _write_png(mask.astype(np.uint8) * 255, mask_path)
     _write_png(thumbnail, thumb_path)
+    seconds = round(time.perf_counter() - t0, 3)
     if len(coords) == 0:
-        patch_path.unlink(missing_ok=True)  # an earlier tiling with other settings no longer holds
-        return SlideResult(slide_id, str(slide_path), "no_tissue", 0, time.perf_counter() - t0,
-                           f"{slide_path}: no patch has tissue fraction >= {min_tissue}; see {thumb_path}")
-    write_patch_file(patch_path, coords, fractions, spec)
-    return SlideResult(slide_id, str(slide_path), "ok", len(coords), time.perf_counter() - t0, "")
+        patch_path.unlink(missing_ok=True)  # an earlier tiling of another version of this slide no longer holds
+        return SlideResult(slide_id, str(slide_path), "no_tissue", 0, seconds,
+                           f"{slide_path}: no patch has tissue fraction >= {s.min_tissue}; see {thumb_path}")
+    write_patch_file(patch_path, coords, fractions, spec, identity, s.folder_name, s.result_settings())
+    return SlideResult(slide_id, str(slide_path), "ok", len(coords), seconds, "")
 
 
-def expand_slides(slides: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Slide paths from files and folders (a folder's slide files, by name); duplicate ids raise."""
-    paths: list[Path] = []
-    for entry in slides:
-        entry = Path(entry)
-        if entry.is_dir():
-            found = sorted(p for p in entry.iterdir()
-                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not found:
-                raise HistotransferError(f"{entry}: folder holds no slide files ({', '.join(SLIDE_SUFFIXES)}).")
-            paths += found
-        else:
-            paths.append(entry)
-    unique: dict[Path, Path] = {}
-    for p in paths:
-        unique.setdefault(p.resolve(), p)
-    by_id: dict[str, list[Path]] = {}
-    for p in unique.values():
-        by_id.setdefault(slide_id_of(p), []).append(p)
-    clashes = {sid: ps for sid, ps in by_id.items() if len(ps) > 1}
-    if clashes:
-        detail = "; ".join(f"{sid}: {', '.join(map(str, ps))}" for sid, ps in sorted(clashes.items()))
-        raise HistotransferError(f"two slides share an id (the file name without extension): {detail}; "
-                                 "rename one so that every slide id is unique.")
-    return list(unique.values())
-
-
-def _tile_or_report(slide_path: str, out_dir: Path, settings: dict) -> SlideResult:
-    """tile_slide with user-facing errors turned into an ``error`` row (their message names the file)."""
+def _tile_or_report(slide_path: str, out_dir: Path, settings: TileSettings) -> SlideResult:
+    """tile_slide with a failure turned into an ``error`` row (its message names the file)."""
     t0 = time.perf_counter()
     try:
-        return tile_slide(slide_path, out_dir, **settings)
-    except HistotransferError as exc:
-        return SlideResult(slide_id_of(slide_path), slide_path, "error", 0, time.perf_counter() - t0,
-                           " ".join(str(exc).split()))
+        return tile_slide(slide_path, out_dir, settings)
+    except Exception as exc:  # one broken slide is reported; the batch goes on
+        return error_result(slide_id_of(slide_path), slide_path, exc, t0)
 
 
-def tile_slides(slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                magnification: float = 20.0, patch_size: int = 512, stride: int | None = None,
-                min_tissue: float = 0.5, mpp: float | None = None, workers: int = 1) -> list[SlideResult]:
-    """Tile many slides (files or folders) into ``out_dir``; one failing slide is reported, not fatal.
+@dataclass
+class TilingRun:
+    """What a call of :func:`tile_slides` did: the tiling folder, its patch folder and one row per slide."""
 
-    Duplicate slide ids raise before any work. Re-running skips slides tiled with the same settings and
-    re-tiles those whose settings differ; temporary files of a killed run are removed first.
-    ``workers > 1`` tiles slides in that many processes.
+    folder: Path
+    results: list[SlideResult]
+
+    @property
+    def patches(self) -> Path:
+        return self.folder / "patches"
+
+
+def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+                settings: TileSettings | None = None, **overrides: Any) -> TilingRun:
+    """Tile many slides (files or folders) into ``out_dir/<tiling name>/``; one failing slide is reported, not
+    fatal.
+
+    ``settings`` (or keyword overrides) say how (see :class:`TileSettings`). The same file given twice is a
+    ``duplicate`` row; two files with one slide id raise before any work. Re-running skips slides tiled with the
+    same settings and redoes those whose file changed; temporary files of a killed run are removed first.
     """
-    paths = expand_slides(slides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, *(out / d for d in SUBDIRS)):
-        remove_stale_temps(folder)
-    settings = dict(magnification=magnification, patch_size=patch_size, stride=stride, min_tissue=min_tissue,
-                    mpp=mpp)
-    report = BatchReport(out / "tiling.csv")
-    items = [(slide_id_of(p), str(p)) for p in paths]
-    if workers <= 1:
-        return run_batch(items, lambda _sid, p: _tile_or_report(p, out, settings), report, desc="tiling")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures: dict[str, Future[SlideResult]] = {
-            p: pool.submit(_tile_or_report, p, out, settings) for _, p in items}
-        return run_batch(items, lambda _sid, p: futures[p].result(), report, desc="tiling")
+    s = TileSettings.build(settings, **overrides)
+    entries = list_slides(slides)
+    out = output_folder(out_dir)
+    folder = tiling_folder(out, s)
+    for sub in (folder, *(folder / d for d in SUBDIRS)):
+        sub.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(sub)
+    write_json({"name": s.folder_name, "settings": s.record(), "histotransfer": __version__},
+               folder / SETTINGS_FILE)
+    report = BatchReport(folder / REPORT_FILE)
+    duplicates = [SlideResult(e.slide_id, str(e.path), "duplicate", 0, 0.0,
+                              f"{e.path}: the same file as {e.duplicate_of}; tiled once")
+                  for e in entries if e.duplicate_of is not None]
+    items = [(e.slide_id, str(e.path)) for e in entries if e.duplicate_of is None]
+    if s.workers <= 1:
+        results = run_batch(items, lambda _sid, p: _tile_or_report(p, out, s), report, desc="tiling")
+    else:
+        with ProcessPoolExecutor(max_workers=s.workers, mp_context=get_context("spawn")) as pool:
+            futures: dict[str, Future[SlideResult]] = {p: pool.submit(_tile_or_report, p, out, s) for _, p in items}
+            results = run_batch(items, lambda _sid, p: futures[p].result(), report, desc="tiling")
+    for row in duplicates:
+        report.update(row)
+    return TilingRun(folder, results + duplicates)

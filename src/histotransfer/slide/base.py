@@ -40,7 +40,8 @@ class Slide(ABC):
 
     Subclasses set the geometry attributes in ``__init__`` and implement ``_read`` and ``close``.
     ``mpp`` is the level-0 microns per pixel (the ``mpp`` given to ``open_slide`` overrides the slide's);
-    ``magnification`` is the objective power read from the slide, or ``10 / mpp`` when it has none.
+    ``native_mpp`` is the slide's own (None when its metadata has none); ``magnification`` is the objective
+    power read from the slide, or ``10 / mpp`` when it has none.
     """
 
     backend: str = ""
@@ -51,13 +52,15 @@ class Slide(ABC):
         self.path = Path(path)
         self.slide_id = slide_id_of(path)
         self._mpp_override = mpp
+        self.native_mpp = native_mpp if native_mpp is not None and math.isfinite(native_mpp) and native_mpp > 0 \
+            else None
         if mpp is not None:
             if not (math.isfinite(mpp) and mpp > 0):
                 raise HistotransferError(f"{self.path}: --mpp must be a positive number of microns per pixel, "
                                          f"got {mpp}.")
             self.mpp = float(mpp)
-        elif native_mpp is not None and math.isfinite(native_mpp) and native_mpp > 0:
-            self.mpp = float(native_mpp)
+        elif self.native_mpp is not None:
+            self.mpp = float(self.native_mpp)
         else:
             raise HistotransferError(
                 f"{self.path}: the slide carries no microns-per-pixel (mpp) in its metadata; pass --mpp "
@@ -123,10 +126,9 @@ class Slide(ABC):
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled by path: a worker process reopens the file instead of sharing a native handle.
-        from .open import open_slide
-
-        return (open_slide, (self.path, self._mpp_override))
+        # Pickled by path: a worker process reopens the file with the same backend instead of sharing a
+        # native handle (every backend takes (path, mpp)).
+        return (type(self), (self.path, self._mpp_override))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r}, "

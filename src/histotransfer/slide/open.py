@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..batch import one_line
+from ..errors import one_line
 from ..errors import HistotransferError
 from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
 from .base import Slide

@@ -1,7 +1,7 @@
 """The study: one YAML file -> the whole encoder x truncation x dataset x seed grid -> tables, figures, report."""
 
-from .config import CkaSettings, Dataset, EncoderConfig, FinetuneSettings, Study, load_study
-from .runner import plan, run_study
+from .._lazy import lazy_exports
 
-__all__ = ["CkaSettings", "Dataset", "EncoderConfig", "FinetuneSettings", "Study", "load_study", "plan",
-           "run_study"]
+_EXPORTS = {"Study": ".config", "load_study": ".config", "plan": ".runner", "run_study": ".runner"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .._io import file_sha256, h5_files, write_csv, write_text
-from ..batch import one_line
+from ..errors import one_line
 from ..errors import HistotransferError
 from ..slide import slide_id_of
 from .cells import Cell, prepare_folder, read_done, write_done, write_failed

@@ -1,0 +1,233 @@
+"""The encoder registry: what every patch encoder is, behind one name.
+
+An entry (:class:`EncoderSpec`) says how to build the untrained network, how to split it into a stem and
+stages (what truncation cuts and CKA compares), how its pixels are prepared (:class:`Preprocessing`, as timm's
+pretrained config does), how its last kept stage becomes one vector (``pool``) and which named weights it has
+(:class:`WeightsOption`). Entries are added with :func:`register`; the catalogue modules (``catalogue``,
+``catalogue_vit``) hold the registered encoders and are loaded on first lookup, as timm loads its model modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import HistotransferError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CATALOGUES = ("histotransfer.features.catalogue",)
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How patch pixels become the network's input: RGB in [0, 1], normalised by ``mean`` / ``std``.
+
+    ``input_size`` is the side the network expects (None: any size, patches are fed at their tiled size unless
+    the user resizes); ``interpolation`` is used when patches are resized ("area" when shrinking is always
+    used for CNN inputs; "bicubic" or "bilinear" where a model card asks for it).
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int | None = None
+    interpolation: str = "area"
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values, recorded in every feature file."""
+        return {"scale": "rgb / 255", "mean": list(self.mean), "std": list(self.std),
+                "input_size": self.input_size, "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A published checkpoint file an encoder's weights are loaded from (never downloaded by histotransfer)."""
+
+    filename: str
+    url: str
+    reference: str
+    access: str = ""  # e.g. a licence that requires accepting terms and logging in before downloading
+
+
+@dataclass(frozen=True)
+class WeightsOption:
+    """A named set of pre-trained weights of an encoder.
+
+    ``torchvision`` weights are fetched into the weights folder on first use (torchvision's published file);
+    a ``checkpoint`` must be put there (or given as a path) by the user. ``imagenet_top1`` is the ImageNet
+    accuracy of exactly these weights; ``paper_top1`` is the figure the HistoTransfer paper's Table I lists for
+    the weights it used, when these are the nearest available ones rather than the same.
+    """
+
+    name: str
+    description: str
+    torchvision: Any = None  # a torchvision.models.WeightsEnum member
+    checkpoint: Checkpoint | None = None
+    imagenet_top1: float | None = None
+    paper_top1: float | None = None
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.torchvision is None) == (self.checkpoint is None):
+            raise ValueError(f"weights '{self.name}': give exactly one of torchvision or checkpoint")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an encoder: its name, module and output width."""
+
+    name: str
+    module: nn.Module
+    channels: int
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registry entry (see the module docstring)."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    stages: Callable[[nn.Module], list[Stage]]
+    architecture: str
+    family: str
+    weights: dict[str, WeightsOption]
+    default_weights: str
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    pool: Callable[[nn.Module, list[Stage]], nn.Module] | None = None
+    reference: str = ""
+
+    def weights_option(self, name: str) -> WeightsOption:
+        """The named weights of this encoder (an error listing the names it has otherwise)."""
+        try:
+            return self.weights[name]
+        except KeyError:
+            names = ", ".join([*self.weights, RANDOM])
+            raise HistotransferError(
+                f"encoder {self.name} has no weights named '{name}'; choose one of {names} or a checkpoint file."
+            ) from None
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    *,
+    stages: Callable[[nn.Module], list[Stage]],
+    weights: list[WeightsOption],
+    architecture: str | None = None,
+    family: str = "imagenet",
+    default_weights: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    pool: Callable[[nn.Module, list[Stage]], nn.Module] | None = None,
+    reference: str = "",
+) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Decorator adding an encoder under ``name``; the decorated function builds the untrained network.
+
+    ``default_weights`` is what ``weights=None`` (and the CLI default) means: the first option unless given.
+    ``pool`` turns the last kept stage's output into (B, D) features (default: global average pooling).
+    """
+
+    def add(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder '{name}' is already registered")
+        options = {w.name: w for w in weights}
+        default = default_weights or (weights[0].name if weights else RANDOM)
+        if default != RANDOM and default not in options:
+            raise ValueError(f"encoder '{name}': default weights '{default}' are not among its weights")
+        _REGISTRY[name] = EncoderSpec(name, build, stages, architecture or build.__name__, family, options,
+                                      default, preprocessing or Preprocessing(), pool, reference)
+        return build
+
+    return add
+
+
+def _load_catalogues() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in CATALOGUES:
+            importlib.import_module(module)
+
+
+def list_encoders() -> list[str]:
+    """Names of all registered encoders, in registration order."""
+    _load_catalogues()
+    return list(_REGISTRY)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The registry entry of ``name``."""
+    _load_catalogues()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise HistotransferError(f"unknown encoder '{name}'; choose one of: {', '.join(_REGISTRY)}.") from None
+
+
+def meta_stages(spec: EncoderSpec) -> list[Stage]:
+    """The stages of an encoder built without allocating weights (for shapes and counts only)."""
+    with torch.device("meta"):
+        return spec.stages(spec.build())
+
+
+def check_truncate(spec: EncoderSpec, truncate: int, n_stages: int | None = None) -> None:
+    """Refuse a truncation that would remove every stage after the stem."""
+    n = len(meta_stages(spec)) - 1 if n_stages is None else n_stages
+    if not isinstance(truncate, int) or isinstance(truncate, bool) or not 0 <= truncate < n:
+        raise HistotransferError(
+            f"truncate={truncate!r} is out of range for {spec.name}: it has {n} stages after the stem, "
+            f"so truncate must be 0..{n - 1}."
+        )
+
+
+def encoder_info(name: str) -> dict[str, Any]:
+    """What the registry knows about an encoder, without loading weights (for tables and listings)."""
+    spec = encoder_spec(name)
+    stages = meta_stages(spec)
+    n = len(stages) - 1
+    default = spec.weights.get(spec.default_weights)
+    return {
+        "name": spec.name,
+        "architecture": spec.architecture,
+        "family": spec.family,
+        "n_stages": n,
+        "stage_names": [s.name for s in stages],
+        "feature_dims": [stages[n - k].channels for k in range(n)],
+        "n_params": sum(p.numel() for s in stages for p in s.module.parameters()),
+        "default_weights": spec.default_weights,
+        "weights": {w.name: weights_info(w) for w in spec.weights.values()},
+        "imagenet_top1": default.imagenet_top1 if default is not None else None,
+        "preprocessing": spec.preprocessing.describe(),
+        "reference": spec.reference,
+    }
+
+
+def weights_info(option: WeightsOption) -> dict[str, Any]:
+    """One weights option as plain values."""
+    ckpt = option.checkpoint
+    return {
+        "name": option.name,
+        "description": option.description,
+        "source": str(option.torchvision) if option.torchvision is not None else None,
+        "imagenet_top1": option.imagenet_top1,
+        "paper_top1": option.paper_top1,
+        "checkpoint": ckpt.filename if ckpt else None,
+        "checkpoint_url": ckpt.url if ckpt else None,
+        "reference": ckpt.reference if ckpt else None,
+        "access": ckpt.access if ckpt else None,
+    }
+
+
+def weights_top1(name: str, weights: str | None) -> float | None:
+    """The ImageNet top-1 of an encoder's named ``weights`` (None for random, files and non-ImageNet weights)."""
+    spec = encoder_spec(name)
+    option = spec.weights.get(spec.default_weights if weights is None else str(weights))
+    return option.imagenet_top1 if option is not None else None

@@ -1,0 +1,50 @@
+"""Settings of feature extraction: which encoder (:class:`EncoderChoice`) and how it is run
+(:class:`ExtractSettings`), each option defined once for the CLI, the Python API and the study file."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, Field
+
+from ..settings import RUNTIME, StageSettings
+
+
+class EncoderChoice(StageSettings):
+    """An encoder of the registry, its weights and how many of its last stages are cut off."""
+
+    stage: ClassVar[str] = "encoder"
+
+    encoder: str = Field(min_length=1, description="encoder name (see `histotransfer encoders`)")
+    weights: str | None = Field(None, description="named weights (imagenet, imagenet-v2, pretrained, ...), random, "
+                                                  "or a .safetensors/.pth/.pt checkpoint file (default: the "
+                                                  "encoder's default weights)")
+    truncate: int = Field(0, ge=0, le=8, description="drop the last K stages (0-3)")
+
+
+def check_device(value: str) -> str:
+    """auto, cpu, cuda or cuda:N."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda or cuda:N")
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+
+
+class ExtractSettings(StageSettings):
+    """How patches go through an encoder (everything but the encoder itself)."""
+
+    stage: ClassVar[str] = "extract"
+
+    input_size: int | None = Field(None, ge=16, le=8192, description="resize patches to S pixels (default: the "
+                                                                     "encoder's input size if it has one, else "
+                                                                     "the tiled patch size)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 (IEEE float32 on every device) "
+                                                                           "or bf16/fp16 autocast on a GPU")
+    dtype: Literal["float32", "float16"] = Field("float32", description="stored feature type")
+    batch_size: int = Field(64, ge=1, le=65536, description="patches per batch", json_schema_extra=RUNTIME)
+    workers: int | None = Field(None, ge=0, le=256, description="patch-reading processes (default: automatic; "
+                                                                "0 reads in the main process)",
+                                json_schema_extra=RUNTIME)
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
