@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import __version__
+from ._io import disk_full, os_error_text
 from .errors import HistotransferError
 
 COMMANDS = {
@@ -35,6 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="histotransfer",
         description="Transfer learning for histopathology whole-slide images.",
     )
+    parser.add_argument("--version", action="version", version=f"histotransfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for module in modules:
@@ -45,6 +48,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None and not argv:
+        argv = ["--help"]
     args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -52,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("HISTOTRANSFER_DEBUG"):
             raise
         print(f"histotransfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if os.environ.get("HISTOTRANSFER_DEBUG"):
+            raise
+        fix = ("free some space and re-run the same command: finished files are kept and the run resumes"
+               if disk_full(exc) else "fix the path or its permissions and re-run the same command")
+        print(f"histotransfer {args.command}: error: {os_error_text(exc)}; {fix}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

@@ -14,16 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from .analysis import compare_encoders
-from .batch import summarize
-from .demo_slides import make_demo_slides
-from .features import extract_features
-from .finetune import finetune
-from .mil import train_mil, write_heatmaps
-from .patches import tile_slides
-
 ENCODER, TRUNCATE, INPUT_SIZE, PATCH_SIZE = "resnet18", 2, 64, 256
 
 
@@ -49,18 +39,28 @@ def _auc(metrics: dict, split: str) -> str:
 
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
     """Run the pipeline on demo slides under ``out_dir``; return the demo folder."""
+    import pandas as pd
+
+    from .analysis import compare_encoders
+    from .batch import summarize
+    from .demo_slides import make_demo_slides
+    from .features import extract_features
+    from .finetune import finetune
+    from .mil import train_mil, write_heatmaps
+    from .patches import tile_slides
+
     out = Path(out_dir).resolve()
     with _Stage(f"1/7 demo slides: {n_slides} synthetic 40x pyramidal TIFFs (seed {seed})", out / "demo_slides"):
         demo = make_demo_slides(out / "demo_slides", n_slides=n_slides, seed=seed)
 
     with _Stage(f"2/7 tiling: Otsu tissue mask, {PATCH_SIZE} px patches at 20x, >= 50% tissue", out / "tiles"):
-        results = tile_slides(demo.slides, out / "tiles", magnification=20.0, patch_size=PATCH_SIZE)
-        print("   " + summarize(results, "tiling"))
+        tiling = tile_slides(demo.slides, out / "tiles", magnification=20.0, patch_size=PATCH_SIZE)
+        print("   " + summarize(tiling.results, "tiling", outputs=tiling.folder))
 
     with _Stage(f"3/7 features: {ENCODER} truncated by {TRUNCATE}, {INPUT_SIZE} px input, weights: random init "
-                "(fixed seed; the demo downloads nothing)", out / "features"):
-        features_dir = extract_features(out / "tiles" / "patches", out, ENCODER, weights="random",
-                                        truncate=TRUNCATE, input_size=INPUT_SIZE, workers=0)
+                "(fixed seed; the demo downloads nothing)", tiling.folder / "features"):
+        features_dir = extract_features(tiling.folder, None, ENCODER, weights="random", truncate=TRUNCATE,
+                                        input_size=INPUT_SIZE, workers=0)
 
     with _Stage("4/7 attention MIL: patient-level 65/15/20 split, 20 epochs", out / "mil"):
         run = train_mil(features_dir, demo.labels_csv, out / "mil", seed=seed)
@@ -79,14 +79,17 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
         print(f"   test AUC: frozen {test['frozen_auc']:.3f}, fine-tuned {test['finetuned_auc']:.3f}")
 
     with _Stage("7/7 CKA per stage, frozen vs fine-tuned encoder (500 patches)", out / "cka"):
-        cka = compare_encoders(run, ft, out / "tiles" / "patches", out / "cka", n_patches=500, device="cpu")
+        cka = compare_encoders(run, ft, tiling.folder, out / "cka", n_patches=500, device="cpu")
         for row in cka.itertuples():
             print(f"   {row.stage:<10} CKA {row.cka:.4f}")
     return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on generated demo slides")
+    p = sub.add_parser("demo", help="run the whole pipeline on generated demo slides",
+                       description="Generate small synthetic pyramidal TIFF slides (half with lesions) and run every "
+                                   "stage on them: tiling, features, attention MIL, heatmaps, fine-tuning, CKA. "
+                                   "Runs offline on a CPU in a few minutes; prints what each stage did.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--n-slides", type=int, default=16, help="number of demo slides (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo slides and weights (default: 0)")

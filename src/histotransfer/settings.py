@@ -38,7 +38,7 @@ class StageSettings(BaseModel):
     @classmethod
     def build(cls, settings: Self | None = None, **overrides: Any) -> Self:
         """``settings`` (or the defaults) with ``overrides`` applied and validated; errors name the options."""
-        base = {} if settings is None else settings.model_dump()
+        base = {} if settings is None else settings.model_dump(exclude_unset=True)
         try:
             return cls.model_validate({**base, **overrides})
         except ValidationError as exc:

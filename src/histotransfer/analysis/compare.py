@@ -30,23 +30,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .._io import atomic_path, write_csv, write_json
+from .._io import atomic_path, output_folder, write_csv, write_json
 from ..errors import HistotransferError
-from ..features import Encoder, create_encoder
-from ..features.encoders import precision_context
-from ..features.extract import find_patch_files, resolve_device
-from ..features.loader import PatchBatches, SlideJob, patch_loader
-from ..finetune.data import SlidesArg, locate_slide, normalise, slide_index
-from ..finetune.encoder_io import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
-from ..patches import read_patch_file
+from ..features import Encoder, PatchBatches, SlideJob, create_encoder, is_file_label, patch_loader
+from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
+from ..patches import find_tiling, read_patch_file
+from ..runtime import precision_context, resolve_device
+from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .cka import StreamingCKA, centred_gram, gram_cka
+from .settings import CkaSettings
 
-POOLINGS = ("mean", "flatten")
 
 
 @dataclass
@@ -61,7 +58,7 @@ class ResolvedEncoder:
 EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
-def resolve_encoder(spec: EncoderLike, weights: str = "imagenet", truncate: int = 0) -> ResolvedEncoder:
+def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0) -> ResolvedEncoder:
     """Turn an encoder spec into an :class:`Encoder`.
 
     ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}``; a run folder (``train`` run: its
@@ -76,8 +73,9 @@ def resolve_encoder(spec: EncoderLike, weights: str = "imagenet", truncate: int 
         name = spec.get("name") or spec.get("encoder")
         if not name:
             raise HistotransferError(f"encoder spec {dict(spec)}: needs a 'name'.")
-        w, t = str(spec.get("weights", weights)), int(spec.get("truncate", truncate))
-        return ResolvedEncoder(create_encoder(str(name), w, t), f"{name} ({Path(w).name}, t{t})")
+        w, t = spec.get("weights", weights), int(spec.get("truncate", truncate))
+        enc = create_encoder(str(name), None if w is None else str(w), t)
+        return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{t})")
     path = Path(spec)
     if path.is_dir() or path.is_file():
         run_dir = path if path.is_dir() else path.parent
@@ -94,15 +92,23 @@ def resolve_encoder(spec: EncoderLike, weights: str = "imagenet", truncate: int 
         return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, t{encoder.truncate})",
                                int(size) if size else None)
     name = str(spec)
-    return ResolvedEncoder(create_encoder(name, weights, truncate), f"{name} ({Path(weights).name}, t{truncate})")
+    enc = create_encoder(name, weights, truncate)
+    return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{truncate})")
 
 
-def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slides: SlidesArg = None) -> list[SlideJob]:
+def _weights_name(encoder: Encoder) -> str:
+    """A short name of an encoder's weights for labels: the option's name, or the weights file's name."""
+    label = encoder.weights_label
+    return Path(encoder.weights_source).name if is_file_label(label) else label
+
+
+def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slides: Any = None) -> list[SlideJob]:
     """``n_patches`` patches drawn uniformly without replacement from all slides (seeded), grouped by slide.
 
-    Slide files are found at the paths the patch files record, or in ``slides`` (a folder or a list)."""
+    Slide files are found at the paths the patch files record, or in ``slides`` (a folder or a list); each is
+    checked to be the slide its patch file was cut from."""
     index = slide_index(slides)
-    files = find_patch_files(patches_dir)
+    files = find_tiling(patches_dir).files
     sets = [read_patch_file(p) for p in files]
     sizes = np.array([len(s) for s in sets])
     total = int(sizes.sum())
@@ -115,14 +121,20 @@ def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slide
         rows = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
         if len(rows):
             slide_path = locate_slide(ps.slide_id, ps.spec.slide_path, index, path)
-            jobs.append(SlideJob(ps.slide_id, slide_path, path, ps.coords[rows], ps.spec))
+            with open_slide(slide_path, mpp=ps.spec.mpp) as slide:
+                check_identity(slide, ps.identity, str(path))
+            jobs.append(SlideJob(ps.slide_id, str(slide_path), path, ps.coords[rows], ps.spec, ps.fingerprint,
+                                 ps.identity))
     return jobs
 
 
 def _pool(maps: list[torch.Tensor], pooling: str) -> list[np.ndarray]:
-    if pooling == "mean":
-        return [torch.flatten(F.adaptive_avg_pool2d(m.float(), 1), 1).double().cpu().numpy() for m in maps]
-    return [m.float().flatten(1).cpu().numpy() for m in maps]
+    """Each stage output as one row per patch: the mean over its spatial positions (a CNN's (B, C, H, W) map)
+    or tokens (a transformer's (B, N, C)), or the whole output flattened."""
+    if pooling == "flatten":
+        return [m.float().flatten(1).cpu().numpy() for m in maps]
+    return [(m.float().mean(dim=(2, 3)) if m.dim() == 4 else m.float().mean(dim=1)).double().cpu().numpy()
+            for m in maps]
 
 
 class _FlattenStore:
@@ -180,53 +192,41 @@ def _plot_matrix(matrix: pd.DataFrame, path: Path, label_a: str, label_b: str) -
         fig.savefig(tmp, format="png")
 
 
-def compare_encoders(
-    encoder_a: EncoderLike,
-    encoder_b: EncoderLike,
-    patches_dir: str | Path,
-    out_dir: str | Path,
-    n_patches: int = 2000,
-    pooling: str = "mean",
-    full_matrix: bool = False,
-    seed: int = 0,
-    batch_size: int = 32,
-    input_size: int | None = None,
-    workers: int = 0,
-    device: str = "auto",
-    slides: SlidesArg = None,
-) -> pd.DataFrame:
-    """Linear CKA between the same stages of two encoders on ``n_patches`` patches sampled from ``patches_dir``.
+def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir: str | Path, out_dir: str | Path,
+                     settings: CkaSettings | None = None, slides: Any = None, **overrides: Any) -> pd.DataFrame:
+    """Linear CKA between the same stages of two encoders on patches sampled from ``patches_dir``.
 
-    Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`). ``input_size``
-    resizes patches (default: the input size of the encoders' runs when both say the same, else the tiled
-    size). Writes ``cka.csv`` (stage, cka), ``cka.png``, ``patches.csv`` (the patches used), ``cka.json``
-    (settings) and, with ``full_matrix``, ``cka_matrix.csv`` / ``cka_matrix.png``. Returns the cka.csv table.
+    Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`). ``settings`` (or
+    keyword overrides such as ``n_patches=2000, pooling="mean"``) say how (:class:`CkaSettings`). Writes
+    ``cka.csv`` (stage, cka), ``cka.png``, ``patches.csv`` (the patches used), ``cka.json`` (settings, the
+    encoders' weights and the patches' fingerprints, the number of patches asked for and used) and, with
+    ``full_matrix``, ``cka_matrix.csv`` / ``cka_matrix.png``. Returns the cka.csv table.
     """
-    if pooling not in POOLINGS:
-        raise HistotransferError(f"pooling '{pooling}': choose one of {', '.join(POOLINGS)}.")
-    if n_patches < 2 or batch_size < 1:
-        raise HistotransferError("n_patches must be at least 2 and batch_size at least 1.")
+    s = CkaSettings.build(settings, **overrides)
     a, b = resolve_encoder(encoder_a), resolve_encoder(encoder_b)
+    input_size = s.input_size
     if input_size is None and a.input_size is not None and a.input_size == b.input_size:
         input_size = a.input_size
-    dev = resolve_device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = sample_patches(patches_dir, n_patches, seed, slides)
+    dev = resolve_device(s.device)
+    out = output_folder(out_dir)
+    jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)
     n_total = sum(len(j.coords) for j in jobs)
+    if n_total < s.n_patches:
+        warnings.warn(f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
+                      f"{n_total} (see cka.json)", stacklevel=2)
 
-    names_a = [f"a:{s}" for s in a.encoder.stage_names]
-    names_b = [f"b:{s}" for s in b.encoder.stage_names]
+    names_a = [f"a:{st}" for st in a.encoder.stage_names]
+    names_b = [f"b:{st}" for st in b.encoder.stage_names]
     pairs = list(zip(names_a, names_b))
-    if full_matrix:
+    if s.full_matrix:
         pairs += [(x, y) for x in names_a for y in names_b]
     pairs = list(dict.fromkeys(pairs))
 
     models = [a.encoder.to(dev).eval(), b.encoder.to(dev).eval()]
     used: list[tuple[str, int, int]] = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
-        acc = StreamingCKA(pairs) if pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
-        loader = patch_loader(PatchBatches(jobs, batch_size, input_size), workers, pin_memory=dev.type == "cuda")
+        acc = StreamingCKA(pairs) if s.pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
+        loader = patch_loader(PatchBatches(jobs, s.batch_size, input_size), s.workers, pin_memory=dev.type == "cuda")
         failed: set[int] = set()
         bar = tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True)
         with torch.inference_mode(), precision_context(dev, "fp32"), bar:
@@ -236,10 +236,10 @@ def compare_encoders(
                         warnings.warn(f"skipping slide: {item.error}", stacklevel=2)
                         failed.add(item.job)
                     continue
-                x = normalise(item.pixels, dev)
                 batch = {}
                 for model, names in zip(models, (names_a, names_b)):
-                    batch.update(zip(names, _pool(model.forward_stages(x), pooling)))
+                    x = model.preprocess(item.pixels, dev)
+                    batch.update(zip(names, _pool(model.forward_stages(x), s.pooling)))
                 acc.update(batch)
                 job = jobs[item.job]
                 used += [(job.slide_id, int(cx), int(cy))
@@ -256,18 +256,20 @@ def compare_encoders(
     })
     write_csv(df, out / "cka.csv")
     write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
-    title = f"{a.label} vs {b.label}\n{len(used)} patches, {pooling} pooling"
+    title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling"
     _plot_bars(df, out / "cka.png", title)
-    settings = {"encoder_a": a.label, "encoder_b": b.label, "n_patches": len(used), "pooling": pooling,
-                "seed": seed, "input_size": input_size, "patches_dir": str(Path(patches_dir).resolve()),
-                "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256}
-    if full_matrix:
+    record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
+              "n_patches_requested": s.n_patches, "n_patches": len(used),
+              "patches_dir": str(Path(patches_dir).resolve()),
+              "patches": {j.slide_id: j.fingerprint for j in jobs},
+              "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256}
+    if s.full_matrix:
         matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
                               index=a.encoder.stage_names, columns=b.encoder.stage_names)
         with atomic_path(out / "cka_matrix.csv") as tmp_csv:
             matrix.rename_axis("stage").to_csv(tmp_csv)
         _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
-    write_json(settings, out / "cka.json")
+    write_json(record, out / "cka.json")
     return df
 
 

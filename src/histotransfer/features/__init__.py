@@ -1,14 +1,17 @@
-"""Patch encoders (ImageNet and histopathology, optionally truncated) and feature extraction."""
+"""Patch encoders (ImageNet, histopathology and foundation models, optionally truncated) and feature extraction."""
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "Encoder": ".encoders", "create_encoder": ".encoders", "encoder_id": ".encoders",
+    "Encoder": ".encoders", "create_encoder": ".encoders", "describe_encoder": ".encoders",
+    "encoder_id": ".encoders",
     "extract_features": ".extract", "run_extraction": ".extract",
-    "FeatureBag": ".feature_file", "FeatureWriter": ".feature_file", "read_feature_attrs": ".feature_file",
-    "read_feature_file": ".feature_file",
-    "encoder_info": ".registry", "list_encoders": ".registry", "register": ".registry",
-    "load_state_dict_file": ".weights",
+    "FeatureBag": ".feature_file", "FeatureWriter": ".feature_file", "encoder_attrs": ".feature_file",
+    "read_feature_attrs": ".feature_file", "read_feature_file": ".feature_file",
+    "PatchBatch": ".loader", "PatchBatches": ".loader", "SlideJob": ".loader", "patch_loader": ".loader",
+    "encoder_info": ".registry", "encoder_spec": ".registry", "list_encoders": ".registry",
+    "register": ".registry",
+    "load_state_dict_file": ".weights", "is_file_label": ".weights",
     "EncoderChoice": ".settings", "ExtractSettings": ".settings",
 }
 __all__ = sorted(_EXPORTS)

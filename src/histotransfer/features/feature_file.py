@@ -57,6 +57,20 @@ def first_non_finite(features: np.ndarray) -> int | None:
 _REEXTRACT = "re-run extraction for this slide"
 
 
+# The attrs of a feature file that say how its features were made (absent in CLAM/TRIDENT files).
+ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "weights", "weights_label", "weights_sha256", "input_size",
+                "settings_fingerprint")
+
+
+def encoder_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs saying how a file's features were made, as plain JSON values (what runs record and compare)."""
+    return {k: attrs[k].tolist() if hasattr(attrs[k], "tolist") else attrs[k] for k in ENCODER_KEYS if k in attrs}
+
+
+class NonFiniteFeatures(FormatError):
+    """A feature file holds NaN or inf: every number computed from that slide would be meaningless."""
+
+
 def _attr(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -94,7 +108,7 @@ def read_feature_file(path: str | Path) -> FeatureBag:
         raise FormatError(f"{path}: holds no patches; re-tile the slide or drop it from the labels.")
     bad = first_non_finite(feats)
     if bad is not None:
-        raise FormatError(f"{path}: row {bad} (patch at {tuple(int(v) for v in coords[bad])}) holds NaN or inf "
+        raise NonFiniteFeatures(f"{path}: row {bad} (patch at {tuple(int(v) for v in coords[bad])}) holds NaN or inf "
                           "features; re-extract this slide.")
     fingerprint = str(attrs.get("fingerprint") or rows_fingerprint(coords, stored.reshape(feats.shape)))
     return FeatureBag(path.stem, feats, coords, attrs, fingerprint)

@@ -197,6 +197,15 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state, strict=False)
 
 
+# How encoder ids name weights loaded from a file: "w" + the first 12 hex digits of its sha256.
+FILE_LABEL = re.compile(r"w[0-9a-f]{12}")
+
+
+def is_file_label(label: str) -> bool:
+    """Whether a weights label names a checkpoint file (rather than a named option or random weights)."""
+    return FILE_LABEL.fullmatch(label) is not None
+
+
 @dataclass(frozen=True)
 class WeightsChoice:
     """Resolved weights: ``kind`` is random, named (an option of the registry) or file (a user's checkpoint)."""

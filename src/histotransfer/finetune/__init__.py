@@ -3,7 +3,8 @@
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "run_encoder": ".encoder_io", "save_encoder": ".encoder_io", "finetune": ".finetune",
+    "run_encoder": ".encoder_io", "save_encoder": ".encoder_io", "ENCODER_FILE": ".encoder_io",
+    "encoder_from_attrs": ".encoder_io", "run_encoder_attrs": ".encoder_io", "finetune": ".finetune",
     "select_top_k": ".topk", "FinetuneSettings": ".settings",
 }
 __all__ = sorted(_EXPORTS)

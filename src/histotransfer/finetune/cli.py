@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from .finetune import PRECISIONS, finetune
+from ..settings import add_options, from_args
+from .settings import FinetuneSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,32 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="fine-tuned run folder to write")
     p.add_argument("--slides", nargs="+", default=None,
                    help="folder of the slide files, or the files, when they moved since tiling")
-    p.add_argument("--top-k", type=int, default=64, help="patches per slide (default 64, the paper's)")
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
-    p.add_argument("--epochs", type=int, default=20, help="default 20")
-    p.add_argument("--batch-slides", type=int, default=1, help="slides per optimizer step (default 1)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each stage in the backward pass: far less activation memory for one extra "
-                        "forward pass per step")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16/fp16 autocast on GPU")
-    p.add_argument("--freeze-stages", type=int, default=0,
-                   help="keep the stem and the first K stages fixed (default 0: train everything)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="patch-reading processes (default 0: in this process)")
+    add_options(p, FinetuneSettings)
     p.set_defaults(func=_finetune)
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    slides = None
-    if args.slides is not None:
-        slides = args.slides[0] if len(args.slides) == 1 and Path(args.slides[0]).is_dir() else args.slides
-    out = finetune(args.run, args.out, slides, args.top_k, args.lr, args.epochs, args.batch_slides,
-                   args.grad_checkpointing, args.precision, args.device, args.seed, args.workers,
-                   args.freeze_stages)
+    from .finetune import finetune
+
+    out = finetune(args.run, args.out, args.slides, from_args(FinetuneSettings, args))
     if int(os.environ.get("RANK", "0")) == 0:
         comparison = json.loads((out / "comparison.json").read_text())
-        print(f"slide-level AUC, frozen vs fine-tuned (epoch {comparison['selected_epoch']}):")
+        print(f"slide-level AUC of class {comparison['positive_class']!r}, frozen vs fine-tuned "
+              f"(epoch {comparison['selected_epoch']}):")
         for name, row in comparison["splits"].items():
             print(f"  {name:5}  frozen {_fmt(row['frozen_auc'])}  fine-tuned {_fmt(row['finetuned_auc'])}")
         print(f"fine-tuned run: {out}")

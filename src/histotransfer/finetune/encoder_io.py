@@ -15,19 +15,20 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_path
+from .._io import write_torch
 from ..errors import HistotransferError
-from ..features import Encoder, create_encoder
-from ..features.encoders import encoder_spec
+from ..features import Encoder, create_encoder, encoder_spec, is_file_label
 
 ENCODER_FILE = "encoder.pt"
 
 
 def weights_argument(attrs: dict[str, Any], source: str | Path) -> str:
-    """The ``weights`` argument of create_encoder that reproduces recorded weights ``attrs["weights"]``."""
+    """The ``weights`` argument of create_encoder that reproduces the recorded weights: a named option
+    (``weights_label``, e.g. imagenet) or the recorded file."""
     weights = str(attrs.get("weights", ""))
-    if weights.startswith("imagenet"):
-        return "imagenet"
+    label = str(attrs.get("weights_label", ""))
+    if label and not is_file_label(label):
+        return label
     if not weights:
         raise HistotransferError(
             f"{source}: does not record which encoder weights made the features, so the encoder cannot be "
@@ -48,7 +49,7 @@ def encoder_from_attrs(attrs: dict[str, Any], source: str | Path, local_dir: Pat
             "extracted by histotransfer can be fine-tuned or compared."
         )
     weights = weights_argument(attrs, source)
-    if weights != "imagenet" and not Path(weights).is_file() and local_dir is not None:
+    if weights != attrs.get("weights_label") and not Path(weights).is_file() and local_dir is not None:
         if (local_dir / ENCODER_FILE).is_file():
             weights = str(local_dir / ENCODER_FILE)
     encoder = create_encoder(str(attrs["encoder"]), weights, int(attrs["truncate"]))
@@ -92,7 +93,9 @@ def torchvision_state_dict(encoder: Encoder, base: Encoder | None = None) -> dic
     spec = encoder_spec(encoder.name)
     with torch.device("meta"):
         network = spec.build()
-        reference = Encoder(encoder.name, spec.stages(network), 0, "", None)
+        stages = spec.stages(network)
+        pool = spec.pool(network, stages) if spec.pool is not None else None
+        reference = Encoder(encoder.name, stages, 0, "", None, spec.preprocessing, pool)
     tv_names = {id(t): k for k, t in network.state_dict(keep_vars=True).items()}
     to_tv = {k: tv_names[id(t)] for k, t in reference.state_dict(keep_vars=True).items()}
     state = base.state_dict()
@@ -104,6 +107,5 @@ def save_encoder(encoder: Encoder, path: str | Path, base: Encoder | None = None
     """Write ``encoder`` as a torchvision-style state dict file that create_encoder and ``extract --weights``
     accept (see :func:`torchvision_state_dict` for ``base``)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(torchvision_state_dict(encoder, base), tmp)
+    write_torch(torchvision_state_dict(encoder, base), path)
     return path

@@ -26,54 +26,44 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import remove_stale_temps, write_csv, write_json
+from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
 from ..errors import HistotransferError
-from ..features import create_encoder, extract_features, read_feature_attrs, read_feature_file
-from ..runtime import Ranks, init_ranks
-from ..features.extract import resolve_device
-from ..features.encoders import AUTOCAST_DTYPES, PRECISIONS, encoder_info
-from ..features.loader import PatchBatches, SlideJob
-from ..mil import load_run_model
-from ..mil.bags import encoder_attrs, load_bags
-from ..mil.labels import feature_files
-from ..mil.rundir import read_checkpoint, read_config, save_model
-from ..mil.splits import SPLITS
-from ..mil.train import write_run_outputs
-from .data import SlidesArg, TopKSlide, normalise, slides_folder, topk_slides
+from ..features import (
+    PatchBatches,
+    SlideJob,
+    create_encoder,
+    encoder_attrs,
+    encoder_info,
+    extract_features,
+    read_feature_attrs,
+    read_feature_file,
+)
+from ..mil import (
+    SPLITS,
+    config_differences,
+    feature_files,
+    load_bags,
+    load_run_model,
+    read_checkpoint,
+    read_config,
+    save_model,
+    write_config,
+    write_run_outputs,
+)
+from ..runtime import Ranks, check_precision, init_ranks, resolve_device
+from .data import SlidesArg, TopKSlide, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL
+from .settings import FinetuneSettings
 from .topk import read_splits, select_top_k
-from .train import FitResult, LoopSettings, fit_end_to_end
+from .train import fit_end_to_end
 
 CHECKPOINT_FILE = "checkpoint.pt"
+DONE_FILE = "comparison.json"
 # Largest relative difference tolerated between the run's stored features and the rebuilt encoder's output
 # for the same pixels: float32 rounding across devices (TF32 convolutions on GPUs) stays far below it, while
 # other weights, pixels or input sizes give differences of order 1.
 REPRODUCE_TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
-
-
-def _check_args(top_k: int, lr: float, epochs: int, batch_slides: int, precision: str, workers: int,
-                device: torch.device) -> None:
-    if top_k < 1 or epochs < 1 or batch_slides < 1 or workers < 0 or not lr > 0:
-        raise HistotransferError("finetune: --top-k, --epochs and --batch-slides must be >= 1, --lr > 0 and "
-                                 "--workers >= 0.")
-    if precision not in PRECISIONS:
-        raise HistotransferError(f"precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
-    if precision in AUTOCAST_DTYPES and device.type != "cuda":
-        raise HistotransferError(f"precision {precision} runs on a CUDA GPU only; use --precision fp32 on CPU.")
-
-
-def _guard(out: Path, settings: dict[str, Any]) -> bool:
-    """True when ``out`` holds this finished fine-tuning; error when it holds other settings."""
-    path = out / "config.json"
-    if not path.is_file():
-        return False
-    old = json.loads(path.read_text()).get("finetune")
-    if old != settings:
-        diff = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
-        raise HistotransferError(f"{out}: holds a fine-tuning run with other settings (differs in: "
-                                 f"{', '.join(diff) or 'everything'}); choose another --out or delete it.")
-    return (out / "comparison.json").is_file()
 
 
 def _input_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
@@ -83,8 +73,7 @@ def _input_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
 
 
 @torch.no_grad()
-def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, precision: str,
-                     device: torch.device) -> float:
+def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device) -> float:
     """Relative max difference between the run's stored features of a few of ``slide``'s patches and the
     rebuilt encoder's; raises when it is beyond float rounding (other weights, slides or input size)."""
     bag = read_feature_file(slide.feature_file)
@@ -96,10 +85,10 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
     if item.error:
         raise HistotransferError(item.error)
     model.eval()
-    mine = model.features(normalise(item.pixels, device)).float().cpu().numpy()
+    mine = model.features(model.encoder.preprocess(item.pixels, device)).float().cpu().numpy()
     err = float(np.abs(mine - stored).max() / max(float(np.abs(stored).max()), 1e-6))
     tol = REPRODUCE_TOLERANCE.get(str(bag.attrs.get("precision", "fp32")), 5e-2)
-    if bag.attrs.get("dtype") == "float16" or bag.features.dtype == np.float16:
+    if bag.attrs.get("dtype") == "float16":
         tol = max(tol, 5e-2)
     if err > tol:
         raise HistotransferError(
@@ -111,15 +100,14 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
 
 
 def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[TopKSlide], run_config: dict,
-                 cfg: LoopSettings, freeze_stages: int, grad_checkpointing: bool, device: torch.device,
-                 ranks: Ranks) -> None:
+                 s: FinetuneSettings, input_size: int | None, device: torch.device, ranks: Ranks) -> None:
     """Train and write ``encoder.pt``, ``model.pt`` and ``history.csv`` (the last marks the phase done)."""
     source = run_dir / "config.json"
     encoder = encoder_from_attrs(run_config["encoder"], source)
     head = load_run_model(run_dir)
-    model = EndToEndMIL(encoder, head, freeze_stages, grad_checkpointing).to(device)
-    check_reproduces(model, train[0], cfg.input_size, cfg.precision, device)
-    result: FitResult = fit_end_to_end(model, train, val, cfg, device, ranks, out / CHECKPOINT_FILE)
+    model = EndToEndMIL(encoder, head, s.freeze_stages, s.grad_checkpointing).to(device)
+    check_reproduces(model, train[0], input_size, device)
+    result = fit_end_to_end(model, train, val, s, input_size, device, ranks, out / CHECKPOINT_FILE)
     model.load_state_dict(result.state)
     if ranks.rank == 0:
         model.cpu()
@@ -153,47 +141,56 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     unreadable = {**unreadable, **missing, **broken}
     kept = splits[splits["slide_id"].isin(bags.slide_ids)]
     selected = int(read_checkpoint(out)["selected_epoch"])
-    write_json({**config, "unreadable_slides": unreadable}, out / "config.json")
+    config = {**config, "unreadable_slides": unreadable,
+              "inputs": {**config["inputs"], "features": dict(zip(bags.slide_ids, bags.fingerprints))}}
+    write_config(config, out)
     metrics = write_run_outputs(out, head, bags, kept, config["seed"],
-                                f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}")
+                                f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}",
+                                config["positive_class"])
     frozen = json.loads((run_dir / "metrics.json").read_text())
     comparison = {
         "frozen_run": str(run_dir.resolve()), "finetuned_run": str(out.resolve()), "selected_epoch": selected,
+        "positive_class": config["positive_class"],
         "splits": {name: {"frozen_auc": frozen.get(name, {}).get("auc"), "finetuned_auc": metrics[name]["auc"],
                           "frozen": frozen.get(name), "finetuned": metrics[name]} for name in SPLITS},
     }
-    write_json(comparison, out / "comparison.json")
+    write_json(comparison, out / DONE_FILE)
     return comparison
 
 
-def finetune(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    slides: SlidesArg = None,
-    top_k: int = 64,
-    lr: float = 1e-5,
-    epochs: int = 20,
-    batch_slides: int = 1,
-    grad_checkpointing: bool = False,
-    precision: str = "fp32",
-    device: str = "auto",
-    seed: int = 0,
-    workers: int = 0,
-    freeze_stages: int = 0,
-    extract_batch_size: int = 64,
-) -> Path:
+def _source_fingerprint(run_dir: Path) -> dict[str, Any]:
+    """What identifies the frozen run being fine-tuned: its config's inputs and its model file."""
+    return {"run": str(run_dir.resolve()), "model_sha256": file_sha256(run_dir / "model.pt"),
+            "inputs": read_config(run_dir).get("inputs")}
+
+
+def _guard(out: Path, request: dict[str, Any]) -> bool:
+    """True when ``out`` holds this finished fine-tuning; an error naming what differs when it holds another."""
+    if not (out / "config.json").is_file():
+        return False
+    old = read_config(out).get("finetune") or {}
+    diff = config_differences({"finetune": old}, {"finetune": request})
+    if diff:
+        raise HistotransferError(f"{out}: holds a fine-tuning made differently (differs in: {'; '.join(diff)}); "
+                                 "choose another --out or delete that folder.")
+    return (out / DONE_FILE).is_file()
+
+
+def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
+             settings: FinetuneSettings | None = None, **overrides: Any) -> Path:
     """Fine-tune the encoder of MIL run ``run_dir`` end to end on its top-k patches; write ``out_dir``.
 
-    ``slides`` (a folder or a list of files) says where the slide files are when they moved since tiling.
-    Adam with ``lr``, ``batch_slides`` slides per step, BatchNorm in eval mode, ``freeze_stages`` leading
-    stages (with the stem) kept fixed, ``grad_checkpointing`` per stage, ``precision`` bf16/fp16 autocast on
-    GPU. Selection on the validation AUC of top-k bags. Then every slide is re-extracted with the fine-tuned
-    encoder and evaluated at slide level. Under ``torchrun`` training runs data-parallel (DDP) and
-    re-extraction is sharded. Re-running resumes (training by epoch, extraction by slide). Returns ``out_dir``.
+    ``settings`` (or keyword overrides such as ``top_k=64, epochs=20, lr=1e-5``) say how
+    (:class:`FinetuneSettings`). ``slides`` (a folder or a list of files) says where the slide files are when
+    they moved since tiling. Selection on the validation AUC of top-k bags. Then every slide is re-extracted
+    with the fine-tuned encoder and evaluated at slide level. Under ``torchrun`` training runs data-parallel
+    (DDP) and re-extraction is sharded. Re-running resumes (training by epoch, extraction by slide); an
+    ``out_dir`` holding a fine-tuning of another run or with other settings is refused. Returns ``out_dir``.
     """
+    s = FinetuneSettings.build(settings, **overrides)
     run_dir, out = Path(run_dir), Path(out_dir)
-    dev = resolve_device(device)
-    _check_args(top_k, lr, epochs, batch_slides, precision, workers, dev)
+    dev = resolve_device(s.device)
+    check_precision(s.precision, dev)
     run_config = read_config(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise HistotransferError(f"{run_dir}: not a finished training run (no metrics.json); pass a `train` run.")
@@ -202,49 +199,48 @@ def finetune(
         raise HistotransferError(f"{run_dir / 'config.json'}: the run's features do not record their encoder; "
                                  "only runs on features extracted by histotransfer can be fine-tuned.")
     n_stages = encoder_info(enc["encoder"])["n_stages"] - int(enc["truncate"])
-    if not 0 <= freeze_stages <= n_stages:
-        raise HistotransferError(f"freeze_stages={freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
+    if s.freeze_stages > n_stages:
+        raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
                                  f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
-    settings = {"source_run": str(run_dir.resolve()), "top_k": top_k, "lr": lr, "epochs": epochs,
-                "batch_slides": batch_slides, "grad_checkpointing": grad_checkpointing, "precision": precision,
-                "seed": seed, "freeze_stages": freeze_stages}
     splits = read_splits(run_dir)
+    request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
+    config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
+              "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
+                           "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
+                           "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
+                           "selection": "best val AUC on top-k bags, ties: lower val loss",
+                           "freeze_stages": s.freeze_stages},
+              "versions": {"histotransfer": __version__, "torch": torch.__version__}}
     ranks = init_ranks(dev)
     try:
-        if _guard(out, settings):
+        if _guard(out, request):
             if ranks.rank == 0:
                 tqdm.write(f"{out}: already fine-tuned with these settings; kept as it is")
             return out
-        config = {**run_config, "seed": seed, "finetune": settings,
-                  "training": {"epochs": epochs, "lr": lr, "optimizer": "Adam", "weight_decay": 0.0,
-                               "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
-                               "steps": f"{batch_slides} slide(s) per step, top {top_k} patches each, shuffled",
-                               "selection": "best val AUC on top-k bags, ties: lower val loss",
-                               "freeze_stages": freeze_stages, "world_size": ranks.world},
-                  "versions": {"histotransfer": __version__, "torch": torch.__version__}}
         if ranks.rank == 0:
+            output_folder(out)
             remove_stale_temps(out)
-            write_json(config, out / "config.json")
+            write_config(config, out)
             write_csv(splits, out / "splits.csv")
-            select_top_k(run_dir, top_k, out_path=out / "topk.csv")
+            select_top_k(run_dir, s.top_k, out_path=out / "topk.csv")
         ranks.barrier()
         topk = pd.read_csv(out / "topk.csv", dtype={"slide_id": str})
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
         features_dir = Path(run_config["features_dir"])
-        chosen, unreadable = topk_slides(topk, labels, features_dir, slides)
+        trained_on = (run_config.get("inputs") or {}).get("features") or {}
+        chosen, unreadable = topk_slides(topk, labels, features_dir, slides, trained_on)
         split_of = dict(zip(splits["slide_id"], splits["split"]))
-        train = [s for s in chosen if split_of[s.job.slide_id] == "train"]
-        val = [s for s in chosen if split_of[s.job.slide_id] == "val"]
+        train = [t for t in chosen if split_of[t.job.slide_id] == "train"]
+        val = [t for t in chosen if split_of[t.job.slide_id] == "val"]
         if not train:
             raise HistotransferError(f"{run_dir}: no readable training slide to fine-tune on; see the warnings.")
-        cfg = LoopSettings(epochs, lr, batch_slides, precision, seed, workers,
-                           _input_size(run_config["encoder"], train[0]))
+        input_size = _input_size(run_config["encoder"], train[0])
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
-            _train_phase(run_dir, out, train, val, run_config, cfg, freeze_stages, grad_checkpointing, dev, ranks)
+            _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
         folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
                                   str((out / ENCODER_FILE).resolve()), int(run_config["encoder"]["truncate"]),
-                                  cfg.input_size, extract_batch_size, workers, device, precision,
-                                  slides_dir=slides_folder(slides))
+                                  input_size=input_size, batch_size=s.extract_batch_size, workers=s.workers,
+                                  device=s.device, precision=s.precision, slides=slides)
         if ranks.rank == 0:
             first = next(iter(feature_files(folder).values()))
             config = {**config, "features_dir": str(folder.resolve()),
@@ -254,4 +250,3 @@ def finetune(
         return out
     finally:
         ranks.close()
-

@@ -11,7 +11,6 @@ of 512 px through a DenseNet121 fit on one 24 GB GPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,7 +53,7 @@ class EndToEndMIL(nn.Module):
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.encoder.pool(x)
 
     def forward(self, x: Tensor, sizes: list[int]) -> tuple[Tensor, list[Tensor]]:
         """Logits (S, n_classes) of S slides whose patches are the consecutive ``sizes`` rows of ``x``, and

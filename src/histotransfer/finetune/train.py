@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +22,17 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .._io import atomic_path
+from .._io import write_torch
 from ..errors import HistotransferError
-from ..runtime import Ranks
-from ..features.encoders import precision_context
-from ..features.loader import PatchBatch
-from .data import TopKSlide, bag_loader, normalise
+from ..features import PatchBatch
+from ..mil import FitResult, validation_scores
+from ..runtime import Ranks, precision_context
+from .data import TopKSlide, bag_loader
 from .model import EndToEndMIL
-
-
-@dataclass
-class LoopSettings:
-    """What the loop needs besides the model and the slides."""
-
-    epochs: int
-    lr: float
-    batch_slides: int
-    precision: str
-    seed: int
-    workers: int
-    input_size: int | None
-
-
-@dataclass
-class FitResult:
-    """The selected model state, the per-epoch history and the selected epoch."""
-
-    state: dict[str, torch.Tensor]
-    history: pd.DataFrame
-    selected_epoch: int
+from .settings import FinetuneSettings
 
 
 def _batches(loader: Any, slides: list[TopKSlide], per_step: int) -> Iterator[tuple[list[PatchBatch], list[int]]]:
@@ -72,8 +49,8 @@ def _batches(loader: Any, slides: list[TopKSlide], per_step: int) -> Iterator[tu
         yield items, [slides[i.job].label for i in items]
 
 
-def _inputs(items: list[PatchBatch], device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    x = normalise(torch.cat([i.pixels for i in items]), device)
+def _inputs(model: EndToEndMIL, items: list[PatchBatch], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    x = model.encoder.preprocess(torch.cat([i.pixels for i in items]), device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, [len(i.pixels) for i in items]
@@ -89,16 +66,16 @@ def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: LoopSettings, device: torch.device,
-                 ranks: Ranks) -> np.ndarray:
+def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: int | None,
+                 device: torch.device, ranks: Ranks) -> np.ndarray:
     """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
     model.eval()
     mine = list(range(len(slides)))[ranks.rank::ranks.world]
     out: dict[int, np.ndarray] = {}
     if mine:
-        loader = bag_loader(slides, mine, cfg.input_size, cfg.workers, device.type == "cuda")
+        loader = bag_loader(slides, mine, input_size, cfg.workers, device.type == "cuda")
         for items, _ in _batches(loader, slides, 1):
-            x, sizes = _inputs(items, device)
+            x, sizes = _inputs(model, items, device)
             with precision_context(device, cfg.precision):
                 logits, _ = model(x, sizes)
             out[items[0].job] = torch.softmax(logits[0].double(), 0).cpu().numpy()
@@ -110,9 +87,8 @@ def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: LoopSettings,
 
 
 def _loss_auc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float | None]:
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    auc = float(roc_auc_score(labels, probs[:, 1])) if len(np.unique(labels)) == 2 else None
-    return float(-np.log(p).mean()), auc
+    scores = validation_scores(probs, labels)
+    return float(scores["loss"]), scores["auc"]  # type: ignore[arg-type]
 
 
 def _mean_across_ranks(total: float, count: int, ranks: Ranks, device: torch.device) -> float:
@@ -127,7 +103,8 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: LoopSettings,
+def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
+                   input_size: int | None,
                    device: torch.device, ranks: Ranks, checkpoint_path: Path) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
     (ties: lower val loss; without validation slides, the last epoch). Epoch 0 in the history is the
@@ -155,7 +132,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         if ranks.rank == 0:
             tqdm.write(f"{checkpoint_path}: resuming after epoch {ckpt['epoch']}")
     elif len(val):
-        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, device, ranks), val_labels)
+        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks), val_labels)
         rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
                      "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
 
@@ -164,13 +141,15 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
     for epoch in bar:
         t0 = time.perf_counter()
         order = rank_share(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)), ranks)
-        loader = bag_loader(train, order, cfg.input_size, cfg.workers, device.type == "cuda")
+        loader = bag_loader(train, order, input_size, cfg.workers, device.type == "cuda")
         model.train()
         total, count = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
+        steps = tqdm(total=math.ceil(len(order) / cfg.batch_slides), desc=f"epoch {epoch}/{cfg.epochs}",
+                     unit="step", dynamic_ncols=True, leave=False, disable=ranks.rank != 0)
+        with torch.random.fork_rng(devices=[]), steps:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             for items, labels in _batches(loader, train, cfg.batch_slides):
-                x, sizes = _inputs(items, device)
+                x, sizes = _inputs(model, items, device)
                 target = torch.tensor(labels, device=device)
                 with precision_context(device, cfg.precision):
                     logits, _ = net(x, sizes)
@@ -181,10 +160,12 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
                 scaler.update()
                 total += loss.item() * len(labels)
                 count += len(labels)
+                steps.update(1)
+                steps.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         train_loss = _mean_across_ranks(total, count, ranks, device)
         val_loss, val_auc = math.nan, None
         if len(val):
-            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, device, ranks), val_labels)
+            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks), val_labels)
         key = ((-1.0 if val_auc is None else val_auc), -val_loss) if len(val) else (epoch,)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_state = key, epoch, _cpu_state(model)
@@ -192,10 +173,9 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
                      "val_auc": math.nan if val_auc is None else val_auc, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auc="-" if val_auc is None else f"{val_auc:.3f}")
         if ranks.rank == 0:
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save({"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "best_state": best_state,
-                            "best_key": list(best_key), "best_epoch": best_epoch, "history": rows}, tmp)
+            write_torch({"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "best_state": best_state, "best_key": list(best_key),
+                         "best_epoch": best_epoch, "history": rows}, checkpoint_path)
         ranks.barrier()
     history = pd.DataFrame(rows)
     history["selected"] = history["epoch"] == best_epoch

@@ -1,10 +1,16 @@
-"""Attention-MIL slide classification: labels, patient-level splits, training, evaluation, heatmaps."""
+"""Attention-MIL slide classification: labels, patient-level splits, training, evaluation, heatmaps, and the
+run folder (what other stages, such as fine-tuning, read and write through this front door)."""
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap", "AttentionMIL": ".models",
-    "attention_scores": ".models", "load_run_model": ".rundir", "train_mil": ".train", "MilSettings": ".settings",
+    "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap",
+    "AttentionMIL": ".models", "attention_scores": ".models", "predict": ".models",
+    "train_mil": ".train", "validation_scores": ".train", "MilSettings": ".settings",
+    "SPLITS": ".splits", "BagSet": ".bags", "load_bags": ".bags", "feature_files": ".labels",
+    "FitResult": ".rundir", "check_inputs": ".rundir", "config_differences": ".rundir", "guard": ".rundir", "load_run_model": ".rundir",
+    "read_attention": ".rundir", "read_checkpoint": ".rundir", "read_config": ".rundir", "save_model": ".rundir",
+    "write_config": ".rundir", "write_run_outputs": ".rundir",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,10 +14,7 @@ from tqdm.auto import tqdm
 
 from ..errors import one_line
 from ..errors import HistotransferError
-from ..features.feature_file import read_feature_file
-
-ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "weights", "weights_sha256", "input_size")
-
+from ..features.feature_file import NonFiniteFeatures, encoder_attrs, read_feature_file
 
 @dataclass
 class BagSet:
@@ -27,6 +24,7 @@ class BagSet:
     features: list[torch.Tensor]
     coords: list[np.ndarray]
     attrs: list[dict[str, Any]]
+    fingerprints: list[str]
 
     @property
     def dim(self) -> int:
@@ -36,25 +34,24 @@ class BagSet:
         pos = {s: i for i, s in enumerate(self.slide_ids)}
         idx = [pos[s] for s in slide_ids]
         return BagSet([self.slide_ids[i] for i in idx], [self.features[i] for i in idx],
-                      [self.coords[i] for i in idx], [self.attrs[i] for i in idx])
-
-
-def encoder_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attrs of a feature file that say how its features were made (absent in CLAM/TRIDENT files), as
-    plain JSON values."""
-    return {k: attrs[k].tolist() if hasattr(attrs[k], "tolist") else attrs[k] for k in ENCODER_KEYS if k in attrs}
+                      [self.coords[i] for i in idx], [self.attrs[i] for i in idx],
+                      [self.fingerprints[i] for i in idx])
 
 
 def load_bags(files: dict[str, Path], expect_dim: int | None = None,
               expect_encoder: dict[str, Any] | None = None) -> tuple[BagSet, dict[str, str]]:
     """Read the feature files ``slide_id -> path``; an unreadable file is skipped and returned in the
-    second value (``slide_id -> reason``) with a warning. All bags must share the feature dimension and the
-    encoder attrs (of ``expect_*`` when given, else of the first file); a mismatch is an error."""
-    bags = BagSet([], [], [], [])
+    second value (``slide_id -> reason``) with a warning. A file holding NaN or inf features is an error (it
+    names the slide and its first bad row), as is a mismatch of the feature dimension or of the encoder attrs
+    (those of ``expect_*`` when given, else of the first file). Nothing is written here, so a refused input
+    leaves no partial output behind."""
+    bags = BagSet([], [], [], [], [])
     broken: dict[str, str] = {}
     for slide_id, path in tqdm(sorted(files.items()), desc="loading features", unit="slide", dynamic_ncols=True):
         try:
             bag = read_feature_file(path)
+        except NonFiniteFeatures:
+            raise
         except (HistotransferError, OSError, KeyError, ValueError) as exc:
             broken[slide_id] = f"{path}: {one_line(exc)}"
             warnings.warn(f"skipping unreadable feature file {broken[slide_id]}", stacklevel=2)
@@ -78,6 +75,7 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
         bags.features.append(torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)))
         bags.coords.append(bag.coords)
         bags.attrs.append(bag.attrs)
+        bags.fingerprints.append(bag.fingerprint)
     return bags, broken
 
 

@@ -6,51 +6,43 @@ import argparse
 import json
 from pathlib import Path
 
-from ..batch import BatchReport, summarize
-from ..slide import slide_id_of
-from .evaluate import evaluate_run
-from .heatmap import OBJECT_TYPES, slide_paths, write_heatmaps
-from .models import VARIANTS
-from .train import train_mil
+from ..settings import add_options, from_args
+from .settings import MilSettings
+
+SMALL_SPLIT = 20  # below this many slides an AUC's confidence interval is too wide to compare encoders
 
 
 def _fmt(m: dict) -> str:
+    n = m["n_slides"]
+    small = f" (only {n} slides: too few for a stable AUC)" if n < SMALL_SPLIT else ""
     if m.get("auc") is None:
-        return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={m['n_slides']}"
+        return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={n}{small}"
     return (f"AUC {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), "
-            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}, n={m['n_slides']}")
+            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}, n={n}{small}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train an attention-MIL slide classifier on a folder of feature files",
         description="Train attention MIL on features/<encoder_id>/<slide_id>.h5 (ours, CLAM's or TRIDENT's) "
-                    "with a patient-level split; writes a run folder (model.pt, predictions, metrics, "
-                    "attention). Re-running with the same settings keeps a finished run.")
+                    "with a patient-level split; writes a run folder (config.json, model.pt, predictions, "
+                    "metrics, attention). Re-running with the same settings and inputs keeps a finished run.")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
-    p.add_argument("--labels", required=True, type=Path, help="CSV: slide_id,label[,patient_id]")
+    p.add_argument("--labels", required=True, type=Path,
+                   help="CSV: slide_id,label[,patient_id,...] (further columns such as centre are kept)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--model", default="histotransfer", choices=VARIANTS,
-                   help="histotransfer: the paper's network; gated: Ilse's gated attention (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=20, help="default: %(default)s (the paper's)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split and the training (default: %(default)s)")
+    add_options(p, MilSettings)
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV slide_id,split (train/val/test) to use instead of the 65/15/20 patient split")
     p.add_argument("--folds", type=int, default=None,
                    help="patient-level k-fold cross-validation: RUN/fold_<k>/ runs and a summary metrics.json")
-    p.add_argument("--no-standardize", dest="standardize", action="store_false",
-                   help="feed raw features (the paper); default z-scores them with train-split statistics")
-    p.add_argument("--early-stopping", type=int, default=None, metavar="EPOCHS",
-                   help="stop after this many epochs without a better validation AUC")
-    p.add_argument("--hidden", type=int, default=None, help="width of the first layer (default: 256)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout after the hidden layers (default: 0)")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
         "evaluate", help="predict slides with a trained MIL run (metrics when labels are given)",
-        description="Apply a run's model to a folder of feature files: predictions.csv, attention/ and, with "
-                    "--labels, metrics.json (slide-level AUC with 95%% CI, accuracy, balanced accuracy, F1).")
+        description="Apply a run's model to a folder of feature files: predictions.csv, attention/, "
+                    "evaluation.json and, with --labels, metrics.json (slide-level AUC with 95%% CI, accuracy, "
+                    "balanced accuracy, F1).")
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
     p.add_argument("--labels", type=Path, default=None, help="CSV slide_id,label[,patient_id] of those slides")
@@ -71,16 +63,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="patch side in level-0 pixels (default: from the feature or patch file attrs)")
     p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel for slides without it")
     p.add_argument("--max-side", type=int, default=2048, help="thumbnail size (default: %(default)s)")
-    p.add_argument("--object-type", default="detection", choices=OBJECT_TYPES,
+    p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
                    help="QuPath object type of the patch squares (default: %(default)s)")
     p.set_defaults(func=_heatmap)
 
 
 def _train(args: argparse.Namespace) -> int:
-    run = train_mil(args.features, args.labels, args.out, model=args.model, epochs=args.epochs, lr=args.lr,
-                    seed=args.seed, split_file=args.split_file, folds=args.folds, standardize=args.standardize,
-                    early_stopping=args.early_stopping, hidden=args.hidden, dropout=args.dropout)
-    metrics = json.loads((run / "metrics.json").read_text())
+    from .plan import plan_run
+
+    plan = plan_run(args.features, args.labels, args.out, from_args(MilSettings, args), args.split_file, args.folds)
+    print(f"positive class: {plan.config['positive_class']!r} (AUC and probabilities are of this class)")
+    if plan.finished:
+        print(f"{plan.out_dir}: already trained with these settings and inputs; kept as it is")
+    else:
+        from .train import train_planned
+
+        train_planned(plan)
+    metrics = json.loads((plan.out_dir / "metrics.json").read_text())
     if args.folds is None:
         for name in ("val", "test"):
             print(f"{name:5s} {_fmt(metrics[name])}")
@@ -89,13 +88,15 @@ def _train(args: argparse.Namespace) -> int:
             mean, sd = metrics["mean"][name]["auc"], metrics["sd"][name]["auc"]
             shown = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
             print(f"{name:5s} AUC over {args.folds} folds: {shown}")
-    print(f"run: {run}")
+    print(f"run: {plan.out_dir}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
     result = evaluate_run(args.run, args.features, args.labels, args.out)
-    print(f"predicted {len(result['predictions'])} slide(s)")
+    print(f"predicted {len(result['predictions'])} slide(s); positive class {result['positive_class']!r}")
     if result["metrics"] is not None:
         print(_fmt(result["metrics"]))
     print(f"out: {result['out_dir']}")
@@ -103,10 +104,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
+    from ..batch import BatchReport, summarize
+    from ..slide import list_slides
+    from .heatmap import write_heatmaps
+
     write_heatmaps(args.run, args.slides, args.out, features_dir=args.features,
                    patch_size_level0=args.patch_size_level0, mpp=args.mpp, max_side=args.max_side,
                    object_type=args.object_type)
-    ids = {slide_id_of(p) for p in slide_paths(args.slides)}
+    ids = {e.slide_id for e in list_slides(args.slides)}
     rows = [r for r in BatchReport(args.out / "heatmaps.csv").rows.values() if r.slide_id in ids]
     print(summarize(rows, "heatmaps"))
     print(f"out: {args.out}")

@@ -24,29 +24,12 @@ from .._io import atomic_path, write_text
 from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
 from ..features.feature_file import read_feature_file
-from ..slide import SLIDE_SUFFIXES, open_slide, slide_id_of
+from ..slide import list_slides, open_slide
 from .bags import patch_size_level0
 from .models import predict_bag
 from .rundir import load_run_model, read_attention, read_config
 
 OBJECT_TYPES = ("detection", "annotation")
-
-
-def slide_paths(slides: Sequence[str | Path]) -> list[Path]:
-    """Slide files from paths that are files or folders (searched for slide suffixes), in order, unique."""
-    out: list[Path] = []
-    for item in slides:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES)
-            if not found:
-                raise HistotransferError(f"{p}: holds no slide files ({', '.join(SLIDE_SUFFIXES)}).")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise HistotransferError(f"{p}: no such slide file or folder; check the path.")
-    return list(dict.fromkeys(out))
 
 
 def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = None) -> dict[str, Any]:
@@ -144,7 +127,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     that fails is reported in ``out_dir/heatmaps.csv`` and skipped. Returns the files written.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    paths = slide_paths(slides)
+    entries = [e for e in list_slides(slides) if e.duplicate_of is None]
     if object_type not in OBJECT_TYPES:
         raise HistotransferError(f"--object-type {object_type}: use one of {', '.join(OBJECT_TYPES)}.")
     load_run_model(run_dir)  # fail early on a folder that is not a finished run
@@ -173,5 +156,5 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
         return SlideResult(slide_id, slide_path, "ok", len(score), time.perf_counter() - t0)
 
     report = BatchReport(out_dir / "heatmaps.csv")
-    run_batch([(slide_id_of(p), str(p)) for p in paths], work, report, desc="heatmaps")
+    run_batch([(e.slide_id, str(e.path)) for e in entries], work, report, desc="heatmaps")
     return written

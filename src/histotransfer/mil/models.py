@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .settings import DEFAULT_HIDDEN, STD_FLOOR_FRACTION
+
 VARIANTS = ("histotransfer", "gated")
-DEFAULT_HIDDEN = 256
 GATED_ATTENTION_DIM = 128
-STD_FLOOR_FRACTION = 0.01  # std floor as a fraction of the median per-dimension std of the training patches
 
 
 class AttentionMIL(nn.Module):
@@ -115,6 +115,18 @@ def predict_bag(model: AttentionMIL, bag: Tensor | np.ndarray) -> tuple[np.ndarr
     model.eval()
     logits, scores = model(torch.as_tensor(bag, dtype=torch.float32))
     return torch.softmax(logits[0], 0).numpy(), scores.numpy()
+
+
+@torch.inference_mode()
+def predict(model: AttentionMIL, bags: list[Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities (n, n_classes) and raw attention scores of each bag, in eval mode."""
+    model.eval()
+    probs, scores = [], []
+    for bag in bags:
+        logits, s = model(bag)
+        probs.append(torch.softmax(logits[0].double(), 0).numpy())
+        scores.append(s.numpy())
+    return np.stack(probs) if probs else np.zeros((0, model.n_classes)), scores
 
 
 def attention_scores(model: AttentionMIL, bag: Tensor | np.ndarray) -> np.ndarray:

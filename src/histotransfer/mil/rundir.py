@@ -1,39 +1,139 @@
-"""Files of a MIL run folder: the model (``model.pt``), per-slide attention and the ROC plot."""
+"""The run folder of a MIL model (``train``) or a fine-tuned one (``finetune``): what it holds, how it is written,
+and how a later command checks that it is the run it thinks it is.
+
+``config.json`` records the settings (``MilSettings``), the encoder that made the features, the labels, the split
+and the fingerprints of every input (each slide's feature file, the label file, the split file), so
+:func:`guard` can tell "this exact run is already here" (kept) from "another run is here" (refused, naming each
+field that differs with both values), and evaluate/heatmap/finetune can tell when they are given other inputs
+than the run saw. ``metrics.json`` is written last and marks a finished run. Nothing here imports torch at
+module level: checking a finished run is instant.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
+import pandas as pd
 
-from .._io import atomic_path
-from ..errors import FormatError, HistotransferError
+from .._io import atomic_path, write_json, write_torch
+from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, open_h5, stamp
-from .models import AttentionMIL, build_model
+from ..provenance import short
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import AttentionMIL
 
 MODEL_FORMAT = ("histotransfer.mil", 1)
+RUN_FORMAT = ("histotransfer.run", 2)
+DONE_FILE = "metrics.json"
+# Records of what happened, not settings: they never make two runs "different".
+RECORDS = frozenset({"versions", "ignored_slides", "unreadable_slides", "format", "format_version"})
+
+
+@dataclass
+class FitResult:
+    """What a training loop hands back: the selected state, the per-epoch history and the selected epoch."""
+
+    state: dict[str, torch.Tensor]
+    history: pd.DataFrame
+    selected_epoch: int
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/config.json``, checked to be a run folder of this version."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise HistotransferError(f"{run_dir}: no config.json, not a run folder; pass a folder `histotransfer train` "
+                                 "or `finetune` wrote.")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FormatError(f"{path}: not readable JSON ({exc}); re-run the command that made it.") from exc
+    if config.get("format") != RUN_FORMAT[0] or config.get("format_version") != RUN_FORMAT[1]:
+        raise FormatError(f"{path}: a run folder of another histotransfer version (layout "
+                          f"{config.get('format_version')}, this version reads {RUN_FORMAT[1]}); re-train it.")
+    return config
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Each field on which two run configs differ, with both values (recorded first)."""
+    diffs = []
+    for key in sorted((set(old) | set(new)) - RECORDS):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key in ("settings", "inputs", "encoder", "split", "finetune") and isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) == b.get(sub):
+                    continue
+                if sub == "features" and isinstance(a.get(sub), dict) and isinstance(b.get(sub), dict):
+                    fa, fb = a[sub], b[sub]
+                    changed = sorted(s for s in set(fa) | set(fb) if fa.get(s) != fb.get(s))
+                    diffs.append(f"inputs.features: {len(changed)} slide(s) differ ({', '.join(changed[:5])})")
+                else:
+                    diffs.append(f"{key}.{sub} ({_shown(a.get(sub))} vs {_shown(b.get(sub))})")
+        else:
+            diffs.append(f"{key} ({_shown(a)} vs {_shown(b)})")
+    return diffs
+
+
+def guard(run_dir: Path, config: dict[str, Any], done_file: str = DONE_FILE) -> bool:
+    """True when ``run_dir`` already holds this finished run; a one-line error when it holds another run."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        old = read_config(run_dir)
+    except FormatError as exc:
+        raise HistotransferError(f"{run_dir}: holds a run this version cannot read ({exc}); choose another --out "
+                                 "or delete that folder.") from exc
+    diff = config_differences(old, config)
+    if diff:
+        raise HistotransferError(f"{run_dir}: holds a run made differently (differs in: {'; '.join(diff)}); "
+                                 "choose another --out or delete that folder.")
+    return (run_dir / done_file).is_file()
+
+
+def check_inputs(config: dict[str, Any], fingerprints: dict[str, str], source: str | Path) -> None:
+    """Refuse feature files of the run's own slides that are not the ones the run was trained on."""
+    recorded = (config.get("inputs") or {}).get("features") or {}
+    changed = sorted(s for s, fp in fingerprints.items() if s in recorded and recorded[s] != fp)
+    if changed:
+        shown = ", ".join(f"{s} ({short(recorded[s])} vs {short(fingerprints[s])})" for s in changed[:3])
+        raise ProvenanceError(
+            f"{source}: the features of {len(changed)} slide(s) the run was trained on are not the ones it saw "
+            f"({shown}{', ...' if len(changed) > 3 else ''}); they were re-extracted or replaced since. Re-train "
+            "the run on these features, or restore the original feature files."
+        )
 
 
 def save_model(model: AttentionMIL, path: Path, classes: list[str], selected_epoch: int) -> None:
-    """Write ``model.pt``: a plain dict of tensors and JSON-like values, loadable with ``weights_only=True``."""
+    """Write ``model.pt``: a plain dict of tensors and JSON-like values, loadable with ``weights_only=True``
+    (byte-identical for identical models)."""
     payload = {
         "format": MODEL_FORMAT[0], "format_version": MODEL_FORMAT[1],
         "config": model.config, "classes": list(classes), "selected_epoch": int(selected_epoch),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(payload, path)
 
 
 def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """The contents of ``RUN/model.pt``, checked."""
+    import torch
+
     run_dir = Path(run_dir)
     path = run_dir / "model.pt"
     if not path.is_file():
@@ -56,23 +156,19 @@ def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 
 def load_run_model(run_dir: str | Path) -> AttentionMIL:
     """The trained AttentionMIL of a run folder (selected epoch, standardisation included), in eval mode."""
+    from .models import build_model
+
     payload = read_checkpoint(run_dir)
     model = build_model(payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
 
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """``RUN/config.json``."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise HistotransferError(f"{run_dir}: no config.json, not a MIL run folder; pass the folder `train` wrote.")
-    return json.loads(path.read_text())
-
-
 def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,
-                    probability: float, patch_size_level0: int | None) -> None:
-    """Write ``attention/<slide_id>.h5``: coords, raw scores and their softmax weights."""
+                    probability: float, patch_size_level0: int | None, feature_attrs: dict[str, Any] | None = None
+                    ) -> None:
+    """Write ``attention/<slide_id>.h5``: coords, raw scores and their softmax weights, with the slide identity
+    and the feature file fingerprint they come from (so heatmaps and CAMs can check the slide they draw on)."""
     s = np.asarray(scores, dtype=np.float64)
     weight = np.exp(s - s.max())
     weight /= weight.sum()
@@ -82,9 +178,12 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
         f.attrs["probability"] = float(probability)
         if patch_size_level0 is not None:
             f.attrs["patch_size_level0"] = int(patch_size_level0)
-        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-        f.create_dataset("score", data=s.astype(np.float32))
-        f.create_dataset("weight", data=weight.astype(np.float32))
+        for key in ("slide_identity", "fingerprint", "slide_path", "patch_file"):
+            if (feature_attrs or {}).get(key):
+                f.attrs["features_fingerprint" if key == "fingerprint" else key] = str(feature_attrs[key])
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64), track_times=False)
+        f.create_dataset("score", data=s.astype(np.float32), track_times=False)
+        f.create_dataset("weight", data=weight.astype(np.float32), track_times=False)
 
 
 def read_attention(path: str | Path) -> dict[str, Any]:
@@ -97,6 +196,10 @@ def read_attention(path: str | Path) -> dict[str, Any]:
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], path: Path, title: str) -> None:
     """Save ROC curves ``name -> (labels, probabilities, auc)`` as a PNG (splits with one class are left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
     fig = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -110,4 +213,40 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], pat
     ax.legend(loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+
+
+def write_config(config: dict[str, Any], run_dir: Path) -> None:
+    """Write ``config.json`` stamped with the run folder layout."""
+    write_json({"format": RUN_FORMAT[0], "format_version": RUN_FORMAT[1], **config}, run_dir / "config.json")
+
+
+def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.DataFrame, seed: int,
+                      title: str, positive_class: str) -> dict[str, Any]:
+    """Predict every slide of ``split`` with the trained ``model`` and write the run's evaluation files:
+    ``attention/<slide_id>.h5``, ``predictions.csv``, ``roc.png`` (titled ``title``) and, last, as the mark
+    of a finished run, ``metrics.json``. Returns the metrics per split (bootstrap CIs seeded by ``seed``)."""
+    from .._io import write_csv
+    from .bags import patch_size_level0
+    from .metrics import slide_metrics
+    from .models import predict
+    from .splits import SPLITS
+
+    ordered = split.sort_values(["split", "slide_id"], key=lambda c: c.map(SPLITS.index) if c.name == "split" else c)
+    subset = bags.subset(ordered["slide_id"].tolist())
+    probs, scores = predict(model, subset.features)
+    for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
+        write_attention(run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
+                        attrs)
+    cols = [c for c in ("slide_id", "patient_id", "split", "label") if c in ordered.columns]
+    predictions = ordered[cols].assign(probability=probs[:, 1])
+    write_csv(predictions, run_dir / "predictions.csv")
+    metrics: dict[str, Any] = {}
+    curves = {}
+    for name in SPLITS:
+        part = predictions[predictions["split"] == name]
+        metrics[name] = slide_metrics(part["label"], part["probability"], seed=seed)
+        curves[name] = (part["label"].to_numpy(), part["probability"].to_numpy(), metrics[name]["auc"])
+    plot_roc(curves, run_dir / "roc.png", title)
+    write_json({**metrics, "positive_class": positive_class}, run_dir / DONE_FILE)
+    return metrics

@@ -6,10 +6,6 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from .cells import read_done
-from .config import load_study
-from .runner import default_out_dir, execute, plan
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,20 +16,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="output folder (default: the file's 'out' key, else ./<FILE stem>_out)")
     p.add_argument("--check", action="store_true",
-                   help="validate the file and list the cells (done / to do) without running anything")
+                   help="validate the file and list the cells to do, without running anything")
     p.set_defaults(func=_study)
 
 
 def _study(args: argparse.Namespace) -> int:
+    from .cells import read_done
+    from .config import load_study
+    from .runner import default_out_dir, execute, plan
+
     study = load_study(args.study_file)
     if args.check:
         out = default_out_dir(study) if args.out is None else Path(args.out).expanduser().resolve()
         cells = plan(study)
-        todo = Counter(c.kind for c in cells if read_done(c, out) is None)
+        todo = [c for c in cells if read_done(c, out) is None]
+        print(f"{study.path}: valid; {len(cells)} cells in {out}, {len(todo)} to do")
         total = Counter(c.kind for c in cells)
-        print(f"{study.path}: valid; {len(cells)} cells in {out}")
+        left = Counter(c.kind for c in todo)
         for kind, n in total.items():
-            print(f"  {kind:9s} {n:5d} cells, {todo.get(kind, 0)} to do")
+            print(f"  {kind:9s} {n:5d} cells, {left.get(kind, 0)} to do")
+        for c in todo:
+            print(f"  to do: {c.key}")
         return 0
     report, records = execute(study, args.out)
     counts = Counter(r["status"] for r in records)

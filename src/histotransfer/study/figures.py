@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .._io import atomic_path  # noqa: E402
-from .config import NAMED_WEIGHTS  # noqa: E402
+from .tables import weights_label  # noqa: E402
 
 
 @dataclass
@@ -129,7 +129,7 @@ def auc_vs_truncation(mil: pd.DataFrame, path: Path) -> Figure:
         lows = []
         for (enc, w), grp in sub.groupby(["encoder", "weights"], sort=False):
             agg = _agg(grp, ["truncate"], "auc").sort_values("truncate")
-            label = f"{enc} ({w if w in NAMED_WEIGHTS else Path(w).name})"
+            label = f"{enc} ({weights_label(w)})"
             ax.errorbar(agg["truncate"], agg["mean"], yerr=agg["sd"], marker="o", capsize=3, label=label)
             lows.append(agg["mean"] - agg["sd"])
         _auc_axis(ax, pd.concat(lows))

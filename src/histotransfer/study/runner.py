@@ -23,6 +23,9 @@ from ..errors import one_line
 from ..errors import HistotransferError
 from ..slide import slide_id_of
 from .cells import Cell, prepare_folder, read_done, write_done, write_failed
+from ..analysis.settings import CkaSettings
+from ..finetune.settings import FinetuneSettings
+from ..mil.settings import MilSettings
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
 from .report import write_report
@@ -38,22 +41,21 @@ def _rel(path: str | Path, out_dir: Path) -> str:
 def plan(study: Study) -> list[Cell]:
     """Every cell of the study, dependencies before dependents."""
     cells: list[Cell] = []
-    ex, mil = study.extract, study.mil
+    extract = study.extract.result_settings()
     for ds in study.datasets:
         demo = None
         if ds.demo is not None:
             demo = _resumable(Cell("demo", f"demo/{ds.name}", dict(ds.demo), dataset=ds.name))
             cells.append(demo)
-        tiling = {"magnification": ds.magnification, "patch_size": ds.patch_size, "stride": ds.stride,
-                  "min_tissue": ds.min_tissue, "mpp": ds.mpp}
-        # Tiling skips slides already tiled with the same settings and re-tiles the others by itself.
-        tile = Cell("tile", f"tile/{ds.name}", {"slides": [str(p) for p in ds.slides], **tiling},
+        tiling = ds.tile.result_settings()
+        # Tiling skips slides already tiled with the same settings and re-tiles the others by itself; a slide
+        # file changed in place (another size or time) changes the cell.
+        tile = Cell("tile", f"tile/{ds.name}", {"slides": [_file_id_cheap(p) for p in ds.slides], **tiling},
                     deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
         cells.append(tile)
         extracts: dict[EncoderConfig, Cell] = {}
         for enc in study.encoders:
-            settings = {"encoder": enc.spec(), "input_size": ex.input_size, "precision": ex.precision,
-                        "dtype": ex.dtype}
+            settings = {"encoder": enc.spec(), **extract}
             # Extraction skips finished slides: resumable while the tiling settings stay (slides may come and go).
             extracts[enc] = Cell("extract", f"extract/{ds.name}/{enc.key}", settings, deps=(tile,),
                                  dataset=ds.name, encoder=enc, resume_key=settings_hash([settings, tiling]))
@@ -62,38 +64,49 @@ def plan(study: Study) -> list[Cell]:
         mils: dict[tuple[EncoderConfig, int], Cell] = {}
         for enc in study.encoders:
             for seed in study.seeds:
-                mils[enc, seed] = _resumable(Cell("mil", f"mil/{ds.name}/{enc.key}/seed{seed}", {
-                    **labels, "model": mil.model, "epochs": mil.epochs, "lr": mil.lr,
-                    "standardize": mil.standardize, "early_stopping": mil.early_stopping, "hidden": mil.hidden,
-                    "dropout": mil.dropout, "seed": seed,
-                }, deps=(extracts[enc],) + ((demo,) if demo else ()), dataset=ds.name, encoder=enc, seed=seed))
+                mil = MilSettings.build(study.mil, seed=seed).result_settings()
+                mils[enc, seed] = _resumable(Cell("mil", f"mil/{ds.name}/{enc.key}/seed{seed}", {**labels, **mil},
+                                                  deps=(extracts[enc],) + ((demo,) if demo else ()),
+                                                  dataset=ds.name, encoder=enc, seed=seed))
                 cells.append(mils[enc, seed])
         finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
         if study.finetune is not None:
-            ft = study.finetune
-            for enc in ft.encoders:
-                for seed in ft.seeds:
-                    settings = {"top_k": ft.top_k, "epochs": ft.epochs, "lr": ft.lr,
-                                "batch_slides": ft.batch_slides, "freeze_stages": ft.freeze_stages,
-                                "precision": ft.precision, "seed": seed}
+            for enc in study.finetune_encoders:
+                for seed in study.finetune_seeds:
+                    settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
                     finetunes[enc, seed] = _resumable(Cell(
                         "finetune", f"finetune/{ds.name}/{enc.key}/seed{seed}", settings,
                         deps=(mils[enc, seed], tile), dataset=ds.name, encoder=enc, seed=seed))
                     cells.append(finetunes[enc, seed])
         if study.cka is not None:
-            ck = study.cka
-            settings = {"n_patches": ck.n_patches, "pooling": ck.pooling, "full_matrix": ck.full_matrix,
-                        "input_size": ex.input_size}
-            if ck.finetuned:
+            if study.cka_finetuned:
                 for (enc, seed), ft_cell in finetunes.items():
+                    cka = _cka_settings(study, seed).result_settings()
                     cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}/seed{seed}", {
-                        **settings, "seed": seed, "comparison": "finetuned"},
+                        **cka, "comparison": "finetuned"},
                         deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed))
-            for a, b in ck.pairs:
+            for a, b in study.cka_pairs:
+                cka = _cka_settings(study, study.seeds[0]).result_settings()
                 cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}", {
-                    **settings, "seed": study.seeds[0], "comparison": "pair", "a": a.spec(), "b": b.spec()},
+                    **cka, "comparison": "pair", "a": a.spec(), "b": b.spec()},
                     deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0]))
     return cells
+
+
+def _cka_settings(study: Study, seed: int) -> CkaSettings:
+    """The study's CKA settings for one seed, on patches prepared as the study extracted them."""
+    assert study.cka is not None
+    ex = study.extract
+    shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0,
+              "input_size": ex.input_size}
+    overrides = {k: v for k, v in shared.items() if k not in study.cka.model_fields_set}
+    return CkaSettings.build(study.cka, seed=seed, **overrides)
+
+
+def _file_id_cheap(path: Path) -> list[Any]:
+    """A slide file's identity for cache keys without reading it: path, size and modification time."""
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _resumable(cell: Cell) -> Cell:
@@ -127,11 +140,6 @@ class _Context:
     def path(self, rel: str) -> Path:
         return self.out / rel
 
-    def weights(self, enc: EncoderConfig | dict[str, Any]) -> str:
-        """The weights argument for the stages ("random" is one fixed seeded network in every stage)."""
-        spec = enc.spec() if isinstance(enc, EncoderConfig) else enc
-        return spec["weights"]
-
     def slides_and_labels(self, cell: Cell) -> tuple[list[Path], Path | None]:
         ds = self.dataset(cell)
         demo = self.dep(cell, "demo")
@@ -154,33 +162,30 @@ def _run_tile(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], 
 
     ds = ctx.dataset(cell)
     slides, _ = ctx.slides_and_labels(cell)
-    results = tile_slides(slides, folder, magnification=ds.magnification, patch_size=ds.patch_size,
-                          stride=ds.stride, min_tissue=ds.min_tissue, mpp=ds.mpp, workers=ctx.study.tile_workers)
+    run = tile_slides(slides, folder, ds.tile)
     keep = {slide_id_of(p) for p in slides}
-    for stale in h5_files(folder / "patches"):  # slides no longer in the dataset
+    for stale in h5_files(run.patches):  # slides no longer in the dataset
         if stale.stem not in keep:
             stale.unlink()
-    bad = [r for r in results if r.status == "error"]
-    ok = [r for r in results if r.status in ("ok", "skipped") and r.n_patches > 0]
+    bad = [r for r in run.results if r.status == "error"]
+    ok = [r for r in run.results if r.status in ("ok", "skipped") and r.n_patches > 0]
     if not ok:
         first = bad[0].message if bad else "no tissue found in any slide"
-        raise HistotransferError(f"no slide of dataset '{ds.name}' was tiled ({first}); see {folder / 'tiling.csv'}")
+        raise HistotransferError(f"no slide of dataset '{ds.name}' was tiled ({first}); see "
+                                 f"{run.folder / 'tiling.csv'}")
     message = f"{len(ok)} slides tiled, {sum(r.n_patches for r in ok)} patches"
-    if len(ok) < len(results):
-        message += f"; {len(results) - len(ok)} slide(s) without patches or failed (see tiling.csv)"
-    return {"patches": _rel(folder / "patches", ctx.out)}, message
+    if len(ok) < len(run.results):
+        message += f"; {len(run.results) - len(ok)} slide(s) without patches or failed (see tiling.csv)"
+    return {"patches": _rel(run.patches, ctx.out)}, message
 
 
 def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..features import extract_features
 
-    ex, enc = ctx.study.extract, cell.encoder
+    enc = cell.encoder
     assert enc is not None
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    features = Path(extract_features(patches, folder, encoder=enc.name, weights=ctx.weights(enc),
-                                     truncate=enc.truncate, input_size=ex.input_size, batch_size=ex.batch_size,
-                                     workers=ex.workers, device=ex.device, precision=ex.precision,
-                                     dtype=ex.dtype))
+    features = Path(extract_features(patches, folder, enc.name, enc.weights, enc.truncate, ctx.study.extract))
     tiled = {p.stem for p in h5_files(patches)}
     for stale in h5_files(features):  # slides no longer tiled
         if stale.stem not in tiled:
@@ -193,13 +198,13 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
 
 def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[Path, str]:
     """The labels restricted to slides that have features, so one slide lost upstream is skipped, not fatal."""
-    df = pd.read_csv(labels, dtype={"slide_id": str})
+    df = pd.read_csv(labels, dtype=str, keep_default_na=False)
     have = {p.stem for p in h5_files(features)}
-    missing = sorted(set(df["slide_id"]) - have)
+    missing = sorted(set(df["slide_id"].str.strip()) - have)
     if not missing:
         return labels, ""
     kept = folder / "labels_used.csv"
-    write_csv(df[df["slide_id"].isin(have)], kept)
+    write_csv(df[df["slide_id"].str.strip().isin(have)], kept)
     shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
     return kept, f"{len(missing)} labelled slide(s) without features skipped: {shown}"
 
@@ -207,49 +212,42 @@ def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[P
 def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..mil import train_mil
 
-    m, ds = ctx.study.mil, ctx.dataset(cell)
+    ds = ctx.dataset(cell)
     features = ctx.path(ctx.dep(cell, "extract")["features"])
     _, labels = ctx.slides_and_labels(cell)
+    assert labels is not None and cell.seed is not None
     labels_used, note = _labels_with_features(labels, features, folder)
-    run = Path(train_mil(features, labels_used, folder / "run", model=m.model, epochs=m.epochs, lr=m.lr,
-                         seed=cell.seed, split_file=ds.split_file, standardize=m.standardize,
-                         early_stopping=m.early_stopping, hidden=m.hidden, dropout=m.dropout))
+    run = Path(train_mil(features, labels_used, folder / "run", MilSettings.build(ctx.study.mil, seed=cell.seed),
+                         split_file=ds.split_file))
     return {"run": _rel(run, ctx.out)}, note
 
 
 def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..finetune import finetune
 
-    ft = ctx.study.finetune
-    assert ft is not None
+    assert ctx.study.finetune is not None and cell.seed is not None
     frozen = ctx.dep(cell, "mil")["run"]
     slides, _ = ctx.slides_and_labels(cell)
-    run = Path(finetune(ctx.path(frozen), folder / "run", slides=slides, top_k=ft.top_k, lr=ft.lr,
-                        epochs=ft.epochs, batch_slides=ft.batch_slides, grad_checkpointing=ft.grad_checkpointing,
-                        precision=ft.precision, device=ft.device, seed=cell.seed, workers=ft.workers,
-                        freeze_stages=ft.freeze_stages, extract_batch_size=ctx.study.extract.batch_size))
+    settings = FinetuneSettings.build(ctx.study.finetune, seed=cell.seed,
+                                      extract_batch_size=ctx.study.extract.batch_size)
+    run = Path(finetune(ctx.path(frozen), folder / "run", slides, settings))
     return {"run": _rel(run, ctx.out), "frozen_run": frozen, "encoder": _rel(run / "encoder.pt", ctx.out)}, ""
 
 
 def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..analysis import compare_encoders
 
-    ck, ex = ctx.study.cka, ctx.study.extract
-    assert ck is not None and cell.encoder is not None
+    assert cell.encoder is not None and cell.seed is not None
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
     if cell.settings["comparison"] == "finetuned":
-        a: Any = dict(cell.encoder.spec(), weights=ctx.weights(cell.encoder))
+        a: Any = cell.encoder.spec()
         b: Any = ctx.path(ctx.dep(cell, "finetune")["run"])
         comparison = f"{cell.encoder.label}: frozen vs fine-tuned"
     else:
         a, b = cell.settings["a"], cell.settings["b"]
-        a, b = dict(a, weights=ctx.weights(a)), dict(b, weights=ctx.weights(b))
         comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
                       f"{EncoderConfig(**cell.settings['b']).label}")
-    # Compare the encoders on patches as the study extracted them (same input size and device).
-    compare_encoders(a, b, patches, folder / "cka", n_patches=ck.n_patches, pooling=ck.pooling,
-                     full_matrix=ck.full_matrix, seed=cell.seed, batch_size=ex.batch_size,
-                     input_size=ex.input_size, workers=ex.workers or 0, device=ex.device)
+    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed))
     return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
 
 
@@ -344,8 +342,7 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     mil = mil_runs(out_dir, finished, info)
     ft = finetune_runs(out_dir, finished, info)
     cka = cka_stages(out_dir, finished)
-    tables = build_tables(mil, ft, study.encoders, study.finetune.encoders if study.finetune else (), datasets,
-                          info)
+    tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info)
     shown = write_tables(out_dir / "tables", tables, datasets,
                          {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka})
     figures = draw_figures(out_dir / "figures", mil, cka)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import write_csv, write_text
-from .config import NAMED_WEIGHTS, EncoderConfig
+from .config import EncoderConfig
 
 TABLES = {
     "table1_architectures": "Table I. ImageNet-family architectures (full depth): slide-level test AUC",
@@ -36,11 +36,21 @@ def _test_metrics(run: Path) -> tuple[float, int]:
     return (float("nan") if auc is None else float(auc)), int(test.get("n_slides") or 0)
 
 
+def weights_top1(info: Mapping[str, Mapping[str, Any]], name: str, weights: str) -> float | None:
+    """The ImageNet top-1 of the weights a configuration actually loads: only ImageNet weights have one
+    (random weights and checkpoint files have none)."""
+    return ((info.get(name, {}).get("weights") or {}).get(weights) or {}).get("imagenet_top1")
+
+
+def weights_label(weights: str) -> str:
+    """A weights option's name, or a checkpoint file's name."""
+    return Path(weights).name if Path(weights).is_absolute() else weights
+
+
 def _encoder_columns(spec: Mapping[str, Any], info: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]))
-    meta = info.get(cfg.name, {})
     return {"config": cfg.key, "encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-            "family": meta.get("family"), "imagenet_top1": meta.get("imagenet_top1")}
+            "family": info.get(cfg.name, {}).get("family"), "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
 
 
 def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -111,9 +121,9 @@ def _grid_table(runs: pd.DataFrame, configs: Sequence[EncoderConfig], datasets: 
     """One row per configuration (in study order), per dataset: AUC mean, sd, seeds and test slides."""
     rows = []
     for cfg in configs:
-        meta = info.get(cfg.name, {})
         row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                               "family": meta.get("family"), "imagenet_top1": meta.get("imagenet_top1")}
+                               "family": info.get(cfg.name, {}).get("family"),
+                               "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
         row = {k: row[k] for k in columns}
         for ds in datasets:
             sel = runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds)] if len(runs) else runs
@@ -172,15 +182,11 @@ def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> st
     return f"{text} (n={n_slides})" if with_n else text
 
 
-def _weights_label(w: str) -> str:
-    return w if w in NAMED_WEIGHTS else Path(w).name
-
-
 def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     """The human-readable form of a numeric table: one formatted AUC column per dataset."""
     out = pd.DataFrame()
     out["Encoder"] = table["encoder"]
-    out["Weights"] = table["weights"].map(_weights_label)
+    out["Weights"] = table["weights"].map(weights_label)
     if "truncate" in table and name != "table1_architectures" and name != "table2_histopathology_encoders":
         out["Truncation"] = table["truncate"]
     if "imagenet_top1" in table:

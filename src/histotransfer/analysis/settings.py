@@ -1,0 +1,29 @@
+"""``CkaSettings``: every option of the block-wise CKA comparison, defined once (CLI, Python API, study file,
+``cka.json``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from ..features.settings import Device
+from ..settings import RUNTIME, StageSettings
+
+
+class CkaSettings(StageSettings):
+    """How two encoders are compared stage by stage with linear CKA."""
+
+    stage: ClassVar[str] = "cka"
+
+    n_patches: int = Field(2000, ge=2, le=10_000_000, description="patches sampled across slides")
+    pooling: Literal["mean", "flatten"] = Field(
+        "mean", description="mean: spatial mean of each stage's map; flatten: the whole map (disk-hungry)")
+    full_matrix: bool = Field(False, description="also every stage of A against every stage of B")
+    seed: int = Field(0, description="seeds the patch sample")
+    input_size: int | None = Field(None, ge=16, le=8192, description="resize patches (default: the runs' input "
+                                                                     "size when both agree, else the tiled size)")
+    batch_size: int = Field(32, ge=1, le=65536, description="patches per batch", json_schema_extra=RUNTIME)
+    workers: int = Field(0, ge=0, le=256, description="patch-reading processes (0: in this process)",
+                         json_schema_extra=RUNTIME)
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)

@@ -1,0 +1,159 @@
+"""Plan a MIL run before any work: validate labels and split, fingerprint the inputs, build ``config.json``, and
+tell whether the run is already done.
+
+Everything here reads small files only (label and split CSVs, feature-file attributes), without torch, so a
+finished run is recognised instantly and a bad input is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pandas as pd
+
+from .. import __version__
+from .._io import file_sha256
+from ..errors import HistotransferError
+from ..features.feature_file import encoder_attrs, read_feature_attrs, read_feature_file
+from .labels import LabelTable, feature_files, read_labels
+from .rundir import DONE_FILE, guard
+from .settings import DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings
+from .splits import DEFAULT_FRACTIONS, kfold_splits, random_split, read_split_file
+
+
+@dataclass
+class RunPlan:
+    """A run (or k-fold set of runs) to train: its settings, inputs, splits and ``config.json``."""
+
+    out_dir: Path
+    settings: MilSettings
+    table: LabelTable
+    files: dict[str, Path]
+    splits: list[pd.DataFrame]
+    config: dict[str, Any]
+    split_file: Path | None
+    folds: int | None
+    finished: bool = False
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        if self.folds is None:
+            return [self.out_dir]
+        return [self.out_dir / f"fold_{k}" for k in range(self.folds)]
+
+    def fold_config(self, k: int) -> dict[str, Any]:
+        if self.folds is None:
+            return self.config
+        return {**self.config, "split": {**self.config["split"], "fold": k}}
+
+    def without(self, broken: dict[str, str]) -> RunPlan:
+        """The plan without slides whose feature file could not be read (recorded in the config)."""
+        table = replace(self.table, frame=self.table.frame[~self.table.frame["slide_id"].isin(broken)]
+                        .reset_index(drop=True))
+        if self.split_file is None:
+            splits = make_splits(table, self.settings.seed, None, self.folds)
+        else:
+            splits = [s[~s["slide_id"].isin(broken)].reset_index(drop=True) for s in self.splits]
+            if splits[0].loc[splits[0]["split"] == "train", "label"].nunique() < 2:
+                raise HistotransferError(
+                    f"{self.split_file}: without the unreadable slide(s) {', '.join(broken)} the train split holds "
+                    "one class; re-extract their features or change the split."
+                )
+        config = {**self.config, "unreadable_slides": broken}
+        config["inputs"] = {**config["inputs"], "features": {s: fp for s, fp in config["inputs"]["features"].items()
+                                                             if s not in broken}}
+        return replace(self, table=table, splits=splits, config=config,
+                       files={s: p for s, p in self.files.items() if s not in broken})
+
+
+def make_splits(table: LabelTable, seed: int, split_file: Path | None, folds: int | None) -> list[pd.DataFrame]:
+    """The run's split(s): the user's file, k folds, or the seeded patient-level random split."""
+    if split_file is not None:
+        return [read_split_file(split_file, table.frame)]
+    if folds is not None:
+        return kfold_splits(table.frame, table.classes, folds, seed)
+    return [random_split(table.frame, table.classes, seed)]
+
+
+def feature_fingerprint(path: Path) -> str | None:
+    """A feature file's recorded fingerprint (computed from its arrays for files that record none); None when
+    the file cannot be read (training reports it and goes on without it)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("fingerprint")
+        if value:
+            return value.decode() if isinstance(value, bytes) else str(value)
+        return read_feature_file(path).fingerprint
+    except (HistotransferError, OSError, KeyError, ValueError):
+        return None
+
+
+def _encoder_of(paths: list[Path]) -> dict[str, Any]:
+    """Encoder attrs of the first readable feature file (unreadable ones are reported when loading)."""
+    for path in paths:
+        try:
+            return encoder_attrs(read_feature_attrs(path))
+        except (HistotransferError, OSError):
+            continue
+    raise HistotransferError(f"{paths[0].parent}: none of the labelled slides' feature files can be read.")
+
+
+def _check_options(split_file: Path | None, folds: int | None) -> None:
+    if folds is not None and split_file is not None:
+        raise HistotransferError("--folds and --split-file exclude each other; pass one.")
+    if folds is not None and folds < 2:
+        raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
+
+
+def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, settings: MilSettings,
+             split_file: str | Path | None = None, folds: int | None = None) -> RunPlan:
+    """Validate the inputs and build the run's config; ``finished`` when ``out_dir`` already holds this run.
+
+    Raises HistotransferError (before anything is written) for bad labels, a bad split, or an ``out_dir``
+    holding a run made with other settings or inputs (naming each field that differs).
+    """
+    split_path = Path(split_file) if split_file is not None else None
+    _check_options(split_path, folds)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HistotransferError(f"--out {out}: is an existing file, not a folder; choose a folder.")
+    table = read_labels(labels_csv, features_dir)
+    all_files = feature_files(features_dir)
+    files = {s: all_files[s] for s in table.frame["slide_id"]}
+    splits = make_splits(table, settings.seed, split_path, folds)
+    s = settings
+    config: dict[str, Any] = {
+        "kind": "mil",
+        "settings": s.record(),
+        "features_dir": str(Path(features_dir).resolve()),
+        "encoder": _encoder_of(list(files.values())),
+        "labels": str(Path(labels_csv).resolve()),
+        "label_mapping": table.mapping,
+        "positive_class": table.positive_class,
+        "label_columns": table.extra,
+        "seed": s.seed,
+        "model": {"name": s.model, "hidden": s.hidden or DEFAULT_HIDDEN, "dropout": s.dropout,
+                  "standardize": s.standardize, "std_floor_fraction": STD_FLOOR_FRACTION if s.standardize else None},
+        "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
+                     "loss": "cross_entropy", "steps": "one slide per step, shuffled each epoch",
+                     "selection": f"best validation {s.select_by}, ties: lower validation loss",
+                     "early_stopping": s.early_stopping},
+        "split": ({"method": "file", "file": str(split_path.resolve())} if split_path is not None else
+                  {"method": "k-fold", "folds": folds} if folds is not None else
+                  {"method": "random", "fractions": DEFAULT_FRACTIONS}),
+        "inputs": {"features": {sid: feature_fingerprint(p) for sid, p in files.items()},
+                   "labels_sha256": file_sha256(labels_csv),
+                   "split_file_sha256": file_sha256(split_path) if split_path is not None else None},
+        "ignored_slides": table.ignored,
+        "unreadable_slides": {},
+        "versions": {"histotransfer": __version__},
+    }
+    plan = RunPlan(out, s, table, files, splits, config, split_path, folds)
+    if folds is not None:
+        guard(out, config)
+    finished = [guard(run_dir, plan.fold_config(k)) for k, run_dir in enumerate(plan.run_dirs)]
+    plan.finished = all(finished) and (folds is None or (out / DONE_FILE).is_file())
+    return plan

@@ -1,0 +1,53 @@
+"""``MilSettings``: every option of attention-MIL training, defined once (CLI, Python API, study file, run
+folder's ``config.json``)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from ..settings import StageSettings
+
+DEFAULT_HIDDEN = 256
+STD_FLOOR_FRACTION = 0.01  # std floor as a fraction of the median per-dimension std of the training patches
+# What each recipe means for the options it sets (an option given explicitly wins over its recipe).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Ours: features standardised with the training patches' statistics, the epoch with the best validation AUC.
+    "histotransfer": {"standardize": True, "select_by": "auc"},
+    # The paper's code: raw features, the epoch with the best validation accuracy.
+    "paper": {"standardize": False, "select_by": "accuracy"},
+}
+
+
+class MilSettings(StageSettings):
+    """How an attention-MIL slide classifier is trained."""
+
+    stage: ClassVar[str] = "mil"
+
+    recipe: Literal["histotransfer", "paper"] = Field(
+        "histotransfer", description="histotransfer: standardised features, selection on validation AUC; paper: "
+                                     "raw features, selection on validation accuracy (as the paper's code)")
+    model: Literal["histotransfer", "gated"] = Field(
+        "histotransfer", description="histotransfer: the paper's network; gated: Ilse et al.'s gated attention")
+    epochs: int = Field(20, ge=1, le=100000, description="training epochs (the paper: 20)")
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate")
+    standardize: bool | None = Field(None, description="z-score features with training-split statistics "
+                                                       "(default: as the recipe says)")
+    select_by: Literal["auc", "accuracy", "loss"] | None = Field(
+        None, description="validation metric that picks the kept epoch (default: as the recipe says); ties: "
+                          "lower validation loss")
+    early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without a better "
+                                                               "validation score")
+    hidden: int | None = Field(None, ge=1, le=65536, description="width of the first layer (default: 256)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
+    seed: int = Field(0, description="seeds the split and the training")
+
+    @model_validator(mode="after")
+    def _recipe_defaults(self) -> MilSettings:
+        # Options left unset take the recipe's value; they stay out of model_fields_set, so building these
+        # settings again with another recipe re-derives them.
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                self.__dict__[key] = value
+        return self
