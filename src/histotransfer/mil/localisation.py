@@ -1,0 +1,120 @@
+"""Does the model look at the lesion? Attention and Grad-CAM localisation against lesion annotations.
+
+Meant for positive slides with a lesion annotation (``histotransfer.annotations``); per slide:
+
+* :func:`attention_localisation` - from the patches' raw attention scores and lesion overlaps: whether the
+  top-attended patch is a lesion patch, the softmax attention mass on lesion patches (against the share of
+  lesion patches, what uniform attention would give) and the patch-level AUC of the score for lesion vs not.
+  A patch is a *lesion patch* when at least ``threshold`` of its area is lesion (default 0.5, the majority;
+  a tiny threshold such as 1e-9 means any overlap).
+* :func:`cam_localisation` - from Grad-CAM maps of some of its patches (``histotransfer.analysis.cam``): the
+  pointing game (Zhang et al., 2016) over the patches that contain lesion, and the share of CAM mass on lesion.
+
+:func:`cohort_localisation` averages either over slides.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+from sklearn.metrics import roc_auc_score
+
+from ..annotations import Annotation
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def attention_localisation(scores: np.ndarray, overlap: np.ndarray,
+                           threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """Localisation of one slide's attention, from raw scores (N,) and lesion area fractions (N,) in [0, 1].
+
+    Returns ``top_patch_hit`` (the highest-scored patch, first in order on ties, is a lesion patch),
+    ``top_patch_overlap`` (its lesion fraction), ``attention_mass`` (softmax weight on lesion patches),
+    ``lesion_patch_share`` (their share of the patches), ``auc`` (score vs lesion patch; None with one
+    class), ``n_patches`` and ``n_lesion_patches``.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    overlap = np.asarray(overlap, dtype=np.float64).reshape(-1)
+    if len(scores) == 0 or scores.shape != overlap.shape:
+        raise ValueError(f"scores and overlap must be two (N,) arrays with N >= 1, got {scores.shape}, "
+                         f"{overlap.shape}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    lesion = overlap >= threshold
+    top = int(np.argmax(scores))
+    both = lesion.any() and not lesion.all()
+    return {
+        "top_patch_hit": bool(lesion[top]),
+        "top_patch_overlap": float(overlap[top]),
+        "attention_mass": float(softmax(scores)[lesion].sum()),
+        "lesion_patch_share": float(lesion.mean()),
+        "auc": float(roc_auc_score(lesion, scores)) if both else None,
+        "n_patches": len(scores),
+        "n_lesion_patches": int(lesion.sum()),
+    }
+
+
+def cell_squares(patch_coords: np.ndarray, patch_size_level0: float, grid: tuple[int, int]) -> np.ndarray:
+    """Level-0 top-left corners (B, h, w, 2) of the CAM cells: the (h, w) grid laid evenly over each patch."""
+    h, w = grid
+    if h != w:
+        raise ValueError(f"CAM grid {grid} is not square; patches are square")
+    xy = np.asarray(patch_coords, dtype=np.float64).reshape(-1, 1, 1, 2)
+    step = patch_size_level0 / w
+    offsets = np.stack(np.meshgrid(np.arange(w), np.arange(h), indexing="xy"), axis=-1) * step
+    return xy + offsets[None]
+
+
+def cam_localisation(cam_maps: np.ndarray, patch_coords: np.ndarray, patch_size_level0: float,
+                     annotation: Annotation) -> dict[str, Any]:
+    """Localisation of Grad-CAM maps (B, h, w) (ReLU'd) of patches at ``patch_coords`` (B, 2) level-0.
+
+    Each map's cells are laid evenly over its patch's level-0 square. Pointing game: a patch's hit is the
+    centre of its highest cell (first in row-major order on ties) inside the lesion; it is played by the
+    patches that overlap the lesion and whose map has a positive maximum (an all-zero map points nowhere).
+    Returns ``pointing_game`` (hit rate; None when no patch plays), ``n_pointing``, ``cam_mass`` (the share
+    of all the maps' summed mass on lesion, each cell weighted by its lesion area fraction; None when the maps
+    are all zero), ``lesion_area_share`` (mean lesion fraction of the cells, what a uniform map would give)
+    and ``n_patches``.
+    """
+    maps = np.asarray(cam_maps, dtype=np.float64)
+    if maps.ndim != 3 or len(maps) != len(np.asarray(patch_coords).reshape(-1, 2)):
+        raise ValueError(f"cam_maps must be (B, h, w) with one patch coordinate per map, got {maps.shape}")
+    b, h, w = maps.shape
+    corners = cell_squares(patch_coords, patch_size_level0, (h, w))
+    step = patch_size_level0 / w
+    cover = annotation.patch_overlap(corners.reshape(-1, 2), step).reshape(b, h, w)
+    peak = maps.reshape(b, -1).argmax(axis=1)
+    peak_xy = corners.reshape(b, -1, 2)[np.arange(b), peak] + step / 2
+    hits = annotation.contains_xy(peak_xy[:, 0], peak_xy[:, 1])
+    playing = (cover.reshape(b, -1).max(axis=1) > 0) & (maps.reshape(b, -1).max(axis=1) > 0)
+    total = maps.sum()
+    return {
+        "pointing_game": float(hits[playing].mean()) if playing.any() else None,
+        "n_pointing": int(playing.sum()),
+        "cam_mass": float((maps * cover).sum() / total) if total > 0 else None,
+        "lesion_area_share": float(cover.mean()),
+        "n_patches": int(b),
+    }
+
+
+def cohort_localisation(per_slide: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """Mean over slides of every numeric (or boolean) key of per-slide results, with n the slides counted.
+
+    Slides whose value is None (e.g. an AUC with one class) are left out of that key's mean; a key without
+    any value has mean None. Pass the positive slides with annotations only.
+    """
+    keys = dict.fromkeys(k for result in per_slide for k in result)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for key in keys:
+        values = [r.get(key) for r in per_slide]
+        if not all(v is None or isinstance(v, numbers.Real) for v in values):
+            continue
+        present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        out[key] = {"mean": float(np.mean(present)) if present else None, "n": len(present)}
+    return out
