@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import create_encoder, extract_features, read_feature_file
-from histotransfer.features.encoders import precision_context
+from histotransfer.runtime import precision_context
 from histotransfer.features.extract import BatchEncoder, inference_model
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
 from histotransfer.patches import read_patch_file, write_patch_file

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from histotransfer.features import create_encoder
-from histotransfer.features.encoders import precision_context
+from histotransfer.runtime import precision_context
 from histotransfer.finetune.model import EndToEndMIL
 from histotransfer.mil import AttentionMIL
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from histotransfer.analysis.cam import grad_cam
 from histotransfer.features import create_encoder
-from histotransfer.features.encoders import Encoder, Stage
+from histotransfer.features.encoders import Encoder
+from histotransfer.features.registry import Stage
 from histotransfer.mil import AttentionMIL
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,8 +25,7 @@ INPUT = 32
 def patches_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cka_demo")
     demo = make_demo_slides(root, n_slides=4, seed=1, size=1024, mpp=0.5)
-    tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
-    return root / "tiles" / "patches"
+    return tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64).patches
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,9 @@ from histotransfer.features import (
     register,
 )
 from histotransfer.features import encoders as enc_module
+from histotransfer.features import registry
+from histotransfer.features.catalogue import resnet_stages
+from histotransfer.runtime import precision_context
 
 # Feature widths for truncate = 0, 1, 2, 3 (resnet18 and densenet121 as the study states them; the others
 # follow from torchvision's architectures and the stage split documented in histotransfer.features.encoders).
@@ -61,17 +64,45 @@ def test_feature_dims_of_every_truncation(name):
         torch.testing.assert_close(torch.flatten(F.adaptive_avg_pool2d(stages[-1], 1), 1), y, rtol=0, atol=0)
 
 
+# The HistoTransfer paper's Table I "ImageNet top-1" column.
+PAPER_TOP1 = {"resnet18": 69.76, "resnet34": 73.31, "resnet50": 76.13, "densenet121": 74.43, "densenet169": 75.6,
+              "efficientnet_b0": 76.3, "efficientnet_b1": 78.8, "efficientnet_b2": 79.8, "efficientnet_b3": 81.1}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TOP1))
+def test_default_imagenet_weights_are_the_papers_or_the_nearest_with_the_difference_stated(name):
+    info = encoder_info(name)
+    assert info["default_weights"] == "imagenet"
+    weights = info["weights"]["imagenet"]
+    if name.startswith("efficientnet"):  # the paper's original TensorFlow weights are not in torchvision
+        assert weights["paper_top1"] == PAPER_TOP1[name]
+        assert abs(weights["imagenet_top1"] - PAPER_TOP1[name]) < 1.5
+    else:
+        assert weights["paper_top1"] is None
+        assert round(weights["imagenet_top1"], 2) == PAPER_TOP1[name]
+    assert info["imagenet_top1"] == weights["imagenet_top1"]
+
+
+def test_newer_weights_have_their_own_name_and_top1():
+    r50 = encoder_info("resnet50")["weights"]
+    assert r50["imagenet"]["source"] == "ResNet50_Weights.IMAGENET1K_V1"
+    assert r50["imagenet-v2"]["source"] == "ResNet50_Weights.IMAGENET1K_V2"
+    assert r50["imagenet-v2"]["imagenet_top1"] == pytest.approx(80.858)
+    assert encoder_id("resnet50", "imagenet-v2", 0, None, "fp32") == "resnet50-imagenet-v2-t0-native-fp32"
+    assert encoder_id("resnet50", None, 0, None, "fp32") == "resnet50-imagenet-t0-native-fp32"
+
+
 def test_encoder_info_for_table():
     r18 = encoder_info("resnet18")
     assert r18["family"] == "imagenet" and r18["architecture"] == "resnet18"
-    assert r18["imagenet_top1"] == tvm.ResNet18_Weights.DEFAULT.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    assert r18["imagenet_top1"] == tvm.ResNet18_Weights.IMAGENET1K_V1.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     assert r18["imagenet_top1"] == pytest.approx(69.758)
     assert r18["stage_names"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
     assert r18["n_params"] == sum(p.numel() for n, p in tvm.resnet18().named_parameters() if not n.startswith("fc."))
     ciga = encoder_info("ciga-simclr-resnet18")
     assert ciga["family"] == "histopathology" and ciga["architecture"] == "resnet18"
-    assert ciga["imagenet_top1"] is None
-    assert ciga["checkpoint"] == "tenpercent_resnet18.ckpt"
+    assert ciga["imagenet_top1"] is None and ciga["default_weights"] == "pretrained"
+    assert ciga["weights"]["pretrained"]["checkpoint"] == "tenpercent_resnet18.ckpt"
     assert encoder_info("densenet121")["stage_names"][1:] == [f"denseblock{i}" for i in range(1, 5)]
     assert encoder_info("efficientnet_b0")["stage_names"] == ["stem", "stage1", "stage2", "stage3", "stage4"]
 
@@ -147,7 +178,8 @@ def test_bad_names_and_truncations():
         create_encoder("resnet18", "random", truncate=4)
     with pytest.raises(HistotransferError, match="truncate must be 0..3"):
         encoder_id("resnet18", "random", -1, None, "fp32")
-    with pytest.raises(HistotransferError, match="expected 'imagenet', 'random' or a path"):
+    with pytest.raises(HistotransferError, match="'imagenet21k' for resnet18: expected one of imagenet, random or a "
+                                                 "path"):
         create_encoder("resnet18", "imagenet21k")
 
 
@@ -170,7 +202,7 @@ def test_encoder_id_separates_every_setting(tmp_path):
 
 
 def test_register_adds_an_encoder():
-    @register("tiny-resnet-test", stages=enc_module.resnet_stages, architecture="resnet18")
+    @register("tiny-resnet-test", stages=resnet_stages, architecture="resnet18", weights=[])
     def tiny() -> nn.Module:
         return tvm.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1])
 
@@ -180,9 +212,9 @@ def test_register_adds_an_encoder():
         assert enc.feature_dim == 128
         assert enc(torch.zeros(1, 3, 64, 64)).shape == (1, 128)
         with pytest.raises(ValueError, match="already registered"):
-            register("tiny-resnet-test", stages=enc_module.resnet_stages)(tiny)
+            register("tiny-resnet-test", stages=resnet_stages, weights=[])(tiny)
     finally:
-        enc_module._REGISTRY.pop("tiny-resnet-test")
+        registry._REGISTRY.pop("tiny-resnet-test")
 
 
 def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
@@ -190,11 +222,11 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
     back afterwards, also after an error. The flags exist without a GPU, so this runs everywhere."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = conv.fp32_precision, matmul.fp32_precision
-    with enc_module.precision_context(torch.device("cuda"), "fp32"):
+    with precision_context(torch.device("cuda"), "fp32"):
         assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
     assert (conv.fp32_precision, matmul.fp32_precision) == before
-    with pytest.raises(RuntimeError), enc_module.precision_context(torch.device("cuda"), "fp32"):
+    with pytest.raises(RuntimeError), precision_context(torch.device("cuda"), "fp32"):
         raise RuntimeError("boom")
     assert (conv.fp32_precision, matmul.fp32_precision) == before
-    with enc_module.precision_context(torch.device("cpu"), "fp32"):
+    with precision_context(torch.device("cpu"), "fp32"):
         assert (conv.fp32_precision, matmul.fp32_precision) == before

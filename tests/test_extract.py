@@ -110,7 +110,7 @@ def test_extract_writes_features_coords_attrs_and_report(demo, tmp_path):
     root, slides, patches = demo
     folder = extract_features(patches, tmp_path, **ENCODER, batch_size=16, workers=0)
     assert folder == tmp_path / "features" / "resnet18-random-t2-native-fp32"
-    assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv", "features.json"]
     for s in slides:
         bag = read_feature_file(folder / f"{s.stem}.h5")
         ps = read_patch_file(patches / f"{s.stem}.h5")
@@ -182,7 +182,7 @@ def test_cli_extract_and_clear_errors(demo, tmp_path, capsys):
     args = ["extract", "--patches", str(patches), "--out", str(out), "--encoder", "resnet18", "--weights",
             "random", "--truncate", "3", "--workers", "0"]
     assert main(args) == 0
-    assert "extract: 2 ok" in capsys.readouterr().out
+    assert "extract: 2 done" in capsys.readouterr().out
     assert len(list((out / "features" / "resnet18-random-t3-native-fp32").glob("*.h5"))) == 2
 
     assert main(["extract", "--patches", str(tmp_path / "nope"), "--out", str(out), "--encoder", "resnet18"]) == 2
@@ -217,8 +217,8 @@ def test_moved_slides_are_found_with_slides_dir(demo, tmp_path):
                     spec=read_patch_file(demo[2] / f"{slides[0].stem}.h5").spec)
     (moved / slides[0].name).write_bytes(slides[0].read_bytes())
     run = run_extraction(patches, tmp_path / "a", **ENCODER, workers=0)
-    assert run.results[0].status == "error" and "pass --slides DIR" in run.results[0].message
-    run = run_extraction(patches, tmp_path / "b", **ENCODER, workers=0, slides_dir=moved)
+    assert run.results[0].status == "error" and "pass --slides" in run.results[0].message
+    run = run_extraction(patches, tmp_path / "b", **ENCODER, workers=0, slides=moved)
     assert run.results[0].status == "ok" and run.results[0].slide_path == str(moved / slides[0].name)
 
 
@@ -226,9 +226,10 @@ def test_tile_then_extract(demo, tmp_path):
     """The tiling stage's own output feeds extraction directly."""
     _, slides, _ = demo
     tiled = tile_slides(slides, tmp_path, magnification=10, patch_size=32, min_tissue=0.25)
-    ok = {r.slide_id: r.n_patches for r in tiled if r.status == "ok"}
+    ok = {r.slide_id: r.n_patches for r in tiled.results if r.status == "ok"}
     assert ok, "tiling found no tissue"
-    run = run_extraction(tmp_path / "patches", tmp_path, **ENCODER, workers=0)
+    run = run_extraction(tmp_path, None, **ENCODER, workers=0)  # the output folder holding one tiling
+    assert run.folder == tiled.folder / "features" / "resnet18-random-t2-native-fp32"
     assert {r.slide_id: r.n_patches for r in run.results if r.status == "ok"} == ok
 
 
@@ -275,7 +276,7 @@ def test_kill_9_mid_slide_then_resume_is_byte_identical(long_patches, tmp_path):
     assert {r.slide_id: r.status for r in resumed.results} == {"demo_01": "skipped", "demo_02": "ok"}
     clean = extract_features(long_patches, tmp_path / "clean", "resnet18", "random", input_size=64, batch_size=8,
                              workers=0)
-    assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv", "features.json"]
     for name in ("demo_01.h5", "demo_02.h5"):
         assert (folder / name).read_bytes() == (clean / name).read_bytes()
 

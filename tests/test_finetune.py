@@ -21,7 +21,8 @@ from histotransfer.runtime import Ranks
 from histotransfer.finetune import finetune, run_encoder, save_encoder, select_top_k
 from histotransfer.finetune.data import topk_slides
 from histotransfer.finetune.model import EndToEndMIL
-from histotransfer.finetune.train import LoopSettings, fit_end_to_end
+from histotransfer.finetune.settings import FinetuneSettings
+from histotransfer.finetune.train import fit_end_to_end
 from histotransfer.mil import evaluate_run, load_run_model, train_mil
 from histotransfer.mil.rundir import read_attention
 from histotransfer.patches.tiling import tile_slides
@@ -38,16 +39,16 @@ def study(tmp_path_factory):
     as a weights file, as users' own checkpoints are) at 32 px, and a 3-epoch MIL run."""
     root = tmp_path_factory.mktemp("ft_study")
     demo = make_demo_slides(root, n_slides=12, seed=0, size=1024, mpp=0.5)
-    tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
+    tiling = tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
     torch.manual_seed(0)
     full = create_encoder("resnet18", "random", 0)
     weights = save_encoder(full, root / "resnet18_seed0.pt")
-    features = extract_features(root / "tiles" / "patches", root, "resnet18", str(weights), truncate=2,
+    features = extract_features(tiling.folder, root, "resnet18", str(weights), truncate=2,
                                 input_size=32, batch_size=64, workers=0, device="cpu")
     split_file = root / "split.csv"
     pd.DataFrame({"slide_id": list(SPLIT), "split": list(SPLIT.values())}).to_csv(split_file, index=False)
     run = train_mil(features, demo.labels_csv, root / "run", epochs=3, seed=0, split_file=split_file)
-    return {"root": root, "run": run, "patches": root / "tiles" / "patches", "slides": root / "slides",
+    return {"root": root, "run": run, "patches": tiling.patches, "slides": root / "slides",
             "labels": demo.labels_csv}
 
 
@@ -120,7 +121,7 @@ def test_finetune_end_to_end_writes_frozen_and_finetuned_side_by_side(study, tun
     mtime = (out / "metrics.json").stat().st_mtime_ns
     finetune(study["run"], out, **FT)
     assert (out / "metrics.json").stat().st_mtime_ns == mtime
-    with pytest.raises(HistotransferError, match="differs in: lr"):
+    with pytest.raises(HistotransferError, match=r"differs in: finetune.lr \(0.0001 vs 0.001\)"):
         finetune(study["run"], out, **{**FT, "lr": 1e-3})
 
 
@@ -136,8 +137,8 @@ def test_resumed_training_equals_uninterrupted(study, tmp_path):
 
     def fit(epochs: int, ckpt):
         model = EndToEndMIL(run_encoder(run), load_run_model(run), freeze_stages=0)
-        cfg = LoopSettings(epochs, 1e-4, 2, "fp32", 0, 0, 32)
-        return fit_end_to_end(model, train, val, cfg, torch.device("cpu"), Ranks(), ckpt)
+        cfg = FinetuneSettings(epochs=epochs, lr=1e-4, batch_slides=2)
+        return fit_end_to_end(model, train, val, cfg, 32, torch.device("cpu"), Ranks(), ckpt)
 
     straight = fit(2, tmp_path / "a.pt")
     fit(1, tmp_path / "b.pt")  # "killed" after epoch 1: its checkpoint is all that is left
@@ -150,7 +151,7 @@ def test_resumed_training_equals_uninterrupted(study, tmp_path):
 
 
 def test_bad_requests_are_refused(study, tmp_path):
-    with pytest.raises(HistotransferError, match="not a MIL run folder"):
+    with pytest.raises(HistotransferError, match="not a run folder"):
         finetune(tmp_path, tmp_path / "out", device="cpu")
     with pytest.raises(HistotransferError, match="CUDA GPU only"):
         finetune(study["run"], tmp_path / "out", precision="bf16", device="cpu")
@@ -212,4 +213,4 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
     for h5 in (root / "ft_ddp" / "features").rglob("*.h5"):
         assert read_feature_file(h5).features.shape[1] == 128
     config = json.loads((root / "ft_ddp" / "config.json").read_text())
-    assert config["training"]["world_size"] == 2
+    assert config["settings"]["batch_slides"] == 1

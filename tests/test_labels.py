@@ -57,8 +57,10 @@ def test_patient_column_and_unlabelled_slides_are_ignored_with_a_warning(tmp_pat
 BAD = {
     "empty file": ("", "is empty"),
     "header only": ("slide_id,label\n", "no rows"),
-    "unknown column": ("slide_id,label,site\n" + "".join(f"{s},{i % 2},A\n" for i, s in enumerate(IDS)),
-                       "unknown column.*'site'"),
+    "semicolons": ("slide_id;label\n" + "".join(f"{s};{i % 2}\n" for i, s in enumerate(IDS)),
+                   "separated by semicolons.*columns slide_id,label"),
+    "classes differing by case": (rows(IDS, ["Tumor", "tumor", "normal", "Tumor", "normal", "normal"]),
+                                  "'Tumor' and 'tumor' differ only by case"),
     "missing label column": ("slide_id\n" + "\n".join(IDS) + "\n", "missing column"),
     "duplicate slide": (rows(IDS + IDS[:1], [0, 1, 0, 1, 0, 1, 0]), "duplicate slide_id.*slide_000"),
     "missing feature file": (rows(IDS + ["slide_999"], [0, 1, 0, 1, 0, 1, 1]), "no feature file.*slide_999"),

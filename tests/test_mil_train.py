@@ -79,6 +79,7 @@ def test_run_folder_contents(trained):
     assert config["label_mapping"] == {"normal": 0, "tumor": 1} and config["positive_class"] == "tumor"
     assert config["seed"] == 0 and config["model"]["name"] == "histotransfer" and config["model"]["standardize"]
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.pop("positive_class") == "tumor"
     assert set(metrics) == {"train", "val", "test"} and all(set(m) == set(METRIC_KEYS) for m in metrics.values())
     assert sum(m["n_slides"] for m in metrics.values()) == 60
     predictions = pd.read_csv(run / "predictions.csv")
@@ -128,14 +129,18 @@ def test_auc_is_over_slides_duplicating_patches_changes_nothing(trained, tmp_pat
     root, run, bags = trained
     dup = tmp_path / "features"
     shutil.copytree(root / "features", dup)
-    with h5py.File(dup / f"{bags[0].slide_id}.h5", "r+") as f:
+    labels = pd.read_csv(root / "labels.csv")
+    first = bags[0].slide_id
+    (dup / f"{first}.h5").rename(dup / "copy_000.h5")  # a slide the run never saw, so it may differ
+    with h5py.File(dup / "copy_000.h5", "r+") as f:
         feats, coords = f["features"][()], f["coords"][()]
         del f["features"], f["coords"]
         f["features"], f["coords"] = np.tile(feats, (100, 1)), np.tile(coords, (100, 1))
+    labels.assign(slide_id=labels["slide_id"].replace(first, "copy_000")).to_csv(tmp_path / "dup.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = evaluate_run(run, root / "features", root / "labels.csv", tmp_path / "a")
-        dupl = evaluate_run(run, dup, root / "labels.csv", tmp_path / "b")
+        dupl = evaluate_run(run, dup, tmp_path / "dup.csv", tmp_path / "b")
     assert dupl["metrics"]["n_slides"] == base["metrics"]["n_slides"] == 60
     assert dupl["metrics"]["auc"] == base["metrics"]["auc"]
     np.testing.assert_allclose(dupl["predictions"]["probability"], base["predictions"]["probability"], atol=1e-6)
@@ -170,7 +175,7 @@ def test_same_seed_gives_identical_predictions_and_finished_runs_are_kept(tmp_pa
     stamp = (a / "model.pt").stat().st_mtime_ns
     train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
     assert (a / "model.pt").stat().st_mtime_ns == stamp
-    with pytest.raises(HistotransferError, match="other settings.*seed"):
+    with pytest.raises(HistotransferError, match=r"made differently \(differs in: seed \(7 vs 9\)"):
         train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2)
 
 

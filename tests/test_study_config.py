@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from histotransfer.errors import HistotransferError
-from histotransfer.study import EncoderConfig, load_study, plan, run_study
+from histotransfer.study import load_study, plan, run_study
+from histotransfer.study.config import EncoderConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -55,12 +56,12 @@ def test_valid_study_expands_slides_and_fills_defaults(tmp_path):
     ds = study.datasets[0]
     assert [p.name for p in ds.slides] == ["s0.svs", "s1.svs", "s2.svs", "s3.svs"]
     assert ds.labels == (tmp_path / "ds" / "labels.csv").resolve()
-    assert (ds.magnification, ds.patch_size, ds.min_tissue) == (20.0, 512, 0.5)
+    assert (ds.tile.magnification, ds.tile.patch_size, ds.tile.min_tissue) == (20.0, 512, 0.5)
     assert study.encoders == (EncoderConfig("resnet18", "random", 0), EncoderConfig("resnet18", "random", 2),
                               EncoderConfig("densenet121", "random", 0))
     assert study.mil.lr == pytest.approx(1e-3) and study.mil.epochs == 2
-    assert study.finetune.encoders == (EncoderConfig("resnet18", "random", 2),)
-    assert study.finetune.seeds == (0, 1) and study.cka.n_patches == 16
+    assert study.finetune_encoders == (EncoderConfig("resnet18", "random", 2),)
+    assert study.finetune_seeds == (0, 1) and study.cka.n_patches == 16
     assert study.encoder_info["densenet121"]["family"] == "imagenet"
 
 
@@ -76,6 +77,23 @@ def test_plan_has_one_cell_per_grid_point(tmp_path):
     for c in cells:  # dependencies always come first
         assert all(d.key in seen for d in c.deps)
         seen.add(c.key)
+
+
+def test_top_level_tile_settings_are_dataset_defaults_that_a_dataset_overrides(tmp_path):
+    study = base_study(tmp_path)
+    study["tile"] = {"patch_size": 256, "min_tissue": 0.25, "workers": 2}
+    study["datasets"].append({**make_dataset(tmp_path, "other"), "patch_size": 128})
+    first, second = load_study(write_study(tmp_path, study)).datasets
+    assert (first.tile.patch_size, first.tile.min_tissue, first.tile.workers) == (256, 0.25, 2)
+    assert (second.tile.patch_size, second.tile.min_tissue) == (128, 0.25)
+
+
+def test_labels_file_problems_that_training_would_refuse_are_caught_by_the_check(tmp_path):
+    study = base_study(tmp_path)
+    (tmp_path / "ds" / "labels.csv").write_text("slide_id,label\ns0,a\ns1,b\ns2,c\ns3,a\n")
+    assert "datasets[0].labels: " in problems(tmp_path, study) and "3 classes" in problems(tmp_path, study)
+    (tmp_path / "ds" / "labels.csv").write_text("slide_id;label\ns0;0\ns1;1\n")
+    assert "separated by semicolons" in problems(tmp_path, study)
 
 
 def test_typo_in_dataset_key_names_it_with_suggestion(tmp_path):
@@ -117,8 +135,8 @@ def test_labels_without_label_column_and_empty_slide_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     study["datasets"][0]["slides"] = "empty"
     text = problems(tmp_path, study)
-    assert "lacks column(s) slide_id, label" in text
-    assert "datasets[0].slides: no slide files in" in text
+    assert "datasets[0].labels: " in text and "missing column(s) slide_id, label" in text
+    assert "datasets[0].slides: " in text and "folder holds no slide files" in text
 
 
 def test_truncation_too_deep_for_the_architecture(tmp_path):
@@ -143,7 +161,7 @@ def test_bad_values_and_missing_weights_file(tmp_path):
     study["encoders"][1]["weights"] = "weights/nope.safetensors"
     study["cka"]["pooling"] = "max"
     text = problems(tmp_path, study)
-    assert "extract.device: 'gpu' is not one of auto, cpu, cuda" in text
+    assert "extract.device: 'gpu' is not a device: use auto, cpu, cuda or cuda:N" in text
     assert "extract.precision: 'fp23' is not one of fp32, bf16, fp16 (did you mean 'fp32'?)" in text
     assert "mil.model: 'gatd' is not one of histotransfer, gated (did you mean 'gated'?)" in text
     assert "encoders[1].weights: weights file for densenet121 not found" in text

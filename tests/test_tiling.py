@@ -31,7 +31,8 @@ def test_known_tissue_at_20x_from_40x(make_slide, tmp_path: Path) -> None:
     path = make_slide("geo", size=size, mpp=0.25, tissue=truth)
     result = tile_slide(path, tmp_path / "out", magnification=20.0, patch_size=256)
     assert result.status == "ok"
-    got = read_patch_file(tmp_path / "out" / "patches" / "geo.h5")
+    folder = tmp_path / "out" / "20x_256px_0px_overlap"  # TRIDENT's naming of the tiling's folder
+    got = read_patch_file(folder / "patches" / "geo.h5")
     spec = got.spec
     assert spec.patch_size_level0 == 2 * 256 and spec.downsample == 2.0 and spec.patch_level == 1
     assert (spec.mpp, spec.target_magnification, spec.min_tissue, spec.stride) == (0.25, 20.0, 0.5, 256)
@@ -52,8 +53,8 @@ def test_known_tissue_at_20x_from_40x(make_slide, tmp_path: Path) -> None:
         covered[y:y + footprint, x:x + footprint] = True
     assert (covered & truth).sum() / truth.sum() > 0.8
 
-    assert set(np.unique(cv2.imread(str(tmp_path / "out" / "masks" / "geo.png"), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
-    thumb = cv2.imread(str(tmp_path / "out" / "thumbnails" / "geo.png"))
+    assert set(np.unique(cv2.imread(str(folder / "masks" / "geo.png"), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
+    thumb = cv2.imread(str(folder / "thumbnails" / "geo.png"))
     assert thumb.shape == (853, 1024, 3)  # longest side 1024
 
 
@@ -83,20 +84,23 @@ def test_refuses_magnification_above_the_slides(make_slide, tmp_path: Path) -> N
     assert tile_slide(path, tmp_path / "out", magnification=20.0, patch_size=128).status == "ok"
 
 
-def test_rerun_skips_same_settings_and_retiles_changed_ones(make_slide, tmp_path: Path) -> None:
+def test_rerun_skips_same_settings_and_other_settings_get_their_own_folder(make_slide, tmp_path: Path) -> None:
     slides = [make_slide("a", size=(1024, 1024)), make_slide("b", size=(1024, 1024), seed=1)]
     out = tmp_path / "out"
     first = tile_slides(slides, out, patch_size=128)
-    assert [r.status for r in first] == ["ok", "ok"] and all(r.message == "" for r in first)
-    stamp = (out / "patches" / "a.h5").stat().st_mtime_ns
+    assert [r.status for r in first.results] == ["ok", "ok"] and all(r.message == "" for r in first.results)
+    stamp = (first.patches / "a.h5").stat().st_mtime_ns
     again = tile_slides(slides, out, patch_size=128)
-    assert [r.message for r in again] == ["already tiled"] * 2
-    assert [r.n_patches for r in again] == [r.n_patches for r in first]
-    assert (out / "patches" / "a.h5").stat().st_mtime_ns == stamp
+    assert [(r.status, r.message) for r in again.results] == [("skipped", "already done with these settings")] * 2
+    assert [r.n_patches for r in again.results] == [r.n_patches for r in first.results]
+    assert (first.patches / "a.h5").stat().st_mtime_ns == stamp
     changed = tile_slides(slides, out, patch_size=128, min_tissue=0.9)
-    assert [r.message for r in changed] == ["", ""]
-    assert read_patch_file(out / "patches" / "a.h5").spec.min_tissue == 0.9
-    report = pd.read_csv(out / "tiling.csv")
+    assert [r.message for r in changed.results] == ["", ""]
+    assert changed.folder != first.folder and changed.folder.name.startswith("20x_128px_0px_overlap_")
+    assert read_patch_file(changed.patches / "a.h5").spec.min_tissue == 0.9
+    assert read_patch_file(first.patches / "a.h5").spec.min_tissue == 0.5  # the first tiling is untouched
+    assert (first.patches / "a.h5").stat().st_mtime_ns == stamp
+    report = pd.read_csv(first.folder / "tiling.csv")
     assert list(report.columns) == ["slide_id", "slide_path", "status", "n_patches", "seconds", "message"]
     assert list(report.slide_id) == ["a", "b"]
 
@@ -106,20 +110,22 @@ def test_duplicate_slide_ids_fail_before_any_work(make_slide, tmp_path: Path) ->
     other = tmp_path / "other"
     other.mkdir()
     (other / "same.svs").write_bytes(a.read_bytes())
-    with pytest.raises(HistotransferError, match=r"share an id.*same"):
+    with pytest.raises(HistotransferError, match=r"share the id 'same'"):
         tile_slides([a.parent, other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert len(tile_slides([a, a.parent], tmp_path / "out", patch_size=128)) == 1  # one file named twice
+    run = tile_slides([a, a.parent], tmp_path / "out", patch_size=128)  # one file named twice
+    assert [(r.slide_id, r.status) for r in run.results][1:] == [("same", "duplicate")] and len(run.results) == 2
 
 
 def test_workers_give_the_same_outputs(make_slide, tmp_path: Path) -> None:
     slides = [make_slide(f"w{i}", size=(1024, 1024), seed=i) for i in range(3)]
     one = tile_slides(slides, tmp_path / "one", patch_size=128)
     two = tile_slides(slides, tmp_path / "two", patch_size=128, workers=2)
-    assert [(r.slide_id, r.status, r.n_patches) for r in one] == [(r.slide_id, r.status, r.n_patches) for r in two]
+    assert [(r.slide_id, r.status, r.n_patches) for r in one.results] == \
+        [(r.slide_id, r.status, r.n_patches) for r in two.results]
     for s in slides:
-        a = read_patch_file(tmp_path / "one" / "patches" / f"{s.stem}.h5")
-        b = read_patch_file(tmp_path / "two" / "patches" / f"{s.stem}.h5")
+        a = read_patch_file(one.patches / f"{s.stem}.h5")
+        b = read_patch_file(two.patches / f"{s.stem}.h5")
         np.testing.assert_array_equal(a.coords, b.coords)
 
 
@@ -147,5 +153,7 @@ def test_real_svs_tiles_identically_through_openslide_and_tiffslide(cmu_svs: Pat
         assert slide.backend == "tiffslide"
     via_tiffslide = tile_slide(cmu_svs, tmp_path / "ts", patch_size=256)
     assert via_openslide.n_patches == via_tiffslide.n_patches
-    np.testing.assert_array_equal(read_patch_file(tmp_path / "os" / "patches" / "CMU-1-Small-Region.h5").coords,
-                                  read_patch_file(tmp_path / "ts" / "patches" / "CMU-1-Small-Region.h5").coords)
+    name = "20x_256px_0px_overlap/patches/CMU-1-Small-Region.h5"
+    via_os, via_ts = read_patch_file(tmp_path / "os" / name), read_patch_file(tmp_path / "ts" / name)
+    np.testing.assert_array_equal(via_os.coords, via_ts.coords)
+    assert via_os.identity == via_ts.identity  # both backends see the same slide file

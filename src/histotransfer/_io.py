@@ -26,13 +26,13 @@ if TYPE_CHECKING:
 
 TMP_MARK = ".tmp-"
 LOCK_SUFFIX = ".lock"
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TMP_MARK) + r"(?P<host>.+)-(?P<pid>\d+)(?P<suffix>\.[^.]*)?$")
 
 
 def temp_name(path: Path) -> Path:
     """The temporary sibling of ``path`` used while this process writes it."""
-    return path.with_name(f".{path.name}{TMP_MARK}{_HOST}-{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.name}{TMP_MARK}{HOST}-{os.getpid()}{path.suffix}")
 
 
 def process_alive(pid: int) -> bool:
@@ -51,7 +51,7 @@ def _owner_gone(host: str, pid: int) -> bool:
 
     A writer on another machine cannot be checked from here and is taken to be alive.
     """
-    return host == _HOST and pid != os.getpid() and not process_alive(pid)
+    return host == HOST and pid != os.getpid() and not process_alive(pid)
 
 
 @contextmanager
@@ -110,7 +110,7 @@ class ItemLock:
                 self.owner = f"{owner[0]} pid {owner[1]}" if owner else "another process"
                 return False
             with os.fdopen(fd, "w") as f:
-                f.write(f"{_HOST} {os.getpid()}\n")
+                f.write(f"{HOST} {os.getpid()}\n")
             self._held = True
             return True
         return False
@@ -121,6 +121,12 @@ class ItemLock:
             return host, int(pid)
         except (OSError, ValueError):
             return None
+
+    def clear_if_stale(self) -> None:
+        """Remove the lock file if the process that took it is gone (same machine)."""
+        owner = self._read_owner() if self.path.exists() else None
+        if owner is not None and _owner_gone(*owner):
+            self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._held:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -95,13 +96,18 @@ def describe_errors(exc: ValidationError, model: type[BaseModel] | None = None, 
             lines.append(f"{where}: unknown key '{key}'{_did_you_mean(key, _siblings(model, loc))}")
             continue
         value = err.get("input")
-        shown = "" if err["type"] == "missing" else f" (got {value!r})"
+        shown = "" if err["type"] in ("missing", "literal_error") else f" (got {value!r})"
         message = "missing (required)" if err["type"] == "missing" else _message(err)
         lines.append(f"{where}: {message}{shown}" if where else f"{message}{shown}")
     return "\n".join(lines)
 
 
 def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        value = str(err.get("input"))
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+        return f"{value!r} is not one of {', '.join(choices)}" + (f" (did you mean '{close[0]}'?)" if close else "")
     msg = str(err["msg"])
     return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
 

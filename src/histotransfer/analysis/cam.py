@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features.encoders import Encoder, precision_context
+from ..features import Encoder
+from ..runtime import precision_context
 from ..mil.models import AttentionMIL
 
 POSITIVE_CLASS = 1  # index of the positive class in a run's label mapping (the second class name)

@@ -288,6 +288,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         todo: list[str] = []
         for sid in mine:
             remove_stale_temps(folder, prefix=f"{sid}.h5")
+            ItemLock(folder / f".{sid}{LOCK_SUFFIX}").clear_if_stale()
             t0 = time.perf_counter()
             try:
                 fp = read_patch_file(files[sid]).fingerprint

@@ -2,8 +2,8 @@
 
 Every stage that takes slides (tiling, heatmaps, fine-tuning, CKA, the study) lists them here, so they agree
 on what a folder holds (files with a slide suffix, not hidden ones, sorted by name), on slide ids (the file name
-without its extension) and on what is refused: a missing path, a symbolic link loop, a folder without slides,
-and two different files with one id. The same file given twice (e.g. through a symbolic link) is kept once and
+without its extension) and on what is refused: a symbolic link loop, a folder without slides, and two different
+files with one id. The same file given twice (e.g. through a symbolic link) is kept once and
 the repeat is returned marked as a duplicate, so a batch can report it instead of dropping it silently.
 """
 
@@ -29,14 +29,11 @@ class SlideEntry:
 
 
 def _resolve(path: Path) -> Path:
+    """The real path of ``path``; a missing file resolves as far as it can (its slide then reports it)."""
     try:
-        return path.resolve(strict=True)
-    except RuntimeError as exc:  # Python < 3.13 raises RuntimeError for a loop under strict resolution
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symbolic link loop
         raise HistotransferError(f"{path}: symbolic link loop; point it at a slide file or folder.") from exc
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP
-            raise HistotransferError(f"{path}: symbolic link loop; point it at a slide file or folder.") from exc
-        raise HistotransferError(f"{path}: no such slide file or folder; check the path.") from exc
 
 
 def folder_slides(folder: Path) -> list[Path]:
@@ -48,8 +45,8 @@ def folder_slides(folder: Path) -> list[Path]:
 def list_slides(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[SlideEntry]:
     """Slides from files and folders (see the module docstring), in the order given, folders by name.
 
-    Raises HistotransferError for a missing path, a link loop, a folder holding no slide file, or two
-    different files sharing a slide id.
+    Raises HistotransferError for a link loop, a folder holding no slide file, or two different files sharing a
+    slide id. A file that does not exist is listed: the stage reports it in its row for that slide.
     """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths: list[Path] = []

@@ -82,12 +82,13 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
 def auc_vs_top1(mil: pd.DataFrame, path: Path) -> Figure:
     """Test AUC (mean ± sd over seeds) of full-depth ImageNet encoders against their ImageNet top-1."""
     fig_info = Figure("auc_vs_imagenet_top1", "AUC vs ImageNet top-1",
-                      "Slide-level test AUC of each full-depth encoder against the ImageNet top-1 accuracy of its "
-                      "architecture (torchvision's weight metadata). Mean ± sd over seeds.")
+                      "Slide-level test AUC of each full-depth encoder with ImageNet weights against the ImageNet "
+                      "top-1 accuracy of the weights it loaded (random or other weights have none and are not "
+                      "drawn). Mean ± sd over seeds.")
     sel = mil[(mil["truncate"] == 0) & (mil["family"] != "histopathology") & mil["imagenet_top1"].notna()] \
         if len(mil) else mil
     if sel.empty:
-        fig_info.missing = "no finished full-depth ImageNet encoder with a known ImageNet top-1."
+        fig_info.missing = "no finished full-depth encoder with ImageNet weights (only they have an ImageNet top-1)."
         return fig_info
     sel = sel.assign(imagenet_top1=sel["imagenet_top1"].astype(float))
     datasets = list(dict.fromkeys(sel["dataset"]))

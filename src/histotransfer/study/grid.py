@@ -1,0 +1,81 @@
+"""What a validated study is: its datasets, the encoder configurations of its grid, and each stage's settings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..analysis.settings import CkaSettings
+from ..features.settings import ExtractSettings
+from ..finetune.settings import FinetuneSettings
+from ..mil.settings import MilSettings
+from ..patches.settings import TileSettings
+from ..provenance import json_fingerprint
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One patch encoder configuration of the grid: architecture, weights (a named option, random or an
+    absolute checkpoint path) and truncation."""
+
+    name: str
+    weights: str
+    truncate: int
+
+    @property
+    def weights_tag(self) -> str:
+        """A short folder-safe name for the weights (a checkpoint path becomes stem + hash of the path)."""
+        if not Path(self.weights).is_absolute():
+            return self.weights
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.weights).stem)[:40]
+        return f"{stem}-{json_fingerprint(self.weights)[:8]}"
+
+    @property
+    def key(self) -> str:
+        """Folder-safe identifier, unique per configuration."""
+        return f"{self.name}-{self.weights_tag}-t{self.truncate}"
+
+    @property
+    def label(self) -> str:
+        """Human-readable name for tables and figures."""
+        return f"{self.name} ({Path(self.weights).name}, truncate {self.truncate})"
+
+    def spec(self) -> dict[str, Any]:
+        """The encoder as the extraction and CKA APIs take it."""
+        return {"name": self.name, "weights": self.weights, "truncate": self.truncate}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A validated dataset: slide files, label file, tiling settings (or demo slides to generate)."""
+
+    name: str
+    slides: tuple[Path, ...]
+    labels: Path | None
+    tile: TileSettings
+    split_file: Path | None = None
+    demo: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file."""
+
+    path: Path
+    text: str
+    name: str
+    out: Path | None
+    datasets: tuple[Dataset, ...]
+    encoders: tuple[EncoderConfig, ...]
+    seeds: tuple[int, ...]
+    extract: ExtractSettings
+    mil: MilSettings
+    finetune: FinetuneSettings | None = None
+    finetune_encoders: tuple[EncoderConfig, ...] = ()
+    finetune_seeds: tuple[int, ...] = ()
+    cka: CkaSettings | None = None
+    cka_finetuned: bool = False
+    cka_pairs: tuple[tuple[EncoderConfig, EncoderConfig], ...] = ()
+    encoder_info: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
