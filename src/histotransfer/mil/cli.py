@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from ..settings import add_options, from_args
@@ -51,16 +52,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "heatmap", help="attention heatmaps (PNG) and QuPath GeoJSON of slides",
-        description="For each slide: <slide_id>.png (attention over the thumbnail, with a colour bar) and "
-                    "<slide_id>.geojson (one square per patch in level-0 pixels with the attention as "
-                    "measurements; import in QuPath with File > Import objects).")
+        description="For each slide: <slide_id>.png (attention over the thumbnail, with a legend strip stating "
+                    "the value, the scale and its range) and <slide_id>.geojson (one square per patch in level-0 "
+                    "pixels with the attention as measurements; import in QuPath with File > Import objects). "
+                    "The attention is the run's (RUN/attention), what `histotransfer evaluate` wrote "
+                    "(RUN/evaluation/attention or --attention), or computed from --features.")
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--slides", required=True, nargs="+", type=Path, help="slide files or folders of slides")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--attention", type=Path, default=None,
+                   help="folder of <slide_id>.h5 attention files written by `histotransfer evaluate --out` "
+                        "(default: RUN/attention, then RUN/evaluation/attention)")
     p.add_argument("--features", type=Path, default=None,
-                   help="feature folder of slides the run did not see (default: the run's attention)")
+                   help="feature folder of slides to run through the model instead (default: stored attention)")
+    p.add_argument("--patches", type=Path, default=None,
+                   help="folder of <slide_id>.h5 patch files (ours, CLAM's or TRIDENT's) that record the patch "
+                        "side when the attention and feature files do not")
     p.add_argument("--patch-size-level0", type=int, default=None,
-                   help="patch side in level-0 pixels (default: from the feature or patch file attrs)")
+                   help="patch side in level-0 pixels (default: from the attention, feature or patch file attrs)")
+    p.add_argument("--value", default="score", choices=("score", "weight"),
+                   help="score: raw pre-softmax attention, the same for the same tissue in any slide; weight: "
+                        "softmax weight x number of patches (1 = uniform) (default: %(default)s)")
+    p.add_argument("--scale", default="cohort", choices=("cohort", "slide"),
+                   help="cohort: one colour range for all slides of this call, so colours compare across "
+                        "slides; slide: each slide's own range (default: %(default)s)")
     p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel for slides without it")
     p.add_argument("--max-side", type=int, default=2048, help="thumbnail size (default: %(default)s)")
     p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
@@ -104,15 +119,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    from ..batch import BatchReport, summarize
+    from ..batch import BatchReport
     from ..slide import list_slides
     from .heatmap import write_heatmaps
 
-    write_heatmaps(args.run, args.slides, args.out, features_dir=args.features,
-                   patch_size_level0=args.patch_size_level0, mpp=args.mpp, max_side=args.max_side,
-                   object_type=args.object_type)
+    write_heatmaps(args.run, args.slides, args.out, features_dir=args.features, attention_dir=args.attention,
+                   patches_dir=args.patches, patch_size_level0=args.patch_size_level0, mpp=args.mpp,
+                   max_side=args.max_side, object_type=args.object_type, scale=args.scale, value=args.value)
     ids = {e.slide_id for e in list_slides(args.slides)}
     rows = [r for r in BatchReport(args.out / "heatmaps.csv").rows.values() if r.slide_id in ids]
-    print(summarize(rows, "heatmaps"))
+    counts = Counter(r.status for r in rows)
+    print("heatmaps: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    failed = [r.slide_id for r in rows if r.status == "error"]
+    if failed:  # each reason was printed as the slide failed; it is also in heatmaps.csv
+        print(f"failed: {', '.join(failed)} (reasons above and in {args.out / 'heatmaps.csv'})")
     print(f"out: {args.out}")
-    return 1 if any(r.status == "error" for r in rows) else 0
+    return 1 if failed else 0
