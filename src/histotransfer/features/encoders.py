@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import HistotransferError
 from ..runtime import PRECISIONS
-from .registry import Preprocessing, Stage, check_truncate, encoder_spec, meta_stages
+from .registry import Preprocessing, Stage, check_truncate, encoder_spec, meta_stages, pooled_width
 from .weights import apply_state_dict, load_state_dict_file, resolve_weights, weights_file, weights_file_sha256
 
 RANDOM_INIT_SEED = 0
@@ -47,7 +47,7 @@ class Encoder(nn.Module):
         self.name = name
         self.truncate = truncate
         self.stage_names = [s.name for s in stages]
-        self.feature_dim = stages[-1].channels
+        self.feature_dim = pooled_width(self.pool, stages[-1].channels)
         self.weights_source = weights_source
         self.weights_sha256 = weights_sha256
         self.weights_label = weights_label

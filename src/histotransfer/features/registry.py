@@ -21,7 +21,7 @@ from ..errors import HistotransferError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CATALOGUES = ("histotransfer.features.catalogue",)
+CATALOGUES = ("histotransfer.features.catalogue", "histotransfer.features.catalogue_vit")
 RANDOM = "random"
 
 
@@ -56,26 +56,39 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """A file of a public Hugging Face Hub repository (timm's ImageNet weights), fetched on first use."""
+
+    repo_id: str
+    filename: str
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+@dataclass(frozen=True)
 class WeightsOption:
     """A named set of pre-trained weights of an encoder.
 
-    ``torchvision`` weights are fetched into the weights folder on first use (torchvision's published file);
-    a ``checkpoint`` must be put there (or given as a path) by the user. ``imagenet_top1`` is the ImageNet
-    accuracy of exactly these weights; ``paper_top1`` is the figure the HistoTransfer paper's Table I lists for
-    the weights it used, when these are the nearest available ones rather than the same.
+    ``torchvision`` weights and ``hub`` files are fetched into the weights folder on first use (the library's
+    published file); a ``checkpoint`` must be put there (or given as a path) by the user. ``imagenet_top1`` is
+    the ImageNet accuracy of exactly these weights; ``paper_top1`` is the figure the HistoTransfer paper's
+    Table I lists for the weights it used, when these are the nearest available ones rather than the same.
     """
 
     name: str
     description: str
     torchvision: Any = None  # a torchvision.models.WeightsEnum member
     checkpoint: Checkpoint | None = None
+    hub: HubFile | None = None
     imagenet_top1: float | None = None
     paper_top1: float | None = None
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
-        if (self.torchvision is None) == (self.checkpoint is None):
-            raise ValueError(f"weights '{self.name}': give exactly one of torchvision or checkpoint")
+        if sum(x is not None for x in (self.torchvision, self.checkpoint, self.hub)) != 1:
+            raise ValueError(f"weights '{self.name}': give exactly one of torchvision, checkpoint or hub")
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,12 @@ def meta_stages(spec: EncoderSpec) -> list[Stage]:
         return spec.stages(spec.build())
 
 
+def pooled_width(pool: nn.Module | None, channels: int) -> int:
+    """Width of the pooled features: a pool's ``out_features`` where it has one (e.g. class token
+    concatenated with the mean patch token), else the last kept stage's ``channels``."""
+    return int(getattr(pool, "out_features", channels))
+
+
 def check_truncate(spec: EncoderSpec, truncate: int, n_stages: int | None = None) -> None:
     """Refuse a truncation that would remove every stage after the stem."""
     n = len(meta_stages(spec)) - 1 if n_stages is None else n_stages
@@ -191,8 +210,11 @@ def check_truncate(spec: EncoderSpec, truncate: int, n_stages: int | None = None
 def encoder_info(name: str) -> dict[str, Any]:
     """What the registry knows about an encoder, without loading weights (for tables and listings)."""
     spec = encoder_spec(name)
-    stages = meta_stages(spec)
-    n = len(stages) - 1
+    with torch.device("meta"):
+        model = spec.build()
+        stages = spec.stages(model)
+        n = len(stages) - 1
+        pools = [spec.pool(model, stages[: n + 1 - k]) if spec.pool is not None else None for k in range(n)]
     default = spec.weights.get(spec.default_weights)
     return {
         "name": spec.name,
@@ -200,7 +222,7 @@ def encoder_info(name: str) -> dict[str, Any]:
         "family": spec.family,
         "n_stages": n,
         "stage_names": [s.name for s in stages],
-        "feature_dims": [stages[n - k].channels for k in range(n)],
+        "feature_dims": [pooled_width(pools[k], stages[n - k].channels) for k in range(n)],
         "n_params": sum(p.numel() for s in stages for p in s.module.parameters()),
         "default_weights": spec.default_weights,
         "weights": {w.name: weights_info(w) for w in spec.weights.values()},
@@ -212,15 +234,16 @@ def encoder_info(name: str) -> dict[str, Any]:
 
 def weights_info(option: WeightsOption) -> dict[str, Any]:
     """One weights option as plain values."""
-    ckpt = option.checkpoint
+    ckpt, hub = option.checkpoint, option.hub
+    source = str(option.torchvision) if option.torchvision is not None else None
     return {
         "name": option.name,
         "description": option.description,
-        "source": str(option.torchvision) if option.torchvision is not None else None,
+        "source": f"hf-hub:{hub.repo_id}" if hub else source,
         "imagenet_top1": option.imagenet_top1,
         "paper_top1": option.paper_top1,
-        "checkpoint": ckpt.filename if ckpt else None,
-        "checkpoint_url": ckpt.url if ckpt else None,
+        "checkpoint": ckpt.filename if ckpt else (f"{hub.repo_id}/{hub.filename}" if hub else None),
+        "checkpoint_url": ckpt.url if ckpt else (hub.url if hub else None),
         "reference": ckpt.reference if ckpt else None,
         "access": ckpt.access if ckpt else None,
     }

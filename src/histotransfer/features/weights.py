@@ -6,10 +6,11 @@ registry) or a path to a checkpoint file.
 
 ``.safetensors`` files hold tensors only; ``.pth`` / ``.pt`` / ``.ckpt`` files are read with
 ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain containers.
-Published checkpoints wrap a torchvision state dict in different ways (nested under ``state_dict`` or
+Published checkpoints wrap a torchvision or timm state dict in different ways (nested under ``state_dict`` or
 ``model``, keys prefixed by the training wrapper, a classification or multi-task head): they are normalised
-here to torchvision's own key names, and :func:`apply_state_dict` then refuses anything that does not fit the
-model exactly, instead of a silent partial load.
+here to the library's own key names (a transformers ``Dinov2Model`` state dict is renamed to timm's
+VisionTransformer names), and :func:`apply_state_dict` then refuses anything that does not fit the model
+exactly, instead of a silent partial load.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 NESTING_KEYS = ("state_dict", "model_state_dict", "model")
 
 # Top-level modules that are classification heads, not part of an encoder: torchvision's ``fc``
-# (ResNet) and ``classifier`` (DenseNet, EfficientNet), and the per-task ``heads`` of multi-task models.
-HEAD_ROOTS = frozenset({"fc", "classifier", "heads"})
+# (ResNet) and ``classifier`` (DenseNet, EfficientNet), timm's ``head`` (VisionTransformer) and the per-task
+# ``heads`` of multi-task models.
+HEAD_ROOTS = frozenset({"fc", "classifier", "head", "heads"})
 
 # Top-level module names of the torchvision architectures in the registry. A prefix shared by every key is a
 # training wrapper (``module.``, ``model.resnet.``, ...) to strip, unless it is one of these names, or
@@ -48,6 +50,22 @@ TORCHVISION_ROOTS = frozenset(
 _LEGACY_DENSENET = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
+
+# transformers' Dinov2Model (Phikon-v2's published layout) -> timm's VisionTransformer. The attention's
+# separate query/key/value projections become timm's fused ``qkv`` (stacked in that order, as timm splits it);
+# the mask token is only used in pre-training.
+DINOV2_MARK = "embeddings.patch_embeddings.projection.weight"
+_DINOV2_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+_DINOV2_RENAMES = (
+    (re.compile(r"^embeddings\.cls_token$"), "cls_token"),
+    (re.compile(r"^embeddings\.position_embeddings$"), "pos_embed"),
+    (re.compile(r"^embeddings\.patch_embeddings\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense\."), r"blocks.\1.attn.proj."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$"), r"blocks.\1.ls\2.gamma"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.(norm[12]|mlp\.fc[12])\."), r"blocks.\1.\2."),
+    (re.compile(r"^layernorm\."), "norm."),
+)
+_DINOV2_DROPPED = frozenset({"embeddings.mask_token"})
 
 
 def weights_cache_dir() -> Path:
@@ -140,11 +158,38 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         m = _LEGACY_DENSENET.match(key)
         renamed[m.group(1) + m.group(2) if m else key] = value
-    return renamed
+    return dinov2_to_timm(renamed) if DINOV2_MARK in renamed else renamed
+
+
+def _dinov2_key(key: str) -> str:
+    for pattern, replacement in _DINOV2_RENAMES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
+def dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``Dinov2Model`` state dict under timm's VisionTransformer key names.
+
+    Keys it does not know are kept as they are and a layer without all of query, key and value gets no ``qkv``,
+    so that the strict load names what does not fit.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = _DINOV2_QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        elif key not in _DINOV2_DROPPED:
+            out[_dinov2_key(key)] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint as a torchvision-style state dict: heads dropped, wrapper prefixes stripped.
+    """Load a checkpoint as a torchvision- or timm-style state dict: heads dropped, wrapper prefixes stripped.
 
     Accepts ``.safetensors`` and ``.pth`` / ``.pt`` / ``.ckpt`` / ``.bin`` (loaded with ``weights_only=True``);
     a file whose pickle would construct anything but tensors is refused with a HistotransferError.
@@ -168,8 +213,13 @@ def _preview(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _library(model: nn.Module) -> str:
+    """The library whose key names ``model`` has (for error messages)."""
+    return "timm" if type(model).__module__.startswith("timm.") else "torchvision"
+
+
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, architecture: str) -> None:
-    """Load ``state`` into a full torchvision ``model``; any key mismatch outside the head is an error."""
+    """Load ``state`` into a full torchvision or timm ``model``; any key mismatch outside the head is an error."""
     own = model.state_dict()
     # BatchNorm's num_batches_tracked only matters for training with momentum=None; files converted from
     # other frameworks lack it.
@@ -190,9 +240,10 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
             parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {_preview(shapes, 2)}")
+        lib = _library(model)
         raise HistotransferError(
-            f"{source}: does not fit a torchvision {architecture}: {'; '.join(parts)}. "
-            f"Pass weights of a {architecture} (a torchvision state dict, optionally nested or prefixed)."
+            f"{source}: does not fit a {lib} {architecture}: {'; '.join(parts)}. "
+            f"Pass weights of a {architecture} (a {lib} state dict, optionally nested or prefixed)."
         )
     model.load_state_dict(state, strict=False)
 
@@ -217,10 +268,11 @@ class WeightsChoice:
 
     @property
     def label(self) -> str:
-        """How encoder ids name these weights: the option's name, or ``w`` + 12 hex of a file's sha256."""
+        """How encoder ids name these weights: the option's name (weights a library publishes), or ``w`` + 12
+        hex of a file's sha256 (user-supplied checkpoints)."""
         if self.kind == RANDOM:
             return RANDOM
-        if self.option is not None and self.option.torchvision is not None:
+        if self.option is not None and self.option.checkpoint is None:
             return self.option.name
         assert self.path is not None
         return f"w{weights_file_sha256(self.path)[:12]}"
@@ -258,6 +310,30 @@ def torchvision_file(spec: EncoderSpec, option: WeightsOption) -> Path:
     return path
 
 
+def hub_path(option: WeightsOption) -> Path:
+    """Where a hub option's file lives in the weights folder: ``<repo_id>/<filename>``."""
+    assert option.hub is not None
+    return weights_cache_dir() / option.hub.repo_id / option.hub.filename
+
+
+def hub_file(spec: EncoderSpec, option: WeightsOption) -> Path:
+    """The Hugging Face Hub file of ``option``, downloaded into the weights folder when absent."""
+    hub = option.hub
+    assert hub is not None
+    path = hub_path(option)
+    if path.is_file():
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(hub.repo_id, hub.filename, local_dir=path.parent))
+    except Exception as exc:
+        raise HistotransferError(
+            f"could not download ImageNet weights for {spec.name} from {hub.url} ({exc}); without internet, "
+            f"download that file elsewhere and pass its path as weights (--weights PATH), or copy it to {path}."
+        ) from exc
+
+
 def resolve_weights(name: str, weights: str | Path | None) -> WeightsChoice:
     """Interpret ``weights`` for encoder ``name`` (see the module docstring); nothing is downloaded here."""
     spec = encoder_spec(name)
@@ -269,6 +345,8 @@ def resolve_weights(name: str, weights: str | Path | None) -> WeightsChoice:
         if option.checkpoint is not None:
             path = _published_checkpoint(spec, option)
             return WeightsChoice("named", option, path, str(path))
+        if option.hub is not None:
+            return WeightsChoice("named", option, None, f"{option.name} (hf-hub:{option.hub.repo_id})")
         return WeightsChoice("named", option, None, f"{option.name} ({option.torchvision})")
     path = Path(text).expanduser()
     if path.suffix not in CHECKPOINT_SUFFIXES:
@@ -283,7 +361,10 @@ def resolve_weights(name: str, weights: str | Path | None) -> WeightsChoice:
 
 
 def weights_file(spec: EncoderSpec, choice: WeightsChoice) -> Path | None:
-    """The file to load for ``choice`` (a torchvision option's file is fetched now), None for random weights."""
+    """The file to load for ``choice`` (a torchvision or hub option's file is fetched now), None for random
+    weights."""
     if choice.option is not None and choice.option.torchvision is not None:
         return torchvision_file(spec, choice.option)
+    if choice.option is not None and choice.option.hub is not None:
+        return hub_file(spec, choice.option)
     return choice.path
