@@ -41,8 +41,8 @@ EXPECTED_DIMS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_lists_the_study_encoders():
-    assert list_encoders() == list(EXPECTED_DIMS)
+def test_registry_lists_the_study_encoders_first():
+    assert list_encoders()[: len(EXPECTED_DIMS)] == list(EXPECTED_DIMS)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_DIMS))
