@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,6 +176,21 @@ def write_torch(obj: Any, path: str | os.PathLike[str]) -> None:
         torch.save(obj, f)
 
 
+def write_png(image: Any, path: str | os.PathLike[str], rgb: bool = True) -> None:
+    """Write a uint8 image (RGB, or gray with ``rgb=False``) as a PNG atomically.
+
+    Encoded in memory and written as bytes, so a full disk raises the OSError (ENOSPC) that says so.
+    """
+    import cv2
+
+    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb and image.ndim == 3 else image
+    ok, data = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError(f"could not encode {path} as PNG")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -216,6 +232,19 @@ def os_error_text(exc: OSError) -> str:
         errno.ENAMETOOLONG: "file name too long",
     }
     return texts.get(exc.errno or 0, exc.strerror or type(exc).__name__) + where
+
+
+def ensure_space(path: str | os.PathLike[str], need: int) -> None:
+    """Raise OSError(ENOSPC) before writing ``need`` bytes next to ``path`` when the disk cannot hold them.
+
+    HDF5 handles a write failing for lack of space badly (the half-written file's handles cannot be released,
+    and the process may crash at exit), so HDF5 outputs check the space before they are created.
+    """
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need + (1 << 16):
+        raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free", str(path))
 
 
 def disk_full(exc: BaseException) -> bool:

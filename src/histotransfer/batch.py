@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ._io import disk_full, write_csv
+from ._io import LOCK_SUFFIX, ItemLock, disk_full, write_csv
 from .errors import HistotransferError, one_line
 
+REPORT_LOCK_WAIT = 120.0  # seconds a process waits for another to finish its (millisecond) report update
 REPORT_COLUMNS = ["slide_id", "slide_path", "status", "n_patches", "seconds", "message"]
 
 
@@ -52,18 +53,43 @@ def error_result(slide_id: str, slide_path: str, exc: BaseException, started: fl
 
 
 class BatchReport:
-    """Rows of a stage report keyed by slide id, persisted to ``path`` after each update."""
+    """Rows of a stage report keyed by slide id, persisted to ``path`` after each update.
 
-    def __init__(self, path: str | Path):
+    ``shared``: several processes (on one machine or several, sharing the folder) update the same report;
+    each update then re-reads the file under a lock file and changes only its own row, so no process's rows
+    are lost to another's write.
+    """
+
+    def __init__(self, path: str | Path, shared: bool = False):
         self.path = Path(path)
-        self.rows: dict[str, SlideResult] = {}
-        if self.path.exists():
-            df = pd.read_csv(self.path, dtype={"slide_id": str}, keep_default_na=False)
-            for rec in df.to_dict("records"):
-                self.rows[rec["slide_id"]] = SlideResult(**{k: rec[k] for k in REPORT_COLUMNS})
+        self.shared = shared
+        self.rows: dict[str, SlideResult] = self._read()
+
+    def _read(self) -> dict[str, SlideResult]:
+        if not self.path.exists():
+            return {}
+        df = pd.read_csv(self.path, dtype={"slide_id": str}, keep_default_na=False)
+        return {rec["slide_id"]: SlideResult(**{k: rec[k] for k in REPORT_COLUMNS}) for rec in df.to_dict("records")}
 
     def update(self, result: SlideResult) -> None:
-        self.rows[result.slide_id] = result
+        if not self.shared:
+            self.rows[result.slide_id] = result
+            self._write()
+            return
+        lock = ItemLock(self.path.with_name(f".{self.path.name}{LOCK_SUFFIX}"))
+        deadline = time.monotonic() + REPORT_LOCK_WAIT
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise HistotransferError(f"{self.path}: locked by {lock.owner} for over {REPORT_LOCK_WAIT:.0f} s; "
+                                         f"if no process is writing it, delete {lock.path}.")
+            time.sleep(0.02)
+        try:
+            self.rows = {**self._read(), result.slide_id: result}
+            self._write()
+        finally:
+            lock.release()
+
+    def _write(self) -> None:
         write_csv(pd.DataFrame([asdict(r) for r in self.rows.values()], columns=REPORT_COLUMNS), self.path)
 
     def frame(self) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from ._io import disk_full, os_error_text
@@ -45,7 +46,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _hdf5_release_failure(exc: BaseException | None) -> bool:
+    """When a disk fills up, HDF5 cannot release the identifiers of the file it failed to write, and h5py
+    prints each one as a traceback ("Exception ignored ... ObjectID.__dealloc__"); the command reports the
+    full disk once itself, so these repeats are dropped."""
+    return isinstance(exc, RuntimeError) and "decrement id ref count" in str(exc) and "No space left" in str(exc)
+
+
+def _quiet_excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if not _hdf5_release_failure(exc):
+        sys.__excepthook__(kind, exc, tb)
+
+
+def _quiet_unraisablehook(unraisable: Any) -> None:
+    if not _hdf5_release_failure(unraisable.exc_value) and "ObjectID" not in str(unraisable.object):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; ``argv`` None means this process's command line (the ``histotransfer`` program)."""
+    argv_is_process = argv is None
+    sys.excepthook, sys.unraisablehook = _quiet_excepthook, _quiet_unraisablehook
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is None and not argv:
@@ -61,9 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if os.environ.get("HISTOTRANSFER_DEBUG"):
             raise
+        full = disk_full(exc)
         fix = ("free some space and re-run the same command: finished files are kept and the run resumes"
-               if disk_full(exc) else "fix the path or its permissions and re-run the same command")
+               if full else "fix the path or its permissions and re-run the same command")
         print(f"histotransfer {args.command}: error: {os_error_text(exc)}; {fix}.", file=sys.stderr)
+        if full and argv_is_process:
+            # A file HDF5 failed to write keeps handles it cannot release, and tearing the interpreter down
+            # over them can crash; everything is written or deleted already, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

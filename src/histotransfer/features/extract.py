@@ -283,7 +283,8 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
                                    "encoder": described, "settings": s.record(), "input_size": input_size})
         ranks.barrier()
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
-        report = BatchReport(folder / (REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"))
+        report = BatchReport(folder / (REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"),
+                             shared=not ranks.distributed)
         results: list[SlideResult] = []
         todo: list[str] = []
         for sid in mine:
@@ -320,7 +321,8 @@ def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path
                   model: Encoder, s: ExtractSettings, input_size: int | None, attrs: dict[str, Any],
                   settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device,
                   eid: str) -> list[SlideResult]:
-    """Extract the slides in ``todo``, a window of locked slides at a time."""
+    """Extract the slides in ``todo``, a window of locked slides at a time. A slide another process holds is
+    ``busy`` in the returned rows but not in the shared report, where that process records its own row."""
     encode = BatchEncoder(model, dev, s.precision)
     workers = default_workers(dev) if s.workers is None else s.workers
     desc = f"extract {eid}" + (f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else "")
@@ -365,9 +367,6 @@ def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path
             bar.set_postfix_str(f"{min(start + LOCK_WINDOW, len(todo))}/{len(todo)} slides", refresh=False)
     finally:
         bar.close()
-    for r in results:
-        if r.status == "busy":
-            report.update(r)
     return results
 
 

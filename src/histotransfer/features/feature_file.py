@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, ensure_space
 from ..errors import FormatError
 from ..formats import FEATURES, open_h5, stamp
 
@@ -142,6 +142,7 @@ class FeatureWriter:
         self._hash = _content_hash(self.coords)
 
     def open(self) -> FeatureWriter:
+        ensure_space(self.path, len(self.coords) * (self.dim * self.dtype.itemsize + 16))
         with ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
             f = self._file = stack.enter_context(h5py.File(tmp, "w"))

@@ -40,7 +40,9 @@ from ..features import (
 )
 from ..mil import (
     SPLITS,
+    check_inputs,
     config_differences,
+    feature_fingerprint,
     feature_files,
     load_bags,
     load_run_model,
@@ -202,6 +204,9 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     if s.freeze_stages > n_stages:
         raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
                                  f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
+    features_dir = Path(run_config["features_dir"])
+    check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
+                              for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)
     splits = read_splits(run_dir)
     request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
     config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
@@ -226,7 +231,6 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         ranks.barrier()
         topk = pd.read_csv(out / "topk.csv", dtype={"slide_id": str})
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
-        features_dir = Path(run_config["features_dir"])
         trained_on = (run_config.get("inputs") or {}).get("features") or {}
         chosen, unreadable = topk_slides(topk, labels, features_dir, slides, trained_on)
         split_of = dict(zip(splits["slide_id"], splits["split"]))

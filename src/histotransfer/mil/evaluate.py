@@ -29,6 +29,9 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     before anything is written. Returns ``{"out_dir", "predictions", "metrics", "positive_class"}``.
     """
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HistotransferError(f"--out {out_dir}: is an existing file, not a folder; choose a folder.")
     config = read_config(run_dir)
     classes = read_checkpoint(run_dir)["classes"]
     model = load_run_model(run_dir)
@@ -45,7 +48,7 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if not np.isfinite(probs).all():
         bad = bags.slide_ids[int(np.argmax(~np.isfinite(probs).all(axis=1)))]
         raise HistotransferError(f"{run_dir}: the model gives no finite probability for slide {bad}; re-train it.")
-    out_dir = output_folder(out_dir if out_dir is not None else run_dir / "evaluation")
+    out_dir = output_folder(out_dir)
     remove_stale_temps(out_dir)
     for sid, coords, attrs, prob, score in zip(bags.slide_ids, bags.coords, bags.attrs, probs[:, 1], scores):
         write_attention(out_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),

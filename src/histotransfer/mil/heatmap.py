@@ -24,7 +24,7 @@ import h5py
 import matplotlib
 import numpy as np
 
-from .._io import atomic_path, write_text
+from .._io import write_png, write_text
 from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
 from ..features.feature_file import read_feature_file
@@ -297,13 +297,6 @@ def legend_strip(height: int, vrange: tuple[float, float], cmap: str, lines: Seq
 def heatmap_image(overlay: np.ndarray, vrange: tuple[float, float], cmap: str, lines: Sequence[str]) -> np.ndarray:
     """``overlay`` with the legend strip appended on its right (the overlay pixels unchanged)."""
     return np.hstack([overlay, legend_strip(overlay.shape[0], vrange, cmap, lines)])
-
-
-def write_png(rgb: np.ndarray, path: Path) -> None:
-    """Write an RGB image as a PNG atomically with OpenCV."""
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise HistotransferError(f"{path}: could not write the PNG; check the folder is writable.")
 
 
 def attention_geojson(coords: np.ndarray, score: np.ndarray, weight: np.ndarray, patch_size: int,

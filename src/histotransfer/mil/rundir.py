@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_path, write_json, write_torch
+from .._io import atomic_path, ensure_space, write_json, write_torch
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, open_h5, stamp
 from ..provenance import short
@@ -106,10 +106,14 @@ def guard(run_dir: Path, config: dict[str, Any], done_file: str = DONE_FILE) -> 
     return (run_dir / done_file).is_file()
 
 
-def check_inputs(config: dict[str, Any], fingerprints: dict[str, str], source: str | Path) -> None:
+def check_inputs(config: dict[str, Any], fingerprints: dict[str, str | None], source: str | Path) -> None:
     """Refuse feature files of the run's own slides that are not the ones the run was trained on."""
     recorded = (config.get("inputs") or {}).get("features") or {}
     changed = sorted(s for s, fp in fingerprints.items() if s in recorded and recorded[s] != fp)
+    missing = sorted(s for s, fp in fingerprints.items() if s in recorded and fp is None)
+    if missing:
+        raise ProvenanceError(f"{source}: the feature files of {len(missing)} slide(s) the run was trained on are "
+                              f"missing or unreadable ({', '.join(missing[:5])}); restore them or re-train the run.")
     if changed:
         shown = ", ".join(f"{s} ({short(recorded[s])} vs {short(fingerprints[s])})" for s in changed[:3])
         raise ProvenanceError(
@@ -172,6 +176,7 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
     s = np.asarray(scores, dtype=np.float64)
     weight = np.exp(s - s.max())
     weight /= weight.sum()
+    ensure_space(path, 24 * len(s))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         stamp(f, ATTENTION)
         f.attrs["slide_id"] = slide_id

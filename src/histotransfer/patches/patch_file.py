@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, ensure_space
 from ..errors import FormatError
 from ..formats import PATCHES, open_h5, stamp
 from ..provenance import array_fingerprint, canonical_json
@@ -86,6 +86,7 @@ def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fr
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
     if len(coords) != len(tissue_fraction):
         raise ValueError(f"{len(coords)} coords but {len(tissue_fraction)} tissue fractions")
+    ensure_space(path, 20 * len(coords))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         stamp(f, PATCHES)
         dset = f.create_dataset("coords", data=coords)

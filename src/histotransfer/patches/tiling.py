@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .. import __version__
-from .._io import atomic_path, output_folder, remove_stale_temps, write_json
+from .._io import output_folder, remove_stale_temps, write_json, write_png
 from ..batch import BatchReport, SlideResult, error_result, run_batch
 from ..errors import FormatError, HistotransferError, one_line
 from ..slide import Slide, list_slides, open_slide, slide_id_of, slide_identity
@@ -114,13 +114,6 @@ def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint
     return img
 
 
-def _write_png(rgb_or_gray: np.ndarray, path: Path) -> None:
-    img = rgb_or_gray if rgb_or_gray.ndim == 2 else cv2.cvtColor(rgb_or_gray, cv2.COLOR_RGB2BGR)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), img):
-            raise OSError(f"could not write {path}")
-
-
 def _outputs(folder: Path, slide_id: str) -> tuple[Path, Path, Path]:
     return (folder / "patches" / f"{slide_id}.h5", folder / "masks" / f"{slide_id}.png",
             folder / "thumbnails" / f"{slide_id}.png")
@@ -177,8 +170,8 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         except Exception as exc:  # a decoder's own error type: say what it means for the user
             raise HistotransferError(f"{slide_path}: cannot read the slide's pixels ({one_line(exc)}); the file "
                                      "may be truncated or corrupt.") from exc
-    _write_png(mask.astype(np.uint8) * 255, mask_path)
-    _write_png(thumbnail, thumb_path)
+    write_png(mask.astype(np.uint8) * 255, mask_path)
+    write_png(thumbnail, thumb_path)
     seconds = round(time.perf_counter() - t0, 3)
     if len(coords) == 0:
         patch_path.unlink(missing_ok=True)  # an earlier tiling of another version of this slide no longer holds

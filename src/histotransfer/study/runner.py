@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._io import file_sha256, h5_files, write_csv, write_text
+from .._io import file_sha256, h5_files, output_folder, write_csv, write_text
 from ..errors import one_line
 from ..errors import HistotransferError
 from ..slide import slide_id_of
@@ -356,7 +356,7 @@ def default_out_dir(study: Study) -> Path:
 
 def execute(study: Study, out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict]]:
     """Run a loaded study; return (report path, cell records)."""
-    out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study)
+    out = output_folder(Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study))
     with _lock(out):
         write_text(study.text, out / "study.yaml")
         records = run_cells(study, plan(study), out, progress=progress)

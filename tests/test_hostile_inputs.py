@@ -1,0 +1,404 @@
+"""Hostile inputs, each replayed through the command line: the exit code, the message, no previously good file
+changed (sha256 before and after) and no temporary file left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histotransfer._io import HOST, h5_files
+from histotransfer.cli import main
+from histotransfer.demo_slides import make_demo_slides
+from histotransfer.features import create_encoder, read_feature_file
+from histotransfer.finetune import save_encoder
+from histotransfer.patches import read_patch_file
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+EXTRACT = ["--encoder", "resnet18", "--weights", "random", "--truncate", "3", "--input-size", "32", "--workers", "0",
+           "--batch-size", "16"]
+TILING = "10x_64px_0px_overlap"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> digest)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def run(capsys: pytest.CaptureFixture, *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Eight 1024 px demo slides at 0.5 um/px, tiled at 10x into 64 px patches, features of a random resnet18
+    cut after layer1, and a 2-epoch MIL run on them."""
+    root = tmp_path_factory.mktemp("hostile")
+    demo = make_demo_slides(root / "demo", n_slides=8, seed=3, size=1024, mpp=0.5)
+    assert main(["tile", str(root / "demo" / "slides"), "--out", str(root / "tiles"), "--magnification", "10",
+                 "--patch-size", "64"]) == 0
+    tiling = root / "tiles" / TILING
+    assert main(["extract", "--patches", str(tiling), *EXTRACT]) == 0
+    features = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    assert main(["train", "--features", str(features), "--labels", str(demo.labels_csv), "--out", str(root / "run"),
+                 "--epochs", "2"]) == 0
+    return {"root": root, "slides": root / "demo" / "slides", "labels": demo.labels_csv, "tiling": tiling,
+            "features": features, "run": root / "run"}
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_retiling_never_mixes_tilings_and_features_always_match_their_patches(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    out = tmp_path / "tiles"
+    assert run(capsys, "tile", slides, "--out", out, "--magnification", "10", "--patch-size", "64")[0] == 0
+    assert run(capsys, "tile", slides, "--out", out, "--magnification", "10", "--patch-size", "32")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["10x_32px_0px_overlap", TILING]  # both tilings coexist
+    code, _, err = run(capsys, "extract", "--patches", out, *EXTRACT)
+    assert code == 2 and "holds 2 tilings (10x_32px_0px_overlap, 10x_64px_0px_overlap); pass one of them" in err
+    for name in ("10x_32px_0px_overlap", TILING):  # each tiling's features next to it, rows = its patches
+        assert run(capsys, "extract", "--patches", out / name, *EXTRACT)[0] == 0
+        for feature_file in (out / name / "features" / "resnet18-random-t3-s32-fp32").glob("*.h5"):
+            patches = read_patch_file(out / name / "patches" / feature_file.name)
+            np.testing.assert_array_equal(read_feature_file(feature_file).coords, patches.coords)
+    # One --out for two tilings: the second is refused, the first's files are untouched.
+    shared = tmp_path / "shared"
+    assert run(capsys, "extract", "--patches", out / TILING, "--out", shared, *EXTRACT)[0] == 0
+    before = digests(shared)
+    code, _, err = run(capsys, "extract", "--patches", out / "10x_32px_0px_overlap", "--out", shared, *EXTRACT)
+    assert code == 2 and f"holds features of tiling '{TILING}', not of '10x_32px_0px_overlap'" in err
+    assert digests(shared) == before and temporaries(tmp_path) == []
+
+
+def test_a_slide_replaced_in_place_is_retiled_and_its_features_redone(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    out = tmp_path / "tiles"
+    tile = ["tile", slides, "--out", out, "--magnification", "10", "--patch-size", "64"]
+    assert run(capsys, *tile)[0] == 0
+    assert run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0] == 0
+    features = out / TILING / "features" / "resnet18-random-t3-s32-fp32"
+    first, second = sorted(p.name for p in slides.glob("*.tif"))[:2]
+    (slides / first).write_bytes((slides / second).read_bytes())  # another image under the same name
+    code, out_text, _ = run(capsys, *tile)
+    assert code == 0 and "1 done, 7 skipped (done before)" in out_text
+    code, out_text, _ = run(capsys, "extract", "--patches", out / TILING, *EXTRACT)
+    assert code == 0 and "1 done, 7 skipped (done before)" in out_text
+    sid = Path(first).stem
+    patches, feats = read_patch_file(out / TILING / "patches" / f"{sid}.h5"), read_feature_file(features / f"{sid}.h5")
+    np.testing.assert_array_equal(feats.coords, patches.coords)
+    assert feats.attrs["patches_fingerprint"] == patches.fingerprint
+
+
+def test_the_same_slide_given_twice_is_a_duplicate_row(cohort, tmp_path, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    original = next(cohort["slides"].glob("*.tif"))
+    (folder / original.name).symlink_to(original)
+    (folder / f"z_copy_{original.name}").symlink_to(original)
+    code, out_text, _ = run(capsys, "tile", folder, "--out", tmp_path / "out", "--magnification", "10",
+                            "--patch-size", "64")
+    assert code == 0 and "1 duplicate" in out_text
+    report = pd.read_csv(tmp_path / "out" / TILING / "tiling.csv", keep_default_na=False).set_index("slide_id")
+    assert report.loc[f"z_copy_{original.stem}", "status"] == "duplicate"
+    assert f"the same file as {folder / original.name}" in report.loc[f"z_copy_{original.stem}", "message"]
+
+
+def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(cohort, tmp_path, capsys):
+    impostors = tmp_path / "impostors"
+    impostors.mkdir()
+    names = sorted(p.name for p in cohort["slides"].glob("*.tif"))
+    for a, b in zip(names, names[1:] + names[:1]):  # every slide file holds another slide's image
+        (impostors / a).write_bytes((cohort["slides"] / b).read_bytes())
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides",
+                       impostors)
+    assert code == 1
+    report = pd.read_csv(out / "features" / "resnet18-random-t3-s32-fp32" / "extract.csv", keep_default_na=False)
+    assert set(report["status"]) == {"error"}
+    assert all("is not the slide" in m and "differs in" in m and "head_sha256" in m for m in report["message"])
+    assert not list((out / "features").rglob("*.h5")) and temporaries(out) == []
+
+
+def test_non_finite_features_are_refused_at_extraction_and_in_mil(cohort, tmp_path, capsys):
+    # An encoder whose weights hold a NaN: extraction writes nothing for any slide, says which row.
+    encoder = create_encoder("resnet18", "random", 0)
+    with torch.no_grad():
+        encoder.body.stem.conv1.weight[0, 0, 0, 0] = float("nan")
+    weights = save_encoder(encoder, tmp_path / "nan.pt")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, "--encoder", "resnet18",
+                       "--weights", weights, "--truncate", "3", "--input-size", "32", "--workers", "0")
+    assert code == 1 and "the encoder gave NaN or inf features for patch row 0" in err
+    assert not list(out.rglob("*.h5")) and temporaries(out) == []
+    # A feature file with one NaN row: train and evaluate stop, naming the file and the row, writing nothing.
+    features = copy_tree(cohort["features"], tmp_path / "features")
+    bad = sorted(features.glob("*.h5"))[2]
+    with h5py.File(bad, "r+") as f:
+        f["features"][5] = np.nan
+    code, _, err = run(capsys, "train", "--features", features, "--labels", cohort["labels"], "--out",
+                       tmp_path / "run", "--epochs", "1")
+    assert code == 2 and f"{bad}: row 5 (patch at" in err and "holds NaN or inf features" in err
+    assert not (tmp_path / "run").exists()
+    before = digests(cohort["run"])
+    for labels in (["--labels", cohort["labels"]], []):
+        code, _, err = run(capsys, "evaluate", "--run", cohort["run"], "--features", features, "--out",
+                           tmp_path / "eval", *labels)
+        assert code == 2 and "row 5" in err and not (tmp_path / "eval").exists()
+    assert digests(cohort["run"]) == before
+
+
+def test_evaluate_and_finetune_refuse_features_the_run_was_not_trained_on(cohort, tmp_path, capsys):
+    features = copy_tree(cohort["features"], tmp_path / "features")
+    victim = sorted(features.glob("*.h5"))[0]
+    with h5py.File(victim, "r+") as f:  # the same slide re-extracted differently since training
+        f["features"][0] += 1.0
+        del f.attrs["fingerprint"]
+    run_copy = copy_tree(cohort["run"], tmp_path / "run")
+    config = json.loads((run_copy / "config.json").read_text())
+    config["features_dir"] = str(features)
+    (run_copy / "config.json").write_text(json.dumps(config))
+    before = digests(run_copy)
+    code, _, err = run(capsys, "evaluate", "--run", run_copy, "--features", features, "--out", tmp_path / "eval")
+    assert code == 2 and "not the ones it saw" in err and victim.stem in err
+    code, _, err = run(capsys, "finetune", "--run", run_copy, "--out", tmp_path / "ft", "--epochs", "1",
+                       "--top-k", "2", "--device", "cpu")
+    assert code == 2 and "not the ones it saw" in err and victim.stem in err
+    assert digests(run_copy) == before
+
+
+def test_a_second_extract_on_the_same_folder_keeps_the_first_ones_files_and_splits_the_slides(cohort, tmp_path,
+                                                                                               capsys):
+    tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
+    shutil.rmtree(tiling / "features")
+    folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    folder.mkdir(parents=True)
+    ids = sorted(p.stem for p in (tiling / "patches").glob("*.h5"))
+    # Another live process is writing the first slide: its temporary file and lock are left alone.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_tmp = folder / f".{ids[0]}.h5.tmp-{HOST}-{sleeper.pid}.h5"
+        live_tmp.write_bytes(b"being written")
+        (folder / f".{ids[0]}.lock").write_text(f"{HOST} {sleeper.pid}\n")
+        dead_tmp = folder / f".{ids[1]}.h5.tmp-{HOST}-999999.h5"
+        dead_tmp.write_bytes(b"left by a killed run")
+        code, out_text, _ = run(capsys, "extract", "--patches", tiling, *EXTRACT)
+        assert code == 0 and f"busy {ids[0]}: being extracted by {HOST} pid {sleeper.pid}" in out_text
+        assert live_tmp.read_bytes() == b"being written" and not dead_tmp.exists()
+        assert [p.stem for p in h5_files(folder)] == ids[1:]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    live_tmp.unlink()
+    assert run(capsys, "extract", "--patches", tiling, *EXTRACT)[0] == 0  # the owner is gone: its slide is done
+    assert [p.stem for p in h5_files(folder)] == ids and temporaries(tiling) == []
+
+
+@pytest.mark.slow
+def test_two_extract_processes_on_one_folder_do_each_slide_once(cohort, tmp_path):
+    tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
+    shutil.rmtree(tiling / "features")
+    cmd = [sys.executable, "-m", "histotransfer", "extract", "--patches", str(tiling), *EXTRACT, "--batch-size", "4"]
+    procs = [subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    report = pd.read_csv(folder / "extract.csv")
+    ids = sorted(p.stem for p in (tiling / "patches").glob("*.h5"))
+    assert sorted(report["slide_id"]) == ids and set(report["status"]) <= {"ok", "skipped"}
+    done = [int(text.split(" done")[0].split()[-1]) if " done" in text else 0 for text in outputs]
+    assert sum(done) == len(ids)  # every slide extracted exactly once, by one of the two
+    alone = tmp_path / "alone"
+    copy_tree(tiling / "patches", alone / "patches")
+    shutil.copy(tiling / "tiling.json", alone / "tiling.json")
+    subprocess.run([*cmd[:5], str(alone), *cmd[6:]], env=SUBPROCESS_ENV, check=True, capture_output=True)
+    reference = alone / "features" / "resnet18-random-t3-s32-fp32"
+    for sid in ids:  # the same features as one process alone makes
+        a, b = read_feature_file(folder / f"{sid}.h5"), read_feature_file(reference / f"{sid}.h5")
+        assert a.fingerprint == b.fingerprint
+        np.testing.assert_array_equal(a.features, b.features)
+    assert temporaries(tiling) == [] and not list(folder.glob(".*.lock"))
+
+
+def test_identical_runs_give_byte_identical_model_and_encoder_files(cohort, tmp_path, capsys):
+    args = ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--epochs", "2"]
+    assert run(capsys, *args, "--out", tmp_path / "a")[0] == 0
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (cohort["run"] / "model.pt").read_bytes()
+    encoder = create_encoder("resnet18", "random", 1)
+    base = create_encoder("resnet18", "random", 0)
+    first = save_encoder(encoder, tmp_path / "x" / "encoder.pt", base)
+    second = save_encoder(encoder, tmp_path / "y" / "encoder.pt", base)
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("command", ["tile", "extract", "train", "evaluate", "study"])
+def test_out_that_is_an_existing_file_is_one_line_and_nothing_is_written(cohort, tmp_path, capsys, command):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    args = {
+        "tile": ["tile", cohort["slides"]],
+        "extract": ["extract", "--patches", cohort["tiling"], *EXTRACT],
+        "train": ["train", "--features", cohort["features"], "--labels", cohort["labels"]],
+        "evaluate": ["evaluate", "--run", cohort["run"], "--features", cohort["features"]],
+        "study": ["study", Path(__file__).resolve().parents[1] / "examples" / "demo_study.yaml"],
+    }[command]
+    code, _, err = run(capsys, *args, "--out", target)
+    assert code == 2 and "is an existing file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert target.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_symlink_loop_as_an_argument_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code, _, err = run(capsys, "tile", tmp_path / "a", "--out", tmp_path / "out")
+    assert code == 2 and "symbolic link loop" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "extract", "--patches", tmp_path / "a", *EXTRACT)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"size={size}", *options])
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+def test_out_not_writable_is_one_line(cohort, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    if os.geteuid() == 0:
+        if not _mount_tmpfs(locked, "1m", "ro"):
+            pytest.skip("a read-only mount is needed to deny root a folder (mount is not permitted here)")
+    else:
+        locked.mkdir()
+        locked.chmod(0o500)
+    try:
+        code, _, err = run(capsys, "tile", cohort["slides"], "--out", locked / "out")
+        assert code == 2 and "cannot write there" in err and len(err.strip().splitlines()) == 1
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(locked)], check=False)
+        else:
+            locked.chmod(0o700)
+
+
+def test_disk_full_stops_with_one_line_leaves_no_partial_file_and_resumes(cohort, tmp_path, capsys):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "600k"):
+        pytest.skip("a small tmpfs mount is needed to fill a disk (root and mount permission)")
+    try:
+        out = small / "out"
+        args = ["extract", "--patches", cohort["tiling"], "--out", out, "--encoder", "resnet18", "--weights",
+                "random", "--truncate", "0", "--input-size", "32", "--workers", "0", "--dtype", "float32"]
+        (small / "filler").write_bytes(b"\0" * 420_000)
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "no space left on the device" in err and "re-run the same command" in err
+        assert err.count("histotransfer extract: error:") == 1 and "Traceback" not in err
+        assert temporaries(small) == []
+        folder = out / "features" / "resnet18-random-t0-s32-fp32"
+        done_before = {p.name for p in folder.glob("*.h5")}
+        for p in folder.glob("*.h5"):  # what was finished is complete
+            read_feature_file(p)
+        (small / "filler").unlink()
+        code, out_text, _ = run(capsys, *args)
+        assert code == 0 and f"{len(done_before)} skipped" in out_text or not done_before
+        assert len(list(folder.glob("*.h5"))) == 8 and temporaries(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--min-tissue", "0", "--min-tissue: Input should be greater than 0"),
+    ("--min-tissue", "1.5", "--min-tissue: Input should be less than or equal to 1"),
+    ("--magnification", "0", "--magnification: Input should be greater than 0"),
+    ("--magnification", "-5", "--magnification: Input should be greater than 0"),
+    ("--patch-size", "big", "--patch-size: Input should be a valid integer"),
+])
+def test_tiling_options_are_checked_at_the_door(cohort, tmp_path, capsys, option, value, message):
+    code, _, err = run(capsys, "tile", cohort["slides"], "--out", tmp_path / "out", option, value)
+    assert code == 2 and message in err and not (tmp_path / "out").exists()
+
+
+def test_a_patch_larger_than_the_slide_is_an_error_row_not_no_tissue(cohort, tmp_path, capsys):
+    code, _, err = run(capsys, "tile", cohort["slides"], "--out", tmp_path / "out", "--magnification", "10",
+                       "--patch-size", "1024")
+    assert code == 1 and "more than the slide's 1024 x 1024; choose a smaller --patch-size" in err
+    report = pd.read_csv(tmp_path / "out" / "10x_1024px_0px_overlap" / "tiling.csv")
+    assert set(report["status"]) == {"error"}
+
+
+def test_labels_files_are_checked_at_the_door_and_the_positive_class_is_said(cohort, tmp_path, capsys):
+    ids = sorted(p.stem for p in cohort["features"].glob("*.h5"))
+    semicolons = tmp_path / "semi.csv"
+    semicolons.write_text("slide_id;label\n" + "".join(f"{s};{i % 2}\n" for i, s in enumerate(ids)))
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", semicolons, "--out",
+                       tmp_path / "r1")
+    assert code == 2 and "separated by semicolons, not commas" in err and not (tmp_path / "r1").exists()
+    cased = tmp_path / "cased.csv"
+    cased.write_text("slide_id,label\n" + "".join(f"{s},{['Tumor', 'tumor', 'normal'][i % 3]}\n"
+                                                   for i, s in enumerate(ids)))
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cased, "--out", tmp_path / "r2")
+    assert code == 2 and "'Tumor' and 'tumor' differ only by case" in err
+    code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
+                            "--out", cohort["run"], "--epochs", "2")
+    assert code == 0 and "positive class: '1'" in out_text and "already trained" in out_text
+    assert json.loads((cohort["run"] / "metrics.json").read_text())["positive_class"] == "1"
+
+
+def test_study_check_catches_what_train_would_refuse_about_labels(cohort, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    ids = sorted(p.stem for p in cohort["slides"].glob("*.tif"))
+    labels.write_text("slide_id,label\n" + "".join(f"{s},{'abc'[i % 3]}\n" for i, s in enumerate(ids)))
+    study = tmp_path / "study.yaml"
+    study.write_text(f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {labels}}}\n"
+                     "encoders:\n  - {name: resnet18, weights: random}\n")
+    code, _, err = run(capsys, "study", study, "--check")
+    assert code == 2 and "datasets[0].labels: " in err and "holds 3 classes" in err
+
+
+def test_a_run_records_what_it_was_trained_on(cohort):
+    config = json.loads((cohort["run"] / "config.json").read_text())
+    inputs = config["inputs"]
+    files = sorted(cohort["features"].glob("*.h5"))
+    assert inputs["features"] == {p.stem: read_feature_file(p).fingerprint for p in files}
+    assert inputs["labels_sha256"] == hashlib.sha256(Path(cohort["labels"]).read_bytes()).hexdigest()
+    assert config["settings"]["seed"] == 0 and config["encoder"]["settings_fingerprint"]
+
+
+def test_a_killed_process_lock_and_temporary_do_not_block_a_rerun(cohort, tmp_path, capsys):
+    tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
+    folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    sid = sorted(p.stem for p in folder.glob("*.h5"))[0]
+    (folder / f"{sid}.h5").unlink()
+    (folder / f".{sid}.lock").write_text(f"{HOST} 999999\n")  # its process was killed
+    time.sleep(0.01)
+    code, out_text, _ = run(capsys, "extract", "--patches", tiling, *EXTRACT)
+    assert code == 0 and "1 done, 7 skipped" in out_text and not (folder / f".{sid}.lock").exists()
