@@ -11,9 +11,8 @@ patch counts by its size, so a patch with little tissue cannot pull the target a
 per-patch targets would let it. Fitted numbers are rounded to 6 decimals: a normaliser saved with
 ``to_dict`` and reloaded gives identical outputs and ``tag``, and refitting the same reference on another
 machine gives the same numbers unless one sits on a rounding boundary (float64 differences between
-machines are far below 1e-6).
-Reinhard matches the Lab mean and standard deviation of all of a patch's pixels, background included, as
-torchstain does.
+machines are far below 1e-6). Reinhard matches the Lab mean and standard deviation of all of a patch's
+pixels, background included, as torchstain does.
 
 **Applying** runs on a (B, H, W, 3) uint8 torch tensor on its own device, the whole batch at once. torchstain
 normalises one image per call and keeps its constants on the CPU, so the same arithmetic is written here
