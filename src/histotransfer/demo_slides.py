@@ -5,6 +5,11 @@ JPEG TIFF whose levels halve in size down to a few hundred pixels, with its reso
 ``XResolution``/``YResolution`` tags (pixels per centimetre): OpenSlide's generic-tiff reader and tiffslide
 both read microns per pixel from these. "Positive" slides carry small lesions inside the tissue: denser,
 larger, darker nuclei on purple-tinged stroma. The true lesion masks are saved as PNGs.
+
+Optionally the slides come from several centres (``centres > 1``): each centre stains differently (more
+haematoxylin and less eosin, or the reverse, ``stain_shift``) and can hold a different share of positive
+patients (``prevalence_shift``), which gives a cohort in which colour predicts the label without any lesion:
+the shortcut that multi-centre studies must rule out.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import pandas as pd
 import tifffile
 
 from ._io import atomic_path, write_csv, write_json
+from .errors import HistotransferError
+from .features.stain import HED_FROM_RGB, RGB_FROM_HED, optical_density
 
 BACKGROUND = (243, 243, 241)
 STROMA = (226, 160, 196)
@@ -28,6 +35,7 @@ NUCLEUS = (112, 62, 150)
 LESION_NUCLEUS = (72, 38, 124)
 LESION_MASK_DOWNSAMPLE = 16
 DEMO_LAYOUT_VERSION = 1
+CENTRE_STREAM = 7_000_001  # seeds the centre assignment apart from the slides' own random draws
 
 
 @dataclass
@@ -35,11 +43,13 @@ class DemoSlides:
     """The generated demo set: slide files, ``labels.csv`` and each slide's true lesion mask PNG.
 
     A lesion mask is 1/``LESION_MASK_DOWNSAMPLE`` of level 0 per side (255 = lesion); negatives' are empty.
+    ``centres_csv`` (slide_id, patient_id, centre) exists for a multi-centre set only.
     """
 
     slides: list[Path]
     labels_csv: Path
     lesion_masks: dict[str, Path]
+    centres_csv: Path | None = None
 
 
 def write_pyramidal_tiff(path: str | os.PathLike[str], rgb: np.ndarray, mpp: float | None, tile: int = 256,
@@ -153,14 +163,59 @@ def _assign(n_slides: int, rng: np.random.Generator) -> list[tuple[str, str, int
     return [(f"demo_{i + 1:02d}", rows[j][0], rows[j][1]) for i, j in enumerate(order)]
 
 
+def centre_stain_shift(rgb: np.ndarray, centre: int, centres: int, strength: float) -> np.ndarray:
+    """``rgb`` (uint8) as stained at ``centre`` of ``centres``: haematoxylin optical density scaled by
+    ``1 + strength * t`` and eosin by ``1 - strength * t``, with ``t`` running from -1 (first centre) to 1
+    (last); one centre (``t = 0``) or ``strength = 0`` gives back ``rgb``. Done in bands of rows to bound
+    memory."""
+    t = 2 * centre / (centres - 1) - 1 if centres > 1 else 0.0
+    mix = HED_FROM_RGB @ np.diag([1 + strength * t, 1 - strength * t, 1.0]) @ RGB_FROM_HED
+    lut = optical_density(np.arange(256, dtype=np.uint8))
+    out = np.empty_like(rgb)
+    for y in range(0, rgb.shape[0], 512):
+        od = cv2.transform(lut[rgb[y:y + 512]], mix.T.astype(np.float32))  # each pixel's OD row times mix
+        out[y:y + 512] = np.clip(np.rint(256 * np.exp(-od) - 1), 0, 255)
+    return out
+
+
+def _centre_of_patients(assignment: list[tuple[str, str, int]], centres: int, prevalence_shift: float,
+                        seed: int) -> dict[str, int]:
+    """Deal each class's patients (shuffled) to centres in proportion to ``1 -/+ prevalence_shift * t``:
+    positives lean to the first centres, negatives to the last."""
+    rng = np.random.default_rng([seed, CENTRE_STREAM])
+    t = np.linspace(-1, 1, centres)
+    centre_of: dict[str, int] = {}
+    for label, sign in ((1, -1.0), (0, 1.0)):
+        patients = sorted({p for _, p, y in assignment if y == label})
+        weights = 1 + sign * prevalence_shift * t
+        bounds = np.cumsum(weights) / weights.sum()
+        for rank, i in enumerate(rng.permutation(len(patients))):
+            centre_of[patients[i]] = int(np.searchsorted(bounds, (rank + 0.5) / len(patients)))
+    return centre_of
+
+
+def _check_centres(centres: int, stain_shift: float, prevalence_shift: float) -> None:
+    if centres < 1:
+        raise HistotransferError(f"centres={centres}: give at least 1 centre.")
+    if not 0 <= stain_shift < 1:
+        raise HistotransferError(f"stain_shift={stain_shift}: use a value in [0, 1) (0.3 is clearly visible).")
+    if not 0 <= prevalence_shift <= 1:
+        raise HistotransferError(f"prevalence_shift={prevalence_shift}: use a value in [0, 1].")
+
+
 def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: int = 0,
-                     size: int = 4096, mpp: float = 0.25) -> DemoSlides:
+                     size: int = 4096, mpp: float = 0.25, centres: int = 1, stain_shift: float = 0.3,
+                     prevalence_shift: float = 0.0) -> DemoSlides:
     """Generate ``n_slides`` demo slides (``size`` px square at ``mpp``, 40x by default) under ``out_dir``.
 
     Writes ``slides/<slide_id>.tif``, ``labels.csv`` (slide_id, patient_id, label) and
     ``lesion_masks/<slide_id>.png``. The same arguments give the same files; an existing complete set made
-    with the same arguments is reused.
+    with the same arguments is reused. With ``centres > 1`` each patient belongs to a centre (written to
+    ``centres.csv``), whose slides get ``centre_stain_shift(..., stain_shift)``; ``prevalence_shift``
+    (0: none, 1: the most) moves positive patients towards the first centres. With one centre the files are
+    the same as without these options.
     """
+    _check_centres(centres, stain_shift, prevalence_shift)
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     assignment = _assign(n_slides, rng)
@@ -169,22 +224,34 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
     labels_csv = out / "labels.csv"
     manifest = out / "demo_slides.json"
     params = {"layout": DEMO_LAYOUT_VERSION, "n_slides": n_slides, "seed": seed, "size": size, "mpp": mpp}
-    result = DemoSlides(slides, labels_csv, masks)
+    centre_of: dict[str, int] = {}
+    centres_csv = None
+    if centres > 1:
+        params.update(centres=centres, stain_shift=stain_shift, prevalence_shift=prevalence_shift)
+        centre_of = _centre_of_patients(assignment, centres, prevalence_shift, seed)
+        centres_csv = out / "centres.csv"
+    outputs = [*slides, *masks.values(), labels_csv, *([centres_csv] if centres_csv else [])]
+    result = DemoSlides(slides, labels_csv, masks, centres_csv)
     if (manifest.exists() and json.loads(manifest.read_text()) == params
-            and all(p.exists() for p in [*slides, *masks.values(), labels_csv])):
+            and all(p.exists() for p in outputs)):
         return result
     manifest.unlink(missing_ok=True)  # written again last, once the new set is complete
     for folder, keep in ((out / "slides", set(slides)), (out / "lesion_masks", set(masks.values()))):
         for stale in folder.glob("demo_*") if folder.is_dir() else ():
             if stale not in keep:
                 stale.unlink()
-    for (sid, _, label), slide_path in zip(assignment, slides, strict=True):
+    if centres_csv is None:
+        (out / "centres.csv").unlink(missing_ok=True)
+    for (sid, patient, label), slide_path in zip(assignment, slides, strict=True):
         slide_rng = np.random.default_rng([seed, int(sid.split("_")[1])])
         tissue = _tissue_shape(size, slide_rng)
         lesion = None
         if label:
             lesion = _lesion_shape(tissue, slide_rng, n=int(slide_rng.integers(1, 3)), radius=0.14 * size)
-        write_pyramidal_tiff(slide_path, render_tissue(tissue, lesion, slide_rng), mpp)
+        rgb = render_tissue(tissue, lesion, slide_rng)
+        if centres > 1:
+            rgb = centre_stain_shift(rgb, centre_of[patient], centres, stain_shift)
+        write_pyramidal_tiff(slide_path, rgb, mpp)
         small = np.zeros((size // LESION_MASK_DOWNSAMPLE, size // LESION_MASK_DOWNSAMPLE), np.uint8)
         if lesion is not None:
             small = cv2.resize(lesion.astype(np.uint8) * 255, small.shape[::-1], interpolation=cv2.INTER_AREA)
@@ -192,6 +259,8 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
         with atomic_path(masks[sid]) as tmp:
             cv2.imwrite(str(tmp), small)
     write_csv(pd.DataFrame(assignment, columns=["slide_id", "patient_id", "label"]), labels_csv)
+    if centres_csv is not None:
+        rows = [(sid, patient, f"centre_{centre_of[patient] + 1}") for sid, patient, _ in assignment]
+        write_csv(pd.DataFrame(rows, columns=["slide_id", "patient_id", "centre"]), centres_csv)
     write_json(params, manifest)
     return result
-

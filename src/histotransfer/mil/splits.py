@@ -5,11 +5,19 @@ neither takes arbitrary fractions (65/15/20) nor guarantees that every class rea
 split, so the allocation is done here: patients are grouped by the set of classes of their slides (their
 stratum), each stratum is shuffled with the seed and dealt to the splits by the target fractions, then a
 repair pass moves single patients so each split holds every class whenever the data allow it.
+
+With a group column (e.g. ``centre``), a stratum is the patient's classes and groups, and a second repair
+pass moves patients so that every group reaches every split too, never taking from a split a class or group
+it would then lack. In k-fold, test folds must partition the patients, so there same-class patients are
+swapped between test folds instead, until each test fold holds its share of each group. Groups are covered
+whenever this greedy repair finds a way (in practice: for random splits when each group has 3 patients, for
+k folds when it has k + 2); classes keep their guarantee.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +33,36 @@ KFOLD_VAL_FRACTION = DEFAULT_FRACTIONS["val"] / (1 - DEFAULT_FRACTIONS["test"])
 _COVER_ORDER = ("train", "test", "val")  # the order in which a split missing a class is repaired
 
 
-def _patients(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient (sorted): the set of classes of its slides and its stratum name."""
-    classes = frame.groupby("patient_id", sort=True)["label"].agg(lambda s: frozenset(int(v) for v in s))
-    out = pd.DataFrame({"classes": classes})
+def _patients(frame: pd.DataFrame, group_column: str | None = None) -> pd.DataFrame:
+    """One row per patient (sorted): the set of classes of its slides, the set of their groups (empty
+    without a group column) and its stratum name (classes first, so a class's patients sort together)."""
+    by_patient = frame.groupby("patient_id", sort=True)
+    out = pd.DataFrame({"classes": by_patient["label"].agg(lambda s: frozenset(int(v) for v in s))})
     out["stratum"] = ["+".join(map(str, sorted(c))) for c in out["classes"]]
+    out["groups"] = [frozenset()] * len(out)
+    if group_column is not None:
+        out["groups"] = by_patient[group_column].agg(lambda s: frozenset(str(v) for v in s))
+        out["stratum"] += "|" + pd.Series(["+".join(sorted(g)) for g in out["groups"]], index=out.index)
     return out
+
+
+def _tokens(patients: pd.DataFrame) -> dict[str, frozenset]:
+    """Per patient, what a split should cover: its classes and its groups."""
+    return {p: frozenset({("class", c) for c in row.classes} | {("group", g) for g in row.groups})
+            for p, row in patients.iterrows()}
+
+
+def _check_groups(frame: pd.DataFrame, group_column: str | None) -> None:
+    if group_column is None:
+        return
+    if group_column not in frame.columns:
+        raise HistotransferError(f"group column {group_column!r} is not in the label table (columns: "
+                                 f"{', '.join(map(str, frame.columns))}); add it or drop the group option.")
+    if frame[group_column].isna().any() or (frame[group_column].astype(str).str.strip() == "").any():
+        missing = frame.loc[frame[group_column].isna() | (frame[group_column].astype(str).str.strip() == ""),
+                            "slide_id"]
+        raise HistotransferError(f"group column {group_column!r}: slide(s) {', '.join(map(str, missing[:5]))} "
+                                 "have no group; fill it in for every slide.")
 
 
 def _largest_remainder(n: int, fractions: list[float]) -> list[int]:
@@ -59,7 +91,10 @@ def _deal(patients: pd.DataFrame, fractions: dict[str, float], rng: np.random.Ge
         for name, count in zip(names, _largest_remainder(len(ids), [fractions[n] for n in names])):
             assign.update({p: name for p in ids[start:start + count]})
             start += count
-    _cover(assign, patients["classes"].to_dict(), [n for n in _COVER_ORDER if n in names and fractions[n] > 0], rng)
+    order = [n for n in _COVER_ORDER if n in names and fractions[n] > 0]
+    _cover(assign, patients["classes"].to_dict(), order, rng)
+    if patients["groups"].map(len).any():
+        _cover(assign, _tokens(patients), order, rng)
     return assign
 
 
@@ -67,7 +102,8 @@ def _cover(assign: dict[str, str], pclasses: dict[str, frozenset], splits: list[
            rng: np.random.Generator) -> None:
     """Move single patients into splits that miss a class, only from splits that keep all their classes.
 
-    Donors are taken from the largest split first, and single-class patients before mixed ones."""
+    Donors are taken from the largest split first, and single-class patients before mixed ones. The
+    "classes" may be any sortable tokens (classes and groups, see ``_tokens``)."""
     all_classes = sorted(set().union(*pclasses.values()))
     for target in splits:
         for c in all_classes:
@@ -119,17 +155,24 @@ def check_no_leak(split: pd.DataFrame, source: str | Path = "split") -> None:
         )
 
 
+def _columns(group_column: str | None) -> list[str]:
+    return ["slide_id", "patient_id", "label", *([group_column] if group_column else [])]
+
+
 def random_split(frame: pd.DataFrame, classes: list[str], seed: int = 0,
-                 fractions: dict[str, float] | None = None) -> pd.DataFrame:
+                 fractions: dict[str, float] | None = None, group_column: str | None = None) -> pd.DataFrame:
     """Patient-level stratified split of ``frame`` (slide_id, patient_id, label) into train/val/test.
 
     Fractions (default 65/15/20) are of patients within each stratum. Each split gets every class whenever
-    each class has at least 3 patients; otherwise HistotransferError explains the minimum.
+    each class has at least 3 patients; otherwise HistotransferError explains the minimum. With
+    ``group_column`` (kept in the output), strata are (classes, groups) and every group reaches every split
+    when the data allow it (see the module doc).
     """
+    _check_groups(frame, group_column)
     fractions = dict(fractions or DEFAULT_FRACTIONS)
     rng = np.random.default_rng(seed)
-    assign = _deal(_patients(frame), fractions, rng)
-    out = frame[["slide_id", "patient_id", "label"]].copy()
+    assign = _deal(_patients(frame, group_column), fractions, rng)
+    out = frame[_columns(group_column)].copy()
     out["split"] = out["patient_id"].map(assign)
     used = [s for s in SPLITS if fractions.get(s, 0) > 0]
     if any(_missing(out, used, len(classes)).values()):
@@ -138,26 +181,71 @@ def random_split(frame: pd.DataFrame, classes: list[str], seed: int = 0,
     return out
 
 
+def _spread_groups(fold_of: dict[str, int], patients: pd.DataFrame, folds: int) -> None:
+    """Swap patients of the same classes between test folds until each fold holds its share of each group.
+
+    A group of n patients should have at least ``n // folds`` of them in every test fold (so at least one
+    when n >= folds, and the rest left for train and val). A patient of a group g moves into a fold below
+    its share of g from a fold above it; in exchange, a patient of the same classes moves back, taken only
+    from groups that the receiving fold holds above their share. Class counts per fold stay as they were;
+    each swap raises one fold's count towards its share and lowers none below it, so the loop ends."""
+    groups, classes = patients["groups"].to_dict(), patients["classes"].to_dict()
+    count: list[Counter[str]] = [Counter() for _ in range(folds)]  # patients of each group per fold
+    for p, k in fold_of.items():
+        count[k].update(groups[p])
+    share = {g: n // folds for g, n in sum(count, Counter()).items()}
+
+    def spare(p: str) -> bool:  # p's fold stays at or above its share of each of p's groups without p
+        return all(count[fold_of[p]][h] > share[h] for h in groups[p])
+
+    def move(p: str, k: int) -> None:
+        count[fold_of[p]].subtract(groups[p])
+        count[k].update(groups[p])
+        fold_of[p] = k
+
+    ordered = sorted(fold_of)
+    changed = True
+    while changed:
+        changed = False
+        for k in range(folds):
+            for g in sorted(share):
+                if count[k][g] >= share[g]:
+                    continue
+                pairs = ((p, q) for p in ordered if g in groups[p] and spare(p)
+                         for q in ordered if fold_of[q] == k and classes[q] == classes[p] and spare(q))
+                pair = next(pairs, None)
+                if pair is not None:
+                    p, q = pair
+                    j = fold_of[p]
+                    move(p, k)
+                    move(q, j)
+                    changed = True
+
+
 def kfold_splits(frame: pd.DataFrame, classes: list[str], folds: int, seed: int = 0,
-                 val_fraction: float = KFOLD_VAL_FRACTION) -> list[pd.DataFrame]:
+                 val_fraction: float = KFOLD_VAL_FRACTION, group_column: str | None = None) -> list[pd.DataFrame]:
     """Patient-level stratified k-fold: fold k's patients are the test split, the rest are split into
-    train/val (``val_fraction`` of them, stratified). Test folds partition the patients."""
+    train/val (``val_fraction`` of them, stratified). Test folds partition the patients. With
+    ``group_column`` (kept in the output), every group reaches every split when the data allow it."""
     if folds < 2:
         raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
+    _check_groups(frame, group_column)
     rng = np.random.default_rng(seed)
-    patients = _patients(frame)
+    patients = _patients(frame, group_column)
     fold_of: dict[str, int] = {}
     offset = 0
     for _, group in patients.groupby("stratum", sort=True):
         ids = list(group.index[rng.permutation(len(group))])
         fold_of.update({p: (offset + i) % folds for i, p in enumerate(ids)})
         offset += len(ids)
+    if group_column is not None:
+        _spread_groups(fold_of, patients, folds)
     out = []
     for k in range(folds):
         rest = patients.loc[[p for p in patients.index if fold_of[p] != k]]
         assign = _deal(rest, {"train": 1 - val_fraction, "val": val_fraction}, rng)
         assign.update({p: "test" for p in patients.index if fold_of[p] == k})
-        split = frame[["slide_id", "patient_id", "label"]].copy()
+        split = frame[_columns(group_column)].copy()
         split["split"] = split["patient_id"].map(assign)
         if any(_missing(split, list(SPLITS), len(classes)).values()):
             raise _too_small(frame, classes, folds + 2, f"{folds}-fold cross-validation")

@@ -1,0 +1,349 @@
+"""Stain normalisation (Macenko, Reinhard) and stain augmentation (HED jitter) for uint8 RGB patch batches.
+
+Slides from different centres differ in stain colour; a model can learn the centre's colour instead of the
+tissue. Normalising every patch to one reference colour before the encoder removes most of that signal, and
+jittering stain colour during fine-tuning keeps the encoder from relying on it.
+
+**Fitting** a reference uses torchstain's NumPy normalisers unchanged (``fit_macenko``, ``fit_reinhard``). A
+reference is an image file, an in-memory RGB array (a patch or a slide region) or a sequence of them (patches
+of several slides): a sequence is fitted on the concatenation of its pixels, one pooled estimate in which each
+patch counts by its size, so a patch with little tissue cannot pull the target as far as an average of
+per-patch targets would let it. Fitted numbers are rounded to 6 decimals: a normaliser saved with
+``to_dict`` and reloaded gives identical outputs and ``tag``, and refitting the same reference on another
+machine gives the same numbers unless one sits on a rounding boundary (float64 differences between
+machines are far below 1e-6). Reinhard matches the Lab mean and standard deviation of all of a patch's
+pixels, background included, as torchstain does.
+
+**Applying** runs on a (B, H, W, 3) uint8 torch tensor on its own device, the whole batch at once. torchstain
+normalises one image per call and keeps its constants on the CPU, so the same arithmetic is written here
+batched (per-patch percentiles by sorting, stain unmixing by a batched pseudo-inverse); the tests check it
+against torchstain's NumPy backend to within one grey level.
+
+**Patches left unchanged.** A patch is returned as it is (by both methods) when it has fewer than ``min_pixels`` stained pixels
+(optical density ``-log((I + 1) / io)`` of at least ``beta`` in all three channels: the pixels Macenko's
+method estimates stains from; default 500, a few hundred pixels being what the 1st/99th percentile angles need
+to be stable), and for Macenko also when the estimate is degenerate (the two stain vectors less than 1 degree
+apart, or a non-finite or zero maximum concentration), for Reinhard when a Lab channel is constant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+from ..errors import HistotransferError
+
+METHODS = ("macenko", "reinhard")
+MACENKO_DEFAULTS = {"io": 240.0, "alpha": 1.0, "beta": 0.15}
+MIN_STAINED_PIXELS = 500
+MIN_STAIN_ANGLE_DEG = 1.0
+DECIMALS = 6
+# Ruifrok & Johnston's optical-density vectors of haematoxylin, eosin and DAB (rows), as scikit-image's
+# rgb2hed uses them (scikit-image is not a dependency; these nine numbers are all it would give).
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+# sRGB (D65) to XYZ and the D65 white point: the constants of torchstain's Reinhard (OpenCV's), so that the
+# batched Lab conversion below agrees with it.
+RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                       [0.019334, 0.119193, 0.950227]])
+D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+Reference = str | os.PathLike[str] | np.ndarray
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density ``-log((I + 1) / 256)`` of uint8 RGB values (float32; white 255 is 0)."""
+    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+
+
+def _od_torch(pixels: torch.Tensor) -> torch.Tensor:
+    return -torch.log((pixels.float() + 1.0) / 256.0)
+
+
+def _from_od_torch(od: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_od_torch``, rounded to the nearest grey level and clipped to uint8."""
+    return (256.0 * torch.exp(-od) - 1.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise HistotransferError(f"{path}: not a readable image; give an RGB PNG or JPEG patch as stain reference.")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _as_rgb(array: np.ndarray, what: str) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise HistotransferError(
+            f"{what}: stain reference must be a uint8 RGB(A) array (H, W, 3|4), got {array.dtype} "
+            f"{tuple(array.shape)}; convert it with np.asarray(image, np.uint8)."
+        )
+    return array[..., :3]
+
+
+def load_reference(reference: Reference | Sequence[Reference]) -> np.ndarray:
+    """The reference's RGB pixels as one uint8 (N, 1, 3) array: an image file, an RGB(A) array, or a
+    sequence of either (their pixels concatenated)."""
+    items = [reference] if isinstance(reference, (str, os.PathLike, np.ndarray)) else list(reference)
+    if not items:
+        raise HistotransferError("stain reference: the list of reference patches is empty; give at least one.")
+    pixels = []
+    for i, item in enumerate(items):
+        rgb = _read_image(Path(item)) if isinstance(item, (str, os.PathLike)) else _as_rgb(item, f"reference {i}")
+        pixels.append(rgb.reshape(-1, 3))
+    return np.concatenate(pixels)[:, None, :]
+
+
+def _stained_count(rgb: np.ndarray, io: float, beta: float) -> int:
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1) / io)
+    return int((od >= beta).all(axis=1).sum())
+
+
+def _check_stained(rgb: np.ndarray, min_pixels: int, io: float, beta: float) -> None:
+    n = _stained_count(rgb, io, beta)
+    if n < min_pixels:
+        raise HistotransferError(
+            f"stain reference: only {n} stained pixels (need {min_pixels}); it is mostly background. Pick a "
+            "reference patch (or region) covered by tissue."
+        )
+
+
+def _rounded(values: np.ndarray) -> list:
+    return np.round(np.asarray(values, dtype=np.float64), DECIMALS).tolist()
+
+
+def fit_macenko(rgb: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15,
+                min_pixels: int = MIN_STAINED_PIXELS) -> dict[str, list]:
+    """Macenko target of uint8 RGB pixels (any shape ending in 3), by torchstain's NumPy normaliser:
+    ``stain_matrix`` (3 x 2, haematoxylin then eosin columns) and ``max_concentrations`` (2)."""
+    _check_stained(rgb, min_pixels, io, beta)
+    normalizer = NumpyMacenkoNormalizer()
+    normalizer.fit(rgb.reshape(-1, 1, 3), Io=io, alpha=alpha, beta=beta)
+    target = {"stain_matrix": _rounded(normalizer.HERef), "max_concentrations": _rounded(normalizer.maxCRef)}
+    if not np.isfinite(normalizer.HERef).all() or min(target["max_concentrations"]) <= 0:
+        raise HistotransferError("stain reference: Macenko's stain estimate is degenerate (one colour only?); "
+                                 "pick a reference with both haematoxylin and eosin.")
+    return target
+
+
+def fit_reinhard(rgb: np.ndarray, io: float = 240.0, beta: float = 0.15,
+                 min_pixels: int = MIN_STAINED_PIXELS) -> dict[str, list]:
+    """Reinhard target of uint8 RGB pixels, by torchstain's NumPy normaliser: ``lab_means`` and ``lab_stds``
+    (L in 0-100, a, b centred on 0) over all the pixels (``io``, ``beta``: what counts as stained)."""
+    _check_stained(rgb, min_pixels, io, beta)
+    normalizer = NumpyReinhardNormalizer()
+    normalizer.fit(rgb.reshape(-1, 1, 3))
+    return {"lab_means": _rounded(normalizer.target_means), "lab_stds": _rounded(normalizer.target_stds)}
+
+
+def _percentile(values: torch.Tensor, valid: torch.Tensor | None, q: float) -> torch.Tensor:
+    """Per-row ``q``-th percentile of ``values`` (..., N) over its ``valid`` entries, interpolated linearly
+    as NumPy's default. Sorting is used because torch.nanquantile caps its input size and takes no
+    per-row counts."""
+    if valid is None:
+        count = torch.full(values.shape[:-1], values.shape[-1], device=values.device)
+    else:
+        values = values.masked_fill(~valid, math.inf)
+        count = valid.sum(-1)
+    ordered = values.sort(dim=-1).values
+    position = (count.clamp(min=1) - 1).to(values.dtype) * (q / 100.0)
+    low = position.floor()
+    lo = ordered.gather(-1, low.long().unsqueeze(-1)).squeeze(-1)
+    hi = ordered.gather(-1, position.ceil().long().unsqueeze(-1)).squeeze(-1)
+    return lo + (hi - lo) * (position - low)
+
+
+def _masked_covariance(od: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-patch 3 x 3 covariance of the valid pixels' OD (ddof 1, as np.cov; zero for fewer than 2)."""
+    weights = valid.unsqueeze(-1).to(od.dtype)
+    count = weights.sum(1, keepdim=True).clamp(min=2)
+    centred = (od - (od * weights).sum(1, keepdim=True) / count) * weights
+    return centred.transpose(1, 2) @ centred / (count - 1)
+
+
+def _stain_vectors(od: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Macenko's stain vectors per patch (B, 3, 2): the extreme angles (``alpha`` percentiles) of the valid
+    pixels in the plane of the two main eigenvectors, haematoxylin (larger red OD) first."""
+    plane = torch.linalg.eigh(_masked_covariance(od, valid)).eigenvectors[..., 1:3]
+    projected = od @ plane
+    phi = torch.atan2(projected[..., 1], projected[..., 0])
+    angles = torch.stack([_percentile(phi, valid, alpha), _percentile(phi, valid, 100 - alpha)], -1)
+    v_min, v_max = (plane @ torch.stack([angles[:, i].cos(), angles[:, i].sin()], -1).unsqueeze(-1)
+                    for i in (0, 1))
+    min_first = (v_min[:, 0] > v_max[:, 0]).view(-1, 1, 1)
+    return torch.where(min_first, torch.cat([v_min, v_max], -1), torch.cat([v_max, v_min], -1))
+
+
+def _stained(pixels: torch.Tensor, io: float, beta: float) -> torch.Tensor:
+    """Which pixels (B, N) are stained: optical density of at least ``beta`` in all three channels."""
+    return (-torch.log((pixels.float() + 1.0) / io) >= beta).all(-1)
+
+
+def _macenko(pixels: torch.Tensor, target: dict[str, Any], io: float, alpha: float, beta: float,
+             min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Macenko-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,)."""
+    od = -torch.log((pixels.float() + 1.0) / io)
+    stained = (od >= beta).all(-1)
+    enough = stained.sum(1) >= max(min_pixels, 2)
+    # Patches with too few stained pixels are estimated from all their pixels, only to keep the arithmetic
+    # finite; they are returned unchanged.
+    stains = _stain_vectors(od, stained | ~enough.unsqueeze(1), alpha)
+    concentrations = torch.linalg.pinv(stains) @ od.transpose(1, 2)
+    max_c = _percentile(concentrations, None, 99)
+    ref_stains = torch.tensor(target["stain_matrix"], device=od.device, dtype=od.dtype)
+    ref_max = torch.tensor(target["max_concentrations"], device=od.device, dtype=od.dtype)
+    out = io * torch.exp(-ref_stains @ (concentrations * (ref_max / max_c).unsqueeze(-1)))
+    cosine = torch.nn.functional.cosine_similarity(stains[..., 0], stains[..., 1], dim=-1).abs()
+    ok = (enough & torch.isfinite(max_c).all(-1) & (max_c > 1e-6).all(-1)
+          & (cosine < math.cos(math.radians(MIN_STAIN_ANGLE_DEG))))
+    # Truncation, not rounding, as torchstain's astype(uint8).
+    return out.clamp_(max=255).transpose(1, 2).to(torch.uint8), ok
+
+
+def _rgb_to_lab(pixels: torch.Tensor) -> torch.Tensor:
+    """CIE Lab (L 0-100, float32) of uint8 RGB (..., 3), by torchstain's formulas."""
+    # The sRGB decoding of the 256 grey levels, looked up: the same numbers as computing it per pixel.
+    levels = torch.arange(256, dtype=torch.float32, device=pixels.device) / 255
+    decode = torch.where(levels > 0.04045, ((levels + 0.055) / 1.055) ** 2.4, levels / 12.92)
+    linear = decode[pixels.long()]
+    xyz = linear @ torch.tensor(RGB_TO_XYZ.T, dtype=torch.float32, device=pixels.device)
+    xyz = xyz / torch.tensor(D65_WHITE, dtype=torch.float32, device=pixels.device)
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=0) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_rgb_to_lab``, clipped to [0, 1]."""
+    y = (lab[..., 0] + 16) / 116
+    f = torch.stack([lab[..., 1] / 500 + y, y, y - lab[..., 2] / 200], -1)
+    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787)
+    xyz = xyz * torch.tensor(D65_WHITE, dtype=lab.dtype, device=lab.device)
+    linear = xyz @ torch.tensor(np.linalg.inv(RGB_TO_XYZ).T, dtype=lab.dtype, device=lab.device)
+    rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0) ** (1 / 2.4) - 0.055, 12.92 * linear)
+    return rgb.clamp(0, 1)
+
+
+def _reinhard(pixels: torch.Tensor, target: dict[str, Any], io: float, beta: float,
+              min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reinhard-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,)."""
+    lab = _rgb_to_lab(pixels)
+    mean, std = lab.mean(1, keepdim=True), lab.std(1, correction=0, keepdim=True)
+    ref_mean = torch.tensor(target["lab_means"], device=lab.device, dtype=lab.dtype)
+    ref_std = torch.tensor(target["lab_stds"], device=lab.device, dtype=lab.dtype)
+    out = _lab_to_rgb((lab - mean) / std * ref_std + ref_mean) * 255
+    ok = (_stained(pixels, io, beta).sum(1) >= min_pixels) & (std.squeeze(1) > 1e-6).all(-1)
+    return out.to(torch.uint8), ok
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise HistotransferError(f"stain method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+
+
+@dataclass(frozen=True)
+class StainNormalizer:
+    """Normalises uint8 RGB patch batches to a fitted reference's stain colour (see the module doc).
+
+    ``target`` holds the fitted numbers (``fit_macenko`` / ``fit_reinhard``); ``settings`` are ``io`` and
+    ``beta`` (which pixels count as stained, for both methods), Macenko's ``alpha`` and ``min_pixels``.
+    """
+
+    method: str
+    target: dict[str, list]
+    settings: dict[str, float] = field(default_factory=lambda: {**MACENKO_DEFAULTS,
+                                                                "min_pixels": MIN_STAINED_PIXELS})
+
+    def __post_init__(self) -> None:
+        _check_method(self.method)
+
+    @classmethod
+    def fit(cls, method: str, reference: Reference | Sequence[Reference], io: float = 240.0,
+            alpha: float = 1.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS) -> StainNormalizer:
+        """Fit ``method`` ("macenko" | "reinhard") to a reference (see ``load_reference``)."""
+        settings = {"io": float(io), "alpha": float(alpha), "beta": float(beta), "min_pixels": int(min_pixels)}
+        _check_method(method)
+        rgb = load_reference(reference)
+        if method == "macenko":
+            return cls(method, fit_macenko(rgb, io, alpha, beta, min_pixels), settings)
+        return cls(method, fit_reinhard(rgb, io, beta, min_pixels), settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON: ``method``, ``target``, ``settings``."""
+        return {"method": self.method, "target": self.target, "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StainNormalizer:
+        """The normaliser that ``to_dict`` described."""
+        missing = {"method", "target", "settings"} - set(data)
+        if missing:
+            raise HistotransferError(f"stain normaliser description lacks {', '.join(sorted(missing))}; "
+                                     "save it with StainNormalizer.to_dict().")
+        return cls(data["method"], data["target"], data["settings"])
+
+    def tag(self) -> str:
+        """``<method>-<8 hex>``: the method and a hash of target and settings, for encoder ids and attrs."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return f"{self.method}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise a (B, H, W, 3) uint8 batch; returns uint8 (B, H, W, 3) on the same device."""
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) uint8 tensor, got {pixels.dtype} {tuple(pixels.shape)}")
+        if pixels.numel() == 0:
+            return pixels.clone()
+        flat = pixels.reshape(pixels.shape[0], -1, 3)
+        s = self.settings
+        if self.method == "macenko":
+            out, ok = _macenko(flat, self.target, s["io"], s["alpha"], s["beta"], int(s["min_pixels"]))
+        else:
+            out, ok = _reinhard(flat, self.target, s["io"], s["beta"], int(s["min_pixels"]))
+        return torch.where(ok.view(-1, 1, 1), out, flat).reshape(pixels.shape)
+
+
+class HedJitter:
+    """Seeded HED stain augmentation (Tellez et al.): each patch's haematoxylin, eosin and DAB channels
+    become ``alpha * s + beta`` with ``alpha ~ U(1 - sigma, 1 + sigma)`` and ``beta ~ U(-bias, bias)``
+    drawn per patch and channel.
+
+    The HED channels are the optical density ``-log((I + 1) / 256)`` unmixed by Ruifrok & Johnston's stain
+    vectors, in natural-log OD units (scikit-image's rgb2hed divides these by ln(10^6) ~ 13.8, so its
+    ``beta`` values are 13.8 times smaller). No clipping in HED space, so ``sigma = bias = 0`` gives back the
+    input exactly. Draws come from a CPU ``torch.Generator``: the same seed gives the same sequence of
+    outputs on any device.
+    """
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.05, seed: int = 0) -> None:
+        if sigma < 0 or bias < 0:
+            raise HistotransferError(f"HED jitter sigma {sigma} / bias {bias}: both must be >= 0.")
+        self.sigma, self.bias, self.seed = float(sigma), float(bias), int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, for a run's config."""
+        return {"name": "hed_jitter", "sigma": self.sigma, "bias": self.bias, "seed": self.seed,
+                "units": "natural-log optical density", "stain_vectors": "Ruifrok-Johnston H, E, DAB"}
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Jitter a (B, H, W, 3) uint8 batch; returns uint8 (B, H, W, 3) on the same device."""
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) uint8 tensor, got {pixels.dtype} {tuple(pixels.shape)}")
+        b = pixels.shape[0]
+        scale = 1 + (torch.rand(b, 3, generator=self.generator) * 2 - 1) * self.sigma
+        shift = (torch.rand(b, 3, generator=self.generator) * 2 - 1) * self.bias
+        dev = pixels.device
+        hed = _od_torch(pixels) @ torch.tensor(HED_FROM_RGB, dtype=torch.float32, device=dev)
+        hed = hed * scale.to(dev).view(b, 1, 1, 3) + shift.to(dev).view(b, 1, 1, 3)
+        return _from_od_torch(hed @ torch.tensor(RGB_FROM_HED, dtype=torch.float32, device=dev))
