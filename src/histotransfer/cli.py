@@ -28,6 +28,7 @@ COMMANDS = {
     "cka": "histotransfer.analysis.cli",
     "study": "histotransfer.study.cli",
     "demo": "histotransfer.demo",
+    "info": "histotransfer.info",
 }
 
 
