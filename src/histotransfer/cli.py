@@ -29,6 +29,7 @@ COMMANDS = {
     "cka": "histotransfer.analysis.cli",
     "study": "histotransfer.study.cli",
     "demo": "histotransfer.demo",
+    "info": "histotransfer.info",
 }
 
 
