@@ -106,3 +106,12 @@ def test_other_layout_version_is_refused(tmp_path: Path) -> None:
         f.attrs["format_version"] = PATCHES[1] + 1
     with pytest.raises(FormatError, match=r"old\.h5: layout version"):
         read_patch_file(path)
+
+
+def test_clam_downsample_pair_reads_as_one_number(tmp_path):
+    path = tmp_path / "clam.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=np.array([[0, 0], [512, 0]], dtype=np.int64))
+        d.attrs.update({"patch_size": 256, "patch_level": 1, "downsample": np.array([2.0, 2.0])})
+    spec = read_patch_file(path).spec
+    assert spec.downsample == 2.0 and spec.patch_level == 1 and spec.patch_size == 256

@@ -157,3 +157,11 @@ def test_real_svs_tiles_identically_through_openslide_and_tiffslide(cmu_svs: Pat
     via_os, via_ts = read_patch_file(tmp_path / "os" / name), read_patch_file(tmp_path / "ts" / name)
     np.testing.assert_array_equal(via_os.coords, via_ts.coords)
     assert via_os.identity == via_ts.identity  # both backends see the same slide file
+
+
+def test_the_same_file_under_the_same_name_twice_keeps_its_row_and_says_so(make_slide, tmp_path: Path) -> None:
+    path = make_slide("twice", size=(1024, 1024))
+    run = tile_slides([path, path.parent], tmp_path / "out", patch_size=128)
+    report = pd.read_csv(run.folder / "tiling.csv", keep_default_na=False)
+    assert report["slide_id"].tolist() == ["twice"] and report["status"].tolist() == ["ok"]
+    assert f"also given as {path.parent / 'twice.tif'}" in report["message"][0]

@@ -102,10 +102,11 @@ def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fr
 
 
 def _attr(value: Any) -> Any:
+    """An HDF5 attr as a plain value; an array of equal values (CLAM stores ``downsample`` as (d, d)) is one."""
     if isinstance(value, bytes):
         return value.decode()
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
+    if isinstance(value, np.ndarray) and value.size >= 1 and np.all(value == value.flat[0]):
+        value = value.flat[0]
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -221,9 +221,13 @@ def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     write_json({"name": s.folder_name, "settings": s.record(), "histotransfer": __version__},
                folder / SETTINGS_FILE)
     report = BatchReport(folder / REPORT_FILE)
+    # A repeat under another name gets its own row; one under the same name (the same slide id) is noted on
+    # the row of the file it repeats, since report rows are keyed by slide id.
     duplicates = [SlideResult(e.slide_id, str(e.path), "duplicate", 0, 0.0,
                               f"{e.path}: the same file as {e.duplicate_of}; tiled once")
                   for e in entries if e.duplicate_of is not None]
+    same_id = {e.slide_id: e for e in entries if e.duplicate_of is not None and
+               e.slide_id in {o.slide_id for o in entries if o.duplicate_of is None}}
     items = [(e.slide_id, str(e.path)) for e in entries if e.duplicate_of is None]
     if s.workers <= 1:
         results = run_batch(items, lambda _sid, p: _tile_or_report(p, out, s), report, desc="tiling")
@@ -232,5 +236,11 @@ def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             futures: dict[str, Future[SlideResult]] = {p: pool.submit(_tile_or_report, p, out, s) for _, p in items}
             results = run_batch(items, lambda _sid, p: futures[p].result(), report, desc="tiling")
     for row in duplicates:
-        report.update(row)
+        if row.slide_id in same_id:
+            original = next(r for r in results if r.slide_id == row.slide_id)
+            original.message = "; ".join(m for m in (original.message, f"also given as {same_id[row.slide_id].path}")
+                                         if m)
+            report.update(original)
+        else:
+            report.update(row)
     return TilingRun(folder, results + duplicates)
