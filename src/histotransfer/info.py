@@ -25,15 +25,15 @@ import yaml
 from ._io import h5_files
 from .batch import REPORT_COLUMNS, STATUS_ORDER
 from .errors import HistotransferError
-from .features.feature_file import first_non_finite
+from .features import first_non_finite
 from .finetune.settings import FinetuneSettings
-from .mil.plan import feature_fingerprint
-from .mil.rundir import read_config
+from .mil import feature_fingerprint
+from .mil import read_config
 from .mil.settings import MilSettings
-from .patches.layout import REPORT_FILE, SETTINGS_FILE, find_tiling
-from .patches.patch_file import read_patch_file
+from .patches import REPORT_FILE, SETTINGS_FILE, find_tiling
+from .patches import read_patch_file
 from .slide import SLIDE_SUFFIXES, open_slide, slide_identity
-from .slide.identity import identity_differences
+from .slide import identity_differences
 
 FEATURES_RECORD = "features.json"
 EXTRACT_REPORT = "extract.csv"

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..features import Encoder
 from ..runtime import precision_context
-from ..mil.models import AttentionMIL
+from ..mil import AttentionMIL
 
 POSITIVE_CLASS = 1  # index of the positive class in a run's label mapping (the second class name)
 

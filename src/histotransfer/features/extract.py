@@ -38,7 +38,7 @@ from .._io import LOCK_SUFFIX, ItemLock, h5_files, output_folder, remove_stale_t
 from ..batch import BatchReport, SlideResult, error_result
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..patches import find_tiling, read_patch_file
-from ..patches.layout import TilingFolder
+from ..patches import TilingFolder
 from ..provenance import canonical_json, json_fingerprint
 from ..runtime import Ranks, check_precision, init_ranks, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index

@@ -7,7 +7,7 @@ _EXPORTS = {
     "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap",
     "AttentionMIL": ".models", "attention_scores": ".models", "predict": ".models",
     "train_mil": ".train", "validation_scores": ".train", "MilSettings": ".settings",
-    "SPLITS": ".splits", "feature_fingerprint": ".plan", "BagSet": ".bags", "load_bags": ".bags", "feature_files": ".labels",
+    "SPLITS": ".splits", "read_split_file": ".splits", "parse_labels": ".labels", "feature_fingerprint": ".plan", "BagSet": ".bags", "load_bags": ".bags", "feature_files": ".labels",
     "FitResult": ".rundir", "check_inputs": ".rundir", "config_differences": ".rundir", "guard": ".rundir", "load_run_model": ".rundir",
     "read_attention": ".rundir", "read_checkpoint": ".rundir", "read_config": ".rundir", "save_model": ".rundir",
     "write_config": ".rundir", "write_run_outputs": ".rundir",

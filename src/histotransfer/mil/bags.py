@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..errors import one_line
 from ..errors import HistotransferError
-from ..features.feature_file import NonFiniteFeatures, encoder_attrs, read_feature_file
+from ..features import NonFiniteFeatures, encoder_attrs, read_feature_file
 
 @dataclass
 class BagSet:

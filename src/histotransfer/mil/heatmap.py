@@ -27,9 +27,8 @@ import numpy as np
 from .._io import write_png, write_text
 from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
-from ..features.feature_file import read_feature_file
-from ..slide import check_identity, list_slides, open_slide
-from ..slide.identity import parse_identity
+from ..features import read_feature_file
+from ..slide import check_identity, list_slides, open_slide, parse_identity
 from .models import predict_bag
 from .rundir import load_run_model, read_attention, read_config
 

@@ -17,7 +17,7 @@ import pandas as pd
 from .. import __version__
 from .._io import file_sha256
 from ..errors import HistotransferError
-from ..features.feature_file import encoder_attrs, read_feature_attrs, read_feature_file
+from ..features import encoder_attrs, read_feature_attrs, read_feature_file
 from .labels import LabelTable, feature_files, read_labels
 from .rundir import DONE_FILE, guard
 from .settings import DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings

@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..errors import HistotransferError
-from ..features.stain import HED_FROM_RGB, optical_density
+from ..features import HED_FROM_RGB, optical_density
 
 COLOUR_CHANNELS = ("od_r", "od_g", "od_b", "haematoxylin", "eosin", "dab")
 COLOUR_STATISTICS = ("mean", "std", "p10", "p50", "p90")

@@ -3,7 +3,7 @@
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "TilingFolder": ".layout", "find_tiling": ".layout",
+    "TilingFolder": ".layout", "find_tiling": ".layout", "REPORT_FILE": ".layout", "SETTINGS_FILE": ".layout",
     "PatchSet": ".patch_file", "PatchSpec": ".patch_file", "read_patch_file": ".patch_file",
     "write_patch_file": ".patch_file",
     "PatchReader": ".reader", "TileSettings": ".settings",

@@ -23,7 +23,7 @@ from .._io import atomic_path, ensure_space
 from ..errors import FormatError
 from ..formats import PATCHES, open_h5, stamp
 from ..provenance import array_fingerprint, canonical_json
-from ..slide.identity import parse_identity
+from ..slide import parse_identity
 
 
 @dataclass(frozen=True)

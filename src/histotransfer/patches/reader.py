@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from ..slide import Slide, open_slide
-from ..slide.tiff_tiles import TiledTiff, open_tiled_tiff
+from ..slide import TiledTiff, open_tiled_tiff
 from .geometry import resolve_spec
 from .patch_file import PatchSpec
 

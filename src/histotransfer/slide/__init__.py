@@ -1,9 +1,15 @@
-"""Whole-slide image readers: OpenSlide, tiffslide, plain images, and direct tiled-TIFF tile decoding."""
+"""Whole-slide image readers: OpenSlide, tiffslide, plain images, and direct tiled-TIFF tile decoding; the
+identity of a slide file and the one way slide files are listed."""
 
-from .base import Slide, magnification_to_mpp, slide_id_of
-from .identity import check_identity, slide_identity
-from .listing import SlideEntry, list_slides, locate_slide, slide_index
-from .open import SLIDE_SUFFIXES, open_slide
+from .._lazy import lazy_exports
 
-__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideEntry", "check_identity", "list_slides", "locate_slide",
-           "magnification_to_mpp", "open_slide", "slide_id_of", "slide_identity", "slide_index"]
+_EXPORTS = {
+    "Slide": ".base", "magnification_to_mpp": ".base", "slide_id_of": ".base",
+    "check_identity": ".identity", "identity_differences": ".identity", "parse_identity": ".identity",
+    "slide_identity": ".identity",
+    "SlideEntry": ".listing", "list_slides": ".listing", "locate_slide": ".listing", "slide_index": ".listing",
+    "SLIDE_SUFFIXES": ".open", "open_slide": ".open",
+    "TiledTiff": ".tiff_tiles", "open_tiled_tiff": ".tiff_tiles",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

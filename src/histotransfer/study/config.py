@@ -125,8 +125,7 @@ class _Checker:
                  listed: bool = True) -> list[EncoderConfig]:
         """Check an encoder against the registry (imported lazily: torch) and expand its truncations (``listed``:
         given as the list ``truncations``, else as one ``truncation``)."""
-        from ..features.registry import encoder_info, list_encoders
-        from ..features.weights import resolve_weights
+        from ..features import encoder_info, list_encoders, resolve_weights
 
         names = list_encoders()
         if name not in names:
@@ -192,8 +191,7 @@ class _Checker:
 
     def _labels(self, labels: Path, split: Path | None, where: str) -> None:
         """Everything `train` would refuse about the label and split files, before any work."""
-        from ..mil.labels import parse_labels
-        from ..mil.splits import read_split_file
+        from ..mil import parse_labels, read_split_file
 
         try:
             table = parse_labels(labels)

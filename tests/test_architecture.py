@@ -1,0 +1,93 @@
+"""The layout's rules, checked on the source: stages depend only on earlier stages, through their front doors,
+without import cycles; and the command line starts without loading torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "histotransfer"
+# The pipeline's order: a stage may use the stages before it, never those after it.
+STAGES = ["slide", "patches", "features", "mil", "finetune", "analysis", "study"]
+# Modules that every stage may use (no stage of their own).
+BASE = {"errors", "_io", "_lazy", "provenance", "settings", "runtime", "formats", "batch", "__init__"}
+
+
+def imports() -> list[tuple[str, str, list[str], bool]]:
+    """(importing module, imported module, names, at module level) for every relative import of the package."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).with_suffix("")
+        module = ".".join(rel.parts)
+        package = rel.parts[:-1] if rel.name != "__init__" else rel.parts[:-1]
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = list(package[: len(package) - (node.level - 1)]) if node.level > 1 else list(package)
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                found.append((module, target, [a.name for a in node.names], id(node) in top))
+    return found
+
+
+def stage_of(module: str) -> str | None:
+    head = module.split(".")[0]
+    return head if head in STAGES else None
+
+
+def test_stages_use_only_earlier_stages_and_only_their_front_doors():
+    problems = []
+    for module, target, names, _ in imports():
+        own, other = stage_of(module), stage_of(target)
+        if other is None or other == own:
+            continue
+        if own is not None and STAGES.index(other) > STAGES.index(own):
+            problems.append(f"{module} imports the later stage {target}")
+        parts = target.split(".")
+        if len(parts) > 1 and parts[1] != "settings":
+            problems.append(f"{module} imports {target} ({', '.join(names)}): use the front door {parts[0]}")
+    assert problems == []
+
+
+def test_no_import_cycles_at_module_level():
+    graph: dict[str, set[str]] = {}
+    modules = {".".join(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")}
+    for module, target, names, top in imports():
+        if not top:
+            continue
+        for name in names:  # `from .pkg import module` imports the module itself
+            candidate = f"{target}.{name}" if target else name
+            edge = candidate if candidate in modules else target if target in modules else f"{target}.__init__"
+            if edge in modules and edge != module:
+                graph.setdefault(module, set()).add(edge)
+
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif state.get(nxt) is None:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["tile", "--help"], ["extract", "--help"], ["train", "--help"],
+                                  ["study", "--help"], ["--version"]])
+def test_help_and_version_do_not_import_torch(args):
+    code = ("import sys; from histotransfer.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
