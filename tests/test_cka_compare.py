@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
@@ -104,3 +105,23 @@ def test_sampling_is_seeded_and_bad_settings_are_refused(patches_dir, encoders, 
         compare_encoders(a, b, patches_dir, tmp_path / "bad", pooling="max")
     with pytest.raises(HistotransferError, match="no such folder"):
         compare_encoders(a, b, tmp_path / "nowhere", tmp_path / "bad")
+
+
+def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encoders, tmp_path):
+    """The debiased estimator equals linear_cka(debiased=True) on the same maps; the baseline column is CKA
+    between A and the seeded random initialisation of its architecture; too few patches for the dimensions warns
+    on the console and in cka.json."""
+    a, b = encoders
+    with pytest.warns(UserWarning, match="fewer than the dimensions of"):
+        df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=60, batch_size=16, input_size=INPUT,
+                              estimator="debiased", device="cpu")
+    used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
+    means = [[m.mean(axis=(2, 3)) for m in reference_maps(e, patches_dir, used)]
+             for e in (a, b, create_encoder("resnet18", "random", 2, random_seed=1))]
+    for i, row in df.iterrows():
+        assert row["cka"] == pytest.approx(linear_cka(means[0][i], means[1][i], debiased=True), abs=1e-6)
+        assert row["baseline"] == pytest.approx(linear_cka(means[0][i], means[2][i], debiased=True), abs=1e-6)
+    record = json.loads((tmp_path / "cka.json").read_text())
+    assert record["estimator"] == "debiased" and record["n_patches"] == 60
+    assert len(record["warnings"]) == 1 and "layer2 (128)" in record["warnings"][0]  # 60 patches < 128 channels
+    assert df.loc[0, "cka"] > 0.99 > df.loc[0, "baseline"]  # the untouched stem vs a random one

@@ -46,6 +46,9 @@ from .settings import CkaSettings
 
 
 
+BASELINE_SEED = 1  # the random initialisation CKA baselines use (the "random" weights are seed 0)
+
+
 @dataclass
 class ResolvedEncoder:
     """An encoder to compare, a label for tables and figures, and the input size its run used (if any)."""
@@ -140,8 +143,8 @@ def _pool(maps: list[torch.Tensor], pooling: str) -> list[np.ndarray]:
 class _FlattenStore:
     """Flattened stage maps of all patches in temporary float32 files, reduced to centred Gram matrices."""
 
-    def __init__(self, folder: Path, n: int, pairs: list[tuple[str, str]]):
-        self.folder, self.n, self.pairs = folder, n, pairs
+    def __init__(self, folder: Path, n: int, pairs: list[tuple[str, str]], debiased: bool = False):
+        self.folder, self.n, self.pairs, self.debiased = folder, n, pairs, debiased
         self.arrays: dict[str, np.memmap] = {}
         self.row = 0
 
@@ -157,7 +160,7 @@ class _FlattenStore:
     def result(self) -> dict[tuple[str, str], float]:
         grams = {k: centred_gram(a[: self.row]) for k, a in tqdm(self.arrays.items(), desc="Gram matrices",
                                                                   unit="map", dynamic_ncols=True)}
-        return gram_cka(grams, self.pairs)
+        return gram_cka(grams, self.pairs, debiased=self.debiased)
 
 
 def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -168,8 +171,13 @@ def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
     for bar, value in zip(bars, df["cka"]):
         ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", va="bottom",
                 fontsize=8)
+    if "baseline" in df:
+        ax.plot(range(len(df)), df["baseline"], color="0.4", linestyle="--", marker="x",
+                label="A vs random init (baseline)")
+        ax.legend(fontsize=7, loc="lower left")
     ax.set_xticks(range(len(df)), df["stage"], rotation=20, ha="right")
-    ax.set(ylim=(0, 1.1), ylabel="linear CKA", title=title)
+    ax.set(ylim=(min(0.0, float(df[["cka", *(["baseline"] if "baseline" in df else [])]].min().min())), 1.1),
+           ylabel="linear CKA", title=title)
     ax.title.set_fontsize(9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -220,12 +228,23 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     pairs = list(zip(names_a, names_b))
     if s.full_matrix:
         pairs += [(x, y) for x in names_a for y in names_b]
+    encoders = [(a.encoder, names_a), (b.encoder, names_b)]
+    names_r: list[str] = []
+    if s.baseline:
+        # Another draw than the "random" weights, so the baseline is never encoder A itself.
+        rand = create_encoder(a.encoder.name, "random", a.encoder.truncate, random_seed=BASELINE_SEED)
+        names_r = [f"r:{st}" for st in rand.stage_names]
+        encoders.append((rand, names_r))
+        pairs += list(zip(names_a, names_r))
     pairs = list(dict.fromkeys(pairs))
 
-    models = [a.encoder.to(dev).eval(), b.encoder.to(dev).eval()]
+    models = [(enc.to(dev).eval(), names) for enc, names in encoders]
     used: list[tuple[str, int, int]] = []
+    widths: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
-        acc = StreamingCKA(pairs) if s.pooling == "mean" else _FlattenStore(Path(tmp), n_total, pairs)
+        debiased = s.estimator == "debiased"
+        acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
+               else _FlattenStore(Path(tmp), n_total, pairs, debiased))
         loader = patch_loader(PatchBatches(jobs, s.batch_size, input_size), s.workers, pin_memory=dev.type == "cuda")
         failed: set[int] = set()
         bar = tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True)
@@ -237,9 +256,12 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                         failed.add(item.job)
                     continue
                 batch = {}
-                for model, names in zip(models, (names_a, names_b)):
+                for model, names in models:
                     x = model.preprocess(item.pixels, dev)
-                    batch.update(zip(names, _pool(model.forward_stages(x), s.pooling)))
+                    maps = model.forward_stages(x)
+                    widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else
+                                   int(m.shape[1] if m.dim() == 4 else m.shape[-1]) for n, m in zip(names, maps)})
+                    batch.update(zip(names, _pool(maps, s.pooling)))
                 acc.update(batch)
                 job = jobs[item.job]
                 used += [(job.slide_id, int(cx), int(cy))
@@ -254,11 +276,19 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                   for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
         "cka": [values[p] for p in zip(names_a, names_b)],
     })
+    if s.baseline:
+        df["baseline"] = [values[p] for p in zip(names_a, names_r)]
+    warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
+                                                 if n.startswith(("a:", "b:"))}, s.estimator)
+    for text in warnings_:
+        warnings.warn(text, stacklevel=2)
     write_csv(df, out / "cka.csv")
     write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
-    title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling"
+    title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
     _plot_bars(df, out / "cka.png", title)
     record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
+              "estimator": s.estimator, "baseline": "random initialisation of encoder A" if s.baseline else None,
+              "warnings": warnings_,
               "n_patches_requested": s.n_patches, "n_patches": len(used),
               "patches_dir": str(Path(patches_dir).resolve()),
               "patches": {j.slide_id: j.fingerprint for j in jobs},
@@ -273,7 +303,24 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     return df
 
 
+def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list[str]:
+    """A warning for each stage compared on fewer patches than its representation has dimensions, where the
+    biased estimator scores even unrelated representations high."""
+    thin = {stage: d for stage, d in widths.items() if n < d}
+    if not thin:
+        return []
+    shown = ", ".join(f"{stage} ({d})" for stage, d in list(thin.items())[:4])
+    advice = ("read CKA against the random-initialisation baseline" if estimator == "debiased" else
+              "use estimator debiased, or more patches, and read CKA against the baseline")
+    return [f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
+            f"with few patches per dimension CKA is inflated for any pair of representations: {advice}."]
+
+
 def cka_summary(df: pd.DataFrame) -> str:
-    """The cka.csv table as aligned text lines."""
+    """The cka.csv table as aligned text lines (with the random-initialisation baseline when computed)."""
     width = max(len(s) for s in df["stage"])
-    return "\n".join(f"  {s:<{width}}  {v:.4f}" for s, v in zip(df["stage"], df["cka"]))
+    base = "baseline" in df
+    head = f"  {'stage':<{width}}  cka     " + ("baseline (random init)" if base else "")
+    rows = [f"  {s:<{width}}  {v:.4f}" + (f"  {b:.4f}" if base else "")
+            for s, v, b in zip(df["stage"], df["cka"], df["baseline"] if base else df["cka"])]
+    return "\n".join([head, *rows])

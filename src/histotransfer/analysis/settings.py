@@ -20,6 +20,12 @@ class CkaSettings(StageSettings):
     pooling: Literal["mean", "flatten"] = Field(
         "mean", description="mean: spatial mean of each stage's map; flatten: the whole map (disk-hungry)")
     full_matrix: bool = Field(False, description="also every stage of A against every stage of B")
+    estimator: Literal["biased", "debiased"] = Field(
+        "biased", description="biased: Kornblith et al.'s HSIC estimator (the paper's); debiased: Song et al.'s "
+                              "unbiased HSIC, which does not inflate CKA when patches are few next to dimensions")
+    baseline: bool = Field(True, description="also compare encoder A with a randomly initialised network of the "
+                                             "same architecture on the same patches: the CKA that shared "
+                                             "architecture and inputs alone give, to read the others against")
     seed: int = Field(0, description="seeds the patch sample")
     input_size: int | None = Field(None, ge=16, le=8192, description="resize patches (default: the runs' input "
                                                                      "size when both agree, else the tiled size)")

@@ -80,18 +80,19 @@ class Encoder(nn.Module):
         return f"name={self.name}, truncate={self.truncate}, feature_dim={self.feature_dim}"
 
 
-def create_encoder(name: str, weights: str | None = None, truncate: int = 0) -> Encoder:
+def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
+                   random_seed: int = RANDOM_INIT_SEED) -> Encoder:
     """Build encoder ``name`` with ``weights`` (None: its default; a named option, "random" or a checkpoint
     path), cut by ``truncate``.
 
-    "random" is the architecture's initialisation drawn with a fixed seed, identical in every process. The
-    returned module is on the CPU in eval mode; the weights file's sha256 is in ``weights_sha256``.
+    "random" is the architecture's initialisation drawn with a fixed seed (``random_seed``), identical in every
+    process. The returned module is on the CPU in eval mode; the weights file's sha256 is in ``weights_sha256``.
     """
     spec = encoder_spec(name)
     choice = resolve_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
         # "random" weights are the same in every process and run (resume and sharding rely on that).
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(random_seed)
         model = spec.build()
     stages = spec.stages(model)
     check_truncate(spec, truncate, len(stages) - 1)
