@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from ..provenance import json_fingerprint
 from ..settings import RUNTIME, StageSettings
+
+# tissue.MIN_AREA_UM2 (0.02 mm^2), written out so that reading settings does not import OpenCV
+MIN_AREA_UM2 = 20000.0
 
 
 class TileSettings(StageSettings):
@@ -24,6 +27,19 @@ class TileSettings(StageSettings):
                                                           "in (0, 1]")
     mpp: float | None = Field(None, gt=0, le=1000, description="level-0 microns per pixel, overriding the "
                                                               "slides' own (needed for plain images)")
+    threshold: int | None = Field(None, ge=0, le=255, description="HSV saturation (0-255) above which a mask "
+                                                               "pixel is tissue (default: Otsu's threshold, at "
+                                                               "least 20)")
+    min_region_um2: float = Field(MIN_AREA_UM2, ge=0, allow_inf_nan=False,
+                                  description="drop tissue regions smaller than this, in square microns; "
+                                              "20000 = 0.02 mm^2")
+    min_hole_um2: float = Field(MIN_AREA_UM2, ge=0, allow_inf_nan=False,
+                                description="fill holes in tissue smaller than this, in square microns")
+    exclude_pen: bool = Field(False, description="take blue, green and black pen ink, with its halo, out of the "
+                                                 "tissue mask")
+    grid: Literal["origin", "tissue"] = Field("origin", description="where the patch grid starts: 'origin' at "
+                                                                    "the slide's top-left corner, 'tissue' centred "
+                                                                    "on the tissue's bounding box")
     workers: int = Field(1, ge=1, le=256, description="slides tiled in parallel processes",
                          json_schema_extra=RUNTIME)
 

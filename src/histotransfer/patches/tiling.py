@@ -1,11 +1,12 @@
 """Tile slides into tissue patches at a target magnification, as the HistoTransfer paper does.
 
-Per slide: tissue mask on a low-resolution level (``tissue.tissue_mask``), a sliding-window grid of patch
-footprints over level 0, each patch's tissue fraction from the mask, and the patches with fraction
->= ``min_tissue`` kept. Outputs go to the tiling's own folder ``OUT/<tiling name>/`` (``layout``):
-``patches/<slide_id>.h5``, ``masks/<slide_id>.png``, ``thumbnails/<slide_id>.png``, the batch report
-``tiling.csv`` and the settings ``tiling.json``. Every file is written atomically; the patch file is written last
-and marks the slide done, so a re-run skips it when its settings and the slide file itself are unchanged.
+Per slide: tissue mask on a low-resolution level (``tissue.segment_tissue``), a sliding-window grid of patch
+footprints over level 0 (from the slide's corner, or centred on the tissue), each patch's tissue fraction from
+the mask, and the patches with fraction >= ``min_tissue`` kept. Outputs go to the tiling's own folder
+``OUT/<tiling name>/`` (``layout``): ``patches/<slide_id>.h5``, ``masks/<slide_id>.png``,
+``thumbnails/<slide_id>.png``, the batch report ``tiling.csv`` and the settings ``tiling.json``. Every file is
+written atomically; the patch file is written last and marks the slide done, so a re-run skips it when its
+settings and the slide file itself are unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -32,11 +33,13 @@ from .geometry import tiling_spec
 from .layout import REPORT_FILE, SETTINGS_FILE, SUBDIRS
 from .patch_file import PatchSpec, read_patch_file, write_patch_file
 from .settings import TileSettings
-from .tissue import tissue_mask
+from .tissue import TissueSegmentation, segment_tissue
 
 MASK_MPP = 8.0  # um per mask pixel (1.25x), finer when needed to give >= MASK_PIXELS_PER_PATCH per side
 MASK_PIXELS_PER_PATCH = 16
 THUMBNAIL_SIDE = 1024
+MASK_TISSUE, MASK_EXCLUDED = 255, 128  # grey levels of the mask PNG; background is 0
+TISSUE_COLOUR, EXCLUDED_COLOUR, PATCH_COLOUR = (0, 160, 0), (220, 30, 30), (30, 60, 220)  # thumbnail RGB
 DONE_MESSAGE = "already done with these settings"
 
 
@@ -46,8 +49,10 @@ def mask_mpp_for(spec: PatchSpec) -> float:
     return max(min(MASK_MPP, patch_um / MASK_PIXELS_PER_PATCH), spec.mpp)  # type: ignore[type-var]
 
 
-def slide_mask(slide: Slide, mask_mpp: float) -> np.ndarray:
-    """The tissue mask of ``slide`` at ``mask_mpp`` (covering the whole level 0), read from a low level."""
+def slide_segmentation(slide: Slide, mask_mpp: float, settings: TileSettings | None = None) -> TissueSegmentation:
+    """The tissue (and excluded pen ink) of ``slide`` at ``mask_mpp`` (covering the whole level 0), read from a
+    low level, with the segmentation options of ``settings`` (default: the defaults)."""
+    s = settings if settings is not None else TileSettings.build()
     w, h = slide.dimensions
     ds = mask_mpp / slide.mpp
     size = (max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds)))
@@ -55,13 +60,52 @@ def slide_mask(slide: Slide, mask_mpp: float) -> np.ndarray:
                 key=lambda i: slide.level_downsamples[i])
     rgb = slide.read_level(level)
     rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    return tissue_mask(rgb, mpp=slide.mpp * w / size[0])
+    return segment_tissue(rgb, mpp=slide.mpp * w / size[0], threshold=s.threshold,
+                          min_region_um2=s.min_region_um2, min_hole_um2=s.min_hole_um2, exclude_pen=s.exclude_pen)
 
 
-def grid_coords(dimensions: tuple[int, int], footprint: int, step: int) -> np.ndarray:
-    """Level-0 (x, y) top-left corners of the footprints of a sliding window lying wholly inside the slide."""
-    xs = np.arange(0, dimensions[0] - footprint + 1, step, dtype=np.int64)
-    ys = np.arange(0, dimensions[1] - footprint + 1, step, dtype=np.int64)
+def slide_mask(slide: Slide, mask_mpp: float, settings: TileSettings | None = None) -> np.ndarray:
+    """The boolean tissue mask of :func:`slide_segmentation`."""
+    return slide_segmentation(slide, mask_mpp, settings).tissue
+
+
+def tissue_bbox(mask: np.ndarray, dimensions: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """The level-0 box ``(x0, y0, x1, y1)`` (end exclusive) of the mask pixels that are set; None if none is."""
+    if not mask.any():
+        return None
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    sx, sy = dimensions[0] / mask.shape[1], dimensions[1] / mask.shape[0]
+    return x * sx, y * sy, (x + w) * sx, (y + h) * sy
+
+
+def centred_starts(lo: float, hi: float, length: int, footprint: int, step: int) -> np.ndarray:
+    """Starts of the fewest windows, ``step`` apart, spanning ``[lo, hi)``, centred on it and shifted, if
+    needed, to lie wholly inside ``[0, length)`` (fewer when not that many fit)."""
+    fit = (length - footprint) // step + 1
+    needed = max(1, math.ceil((hi - lo - footprint) / step) + 1)
+    n = min(needed, fit)
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    span = (n - 1) * step + footprint
+    start = min(max(round((lo + hi - span) / 2), 0), length - span)
+    return start + step * np.arange(n, dtype=np.int64)
+
+
+def grid_coords(dimensions: tuple[int, int], footprint: int, step: int,
+                bbox: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Level-0 (x, y) top-left corners of the footprints of a sliding window lying wholly inside the slide.
+
+    Without ``bbox`` the grid starts at the slide's (0, 0), as TRIDENT's does: a strip at the right and bottom
+    edges narrower than a step is never covered. With a level-0 ``bbox`` (x0, y0, x1, y1) it is the grid of
+    :func:`centred_starts` on each axis: just covering the box and centred on it (one grid for the slide,
+    where CLAM starts one at the corner of each tissue region's box).
+    """
+    if bbox is None:
+        xs = np.arange(0, dimensions[0] - footprint + 1, step, dtype=np.int64)
+        ys = np.arange(0, dimensions[1] - footprint + 1, step, dtype=np.int64)
+    else:
+        xs = centred_starts(bbox[0], bbox[2], dimensions[0], footprint, step)
+        ys = centred_starts(bbox[1], bbox[3], dimensions[1], footprint, step)
     gx, gy = np.meshgrid(xs, ys)
     return np.stack([gx.ravel(), gy.ravel()], axis=1)
 
@@ -90,27 +134,45 @@ def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], coords: np.n
     return (area / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
-def patch_coords(mask: np.ndarray, dimensions: tuple[int, int], spec: PatchSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The kept patches' level-0 coords and tissue fractions (fraction >= ``spec.min_tissue``)."""
+def patch_coords(mask: np.ndarray, dimensions: tuple[int, int], spec: PatchSpec,
+                 grid: Literal["origin", "tissue"] = "origin") -> tuple[np.ndarray, np.ndarray]:
+    """The kept patches' level-0 coords and tissue fractions (fraction >= ``spec.min_tissue``) on a grid from
+    the slide's corner (``origin``) or centred on the mask's bounding box (``tissue``)."""
     footprint = int(spec.patch_size_level0)  # type: ignore[arg-type]
     step = max(1, int(round(spec.stride * spec.downsample)))  # type: ignore[operator]
-    coords = grid_coords(dimensions, footprint, step)
+    bbox = tissue_bbox(mask, dimensions) if grid == "tissue" else None
+    coords = grid_coords(dimensions, footprint, step, bbox)
     fractions = tissue_fractions(mask, dimensions, coords, footprint)
     keep = fractions >= spec.min_tissue - 1e-6  # type: ignore[operator]
     return coords[keep], fractions[keep]
 
 
-def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint: int) -> np.ndarray:
-    """An RGB thumbnail with the tissue contour (green) and the kept patch grid (blue) drawn on it."""
+def _draw_outline(img: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    small = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, colour, 2)
+
+
+def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint: int,
+                   excluded: np.ndarray | None = None) -> np.ndarray:
+    """An RGB thumbnail with the tissue contour (green), the excluded pen ink's contour (red) and the kept
+    patch grid (blue) drawn on it."""
     img = np.ascontiguousarray(slide.thumbnail(THUMBNAIL_SIDE))
     th, tw = img.shape[:2]
-    small = cv2.resize(mask.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(small, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(img, contours, -1, (0, 160, 0), 2)
+    _draw_outline(img, mask, TISSUE_COLOUR)
+    if excluded is not None and excluded.any():
+        _draw_outline(img, excluded, EXCLUDED_COLOUR)
     sx, sy = tw / slide.dimensions[0], th / slide.dimensions[1]
     for x, y in coords.tolist():
         cv2.rectangle(img, (round(x * sx), round(y * sy)),
-                      (round((x + footprint) * sx) - 1, round((y + footprint) * sy) - 1), (30, 60, 220), 1)
+                      (round((x + footprint) * sx) - 1, round((y + footprint) * sy) - 1), PATCH_COLOUR, 1)
+    return img
+
+
+def mask_image(segmentation: TissueSegmentation) -> np.ndarray:
+    """The mask PNG's pixels: ``MASK_TISSUE`` for tissue, ``MASK_EXCLUDED`` for excluded pen ink, 0 else."""
+    img = segmentation.tissue.astype(np.uint8) * MASK_TISSUE
+    img[segmentation.excluded] = MASK_EXCLUDED
     return img
 
 
@@ -130,8 +192,16 @@ def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[
     except FormatError:
         return None
     same = (done.spec == spec and done.identity == identity
-            and done.tiling_settings == settings.result_settings())
+            and _with_defaults(done.tiling_settings) == settings.result_settings())
     return len(done) if same else None
+
+
+def _with_defaults(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Recorded tiling settings completed with the defaults of options added since they were recorded: those
+    defaults tile exactly as before the options existed."""
+    if recorded is None:
+        return None
+    return {**TileSettings.build().result_settings(), **recorded}
 
 
 def tiling_folder(out_dir: str | os.PathLike[str], settings: TileSettings) -> Path:
@@ -162,15 +232,16 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
             return SlideResult(slide_id, str(slide_path), "skipped", done, round(time.perf_counter() - t0, 3),
                                DONE_MESSAGE)
         try:
-            mask = slide_mask(slide, mask_mpp_for(spec))
-            coords, fractions = patch_coords(mask, slide.dimensions, spec)
-            thumbnail = draw_thumbnail(slide, mask, coords, int(spec.patch_size_level0))  # type: ignore[arg-type]
+            segmentation = slide_segmentation(slide, mask_mpp_for(spec), s)
+            coords, fractions = patch_coords(segmentation.tissue, slide.dimensions, spec, s.grid)
+            thumbnail = draw_thumbnail(slide, segmentation.tissue, coords,
+                                       int(spec.patch_size_level0), segmentation.excluded)  # type: ignore[arg-type]
         except HistotransferError:
             raise
         except Exception as exc:  # a decoder's own error type: say what it means for the user
             raise HistotransferError(f"{slide_path}: cannot read the slide's pixels ({one_line(exc)}); the file "
                                      "may be truncated or corrupt.") from exc
-    write_png(mask.astype(np.uint8) * 255, mask_path)
+    write_png(mask_image(segmentation), mask_path)
     write_png(thumbnail, thumb_path)
     seconds = round(time.perf_counter() - t0, 3)
     if len(coords) == 0:
