@@ -16,7 +16,8 @@ import torch
 from histotransfer.cli import main
 from histotransfer.errors import HistotransferError
 from histotransfer.mil import AttentionMIL, evaluate_run, load_run_model, train_mil
-from histotransfer.mil.metrics import METRIC_KEYS
+from histotransfer.mil.metrics import METRIC_KEYS, slide_metrics
+from histotransfer.mil.splits import SPLITS
 from histotransfer.mil.rundir import read_attention
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 from histotransfer.mil.train import fit
@@ -80,6 +81,7 @@ def test_run_folder_contents(trained):
     assert config["seed"] == 0 and config["model"]["name"] == "histotransfer" and config["model"]["standardize"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics.pop("positive_class") == "tumor"
+    assert [w.split(" has ")[0] for w in metrics.pop("warnings")] == ["the val split", "the test split"]
     assert set(metrics) == {"train", "val", "test"} and all(set(m) == set(METRIC_KEYS) for m in metrics.values())
     assert sum(m["n_slides"] for m in metrics.values()) == 60
     predictions = pd.read_csv(run / "predictions.csv")
@@ -236,3 +238,26 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert main(["train", "--features", str(features), "--labels", str(tmp_path / "missing.csv"),
                  "--out", str(tmp_path / "run2")]) == 2
     assert "no such label file" in capsys.readouterr().err
+
+
+def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_path):
+    features, labels, bags = make_cohort(tmp_path, 48, seed=5, dim=16, shift=4.0, scale=5.0)
+    table = pd.read_csv(labels)
+    table["centre"] = ["A" if i % 3 else "B" for i in range(len(table))]
+    table.to_csv(labels, index=False)
+    run = train_mil(features, labels, tmp_path / "run", epochs=3, seed=0, group_column="centre")
+    split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+    assert {(s, c) for s, c in zip(split["split"], split["centre"])} == {(s, c) for s in SPLITS for c in "AB"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str})
+    for name in SPLITS:
+        groups = metrics["groups"][name]
+        aucs = []
+        for centre, part in predictions[predictions["split"] == name].groupby("centre"):
+            expected = slide_metrics(part["label"], part["probability"], seed=0)
+            assert groups["per_group"][centre] == expected
+            if expected["auc"] is not None:
+                aucs.append(expected["auc"])
+        assert groups["mean_within_group_auc"] == (pytest.approx(np.mean(aucs)) if aucs else None)
+    with pytest.raises(HistotransferError, match="has no column 'site'"):
+        train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site")

@@ -10,7 +10,14 @@ import pytest
 
 from histotransfer.errors import HistotransferError
 from histotransfer.mil import train_mil
-from histotransfer.mil.splits import SPLITS, check_no_leak, kfold_splits, random_split, read_split_file
+from histotransfer.mil.splits import (
+    SPLITS,
+    check_no_leak,
+    kfold_splits,
+    random_split,
+    read_split_file,
+    rule_split,
+)
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 
 CLASSES = ["0", "1"]
@@ -146,3 +153,24 @@ def test_split_with_one_class_in_val_warns(tmp_path, cohort):
     with pytest.warns(UserWarning, match="val split holds one class"):
         out = read_split_file(tmp_path / "split.csv", frame)
     assert out.loc[out["split"] == "val", "slide_id"].tolist() == ["slide_000", "slide_001"]
+
+
+def test_camelyon16_rule_puts_test_slides_in_test_and_draws_validation_from_training():
+    ids = [f"normal_{i:03d}" for i in range(1, 13)] + [f"tumor_{i:03d}" for i in range(1, 9)] + \
+        [f"test_{i:03d}" for i in range(1, 7)]
+    labels = [0] * 12 + [1] * 8 + [0, 1, 0, 1, 0, 1]
+    frame = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels})
+    split = rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0).set_index("slide_id")["split"]
+    assert (split[[s for s in ids if s.startswith("test_")]] == "test").all()
+    train_val = split[[s for s in ids if not s.startswith("test_")]]
+    assert set(train_val) == {"train", "val"}
+    # 15/80 of each class's training patients go to validation, by largest remainder: 12 -> 2.25 -> 2,
+    # 8 -> 1.5 -> 1 (train's 6.5 comes first among equal remainders)
+    val = train_val[train_val == "val"].index
+    assert sum(s.startswith("normal") for s in val) == 2 and sum(s.startswith("tumor") for s in val) == 1
+    assert rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0).equals(
+        rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0))
+    with pytest.raises(HistotransferError, match="no slide id matches"):
+        rule_split(frame[~frame["slide_id"].str.startswith("test_")], ["normal", "tumor"], "camelyon16")
+    with pytest.raises(HistotransferError, match="unknown"):
+        rule_split(frame, ["normal", "tumor"], "camelyon17")

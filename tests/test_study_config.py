@@ -59,7 +59,7 @@ def test_valid_study_expands_slides_and_fills_defaults(tmp_path):
     assert (ds.tile.magnification, ds.tile.patch_size, ds.tile.min_tissue) == (20.0, 512, 0.5)
     assert study.encoders == (EncoderConfig("resnet18", "random", 0), EncoderConfig("resnet18", "random", 2),
                               EncoderConfig("densenet121", "random", 0))
-    assert study.mil.lr == pytest.approx(1e-3) and study.mil.epochs == 2
+    assert study.mil[0].settings.lr == pytest.approx(1e-3) and study.mil[0].settings.epochs == 2
     assert study.finetune_encoders == (EncoderConfig("resnet18", "random", 2),)
     assert study.finetune_seeds == (0, 1) and study.cka.n_patches == 16
     assert study.encoder_info["densenet121"]["family"] == "imagenet"

@@ -126,9 +126,9 @@ def test_changed_setting_redoes_only_its_cells(tmp_path, stages):
     runner.execute(runner.load_study(write_study(tmp_path, mil={"epochs": 3}, seeds=[0, 1, 2],
                                                  encoders=[{"name": "resnet18", "weights": "random",
                                                             "truncations": [0, 1, 3]}])), out, progress=False)
-    assert sorted(calls) == sorted(["extract/a/resnet18-random-t3", "mil/a/resnet18-random-t0/seed2",
-                                    "mil/a/resnet18-random-t1/seed2", "mil/a/resnet18-random-t3/seed0",
-                                    "mil/a/resnet18-random-t3/seed1", "mil/a/resnet18-random-t3/seed2"])
+    assert sorted(calls) == sorted(["extract/a/resnet18-random-t3", "mil/a/resnet18-random-t0/histotransfer/seed2",
+                                    "mil/a/resnet18-random-t1/histotransfer/seed2", "mil/a/resnet18-random-t3/histotransfer/seed0",
+                                    "mil/a/resnet18-random-t3/histotransfer/seed1", "mil/a/resnet18-random-t3/histotransfer/seed2"])
 
 
 def test_editing_labels_retrains_but_does_not_retile(tmp_path, stages):
@@ -152,10 +152,10 @@ def test_failed_cell_is_recorded_dependents_blocked_rest_done_then_retried(tmp_p
     by_key = {r["key"]: r for r in records}
     assert by_key["extract/a/resnet18-random-t1"]["status"] == "failed"
     assert "broken on purpose" in by_key["extract/a/resnet18-random-t1"]["message"]
-    for key in ("mil/a/resnet18-random-t1/seed0", "finetune/a/resnet18-random-t1/seed0",
+    for key in ("mil/a/resnet18-random-t1/histotransfer/seed0", "finetune/a/resnet18-random-t1/histotransfer/seed0",
                 "cka/a/resnet18-random-t1/seed0"):
         assert by_key[key]["status"] == "blocked"
-    assert by_key["mil/a/resnet18-random-t1/seed0"]["message"] == \
+    assert by_key["mil/a/resnet18-random-t1/histotransfer/seed0"]["message"] == \
         "needs extract/a/resnet18-random-t1, which failed"
     assert statuses(records) == {"done": 4, "failed": 1, "blocked": 4}
     failed = json.loads((out / "extract/a/resnet18-random-t1/failed.json").read_text())
@@ -198,7 +198,7 @@ def test_cell_whose_outputs_were_deleted_is_redone(tmp_path, stages):
     study = write_study(tmp_path)
     runner.execute(runner.load_study(study), out, progress=False)
     calls.clear()
-    shutil.rmtree(out / "mil/a/resnet18-random-t0/seed1/run")
+    shutil.rmtree(out / "mil/a/resnet18-random-t0/histotransfer/seed1/run")
     _, records = runner.execute(runner.load_study(study), out, progress=False)
-    assert calls == ["mil/a/resnet18-random-t0/seed1"]
+    assert calls == ["mil/a/resnet18-random-t0/histotransfer/seed1"]
     assert statuses(records) == {"cached": 8, "done": 1}

@@ -8,9 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..settings import add_options, from_args
-from .settings import MilSettings
-
-SMALL_SPLIT = 20  # below this many slides an AUC's confidence interval is too wide to compare encoders
+from .settings import SMALL_SPLIT, MilSettings
 
 
 def _fmt(m: dict) -> str:

@@ -21,7 +21,7 @@ from ..features import encoder_attrs, read_feature_attrs, read_feature_file
 from .labels import LabelTable, feature_files, read_labels
 from .rundir import DONE_FILE, guard
 from .settings import DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings
-from .splits import DEFAULT_FRACTIONS, kfold_splits, random_split, read_split_file
+from .splits import DEFAULT_FRACTIONS, kfold_splits, random_split, read_split_file, rule_split
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RunPlan:
         table = replace(self.table, frame=self.table.frame[~self.table.frame["slide_id"].isin(broken)]
                         .reset_index(drop=True))
         if self.split_file is None:
-            splits = make_splits(table, self.settings.seed, None, self.folds)
+            splits = make_splits(table, self.settings, None, self.folds)
         else:
             splits = [s[~s["slide_id"].isin(broken)].reset_index(drop=True) for s in self.splits]
             if splits[0].loc[splits[0]["split"] == "train", "label"].nunique() < 2:
@@ -69,13 +69,18 @@ class RunPlan:
                        files={s: p for s, p in self.files.items() if s not in broken})
 
 
-def make_splits(table: LabelTable, seed: int, split_file: Path | None, folds: int | None) -> list[pd.DataFrame]:
-    """The run's split(s): the user's file, k folds, or the seeded patient-level random split."""
+def make_splits(table: LabelTable, settings: MilSettings, split_file: Path | None,
+                folds: int | None) -> list[pd.DataFrame]:
+    """The run's split(s): the user's file, k folds, a named official split, or the seeded patient-level
+    random split (stratified by group too with ``group_column``)."""
+    seed, group = settings.seed, settings.group_column
     if split_file is not None:
         return [read_split_file(split_file, table.frame)]
     if folds is not None:
-        return kfold_splits(table.frame, table.classes, folds, seed)
-    return [random_split(table.frame, table.classes, seed)]
+        return kfold_splits(table.frame, table.classes, folds, seed, group_column=group)
+    if settings.split_rule is not None:
+        return [rule_split(table.frame, table.classes, settings.split_rule, seed, group_column=group)]
+    return [random_split(table.frame, table.classes, seed, group_column=group)]
 
 
 def feature_fingerprint(path: Path) -> str | None:
@@ -101,9 +106,11 @@ def _encoder_of(paths: list[Path]) -> dict[str, Any]:
     raise HistotransferError(f"{paths[0].parent}: none of the labelled slides' feature files can be read.")
 
 
-def _check_options(split_file: Path | None, folds: int | None) -> None:
-    if folds is not None and split_file is not None:
-        raise HistotransferError("--folds and --split-file exclude each other; pass one.")
+def _check_options(split_file: Path | None, folds: int | None, settings: MilSettings) -> None:
+    given = [name for name, on in (("--split-file", split_file is not None), ("--folds", folds is not None),
+                                   ("--split-rule", settings.split_rule is not None)) if on]
+    if len(given) > 1:
+        raise HistotransferError(f"{' and '.join(given)} exclude each other; pass one.")
     if folds is not None and folds < 2:
         raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
 
@@ -116,14 +123,17 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
     holding a run made with other settings or inputs (naming each field that differs).
     """
     split_path = Path(split_file) if split_file is not None else None
-    _check_options(split_path, folds)
+    _check_options(split_path, folds, settings)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise HistotransferError(f"--out {out}: is an existing file, not a folder; choose a folder.")
     table = read_labels(labels_csv, features_dir)
     all_files = feature_files(features_dir)
     files = {s: all_files[s] for s in table.frame["slide_id"]}
-    splits = make_splits(table, settings.seed, split_path, folds)
+    if settings.group_column is not None and settings.group_column not in table.extra:
+        raise HistotransferError(f"{labels_csv}: has no column {settings.group_column!r} for --group-column "
+                                 f"(its extra columns: {', '.join(table.extra) or 'none'}).")
+    splits = make_splits(table, settings, split_path, folds)
     s = settings
     config: dict[str, Any] = {
         "kind": "mil",
@@ -143,6 +153,7 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
                      "early_stopping": s.early_stopping},
         "split": ({"method": "file", "file": str(split_path.resolve())} if split_path is not None else
                   {"method": "k-fold", "folds": folds} if folds is not None else
+                  {"method": "rule", "rule": s.split_rule} if s.split_rule is not None else
                   {"method": "random", "fractions": DEFAULT_FRACTIONS}),
         "inputs": {"features": {sid: feature_fingerprint(p) for sid, p in files.items()},
                    "labels_sha256": file_sha256(labels_csv),

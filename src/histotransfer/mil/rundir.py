@@ -24,6 +24,7 @@ from .._io import atomic_path, ensure_space, write_json, write_torch
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, open_h5, stamp
 from ..provenance import short
+from .settings import SMALL_SPLIT
 
 if TYPE_CHECKING:
     import torch
@@ -227,10 +228,14 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
 
 
 def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.DataFrame, seed: int,
-                      title: str, positive_class: str) -> dict[str, Any]:
+                      title: str, positive_class: str, group_column: str | None = None) -> dict[str, Any]:
     """Predict every slide of ``split`` with the trained ``model`` and write the run's evaluation files:
     ``attention/<slide_id>.h5``, ``predictions.csv``, ``roc.png`` (titled ``title``) and, last, as the mark
-    of a finished run, ``metrics.json``. Returns the metrics per split (bootstrap CIs seeded by ``seed``)."""
+    of a finished run, ``metrics.json``. Returns the metrics per split (bootstrap CIs seeded by ``seed``).
+
+    With ``group_column`` (e.g. centre) metrics.json also holds, per split, the metrics of each group and the
+    mean within-group AUC (groups with one class have none): a model that learned the centre instead of the
+    disease ranks well across centres and poorly within them."""
     from .._io import write_csv
     from .bags import patch_size_level0
     from .metrics import slide_metrics
@@ -243,7 +248,7 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
     for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
         write_attention(run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
                         attrs)
-    cols = [c for c in ("slide_id", "patient_id", "split", "label") if c in ordered.columns]
+    cols = [c for c in ("slide_id", "patient_id", group_column, "split", "label") if c and c in ordered.columns]
     predictions = ordered[cols].assign(probability=probs[:, 1])
     write_csv(predictions, run_dir / "predictions.csv")
     metrics: dict[str, Any] = {}
@@ -253,5 +258,27 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
         metrics[name] = slide_metrics(part["label"], part["probability"], seed=seed)
         curves[name] = (part["label"].to_numpy(), part["probability"].to_numpy(), metrics[name]["auc"])
     plot_roc(curves, run_dir / "roc.png", title)
-    write_json({**metrics, "positive_class": positive_class}, run_dir / DONE_FILE)
+    extra: dict[str, Any] = {"positive_class": positive_class, "warnings": small_split_warnings(metrics)}
+    if group_column is not None:
+        extra["groups"] = {name: group_metrics(predictions[predictions["split"] == name], group_column, seed)
+                           for name in SPLITS}
+    write_json({**metrics, **extra}, run_dir / DONE_FILE)
     return metrics
+
+
+def small_split_warnings(metrics: dict[str, Any]) -> list[str]:
+    """A sentence for each of the val/test splits too small for a stable AUC (stated, not hidden)."""
+    return [f"the {name} split has {m['n_slides']} slides: its AUC and confidence interval rest on too few slides "
+            f"to compare encoders (aim for at least {SMALL_SPLIT})"
+            for name, m in metrics.items() if name in ("val", "test") and 0 < (m.get("n_slides") or 0) < SMALL_SPLIT]
+
+
+def group_metrics(predictions: pd.DataFrame, group_column: str, seed: int) -> dict[str, Any]:
+    """Metrics of each group of one split and the mean AUC within groups (None when no group has two classes)."""
+    from .metrics import slide_metrics
+
+    per = {str(g): slide_metrics(part["label"], part["probability"], seed=seed)
+           for g, part in predictions.groupby(group_column, sort=True)}
+    aucs = [m["auc"] for m in per.values() if m["auc"] is not None]
+    return {"per_group": per, "mean_within_group_auc": float(np.mean(aucs)) if aucs else None,
+            "groups_with_auc": len(aucs)}

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from ..settings import StageSettings
 
+SMALL_SPLIT = 20  # below this many slides an AUC (and its interval) is too unstable to compare encoders
 DEFAULT_HIDDEN = 256
 STD_FLOOR_FRACTION = 0.01  # std floor as a fraction of the median per-dimension std of the training patches
 # What each recipe means for the options it sets (an option given explicitly wins over its recipe).
@@ -42,6 +43,12 @@ class MilSettings(StageSettings):
     hidden: int | None = Field(None, ge=1, le=65536, description="width of the first layer (default: 256)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
     seed: int = Field(0, description="seeds the split and the training")
+    split_rule: Literal["camelyon16"] | None = Field(
+        None, description="a dataset's official split by slide id (camelyon16: test_NNN slides are the test "
+                          "split, validation drawn from the training slides) instead of the 65/15/20 split")
+    group_column: str | None = Field(
+        None, description="a column of the labels file (e.g. centre): splits are stratified by group and label, "
+                          "and metrics are reported per group with the mean within-group AUC")
 
     @model_validator(mode="after")
     def _recipe_defaults(self) -> MilSettings:

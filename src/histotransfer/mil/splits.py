@@ -16,6 +16,7 @@ k folds when it has k + 2); classes keep their guarantee.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -251,6 +252,39 @@ def kfold_splits(frame: pd.DataFrame, classes: list[str], folds: int, seed: int 
             raise _too_small(frame, classes, folds + 2, f"{folds}-fold cross-validation")
         check_no_leak(split)
         out.append(split)
+    return out
+
+
+# Official splits known by name: a slide whose id matches the pattern is in the test split.
+SPLIT_RULES = {
+    # CAMELYON16: 270 training slides (normal_NNN, tumor_NNN) and 129 test slides (test_NNN).
+    "camelyon16": re.compile(r"^test_\d+$", re.IGNORECASE),
+}
+
+
+def rule_split(frame: pd.DataFrame, classes: list[str], rule: str, seed: int = 0,
+               val_fraction: float = KFOLD_VAL_FRACTION, group_column: str | None = None) -> pd.DataFrame:
+    """A dataset's official split (``SPLIT_RULES``): its test slides are the test split; validation is drawn
+    from the training slides (``val_fraction`` of their patients, stratified, seeded, patient-level)."""
+    if rule not in SPLIT_RULES:
+        raise HistotransferError(f"split rule {rule!r}: unknown; known rules: {', '.join(SPLIT_RULES)}.")
+    _check_groups(frame, group_column)
+    is_test = frame["slide_id"].map(lambda sid: bool(SPLIT_RULES[rule].match(str(sid))))
+    if not is_test.any() or is_test.all():
+        which = "no" if not is_test.any() else "every"
+        raise HistotransferError(f"split rule {rule!r}: {which} slide id matches its test naming "
+                                 f"({SPLIT_RULES[rule].pattern}); check the slide ids or use another split.")
+    test_patients = set(frame.loc[is_test, "patient_id"])
+    patients = _patients(frame, group_column)
+    rest = patients.loc[[p for p in patients.index if p not in test_patients]]
+    assign = _deal(rest, {"train": 1 - val_fraction, "val": val_fraction}, np.random.default_rng(seed))
+    assign.update({p: "test" for p in test_patients})
+    out = frame[_columns(group_column)].copy()
+    out["split"] = out["patient_id"].map(assign)
+    check_no_leak(out, f"split rule {rule!r}")
+    missing = _missing(out, list(SPLITS), len(classes))
+    if missing["train"] or missing["val"]:
+        raise _too_small(frame, classes, 2, f"the {rule} split's train/val part")
     return out
 
 

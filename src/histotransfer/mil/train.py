@@ -151,7 +151,8 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
     save_model(model, run_dir / "model.pt", classes, result.selected_epoch)
     write_csv(result.history, run_dir / "history.csv")
     return write_run_outputs(run_dir, model, bags, split, s.seed,
-                             f"{s.model} attention MIL, epoch {result.selected_epoch}", config["positive_class"])
+                             f"{s.model} attention MIL, epoch {result.selected_epoch}", config["positive_class"],
+                             s.group_column)
 
 
 def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class Cell:
     dataset: str = ""
     encoder: EncoderConfig | None = None
     seed: int | None = None
+    variant: str = ""  # the MIL variant (recipe) of mil and finetune cells
     # Settings under which a partial result in the folder may be resumed by the stage itself: None means
     # the stage checks its own per-slide settings (never wipe), "" means always start afresh.
     resume_key: str | None = ""
@@ -54,8 +55,8 @@ class Cell:
         """The cell as the tables and report see it."""
         return {"kind": self.kind, "key": self.key, "folder": self.key, "dataset": self.dataset,
                 "encoder": self.encoder.spec() if self.encoder else None,
-                "config": self.encoder.key if self.encoder else "", "seed": self.seed, "status": status,
-                "seconds": seconds, "message": message, "result": result or {}}
+                "config": self.encoder.key if self.encoder else "", "recipe": self.variant, "seed": self.seed,
+                "status": status, "seconds": seconds, "message": message, "result": result or {}}
 
 
 def read_done(cell: Cell, out_dir: Path) -> dict[str, Any] | None:

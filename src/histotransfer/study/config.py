@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,8 +25,9 @@ from ..mil.settings import MilSettings
 from ..patches.settings import TileSettings
 from ..provenance import json_fingerprint
 from ..settings import describe_errors
-from .grid import Dataset, EncoderConfig, Study
+from .grid import Dataset, EncoderConfig, MilVariant, Study
 
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TOP_KEYS = ("name", "out", "datasets", "encoders", "seeds", "tile", "extract", "mil", "finetune", "cka")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
@@ -64,12 +65,15 @@ class DemoSpec(_Strict):
 
 
 class DatasetEntry(TileSettings):
-    """A dataset: its slides and labels (or generated demo slides), and tiling settings overriding ``tile``."""
+    """A dataset: its slides and labels (or generated demo slides), tiling settings overriding ``tile``, and how
+    its slides are split (``split_file``, or an official ``split`` rule such as camelyon16; ``group_column``)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_RE)
     slides: list[str] | None = None
     labels: str | None = None
     split_file: str | None = None
+    split: Literal["camelyon16"] | None = None
+    group_column: str | None = None
     demo: DemoSpec | None = None
 
     @field_validator("slides", mode="before")
@@ -78,9 +82,16 @@ class DatasetEntry(TileSettings):
         return [v] if isinstance(v, str) else v
 
 
+class MilSection(MilSettings):
+    """One MIL variant of the study: the stage's settings and a name for the tables (default: its recipe)."""
+
+    name: str | None = Field(None, pattern=NAME_RE)
+
+
 class FinetuneSection(FinetuneSettings):
     encoders: list[EncoderRef] = Field(min_length=1)
     seeds: list[int] | None = None
+    mil: str | None = None
 
 
 class PairEntry(_Strict):
@@ -169,14 +180,16 @@ class _Checker:
             return None
         settings = TileSettings.model_validate({**tile.model_dump(exclude_unset=True), **d.model_dump(
             include=set(TileSettings.model_fields) & d.model_fields_set)})
+        if d.split is not None and d.split_file is not None:
+            self.fail(where, "give either 'split' (an official split rule) or 'split_file'")
         if d.demo is not None:
-            return Dataset(d.name, (), None, settings, None, d.demo.model_dump())
+            return Dataset(d.name, (), None, settings, None, d.demo.model_dump(), d.split, d.group_column)
         slides = self._slides(d.slides or [], f"{where}.slides")
         labels = self.path(d.labels, f"{where}.labels", "labels CSV")
         split = self.path(d.split_file, f"{where}.split_file", "split CSV")
         if labels is not None:
-            self._labels(labels, split, f"{where}.labels")
-        return Dataset(d.name, tuple(slides), labels, settings, split)
+            self._labels(labels, split, f"{where}.labels", d.group_column)
+        return Dataset(d.name, tuple(slides), labels, settings, split, None, d.split, d.group_column)
 
     def _slides(self, items: list[str], where: str) -> list[Path]:
         from ..slide import list_slides
@@ -189,7 +202,7 @@ class _Checker:
             self.fail(where, str(exc))
             return []
 
-    def _labels(self, labels: Path, split: Path | None, where: str) -> None:
+    def _labels(self, labels: Path, split: Path | None, where: str, group_column: str | None) -> None:
         """Everything `train` would refuse about the label and split files, before any work."""
         from ..mil import parse_labels, read_split_file
 
@@ -199,6 +212,29 @@ class _Checker:
                 read_split_file(split, table.frame)
         except HistotransferError as exc:
             self.fail(where, str(exc))
+            return
+        if group_column is not None and group_column not in table.extra:
+            self.fail(where.replace(".labels", ".group_column"),
+                      f"{labels} has no column {group_column!r} (its extra columns: {', '.join(table.extra) or 'none'})")
+
+    def mil(self, raw: Any) -> list[MilVariant]:
+        """The ``mil`` section: one mapping, or a list of them (variants compared side by side)."""
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            self.fail("mil", "expected a mapping of MIL settings or a non-empty list of them")
+        variants = []
+        for i, item in enumerate(items):
+            where = f"mil[{i}]" if isinstance(raw, list) else "mil"
+            if isinstance(item, dict) and "seed" in item:
+                self.fail(f"{where}.seed", "set the seeds with the top-level 'seeds' list")
+            m = self.model(MilSection, item, where)
+            if m is not None:
+                settings = MilSettings.model_validate(m.model_dump(exclude={"name"}, exclude_unset=True))
+                variants.append(MilVariant(m.name or m.recipe, settings))
+        names = [v.name for v in variants]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            self.fail("mil", f"two MIL variants are named {dup!r}; give each a distinct 'name'")
+        return variants
 
     def ref(self, ref: EncoderRef, where: str, grid: list[EncoderConfig] | None) -> EncoderConfig | None:
         """An encoder reference: any configuration (grid None) or one of the grid's (weights may be left out)."""
@@ -251,9 +287,7 @@ def load_study(path: str | Path) -> Study:
                                                        f"; valid keys: {', '.join(TOP_KEYS)}"))
     tile = v.model(TileSettings, raw.get("tile"), "tile")
     extract = v.model(ExtractSettings, raw.get("extract"), "extract")
-    mil = v.model(MilSettings, raw.get("mil"), "mil")
-    if isinstance(raw.get("mil"), dict) and "seed" in raw["mil"]:
-        v.fail("mil.seed", "set the seeds with the top-level 'seeds' list")
+    mil = v.mil(raw.get("mil"))
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or \
@@ -274,6 +308,8 @@ def load_study(path: str | Path) -> Study:
     ft = v.model(FinetuneSection, raw["finetune"], "finetune") if raw.get("finetune") is not None else None
     ft_encoders = [c for i, r in enumerate(ft.encoders if ft else [])
                    if (c := v.ref(r, f"finetune.encoders[{i}]", grid))]
+    if ft is not None and ft.mil is not None and ft.mil not in [m.name for m in mil]:
+        v.fail("finetune.mil", f"{ft.mil!r} is not one of the MIL variants ({', '.join(m.name for m in mil)})")
     for s in (ft.seeds or []) if ft else []:
         if s not in seeds:
             v.fail("finetune.seeds", f"seed {s} is not one of the study's seeds {seeds}")
@@ -293,9 +329,10 @@ def load_study(path: str | Path) -> Study:
     return Study(
         path=path, text=text, name=str(raw.get("name") or path.stem),
         out=(path.parent / Path(out).expanduser()).resolve() if out else None, datasets=tuple(datasets),
-        encoders=tuple(grid), seeds=tuple(seeds), extract=extract, mil=mil,
-        finetune=FinetuneSettings.model_validate(ft.model_dump(exclude={"encoders", "seeds"}, exclude_unset=True))
-        if ft else None,
+        encoders=tuple(grid), seeds=tuple(seeds), extract=extract, mil=tuple(mil),
+        finetune=FinetuneSettings.model_validate(ft.model_dump(exclude={"encoders", "seeds", "mil"},
+                                                               exclude_unset=True)) if ft else None,
+        finetune_mil=(ft.mil if ft and ft.mil else mil[0].name),
         finetune_encoders=tuple(dict.fromkeys(ft_encoders)), finetune_seeds=tuple(ft.seeds or seeds) if ft else (),
         cka=CkaSettings.model_validate(cka.model_dump(exclude={"finetuned", "pairs"}, exclude_unset=True))
         if cka else None,

@@ -49,7 +49,8 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A validated dataset: slide files, label file, tiling settings (or demo slides to generate)."""
+    """A validated dataset: slide files, label file, tiling settings (or demo slides to generate), and how its
+    slides are split (a split file, an official split rule, a group column to stratify and report by)."""
 
     name: str
     slides: tuple[Path, ...]
@@ -57,6 +58,21 @@ class Dataset:
     tile: TileSettings
     split_file: Path | None = None
     demo: dict[str, int] | None = None
+    split_rule: str | None = None
+    group_column: str | None = None
+
+    def mil(self, settings: MilSettings, seed: int) -> MilSettings:
+        """The study's MIL settings for this dataset and seed."""
+        return MilSettings.build(settings, seed=seed, split_rule=self.split_rule, group_column=self.group_column)
+
+
+@dataclass(frozen=True)
+class MilVariant:
+    """One way of training MIL in the study (its ``mil`` section, or one entry of a list of them), named by
+    its recipe unless given a name: a column of every table."""
+
+    name: str
+    settings: MilSettings
 
 
 @dataclass(frozen=True)
@@ -71,8 +87,9 @@ class Study:
     encoders: tuple[EncoderConfig, ...]
     seeds: tuple[int, ...]
     extract: ExtractSettings
-    mil: MilSettings
+    mil: tuple[MilVariant, ...]
     finetune: FinetuneSettings | None = None
+    finetune_mil: str = ""
     finetune_encoders: tuple[EncoderConfig, ...] = ()
     finetune_seeds: tuple[int, ...] = ()
     cka: CkaSettings | None = None

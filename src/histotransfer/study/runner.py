@@ -25,13 +25,12 @@ from ..slide import slide_id_of
 from .cells import Cell, prepare_folder, read_done, write_done, write_failed
 from ..analysis.settings import CkaSettings
 from ..finetune.settings import FinetuneSettings
-from ..mil.settings import MilSettings
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
 from .report import write_report
 from .tables import build_tables, cka_stages, finetune_runs, mil_runs, write_tables
 
-CELL_COLUMNS = ["kind", "key", "dataset", "config", "seed", "status", "seconds", "message", "folder"]
+CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "seed", "status", "seconds", "message", "folder"]
 
 
 def _rel(path: str | Path, out_dir: Path) -> str:
@@ -61,22 +60,25 @@ def plan(study: Study) -> list[Cell]:
                                  dataset=ds.name, encoder=enc, resume_key=settings_hash([settings, tiling]))
             cells.append(extracts[enc])
         labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
-        mils: dict[tuple[EncoderConfig, int], Cell] = {}
+        mils: dict[tuple[EncoderConfig, str, int], Cell] = {}
         for enc in study.encoders:
-            for seed in study.seeds:
-                mil = MilSettings.build(study.mil, seed=seed).result_settings()
-                mils[enc, seed] = _resumable(Cell("mil", f"mil/{ds.name}/{enc.key}/seed{seed}", {**labels, **mil},
-                                                  deps=(extracts[enc],) + ((demo,) if demo else ()),
-                                                  dataset=ds.name, encoder=enc, seed=seed))
-                cells.append(mils[enc, seed])
+            for variant in study.mil:
+                for seed in study.seeds:
+                    mil = ds.mil(variant.settings, seed).result_settings()
+                    mils[enc, variant.name, seed] = _resumable(Cell(
+                        "mil", f"mil/{ds.name}/{enc.key}/{variant.name}/seed{seed}", {**labels, **mil},
+                        deps=(extracts[enc],) + ((demo,) if demo else ()), dataset=ds.name, encoder=enc, seed=seed,
+                        variant=variant.name))
+                    cells.append(mils[enc, variant.name, seed])
         finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
         if study.finetune is not None:
             for enc in study.finetune_encoders:
                 for seed in study.finetune_seeds:
                     settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
                     finetunes[enc, seed] = _resumable(Cell(
-                        "finetune", f"finetune/{ds.name}/{enc.key}/seed{seed}", settings,
-                        deps=(mils[enc, seed], tile), dataset=ds.name, encoder=enc, seed=seed))
+                        "finetune", f"finetune/{ds.name}/{enc.key}/{study.finetune_mil}/seed{seed}", settings,
+                        deps=(mils[enc, study.finetune_mil, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
+                        variant=study.finetune_mil))
                     cells.append(finetunes[enc, seed])
         if study.cka is not None:
             if study.cka_finetuned:
@@ -217,7 +219,8 @@ def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
     _, labels = ctx.slides_and_labels(cell)
     assert labels is not None and cell.seed is not None
     labels_used, note = _labels_with_features(labels, features, folder)
-    run = Path(train_mil(features, labels_used, folder / "run", MilSettings.build(ctx.study.mil, seed=cell.seed),
+    variant = next(v for v in ctx.study.mil if v.name == cell.variant)
+    run = Path(train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed),
                          split_file=ds.split_file))
     return {"run": _rel(run, ctx.out)}, note
 
@@ -342,7 +345,8 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     mil = mil_runs(out_dir, finished, info)
     ft = finetune_runs(out_dir, finished, info)
     cka = cka_stages(out_dir, finished)
-    tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info)
+    tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info,
+                          [v.name for v in study.mil], study.finetune_mil)
     shown = write_tables(out_dir / "tables", tables, datasets,
                          {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka})
     figures = draw_figures(out_dir / "figures", mil, cka)

@@ -2,11 +2,14 @@
 
 Every number comes from a run's ``metrics.json`` (slide-level test AUC and the number of test slides): the
 long tables (``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run, the summary
-tables one row per encoder configuration with, per dataset, the mean and sample sd of the test AUC over seeds.
+tables one row per encoder configuration and MIL recipe with, per dataset, the mean and sample sd of the test
+AUC over seeds and the number of test slides. Table II pairs each histopathology encoder with the ImageNet
+encoder of its architecture, as the paper's does.
 """
 
 from __future__ import annotations
 
+import json
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -62,10 +65,10 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             continue
         run = r["result"]["run"]
         auc, n = _test_metrics(out_dir / run)
-        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "seed": r["seed"],
-                     "auc": auc, "n_slides": n, "run": run})
+        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
+                     "seed": r["seed"], "auc": auc, "n_slides": n, "run": run})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
-                                       "imagenet_top1", "seed", "auc", "n_slides", "run"])
+                                       "imagenet_top1", "recipe", "seed", "auc", "n_slides", "run"])
 
 
 def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -77,27 +80,33 @@ def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             continue
         frozen_auc, _ = _test_metrics(out_dir / r["result"]["frozen_run"])
         auc, n = _test_metrics(out_dir / r["result"]["run"])
-        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "seed": r["seed"],
-                     "frozen_auc": frozen_auc, "finetuned_auc": auc, "n_slides": n, "run": r["result"]["run"],
-                     "frozen_run": r["result"]["frozen_run"]})
+        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
+                     "seed": r["seed"], "frozen_auc": frozen_auc, "finetuned_auc": auc, "n_slides": n,
+                     "run": r["result"]["run"], "frozen_run": r["result"]["frozen_run"]})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
-                                       "imagenet_top1", "seed", "frozen_auc", "finetuned_auc", "n_slides", "run",
-                                       "frozen_run"])
+                                       "imagenet_top1", "recipe", "seed", "frozen_auc", "finetuned_auc", "n_slides",
+                                       "run", "frozen_run"])
 
 
 def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per (CKA run, stage): which encoders were compared on which dataset, and the CKA."""
+    """One row per (CKA run, stage): which encoders were compared on which dataset, the CKA, its
+    random-initialisation baseline (NaN when not computed), the estimator and the number of patches."""
     frames = []
     for r in records:
         if r["kind"] != "cka":
             continue
-        df = pd.read_csv(out_dir / r["result"]["csv"])
+        csv = out_dir / r["result"]["csv"]
+        df = pd.read_csv(csv)
+        record = json.loads((csv.parent / "cka.json").read_text()) if (csv.parent / "cka.json").is_file() else {}
         frames.append(pd.DataFrame({
             "dataset": r["dataset"], "comparison": r["result"]["comparison"], "seed": r["seed"],
             "stage_index": np.arange(len(df)), "stage": df["stage"].astype(str), "cka": df["cka"].astype(float),
-            "csv": r["result"]["csv"],
+            "baseline": df["baseline"].astype(float) if "baseline" in df else np.nan,
+            "estimator": record.get("estimator", "biased"), "n_patches": record.get("n_patches"),
+            "warning": " ".join(record.get("warnings") or []), "csv": r["result"]["csv"],
         }))
-    columns = ["dataset", "comparison", "seed", "stage_index", "stage", "cka", "csv"]
+    columns = ["dataset", "comparison", "seed", "stage_index", "stage", "cka", "baseline", "estimator", "n_patches",
+               "warning", "csv"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -116,34 +125,72 @@ def _summary(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), int(len(v))
 
 
-def _grid_table(runs: pd.DataFrame, configs: Sequence[EncoderConfig], datasets: Sequence[str],
+def _row(cfg: EncoderConfig, recipe: str, columns: Sequence[str], info: Mapping[str, Mapping[str, Any]],
+         pretraining: str = "") -> dict[str, Any]:
+    meta = info.get(cfg.name, {})
+    row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
+                           "family": meta.get("family"), "architecture": meta.get("architecture", cfg.name),
+                           "pretraining": pretraining, "imagenet_top1": weights_top1(info, cfg.name, cfg.weights),
+                           "recipe": recipe}
+    return {k: row[k] for k in columns}
+
+
+def _select(runs: pd.DataFrame, cfg: EncoderConfig, recipe: str, ds: str) -> pd.DataFrame:
+    if not len(runs):
+        return runs
+    return runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds) & (runs["recipe"] == recipe)]
+
+
+def _grid_table(runs: pd.DataFrame, rows: Sequence[tuple[EncoderConfig, str, str]], datasets: Sequence[str],
                 columns: Sequence[str], info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per configuration (in study order), per dataset: AUC mean, sd, seeds and test slides."""
-    rows = []
-    for cfg in configs:
-        row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                               "family": info.get(cfg.name, {}).get("family"),
-                               "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
-        row = {k: row[k] for k in columns}
+    """One row per (configuration, recipe, pre-training label), in order; per dataset: AUC mean, sd, seeds and
+    test slides."""
+    out = []
+    for cfg, recipe, pretraining in rows:
+        row = _row(cfg, recipe, columns, info, pretraining)
         for ds in datasets:
-            sel = runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds)] if len(runs) else runs
+            sel = _select(runs, cfg, recipe, ds)
             mean, sd, k = _summary(sel["auc"]) if len(sel) else (float("nan"), float("nan"), 0)
             row.update({f"{ds}_auc_mean": mean, f"{ds}_auc_sd": sd, f"{ds}_n_seeds": k,
                         f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
-        rows.append(row)
+        out.append(row)
     names = list(columns) + [f"{ds}_{c}" for ds in datasets for c in ("auc_mean", "auc_sd", "n_seeds", "n_slides")]
-    return pd.DataFrame(rows, columns=names)
+    return pd.DataFrame(out, columns=names)
+
+
+def histopathology_pairs(encoders: Sequence[EncoderConfig], info: Mapping[str, Mapping[str, Any]]
+                         ) -> list[tuple[EncoderConfig, str]]:
+    """Table II's rows: each full-depth histopathology encoder after the full-depth ImageNet encoder of the same
+    architecture (when the study has one), as the paper pairs them (ResNet18 vs Ciga SimCLR, ...)."""
+    def family(cfg: EncoderConfig) -> str | None:
+        return info.get(cfg.name, {}).get("family")
+
+    def arch(cfg: EncoderConfig) -> str:
+        return str(info.get(cfg.name, {}).get("architecture", cfg.name))
+
+    imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology" and c.weights != "random"]
+    rows: list[tuple[EncoderConfig, str]] = []
+    for cfg in (c for c in encoders if c.truncate == 0 and family(c) == "histopathology"):
+        twin = next((c for c in imagenet if arch(c) == arch(cfg)), None)
+        if twin is not None and (twin, "ImageNet") not in rows:
+            rows.append((twin, "ImageNet"))
+        rows.append((cfg, "histopathology"))
+    return rows
 
 
 def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[EncoderConfig],
                  finetune_encoders: Sequence[EncoderConfig], datasets: Sequence[str],
-                 info: Mapping[str, Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
-    """Tables I-IV as numeric DataFrames, rows in the study file's order, one column group per dataset."""
+                 info: Mapping[str, Mapping[str, Any]], recipes: Sequence[str] = ("",),
+                 finetune_recipe: str = "") -> dict[str, pd.DataFrame]:
+    """Tables I-IV as numeric DataFrames, rows in the study file's order (each configuration once per MIL
+    recipe), one column group per dataset."""
     def family(cfg: EncoderConfig) -> str | None:
         return info.get(cfg.name, {}).get("family")
 
+    def by_recipe(configs: Sequence[EncoderConfig], label: str = "") -> list[tuple[EncoderConfig, str, str]]:
+        return [(c, r, label) for c in configs for r in recipes]
+
     full_imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology"]
-    full_histo = [c for c in encoders if c.truncate == 0 and family(c) == "histopathology"]
     truncated_archs = {(c.name, c.weights) for c in encoders if c.truncate > 0}
     truncation = sorted((c for c in encoders if (c.name, c.weights) in truncated_archs),
                         key=lambda c: ([(e.name, e.weights) for e in encoders].index((c.name, c.weights)),
@@ -151,10 +198,10 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
 
     ft_rows = []
     for cfg in finetune_encoders:
-        row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate}
+        row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
+                               "recipe": finetune_recipe}
         for ds in datasets:
-            sel = finetune[(finetune["config"] == cfg.key) & (finetune["dataset"] == ds)] if len(finetune) \
-                else finetune
+            sel = _select(finetune, cfg, finetune_recipe, ds)
             sel = sel[np.isfinite(sel["frozen_auc"].astype(float)) & np.isfinite(sel["finetuned_auc"].astype(float))]
             f_mean, f_sd, k = _summary(sel["frozen_auc"])
             t_mean, t_sd, _ = _summary(sel["finetuned_auc"])
@@ -162,15 +209,19 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
                         f"{ds}_finetuned_auc_mean": t_mean, f"{ds}_finetuned_auc_sd": t_sd,
                         f"{ds}_n_seeds": k, f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
         ft_rows.append(row)
-    ft_cols = ["encoder", "weights", "truncate"] + [
+    ft_cols = ["encoder", "weights", "truncate", "recipe"] + [
         f"{ds}_{c}" for ds in datasets for c in ("frozen_auc_mean", "frozen_auc_sd", "finetuned_auc_mean",
                                                  "finetuned_auc_sd", "n_seeds", "n_slides")]
+    pairs = [(c, r, label) for c, label in histopathology_pairs(encoders, info) for r in recipes]
     return {
-        "table1_architectures": _grid_table(mil, full_imagenet, datasets, ["encoder", "weights", "imagenet_top1"],
-                                            info),
-        "table2_histopathology_encoders": _grid_table(mil, full_histo, datasets, ["encoder", "weights"], info),
+        "table1_architectures": _grid_table(mil, by_recipe(full_imagenet), datasets,
+                                            ["encoder", "weights", "imagenet_top1", "recipe"], info),
+        "table2_histopathology_encoders": _grid_table(mil, pairs, datasets,
+                                                      ["architecture", "encoder", "pretraining", "weights", "recipe"],
+                                                      info),
         "table3_finetuning": pd.DataFrame(ft_rows, columns=ft_cols),
-        "table4_truncation": _grid_table(mil, truncation, datasets, ["encoder", "weights", "truncate"], info),
+        "table4_truncation": _grid_table(mil, by_recipe(truncation), datasets,
+                                         ["encoder", "weights", "truncate", "recipe"], info),
     }
 
 
@@ -185,13 +236,19 @@ def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> st
 def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     """The human-readable form of a numeric table: one formatted AUC column per dataset."""
     out = pd.DataFrame()
+    if "architecture" in table:
+        out["Architecture"] = table["architecture"]
     out["Encoder"] = table["encoder"]
+    if "pretraining" in table:
+        out["Pre-training"] = table["pretraining"]
     out["Weights"] = table["weights"].map(weights_label)
     if "truncate" in table and name != "table1_architectures" and name != "table2_histopathology_encoders":
         out["Truncation"] = table["truncate"]
     if "imagenet_top1" in table:
         out["ImageNet top-1 (%)"] = [("–" if v is None or pd.isna(v) else f"{float(v):.1f}")
                                      for v in table["imagenet_top1"]]
+    if "recipe" in table:
+        out["MIL recipe"] = table["recipe"]
     for ds in datasets:
         if name == "table3_finetuning":
             out[f"{ds}: frozen"] = [format_auc(m, s, n) for m, s, n in zip(
