@@ -56,7 +56,9 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
     """One panel per comparison; CKA (mean ± sd over seeds) against stage, one line per dataset."""
     fig_info = Figure("cka_per_stage", "CKA per stage",
                       "Linear CKA between the two encoders' activations at each stage, on the same patches "
-                      "(1 = same representation up to rotation and scale). Mean ± sd over seeds.")
+                      "(1 = same representation up to rotation and scale). Mean ± sd over seeds. Dashed: the "
+                      "baseline, CKA between the first encoder and a random initialisation of its architecture on "
+                      "the same patches: what architecture and inputs alone give.")
     if cka.empty:
         fig_info.missing = "the study has no CKA results (add 'finetune' and 'cka' sections)."
         return fig_info
@@ -65,12 +67,18 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
     for ax, comp in zip(axes, comparisons):
         sub = cka[cka["comparison"] == comp]
         for ds in dict.fromkeys(sub["dataset"]):
-            agg = _agg(sub[sub["dataset"] == ds], ["stage_index", "stage"], "cka").sort_values("stage_index")
-            ax.errorbar(agg["stage_index"], agg["mean"], yerr=agg["sd"], marker="o", capsize=3, label=ds)
+            part = sub[sub["dataset"] == ds]
+            agg = _agg(part, ["stage_index", "stage"], "cka").sort_values("stage_index")
+            line = ax.errorbar(agg["stage_index"], agg["mean"], yerr=agg["sd"], marker="o", capsize=3, label=ds)
             ax.set_xticks(agg["stage_index"], agg["stage"], rotation=30, ha="right")
-        ax.set_ylim(0, 1.05)
+            if "baseline" in part and part["baseline"].notna().any():
+                base = _agg(part, ["stage_index"], "baseline").sort_values("stage_index")
+                ax.plot(base["stage_index"], base["mean"], linestyle="--", marker="x", color=line[0].get_color(),
+                        alpha=0.7, label=f"{ds}: baseline (random init)")
+        estimators = ", ".join(sorted(set(sub["estimator"].dropna()))) if "estimator" in sub else "biased"
+        ax.set_ylim(min(0.0, float(sub[["cka", "baseline"]].min().min()) - 0.05) if "baseline" in sub else 0, 1.05)
+        ax.set_xlabel(f"stage ({estimators} estimator)")
         ax.set_title(comp, fontsize=9)
-        ax.set_xlabel("stage")
         ax.set_ylabel("linear CKA")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

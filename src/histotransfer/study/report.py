@@ -37,7 +37,7 @@ th { background: #f3f3f3; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: 0.9em; max-width: 60em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-.failed { color: #b00020; font-weight: bold; } .blocked { color: #a06000; } .done, .cached { color: #1b6e20; }
+.notes li { color: #7a4b00; } .failed { color: #b00020; font-weight: bold; } .blocked { color: #a06000; } .done, .cached { color: #1b6e20; }
 """
 
 
@@ -79,8 +79,9 @@ def _cells_html(cells: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_report(path: Path, title: str, study_file: Path, study_text: str, tables: Mapping[str, pd.DataFrame],
-                 figures: Sequence[Figure], cells: Sequence[Mapping[str, Any]]) -> Path:
-    """Write the self-contained HTML report to ``path`` (atomically) and return it."""
+                 figures: Sequence[Figure], cells: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> Path:
+    """Write the self-contained HTML report to ``path`` (atomically) and return it; ``notes`` (small samples,
+    CKA caveats) come first, so nobody reads a table without them."""
     counts: dict[str, int] = {}
     for c in cells:
         counts[c["status"]] = counts.get(c["status"], 0) + 1
@@ -94,8 +95,12 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">Study file <code>{html.escape(str(study_file))}</code>; report written '
         f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}; cells: {html.escape(summary)}.</p>',
-        "<h2>Tables</h2>",
     ]
+    if notes:
+        parts.append('<h2>Read these first</h2><ul class="notes">')
+        parts += [f"<li>{html.escape(n)}</li>" for n in notes]
+        parts.append("</ul>")
+    parts.append("<h2>Tables</h2>")
     for name, df in tables.items():
         parts.append(f'<h3 id="{name}">{html.escape(TABLES[name])}</h3>')
         if len(df):

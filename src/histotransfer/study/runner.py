@@ -19,12 +19,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .._io import file_sha256, h5_files, output_folder, write_csv, write_text
-from ..errors import one_line
-from ..errors import HistotransferError
+from ..analysis.settings import CkaSettings
+from ..errors import HistotransferError, one_line
+from ..finetune.settings import FinetuneSettings
+from ..mil.settings import SMALL_SPLIT
 from ..slide import slide_id_of
 from .cells import Cell, prepare_folder, read_done, write_done, write_failed
-from ..analysis.settings import CkaSettings
-from ..finetune.settings import FinetuneSettings
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
 from .report import write_report
@@ -350,7 +350,26 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     shown = write_tables(out_dir / "tables", tables, datasets,
                          {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka})
     figures = draw_figures(out_dir / "figures", mil, cka)
-    return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records)
+    return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records,
+                        report_notes(mil, cka))
+
+
+def report_notes(mil: pd.DataFrame, cka: pd.DataFrame) -> list[str]:
+    """What a reader must know before reading the tables: test splits too small for a stable AUC, and CKA
+    computed on fewer patches than dimensions."""
+    notes = []
+    small = mil[mil["n_slides"] < SMALL_SPLIT] if len(mil) else mil
+    if len(small):
+        sizes = ", ".join(sorted({f"{d}: {n}" for d, n in zip(small["dataset"], small["n_slides"])}))
+        notes.append(f"{len(small)} of {len(mil)} MIL runs were tested on fewer than {SMALL_SPLIT} slides "
+                     f"(test slides per dataset: {sizes}); their AUCs and intervals are too unstable to rank "
+                     "encoders, whatever the table's digits suggest.")
+    if len(cka):
+        estimators = ", ".join(sorted(set(cka["estimator"].dropna())))
+        notes.append(f"CKA uses the {estimators} estimator; every comparison is drawn against its baseline, the "
+                     "CKA of the first encoder with a random initialisation of its architecture on the same patches.")
+        notes += sorted({w for w in cka["warning"].dropna() if w})
+    return notes
 
 
 def default_out_dir(study: Study) -> Path:

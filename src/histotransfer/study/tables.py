@@ -174,7 +174,7 @@ def histopathology_pairs(encoders: Sequence[EncoderConfig], info: Mapping[str, M
         twin = next((c for c in imagenet if arch(c) == arch(cfg)), None)
         if twin is not None and (twin, "ImageNet") not in rows:
             rows.append((twin, "ImageNet"))
-        rows.append((cfg, "histopathology"))
+        rows.append((cfg, "histopathology" if cfg.weights != "random" else "none (random init)"))
     return rows
 
 
