@@ -187,13 +187,13 @@ def test_slides_override_and_a_broken_slide_is_reported_and_skipped(study, tmp_p
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tuned):
-    """torchrun --nproc-per-node 2 (gloo, CPU), one slide per rank and step, averages the gradients of two
-    slides per step: the same model as one process taking two slides per step."""
+    """torchrun --nproc-per-node 2 (gloo, CPU) with two slides per step (one per rank) averages the gradients of
+    the two slides: the same model as one process taking two slides per step."""
     root, single = study["root"], tuned
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "histotransfer", "finetune", "--run-dir", str(study["run"]), "--out", str(root / "ft_ddp"), "--top-k", "6",
-           "--epochs", "2", "--lr", "1e-4", "--device", "cpu", "--freeze-stages", "1", "--batch-slides", "1"]
+           "--epochs", "2", "--lr", "1e-4", "--device", "cpu", "--freeze-stages", "1", "--batch-slides", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(single / "model.pt", weights_only=True)["state_dict"]

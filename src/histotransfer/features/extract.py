@@ -256,8 +256,9 @@ def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
 
 def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
                    weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
-                   slides: Any = None, **overrides: Any) -> ExtractionRun:
-    """:func:`extract_features`, also returning this process's per-slide results (for the CLI)."""
+                   slides: Any = None, ranks: Ranks | None = None, **overrides: Any) -> ExtractionRun:
+    """:func:`extract_features`, also returning this process's per-slide results (for the CLI). ``ranks``: the
+    processes sharing the work (default: the torchrun job this process is in; ``Ranks()``: this one alone)."""
     choice = encoder if isinstance(encoder, EncoderChoice) else EncoderChoice.build(
         encoder=encoder, weights=weights, truncate=truncate)
     s = ExtractSettings.build(settings, **overrides)
@@ -276,7 +277,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     described = describe_encoder(model)
     settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
                                     "input_size": input_size, "weights_sha256": described["weights_sha256"]})
-    ranks: Ranks = init_ranks(dev)
+    ranks = ranks or init_ranks(dev)
     try:
         if ranks.rank == 0:
             _claim_folder(folder, {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
@@ -372,7 +373,7 @@ def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path
 
 def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
                      weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
-                     slides: Any = None, **overrides: Any) -> Path:
+                     slides: Any = None, ranks: Ranks | None = None, **overrides: Any) -> Path:
     """Extract features of every slide of a tiling into ``<features root>/<encoder_id>/``; return that folder.
 
     ``patches`` is a tiling folder, its ``patches`` folder, an output folder holding one tiling, or a folder of
@@ -384,4 +385,4 @@ def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: s
     they were made), ``extract.csv`` (one row per slide) and ``features.json``. Finished slides are skipped
     (unless their patches or the settings changed), so an interrupted run resumes.
     """
-    return run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, **overrides).folder
+    return run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, **overrides).folder

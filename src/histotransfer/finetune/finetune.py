@@ -179,7 +179,7 @@ def _guard(out: Path, request: dict[str, Any]) -> bool:
 
 
 def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
-             settings: FinetuneSettings | None = None, **overrides: Any) -> Path:
+             settings: FinetuneSettings | None = None, ranks: Ranks | None = None, **overrides: Any) -> Path:
     """Fine-tune the encoder of MIL run ``run_dir`` end to end on its top-k patches; write ``out_dir``.
 
     ``settings`` (or keyword overrides such as ``top_k=64, epochs=20, lr=1e-5``) say how
@@ -216,7 +216,11 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
                            "selection": "best val AUC on top-k bags, ties: lower val loss",
                            "freeze_stages": s.freeze_stages},
               "versions": {"histotransfer": __version__, "torch": torch.__version__}}
-    ranks = init_ranks(dev)
+    ranks = ranks or init_ranks(dev)
+    if s.batch_slides % ranks.world:
+        ranks.close()
+        raise HistotransferError(f"--batch-slides {s.batch_slides} counts the slides of one step over all "
+                                 f"{ranks.world} processes: pass a multiple of {ranks.world}.")
     try:
         if _guard(out, request):
             if ranks.rank == 0:
@@ -244,7 +248,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
                                   str((out / ENCODER_FILE).resolve()), int(run_config["encoder"]["truncate"]),
                                   input_size=input_size, batch_size=s.extract_batch_size, workers=s.workers,
-                                  device=s.device, precision=s.precision, slides=slides)
+                                  device=s.device, precision=s.precision, slides=slides, ranks=ranks)
         if ranks.rank == 0:
             first = next(iter(feature_files(folder).values()))
             config = {**config, "features_dir": str(folder.resolve()),

@@ -3,8 +3,9 @@
 Each epoch's slide order is drawn from ``(seed, epoch)``, and the state after every epoch (model, optimizer,
 best model so far, history) is saved to a checkpoint, so a killed run resumes at the next epoch.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel: every rank takes its
-share of the epoch's slides (the order padded by repetition to a multiple of the world size, so every rank
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel: ``batch_slides`` counts
+the slides of one optimizer step over all ranks (each rank takes ``batch_slides / world`` of them, so the run
+equals one process taking ``batch_slides`` per step), every rank takes its share of the epoch's slides (the order padded by repetition to a multiple of the world size, so every rank
 does the same number of steps), gradients are averaged across ranks, and validation slides are split across
 ranks and their predictions gathered, so every rank makes the same selection.
 """
@@ -144,11 +145,12 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         loader = bag_loader(train, order, input_size, cfg.workers, device.type == "cuda")
         model.train()
         total, count = 0.0, 0
-        steps = tqdm(total=math.ceil(len(order) / cfg.batch_slides), desc=f"epoch {epoch}/{cfg.epochs}",
+        per_rank = max(1, cfg.batch_slides // ranks.world)  # batch_slides counts the slides of all ranks
+        steps = tqdm(total=math.ceil(len(order) / per_rank), desc=f"epoch {epoch}/{cfg.epochs}",
                      unit="step", dynamic_ncols=True, leave=False, disable=ranks.rank != 0)
         with torch.random.fork_rng(devices=[]), steps:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
-            for items, labels in _batches(loader, train, cfg.batch_slides):
+            for items, labels in _batches(loader, train, per_rank):
                 x, sizes = _inputs(model, items, device)
                 target = torch.tensor(labels, device=device)
                 with precision_context(device, cfg.precision):

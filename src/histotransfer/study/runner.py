@@ -8,10 +8,11 @@ recorded and the cells that need it are skipped with the reason; everything else
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from ..errors import HistotransferError, one_line
 from ..finetune.settings import FinetuneSettings
 from ..mil.settings import SMALL_SPLIT
 from ..slide import slide_id_of
-from .cells import Cell, prepare_folder, read_done, write_done, write_failed
+from ..runtime import Ranks, init_ranks, resolve_device
+from .cells import FAILED, Cell, prepare_folder, read_done, write_done, write_failed
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
 from .report import write_report
@@ -129,6 +131,13 @@ class _Context:
         self.study = study
         self.out = out_dir
         self.results: dict[str, dict[str, Any]] = {}
+        self.together = False  # the running cell is run by every rank of a torchrun job together
+
+    @property
+    def ranks(self) -> Ranks | None:
+        """What a stage that can use several processes is given: the job's ranks (None: join them) when the
+        cell runs on all of them, else this process alone."""
+        return None if self.together else Ranks()
 
     def dataset(self, cell: Cell) -> Dataset:
         return next(d for d in self.study.datasets if d.name == cell.dataset)
@@ -187,7 +196,8 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
     enc = cell.encoder
     assert enc is not None
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    features = Path(extract_features(patches, folder, enc.name, enc.weights, enc.truncate, ctx.study.extract))
+    features = Path(extract_features(patches, folder, enc.name, enc.weights, enc.truncate, ctx.study.extract,
+                                     ranks=ctx.ranks))
     tiled = {p.stem for p in h5_files(patches)}
     for stale in h5_files(features):  # slides no longer tiled
         if stale.stem not in tiled:
@@ -233,7 +243,7 @@ def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, An
     slides, _ = ctx.slides_and_labels(cell)
     settings = FinetuneSettings.build(ctx.study.finetune, seed=cell.seed,
                                       extract_batch_size=ctx.study.extract.batch_size)
-    run = Path(finetune(ctx.path(frozen), folder / "run", slides, settings))
+    run = Path(finetune(ctx.path(frozen), folder / "run", slides, settings, ranks=ctx.ranks))
     return {"run": _rel(run, ctx.out), "frozen_run": frozen, "encoder": _rel(run / "encoder.pt", ctx.out)}, ""
 
 
@@ -289,52 +299,124 @@ def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
     write_csv(df.astype({"seed": "Int64", "seconds": float}).round({"seconds": 2}), out_dir / "cells.csv")
 
 
-def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell not already done; return one record per cell (status done/cached/failed/blocked)."""
+# How a cell's work is shared under torchrun: "all" ranks run it together (extraction shards slides, fine-tuning
+# is data-parallel), "spread" cells (small and independent: MIL runs) are dealt to the ranks, "one" runs on rank 0.
+MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "finetune": "all", "cka": "one"}
+
+
+def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
+    """``MODES``, except that fine-tuning runs data-parallel only when the ranks can share its steps evenly
+    (``batch_slides`` a multiple of the ranks, so the result is the one process would give), else on rank 0."""
+    if not ranks.distributed:
+        return "one"
+    if cell.kind == "finetune" and study.finetune is not None and study.finetune.batch_slides % ranks.world:
+        return "one"
+    return MODES[cell.kind]
+
+
+def _run_cell(cell: Cell, ctx: _Context, out_dir: Path, mark: bool) -> tuple[str, float, str]:
+    """Do one cell's work in its folder; write its done/failed marker when ``mark``. Returns (status, seconds,
+    message)."""
+    t0 = time.perf_counter()
+    try:
+        result, message = WORK[cell.kind](cell, ctx, cell.folder(out_dir))
+    except Exception as exc:  # one failed cell is recorded; the rest of the grid goes on
+        reason = one_line(exc)
+        if mark:
+            write_failed(cell, out_dir, reason, exc)
+        tqdm.write(f"failed {cell.key}: {reason}")
+        if "HISTOTRANSFER_DEBUG" in os.environ:
+            raise
+        return "failed", time.perf_counter() - t0, reason
+    seconds = time.perf_counter() - t0
+    if mark:
+        write_done(cell, out_dir, result, seconds, message)
+    return "done", seconds, message
+
+
+def _from_markers(cell: Cell, out_dir: Path) -> tuple[str, dict[str, Any]]:
+    """A cell's status as its folder records it (what every rank reads once the rank that ran it is done)."""
+    marker = read_done(cell, out_dir)
+    if marker is not None:
+        return "done", marker
+    try:
+        failed = json.loads((cell.folder(out_dir) / FAILED).read_text())
+    except (OSError, ValueError):
+        failed = {}
+    return "failed", {"message": failed.get("reason", "did not finish"), "result": {}, "seconds": None}
+
+
+def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = True,
+              ranks: Ranks | None = None) -> list[dict[str, Any]]:
+    """Run every cell not already done; return one record per cell (status done/cached/failed/blocked).
+
+    Under torchrun every rank calls this with the same cells: each cell runs as ``MODES`` says, and after it
+    every rank reads its status from the cell's markers, so all ranks agree on what is done.
+    """
+    ranks = ranks or Ranks()
+    lead = ranks.rank == 0
     ctx = _Context(study, out_dir)
-    records: list[dict[str, Any]] = []
+    records: dict[str, dict[str, Any]] = {}
     status: dict[str, str] = {}
     cached = {c.key: m for c in cells
               if (m := read_done(c, out_dir)) is not None and _outputs_exist(m["result"], out_dir)}
+    ranks.barrier()  # every rank has read the same markers before any cell runs
     bar = tqdm(total=len(cells), initial=len(cached), desc=f"study {study.name}", unit="cell",
-               dynamic_ncols=True, disable=not progress)
-    for cell in cells:
-        if cell.key in cached:
-            marker = cached[cell.key]
+               dynamic_ncols=True, disable=not progress or not lead)
+
+    def settle(cell: Cell, state: str, marker: dict[str, Any]) -> None:
+        status[cell.key] = state
+        if state in ("done", "cached"):
             ctx.results[cell.key] = marker["result"]
-            status[cell.key] = "cached"
-            records.append(cell.record("cached", marker.get("seconds"), marker.get("message", ""),
-                                       marker["result"]))
-            continue
-        broken = [d for d in cell.deps if status.get(d.key) not in ("done", "cached")]
-        if broken:
-            status[cell.key] = "blocked"
-            records.append(cell.record("blocked", message=f"needs {broken[0].key}, which {status[broken[0].key]}"))
-        else:
-            bar.set_postfix_str(cell.key, refresh=True)
-            folder = prepare_folder(cell, out_dir)
-            t0 = time.perf_counter()
-            try:
-                result, message = WORK[cell.kind](cell, ctx, folder)
-            except Exception as exc:  # one failed cell is recorded; the rest of the grid goes on
-                reason = one_line(exc)
-                write_failed(cell, out_dir, reason, exc)
-                status[cell.key] = "failed"
-                records.append(cell.record("failed", time.perf_counter() - t0, reason))
-                tqdm.write(f"failed {cell.key}: {reason}")
-                if "HISTOTRANSFER_DEBUG" in os.environ:
-                    raise
-            else:
-                seconds = time.perf_counter() - t0
-                write_done(cell, out_dir, result, seconds, message)
-                ctx.results[cell.key] = result
-                status[cell.key] = "done"
-                records.append(cell.record("done", seconds, message, result))
-        _write_cells(records, out_dir)
+        records[cell.key] = cell.record(state, marker.get("seconds"), marker.get("message", ""),
+                                        marker.get("result"))
         bar.update(1)
+
+    i = 0
+    while i < len(cells):
+        cell = cells[i]
+        if cell.key in cached:
+            settle(cell, "cached", cached[cell.key])
+            i += 1
+            continue
+        mode = _mode(cell, study, ranks)
+        block = [cell]
+        if mode == "spread":
+            while i + len(block) < len(cells) and cells[i + len(block)].kind == cell.kind:
+                block.append(cells[i + len(block)])
+        runnable = []
+        for c in block:
+            broken = [d for d in c.deps if status.get(d.key) not in ("done", "cached")]
+            if c.key in cached:
+                settle(c, "cached", cached[c.key])
+            elif broken:
+                settle(c, "blocked", {"message": f"needs {broken[0].key}, which {status[broken[0].key]}"})
+            else:
+                runnable.append(c)
+        for j, c in enumerate(runnable):
+            mine = j % ranks.world == ranks.rank if mode == "spread" else (mode == "all" or lead)
+            if lead or mode == "spread" and mine:
+                prepare_folder(c, out_dir)
+            if mode == "all":
+                ranks.barrier()  # the folder is ready before every rank writes into it
+            if mine:
+                bar.set_postfix_str(c.key, refresh=True)
+                ctx.together = mode == "all"
+                _run_cell(c, ctx, out_dir, mark=lead or mode == "spread")
+            if mode != "spread":
+                ranks.barrier()
+                settle(c, *_from_markers(c, out_dir))
+        if mode == "spread":
+            ranks.barrier()
+            for c in runnable:
+                settle(c, *_from_markers(c, out_dir))
+        if lead:
+            _write_cells([records[c.key] for c in cells if c.key in records], out_dir)
+        i += len(block)
     bar.close()
-    _write_cells(records, out_dir)
-    return records
+    if lead:
+        _write_cells([records[c.key] for c in cells], out_dir)
+    return [records[c.key] for c in cells]
 
 
 def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) -> Path:
@@ -378,13 +460,21 @@ def default_out_dir(study: Study) -> Path:
 
 
 def execute(study: Study, out_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, list[dict]]:
-    """Run a loaded study; return (report path, cell records)."""
+    """Run a loaded study; return (report path, cell records). Under torchrun every rank takes part (see
+    :func:`run_cells`); rank 0 holds the folder's lock and writes cells.csv, the tables and the report."""
     out = output_folder(Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study))
-    with _lock(out):
-        write_text(study.text, out / "study.yaml")
-        records = run_cells(study, plan(study), out, progress=progress)
-        report = write_outputs(study, out, records)
-    return report, records
+    ranks = init_ranks(resolve_device(study.extract.device))
+    try:
+        with _lock(out) if ranks.rank == 0 else nullcontext():
+            ranks.barrier()
+            if ranks.rank == 0:
+                write_text(study.text, out / "study.yaml")
+            records = run_cells(study, plan(study), out, progress=progress, ranks=ranks)
+            report = write_outputs(study, out, records) if ranks.rank == 0 else out / "report.html"
+            ranks.barrier()
+        return report, records
+    finally:
+        ranks.close()
 
 
 def run_study(study_file: str | Path, out_dir: str | Path | None = None) -> Path:
