@@ -27,6 +27,7 @@ COMMANDS = {
     "heatmap": "histotransfer.mil.cli",
     "finetune": "histotransfer.finetune.cli",
     "cka": "histotransfer.analysis.cli",
+    "cam": "histotransfer.analysis.cli",
     "study": "histotransfer.study.cli",
     "demo": "histotransfer.demo",
     "info": "histotransfer.info",

@@ -4,7 +4,8 @@ Each slide is H&E-like tissue (pink stroma with purple nuclei) on a white backgr
 JPEG TIFF whose levels halve in size down to a few hundred pixels, with its resolution in the TIFF
 ``XResolution``/``YResolution`` tags (pixels per centimetre): OpenSlide's generic-tiff reader and tiffslide
 both read microns per pixel from these. "Positive" slides carry small lesions inside the tissue: denser,
-larger, darker nuclei on purple-tinged stroma. The true lesion masks are saved as PNGs.
+larger, darker nuclei on purple-tinged stroma. The true lesion masks are saved as PNGs, each with the sidecar
+``<slide_id>.png.json`` (``{"downsample": 16}``) that lets them load as lesion annotations directly.
 
 Optionally the slides come from several centres (``centres > 1``): each centre stains differently (more
 haematoxylin and less eosin, or the reverse, ``stain_shift``) and can hold a different share of positive
@@ -43,6 +44,8 @@ class DemoSlides:
     """The generated demo set: slide files, ``labels.csv`` and each slide's true lesion mask PNG.
 
     A lesion mask is 1/``LESION_MASK_DOWNSAMPLE`` of level 0 per side (255 = lesion); negatives' are empty.
+    Beside each mask, ``<slide_id>.png.json`` records that downsample (``lesion_mask_sidecar``), so the
+    ``lesion_masks`` folder is an annotations folder (``--annotations``) as it is.
     ``centres_csv`` (slide_id, patient_id, centre) exists for a multi-centre set only.
     """
 
@@ -119,6 +122,19 @@ def _draw_nuclei(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, 
     for x, y, r, c in zip(xs[keep].tolist(), ys[keep].tolist(), radii[keep].tolist(), colours[keep].tolist(),
                           strict=True):
         cv2.circle(img, (x, y), r, c, -1, cv2.LINE_AA)
+
+
+def lesion_mask_sidecar(mask: Path) -> Path:
+    """The sidecar of a lesion mask, ``<mask>.json``, that gives its downsample to annotation readers."""
+    return mask.with_name(mask.name + ".json")
+
+
+def _write_sidecars(masks: dict[str, Path]) -> None:
+    """Write each mask's sidecar where it is missing (a set generated before sidecars existed gains them)."""
+    for mask in masks.values():
+        sidecar = lesion_mask_sidecar(mask)
+        if not sidecar.is_file():
+            write_json({"downsample": LESION_MASK_DOWNSAMPLE}, sidecar)
 
 
 def _tissue_shape(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -209,7 +225,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
     """Generate ``n_slides`` demo slides (``size`` px square at ``mpp``, 40x by default) under ``out_dir``.
 
     Writes ``slides/<slide_id>.tif``, ``labels.csv`` (slide_id, patient_id, label) and
-    ``lesion_masks/<slide_id>.png``. The same arguments give the same files; an existing complete set made
+    ``lesion_masks/<slide_id>.png`` with its sidecar ``<slide_id>.png.json``. The same arguments give the same files; an existing complete set made
     with the same arguments is reused. With ``centres > 1`` each patient belongs to a centre (written to
     ``centres.csv``), whose slides get ``centre_stain_shift(..., stain_shift)``; ``prevalence_shift``
     (0: none, 1: the most) moves positive patients towards the first centres. With one centre the files are
@@ -234,6 +250,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
     result = DemoSlides(slides, labels_csv, masks, centres_csv)
     if (manifest.exists() and json.loads(manifest.read_text()) == params
             and all(p.exists() for p in outputs)):
+        _write_sidecars(masks)
         return result
     manifest.unlink(missing_ok=True)  # written again last, once the new set is complete
     for folder, keep in ((out / "slides", set(slides)), (out / "lesion_masks", set(masks.values()))):
@@ -258,6 +275,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
             small = np.where(small >= 128, 255, 0).astype(np.uint8)
         with atomic_path(masks[sid]) as tmp:
             cv2.imwrite(str(tmp), small)
+    _write_sidecars(masks)
     write_csv(pd.DataFrame(assignment, columns=["slide_id", "patient_id", "label"]), labels_csv)
     if centres_csv is not None:
         rows = [(sid, patient, f"centre_{centre_of[patient] + 1}") for sid, patient, _ in assignment]

@@ -1,4 +1,5 @@
-"""``histotransfer cka``: a thin wrapper over :func:`histotransfer.analysis.compare_encoders`."""
+"""``histotransfer cka`` and ``cam``: thin wrappers over :func:`histotransfer.analysis.compare_encoders` and
+:func:`histotransfer.analysis.write_cams`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..settings import add_options, from_args
-from .settings import CkaSettings
+from .settings import CamSettings, CkaSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", nargs="+", default=None, help="folder(s) or files of the slides, if they moved")
     p.set_defaults(func=_cka)
 
+    p = subparsers.add_parser(
+        "cam", help="Grad-CAM inside the most-attended patches of a run's slides",
+        description="For each slide of a train or finetune run, its top-k patches by attention: Grad-CAM of the "
+                    "slide's logit with respect to the encoder's last kept stage, through the run's own MIL head "
+                    "over all the slide's patches. Writes <slide_id>.h5 (maps, patches, microns per CAM cell), "
+                    "<slide_id>_cam.png (the patches with their maps), <slide_id>_slide.png (the CAM cells over "
+                    "the slide thumbnail), cams.csv and cam.json. With --annotations, the pointing game and the "
+                    "CAM mass on the lesion of each positive annotated slide. Re-running skips slides done.")
+    p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train` or "
+                                                           "`finetune` (its fine-tuned encoder)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    add_options(p, CamSettings)
+    p.add_argument("--slides", nargs="+", default=None, help="folder(s) or files of the slides, if they moved")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
+                        "<slide_id>.png mask with <slide_id>.png.json holding {\"downsample\": D}: positive "
+                        "slides that have one are scored")
+    p.add_argument("--slide-ids", nargs="+", default=None, metavar="ID",
+                   help="only these of the run's slides (default: all of them)")
+    p.set_defaults(func=_cam)
+
 
 def _cka(args: argparse.Namespace) -> int:
     from .compare import cka_summary, compare_encoders, resolve_encoder
@@ -42,3 +64,16 @@ def _cka(args: argparse.Namespace) -> int:
     print(cka_summary(df))
     print(f"written: {args.out / 'cka.csv'}, {args.out / 'cka.png'}")
     return 0
+
+
+def _cam(args: argparse.Namespace) -> int:
+    import sys
+
+    from .cam_run import cam_summary_text, write_cams
+
+    settings = from_args(CamSettings, args)
+    run = write_cams(args.run, args.out, settings, slides=args.slides, annotations_dir=args.annotations,
+                     slide_ids=args.slide_ids)
+    failed = any(r.status == "error" for r in run.results)
+    print(cam_summary_text(run), file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0

@@ -33,3 +33,18 @@ class CkaSettings(StageSettings):
     workers: int = Field(0, ge=0, le=256, description="patch-reading processes (0: in this process)",
                          json_schema_extra=RUNTIME)
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
+
+
+class CamSettings(StageSettings):
+    """How the Grad-CAM maps inside a run's most-attended patches are made and drawn."""
+
+    stage: ClassVar[str] = "cam"
+
+    top_k: int = Field(8, ge=1, le=4096, description="most-attended patches per slide (highest raw attention score)")
+    target_class: int = Field(1, ge=0, le=1, description="class index whose slide logit is explained (1: the "
+                                                         "positive class, 0: the other)")
+    max_side: int = Field(2048, ge=64, le=16384, description="longest side of the slide thumbnail the CAM cells "
+                                                            "are drawn over")
+    batch_size: int = Field(16, ge=1, le=65536, description="patches per encoder forward pass",
+                            json_schema_extra=RUNTIME)
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)

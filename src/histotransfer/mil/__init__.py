@@ -5,6 +5,11 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap",
+    "annotation_files": ".evaluate", "describe_localisation": ".evaluate", "load_annotations": ".evaluate",
+    "localisation_of_run": ".evaluate", "localisation_summary": ".evaluate", "run_splits": ".evaluate",
+    "attention_overlay": ".heatmap", "heatmap_image": ".heatmap", "outline_lesion": ".heatmap",
+    "attention_localisation": ".localisation", "cam_localisation": ".localisation", "cell_squares": ".localisation",
+    "cohort_localisation": ".localisation",
     "AttentionMIL": ".models", "attention_scores": ".models", "predict": ".models",
     "train_mil": ".train", "validation_scores": ".train", "MilSettings": ".settings",
     "SPLITS": ".splits", "read_split_file": ".splits", "parse_labels": ".labels", "feature_fingerprint": ".plan", "BagSet": ".bags", "load_bags": ".bags", "feature_files": ".labels",

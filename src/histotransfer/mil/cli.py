@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
     p.add_argument("--labels", type=Path, default=None, help="CSV slide_id,label[,patient_id] of those slides")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
+    _annotation_options(p, "score the attention of each positive slide that has one (needs --labels): "
+                           "localisation.csv and the localisation key of metrics.json")
     p.set_defaults(func=_evaluate)
 
     p = subparsers.add_parser(
@@ -78,7 +80,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-side", type=int, default=2048, help="thumbnail size (default: %(default)s)")
     p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
                    help="QuPath object type of the patch squares (default: %(default)s)")
+    _annotation_options(p, "outline each annotated slide's lesion and score the attention of the positive ones "
+                           "(by the run's split; slides it never saw: an annotation holding a lesion) in the "
+                           "legend and localisation.csv")
     p.set_defaults(func=_heatmap)
+
+
+def _annotation_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
+                        f"<slide_id>.png mask with <slide_id>.png.json holding {{\"downsample\": D}}: {what}")
+    p.add_argument("--lesion-threshold", type=float, default=0.5,
+                   help="lesion fraction of a patch's area that makes it a lesion patch (default: %(default)s)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,14 +119,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import describe_localisation, evaluate_run
 
-    result = evaluate_run(args.run, args.features, args.labels, args.out)
+    result = evaluate_run(args.run, args.features, args.labels, args.out, annotations_dir=args.annotations,
+                          threshold=args.lesion_threshold)
     print(f"predicted {len(result['predictions'])} slide(s); positive class {result['positive_class']!r}")
     if result["metrics"] is not None:
         print(_fmt(result["metrics"]))
+    if result["localisation"] is not None:
+        print(f"attention localisation: {describe_localisation(result['localisation'])}")
     print(f"out: {result['out_dir']}")
     return 0
+
+
+def _print_heatmap_localisation(path: Path, n_slides: int) -> None:
+    """One line per slide whose attention localisation was scored, after how many were scored."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"slide_id": str})
+    print(f"attention localisation: scored {len(table)} of {n_slides} slide(s) (the others: no annotation, or "
+          f"not positive); {path}")
+    for row in table.itertuples():
+        auc = "n/a" if pd.isna(row.auc) else f"{row.auc:.3f}"
+        print(f"  {row.slide_id}: top patch {'on' if row.top_patch_hit else 'off'} the lesion, attention mass "
+              f"{row.attention_mass:.3f} (uniform {row.lesion_patch_share:.3f}), patch AUC {auc}")
 
 
 def _heatmap(args: argparse.Namespace) -> int:
@@ -123,11 +152,14 @@ def _heatmap(args: argparse.Namespace) -> int:
 
     write_heatmaps(args.run, args.slides, args.out, features_dir=args.features, attention_dir=args.attention,
                    patches_dir=args.patches, patch_size_level0=args.patch_size_level0, mpp=args.mpp,
-                   max_side=args.max_side, object_type=args.object_type, scale=args.scale, value=args.value)
+                   max_side=args.max_side, object_type=args.object_type, scale=args.scale, value=args.value,
+                   annotations_dir=args.annotations, threshold=args.lesion_threshold)
     ids = {e.slide_id for e in list_slides(args.slides)}
     rows = [r for r in BatchReport(args.out / "heatmaps.csv").rows.values() if r.slide_id in ids]
     counts = Counter(r.status for r in rows)
     print("heatmaps: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if args.annotations is not None:
+        _print_heatmap_localisation(args.out / "localisation.csv", len(rows))
     failed = [r.slide_id for r in rows if r.status == "error"]
     if failed:  # each reason was printed as the slide failed; it is also in heatmaps.csv
         print(f"failed: {', '.join(failed)} (reasons above and in {args.out / 'heatmaps.csv'})")

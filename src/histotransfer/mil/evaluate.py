@@ -1,7 +1,9 @@
-"""Apply a trained MIL run to (new) slides: predictions, attention, and metrics when labels are given."""
+"""Apply a trained MIL run to (new) slides: predictions, attention, metrics when labels are given, and, with
+lesion annotations, how well the attention localises the lesions of the positive slides."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,29 +11,48 @@ import numpy as np
 import pandas as pd
 
 from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
-from ..errors import HistotransferError
+from ..annotations import GEOJSON_SUFFIXES, MASK_SUFFIXES, Annotation, load_annotation
+from ..errors import FormatError, HistotransferError
 from .bags import load_bags, patch_size_level0
 from .labels import feature_files, read_labels
+from .localisation import DEFAULT_THRESHOLD, attention_localisation, cohort_localisation
 from .metrics import slide_metrics
 from .models import predict
-from .rundir import check_inputs, load_run_model, read_checkpoint, read_config, write_attention
+from .rundir import check_inputs, load_run_model, read_attention, read_checkpoint, read_config, write_attention
+from .splits import SPLITS
+
+POSITIVE = 1  # class index of the positive class in a run's label mapping
+LOCALISATION_FILE = "localisation.csv"
 
 
 def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, annotations_dir: str | Path | None = None,
+                 threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Predict every slide of ``features_dir`` (or, with ``labels_csv``, every labelled slide) with the run's
     model; write ``predictions.csv``, ``attention/<slide_id>.h5``, ``evaluation.json`` (what was evaluated,
     with the fingerprints of its inputs) and, with labels, ``metrics.json`` (``{"all": {...},
     "positive_class"}``) to ``out_dir`` (default ``RUN/evaluation``).
 
+    With ``annotations_dir`` (lesion annotations, see :func:`annotation_files`; needs ``labels_csv``) the
+    attention of each positive slide that has an annotation is scored against it
+    (:func:`~histotransfer.mil.localisation.attention_localisation`, lesion patch: at least ``threshold`` of
+    its area is lesion): ``localisation.csv`` (one row per scored slide) and ``metrics.json["localisation"]``
+    (:func:`localisation_summary`: cohort means and how many positive slides were scored).
+
     Features must come from the encoder the run was trained on, made with the same settings. Slides the run was
     trained on must have the very feature files it saw (else ProvenanceError). Every input is read and checked
-    before anything is written. Returns ``{"out_dir", "predictions", "metrics", "positive_class"}``.
+    before anything is written. Returns ``{"out_dir", "predictions", "metrics", "positive_class",
+    "localisation"}`` (the last None without annotations).
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     if out_dir.exists() and not out_dir.is_dir():
         raise HistotransferError(f"--out {out_dir}: is an existing file, not a folder; choose a folder.")
+    if annotations_dir is not None:
+        check_threshold(threshold)
+        if labels_csv is None:
+            raise HistotransferError(f"--annotations {annotations_dir}: localisation is scored on the positive "
+                                     "slides, so it needs --labels; pass the label file of these slides.")
     config = read_config(run_dir)
     classes = read_checkpoint(run_dir)["classes"]
     model = load_run_model(run_dir)
@@ -44,6 +65,10 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if not bags.slide_ids:
         raise HistotransferError(f"{features_dir}: none of the feature files could be read; see the warnings.")
     check_inputs(config, dict(zip(bags.slide_ids, bags.fingerprints)), features_dir)
+    positives: list[str] = []
+    annotations: dict[str, Annotation] = {}
+    if annotations_dir is not None and frame is not None:
+        positives, annotations = _positive_annotations(annotations_dir, frame, bags, features_dir)
     probs, scores = predict(model, bags.features)
     if not np.isfinite(probs).all():
         bad = bags.slide_ids[int(np.argmax(~np.isfinite(probs).all(axis=1)))]
@@ -55,11 +80,19 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
                         attrs)
     predictions = pd.DataFrame({"slide_id": bags.slide_ids, "probability": probs[:, 1]})
     metrics = None
+    localisation = None
     positive = config["positive_class"]
+    (out_dir / LOCALISATION_FILE).unlink(missing_ok=True)  # a previous call's scores must not outlive it
+    if annotations_dir is not None:
+        rows = attention_localisation_rows(out_dir / "attention", positives, annotations, threshold)
+        write_csv(localisation_frame(rows), out_dir / LOCALISATION_FILE)
+        localisation = localisation_summary(rows, positives, threshold)
     if frame is not None:
         predictions = frame[["slide_id", "patient_id", "label"]].merge(predictions, on="slide_id")
         metrics = {"all": slide_metrics(predictions["label"], predictions["probability"], seed=config["seed"]),
                    "positive_class": positive}
+        if localisation is not None:
+            metrics["localisation"] = localisation
         write_json(metrics, out_dir / "metrics.json")
     predictions["predicted"] = [classes[int(p > 0.5)] for p in predictions["probability"]]
     write_csv(predictions, out_dir / "predictions.csv")
@@ -72,4 +105,153 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
                 "features": dict(zip(bags.slide_ids, bags.fingerprints)), "positive_class": positive},
                out_dir / "evaluation.json")
     return {"out_dir": out_dir, "predictions": predictions, "positive_class": positive,
-            "metrics": None if metrics is None else metrics["all"]}
+            "metrics": None if metrics is None else metrics["all"], "localisation": localisation}
+
+
+def _positive_annotations(annotations_dir: str | Path, frame: pd.DataFrame, bags: Any, features_dir: str | Path
+                          ) -> tuple[list[str], dict[str, Annotation]]:
+    """The positive slides among ``bags`` and the annotations of those that have one, checked to be scorable
+    (their feature files record the patch side) before anything is written."""
+    positives = [s for s in frame.loc[frame["label"] == POSITIVE, "slide_id"] if s in set(bags.slide_ids)]
+    annotations = load_annotations(annotations_dir, positives)
+    sizes = dict(zip(bags.slide_ids, (patch_size_level0(a) for a in bags.attrs)))
+    unsized = [s for s in annotations if sizes[s] is None]
+    if unsized:
+        raise HistotransferError(f"{features_dir}: the feature files of {', '.join(unsized[:5])} record no patch side "
+                                 "(patch_size_level0), so their patches cannot be laid on the annotations; extract "
+                                 "them with histotransfer.")
+    return positives, annotations
+
+
+def check_threshold(threshold: float) -> None:
+    """Refuse a lesion-patch threshold outside (0, 1]."""
+    if not 0 < threshold <= 1:
+        raise HistotransferError(f"lesion threshold {threshold}: pass the lesion fraction of a patch's area that "
+                                 "makes it a lesion patch, in (0, 1] (default 0.5).")
+
+
+def annotation_files(annotations_dir: str | Path) -> dict[str, Path]:
+    """``slide_id -> file`` of the lesion annotations in a folder: ``<slide_id>.geojson`` (or ``.json``, QuPath
+    GeoJSON in level-0 pixels) or a mask image ``<slide_id>.png`` (``.tif``, ``.tiff``, ``.bmp``) with its
+    sidecar ``<slide_id>.png.json`` holding ``{"downsample": D}``. Sidecars and hidden files are skipped; two
+    annotations of one slide are an error."""
+    folder = Path(annotations_dir)
+    if not folder.is_dir():
+        raise HistotransferError(f"{folder}: no such annotations folder; pass the folder holding <slide_id>.geojson "
+                                 "or <slide_id>.png lesion annotations.")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        sidecar = suffix in GEOJSON_SUFFIXES and Path(path.stem).suffix.lower() in MASK_SUFFIXES
+        if path.name.startswith(".") or sidecar or suffix not in GEOJSON_SUFFIXES + MASK_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise HistotransferError(f"{found[path.stem]} and {path}: two annotations of slide {path.stem}; keep one.")
+        found[path.stem] = path
+    if not found:
+        raise HistotransferError(f"{folder}: holds no lesion annotation (<slide_id> with "
+                                 f"{', '.join(GEOJSON_SUFFIXES + MASK_SUFFIXES)}); pass the annotations folder.")
+    return found
+
+
+def load_annotations(annotations_dir: str | Path, slide_ids: Sequence[str]) -> dict[str, Annotation]:
+    """The annotations of those of ``slide_ids`` that have one in ``annotations_dir`` (others are left out)."""
+    files = annotation_files(annotations_dir)
+    return {s: load_annotation(files[s]) for s in slide_ids if s in files}
+
+
+def attention_file_localisation(path: str | Path, annotation: Annotation,
+                                threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """:func:`~histotransfer.mil.localisation.attention_localisation` of a stored attention file: its raw
+    scores against the lesion fraction of its patches (squares of the recorded ``patch_size_level0``)."""
+    att = read_attention(path)
+    size = att["attrs"].get("patch_size_level0")
+    if size is None:
+        raise FormatError(f"{path}: records no patch side (patch_size_level0), so its patches cannot be laid on "
+                          "the annotation; extract the features with histotransfer and re-run.")
+    return attention_localisation(att["score"], annotation.patch_overlap(att["coords"], float(size)), threshold)
+
+
+def attention_localisation_rows(attention_dir: Path, slide_ids: Sequence[str], annotations: Mapping[str, Annotation],
+                                threshold: float = DEFAULT_THRESHOLD) -> list[dict[str, Any]]:
+    """One localisation row (``slide_id``, the scores, ``annotation``: its file) per slide of ``slide_ids`` that
+    has an annotation, from ``attention_dir/<slide_id>.h5``."""
+    return [{"slide_id": s, **attention_file_localisation(attention_dir / f"{s}.h5", annotations[s], threshold),
+             "annotation": str(annotations[s].source)} for s in slide_ids if s in annotations]
+
+
+LOCALISATION_COLUMNS = ["slide_id", "top_patch_hit", "top_patch_overlap", "attention_mass", "lesion_patch_share",
+                        "auc", "n_patches", "n_lesion_patches", "annotation"]
+
+
+def localisation_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Localisation rows as the table ``localisation.csv`` holds (its columns even when no slide is scored)."""
+    columns = LOCALISATION_COLUMNS + [k for r in rows for k in r if k not in LOCALISATION_COLUMNS]
+    return pd.DataFrame(list(rows), columns=list(dict.fromkeys(columns)))
+
+
+def localisation_summary(rows: Sequence[Mapping[str, Any]], positives: Sequence[str],
+                         threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """The cohort view of per-slide localisation ``rows`` of some ``positives``: ``cohort`` (each numeric key's
+    ``{"mean", "n"}`` over the scored slides), ``n_positive``, ``n_scored``, ``unannotated`` (positive slides
+    not scored: no annotation) and the lesion-patch ``threshold``."""
+    scored = {r["slide_id"] for r in rows}
+    return {"n_positive": len(positives), "n_scored": len(scored),
+            "unannotated": sorted(set(positives) - scored), "threshold": threshold,
+            "cohort": cohort_localisation(rows)}
+
+
+def run_splits(run_dir: str | Path) -> pd.DataFrame:
+    """A run folder's ``splits.csv`` (slide_id, label as class index, split), slide ids as text."""
+    path = Path(run_dir) / "splits.csv"
+    if not path.is_file():
+        raise HistotransferError(f"{path}: not found; pass a run folder written by `histotransfer train` or "
+                                 "`finetune` (for cross-validation, one of its fold_<k> folders).")
+    splits = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str}, keep_default_na=False)
+    missing = {"slide_id", "label", "split"} - set(splits.columns)
+    if missing:
+        raise FormatError(f"{path}: missing column(s) {', '.join(sorted(missing))}; for cross-validation pass one "
+                          "of the run's fold_<k> folders.")
+    return splits
+
+
+def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split: str | None = "test",
+                        threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """How well a run's attention (``RUN/attention``) localises the lesions of its positive slides.
+
+    Scores each positive slide of ``split`` (default ``test``: the slides the model never fitted; None: every
+    split) that has an annotation in ``annotations_dir``. Returns :func:`localisation_summary` plus ``run``,
+    ``split`` (``"all"`` for None) and ``slides``: the per-slide rows (``slide_id``, ``split``, the scores of
+    :func:`~histotransfer.mil.localisation.attention_localisation`, ``annotation``).
+    """
+    run_dir = Path(run_dir)
+    check_threshold(threshold)
+    splits = run_splits(run_dir)
+    if split is not None and split not in SPLITS:
+        raise HistotransferError(f"split {split!r}: use one of {', '.join(SPLITS)}, or None for every split.")
+    chosen = splits if split is None else splits[splits["split"] == split]
+    positives = sorted(chosen.loc[chosen["label"].astype(int) == POSITIVE, "slide_id"])
+    split_of = dict(zip(splits["slide_id"], splits["split"]))
+    annotations = load_annotations(annotations_dir, positives)
+    rows = [{"slide_id": r["slide_id"], "split": split_of[r["slide_id"]], **r}
+            for r in attention_localisation_rows(run_dir / "attention", positives, annotations, threshold)]
+    return {"run": str(run_dir.resolve()), "split": split or "all",
+            **localisation_summary(rows, positives, threshold), "slides": rows}
+
+
+def describe_localisation(summary: Mapping[str, Any]) -> str:
+    """A localisation summary in one line: how many positive slides were scored, then the cohort means."""
+    cohort = summary["cohort"]
+    missing = summary["unannotated"]
+    head = (f"scored {summary['n_scored']} of {summary['n_positive']} positive slide(s)"
+            + (f" ({len(missing)} without annotation: {', '.join(missing[:5])}"
+               f"{', ...' if len(missing) > 5 else ''})" if missing else ""))
+    if not summary["n_scored"]:
+        return head
+
+    def mean(key: str) -> str:
+        value = (cohort.get(key) or {}).get("mean")
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return (f"{head}: top patch on lesion {mean('top_patch_hit')}, attention mass on lesion "
+            f"{mean('attention_mass')} (uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}")

@@ -8,6 +8,10 @@ colours compare across slides.
 
 The GeoJSON holds one square Polygon per patch in level-0 pixel coordinates, with the attention as QuPath
 measurements, so the attended regions can be inspected (and coloured by measurement) on the slide itself.
+
+With lesion annotations, each annotated slide's lesion is outlined on its PNG and, for the slides scored
+(positive in the run's split, or, for slides the run never saw, an annotation holding a lesion), the attention
+localisation is stated in the legend and written to ``localisation.csv``.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import h5py
 import matplotlib
 import numpy as np
 
-from .._io import write_png, write_text
+from .._io import write_csv, write_png, write_text
+from ..annotations import Annotation, load_annotation
 from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
 from ..features import read_feature_file
 from ..slide import check_identity, list_slides, open_slide, parse_identity
+from .evaluate import (LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame,
+                       run_splits)
+from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
 from .rundir import load_run_model, read_attention, read_config
 
@@ -298,6 +306,31 @@ def heatmap_image(overlay: np.ndarray, vrange: tuple[float, float], cmap: str, l
     return np.hstack([overlay, legend_strip(overlay.shape[0], vrange, cmap, lines)])
 
 
+def outline_lesion(image: np.ndarray, annotation: Annotation, dimensions: tuple[int, int],
+                   colour: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """``image`` (an RGB thumbnail of a slide of level-0 ``dimensions``) with the lesion's outline drawn on it:
+    the annotation rasterised at the thumbnail's scale, its contours traced by OpenCV."""
+    h, w = image.shape[:2]
+    lesion = annotation.rasterize((h, w), dimensions[0] / w).astype(np.uint8)
+    contours, _ = cv2.findContours(lesion, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    out = image.copy()
+    cv2.drawContours(out, contours, -1, colour, max(1, round(max(h, w) / 700)), cv2.LINE_AA)
+    return out
+
+
+def localisation_caption(scores: Mapping[str, Any]) -> str:
+    """One legend line stating a slide's attention localisation."""
+    auc = "n/a" if scores["auc"] is None else f"{scores['auc']:.3f}"
+    return (f"lesion: top patch {'on' if scores['top_patch_hit'] else 'off'} it, attention mass "
+            f"{scores['attention_mass']:.3f} (uniform {scores['lesion_patch_share']:.3f}), patch AUC {auc}")
+
+
+def scored_slide(slide_id: str, annotation: Annotation, labels: Mapping[str, int]) -> bool:
+    """Whether a slide's localisation is scored: positive in the run's split, or, for a slide the run never
+    saw, an annotation that holds a lesion."""
+    return labels[slide_id] == POSITIVE if slide_id in labels else not annotation.is_empty
+
+
 def attention_geojson(coords: np.ndarray, score: np.ndarray, weight: np.ndarray, patch_size: int,
                       object_type: str = "detection") -> dict[str, Any]:
     """A GeoJSON FeatureCollection: one square Polygon per patch (level-0 px) with its attention as QuPath
@@ -343,7 +376,8 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
                    features_dir: str | Path | None = None, attention_dir: str | Path | None = None,
                    patches_dir: str | Path | None = None, patch_size_level0: int | None = None,
                    mpp: float | None = None, max_side: int = 2048, object_type: str = "detection",
-                   scale: str = "cohort", value: str = "score", cmap: str = "jet") -> list[Path]:
+                   scale: str = "cohort", value: str = "score", cmap: str = "jet",
+                   annotations_dir: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
     """Write ``<slide_id>.png`` (attention over the thumbnail, with a legend strip) and ``<slide_id>.geojson``
     (patch squares in level-0 px with attention measurements) for each slide file (or folder of slides).
 
@@ -353,7 +387,12 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     patches); ``scale="cohort"`` colours all slides of the call on one value range, ``"slide"`` each on its
     own. The patch side in level-0 px is ``patch_size_level0``, else what the attention, feature or patch file
     (``patches_dir/<slide_id>.h5``: ours, CLAM's or TRIDENT's) records. A slide that fails is reported in
-    ``out_dir/heatmaps.csv`` and skipped. Returns the files written.
+    ``out_dir/heatmaps.csv`` and skipped.
+
+    ``annotations_dir`` (``<slide_id>.geojson`` or a ``<slide_id>.png`` mask with its sidecar): each annotated
+    slide's lesion is outlined, and the slides scored (:func:`scored_slide`) get their attention localisation
+    (lesion patch: at least ``threshold`` of its area) in the legend and in ``out_dir/localisation.csv``.
+    Returns the files written.
     """
     _check_choice("--object-type", object_type, OBJECT_TYPES)
     _check_choice("--scale", scale, SCALES)
@@ -361,6 +400,14 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     entries = [e for e in list_slides(slides) if e.duplicate_of is None]
     load_run_model(run_dir)  # fail early on a folder that is not a finished run
+    annotation_paths: dict[str, Path] = {}
+    labels: dict[str, int] = {}
+    if annotations_dir is not None:
+        check_threshold(threshold)
+        annotation_paths = annotation_files(annotations_dir)
+        splits = run_splits(run_dir)
+        labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
+    localised: list[dict[str, Any]] = []
     items = [(e.slide_id, str(e.path)) for e in entries]
     loaded = _load_all(run_dir, [sid for sid, _ in items], None if features_dir is None else Path(features_dir),
                        None if attention_dir is None else Path(attention_dir))
@@ -382,6 +429,14 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
         overlay = attention_overlay(thumb, dimensions, att["coords"], values[slide_id], size, vrange, cmap)
         lines = [f"{slide_id}: {len(att['score'])} patches",
                  f"{VALUE_LABELS[value]}, {scale} scale {vrange[0]:.3g} to {vrange[1]:.3g}"]
+        if slide_id in annotation_paths:
+            annotation = load_annotation(annotation_paths[slide_id])
+            overlay = outline_lesion(overlay, annotation, dimensions)
+            if scored_slide(slide_id, annotation, labels):
+                scores = attention_localisation(att["score"], annotation.patch_overlap(att["coords"], size),
+                                                threshold)
+                localised.append({"slide_id": slide_id, **scores, "annotation": str(annotation.source)})
+                lines.append(localisation_caption(scores))
         png, geo = out_dir / f"{slide_id}.png", out_dir / f"{slide_id}.geojson"
         write_png(heatmap_image(overlay, vrange, cmap, lines), png)
         collection = attention_geojson(att["coords"], att["score"], att["weight"], int(size), object_type)
@@ -390,4 +445,8 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
         return SlideResult(slide_id, slide_path, "ok", len(att["score"]), time.perf_counter() - t0)
 
     run_batch(items, work, BatchReport(out_dir / "heatmaps.csv"), desc="heatmaps")
+    if annotations_dir is not None:
+        path = out_dir / LOCALISATION_FILE
+        write_csv(localisation_frame(localised), path)
+        written.append(path)
     return written
