@@ -110,8 +110,10 @@ def test_study_under_torchrun_with_two_processes_writes_the_same_tables(tmp_path
     fine-tuning on one rank (one slide per step cannot be shared by two): the same tables as one process."""
     study = tmp_path / "study.yaml"
     study.write_text(STUDY)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = run_study(study, tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same threads in both: float sums in the same order
+    alone = [sys.executable, "-m", "histotransfer", "study", str(study), "--out", str(tmp_path / "one")]
+    assert subprocess.run(alone, env=env, capture_output=True, timeout=600).returncode == 0
+    single = tmp_path / "one" / "report.html"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "histotransfer", "study", str(study), "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
