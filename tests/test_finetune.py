@@ -213,4 +213,4 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
     for h5 in (root / "ft_ddp" / "features").rglob("*.h5"):
         assert read_feature_file(h5).features.shape[1] == 128
     config = json.loads((root / "ft_ddp" / "config.json").read_text())
-    assert config["settings"]["batch_slides"] == 1
+    assert config["settings"]["batch_slides"] == 2 == FT["batch_slides"]  # the same settings as one process

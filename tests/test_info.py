@@ -322,7 +322,7 @@ def test_study_reports_cells_by_kind_and_status_failed_cells_and_the_report(tmp_
         monkeypatch.setitem(runner.WORK, kind, _stand_in(kind, fail))
     out = tmp_path / "out"
     failed = {"extract/a/resnet18-random-t1": "cannot do extract/a/resnet18-random-t1: broken on purpose"}
-    blocked = {"mil/a/resnet18-random-t1/seed0": "needs extract/a/resnet18-random-t1, which failed"}
+    blocked = {"mil/a/resnet18-random-t1/histotransfer/seed0": "needs extract/a/resnet18-random-t1, which failed"}
     for expected, listed in (({"done": 3, "failed": 1, "blocked": 1}, (failed, blocked)),
                              ({"cached": 3, "done": 2}, ({}, {}))):
         runner.execute(runner.load_study(study), out, progress=False)

@@ -277,6 +277,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     described = describe_encoder(model)
     settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
                                     "input_size": input_size, "weights_sha256": described["weights_sha256"]})
+    given = ranks is not None
     ranks = ranks or init_ranks(dev)
     try:
         if ranks.rank == 0:
@@ -315,7 +316,8 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
             _merge_reports(folder, ranks.world)
         return ExtractionRun(folder, results, ranks.rank, ranks.world)
     finally:
-        ranks.close()
+        if not given:  # a caller's process group stays open for the caller
+            ranks.close()
 
 
 def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path] | None, folder: Path,

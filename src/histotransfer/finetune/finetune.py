@@ -216,9 +216,11 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
                            "selection": "best val AUC on top-k bags, ties: lower val loss",
                            "freeze_stages": s.freeze_stages},
               "versions": {"histotransfer": __version__, "torch": torch.__version__}}
+    given = ranks is not None
     ranks = ranks or init_ranks(dev)
     if s.batch_slides % ranks.world:
-        ranks.close()
+        if not given:
+            ranks.close()
         raise HistotransferError(f"--batch-slides {s.batch_slides} counts the slides of one step over all "
                                  f"{ranks.world} processes: pass a multiple of {ranks.world}.")
     try:
@@ -257,4 +259,5 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         ranks.barrier()
         return out
     finally:
-        ranks.close()
+        if not given:  # a caller's process group stays open for the caller
+            ranks.close()
