@@ -1,17 +1,27 @@
-"""Memory and time of one end-to-end fine-tuning step, with and without gradient checkpointing.
+"""Memory and time of one end-to-end fine-tuning step: gradient checkpointing, and for a ViT-L/16 low-rank
+adaptation, side by side.
 
 Memory: the tensors autograd saves for the backward pass of 64 patches of 512 px through DenseNet121 + the MIL
 head, counted exactly on the ``meta`` device (shapes only, no compute, no GPU needed), with and without
 per-stage checkpointing. With checkpointing, the backward pass recomputes one stage at a time, so the peak is
 the kept stage inputs plus the largest single stage's saved tensors plus weights, gradients and Adam moments.
 
-Time: one training step (forward, backward, Adam) measured on this machine's CPU, both ways, side by side.
+The same estimate for a ViT-L/16 (UNI's network) at 64 patches of 224 px, five ways: full fine-tuning;
+checkpointed per quarter stage (6 blocks recomputed at once) or per block (what fine-tuning does for
+transformers); LoRA rank 8 on qkv, proj, fc1, fc2 (only its matrices and the head train), without and with
+per-block checkpointing. The meta device runs attention by its math path, which keeps each block's
+(B x heads, N, N) attention matrix; fused attention on a GPU keeps only q, k, v, the output and one float per
+row, so those matrices are left out of the estimate (their total is printed). Trainable parameter counts are
+exact. ``--vit-encoder prov-gigapath`` gives the same for a 1.1 B-parameter ViT-g.
 
-With ``--cuda`` (a GPU machine), the estimate is checked against the real thing: the same DenseNet121 steps on
-the GPU, fp32 and bf16 autocast, with and without checkpointing, each printing the peak of
+Time: one training step (forward, backward, Adam) measured on this machine's CPU, both ways, side by side;
+for transformers a ViT-S/16 (UNI's arguments, 12 blocks of width 384) at 4 patches of 224 px, all five ways.
+
+With ``--cuda`` (a GPU machine), the estimates are checked against the real thing: the same DenseNet121 and
+ViT-L/16 steps on the GPU, fp32 and bf16 autocast, each printing the peak of
 ``torch.cuda.max_memory_allocated`` and the median step time.
 
-    python benchmarks/bench_finetune.py [--patches 64] [--size 512] [--cuda]
+    python benchmarks/bench_finetune.py [--patches 64] [--size 512] [--vit-patches 64] [--cuda]
 """
 
 from __future__ import annotations
@@ -19,25 +29,29 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from histotransfer.features import create_encoder
+from histotransfer.features import Encoder, create_encoder, encoder_info
+from histotransfer.features.catalogue_vit import VIT_ENCODERS, token_pool, vit_stages
 from histotransfer.runtime import precision_context
-from histotransfer.finetune.model import EndToEndMIL
+from histotransfer.finetune.model import EndToEndMIL, Lora, checkpoint_units
 from histotransfer.mil import AttentionMIL
 
 GiB = 2**30
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while running ``fn``."""
+def saved_bytes(fn, square: int | None = None) -> int:
+    """Bytes of the distinct storages autograd saves while running ``fn``; with ``square``, leaving out
+    (..., square, square) tensors (attention matrices over ``square`` tokens)."""
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        saved[st._cdata] = st.nbytes()
+        if square is None or t.dim() < 2 or t.shape[-2:] != (square, square):
+            st = t.untyped_storage()
+            saved[st._cdata] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -121,6 +135,148 @@ def cuda_steps(patches: int, size: int, reps: int) -> None:
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class Way:
+    """One way of fine-tuning a transformer: a label, LoRA or not, and what is recomputed ("none", "stage"
+    for quarter stages, "block")."""
+
+    label: str
+    lora: bool
+    recompute: str
+
+
+def ways(rank: int) -> list[Way]:
+    return [Way("full fine-tuning", False, "none"),
+            Way("full, per-stage checkpointing (quarters)", False, "stage"),
+            Way("full, per-block checkpointing", False, "block"),
+            Way(f"LoRA rank {rank}", True, "none"),
+            Way(f"LoRA rank {rank}, per-block checkpointing", True, "block")]
+
+
+def vit_model(encoder: Encoder, way: Way, rank: int) -> EndToEndMIL:
+    model = EndToEndMIL(encoder, AttentionMIL(encoder.feature_dim), checkpointing=way.recompute != "none",
+                        lora=Lora(rank) if way.lora else None)
+    return model.train()
+
+
+def activation_bytes(model: EndToEndMIL, x: torch.Tensor, recompute: str, tokens: int) -> tuple[int, int]:
+    """Saved activations of one step at their peak, without attention matrices: all of them without
+    checkpointing, else the inputs kept for each recomputed unit plus the largest unit's saved tensors while
+    it is recomputed (and the pool and head's). Also returns the attention matrices' bytes left out."""
+    if recompute == "none":
+        without = saved_bytes(lambda: model(x, [len(x)]), tokens)
+        return without, saved_bytes(lambda: model(x, [len(x)])) - without
+    kept, largest, h = 0, 0, x
+    for stage in model.encoder.body:
+        units = checkpoint_units(stage, h) if recompute == "block" else [stage]
+        for unit in units:
+            kept += h.untyped_storage().nbytes()
+            largest = max(largest, saved_bytes(lambda: unit(h), tokens))  # noqa: B023
+            with torch.no_grad():
+                h = unit(h)
+    tail = saved_bytes(lambda: model.head(model.encoder.pool(h.requires_grad_()).float()))
+    return kept + largest + tail, 0
+
+
+def vit_memory(name: str, patches: int, size: int, rank: int) -> None:
+    """Estimated peak memory and exact trainable parameters of one fp32 step, every way, side by side."""
+    x = torch.empty(patches, 3, size, size, device="meta")
+    rows = []
+    for way in ways(rank):
+        with torch.device("meta"):
+            encoder = create_encoder(name, "random")
+        model = vit_model(encoder, way, rank).to("meta")
+        tokens = encoder.body.stem(x[:1]).shape[1]
+        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        acts, attention = activation_bytes(model, x, way.recompute, tokens)
+        state = 4 * n_all + 3 * 4 * n_train  # float32 weights; gradients and two Adam moments of trained ones
+        rows.append((way.label, n_train, n_all, acts, state, attention))
+    print(f"{name} ({encoder_info(name)['architecture']}) + attention MIL, {patches} patches of {size} px ({tokens} "
+          f"tokens), fp32; memory estimated on the meta device, parameters exact:")
+    widths = (21, 13, 17, 12, 9)
+    header = ("trainable", "activations", "weights, grads,", "est. peak", "vs full")
+    print(f"  {'':44}" + "".join(f"{h:>{w}}" for h, w in zip(header, widths)))
+    print(f"  {'':44}" + "".join(f"{h:>{w}}" for h, w in zip(("parameters", "(saved)", "Adam moments", "", ""),
+                                                               widths)))
+    full_peak = rows[0][3] + rows[0][4]
+    for label, n_train, n_all, acts, state, _ in rows:
+        peak = acts + state
+        cells = (f"{n_train / 1e6:.2f} M ({100 * n_train / n_all:.1f}%)", f"{acts / GiB:.2f} GiB",
+                 f"{state / GiB:.2f} GiB", f"{peak / GiB:.2f} GiB", f"{full_peak / peak:.1f}x")
+        print(f"  {label:44}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    print(f"  (left out: {rows[0][5] / GiB:.2f} GiB of attention matrices the meta device's math attention keeps "
+          "and fused GPU attention does not)")
+
+
+def small_vit() -> Encoder:
+    """A ViT-S/16 with UNI's arguments (12 blocks of width 384, 6 heads), seeded random weights."""
+    torch.manual_seed(0)
+    network = VIT_ENCODERS["uni"].build(embed_dim=384, depth=12, num_heads=6)
+    stages = vit_stages(network)
+    return Encoder("vit-s16", stages, 0, "random", None, pool=token_pool("token")(network, stages)).eval()
+
+
+def vit_step_times(patches: int, size: int, rank: int, reps: int) -> None:
+    """One training step of a ViT-S/16 on this CPU, every way, interleaved, median of ``reps``."""
+    x = torch.randn(patches, 3, size, size)
+    target = torch.tensor([1])
+    runs = {}
+    for way in ways(rank):
+        model = vit_model(small_vit(), way, rank)
+        runs[way.label] = (model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5))
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for rep in range(reps + 1):
+        for label, (model, optimizer) in runs.items():
+            t0 = time.perf_counter()
+            logits, _ = model(x, [patches])
+            loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if rep:
+                times[label].append(time.perf_counter() - t0)
+    full = statistics.median(times[ways(rank)[0].label])
+    print(f"one step, ViT-S/16 + attention MIL, {patches} patches of {size} px on this CPU (median of {reps}):")
+    for label, t in times.items():
+        print(f"  {label:44}{statistics.median(t):7.3f} s  {statistics.median(t) / full:5.2f}x full fine-tuning")
+
+
+def vit_cuda_steps(name: str, patches: int, size: int, rank: int, reps: int) -> None:
+    """Peak GPU memory and step time of ViT end-to-end steps, every way, fp32 and bf16, measured on the GPU."""
+    device = torch.device("cuda")
+    print(f"{name} on {torch.cuda.get_device_name(device)}, {patches} patches of {size} px, torch "
+          f"{torch.__version__}:")
+    target = torch.tensor([1], device=device)
+    for precision in ("fp32", "bf16"):
+        for way in ways(rank):
+            torch.manual_seed(0)
+            model = vit_model(create_encoder(name, "random"), way, rank).to(device)
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            x = torch.randn(patches, 3, size, size, device=device)
+            torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            try:
+                for _ in range(reps + 1):
+                    torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    with precision_context(device, precision):
+                        logits, _ = model(x, [patches])
+                    loss = F.cross_entropy(logits.float(), target)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - t0)
+                result = (f"peak {torch.cuda.max_memory_allocated(device) / GiB:6.2f} GiB allocated, step "
+                          f"{statistics.median(times[1:]):.3f} s (median of {reps})")
+            except torch.OutOfMemoryError:
+                result = "out of memory"
+            print(f"  {precision}, {way.label:44} {result}", flush=True)
+            del model, optimizer, x
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patches", type=int, default=64)
@@ -128,16 +284,24 @@ def main() -> None:
     parser.add_argument("--cpu-patches", type=int, default=8)
     parser.add_argument("--cpu-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--vit-encoder", default="uni", help="transformer encoder of the ViT rows")
+    parser.add_argument("--vit-patches", type=int, default=64)
+    parser.add_argument("--vit-size", type=int, default=224)
+    parser.add_argument("--vit-cpu-patches", type=int, default=4)
+    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--cuda", action="store_true", help="also measure the steps on the GPU")
     args = parser.parse_args()
     memory(args.patches, args.size)
+    vit_memory(args.vit_encoder, args.vit_patches, args.vit_size, args.lora_rank)
     if args.cuda:
         cuda_steps(args.patches, args.size, args.reps)
+        vit_cuda_steps(args.vit_encoder, args.vit_patches, args.vit_size, args.lora_rank, args.reps)
     plain = step_time(False, args.cpu_patches, args.cpu_size, args.reps)
     ckpt = step_time(True, args.cpu_patches, args.cpu_size, args.reps)
     print(f"one step, resnet18, {args.cpu_patches} patches of {args.cpu_size} px on this CPU "
           f"(median of {args.reps}): {plain:.3f} s without, {ckpt:.3f} s with checkpointing "
           f"({ckpt / plain:.2f}x the time)")
+    vit_step_times(args.vit_cpu_patches, args.vit_size, args.lora_rank, args.reps)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The end-to-end network: frozen stages, BatchNorm in eval mode, gradient checkpointing changes nothing."""
+"""The end-to-end network: frozen stages, BatchNorm in eval mode, gradient checkpointing changes nothing and
+recomputes a CNN stage as a whole."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+import histotransfer.finetune.model as ft_model
 from histotransfer.errors import HistotransferError
 from histotransfer.features import create_encoder
 from histotransfer.finetune.model import EndToEndMIL
@@ -69,6 +72,21 @@ def test_gradient_checkpointing_gives_the_same_step(parts):
     torch.testing.assert_close(loss_a, loss_b)
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cnn_stages_are_recomputed_whole(parts, monkeypatch):
+    """A CNN stage (a sequence of residual blocks on (B, C, H, W) maps) is one checkpointed unit, frozen
+    stages none."""
+    encoder, head, x = parts
+    units = []
+
+    def recording(fn, *args, **kwargs):
+        units.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(ft_model, "checkpoint", recording)
+    step(EndToEndMIL(encoder, head, freeze_stages=1, checkpointing=True), x)
+    assert units == [encoder.body.layer2]
 
 
 def test_freeze_stages_out_of_range(parts):

@@ -100,6 +100,11 @@ def torchvision_state_dict(encoder: Encoder, base: Encoder | None = None) -> dic
     to_tv = {k: tv_names[id(t)] for k, t in reference.state_dict(keep_vars=True).items()}
     state = base.state_dict()
     state.update(encoder.state_dict())
+    foreign = [k for k in state if k not in to_tv]
+    if foreign:
+        raise HistotransferError(f"saving {encoder.name}: {len(foreign)} tensor(s) are not its network's (e.g. "
+                                 f"{foreign[0]}); merge low-rank adaptation layers into the weights first "
+                                 "(histotransfer.finetune.model.merge_lora).")
     return {to_tv[k]: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 

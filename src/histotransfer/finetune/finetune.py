@@ -55,7 +55,7 @@ from ..mil import (
 from ..runtime import Ranks, check_precision, init_ranks, resolve_device
 from .data import SlidesArg, TopKSlide, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
-from .model import EndToEndMIL
+from .model import EndToEndMIL, check_lora, lora_of, merge_lora
 from .settings import FinetuneSettings
 from .topk import read_splits, select_top_k
 from .train import fit_end_to_end
@@ -107,12 +107,14 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
     source = run_dir / "config.json"
     encoder = encoder_from_attrs(run_config["encoder"], source)
     head = load_run_model(run_dir)
-    model = EndToEndMIL(encoder, head, s.freeze_stages, s.grad_checkpointing).to(device)
+    model = EndToEndMIL(encoder, head, s.freeze_stages, s.grad_checkpointing, lora_of(s)).to(device)
     check_reproduces(model, train[0], input_size, device)
     result = fit_end_to_end(model, train, val, s, input_size, device, ranks, out / CHECKPOINT_FILE)
     model.load_state_dict(result.state)
     if ranks.rank == 0:
         model.cpu()
+        if model.lora_layers:
+            merge_lora(encoder)  # encoder.pt holds the network's own layers, the low-rank updates folded in
         base = encoder_from_attrs({**run_config["encoder"], "truncate": 0}, source)
         save_encoder(encoder, out / ENCODER_FILE, base)
         reloaded = create_encoder(encoder.name, str(out / ENCODER_FILE), encoder.truncate).state_dict()
@@ -204,6 +206,9 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     if s.freeze_stages > n_stages:
         raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
                                  f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
+    lora = lora_of(s)
+    if lora is not None:
+        check_lora(enc["encoder"], int(enc["truncate"]), s.freeze_stages, lora)
     features_dir = Path(run_config["features_dir"])
     check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
                               for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)

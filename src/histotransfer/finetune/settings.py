@@ -3,12 +3,16 @@ fine-tuned run's ``config.json``)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..features.settings import Device
 from ..settings import RUNTIME, StageSettings
+
+#: The transformer-block layers low-rank adaptation can target: attention qkv and output projections, MLP layers.
+LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
+LORA_TARGETS: tuple[LoraTarget, ...] = ("qkv", "proj", "fc1", "fc2")
 
 
 class FinetuneSettings(StageSettings):
@@ -23,12 +27,32 @@ class FinetuneSettings(StageSettings):
     freeze_stages: int = Field(0, ge=0, le=8, description="keep the stem and the first K stages fixed (0: train "
                                                           "everything but BatchNorm statistics)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16/fp16 autocast on a GPU")
-    seed: int = Field(0, description="seeds the slide order of each epoch")
-    grad_checkpointing: bool = Field(False, description="recompute each stage in the backward pass: far less "
-                                                        "activation memory for one extra forward pass per step",
+    seed: int = Field(0, description="seeds the slide order of each epoch and the LoRA initialisation")
+    lora_rank: int | None = Field(None, ge=1, le=1024,
+                                  description="train rank-R LoRA matrices in the transformer blocks instead of "
+                                              "the encoder's weights (merged into encoder.pt); none: full "
+                                              "fine-tuning")
+    lora_alpha: int | None = Field(None, ge=1, le=65536, description="LoRA scale numerator: updates are "
+                                                                      "alpha/rank * B A (none: alpha = rank)")
+    lora_targets: tuple[LoraTarget, ...] | None = Field(None, min_length=1,
+                                                         description="block layers LoRA adapts, of qkv, proj "
+                                                                     "(attention), fc1, fc2 (MLP); none: all four")
+    grad_checkpointing: bool = Field(False, description="recompute each stage (each block of a transformer) in "
+                                                        "the backward pass: far less activation memory for one "
+                                                        "extra forward pass per step",
                                      json_schema_extra=RUNTIME)
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
     workers: int = Field(0, ge=0, le=256, description="patch-reading processes (0: in this process)",
                          json_schema_extra=RUNTIME)
     extract_batch_size: int = Field(64, ge=1, le=65536, description="patches per batch when re-extracting",
                                     json_schema_extra=RUNTIME)
+
+    @model_validator(mode="after")
+    def _lora_options_need_a_rank(self) -> Self:
+        """LoRA options without ``lora_rank`` would be recorded but have no effect: refused."""
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ValueError("lora_alpha and lora_targets apply to low-rank adaptation: set lora_rank too, or "
+                             "drop them for full fine-tuning")
+        if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ValueError(f"lora_targets {list(self.lora_targets)} names a layer twice: name each once")
+        return self
