@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..analysis.settings import CkaSettings
+from ..analysis.settings import CamSettings, CkaSettings
 from ..errors import HistotransferError
 from ..features.settings import ExtractSettings
 from ..finetune.settings import FinetuneSettings
@@ -28,7 +28,7 @@ from ..settings import describe_errors
 from .grid import Dataset, EncoderConfig, MilVariant, Study
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-TOP_KEYS = ("name", "out", "datasets", "encoders", "seeds", "tile", "extract", "mil", "finetune", "cka")
+TOP_KEYS = ("name", "out", "datasets", "encoders", "seeds", "tile", "extract", "mil", "finetune", "cka", "cam")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
@@ -74,6 +74,7 @@ class DatasetEntry(TileSettings):
     split_file: str | None = None
     split: Literal["camelyon16"] | None = None
     group_column: str | None = None
+    annotations: str | None = None
     demo: DemoSpec | None = None
 
     @field_validator("slides", mode="before")
@@ -184,12 +185,13 @@ class _Checker:
             self.fail(where, "give either 'split' (an official split rule) or 'split_file'")
         if d.demo is not None:
             return Dataset(d.name, (), None, settings, None, d.demo.model_dump(), d.split, d.group_column)
+        annotations = self.path(d.annotations, f"{where}.annotations", "annotations folder")
         slides = self._slides(d.slides or [], f"{where}.slides")
         labels = self.path(d.labels, f"{where}.labels", "labels CSV")
         split = self.path(d.split_file, f"{where}.split_file", "split CSV")
         if labels is not None:
             self._labels(labels, split, f"{where}.labels", d.group_column)
-        return Dataset(d.name, tuple(slides), labels, settings, split, None, d.split, d.group_column)
+        return Dataset(d.name, tuple(slides), labels, settings, split, None, d.split, d.group_column, annotations)
 
     def _slides(self, items: list[str], where: str) -> list[Path]:
         from ..slide import list_slides
@@ -321,6 +323,7 @@ def load_study(path: str | Path) -> Study:
             pairs.append((a, b))
     if cka is not None and cka.finetuned and raw.get("finetune") is None and not cka.pairs:
         v.fail("cka", "nothing to compare: add a 'finetune' section (frozen vs fine-tuned) or cka.pairs")
+    cam = v.model(CamSettings, raw["cam"], "cam") if raw.get("cam") is not None else None
     if v.problems:
         listing = "\n".join(f"  - {p}" for p in v.problems)
         raise HistotransferError(f"{path}: {len(v.problems)} problem(s) in the study file (nothing was run):\n"
@@ -336,5 +339,5 @@ def load_study(path: str | Path) -> Study:
         finetune_encoders=tuple(dict.fromkeys(ft_encoders)), finetune_seeds=tuple(ft.seeds or seeds) if ft else (),
         cka=CkaSettings.model_validate(cka.model_dump(exclude={"finetuned", "pairs"}, exclude_unset=True))
         if cka else None,
-        cka_finetuned=bool(cka and cka.finetuned), cka_pairs=tuple(pairs), encoder_info=v.info,
+        cka_finetuned=bool(cka and cka.finetuned), cka_pairs=tuple(pairs), cam=cam, encoder_info=v.info,
     )

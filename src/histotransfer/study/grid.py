@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..analysis.settings import CkaSettings
+from ..analysis.settings import CamSettings, CkaSettings
 from ..features.settings import ExtractSettings
 from ..finetune.settings import FinetuneSettings
 from ..mil.settings import MilSettings
@@ -60,6 +60,7 @@ class Dataset:
     demo: dict[str, int] | None = None
     split_rule: str | None = None
     group_column: str | None = None
+    annotations: Path | None = None  # lesion annotations (a demo dataset's are its lesion masks)
 
     def mil(self, settings: MilSettings, seed: int) -> MilSettings:
         """The study's MIL settings for this dataset and seed."""
@@ -95,4 +96,5 @@ class Study:
     cka: CkaSettings | None = None
     cka_finetuned: bool = False
     cka_pairs: tuple[tuple[EncoderConfig, EncoderConfig], ...] = ()
+    cam: CamSettings | None = None
     encoder_info: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .._io import write_text
 from .figures import Figure
-from .tables import FOOTNOTE, TABLES
+from .tables import TABLES, footnote
 
 PACKAGES = ["histotransfer", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "h5py", "openslide-python",
             "openslide-bin", "tiffslide", "tifffile", "matplotlib", "pyyaml"]
@@ -107,7 +107,7 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
             parts.append(_table_html(df))
         else:
             parts.append('<p class="note">No encoder configuration of the study belongs in this table.</p>')
-        parts.append(f'<p class="note">{html.escape(FOOTNOTE)} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
+        parts.append(f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
                      f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>')
     parts.append("<h2>Figures</h2>")
     for fig in figures:

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._io import file_sha256, h5_files, output_folder, write_csv, write_text
+from .._io import file_sha256, h5_files, output_folder, write_csv, write_json, write_text
 from ..analysis.settings import CkaSettings
 from ..errors import HistotransferError, one_line
 from ..finetune.settings import FinetuneSettings
@@ -30,7 +30,15 @@ from .cells import FAILED, Cell, prepare_folder, read_done, write_done, write_fa
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
 from .report import write_report
-from .tables import build_tables, cka_stages, finetune_runs, mil_runs, write_tables
+from .tables import (
+    build_tables,
+    cka_stages,
+    finetune_runs,
+    localisation_runs,
+    localisation_table,
+    mil_runs,
+    write_tables,
+)
 
 CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "seed", "status", "seconds", "message", "folder"]
 
@@ -72,6 +80,14 @@ def plan(study: Study) -> list[Cell]:
                         deps=(extracts[enc],) + ((demo,) if demo else ()), dataset=ds.name, encoder=enc, seed=seed,
                         variant=variant.name))
                     cells.append(mils[enc, variant.name, seed])
+        if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
+            cam = study.cam.result_settings()
+            for enc in study.encoders:
+                for seed in study.seeds:
+                    cells.append(_resumable(Cell(
+                        "cam", f"cam/{ds.name}/{enc.key}/{study.mil[0].name}/seed{seed}", cam,
+                        deps=(mils[enc, study.mil[0].name, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
+                        variant=study.mil[0].name)))
         finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
         if study.finetune is not None:
             for enc in study.finetune_encoders:
@@ -151,9 +167,22 @@ class _Context:
     def path(self, rel: str) -> Path:
         return self.out / rel
 
+    def demo(self, cell: Cell) -> dict[str, Any] | None:
+        """The result of the demo cell a cell depends on, directly or through its dependencies."""
+        for d in cell.deps:
+            found = self.results[d.key] if d.kind == "demo" else self.demo(d)
+            if found is not None:
+                return found
+        return None
+
+    def annotations(self, cell: Cell) -> Path | None:
+        """The dataset's lesion annotations (a demo dataset's lesion masks), None when it has none."""
+        demo = self.demo(cell)
+        return self.path(demo["annotations"]) if demo is not None else self.dataset(cell).annotations
+
     def slides_and_labels(self, cell: Cell) -> tuple[list[Path], Path | None]:
         ds = self.dataset(cell)
-        demo = self.dep(cell, "demo")
+        demo = self.demo(cell)
         if demo is not None:
             return [self.path(p) for p in demo["slides"]], self.path(demo["labels"])
         return list(ds.slides), ds.labels
@@ -164,8 +193,8 @@ def _run_demo(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], 
 
     demo = make_demo_slides(folder, n_slides=cell.settings["n_slides"], seed=cell.settings["seed"],
                             size=cell.settings["size"])
-    return {"slides": [_rel(p, ctx.out) for p in demo.slides], "labels": _rel(demo.labels_csv, ctx.out)}, \
-        f"{len(demo.slides)} demo slides"
+    return {"slides": [_rel(p, ctx.out) for p in demo.slides], "labels": _rel(demo.labels_csv, ctx.out),
+            "annotations": _rel(folder / "lesion_masks", ctx.out)}, f"{len(demo.slides)} demo slides"
 
 
 def _run_tile(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
@@ -232,7 +261,30 @@ def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
     variant = next(v for v in ctx.study.mil if v.name == cell.variant)
     run = Path(train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed),
                          split_file=ds.split_file))
-    return {"run": _rel(run, ctx.out)}, note
+    result = {"run": _rel(run, ctx.out)}
+    annotations = ctx.annotations(cell)
+    if annotations is not None:
+        from ..mil import localisation_of_run
+
+        write_json(localisation_of_run(run, annotations), folder / LOCALISATION_FILE)
+        result["localisation"] = _rel(folder / LOCALISATION_FILE, ctx.out)
+    return result, note
+
+
+def _run_cam(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
+    from ..analysis import CamSettings, write_cams
+    from ..mil import run_splits
+
+    run = ctx.path(ctx.dep(cell, "mil")["run"])
+    annotations = ctx.annotations(cell)
+    splits = run_splits(run)
+    # The slides CAMs are scored on: the run's positive test slides (the attention localisation's too).
+    ids = sorted(splits.loc[(splits["split"] == "test") & (splits["label"].astype(int) == 1), "slide_id"])
+    slides, _ = ctx.slides_and_labels(cell)
+    assert ctx.study.cam is not None
+    cams = write_cams(run, folder / "cam", CamSettings.build(ctx.study.cam, device=ctx.study.extract.device),
+                      slides=slides, annotations_dir=annotations, slide_ids=ids)
+    return {"cams": _rel(cams.folder / "cam.json", ctx.out)}, f"{len(ids)} positive test slide(s)"
 
 
 def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
@@ -264,11 +316,13 @@ def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
     return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
 
 
-WORK = {"demo": _run_demo, "tile": _run_tile, "extract": _run_extract, "mil": _run_mil,
+WORK = {"demo": _run_demo, "tile": _run_tile, "extract": _run_extract, "mil": _run_mil, "cam": _run_cam,
         "finetune": _run_finetune, "cka": _run_cka}
 
 
-OUTPUT_KEYS = ("slides", "labels", "patches", "features", "run", "frozen_run", "encoder", "csv")
+OUTPUT_KEYS = ("slides", "labels", "patches", "features", "run", "frozen_run", "encoder", "csv", "localisation",
+               "cams", "annotations")
+LOCALISATION_FILE = "localisation.json"
 
 
 def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
@@ -301,7 +355,8 @@ def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
 
 # How a cell's work is shared under torchrun: "all" ranks run it together (extraction shards slides, fine-tuning
 # is data-parallel), "spread" cells (small and independent: MIL runs) are dealt to the ranks, "one" runs on rank 0.
-MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "finetune": "all", "cka": "one"}
+MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "cam": "spread", "finetune": "all",
+         "cka": "one"}
 
 
 def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
@@ -427,10 +482,13 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     mil = mil_runs(out_dir, finished, info)
     ft = finetune_runs(out_dir, finished, info)
     cka = cka_stages(out_dir, finished)
+    loc = localisation_runs(out_dir, finished, info)
     tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info,
                           [v.name for v in study.mil], study.finetune_mil)
+    if len(loc):
+        tables["table5_localisation"] = localisation_table(loc, datasets)
     shown = write_tables(out_dir / "tables", tables, datasets,
-                         {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka})
+                         {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka, "runs_localisation": loc})
     figures = draw_figures(out_dir / "figures", mil, cka)
     return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records,
                         report_notes(mil, cka))

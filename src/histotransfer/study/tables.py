@@ -27,8 +27,28 @@ TABLES = {
     "table2_histopathology_encoders": "Table II. Histopathology encoders (full depth): slide-level test AUC",
     "table3_finetuning": "Table III. Frozen vs fine-tuned encoder: slide-level test AUC",
     "table4_truncation": "Table IV. Truncated encoders: slide-level test AUC by number of removed stages",
+    "table5_localisation": "Table V. Localisation of the lesions of positive test slides, by encoder and truncation",
+}
+LOCALISATION_SCORES = {  # column of runs_localisation.csv -> what Table V calls it
+    "top_patch_hit": "top patch in lesion",
+    "attention_mass": "attention on lesion",
+    "auc": "patch AUC",
+    "pointing_game": "CAM pointing game",
+    "cam_mass": "CAM mass in lesion",
+    "um_per_cell": "um per CAM cell",
 }
 FOOTNOTE = "Test-set slide-level AUC, mean ± sd over seeds (sd needs two seeds); n = test slides."
+LOCALISATION_FOOTNOTE = (
+    "Means over seeds of each run's mean over its positive test slides that have an annotation (slides: how many). "
+    "Top patch in lesion: share of slides whose most-attended patch is at least half lesion; attention on lesion: "
+    "softmax attention mass on such patches; patch AUC: attention score vs lesion patches. CAM pointing game: share "
+    "of attended lesion patches whose Grad-CAM maximum falls inside the lesion; CAM mass in lesion: share of the "
+    "CAM inside it; um per CAM cell: the CAM's resolution (finer when late stages are removed).")
+
+
+def footnote(name: str) -> str:
+    """What a table's numbers are."""
+    return LOCALISATION_FOOTNOTE if name == "table5_localisation" else FOOTNOTE
 
 
 def _test_metrics(run: Path) -> tuple[float, int]:
@@ -108,6 +128,52 @@ def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFr
     columns = ["dataset", "comparison", "seed", "stage_index", "stage", "cka", "baseline", "estimator", "n_patches",
                "warning", "csv"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
+                      info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per MIL run whose dataset has lesion annotations: the cohort means of its attention localisation
+    (positive test slides) and, when the study made CAMs of it, their localisation and resolution."""
+    cams = {(r["dataset"], r["config"], r.get("recipe", ""), r["seed"]): r["result"]["cams"]
+            for r in records if r["kind"] == "cam"}
+    rows = []
+    for r in records:
+        if r["kind"] != "mil" or not r["result"].get("localisation"):
+            continue
+        loc = json.loads((out_dir / r["result"]["localisation"]).read_text())
+        row = {"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
+               "seed": r["seed"], "n_scored": loc["n_scored"],
+               **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ("top_patch_hit", "attention_mass", "auc")}}
+        cam_file = cams.get((r["dataset"], r["config"], r.get("recipe", ""), r["seed"]))
+        if cam_file is not None:
+            cam = json.loads((out_dir / cam_file).read_text())
+            cohort = (cam.get("localisation") or {}).get("cohort") or {}
+            row.update({k: (cohort.get(k) or {}).get("mean") for k in ("pointing_game", "cam_mass")})
+            row["um_per_cell"] = (cam.get("resolution") or {}).get("um_per_cell")
+        rows.append(row)
+    columns = ["dataset", "config", "encoder", "weights", "truncate", "recipe", "seed", "n_scored",
+               *LOCALISATION_SCORES]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def localisation_table(runs: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    """Table V: per configuration and recipe, per dataset, each localisation score's mean over seeds (the
+    paper's claim that truncated encoders localise at a finer resolution, as measured numbers)."""
+    keys = list(dict.fromkeys(zip(runs["config"], runs["recipe"])))
+    rows = []
+    for config, recipe in keys:
+        sel = runs[(runs["config"] == config) & (runs["recipe"] == recipe)]
+        first = sel.iloc[0]
+        row: dict[str, Any] = {"encoder": first["encoder"], "weights": first["weights"],
+                               "truncate": first["truncate"], "recipe": recipe}
+        for ds in datasets:
+            part = sel[sel["dataset"] == ds]
+            row[f"{ds}_n_scored"] = _n_slides(part["n_scored"]) if len(part) else 0
+            for key in LOCALISATION_SCORES:
+                values = part[key].astype(float).dropna()
+                row[f"{ds}_{key}"] = float(values.mean()) if len(values) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _n_slides(values: pd.Series) -> Any:
@@ -233,8 +299,21 @@ def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> st
     return f"{text} (n={n_slides})" if with_n else text
 
 
+def _localisation_display(table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    out = pd.DataFrame({"Encoder": table["encoder"], "Weights": table["weights"].map(weights_label),
+                        "Truncation": table["truncate"], "MIL recipe": table["recipe"]})
+    for ds in datasets:
+        out[f"{ds}: slides"] = table[f"{ds}_n_scored"]
+        for key, title in LOCALISATION_SCORES.items():
+            digits = 1 if key == "um_per_cell" else 3
+            out[f"{ds}: {title}"] = ["–" if pd.isna(v) else f"{v:.{digits}f}" for v in table[f"{ds}_{key}"]]
+    return out
+
+
 def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     """The human-readable form of a numeric table: one formatted AUC column per dataset."""
+    if name == "table5_localisation":
+        return _localisation_display(table, datasets)
     out = pd.DataFrame()
     if "architecture" in table:
         out["Architecture"] = table["architecture"]
@@ -284,7 +363,7 @@ def write_tables(tables_dir: Path, tables: Mapping[str, pd.DataFrame], datasets:
         disp = display_table(name, table, datasets)
         shown[name] = disp
         body = to_markdown(disp) if len(disp) else "_No encoder configuration of the study belongs here._\n"
-        write_text(f"**{TABLES[name]}**\n\n{body}\n{FOOTNOTE}\n", tables_dir / f"{name}.md")
+        write_text(f"**{TABLES[name]}**\n\n{body}\n{footnote(name)}\n", tables_dir / f"{name}.md")
     for name, df in long.items():
         write_csv(df, tables_dir / f"{name}.csv")
     return shown
