@@ -16,6 +16,13 @@ On the same patches of the same slide, with the same encoder and threads:
 
 5. ``clam-style reading``: the baseline's reading alone (OpenSlide, PIL, ToTensor, Normalize).
 
+Then every truncation of one network (``--multi``, default DenseNet121, truncate 0 1 2 3), end to end:
+
+6. one ``extract_features`` pass per truncation vs one pass for all of them (``truncate=[0, 1, 2, 3]``), in
+   patches/s, and the ratios "one pass for all four" / "the full network alone" (target <= 1.15) and "one pass
+   for all four" / "the four passes". The same on pixels already in memory (the encoder alone), and whether
+   the one pass wrote the same bytes as the four.
+
 Each measurement is repeated ``--repeats`` times, interleaved, and the median kept: the machine may be shared.
 Defaults: the real Aperio slide from ../shared when present (else a synthetic one), tiled at 20x into 224 px
 patches with a 112 px stride (so that a small slide gives enough patches), first 128 patches; two encoders:
@@ -24,12 +31,16 @@ DenseNet121 with the real ImageNet weights from ../shared (else random) and ResN
 On a GPU machine, ``--device cuda`` runs both encoders (ours and the baseline's) on the GPU; the matmul peak is
 then the GPU's true-fp32 rate.
 
+``--quick`` measures 32 patches once (about a minute on 2 cores) instead of the median of three runs of 128.
+
 Run: ``.venv/bin/python benchmarks/bench_extract.py [--configs resnet18:1 --weights random] [--device cuda]``
+(``--configs none`` or ``--multi none`` leaves a part out)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -46,11 +57,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import create_encoder, extract_features, read_feature_file
-from histotransfer.runtime import precision_context
+from histotransfer.features.encoders import create_encoders
 from histotransfer.features.extract import BatchEncoder, inference_model
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
 from histotransfer.patches import read_patch_file, write_patch_file
 from histotransfer.patches.tiling import tile_slides
+from histotransfer.runtime import precision_context
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CMU = SHARED / "data" / "CMU-1-Small-Region.svs"
@@ -193,11 +205,100 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     print(f"  ceiling of extract / clam-style    {ceiling:6.2f}x  (the encoder at the best matmul peak, reading free)")
 
 
+def default_weights(encoder: str, weights: str | None) -> str:
+    """``weights`` if given, else the ../shared DenseNet121 ImageNet weights for densenet121, else random."""
+    return weights or (str(DENSENET) if DENSENET.exists() and encoder == "densenet121" else "random")
+
+
+def median_rates(steps: dict[str, Callable[[], object]], n: int,
+                 repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Patches/s of each step (``n`` patches a run) by wall time and by this process's CPU time (all its
+    threads), each the median of ``repeats`` interleaved runs.
+
+    The CPU time hardly changes when other programs share the machine; on a CPU with in-process reading (the
+    default on small machines) it is the whole cost of a pass."""
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, fn in steps.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[key].append(time.perf_counter() - w0)
+            cpu[key].append(time.process_time() - c0)
+    return ({k: n / statistics.median(v) for k, v in wall.items()},
+            {k: n / statistics.median(v) for k, v in cpu.items()})
+
+
+def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: str, truncations: list[int],
+                      batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
+    """One extraction pass per truncation vs one pass for all of them, end to end and encoder alone."""
+    ps = read_patch_file(patch_file)
+    n, size = len(ps.coords), ps.spec.patch_size
+    runs = 0
+    last: dict[int, Path] = {}  # the folder each truncation's last separate pass wrote
+    together: dict[int, Path] = {}  # the folders of the last one pass for all
+
+    def run_extract(truncate: int | list[int]) -> None:  # end to end, building the encoders included
+        nonlocal runs
+        runs += 1
+        out = extract_features(patches, tmp / f"out{runs}", encoder, weights, truncate, batch_size=batch_size,
+                               workers=workers, device=device.type)
+        if isinstance(out, dict):
+            together.update(out)
+        else:
+            last[truncate] = out
+
+    encoders = list(create_encoders(encoder, weights, truncations).values())
+    encode = {t: BatchEncoder(e, device, "fp32") for t, e in zip(truncations, encoders)}
+    encode_all = BatchEncoder(encoders, device, "fp32")
+    pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
+
+    def run_encoder(fn: Callable[[torch.Tensor], object]) -> None:
+        for start in range(0, n, batch_size):
+            fn(pixels[: min(batch_size, n - start)])
+
+    run_extract(truncations)  # warm-up: builds every stage's kernels once before any timing
+    separate = {f"t{t} alone": functools.partial(run_extract, t) for t in truncations}
+    steps = {**separate, "one pass, all": functools.partial(run_extract, truncations)}
+    rates: dict[str, dict[str, float]] = {}
+    rates["extract"], rates["extract CPU"] = median_rates(steps, n, repeats)
+    enc_steps = {**{f"t{t} alone": functools.partial(run_encoder, encode[t]) for t in truncations},
+                 "one pass, all": functools.partial(run_encoder, encode_all.features)}
+    rates["encoder"], rates["encoder CPU"] = median_rates(enc_steps, n, repeats)
+    same = all(together[t].name == last[t].name and
+               [p.read_bytes() for p in sorted(together[t].glob("*.h5"))]
+               == [p.read_bytes() for p in sorted(last[t].glob("*.h5"))] for t in truncations)
+
+    names = ", ".join(map(str, truncations))
+    print(f"\n{encoder} truncations {names} ({Path(weights).name} weights): {n} patches of {size} px; batch "
+          f"{batch_size}, {torch.get_num_threads()} torch threads, encoder on {device_name(device)}; median of "
+          f"{repeats}")
+    print(f"  {'patches/s (wall or CPU time)':32}" + "".join(f"{k:>13}" for k in rates))
+    for key in steps:
+        print(f"  {key:32}" + "".join(f"{r[key]:13.1f}" for r in rates.values()))
+    full, t_sum = [], []
+    for r in rates.values():
+        t_one = 1 / r["one pass, all"]
+        full.append(t_one * r[f"t{truncations[0]} alone"])
+        t_sum.append(t_one / sum(1 / r[k] for k in separate))
+    print(f"  {f'ratio one pass / t{truncations[0]} alone':32}" + "".join(f"{x:12.2f}x" for x in full)
+          + "  (time; target <= 1.15)")
+    print(f"  {f'ratio one pass / the {len(truncations)} passes':32}" + "".join(f"{x:12.2f}x" for x in t_sum))
+    print(f"  one pass wrote the same bytes as the {len(truncations)} passes: {'yes' if same else 'NO'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", default=str(CMU) if CMU.exists() else None)
     ap.add_argument("--configs", default="densenet121:0,resnet18:2",
-                    help="comma-separated ENCODER:TRUNCATE (default densenet121:0,resnet18:2)")
+                    help="comma-separated ENCODER:TRUNCATE (default densenet121:0,resnet18:2; none: skip)")
+    ap.add_argument("--multi", default="densenet121:0,1,2,3",
+                    help="ENCODER:T,T,..: separate passes per truncation vs one pass for all (default "
+                         "densenet121:0,1,2,3; none: skip)")
+    ap.add_argument("--quick", action="store_true", help="32 patches, measured once")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with "
+                         "other programs, where threads waiting for each other make wall and CPU time erratic")
     ap.add_argument("--weights", default=None,
                     help="weights for every config (default: ../shared DenseNet121 weights for densenet121, "
                          "else random)")
@@ -212,6 +313,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where the encoders run, ours and the baseline's: cpu or cuda")
     args = ap.parse_args()
+    if args.quick:
+        args.max_patches, args.repeats = 32, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
@@ -219,21 +324,25 @@ def main() -> None:
         slide = args.slide or str(make_demo_slides(tmp / "demo", 1, seed=0, size=4096, mpp=0.5).slides[0])
         tiled = tile_slides([slide], tmp / "tiles", magnification=args.magnification, patch_size=args.patch_size,
                             stride=args.stride or args.patch_size // 2)
-        if tiled[0].status != "ok":
-            raise SystemExit(f"tiling {slide} gave no patches: {tiled[0].message}")
-        tiled_file = next((tmp / "tiles" / "patches").glob("*.h5"))
+        if tiled.results[0].status != "ok":
+            raise SystemExit(f"tiling {slide} gave no patches: {tiled.results[0].message}")
+        tiled_file = next(tiled.patches.glob("*.h5"))
         ps = read_patch_file(tiled_file)
         patches = tmp / "patches"
         patch_file = patches / tiled_file.name
         keep = slice(0, args.max_patches)
         write_patch_file(patch_file, ps.coords[keep], ps.tissue_fraction[keep], ps.spec)
         workers = default_workers(device) if args.workers is None else args.workers
-        for config in args.configs.split(","):
+        for config in [] if args.configs == "none" else args.configs.split(","):
             encoder, truncate = config.split(":")
-            weights = args.weights or (str(DENSENET) if DENSENET.exists() and encoder == "densenet121"
-                                       else "random")
-            bench_config(slide, patches, patch_file, encoder, weights, int(truncate), args.batch_size, workers,
-                         args.repeats, tmp / config.replace(":", "-"), device)
+            bench_config(slide, patches, patch_file, encoder, default_weights(encoder, args.weights),
+                         int(truncate), args.batch_size, workers, args.repeats, tmp / config.replace(":", "-"),
+                         device)
+        if args.multi != "none":
+            encoder, truncations = args.multi.split(":")
+            bench_truncations(patches, patch_file, encoder, default_weights(encoder, args.weights),
+                              [int(t) for t in truncations.split(",")], args.batch_size, workers, args.repeats,
+                              tmp / "multi", device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

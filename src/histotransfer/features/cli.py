@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import cast
 
 from ..settings import add_options, from_args
 from .settings import EncoderChoice, ExtractSettings
@@ -17,13 +18,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "extract.csv (one row per slide) and features.json in that folder. Re-running skips "
                     "finished slides and redoes those whose patches changed. Under `torchrun --nproc-per-node G "
                     "-m histotransfer extract ...`, or as several commands on one shared folder, the slides are "
-                    "split between the processes.")
+                    "split between the processes. Several truncations (--truncate 0 1 2 3) are extracted in one "
+                    "pass over the patches, each into its own folder.")
     p.add_argument("--patches", required=True,
                    help="a tiling folder from `histotransfer tile` (or its patches folder, or an output folder "
                         "holding one tiling, or a CLAM/TRIDENT folder of patch files)")
     p.add_argument("--out", default=None, help="output folder; features go to OUT/features/<encoder_id>/ "
                                                "(default: the tiling folder)")
-    add_options(p, EncoderChoice, required=("encoder",))
+    add_options(p, EncoderChoice, required=("encoder",), skip=("truncate",))
+    p.add_argument("--truncate", nargs="+", type=int, default=[0], metavar="K",
+                   help=f"{EncoderChoice.model_fields['truncate'].description} (default: 0)")
     add_options(p, ExtractSettings)
     p.add_argument("--slides", nargs="+", default=None,
                    help="folder(s) or files of the slides, when they moved since tiling")
@@ -38,14 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _extract(args: argparse.Namespace) -> int:
     from ..batch import print_summary
-    from .extract import run_extraction
+    from .extract import ExtractionRun, run_extraction
 
     t0 = time.perf_counter()
-    run = run_extraction(args.patches, args.out, from_args(EncoderChoice, args),
-                         settings=from_args(ExtractSettings, args), slides=args.slides)
-    prefix = f"[rank {run.rank}/{run.world}] " if run.world > 1 else ""
-    return print_summary(run.results, "extract", time.perf_counter() - t0, run.folder,
-                         run.folder / "extract.csv" if run.rank == 0 else None, prefix)
+    # --truncate always gives a list, so the runs come by truncation.
+    runs = cast(dict[int, ExtractionRun], run_extraction(args.patches, args.out, from_args(EncoderChoice, args),
+                                                         settings=from_args(ExtractSettings, args),
+                                                         slides=args.slides))
+    seconds = time.perf_counter() - t0
+    codes = []
+    for truncate, run in runs.items():  # one summary per truncation, each with its own folder and report
+        prefix = f"[rank {run.rank}/{run.world}] " if run.world > 1 else ""
+        stage = "extract" if len(runs) == 1 else f"extract truncate {truncate}"
+        codes.append(print_summary(run.results, stage, seconds, run.folder,
+                                   run.folder / "extract.csv" if run.rank == 0 else None, prefix))
+    return max(codes)
 
 
 def _encoders(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ the convolutions (``benchmarks/bench_extract.py``). Three exact rewrites remove 
    convolution acts on each pixel alone), so the transition's convolution runs at a quarter of the pixels.
 
 The result equals the torchvision forward pass to float32 rounding (tested against it, with random and with
-real ImageNet weights); only ``forward`` (pooled features) is provided, which is what extraction needs.
+real ImageNet weights). ``forward`` gives the pooled features; ``stages`` are the encoder's stages in this form,
+one module each, so that one pass can pool several stages' outputs (every truncation of the network at once).
 """
 
 from __future__ import annotations
@@ -102,13 +103,15 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.Module):
-    """A dense block writing into one preallocated channels_last buffer instead of concatenating."""
+    """A dense block writing into one preallocated channels_last buffer instead of concatenating; the last
+    block of a whole network also applies its final BatchNorm and ReLU (``norm``), as torchvision does."""
 
-    def __init__(self, block: _DenseBlock, transition: _Transition | None):
+    def __init__(self, block: _DenseBlock, transition: _Transition | None, norm: nn.BatchNorm2d | None = None):
         super().__init__()
         self.transition = (NormReLUConv(transition.norm, transition.conv, pool=True)
                            if transition is not None else None)
         self.layers = nn.ModuleList(DenseLayer(layer) for layer in block.values())
+        self.norm = copy.deepcopy(norm)
         last = self.layers[-1]
         self.out_channels = last.in_channels + last.conv2.out_channels
 
@@ -125,7 +128,7 @@ class DenseBlock(nn.Module):
         for layer in self.layers:
             new = layer(buffer, scratch)
             buffer[:, layer.in_channels: layer.in_channels + new.shape[1]].copy_(new)
-        return buffer
+        return buffer if self.norm is None else torch.relu_(self.norm(buffer))
 
 
 class DenseNetInference(nn.Module):
@@ -135,21 +138,14 @@ class DenseNetInference(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
         stages = list(encoder.body.children())
-        self.stem = fx_fuse(stages[0])  # conv0 + norm0 folded, relu0, pool0
-        blocks, self.norm5 = [], None
-        for stage in stages[1:]:
+        blocks: list[nn.Module] = [fx_fuse(stages[0])]  # the stem: conv0 + norm0 folded, relu0, pool0
+        for i, stage in enumerate(stages[1:], start=1):
             parts = dict(stage.named_children())
-            i = len(blocks) + 1
-            blocks.append(DenseBlock(parts[f"denseblock{i}"], parts.get(f"transition{i - 1}")))
-            if "norm5" in parts:
-                self.norm5 = copy.deepcopy(parts["norm5"])
-        self.blocks = nn.Sequential(*blocks)
+            blocks.append(DenseBlock(parts[f"denseblock{i}"], parts.get(f"transition{i - 1}"), parts.get("norm5")))
+        self.stages = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.blocks(self.stem(x))
-        if self.norm5 is not None:
-            x = torch.relu_(self.norm5(x))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(x), 1), 1)
 
 
 def is_densenet_encoder(encoder: nn.Module) -> bool:

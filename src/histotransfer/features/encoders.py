@@ -9,6 +9,7 @@ the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the st
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -88,6 +89,16 @@ def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
     "random" is the architecture's initialisation drawn with a fixed seed (``random_seed``), identical in every
     process. The returned module is on the CPU in eval mode; the weights file's sha256 is in ``weights_sha256``.
     """
+    return create_encoders(name, weights, [truncate], random_seed)[truncate]
+
+
+def create_encoders(name: str, weights: str | None = None, truncations: Sequence[int] = (0,),
+                    random_seed: int = RANDOM_INIT_SEED) -> dict[int, Encoder]:
+    """Encoder ``name`` with ``weights`` cut by each of ``truncations``, as :func:`create_encoder` builds it.
+
+    The network is built and its weights loaded once: the encoders share its modules (each keeps its own
+    pooling), so one forward pass through the deepest serves them all and a large network is held once.
+    """
     spec = encoder_spec(name)
     choice = resolve_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
@@ -95,7 +106,8 @@ def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
         torch.manual_seed(random_seed)
         model = spec.build()
     stages = spec.stages(model)
-    check_truncate(spec, truncate, len(stages) - 1)
+    for truncate in truncations:
+        check_truncate(spec, truncate, len(stages) - 1)
     sha = None
     path = weights_file(spec, choice)
     if path is not None:
@@ -104,10 +116,13 @@ def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
             state = choice.option.convert(state)
         apply_state_dict(model, state, str(path), spec.architecture)
         sha = weights_file_sha256(path)
-    kept = stages[: len(stages) - truncate]
-    pool = spec.pool(model, kept) if spec.pool is not None else None
-    encoder = Encoder(name, kept, truncate, choice.source, sha, spec.preprocessing, pool, choice.label)
-    return encoder.eval()
+    encoders = {}
+    for truncate in truncations:
+        kept = stages[: len(stages) - truncate]
+        pool = spec.pool(model, kept) if spec.pool is not None else None
+        encoders[truncate] = Encoder(name, kept, truncate, choice.source, sha, spec.preprocessing, pool,
+                                     choice.label).eval()
+    return encoders
 
 
 def check_extraction_settings(precision: str, dtype: str, input_size: int | None) -> None:

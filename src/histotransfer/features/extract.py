@@ -12,6 +12,11 @@ ranks, or separate ``extract`` commands on machines sharing the folder) split th
 lock file before working on it, so no slide is done twice, and temporary files are removed only when the
 process that wrote them is gone.
 
+Several truncations of one encoder (``truncate=[0, 1, 2, 3]``) are extracted in one pass over the patches: the
+network runs once per batch up to the deepest truncation a slide still needs, and each truncation pools the
+output of its own last stage, with the same modules as a pass of it alone (so the same bytes on a CPU in fp32).
+Each truncation keeps its own folder, ``features.json``, ``extract.csv``, locks and skips.
+
 This does not use ``batch.run_batch`` (one slide after the other): batches of consecutive slides flow through
 one loader without a pause between slides, and per-slide results are reported with the same rows.
 """
@@ -21,7 +26,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import LOCK_SUFFIX, ItemLock, h5_files, output_folder, remove_stale_temps, write_csv, write_json
+from .._io import LOCK_SUFFIX, ItemLock, output_folder, remove_stale_temps, write_csv, write_json
 from ..batch import BatchReport, SlideResult, error_result
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..patches import find_tiling, read_patch_file
@@ -43,7 +49,7 @@ from ..provenance import canonical_json, json_fingerprint
 from ..runtime import Ranks, check_precision, init_ranks, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .densenet_inference import DenseNetInference, is_densenet_encoder
-from .encoders import Encoder, create_encoder, describe_encoder, encoder_id
+from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .loader import PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
@@ -61,12 +67,39 @@ DONE_MESSAGE = "already done with these settings"
 
 @dataclass
 class ExtractionRun:
-    """What one process did: the feature folder and its slides' report rows."""
+    """What one process did for one truncation: the feature folder and its slides' report rows."""
 
     folder: Path
     results: list[SlideResult]
     rank: int = 0
     world: int = 1
+
+
+@dataclass
+class _Output:
+    """One truncation's feature folder as it is being filled: its encoder, what identifies its files (the
+    settings fingerprint, the attrs every file records), its report and this process's rows."""
+
+    encoder: Encoder
+    folder: Path
+    settings_fp: str
+    attrs: dict[str, Any]
+    record: dict[str, Any]
+    report: BatchReport
+    results: list[SlideResult] = field(default_factory=list)
+
+    @property
+    def truncate(self) -> int:
+        return self.encoder.truncate
+
+    def add(self, result: SlideResult) -> None:
+        """A slide's row, kept and written to the report."""
+        self.results.append(result)
+        self.report.update(result)
+
+    def done(self, sid: str, patches_fp: str) -> bool:
+        """Whether this folder holds slide ``sid``'s finished file of these patches and settings."""
+        return _done(self.folder / f"{sid}.h5", self.settings_fp, patches_fp, self.attrs["weights_sha256"])
 
 
 def _n_rows(path: Path) -> int:
@@ -84,111 +117,164 @@ def _versions() -> str:
                        "numpy": np.__version__, "h5py": h5py.__version__})
 
 
+def inference_stages(model: Encoder) -> nn.Sequential:
+    """The encoder's stages in their fastest exact inference form, one module per stage: a DenseNet's
+    rearranged (``densenet_inference``), other networks' with their BatchNorms folded."""
+    if is_densenet_encoder(model):
+        return DenseNetInference(model).stages
+    return nn.Sequential(*(fold_batchnorm(stage) for stage in model.body))
+
+
 def inference_model(model: Encoder) -> nn.Module:
-    """The fastest exact inference form of ``model``: DenseNets rearranged (``densenet_inference``), other
-    networks with their BatchNorms folded."""
-    return DenseNetInference(model).eval() if is_densenet_encoder(model) else fold_batchnorm(model)
+    """``model.forward`` in that inference form (what extraction runs for one truncation)."""
+    if is_densenet_encoder(model):
+        return DenseNetInference(model).eval()
+    return nn.Sequential(inference_stages(model), model.pool).eval()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode model with each BatchNorm that follows a convolution folded into its weights.
 
     Same function up to float32 rounding (about 1e-7 relative), 5-15% faster on CPU (bench_extract.py).
-    torch.fx's pass works on a traced graph; a model it cannot trace is used as it is.
+    torch.fx's pass works on a traced graph; a model it cannot trace, or without a BatchNorm, is used as it is.
     """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
     try:
         return fx_fuse(model)
     except Exception:  # tracing fails on data-dependent control flow: keep the model unfused
         return model
 
 
-class BatchEncoder:
-    """The encoder side: uint8 NHWC pixels in, float features out, in inference mode and channels_last."""
+class StageTaps(nn.Module):
+    """Stages run in order up to the deepest one asked for, pooling the output of each one asked for
+    (``pools[k]`` pools stage ``k``) before the next stage runs."""
 
-    def __init__(self, model: Encoder, device: torch.device, precision: str):
-        self.feature_dim = model.feature_dim
-        self.preprocess = model.preprocess
-        self.model = inference_model(model).to(device, memory_format=torch.channels_last)
+    def __init__(self, stages: nn.Sequential, pools: dict[int, nn.Module]):
+        super().__init__()
+        self.stages = stages
+        self.pools = nn.ModuleDict({str(k): pool for k, pool in pools.items()})
+
+    def forward(self, x: torch.Tensor, taps: Sequence[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for k in range(max(taps) + 1):
+            x = self.stages[k](x)
+            if k in taps:
+                out[k] = self.pools[str(k)](x)
+        return out
+
+
+class BatchEncoder:
+    """The encoder side: uint8 NHWC pixels in, float features out, in inference mode and channels_last.
+
+    Built from one encoder, or from several truncations of one network (:func:`create_encoders`): the network
+    then runs once per batch, up to the deepest truncation asked for, and each truncation pools the output of
+    its own last stage, with the same modules and operations as a pass of that truncation alone.
+    """
+
+    def __init__(self, encoders: Encoder | Sequence[Encoder], device: torch.device, precision: str):
+        encoders = [encoders] if isinstance(encoders, Encoder) else sorted(encoders, key=lambda e: e.truncate)
+        deepest = encoders[0]
+        self.truncations = [e.truncate for e in encoders]
+        self.last_stage = {e.truncate: len(e.body) - 1 for e in encoders}
+        self.preprocess = deepest.preprocess
+        pools = {len(e.body) - 1: e.pool for e in encoders}
+        self.model = StageTaps(inference_stages(deepest), pools).eval().to(device,
+                                                                           memory_format=torch.channels_last)
         self.device = device
         self.precision = precision
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+    def features(self, pixels: torch.Tensor, truncations: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+        """The features of ``truncations`` (default: every one this encoder was built with)."""
+        truncations = self.truncations if truncations is None else truncations
+        taps = [self.last_stage[t] for t in truncations]
         x = self.preprocess(pixels, self.device)
         step = len(x)
         if self.device.type == "cpu":
             step = max(1, CPU_PIXELS_PER_CALL // (x.shape[2] * x.shape[3]))
         with precision_context(self.device, self.precision):
-            y = torch.cat([self.model(x[i:i + step]) for i in range(0, len(x), step)])
-        return y.float().cpu().numpy()
+            parts = [self.model(x[i:i + step], taps) for i in range(0, len(x), step)]
+        return {t: torch.cat([part[k] for part in parts]).float().cpu().numpy()
+                for t, k in zip(truncations, taps)}
+
+    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+        """The features of the deepest truncation (the encoder's, when built from one)."""
+        return self.features(pixels, self.truncations[:1])[self.truncations[0]]
 
 
-def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs: dict[str, Any], dtype: str,
-                 batch_size: int, input_size: int | None, workers: int, report: BatchReport,
-                 bar: tqdm) -> list[SlideResult]:
-    """Run every patch of ``jobs`` through the encoder, streaming each slide into its file.
+def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None) -> dict[str, Any]:
+    """The attrs of one slide's feature file: the output's, plus where its patches come from."""
+    attrs = dict(base, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
+                 patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
+                 slide_identity=canonical_json(job.identity), input_size=int(input_size or job.spec.patch_size))
+    if job.spec.patch_size_level0 is not None:
+        attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
+    return attrs
 
-    A slide whose features come out NaN or inf is an error for that slide (nothing is written for it)."""
+
+def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: BatchEncoder, dtype: str,
+                 batch_size: int, input_size: int | None, workers: int, bar: tqdm) -> None:
+    """Run every patch of ``jobs`` through the encoder, streaming each slide into the files of the outputs
+    (truncations) it is ``wanted`` for; the network runs only as deep as the slide's deepest wanted output.
+
+    An output whose features come out NaN or inf is an error for that slide and output (nothing is written
+    for it); the slide's other outputs go on."""
     dataset = PatchBatches(jobs, batch_size, input_size)
     loader = patch_loader(dataset, workers, pin_memory=encode.device.type == "cuda")
-    dim = encode.feature_dim
-    writers: dict[int, FeatureWriter] = {}
+    writers: dict[tuple[int, int], FeatureWriter] = {}
+    pending = [list(w) for w in wanted]  # per slide, the outputs not finished yet
     started: dict[int, float] = {}
-    finished: set[int] = set()
-    results = []
 
-    def finish(j: int, status: str, message: str = "") -> None:
+    def finish(j: int, out: _Output, status: str, message: str = "") -> None:
         job = jobs[j]
-        writer = writers.pop(j, None)
+        writer = writers.pop((j, out.truncate), None)
         if writer is not None and status == "ok":
             writer.close()
         elif writer is not None:
             writer.discard()
-        finished.add(j)
-        result = SlideResult(job.slide_id, job.slide_path, status, len(job.coords) if status == "ok" else 0,
-                             round(time.perf_counter() - started.get(j, time.perf_counter()), 3), message)
-        if status == "error":
-            tqdm.write(f"error: {message}")
-        report.update(result)
-        results.append(result)
+        pending[j].remove(out)
+        out.add(SlideResult(job.slide_id, job.slide_path, status, len(job.coords) if status == "ok" else 0,
+                            round(time.perf_counter() - started.get(j, time.perf_counter()), 3), message))
 
     try:
         with torch.inference_mode():
             for item in loader:
                 j = item.job
-                if j in finished:
+                if not pending[j]:
                     continue
                 started.setdefault(j, time.perf_counter())
                 if item.error:
-                    finish(j, "error", item.error)
+                    tqdm.write(f"error: {item.error}")
+                    for out in list(pending[j]):
+                        finish(j, out, "error", item.error)
                     continue
                 job = jobs[j]
-                rows = encode(item.pixels)
-                bad = first_non_finite(rows)
-                if bad is not None:
-                    x, y = job.coords[item.start + bad]
-                    finish(j, "error", f"{job.slide_path}: the encoder gave NaN or inf features for patch row "
-                                       f"{item.start + bad} at ({x}, {y}); nothing was written for this slide "
-                                       "(check the weights file and --precision)")
-                    continue
-                if j not in writers:
-                    slide_attrs = dict(attrs, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
-                                       patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
-                                       slide_identity=canonical_json(job.identity),
-                                       input_size=int(input_size or job.spec.patch_size))
-                    if job.spec.patch_size_level0 is not None:
-                        slide_attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
-                    writers[j] = FeatureWriter(folder / f"{job.slide_id}.h5", job.coords, dim, dtype,
-                                               slide_attrs).open()
-                writers[j].write(rows)
+                features = encode.features(item.pixels, [out.truncate for out in pending[j]])
+                for out in list(pending[j]):
+                    rows = features[out.truncate]
+                    bad = first_non_finite(rows)
+                    if bad is not None:
+                        x, y = job.coords[item.start + bad]
+                        message = (f"{job.slide_path}: the encoder gave NaN or inf features for patch row "
+                                   f"{item.start + bad} at ({x}, {y}); nothing was written for this slide "
+                                   "(check the weights file and --precision)")
+                        tqdm.write(f"error: {message}")
+                        finish(j, out, "error", message)
+                        continue
+                    key = (j, out.truncate)
+                    if key not in writers:
+                        writers[key] = FeatureWriter(out.folder / f"{job.slide_id}.h5", job.coords,
+                                                     out.encoder.feature_dim, dtype,
+                                                     _slide_attrs(out.attrs, job, input_size)).open()
+                    writers[key].write(rows)
+                    if writers[key].complete:
+                        finish(j, out, "ok")
                 bar.update(len(item.pixels))
-                if writers[j].complete:
-                    finish(j, "ok")
     except BaseException:
         for writer in writers.values():  # delete the temporary files of unfinished slides
             writer.discard()
         raise
-    return results
 
 
 def _merge_reports(folder: Path, world: int) -> None:
@@ -255,9 +341,11 @@ def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
 
 
 def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
-                   weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
-                   slides: Any = None, ranks: Ranks | None = None, **overrides: Any) -> ExtractionRun:
-    """:func:`extract_features`, also returning this process's per-slide results (for the CLI). ``ranks``: the
+                   weights: str | None = None, truncate: int | list[int] = 0,
+                   settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
+                   **overrides: Any) -> ExtractionRun | dict[int, ExtractionRun]:
+    """:func:`extract_features`, returning this process's per-slide results (for the CLI): one
+    :class:`ExtractionRun`, or for a list of truncations one per truncation, by truncation. ``ranks``: the
     processes sharing the work (default: the torchrun job this process is in; ``Ranks()``: this one alone)."""
     choice = encoder if isinstance(encoder, EncoderChoice) else EncoderChoice.build(
         encoder=encoder, weights=weights, truncate=truncate)
@@ -268,114 +356,162 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     files = {p.stem: p for p in tiling.files}
     if not files:
         raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
-    model = create_encoder(choice.encoder, choice.weights, choice.truncate)  # fails early, before any output
-    input_size = s.input_size if s.input_size is not None else model.preprocessing.input_size
-    eid = encoder_id(choice.encoder, choice.weights, choice.truncate, input_size, s.precision, s.dtype)
+    encoders = create_encoders(choice.encoder, choice.weights, choice.truncations)  # fails before any output
+    first = encoders[choice.truncations[0]]
+    input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
     index = slide_index(slides)
-    folder = features_root(tiling, out_dir) / eid
-    folder.mkdir(parents=True, exist_ok=True)
-    described = describe_encoder(model)
-    settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
-                                    "input_size": input_size, "weights_sha256": described["weights_sha256"]})
+    root = features_root(tiling, out_dir)
     given = ranks is not None
     ranks = ranks or init_ranks(dev)
     try:
+        report_name = REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"
+        outputs = [_output(root, one, encoders[t], s, input_size, tiling, report_name)
+                   for t, one in zip(choice.truncations, choice.each())]
         if ranks.rank == 0:
-            _claim_folder(folder, {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
-                                   "encoder": described, "settings": s.record(), "input_size": input_size})
+            for out in outputs:
+                _claim_folder(out.folder, out.record)
         ranks.barrier()
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
-        report = BatchReport(folder / (REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"),
-                             shared=not ranks.distributed)
-        results: list[SlideResult] = []
-        todo: list[str] = []
-        for sid in mine:
-            remove_stale_temps(folder, prefix=f"{sid}.h5")
-            ItemLock(folder / f".{sid}{LOCK_SUFFIX}").clear_if_stale()
-            t0 = time.perf_counter()
-            try:
-                fp = read_patch_file(files[sid]).fingerprint
-                if _done(folder / f"{sid}.h5", settings_fp, fp, described["weights_sha256"]):
-                    results.append(SlideResult(sid, str(files[sid]), "skipped", _n_rows(files[sid]), 0.0,
-                                               DONE_MESSAGE))
-                else:
-                    todo.append(sid)
-            except Exception as exc:  # a broken patch file is reported, the others go on
-                results.append(error_result(sid, str(files[sid]), exc, t0))
-        for r in results:
-            report.update(r)
-        attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
-                 "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
-                 "tiling": tiling.name or "", "preprocessing": canonical_json(model.preprocessing.describe()),
-                 "versions": _versions()}
+        todo = _plan(mine, files, outputs)
         if todo:
-            results += _extract_todo(todo, files, index, folder, model, s, input_size, attrs, settings_fp,
-                                     report, ranks, dev, eid)
+            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
-            _merge_reports(folder, ranks.world)
-        return ExtractionRun(folder, results, ranks.rank, ranks.world)
+            for out in outputs:
+                _merge_reports(out.folder, ranks.world)
+        runs = {out.truncate: ExtractionRun(out.folder, out.results, ranks.rank, ranks.world) for out in outputs}
+        return runs if isinstance(choice.truncate, list) else runs[outputs[0].truncate]
     finally:
         if not given:  # a caller's process group stays open for the caller
             ranks.close()
 
 
-def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path] | None, folder: Path,
-                  model: Encoder, s: ExtractSettings, input_size: int | None, attrs: dict[str, Any],
-                  settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device,
-                  eid: str) -> list[SlideResult]:
-    """Extract the slides in ``todo``, a window of locked slides at a time. A slide another process holds is
-    ``busy`` in the returned rows but not in the shared report, where that process records its own row."""
-    encode = BatchEncoder(model, dev, s.precision)
+def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSettings, input_size: int | None,
+            tiling: TilingFolder, report_name: str) -> _Output:
+    """The feature folder of one truncation (``choice`` of that truncation alone, ``encoder`` its encoder),
+    created, with what identifies it and its report."""
+    eid = encoder_id(choice.encoder, choice.weights, encoder.truncate, input_size, s.precision, s.dtype)
+    folder = root / eid
+    folder.mkdir(parents=True, exist_ok=True)
+    described = describe_encoder(encoder)
+    settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
+                                    "input_size": input_size, "weights_sha256": described["weights_sha256"]})
+    attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
+             "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
+             "tiling": tiling.name or "", "preprocessing": canonical_json(encoder.preprocessing.describe()),
+             "versions": _versions()}
+    record = {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
+              "encoder": described, "settings": s.record(), "input_size": input_size}
+    return _Output(encoder, folder, settings_fp, attrs, record,
+                   BatchReport(folder / report_name, shared=report_name == REPORT_NAME))
+
+
+def _plan(mine: list[str], files: dict[str, Path], outputs: list[_Output]) -> dict[str, list[_Output]]:
+    """The outputs each of this process's slides still needs; a slide already done for an output gets a
+    ``skipped`` row there, a broken patch file an ``error`` row in every output."""
+    todo: dict[str, list[_Output]] = {}
+    for sid in mine:
+        for out in outputs:
+            remove_stale_temps(out.folder, prefix=f"{sid}.h5")
+            ItemLock(out.folder / f".{sid}{LOCK_SUFFIX}").clear_if_stale()
+        t0 = time.perf_counter()
+        try:
+            fp = read_patch_file(files[sid]).fingerprint
+            needed = [out for out in outputs if not out.done(sid, fp)]
+        except Exception as exc:  # a broken patch file is reported, the others go on
+            for out in outputs:
+                out.add(error_result(sid, str(files[sid]), exc, t0))
+            continue
+        for out in outputs:
+            if out not in needed:
+                out.add(SlideResult(sid, str(files[sid]), "skipped", _n_rows(files[sid]), 0.0, DONE_MESSAGE))
+        if needed:
+            todo[sid] = needed
+    return todo
+
+
+def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
+                  locks: list[ItemLock]) -> list[_Output]:
+    """Take the slide's lock in each needed output's folder; the outputs whose lock another process holds get
+    a ``busy`` row in this process's results (not in the shared report, where the other process records its
+    own row). Returns the outputs locked."""
+    locked = []
+    for out in needed:
+        lock = ItemLock(out.folder / f".{sid}{LOCK_SUFFIX}")
+        if lock.acquire():
+            locks.append(lock)
+            locked.append(out)
+        else:
+            out.results.append(SlideResult(sid, str(files[sid]), "busy", 0, 0.0,
+                                           f"being extracted by {lock.owner} (lock {lock.path})"))
+    return locked
+
+
+def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index: dict[str, Path] | None,
+                  outputs: list[_Output], s: ExtractSettings, input_size: int | None, ranks: Ranks,
+                  dev: torch.device) -> None:
+    """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time."""
+    needed = {out.truncate for outs in todo.values() for out in outs}
+    encode = BatchEncoder([out.encoder for out in outputs if out.truncate in needed], dev, s.precision)
     workers = default_workers(dev) if s.workers is None else s.workers
-    desc = f"extract {eid}" + (f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else "")
-    bar = tqdm(total=sum(_n_rows(files[sid]) for sid in todo), desc=desc, unit="patch", dynamic_ncols=True,
+    names = [out.folder.name for out in outputs if out.truncate in needed]
+    desc = f"extract {names[0]}" + (f" +{len(names) - 1} truncations" if len(names) > 1 else "")
+    desc += f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else ""
+    sids = list(todo)
+    bar = tqdm(total=sum(_n_rows(files[sid]) for sid in sids), desc=desc, unit="patch", dynamic_ncols=True,
                smoothing=0.1)
-    results: list[SlideResult] = []
     try:
-        for start in range(0, len(todo), LOCK_WINDOW):
-            locks, jobs = [], []
-            for sid in todo[start:start + LOCK_WINDOW]:
-                lock = ItemLock(folder / f".{sid}{LOCK_SUFFIX}")
-                if not lock.acquire():
-                    results.append(SlideResult(sid, str(files[sid]), "busy", 0, 0.0,
-                                               f"being extracted by {lock.owner} (lock {lock.path})"))
+        for start in range(0, len(sids), LOCK_WINDOW):
+            locks: list[ItemLock] = []
+            jobs: list[SlideJob] = []
+            wanted: list[list[_Output]] = []
+            for sid in sids[start:start + LOCK_WINDOW]:
+                locked = _lock_outputs(sid, files, todo[sid], locks)
+                checked = _checked_job(sid, files, index, locked) if locked else None
+                if checked is None:
                     bar.update(_n_rows(files[sid]))
-                    continue
-                locks.append(lock)
-                t0 = time.perf_counter()
-                try:
-                    job = _job(sid, files[sid], index)
-                    if _done(folder / f"{sid}.h5", settings_fp, job.fingerprint, attrs["weights_sha256"]):
-                        results.append(SlideResult(sid, job.slide_path, "skipped", len(job.coords), 0.0,
-                                                   "done by another process meanwhile"))
-                    elif len(job.coords) == 0:
-                        results.append(SlideResult(sid, job.slide_path, "no_tissue", 0, 0.0,
-                                                   "patch file holds no patches"))
-                    else:
-                        jobs.append(job)
-                        continue
-                except Exception as exc:  # a broken slide is reported, the others go on
-                    results.append(error_result(sid, str(files[sid]), exc, t0))
-                    tqdm.write(f"error: {results[-1].message}")
-                bar.update(_n_rows(files[sid]))
-                report.update(results[-1])
+                else:
+                    jobs.append(checked[0])
+                    wanted.append(checked[1])
             try:
                 if jobs:
-                    results += _encode_jobs(jobs, encode, folder, attrs, s.dtype, s.batch_size, input_size,
-                                            workers, report, bar)
+                    _encode_jobs(jobs, wanted, encode, s.dtype, s.batch_size, input_size, workers, bar)
             finally:
                 for lock in locks:
                     lock.release()
-            bar.set_postfix_str(f"{min(start + LOCK_WINDOW, len(todo))}/{len(todo)} slides", refresh=False)
+            bar.set_postfix_str(f"{min(start + LOCK_WINDOW, len(sids))}/{len(sids)} slides", refresh=False)
     finally:
         bar.close()
-    return results
+
+
+def _checked_job(sid: str, files: dict[str, Path], index: dict[str, Path] | None,
+                 locked: list[_Output]) -> tuple[SlideJob, list[_Output]] | None:
+    """The slide's reading job and the locked outputs still to fill, or None (rows given) when there is
+    nothing to read: every output done by another process meanwhile, no patches, or a broken slide."""
+    t0 = time.perf_counter()
+    try:
+        job = _job(sid, files[sid], index)
+    except Exception as exc:  # a broken slide is reported, the others go on
+        for out in locked:
+            out.add(error_result(sid, str(files[sid]), exc, t0))
+        tqdm.write(f"error: {locked[0].results[-1].message}")
+        return None
+    left = []
+    for out in locked:
+        if out.done(sid, job.fingerprint):
+            out.add(SlideResult(sid, job.slide_path, "skipped", len(job.coords), 0.0,
+                                "done by another process meanwhile"))
+        elif len(job.coords) == 0:
+            out.add(SlideResult(sid, job.slide_path, "no_tissue", 0, 0.0, "patch file holds no patches"))
+        else:
+            left.append(out)
+    return (job, left) if left else None
 
 
 def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
-                     weights: str | None = None, truncate: int = 0, settings: ExtractSettings | None = None,
-                     slides: Any = None, ranks: Ranks | None = None, **overrides: Any) -> Path:
+                     weights: str | None = None, truncate: int | list[int] = 0,
+                     settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
+                     **overrides: Any) -> Path | dict[int, Path]:
     """Extract features of every slide of a tiling into ``<features root>/<encoder_id>/``; return that folder.
 
     ``patches`` is a tiling folder, its ``patches`` folder, an output folder holding one tiling, or a folder of
@@ -386,5 +522,13 @@ def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: s
     ``<slide_id>.h5`` (``features`` (N, D), ``coords`` in patch-file order, attrs recording how and from what
     they were made), ``extract.csv`` (one row per slide) and ``features.json``. Finished slides are skipped
     (unless their patches or the settings changed), so an interrupted run resumes.
+
+    ``truncate`` a list (e.g. ``[0, 1, 2, 3]``) extracts each of these truncations in one pass over the
+    patches: the network runs once per batch, up to the deepest one, and every truncation gets its own folder
+    with the files a separate extraction of it writes (the same bytes on a CPU in fp32). Returns then the
+    folders by truncation. A slide already done for some of them is run only for the others.
     """
-    return run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, **overrides).folder
+    runs = run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, **overrides)
+    if isinstance(runs, dict):
+        return {t: run.folder for t, run in runs.items()}
+    return runs.folder

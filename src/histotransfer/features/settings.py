@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+import operator
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from ..settings import RUNTIME, StageSettings
 
 
 class EncoderChoice(StageSettings):
-    """An encoder of the registry, its weights and how many of its last stages are cut off."""
+    """An encoder of the registry, its weights and how many of its last stages are cut off: one truncation
+    (an int), or a list of them extracted in one pass over the patches (:meth:`each` splits it)."""
 
     stage: ClassVar[str] = "encoder"
 
@@ -19,7 +21,31 @@ class EncoderChoice(StageSettings):
     weights: str | None = Field(None, description="named weights (imagenet, imagenet-v2, pretrained, ...), random, "
                                                   "or a .safetensors/.pth/.pt checkpoint file (default: the "
                                                   "encoder's default weights)")
-    truncate: int = Field(0, ge=0, le=8, description="drop the last K stages (0-3)")
+    truncate: int | list[int] = Field(0, description="drop the last K stages (0-3); several values (e.g. 0 1 2 3) "
+                                                     "extract each truncation, in one pass over the patches")
+
+    @field_validator("truncate", mode="before")
+    @classmethod
+    def _check_truncate(cls, value: Any) -> int | list[int]:
+        """A non-negative int, or a non-empty list of them (sorted, repeats dropped); the registry checks the
+        upper bound, which depends on the encoder."""
+        several = isinstance(value, (list, tuple))
+        try:
+            items = [operator.index(k) for k in (value if several else [value]) if not isinstance(k, bool)]
+        except TypeError:
+            items = []
+        if not items or len(items) != (len(value) if several else 1) or min(items) < 0:
+            raise ValueError("pass a truncation 0, 1, 2, ... or a non-empty list of them")
+        return sorted(set(items)) if several else items[0]
+
+    @property
+    def truncations(self) -> list[int]:
+        """The truncations asked for, deepest network (smallest truncation) first."""
+        return list(self.truncate) if isinstance(self.truncate, list) else [self.truncate]
+
+    def each(self) -> list[EncoderChoice]:
+        """One choice per truncation, each what an extraction of that truncation alone is given."""
+        return [self.build(self, truncate=k) for k in self.truncations]
 
 
 def check_device(value: str) -> str:
