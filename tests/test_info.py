@@ -301,7 +301,7 @@ def _stand_in(kind: str, fail: set[str]):
             return {"patches": f"{cell.key}/patches"}, ""
         if kind == "extract":
             (folder / "features").mkdir(exist_ok=True)
-            return {"features": f"{cell.key}/features"}, ""
+            return {"features": {str(t): f"{cell.key}/features" for t in cell.settings["encoder"]["truncate"]}}, ""
         (folder / "run").mkdir(exist_ok=True)
         (folder / "run" / "metrics.json").write_text(json.dumps({"test": {"auc": 0.7, "n_slides": 2}}))
         return {"run": f"{cell.key}/run"}, ""
@@ -317,19 +317,20 @@ def test_study_reports_cells_by_kind_and_status_failed_cells_and_the_report(tmp_
     study.write_text(yaml.safe_dump({
         "name": "info study", "datasets": [{"name": "a", "slides": "slides", "labels": "labels.csv"}],
         "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 1]}], "seeds": [0]}))
-    fail = {"extract/a/resnet18-random-t1"}
+    fail = {"extract/a/resnet18-random"}
     for kind in ("tile", "extract", "mil"):
         monkeypatch.setitem(runner.WORK, kind, _stand_in(kind, fail))
     out = tmp_path / "out"
-    failed = {"extract/a/resnet18-random-t1": "cannot do extract/a/resnet18-random-t1: broken on purpose"}
-    blocked = {"mil/a/resnet18-random-t1/histotransfer/seed0": "needs extract/a/resnet18-random-t1, which failed"}
-    for expected, listed in (({"done": 3, "failed": 1, "blocked": 1}, (failed, blocked)),
-                             ({"cached": 3, "done": 2}, ({}, {}))):
+    failed = {"extract/a/resnet18-random": "cannot do extract/a/resnet18-random: broken on purpose"}
+    blocked = {f"mil/a/resnet18-random-t{t}/histotransfer/seed0": "needs extract/a/resnet18-random, which failed"
+               for t in (0, 1)}
+    for expected, listed in (({"done": 1, "failed": 1, "blocked": 2}, (failed, blocked)),
+                             ({"cached": 1, "done": 3}, ({}, {}))):
         runner.execute(runner.load_study(study), out, progress=False)
         fail.clear()
         d = describe(out)
         cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
-        assert d["kind"] == "study" and d["name"] == "info study" and d["cells"] == len(cells) == 5
+        assert d["kind"] == "study" and d["name"] == "info study" and d["cells"] == len(cells) == 4
         assert d["statuses"] == dict(Counter(cells["status"])) == expected
         assert d["by_kind"] == {k: dict(Counter(g["status"])) for k, g in cells.groupby("kind", sort=False)}
         assert (d["failed"], d["blocked"]) == listed

@@ -59,8 +59,10 @@ def stages(monkeypatch):
                 (folder / "patches").mkdir(exist_ok=True)
                 return {"patches": f"{cell.key}/patches"}, "6 slides tiled"
             if kind == "extract":
-                (folder / "features" / "x").mkdir(parents=True, exist_ok=True)
-                return {"features": f"{cell.key}/features/x"}, ""
+                truncations = cell.settings["encoder"]["truncate"]
+                for t in truncations:
+                    (folder / "features" / f"t{t}").mkdir(parents=True, exist_ok=True)
+                return {"features": {str(t): f"{cell.key}/features/t{t}" for t in truncations}}, ""
             if kind in ("mil", "finetune"):
                 run = folder / "run"
                 run.mkdir()
@@ -94,16 +96,16 @@ def test_rerun_skips_finished_cells_and_leaves_them_untouched(tmp_path, stages):
     out = tmp_path / "out"
     study = write_study(tmp_path)
     report, records = runner.execute(runner.load_study(study), out, progress=False)
-    assert statuses(records) == {"done": 1 + 2 + 4 + 1 + 1}
-    assert len(calls) == 9 and report.is_file()
+    assert statuses(records) == {"done": 1 + 1 + 4 + 1 + 1}  # one extraction cell for both truncations
+    assert len(calls) == 8 and report.is_file()
     before = markers(out)
-    assert len(before) == 9
+    assert len(before) == 8
     calls.clear()
     _, records = runner.execute(runner.load_study(study), out, progress=False)
-    assert calls == [] and statuses(records) == {"cached": 9}
+    assert calls == [] and statuses(records) == {"cached": 8}
     assert markers(out) == before
     cells = pd.read_csv(out / "cells.csv")
-    assert list(cells["status"]) == ["cached"] * 9
+    assert list(cells["status"]) == ["cached"] * 8
     t4 = pd.read_csv(out / "tables" / "table4_truncation.csv")
     assert list(t4["a_auc_mean"]) == pytest.approx([0.65, 0.66])  # mean over seeds 0 and 1
     t3 = pd.read_csv(out / "tables" / "table3_finetuning.csv")
@@ -121,12 +123,14 @@ def test_changed_setting_redoes_only_its_cells(tmp_path, stages):
     assert sorted(c.split("/")[0] for c in calls) == ["cka", "finetune"] + ["mil"] * 4
     after = markers(out)
     assert after["tile/a/done.json"] == before["tile/a/done.json"]
-    assert after["extract/a/resnet18-random-t0/done.json"] == before["extract/a/resnet18-random-t0/done.json"]
+    assert after["extract/a/resnet18-random/done.json"] == before["extract/a/resnet18-random/done.json"]
     calls.clear()
     runner.execute(runner.load_study(write_study(tmp_path, mil={"epochs": 3}, seeds=[0, 1, 2],
                                                  encoders=[{"name": "resnet18", "weights": "random",
                                                             "truncations": [0, 1, 3]}])), out, progress=False)
-    assert sorted(calls) == sorted(["extract/a/resnet18-random-t3", "mil/a/resnet18-random-t0/histotransfer/seed2",
+    # the network's extraction cell takes the added truncation (the stage computes only what is missing); the
+    # runs of the other truncations stay
+    assert sorted(calls) == sorted(["extract/a/resnet18-random", "mil/a/resnet18-random-t0/histotransfer/seed2",
                                     "mil/a/resnet18-random-t1/histotransfer/seed2", "mil/a/resnet18-random-t3/histotransfer/seed0",
                                     "mil/a/resnet18-random-t3/histotransfer/seed1", "mil/a/resnet18-random-t3/histotransfer/seed2"])
 
@@ -147,27 +151,26 @@ def test_failed_cell_is_recorded_dependents_blocked_rest_done_then_retried(tmp_p
     calls, fail = stages
     out = tmp_path / "out"
     study = write_study(tmp_path)
-    fail.add("extract/a/resnet18-random-t1")
+    fail.add("mil/a/resnet18-random-t1/histotransfer/seed0")
     report, records = runner.execute(runner.load_study(study), out, progress=False)
     by_key = {r["key"]: r for r in records}
-    assert by_key["extract/a/resnet18-random-t1"]["status"] == "failed"
-    assert "broken on purpose" in by_key["extract/a/resnet18-random-t1"]["message"]
-    for key in ("mil/a/resnet18-random-t1/histotransfer/seed0", "finetune/a/resnet18-random-t1/histotransfer/seed0",
-                "cka/a/resnet18-random-t1/seed0"):
+    assert by_key["mil/a/resnet18-random-t1/histotransfer/seed0"]["status"] == "failed"
+    assert "broken on purpose" in by_key["mil/a/resnet18-random-t1/histotransfer/seed0"]["message"]
+    for key in ("finetune/a/resnet18-random-t1/histotransfer/seed0", "cka/a/resnet18-random-t1/seed0"):
         assert by_key[key]["status"] == "blocked"
-    assert by_key["mil/a/resnet18-random-t1/histotransfer/seed0"]["message"] == \
-        "needs extract/a/resnet18-random-t1, which failed"
-    assert statuses(records) == {"done": 4, "failed": 1, "blocked": 4}
-    failed = json.loads((out / "extract/a/resnet18-random-t1/failed.json").read_text())
+    assert by_key["finetune/a/resnet18-random-t1/histotransfer/seed0"]["message"] == \
+        "needs mil/a/resnet18-random-t1/histotransfer/seed0, which failed"
+    assert statuses(records) == {"done": 5, "failed": 1, "blocked": 2}
+    failed = json.loads((out / "mil/a/resnet18-random-t1/histotransfer/seed0/failed.json").read_text())
     assert "broken on purpose" in failed["reason"]
-    assert "Traceback" in (out / "extract/a/resnet18-random-t1/error.log").read_text()
+    assert "Traceback" in (out / "mil/a/resnet18-random-t1/histotransfer/seed0/error.log").read_text()
     html = report.read_text()
     assert "broken on purpose" in html and 'class="failed"' in html
     fail.clear()
     calls.clear()
     _, records = runner.execute(runner.load_study(study), out, progress=False)
-    assert statuses(records) == {"cached": 4, "done": 5}
-    assert not (out / "extract/a/resnet18-random-t1/failed.json").exists()
+    assert statuses(records) == {"cached": 5, "done": 3}
+    assert not (out / "mil/a/resnet18-random-t1/histotransfer/seed0/failed.json").exists()
 
 
 def test_cli_exit_codes(tmp_path, stages, capsys):
@@ -176,7 +179,7 @@ def test_cli_exit_codes(tmp_path, stages, capsys):
     calls, fail = stages
     study = write_study(tmp_path)
     assert main(["study", str(study), "--out", str(tmp_path / "out"), "--check"]) == 0
-    assert "9 cells" in capsys.readouterr().out and calls == []
+    assert "8 cells" in capsys.readouterr().out and calls == []
     fail.add("tile/a")
     assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 1
     printed = capsys.readouterr().out
@@ -201,4 +204,4 @@ def test_cell_whose_outputs_were_deleted_is_redone(tmp_path, stages):
     shutil.rmtree(out / "mil/a/resnet18-random-t0/histotransfer/seed1/run")
     _, records = runner.execute(runner.load_study(study), out, progress=False)
     assert calls == ["mil/a/resnet18-random-t0/histotransfer/seed1"]
-    assert statuses(records) == {"cached": 8, "done": 1}
+    assert statuses(records) == {"cached": 7, "done": 1}

@@ -41,11 +41,14 @@ class Cell:
     # Settings under which a partial result in the folder may be resumed by the stage itself: None means
     # the stage checks its own per-slide settings (never wipe), "" means always start afresh.
     resume_key: str | None = ""
+    # The dependencies whose hashes enter this cell's hash (None: all of them). A cell that uses one part of a
+    # dependency's result (one truncation of an extraction) names that part in its settings instead.
+    hashed: tuple[Cell, ...] | None = None
     hash: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hash = settings_hash({"kind": self.kind, "settings": self.settings,
-                                   "deps": [d.hash for d in self.deps]})
+        deps = self.deps if self.hashed is None else self.hashed
+        self.hash = settings_hash({"kind": self.kind, "settings": self.settings, "deps": [d.hash for d in deps]})
 
     def folder(self, out_dir: Path) -> Path:
         return out_dir / self.key

@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -62,23 +62,33 @@ def plan(study: Study) -> list[Cell]:
         tile = Cell("tile", f"tile/{ds.name}", {"slides": [_file_id_cheap(p) for p in ds.slides], **tiling},
                     deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
         cells.append(tile)
+        # One extraction cell per network and weights: every truncation of it comes from one pass over the
+        # patches. It skips finished slides and truncations, so it resumes (and takes an added truncation)
+        # while the network, weights and tiling settings stay.
         extracts: dict[EncoderConfig, Cell] = {}
-        for enc in study.encoders:
-            settings = {"encoder": enc.spec(), **extract}
-            # Extraction skips finished slides: resumable while the tiling settings stay (slides may come and go).
-            extracts[enc] = Cell("extract", f"extract/{ds.name}/{enc.key}", settings, deps=(tile,),
-                                 dataset=ds.name, encoder=enc, resume_key=settings_hash([settings, tiling]))
-            cells.append(extracts[enc])
+        for (name, weights), group in _by_network(study.encoders).items():
+            truncations = sorted(e.truncate for e in group)
+            settings = {"encoder": {"name": name, "weights": weights, "truncate": truncations}, **extract}
+            cell = Cell("extract", f"extract/{ds.name}/{group[0].key.rsplit('-t', 1)[0]}", settings, deps=(tile,),
+                        dataset=ds.name, encoder=group[0],
+                        resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
+                                                  name, weights, tiling]))
+            extracts.update(dict.fromkeys(group, cell))
+            cells.append(cell)
         labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
         mils: dict[tuple[EncoderConfig, str, int], Cell] = {}
         for enc in study.encoders:
             for variant in study.mil:
                 for seed in study.seeds:
                     mil = ds.mil(variant.settings, seed).result_settings()
+                    # The run depends on its truncation's features only: adding a truncation to the network's
+                    # extraction cell must not retrain the others.
+                    features = settings_hash([{"encoder": enc.spec(), **extract}, tile.hash])
                     mils[enc, variant.name, seed] = _resumable(Cell(
-                        "mil", f"mil/{ds.name}/{enc.key}/{variant.name}/seed{seed}", {**labels, **mil},
-                        deps=(extracts[enc],) + ((demo,) if demo else ()), dataset=ds.name, encoder=enc, seed=seed,
-                        variant=variant.name))
+                        "mil", f"mil/{ds.name}/{enc.key}/{variant.name}/seed{seed}",
+                        {**labels, **mil, "features": features}, deps=(extracts[enc],) + ((demo,) if demo else ()),
+                        dataset=ds.name, encoder=enc, seed=seed, variant=variant.name,
+                        hashed=(demo,) if demo else ()))
                     cells.append(mils[enc, variant.name, seed])
         if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
             cam = study.cam.result_settings()
@@ -111,6 +121,14 @@ def plan(study: Study) -> list[Cell]:
                     **cka, "comparison": "pair", "a": a.spec(), "b": b.spec()},
                     deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0]))
     return cells
+
+
+def _by_network(encoders: Sequence[EncoderConfig]) -> dict[tuple[str, str], list[EncoderConfig]]:
+    """The grid's configurations grouped by network and weights, in the study's order."""
+    groups: dict[tuple[str, str], list[EncoderConfig]] = {}
+    for enc in encoders:
+        groups.setdefault((enc.name, enc.weights), []).append(enc)
+    return groups
 
 
 def _cka_settings(study: Study, seed: int) -> CkaSettings:
@@ -222,19 +240,21 @@ def _run_tile(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], 
 def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..features import extract_features
 
-    enc = cell.encoder
-    assert enc is not None
+    enc = cell.settings["encoder"]
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    features = Path(extract_features(patches, folder, enc.name, enc.weights, enc.truncate, ctx.study.extract,
-                                     ranks=ctx.ranks))
+    folders = extract_features(patches, folder, enc["name"], enc["weights"], list(enc["truncate"]),
+                               ctx.study.extract, ranks=ctx.ranks)
     tiled = {p.stem for p in h5_files(patches)}
-    for stale in h5_files(features):  # slides no longer tiled
-        if stale.stem not in tiled:
-            stale.unlink()
-    n = len(h5_files(features))
-    if n == 0:
-        raise HistotransferError(f"no slide's features were extracted; see {features / 'extract.csv'}")
-    return {"features": _rel(features, ctx.out)}, f"{n} slides"
+    counts = {}
+    for truncate, features in folders.items():
+        for stale in h5_files(features):  # slides no longer tiled
+            if stale.stem not in tiled:
+                stale.unlink()
+        counts[truncate] = len(h5_files(features))
+        if counts[truncate] == 0:
+            raise HistotransferError(f"no slide's features were extracted; see {features / 'extract.csv'}")
+    shown = ", ".join(f"t{t}: {n}" for t, n in counts.items())
+    return {"features": {str(t): _rel(f, ctx.out) for t, f in folders.items()}}, f"slides per truncation: {shown}"
 
 
 def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[Path, str]:
@@ -254,7 +274,8 @@ def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
     from ..mil import train_mil
 
     ds = ctx.dataset(cell)
-    features = ctx.path(ctx.dep(cell, "extract")["features"])
+    assert cell.encoder is not None
+    features = ctx.path(ctx.dep(cell, "extract")["features"][str(cell.encoder.truncate)])
     _, labels = ctx.slides_and_labels(cell)
     assert labels is not None and cell.seed is not None
     labels_used, note = _labels_with_features(labels, features, folder)
@@ -329,6 +350,7 @@ def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
     """False when a finished cell's outputs were deleted since: the cell is then redone."""
     for key in OUTPUT_KEYS:
         value = result.get(key)
+        value = list(value.values()) if isinstance(value, dict) else value
         for rel in (value if isinstance(value, list) else [value] if value else []):
             if not (out_dir / rel).exists():
                 return False
