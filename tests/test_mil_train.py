@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -261,3 +263,15 @@ def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_pat
         assert groups["mean_within_group_auc"] == (pytest.approx(np.mean(aucs)) if aucs else None)
     with pytest.raises(HistotransferError, match="has no column 'site'"):
         train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site")
+
+
+def test_a_finished_run_is_kept_without_loading_torch(trained):
+    """Nothing to do is answered at once: re-running `train` on a finished run never imports torch."""
+    root, run, _ = trained
+    code = ("import sys\nfrom histotransfer.cli import main\n"
+            f"assert main(['train', '--features', {str(root / 'features')!r}, '--labels', "
+            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15']) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already trained with these settings and inputs; kept as it is" in done.stdout

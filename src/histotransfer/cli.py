@@ -30,7 +30,7 @@ COMMANDS = {
     "cam": "histotransfer.analysis.cli",
     "study": "histotransfer.study.cli",
     "demo": "histotransfer.demo",
-    "info": "histotransfer.info",
+    "info": "histotransfer.info_cli",
 }
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def canonical_json(obj: Any) -> str:
@@ -21,9 +22,9 @@ def canonical_json(obj: Any) -> str:
 
 
 def _plain(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+    # numpy scalars and arrays have .tolist(); checked by duck typing so that settings (which fingerprint with
+    # this module) do not load numpy, keeping `histotransfer --help` fast.
+    if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
 
@@ -35,6 +36,8 @@ def json_fingerprint(obj: Any) -> str:
 
 def array_fingerprint(*arrays: np.ndarray, meta: Any = None) -> str:
     """sha256 over arrays (dtype, shape and bytes, in C order) and optional JSON-able ``meta``."""
+    import numpy as np
+
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)

@@ -63,7 +63,7 @@ class ExtractSettings(StageSettings):
 
     stage: ClassVar[str] = "extract"
 
-    input_size: int | None = Field(None, ge=16, le=8192, description="resize patches to S pixels (default: the "
+    input_size: int | None = Field(None, ge=16, le=8192, description="resize patches to N pixels (default: the "
                                                                      "encoder's input size if it has one, else "
                                                                      "the tiled patch size)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 (IEEE float32 on every device) "

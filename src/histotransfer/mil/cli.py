@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="predict slides with a trained MIL run (metrics when labels are given)",
         description="Apply a run's model to a folder of feature files: predictions.csv, attention/, "
-                    "evaluation.json and, with --labels, metrics.json (slide-level AUC with 95%% CI, accuracy, "
+                    "evaluation.json and, with --labels, metrics.json (slide-level AUC with 95% CI, accuracy, "
                     "balanced accuracy, F1).")
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")

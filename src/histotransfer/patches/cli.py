@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..batch import print_summary
 from ..settings import add_options, from_args
 from .settings import TileSettings
 
@@ -26,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batch import print_summary
     from .tiling import tile_slides
 
     t0 = time.perf_counter()
