@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Literal, Self, Union
+from typing import Any, ClassVar, Literal, Self, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -184,7 +184,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type[StageSettings], skip:
         parser.add_argument(option_name(name), **kwargs)
 
 
-def from_args(cls: type[StageSettings], args: argparse.Namespace, **overrides: Any) -> StageSettings:
+S = TypeVar("S", bound=StageSettings)
+
+
+def from_args(cls: type[S], args: argparse.Namespace, **overrides: Any) -> S:
     """The settings the user gave on the command line (options of :func:`add_options`), validated, with
     messages naming the options."""
     given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
