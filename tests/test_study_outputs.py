@@ -301,3 +301,24 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
     pixels = mpimg.imread(shot)
     assert pixels.shape[:2] == (3000, 1280) and pixels[..., :3].std() > 0.05
+
+
+def test_table2_pairs_each_histopathology_encoder_with_the_imagenet_encoder_of_its_architecture():
+    from histotransfer.study.tables import histopathology_pairs
+
+    info = {"resnet18": {"family": "imagenet", "architecture": "resnet18"},
+            "densenet121": {"family": "imagenet", "architecture": "densenet121"},
+            "ciga-simclr-resnet18": {"family": "histopathology", "architecture": "resnet18"},
+            "mormont-mtl-densenet121": {"family": "histopathology", "architecture": "densenet121"},
+            "vit_large_patch16_224": {"family": "imagenet", "architecture": "ViT-L/16"},
+            "phikon-v2": {"family": "histopathology", "architecture": "ViT-L/16 (DINOv2)"},
+            "virchow2": {"family": "histopathology", "architecture": "ViT-H/14, 4 registers, SwiGLU"}}
+    r18, d121 = EncoderConfig("resnet18", "imagenet", 0), EncoderConfig("densenet121", "imagenet", 0)
+    vitl = EncoderConfig("vit_large_patch16_224", "imagenet", 0)
+    ciga = EncoderConfig("ciga-simclr-resnet18", "pretrained", 0)
+    mormont = EncoderConfig("mormont-mtl-densenet121", "pretrained", 0)
+    phikon, virchow = EncoderConfig("phikon-v2", "pretrained", 0), EncoderConfig("virchow2", "pretrained", 0)
+    rows = histopathology_pairs([r18, d121, vitl, EncoderConfig("resnet18", "imagenet", 2), ciga, mormont, phikon,
+                                 virchow], info)
+    assert rows == [(r18, "ImageNet"), (ciga, "histopathology"), (d121, "ImageNet"), (mormont, "histopathology"),
+                    (vitl, "ImageNet"), (phikon, "histopathology"), (virchow, "histopathology")]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from ..settings import add_options, from_args
@@ -56,13 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cka(args: argparse.Namespace) -> int:
     from .compare import cka_summary, compare_encoders, resolve_encoder
 
+    t0 = time.perf_counter()
+
     settings = from_args(CkaSettings, args)
     a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a)
     b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b)
     df = compare_encoders(a, b, args.patches, args.out, settings, slides=args.slides)
     print(f"linear CKA per stage, {a.label} vs {b.label}:")
     print(cka_summary(df))
-    print(f"written: {args.out / 'cka.csv'}, {args.out / 'cka.png'}")
+    print(f"cka: done in {time.perf_counter() - t0:.1f} s; outputs in {args.out} (cka.csv, cka.png, cka.json)")
     return 0
 
 

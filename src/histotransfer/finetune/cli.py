@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from ..settings import add_options, from_args
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
+    t0 = time.perf_counter()
     out = finetune(args.run, args.out, args.slides, from_args(FinetuneSettings, args))
     if int(os.environ.get("RANK", "0")) == 0:
         comparison = json.loads((out / "comparison.json").read_text())
@@ -40,7 +42,7 @@ def _finetune(args: argparse.Namespace) -> int:
               f"(epoch {comparison['selected_epoch']}):")
         for name, row in comparison["splits"].items():
             print(f"  {name:5}  frozen {_fmt(row['frozen_auc'])}  fine-tuned {_fmt(row['finetuned_auc'])}")
-        print(f"fine-tuned run: {out}")
+        print(f"finetune: done in {time.perf_counter() - t0:.1f} s; fine-tuned run in {out}")
     return 0
 
 

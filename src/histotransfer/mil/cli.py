@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -97,9 +98,11 @@ def _annotation_options(p: argparse.ArgumentParser, what: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .plan import plan_run
 
+    t0 = time.perf_counter()
     plan = plan_run(args.features, args.labels, args.out, from_args(MilSettings, args), args.split_file, args.folds)
     print(f"positive class: {plan.config['positive_class']!r} (AUC and probabilities are of this class)")
-    if plan.finished:
+    kept = plan.finished
+    if kept:
         print(f"{plan.out_dir}: already trained with these settings and inputs; kept as it is")
     else:
         from .train import train_planned
@@ -114,7 +117,8 @@ def _train(args: argparse.Namespace) -> int:
             mean, sd = metrics["mean"][name]["auc"], metrics["sd"][name]["auc"]
             shown = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
             print(f"{name:5s} AUC over {args.folds} folds: {shown}")
-    print(f"run: {plan.out_dir}")
+    print(f"train: {'kept (done before)' if kept else 'done'} in {time.perf_counter() - t0:.1f} s; run in "
+          f"{plan.out_dir}")
     return 0
 
 
@@ -128,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(_fmt(result["metrics"]))
     if result["localisation"] is not None:
         print(f"attention localisation: {describe_localisation(result['localisation'])}")
-    print(f"out: {result['out_dir']}")
+    print(f"evaluate: done in {time.perf_counter() - t0:.1f} s; outputs in {result['out_dir']}")
     return 0
 
 
@@ -150,6 +154,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     from ..slide import list_slides
     from .heatmap import write_heatmaps
 
+    t0 = time.perf_counter()
     write_heatmaps(args.run, args.slides, args.out, features_dir=args.features, attention_dir=args.attention,
                    patches_dir=args.patches, patch_size_level0=args.patch_size_level0, mpp=args.mpp,
                    max_side=args.max_side, object_type=args.object_type, scale=args.scale, value=args.value,
@@ -163,5 +168,5 @@ def _heatmap(args: argparse.Namespace) -> int:
     failed = [r.slide_id for r in rows if r.status == "error"]
     if failed:  # each reason was printed as the slide failed; it is also in heatmaps.csv
         print(f"failed: {', '.join(failed)} (reasons above and in {args.out / 'heatmaps.csv'})")
-    print(f"out: {args.out}")
+    print(f"heatmap: finished in {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
     return 1 if failed else 0

@@ -232,7 +232,8 @@ def histopathology_pairs(encoders: Sequence[EncoderConfig], info: Mapping[str, M
         return info.get(cfg.name, {}).get("family")
 
     def arch(cfg: EncoderConfig) -> str:
-        return str(info.get(cfg.name, {}).get("architecture", cfg.name))
+        # The network's shape only: "ViT-L/16 (DINOv2)" and "ViT-L/16" are one architecture.
+        return str(info.get(cfg.name, {}).get("architecture", cfg.name)).split(",")[0].split(" (")[0]
 
     imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology" and c.weights != "random"]
     rows: list[tuple[EncoderConfig, str]] = []
