@@ -125,6 +125,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import describe_localisation, evaluate_run
 
+    t0 = time.perf_counter()
     result = evaluate_run(args.run, args.features, args.labels, args.out, annotations_dir=args.annotations,
                           threshold=args.lesion_threshold)
     print(f"predicted {len(result['predictions'])} slide(s); positive class {result['positive_class']!r}")
