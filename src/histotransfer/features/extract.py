@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .encoders import Encoder, create_encoder, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
-from .loader import PatchBatches, SlideJob, default_workers, patch_loader
+from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
+from .loader import PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
 
 REPORT_NAME = "extract.csv"
@@ -123,14 +125,23 @@ class BatchEncoder:
         return y.float().cpu().numpy()
 
 
+def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, input_size: int | None,
+             workers: int) -> Iterable[PatchBatch]:
+    """The slides' batches, read by ``workers`` processes; with ``decode`` "gpu", JPEG tiles are decoded on
+    ``device`` in this process, a batch ahead of the encoder."""
+    dataset = PatchBatches(jobs, batch_size, input_size, decode)
+    loader = patch_loader(dataset, workers, pin_memory=device.type == "cuda")
+    return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
+
+
 def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs: dict[str, Any], dtype: str,
-                 batch_size: int, input_size: int | None, workers: int, report: BatchReport,
+                 batch_size: int, input_size: int | None, workers: int, decode: str, report: BatchReport,
                  bar: tqdm) -> list[SlideResult]:
     """Run every patch of ``jobs`` through the encoder, streaming each slide into its file.
 
-    A slide whose features come out NaN or inf is an error for that slide (nothing is written for it)."""
-    dataset = PatchBatches(jobs, batch_size, input_size)
-    loader = patch_loader(dataset, workers, pin_memory=encode.device.type == "cuda")
+    A slide whose features come out NaN or inf is an error for that slide (nothing is written for it). Each
+    slide's file and report row record where its tiles were decoded (``decode``)."""
+    loader = _batches(jobs, encode.device, decode, batch_size, input_size, workers)
     dim = encode.feature_dim
     writers: dict[int, FeatureWriter] = {}
     started: dict[int, float] = {}
@@ -175,7 +186,7 @@ def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs
                     slide_attrs = dict(attrs, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
                                        patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
                                        slide_identity=canonical_json(job.identity),
-                                       input_size=int(input_size or job.spec.patch_size))
+                                       input_size=int(input_size or job.spec.patch_size), decode=item.decode)
                     if job.spec.patch_size_level0 is not None:
                         slide_attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
                     writers[j] = FeatureWriter(folder / f"{job.slide_id}.h5", job.coords, dim, dtype,
@@ -183,7 +194,7 @@ def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs
                 writers[j].write(rows)
                 bar.update(len(item.pixels))
                 if writers[j].complete:
-                    finish(j, "ok")
+                    finish(j, "ok", f"decode {writers[j].attrs['decode']}")
     except BaseException:
         for writer in writers.values():  # delete the temporary files of unfinished slides
             writer.discard()
@@ -264,6 +275,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     s = ExtractSettings.build(settings, **overrides)
     dev = resolve_device(s.device)
     check_precision(s.precision, dev)
+    decode = resolve_decode(s.decode, dev)
     tiling = find_tiling(patches)
     files = {p.stem: p for p in tiling.files}
     if not files:
@@ -310,7 +322,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
                  "versions": _versions()}
         if todo:
             results += _extract_todo(todo, files, index, folder, model, s, input_size, attrs, settings_fp,
-                                     report, ranks, dev, eid)
+                                     report, ranks, dev, decode, eid)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             _merge_reports(folder, ranks.world)
@@ -322,7 +334,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
 
 def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path] | None, folder: Path,
                   model: Encoder, s: ExtractSettings, input_size: int | None, attrs: dict[str, Any],
-                  settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device,
+                  settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device, decode: str,
                   eid: str) -> list[SlideResult]:
     """Extract the slides in ``todo``, a window of locked slides at a time. A slide another process holds is
     ``busy`` in the returned rows but not in the shared report, where that process records its own row."""
@@ -363,7 +375,7 @@ def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path
             try:
                 if jobs:
                     results += _encode_jobs(jobs, encode, folder, attrs, s.dtype, s.batch_size, input_size,
-                                            workers, report, bar)
+                                            workers, decode, report, bar)
             finally:
                 for lock in locks:
                     lock.release()
