@@ -15,10 +15,18 @@ On the same patches of the same slide, with the same encoder and threads:
    Target: loader >= 3x encoder, so reading is never the bottleneck.
 
 5. ``clam-style reading``: the baseline's reading alone (OpenSlide, PIL, ToTensor, Normalize).
+6. ``loader, gpu decode``: the loader when the worker processes only read the compressed JPEG tiles and this
+   process decodes them with nvJPEG and assembles and resizes the patches on the GPU
+   (``histotransfer.features.gpu_decode``), beside the CPU-decoding loader of 4. Target on a GPU: >= 1.5x the
+   encoder (CPU decoding in 8 loader processes reached 0.9x for ResNet18-t2 on an H200). With ``--device cpu``
+   the same code path decodes with torchvision's libjpeg-turbo in this process: a check that it runs and gives
+   the CPU loader's pixels (printed: largest and mean difference), and its rate.
+7. ``extract, gpu decode``: ``extract_features(..., decode="gpu")`` end to end (skipped, saying so, without
+   CUDA).
 
 Then every truncation of one network (``--multi``, default DenseNet121, truncate 0 1 2 3), end to end:
 
-6. one ``extract_features`` pass per truncation vs one pass for all of them (``truncate=[0, 1, 2, 3]``), in
+8. one ``extract_features`` pass per truncation vs one pass for all of them (``truncate=[0, 1, 2, 3]``), in
    patches/s, and the ratios "one pass for all four" / "the full network alone" (target <= 1.15) and "one pass
    for all four" / "the four passes". The same on pixels already in memory (the encoder alone), and whether
    the one pass wrote the same bytes as the four.
@@ -29,12 +37,15 @@ patches with a 112 px stride (so that a small slide gives enough patches), first
 DenseNet121 with the real ImageNet weights from ../shared (else random) and ResNet18 cut after layer2.
 
 On a GPU machine, ``--device cuda`` runs both encoders (ours and the baseline's) on the GPU; the matmul peak is
-then the GPU's true-fp32 rate.
+then the GPU's true-fp32 rate. ``--decode-only`` times only 3, 4, 6, extract with CPU decoding and 7 (CPU vs GPU
+decoding side by side) and leaves 8 out.
 
 ``--quick`` measures 32 patches once (about a minute on 2 cores) instead of the median of three runs of 128.
 
 Run: ``.venv/bin/python benchmarks/bench_extract.py [--configs resnet18:1 --weights random] [--device cuda]``
-(``--configs none`` or ``--multi none`` leaves a part out)
+(``--configs none`` or ``--multi none`` leaves a part out).
+GPU decoding vs CPU decoding on a GPU machine:
+``.venv/bin/python benchmarks/bench_extract.py --device cuda --configs resnet18:2 --decode-only --stride 24 --max-patches 4096``
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import create_encoder, extract_features, read_feature_file
 from histotransfer.features.encoders import create_encoders
 from histotransfer.features.extract import BatchEncoder, inference_model
+from histotransfer.features.gpu_decode import DecodedBatches, TileDecoder
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
 from histotransfer.patches import read_patch_file, write_patch_file
 from histotransfer.patches.tiling import tile_slides
@@ -102,6 +114,31 @@ def flops_per_patch(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops()
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_batches(job: SlideJob, batch_size: int, workers: int, device: torch.device, decode: str):
+    """The loader's batches of one slide: pixels decoded by the worker processes ("cpu"), or compressed tiles
+    decoded on ``device`` by this process ("gpu")."""
+    loader = patch_loader(PatchBatches([job], batch_size, decode=decode), workers, pin_memory=False)
+    return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
+
+
+def decode_agreement(job: SlideJob, batch_size: int, device: torch.device) -> str:
+    """How the GPU-decoding path's pixels differ from the CPU loader's, and where its tiles were decoded."""
+    cpu = torch.cat([b.pixels for b in loader_batches(job, batch_size, 0, device, "cpu")])
+    items = list(loader_batches(job, batch_size, 0, device, "gpu"))
+    errors = [b.error for b in items if b.error]
+    if errors:
+        return f"failed: {errors[0]}"
+    gpu = torch.cat([b.pixels.cpu() for b in items])
+    diff = (gpu.int() - cpu.int()).abs().float()
+    return (f"max difference {diff.max().item():.0f} levels, mean {diff.mean().item():.4f}; tiles decoded on "
+            f"{', '.join(sorted({b.decode for b in items}))}")
+
+
 def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, input_size: int,
                model: torch.nn.Module, batch_size: int, device: torch.device) -> np.ndarray:
     """The baseline: read a patch, make it a tensor, batch, encode; one step after the other."""
@@ -121,9 +158,10 @@ def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, 
 
 
 def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weights: str, truncate: int,
-                 batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
-    """Time extract (in-process reading and worker processes), the CLAM-style baseline, the encoder alone,
-    the loader alone and the baseline's reading alone, interleaved."""
+                 batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device,
+                 decode_only: bool = False) -> None:
+    """Time extract (CPU and GPU decoding), the CLAM-style baseline, the encoder alone, the loader alone (CPU
+    and GPU decoding) and the baseline's reading alone, interleaved (``decode_only``: no baseline)."""
     ps = read_patch_file(patch_file)
     spec, coords, n = ps.spec, ps.coords, len(ps.coords)
     size = spec.patch_size
@@ -144,16 +182,17 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
 
     job = SlideJob(ps.slide_id, slide, patch_file, coords, spec)
 
-    def run_loader() -> None:
-        for _ in patch_loader(PatchBatches([job], batch_size), workers, pin_memory=False):
+    def run_loader(decode: str) -> None:
+        for _ in loader_batches(job, batch_size, workers, device, decode):
             pass
+        synchronize(device)
 
     outs: list[Path] = []
 
-    def run_extract(n_workers: int) -> None:  # end to end, building the encoder included
+    def run_extract(n_workers: int, decode: str = "cpu") -> None:  # end to end, building the encoder included
         out = tmp / f"out{len(outs)}"
         outs.append(extract_features(patches, out, encoder, weights, truncate, batch_size=batch_size,
-                                     workers=n_workers, device=device.type))
+                                     workers=n_workers, device=device.type, decode=decode))
 
     baseline: list[np.ndarray] = []
 
@@ -166,22 +205,27 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
         clam_style(slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size,
                    torch.device("cpu"))
 
-    steps = {f"extract, {workers} worker(s)": lambda: run_extract(workers),
-             "clam-style": run_baseline, "encoder": run_encoder, "loader": run_loader,
-             "clam-style reading": run_baseline_reading}
+    extract_key = f"extract, {workers} worker(s)"
+    steps = {extract_key: lambda: run_extract(workers),
+             "clam-style": run_baseline, "encoder": run_encoder, "loader": lambda: run_loader("cpu"),
+             "clam-style reading": run_baseline_reading, "loader, gpu decode": lambda: run_loader("gpu")}
+    skipped = []
+    if device.type == "cuda":
+        steps[f"{extract_key}, gpu decode"] = lambda: run_extract(workers, "gpu")
+    else:
+        skipped.append("extract with GPU decoding (needs --device cuda)")
+    if decode_only:
+        steps = {k: v for k, v in steps.items() if not k.startswith("clam-style")}
+        skipped.append("the CLAM-style baseline (--decode-only)")
     timings: dict[str, list[float]] = {k: [] for k in steps}
     peaks = []
     for _ in range(repeats):
         for key, fn in steps.items():
             timings[key].append(elapsed(fn))
-        peaks.append(matmul_peak_gflops(device))
+        if not decode_only:
+            peaks.append(matmul_peak_gflops(device))
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
-    ours = rate[f"extract, {workers} worker(s)"]
-    peak = statistics.median(peaks)
-    gflop_network = flops_per_patch(model.cpu(), size) / 1e9
-    gflop = flops_per_patch(inference_model(model), size) / 1e9  # what the encoder runs (DenseNets: fewer)
-    feats = read_feature_file(outs[-1] / f"{ps.slide_id}.h5").features
-    agree = float(np.abs(feats - baseline[-1]).max() / max(np.abs(baseline[-1]).max(), 1e-12))
+    ours = rate[extract_key]
 
     print(f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
           f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
@@ -189,15 +233,34 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     for key in steps:
         if key.startswith("extract"):
             print(f"  {key + ' (ours)':32} {rate[key]:8.1f} patches/s")
+    print(f"  {f'loader alone, {workers} worker(s)':32} {rate['loader']:8.1f} patches/s  (CPU decoding)")
+    print(f"  {'loader alone, gpu decode':32} {rate['loader, gpu decode']:8.1f} patches/s  (tiles decoded on "
+          f"{device_name(device)})")
+    print(f"  gpu-decode pixels vs the CPU loader's: {decode_agreement(job, batch_size, device)}")
+    print(f"  {'encoder alone':32} {rate['encoder']:8.1f} patches/s")
+    print(f"  ratio loader / encoder             {rate['loader'] / rate['encoder']:6.2f}x  (CPU decoding; "
+          "target >= 3)")
+    print(f"  ratio loader gpu decode / encoder  {rate['loader, gpu decode'] / rate['encoder']:6.2f}x  "
+          f"(target >= 1.5 on a GPU)")
+    print(f"  ratio loader gpu / cpu decode      {rate['loader, gpu decode'] / rate['loader']:6.2f}x")
+    if f"{extract_key}, gpu decode" in rate:
+        print(f"  ratio extract gpu / cpu decode     {rate[f'{extract_key}, gpu decode'] / ours:6.2f}x")
+    for what in skipped:
+        print(f"  skipped: {what}")
+    if decode_only:
+        return
+    peak = statistics.median(peaks)
+    gflop_network = flops_per_patch(model.cpu(), size) / 1e9
+    gflop = flops_per_patch(inference_model(model), size) / 1e9  # what the encoder runs (DenseNets: fewer)
+    feats = read_feature_file(outs[0] / f"{ps.slide_id}.h5").features
+    agree = float(np.abs(feats - baseline[-1]).max() / max(np.abs(baseline[-1]).max(), 1e-12))
     print(f"  {'clam-style baseline':32} {rate['clam-style']:8.1f} patches/s")
-    print(f"  {'encoder alone':32} {rate['encoder']:8.1f} patches/s  ({gflop:.2f} GFLOP/patch run, "
-          f"{gflop * rate['encoder']:.1f} GFLOP/s; the torchvision network: {gflop_network:.2f} GFLOP/patch)")
-    print(f"  {f'loader alone, {workers} worker(s)':32} {rate['loader']:8.1f} patches/s")
+    print(f"  encoder: {gflop:.2f} GFLOP/patch run, {gflop * rate['encoder']:.1f} GFLOP/s; the torchvision "
+          f"network: {gflop_network:.2f} GFLOP/patch")
     print(f"  {'clam-style reading alone':32} {rate['clam-style reading']:8.1f} patches/s")
     print(f"  {'fp32 matmul peak':32} {peak:8.1f} GFLOP/s")
     print(f"  features ours vs baseline: max difference {agree:.1e} of the largest value")
     print(f"  ratio extract / clam-style         {ours / rate['clam-style']:6.2f}x  (target >= 2)")
-    print(f"  ratio loader / encoder             {rate['loader'] / rate['encoder']:6.2f}x  (target >= 3)")
     print(f"  ratio loader / clam-style reading  {rate['loader'] / rate['clam-style reading']:6.2f}x")
     print(f"  ratio encoder GFLOP/s / peak       {gflop * rate['encoder'] / peak:6.2f}")
     print(f"  ratio extract / encoder            {ours / rate['encoder']:6.2f}   (1.0: reading costs nothing)")
@@ -312,6 +375,8 @@ def main() -> None:
                          "enough (overlapping) patches to time a GPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where the encoders run, ours and the baseline's: cpu or cuda")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="time only the encoder, the loader and extract with CPU and with GPU decoding")
     args = ap.parse_args()
     if args.quick:
         args.max_patches, args.repeats = 32, 1
@@ -337,8 +402,8 @@ def main() -> None:
             encoder, truncate = config.split(":")
             bench_config(slide, patches, patch_file, encoder, default_weights(encoder, args.weights),
                          int(truncate), args.batch_size, workers, args.repeats, tmp / config.replace(":", "-"),
-                         device)
-        if args.multi != "none":
+                         device, args.decode_only)
+        if args.multi != "none" and not args.decode_only:
             encoder, truncations = args.multi.split(":")
             bench_truncations(patches, patch_file, encoder, default_weights(encoder, args.weights),
                               [int(t) for t in truncations.split(",")], args.batch_size, workers, args.repeats,

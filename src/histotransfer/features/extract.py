@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,8 @@ from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
-from .loader import PatchBatches, SlideJob, default_workers, patch_loader
+from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
+from .loader import PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
 
 REPORT_NAME = "extract.csv"
@@ -203,25 +204,36 @@ class BatchEncoder:
         return self.features(pixels, self.truncations[:1])[self.truncations[0]]
 
 
-def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None) -> dict[str, Any]:
-    """The attrs of one slide's feature file: the output's, plus where its patches come from."""
+def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, decode: str) -> dict[str, Any]:
+    """The attrs of one slide's feature file: the output's, plus where its patches come from and where its
+    tiles were decoded."""
     attrs = dict(base, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
                  patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
-                 slide_identity=canonical_json(job.identity), input_size=int(input_size or job.spec.patch_size))
+                 slide_identity=canonical_json(job.identity), input_size=int(input_size or job.spec.patch_size),
+                 decode=decode)
     if job.spec.patch_size_level0 is not None:
         attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
     return attrs
 
 
+def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, input_size: int | None,
+             workers: int) -> Iterable[PatchBatch]:
+    """The slides' batches, read by ``workers`` processes; with ``decode`` "gpu", JPEG tiles are decoded on
+    ``device`` in this process, a batch ahead of the encoder."""
+    dataset = PatchBatches(jobs, batch_size, input_size, decode)
+    loader = patch_loader(dataset, workers, pin_memory=device.type == "cuda")
+    return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
+
+
 def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: BatchEncoder, dtype: str,
-                 batch_size: int, input_size: int | None, workers: int, bar: tqdm) -> None:
+                 batch_size: int, input_size: int | None, workers: int, decode: str, bar: tqdm) -> None:
     """Run every patch of ``jobs`` through the encoder, streaming each slide into the files of the outputs
     (truncations) it is ``wanted`` for; the network runs only as deep as the slide's deepest wanted output.
 
     An output whose features come out NaN or inf is an error for that slide and output (nothing is written
-    for it); the slide's other outputs go on."""
-    dataset = PatchBatches(jobs, batch_size, input_size)
-    loader = patch_loader(dataset, workers, pin_memory=encode.device.type == "cuda")
+    for it); the slide's other outputs go on. Each slide's files and report rows record where its tiles were
+    decoded (``decode``)."""
+    loader = _batches(jobs, encode.device, decode, batch_size, input_size, workers)
     writers: dict[tuple[int, int], FeatureWriter] = {}
     pending = [list(w) for w in wanted]  # per slide, the outputs not finished yet
     started: dict[int, float] = {}
@@ -266,10 +278,10 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                     if key not in writers:
                         writers[key] = FeatureWriter(out.folder / f"{job.slide_id}.h5", job.coords,
                                                      out.encoder.feature_dim, dtype,
-                                                     _slide_attrs(out.attrs, job, input_size)).open()
+                                                     _slide_attrs(out.attrs, job, input_size, item.decode)).open()
                     writers[key].write(rows)
                     if writers[key].complete:
-                        finish(j, out, "ok")
+                        finish(j, out, "ok", f"decode {writers[key].attrs['decode']}")
                 bar.update(len(item.pixels))
     except BaseException:
         for writer in writers.values():  # delete the temporary files of unfinished slides
@@ -352,6 +364,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     s = ExtractSettings.build(settings, **overrides)
     dev = resolve_device(s.device)
     check_precision(s.precision, dev)
+    decode = resolve_decode(s.decode, dev)
     tiling = find_tiling(patches)
     files = {p.stem: p for p in tiling.files}
     if not files:
@@ -374,7 +387,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         todo = _plan(mine, files, outputs)
         if todo:
-            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev)
+            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev, decode)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             for out in outputs:
@@ -449,8 +462,9 @@ def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
 
 def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index: dict[str, Path] | None,
                   outputs: list[_Output], s: ExtractSettings, input_size: int | None, ranks: Ranks,
-                  dev: torch.device) -> None:
-    """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time."""
+                  dev: torch.device, decode: str) -> None:
+    """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time;
+    ``decode`` says where JPEG tiles are decoded."""
     needed = {out.truncate for outs in todo.values() for out in outs}
     encode = BatchEncoder([out.encoder for out in outputs if out.truncate in needed], dev, s.precision)
     workers = default_workers(dev) if s.workers is None else s.workers
@@ -475,7 +489,7 @@ def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index:
                     wanted.append(checked[1])
             try:
                 if jobs:
-                    _encode_jobs(jobs, wanted, encode, s.dtype, s.batch_size, input_size, workers, bar)
+                    _encode_jobs(jobs, wanted, encode, s.dtype, s.batch_size, input_size, workers, decode, bar)
             finally:
                 for lock in locks:
                     lock.release()

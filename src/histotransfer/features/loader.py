@@ -4,13 +4,16 @@ One dataset item is one batch of one slide (batches never span slides), so the e
 slide's rows straight into its feature file. Each worker opens the slides it reads itself (native handles are
 never shared across processes) and keeps the last two open. A slide that cannot be read gives an item with an
 error message instead of pixels: the extractor reports that slide and goes on with the others.
+
+With ``decode="gpu"``, the batches of JPEG-tiled slides hold their compressed tiles instead of pixels, which the
+main process decodes on the GPU (``gpu_decode``); other slides' batches hold pixels as before.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
+from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
 
 OPEN_SLIDES_PER_WORKER = 2
 
@@ -42,17 +46,19 @@ class SlideJob:
 
 @dataclass
 class PatchBatch:
-    """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or the error reading them."""
+    """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or their compressed tiles (to be
+    decoded on the GPU), or the error reading them; ``decode`` says where the tiles were decoded."""
 
     job: int
     start: int
     pixels: torch.Tensor | None
     error: str = ""
+    tiles: EncodedTiles | None = None
+    decode: str = DECODED_ON_CPU
 
     def pin_memory(self) -> PatchBatch:
         """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
-        pixels = self.pixels.pin_memory() if self.pixels is not None else None
-        return PatchBatch(self.job, self.start, pixels, self.error)
+        return replace(self, pixels=self.pixels.pin_memory() if self.pixels is not None else None)
 
 
 def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
@@ -62,43 +68,53 @@ def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
 
 
 class PatchBatches(Dataset):
-    """Batches of patch pixels of a list of slides, in order: slide by slide, rows in patch-file order."""
+    """Batches of patch pixels of a list of slides, in order: slide by slide, rows in patch-file order.
 
-    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None):
+    ``decode``: "cpu" decodes every slide here; "gpu" gives the compressed tiles of slides whose patch level
+    is JPEG-tiled on the direct tile path (:class:`~.gpu_decode.TileSource`), pixels for the others.
+    """
+
+    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None, decode: str = "cpu"):
         self.jobs = jobs
         self.input_size = input_size
+        self.decode = decode
         self.items = [(j, s, min(s + batch_size, len(job.coords)))
                       for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)]
-        self._open: OrderedDict[int, tuple[Slide, PatchReader]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[Slide, PatchReader | TileSource]] = OrderedDict()
         self._failed: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _reader(self, j: int) -> PatchReader:
+    def _source(self, j: int) -> PatchReader | TileSource:
         if j in self._open:
             return self._open[j][1]
         job = self.jobs[j]
         slide = open_slide(job.slide_path, mpp=job.spec.mpp)
         try:
             reader = PatchReader(slide, job.spec)
+            tiles = TileSource.open(slide, reader.spec) if self.decode == "gpu" else None
+            source = tiles if tiles is not None else reader
         except BaseException:
             slide.close()
             raise
-        self._open[j] = (slide, reader)
+        self._open[j] = (slide, source)
         while len(self._open) > OPEN_SLIDES_PER_WORKER:
-            _, (old_slide, old_reader) = self._open.popitem(last=False)
-            old_reader.close()
+            _, (old_slide, old_source) = self._open.popitem(last=False)
+            old_source.close()
             old_slide.close()
-        return reader
+        return source
 
     def __getitem__(self, i: int) -> PatchBatch:
         j, start, stop = self.items[i]
         if j in self._failed:
             return PatchBatch(j, start, None, self._failed[j])
         try:
-            reader = self._reader(j)
-            patches = [reader.read(int(x), int(y)) for x, y in self.jobs[j].coords[start:stop]]
+            source = self._source(j)
+            coords = self.jobs[j].coords[start:stop]
+            if isinstance(source, TileSource):
+                return PatchBatch(j, start, None, tiles=source.batch(coords, self.input_size))
+            patches = [source.read(int(x), int(y)) for x, y in coords]
             if self.input_size is not None and patches[0].shape[0] != self.input_size:
                 patches = [resize_patch(p, self.input_size) for p in patches]
             return PatchBatch(j, start, torch.from_numpy(np.stack(patches)))

@@ -74,3 +74,9 @@ class ExtractSettings(StageSettings):
                                                                 "0 reads in the main process)",
                                 json_schema_extra=RUNTIME)
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
+    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where JPEG tiles are decoded: gpu (nvJPEG "
+                                                                      "beside a CUDA encoder), cpu (the loader "
+                                                                      "processes), or auto (gpu when the encoder "
+                                                                      "runs on CUDA); slides that are not "
+                                                                      "JPEG-tiled are decoded on the CPU",
+                                                  json_schema_extra=RUNTIME)

@@ -9,6 +9,10 @@ of evicted ones, since touching freshly allocated memory costs as much as decodi
 
 Only formats whose pixels are exactly the stored tiles take this path; others (NDPI, MRXS, Ventana overlaps,
 Leica multi-image, JPEG 2000 SVS, ...) stay with the slide's backend.
+
+For decoders that take one complete JPEG stream per image (nvJPEG and libjpeg-turbo through
+``torchvision.io.decode_jpeg``), :meth:`TiledTiff.jpeg_stream` gives each JPEG tile with its page's tables
+spliced in and, for RGB-coded tiles, the marker that says so (``features.gpu_decode`` decodes them on the GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 50000}
 # Vendors (as each backend names them) whose levels are plain tiled pages.
 FAST_VENDORS = {"openslide": {"aperio", "generic-tiff"}, "tiffslide": {"aperio", None}}
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR, COMPRESSION_JPEG = 2, 6, 7
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+# An Adobe APP14 segment with transform 0 (length 14, "Adobe", version 100, flags 0, 0, transform 0): libjpeg
+# and other decoders then take 3 components as RGB instead of guessing YCbCr from a stream without markers.
+ADOBE_RGB_MARKER = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
 @dataclass
@@ -101,6 +109,42 @@ class TiledTiff:
     def can_read(self, level: int) -> bool:
         return level in self.levels
 
+    def jpeg_colorspace(self, level: int) -> str | None:
+        """"RGB" or "YCBCR" for a level of 3-sample JPEG tiles, else None (other codecs, extra samples)."""
+        return self.levels[level].jpeg_colorspace
+
+    def covered(self, level: int, x: int, y: int, w: int, h: int) -> tuple[range, range]:
+        """The tile rows and columns holding the pixels of region (x, y, w, h) that lie inside the level."""
+        lv = self.levels[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            return range(0), range(0)
+        return (range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1),
+                range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1))
+
+    def jpeg_stream(self, level: int, index: int) -> bytes | None:
+        """Tile ``index`` of a JPEG level as one complete JPEG stream; None for a sparse (never scanned) tile.
+
+        A TIFF page stores the tables its tiles share once (the JPEGTables tag), each tile as an abbreviated
+        stream without them; here they are spliced in after the tile's start marker. RGB-coded tiles (Aperio's,
+        without a JFIF marker) get an Adobe APP14 marker with transform 0 first, so that the decoder does not
+        convert them from YCbCr.
+        """
+        lv = self.levels[level]
+        if lv.jpeg_colorspace is None:
+            raise ValueError(f"{self.path}: level {level} is not JPEG-compressed")
+        count = lv.counts[index]
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, lv.offsets[index])
+        if not data.startswith(JPEG_SOI):
+            raise ValueError(f"{self.path}: tile {index} of level {level} is not a JPEG stream")
+        tables = lv.jpegtables or b""
+        tables = tables.removeprefix(JPEG_SOI).removesuffix(JPEG_EOI)
+        marker = ADOBE_RGB_MARKER if lv.jpeg_colorspace == "RGB" else b""
+        return JPEG_SOI + marker + tables + data[len(JPEG_SOI):]
+
     def fit_cache(self, level: int, region_side: int, cap: int = 128 << 20) -> None:
         """Size the tile cache for reading ``region_side`` px squares of ``level`` in grid (row) order.
 
@@ -149,10 +193,9 @@ class TiledTiff:
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
-            for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
+        rows, cols = self.covered(level, x, y, w, h)
+        for ty in rows:
+            for tx in cols:
                 tile = self._tile(level, ty * lv.tiles_across + tx)
                 if tile is None:
                     continue
