@@ -215,6 +215,12 @@ def test_k_fold_writes_fold_runs_and_a_summary(tmp_path):
     assert pd.read_csv(out / "splits.csv")["fold"].value_counts().sum() == 24
     assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {"method": "k-fold", "folds": 3,
                                                                                "fold": 1}
+    (out / "fold_1" / "metrics.json").unlink()  # fold 1 unfinished: redone, folds 0 and 2 kept
+    (out / "metrics.json").unlink()
+    train_mil(features, labels, tmp_path / "cv", epochs=2, folds=3)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again == summary
+    assert {tuple(sorted(m)) for m in again["folds"].values()} == {tuple(sorted(SPLITS))}
 
 
 def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
@@ -224,7 +230,13 @@ def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
         run = train_mil(features, labels, tmp_path / "run", epochs=1)
     config = json.loads((run / "config.json").read_text())
     assert list(config["unreadable_slides"]) == [bags[0].slide_id]
+    reason = config["unreadable_slides"][bags[0].slide_id]
+    assert reason.count(str(features / f"{bags[0].slide_id}.h5")) == 1
     assert bags[0].slide_id not in set(pd.read_csv(run / "predictions.csv")["slide_id"])
+    before = (run / "model.pt").read_bytes()
+    with pytest.warns(UserWarning, match="skipping unreadable feature file"):
+        assert train_mil(features, labels, tmp_path / "run", epochs=1) == run  # the same run: kept
+    assert (run / "model.pt").read_bytes() == before
 
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
@@ -263,6 +275,11 @@ def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_pat
         assert groups["mean_within_group_auc"] == (pytest.approx(np.mean(aucs)) if aucs else None)
     with pytest.raises(HistotransferError, match="has no column 'site'"):
         train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site")
+
+    split[["slide_id", "split"]].to_csv(tmp_path / "split.csv", index=False)  # a split file keeps the group column
+    from_file = train_mil(features, labels, tmp_path / "from_file", epochs=3, seed=0, group_column="centre",
+                          split_file=tmp_path / "split.csv")
+    assert json.loads((from_file / "metrics.json").read_text())["groups"] == metrics["groups"]
 
 
 def test_a_finished_run_is_kept_without_loading_torch(trained):

@@ -53,7 +53,8 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
         except NonFiniteFeatures:
             raise
         except (HistotransferError, OSError, KeyError, ValueError) as exc:
-            broken[slide_id] = f"{path}: {one_line(exc)}"
+            reason = one_line(exc)
+            broken[slide_id] = reason if str(path) in reason else f"{path}: {reason}"
             warnings.warn(f"skipping unreadable feature file {broken[slide_id]}", stacklevel=2)
             continue
         enc = encoder_attrs(bag.attrs)

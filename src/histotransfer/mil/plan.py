@@ -7,6 +7,7 @@ finished run is recognised instantly and a bad input is refused before anything 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pandas as pd
 
 from .. import __version__
 from .._io import file_sha256
-from ..errors import HistotransferError
+from ..errors import HistotransferError, one_line
 from ..features import encoder_attrs, read_feature_attrs, read_feature_file
 from .labels import LabelTable, feature_files, read_labels
 from .rundir import DONE_FILE, guard
@@ -62,7 +63,7 @@ class RunPlan:
                     f"{self.split_file}: without the unreadable slide(s) {', '.join(broken)} the train split holds "
                     "one class; re-extract their features or change the split."
                 )
-        config = {**self.config, "unreadable_slides": broken}
+        config = {**self.config, "unreadable_slides": {**self.config["unreadable_slides"], **broken}}
         config["inputs"] = {**config["inputs"], "features": {s: fp for s, fp in config["inputs"]["features"].items()
                                                              if s not in broken}}
         return replace(self, table=table, splits=splits, config=config,
@@ -86,14 +87,20 @@ def make_splits(table: LabelTable, settings: MilSettings, split_file: Path | Non
 def feature_fingerprint(path: Path) -> str | None:
     """A feature file's recorded fingerprint (computed from its arrays for files that record none); None when
     the file cannot be read (training reports it and goes on without it)."""
+    return _fingerprint_or_reason(path)[0]
+
+
+def _fingerprint_or_reason(path: Path) -> tuple[str | None, str]:
+    """The feature file's fingerprint, or None and why the file cannot be read (naming it)."""
     try:
         with h5py.File(path, "r") as f:
             value = f.attrs.get("fingerprint")
         if value:
-            return value.decode() if isinstance(value, bytes) else str(value)
-        return read_feature_file(path).fingerprint
-    except (HistotransferError, OSError, KeyError, ValueError):
-        return None
+            return (value.decode() if isinstance(value, bytes) else str(value)), ""
+        return read_feature_file(path).fingerprint, ""
+    except (HistotransferError, OSError, KeyError, ValueError) as exc:
+        reason = one_line(exc)
+        return None, reason if str(path) in reason else f"{path}: {reason}"
 
 
 def _encoder_of(paths: list[Path]) -> dict[str, Any]:
@@ -134,6 +141,7 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
         raise HistotransferError(f"{labels_csv}: has no column {settings.group_column!r} for --group-column "
                                  f"(its extra columns: {', '.join(table.extra) or 'none'}).")
     splits = make_splits(table, settings, split_path, folds)
+    fingerprints = {sid: _fingerprint_or_reason(p) for sid, p in files.items()}
     s = settings
     config: dict[str, Any] = {
         "kind": "mil",
@@ -155,7 +163,7 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
                   {"method": "k-fold", "folds": folds} if folds is not None else
                   {"method": "rule", "rule": s.split_rule} if s.split_rule is not None else
                   {"method": "random", "fractions": DEFAULT_FRACTIONS}),
-        "inputs": {"features": {sid: feature_fingerprint(p) for sid, p in files.items()},
+        "inputs": {"features": {sid: fp for sid, (fp, _) in fingerprints.items()},
                    "labels_sha256": file_sha256(labels_csv),
                    "split_file_sha256": file_sha256(split_path) if split_path is not None else None},
         "ignored_slides": table.ignored,
@@ -163,6 +171,11 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
         "versions": {"histotransfer": __version__},
     }
     plan = RunPlan(out, s, table, files, splits, config, split_path, folds)
+    unreadable = {sid: reason for sid, (fp, reason) in fingerprints.items() if fp is None}
+    if unreadable:  # decided here, not when loading, so that a re-run plans (and compares) the same run
+        for reason in unreadable.values():
+            warnings.warn(f"skipping unreadable feature file {reason}", stacklevel=2)
+        plan = plan.without(unreadable)
     if folds is not None:
         guard(out, config)
     finished = [guard(run_dir, plan.fold_config(k)) for k, run_dir in enumerate(plan.run_dirs)]

@@ -312,7 +312,7 @@ def read_split_file(path: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
             f"{path}: labelled slide(s) {', '.join(absent[:5])} have no split; add them or remove them from the "
             "label file."
         )
-    out = frame[["slide_id", "patient_id", "label"]].merge(df, on="slide_id", how="left")
+    out = frame.drop(columns="split", errors="ignore").merge(df, on="slide_id", how="left")  # keeps group columns
     check_no_leak(out, path)
     missing = _missing(out, list(SPLITS), int(frame["label"].max()) + 1)
     if missing["train"] or not (out["split"] == "train").any():

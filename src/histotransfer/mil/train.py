@@ -133,7 +133,8 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
 
     if guard(run_dir, config):
         tqdm.write(f"{run_dir}: already trained with these settings and inputs; kept as it is")
-        return json.loads((run_dir / DONE_FILE).read_text())
+        kept = json.loads((run_dir / DONE_FILE).read_text())
+        return {name: kept[name] for name in SPLITS if name in kept}  # as a fresh run returns them
     remove_stale_temps(run_dir)
     (run_dir / DONE_FILE).unlink(missing_ok=True)
     write_csv(split, run_dir / "splits.csv")
