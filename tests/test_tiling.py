@@ -114,6 +114,8 @@ def test_rerun_skips_same_settings_and_other_settings_get_their_own_folder(make_
     assert read_patch_file(changed.patches / "a.h5").spec.min_tissue == 0.9
     assert read_patch_file(first.patches / "a.h5").spec.min_tissue == 0.5  # the first tiling is untouched
     assert (first.patches / "a.h5").stat().st_mtime_ns == stamp
+    spelled_out = tile_slides(slides, out, patch_size=128, stride=128)  # the default stride, given
+    assert spelled_out.folder == first.folder and [r.status for r in spelled_out.results] == ["skipped"] * 2
     report = pd.read_csv(first.folder / "tiling.csv")
     assert list(report.columns) == ["slide_id", "slide_path", "status", "n_patches", "seconds", "message"]
     assert list(report.slide_id) == ["a", "b"]

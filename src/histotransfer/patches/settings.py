@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..provenance import json_fingerprint
 from ..settings import RUNTIME, StageSettings
@@ -42,6 +42,21 @@ class TileSettings(StageSettings):
                                                                     "on the tissue's bounding box")
     workers: int = Field(1, ge=1, le=256, description="slides tiled in parallel processes",
                          json_schema_extra=RUNTIME)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stride_of_patch_size_is_default(cls, data: Any) -> Any:
+        """A stride equal to the patch size is the default (no overlap), recorded as such, so that spelling it
+        out names the same tiling."""
+        if isinstance(data, dict) and data.get("stride") is not None:
+            size = data.get("patch_size", cls.model_fields["patch_size"].default)
+            try:
+                same = int(data["stride"]) == int(size)
+            except (TypeError, ValueError):
+                return data  # the field validators say what is wrong
+            if same:
+                return {**data, "stride": None}
+        return data
 
     @property
     def step(self) -> int:
