@@ -82,6 +82,9 @@ def test_run_folder_contents(trained):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics.pop("positive_class") == "tumor"
     assert [w.split(" has ")[0] for w in metrics.pop("warnings")] == ["the val split", "the test split"]
+    # Synthetic feature files name no patch file: no slide has colour statistics, and the count says so.
+    shortcut = metrics.pop("shortcut")
+    assert shortcut["colour_auc"] is None and shortcut["n"] == 0 and shortcut["n_without_stats"] == 60
     assert set(metrics) == {"train", "val", "test"} and all(set(m) == set(METRIC_KEYS) for m in metrics.values())
     assert sum(m["n_slides"] for m in metrics.values()) == 60
     predictions = pd.read_csv(run / "predictions.csv")

@@ -12,6 +12,10 @@ ranks, or separate ``extract`` commands on machines sharing the folder) split th
 lock file before working on it, so no slide is done twice, and temporary files are removed only when the
 process that wrote them is gone.
 
+With ``stain_norm`` the reference is fitted once per extraction (or its fitted target loaded) and every batch is
+normalised on the encoder's device before the encoder's preprocessing; the target is recorded in each file and
+its tag names the folder (``<encoder_id>`` ends in e.g. ``-macenko-1a2b3c4d``).
+
 This does not use ``batch.run_batch`` (one slide after the other): batches of consecutive slides flow through
 one loader without a pause between slides, and per-slide results are reported with the same rows.
 """
@@ -47,6 +51,7 @@ from .encoders import Encoder, create_encoder, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .loader import PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
+from .stain import StainNormalizer, stain_normalizer
 
 REPORT_NAME = "extract.csv"
 FOLDER_RECORD = "features.json"
@@ -102,25 +107,42 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
 
 
-class BatchEncoder:
-    """The encoder side: uint8 NHWC pixels in, float features out, in inference mode and channels_last."""
+def normalise_pixels(pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) pixels on ``device``, stain-normalised there when ``stain`` is given. The
+    normalisation runs in IEEE float32 on every device (no TF32, no autocast), as on the CPU."""
+    pixels = pixels.to(device, non_blocking=True)
+    if stain is None:
+        return pixels
+    with precision_context(device, "fp32"):
+        return stain(pixels)
 
-    def __init__(self, model: Encoder, device: torch.device, precision: str):
+
+class BatchEncoder:
+    """The encoder side: uint8 NHWC pixels in, float features out, in inference mode and channels_last.
+
+    With ``stain``, each batch is stain-normalised on the encoder's device before the encoder's own
+    preprocessing."""
+
+    def __init__(self, model: Encoder, device: torch.device, precision: str, stain: StainNormalizer | None = None):
         self.feature_dim = model.feature_dim
         self.preprocess = model.preprocess
         self.model = inference_model(model).to(device, memory_format=torch.channels_last)
         self.device = device
         self.precision = precision
+        self.stain = stain
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        x = self.preprocess(pixels, self.device)
-        step = len(x)
+        step = len(pixels)
         if self.device.type == "cpu":
-            step = max(1, CPU_PIXELS_PER_CALL // (x.shape[2] * x.shape[3]))
-        with precision_context(self.device, self.precision):
-            y = torch.cat([self.model(x[i:i + step]) for i in range(0, len(x), step)])
+            step = max(1, CPU_PIXELS_PER_CALL // (pixels.shape[1] * pixels.shape[2]))
+        y = torch.cat([self._encode(pixels[i:i + step]) for i in range(0, len(pixels), step)])
         return y.float().cpu().numpy()
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(normalise_pixels(pixels, self.stain, self.device), self.device)
+        with precision_context(self.device, self.precision):
+            return self.model(x)
 
 
 def _encode_jobs(jobs: list[SlideJob], encode: BatchEncoder, folder: Path, attrs: dict[str, Any], dtype: str,
@@ -269,20 +291,22 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     if not files:
         raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
     model = create_encoder(choice.encoder, choice.weights, choice.truncate)  # fails early, before any output
+    stain = stain_normalizer(s.stain_norm, s.stain_ref)  # fitted once, before any output
     input_size = s.input_size if s.input_size is not None else model.preprocessing.input_size
-    eid = encoder_id(choice.encoder, choice.weights, choice.truncate, input_size, s.precision, s.dtype)
+    eid = encoder_id(choice.encoder, choice.weights, choice.truncate, input_size, s.precision, s.dtype,
+                     extra=(stain.tag(),) if stain is not None else ())
     index = slide_index(slides)
     folder = features_root(tiling, out_dir) / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(model)
-    settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
-                                    "input_size": input_size, "weights_sha256": described["weights_sha256"]})
+    settings_fp = settings_fingerprint(choice, s, input_size, described["weights_sha256"], stain)
     given = ranks is not None
     ranks = ranks or init_ranks(dev)
     try:
         if ranks.rank == 0:
             _claim_folder(folder, {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
-                                   "encoder": described, "settings": s.record(), "input_size": input_size})
+                                   "encoder": described, "settings": s.record(), "input_size": input_size,
+                                   **({"stain": stain.to_dict()} if stain is not None else {})})
         ranks.barrier()
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         report = BatchReport(folder / (REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"),
@@ -307,10 +331,10 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
                  "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
                  "tiling": tiling.name or "", "preprocessing": canonical_json(model.preprocessing.describe()),
-                 "versions": _versions()}
+                 "versions": _versions(), **stain_attrs(stain)}
         if todo:
             results += _extract_todo(todo, files, index, folder, model, s, input_size, attrs, settings_fp,
-                                     report, ranks, dev, eid)
+                                     report, ranks, dev, eid, stain)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             _merge_reports(folder, ranks.world)
@@ -320,13 +344,34 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
             ranks.close()
 
 
+def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None, weights_sha256: str,
+                         stain: StainNormalizer | None) -> str:
+    """What a finished feature file must have been made with to be kept. The stain reference counts by the
+    target fitted on it, not by its path (the same target from a moved file is the same extraction); without
+    normalisation the fingerprint is the one of before stain options existed."""
+    extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
+    record = {"encoder": choice.result_settings(), "extract": extract, "input_size": input_size,
+              "weights_sha256": weights_sha256}
+    if stain is not None:
+        record["stain"] = stain.to_dict()
+    return json_fingerprint(record)
+
+
+def stain_attrs(stain: StainNormalizer | None) -> dict[str, str]:
+    """The feature-file attrs of a stain normalisation: ``stain_tag`` and ``stain_target`` (the JSON of
+    ``to_dict``); none at all without one, so such files read as before stain options existed."""
+    if stain is None:
+        return {}
+    return {"stain_tag": stain.tag(), "stain_target": canonical_json(stain.to_dict())}
+
+
 def _extract_todo(todo: list[str], files: dict[str, Path], index: dict[str, Path] | None, folder: Path,
                   model: Encoder, s: ExtractSettings, input_size: int | None, attrs: dict[str, Any],
                   settings_fp: str, report: BatchReport, ranks: Ranks, dev: torch.device,
-                  eid: str) -> list[SlideResult]:
+                  eid: str, stain: StainNormalizer | None = None) -> list[SlideResult]:
     """Extract the slides in ``todo``, a window of locked slides at a time. A slide another process holds is
     ``busy`` in the returned rows but not in the shared report, where that process records its own row."""
-    encode = BatchEncoder(model, dev, s.precision)
+    encode = BatchEncoder(model, dev, s.precision, stain)
     workers = default_workers(dev) if s.workers is None else s.workers
     desc = f"extract {eid}" + (f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else "")
     bar = tqdm(total=sum(_n_rows(files[sid]) for sid in todo), desc=desc, unit="patch", dynamic_ncols=True,

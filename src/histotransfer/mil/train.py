@@ -29,6 +29,7 @@ from .models import AttentionMIL, predict
 from .plan import RunPlan, plan_run
 from .rundir import DONE_FILE, FitResult, guard, save_model, write_config, write_run_outputs
 from .settings import MilSettings
+from .shortcut import shortcut_verdict
 from .splits import SPLITS
 
 
@@ -155,8 +156,15 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
                              s.group_column)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value)."""
+    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the mean
+    within-group AUC over folds (with a group column) and the shortcut check against the mean test AUC (every
+    fold checks the same slides)."""
     summary: dict[str, Any] = {"folds": per_fold, "mean": {}, "sd": {}}
     for name in SPLITS:
         summary["mean"][name], summary["sd"][name] = {}, {}
@@ -164,6 +172,17 @@ def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
             values = [m[name][key] for m in per_fold.values() if m[name][key] is not None]
             summary["mean"][name][key] = float(np.mean(values)) if values else None
             summary["sd"][name][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    first = next(iter(per_fold.values()))
+    if "groups" in first:
+        summary["mean_within_group_auc"] = {name: _mean([m["groups"][name]["mean_within_group_auc"]
+                                                         for m in per_fold.values()]) for name in SPLITS}
+    if "shortcut" in first:
+        check = first["shortcut"]
+        model_auc, colour_auc = summary["mean"]["test"]["auc"], check["colour_auc"]
+        verdict = (shortcut_verdict(model_auc, colour_auc, check["margin"])
+                   if model_auc is not None and colour_auc is not None else None)
+        summary["shortcut"] = {**check, "model_auc": model_auc, "verdict": verdict,
+                               "warning": bool(verdict and verdict.startswith("Warning"))}
     return summary
 
 
