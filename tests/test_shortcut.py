@@ -11,15 +11,8 @@ from sklearn.model_selection import PredefinedSplit
 from histotransfer._io import file_sha256
 from histotransfer.demo_slides import centre_stain_shift, make_demo_slides, render_tissue
 from histotransfer.errors import HistotransferError
-from histotransfer.features.stain import HED_FROM_RGB, optical_density
-from histotransfer.mil.shortcut import (
-    COLOUR_STAT_NAMES,
-    colour_shortcut_auc,
-    group_shortcut_auc,
-    null_auc_sd,
-    shortcut_verdict,
-    slide_colour_stats,
-)
+from histotransfer.colour import COLOUR_STAT_NAMES, HED_FROM_RGB, optical_density, slide_colour_stats
+from histotransfer.mil.shortcut import colour_shortcut_auc, group_shortcut_auc, null_auc_sd, shortcut_verdict
 from histotransfer.patches.tissue import tissue_mask
 
 
@@ -83,6 +76,21 @@ def test_repeats_and_folds_follow_the_cohort() -> None:
     once = colour_shortcut_auc(stats, labels, seed=4, repeats=1)
     assert once["repeats"] == 1 and once == colour_shortcut_auc(stats, labels, seed=4, repeats=1)
     assert colour_shortcut_auc(stats, labels, folds=np.int64(2), repeats=1)["folds"] == 2
+
+
+def test_patient_folds_keep_a_patients_slides_out_of_its_own_training() -> None:
+    """Scored by the patient alone: with slide-level folds a patient's other slide in training tells the label
+    (AUC near 1); with patient-level folds the patient is never in training, so every slide gets the training
+    share of positives, a constant: AUC exactly 0.5."""
+    patients = np.repeat([f"p{i}" for i in range(10)], 2)
+    labels = np.repeat([0, 1] * 5, 2)
+    leaky = group_shortcut_auc(patients, labels, seed=1)
+    kept = group_shortcut_auc(patients, labels, seed=1, patients=patients)
+    assert leaky["auc"] > 0.9 and kept["auc"] == 0.5 and kept["folds"] == 5
+    stats = np.random.default_rng(0).normal(size=(20, 4))
+    assert colour_shortcut_auc(stats, labels, patients=patients, repeats=2)["repeats"] == 2
+    with pytest.raises(HistotransferError, match="1 patient.*smaller class"):
+        group_shortcut_auc(patients[:4], [0, 0, 1, 1], patients=patients[:4])
 
 
 @pytest.mark.parametrize(("call", "message"), [

@@ -164,14 +164,15 @@ def test_markdown_and_csv_files(built):
         assert len(csv) == len(tables[name])
         assert (out / "tables" / f"{name}.md").read_text().count("\n|") >= len(tables[name]) + 1
     t1 = shown["table1_architectures"]
-    assert list(t1.columns) == ["Encoder", "Weights", "ImageNet top-1 (%)", "MIL recipe", "alpha", "beta"]
+    assert list(t1.columns) == ["Encoder", "Weights", "ImageNet top-1 (%)", "Stain", "MIL recipe", "alpha", "beta"]
     aucs = file_aucs(out, "alpha", D121)
     assert t1.loc[1, "alpha"] == f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f} (n=12)"
     assert t1.loc[1, "beta"] == "–"  # densenet121 never finished on beta
     md = (out / "tables" / "table1_architectures.md").read_text()
-    assert f"| densenet121 | imagenet | 74.4 |  | {t1.loc[1, 'alpha']} | – |" in md
+    assert f"| densenet121 | imagenet | 74.4 | none |  | {t1.loc[1, 'alpha']} | – |" in md
     t3 = display_table("table3_finetuning", tables["table3_finetuning"], DATASETS)
-    assert list(t3.columns) == ["Encoder", "Weights", "Truncation", "MIL recipe", "alpha: frozen", "alpha: fine-tuned",
+    assert list(t3.columns) == ["Encoder", "Weights", "Truncation", "Stain", "MIL recipe", "alpha: frozen",
+                                "alpha: fine-tuned",
                                 "beta: frozen", "beta: fine-tuned"]
     assert pd.read_csv(out / "tables" / "runs_mil.csv")["auc"].notna().sum() == 26
 

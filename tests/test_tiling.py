@@ -332,3 +332,17 @@ def test_bad_grid_is_refused_naming_the_option(tmp_path: Path, capsys: pytest.Ca
         tile_slides([tmp_path], tmp_path / "out", grid="centre")
     with pytest.raises(HistotransferError, match=r"threshold: .*less than or equal to 255"):
         TileSettings.build(threshold=256)
+
+
+def test_a_patch_file_without_colour_statistics_is_tiled_again_with_the_same_patches(make_slide,
+                                                                                    tmp_path: Path) -> None:
+    path = make_slide("old", size=(1024, 1024))
+    first = tile_slides([path], tmp_path / "out", patch_size=128)
+    before = read_patch_file(first.patches / "old.h5")
+    assert before.colour_stats is not None and before.colour_stats.shape == (30,)
+    with h5py.File(first.patches / "old.h5", "r+") as f:
+        del f.attrs["colour_stats"]
+    again = tile_slides([path], tmp_path / "out", patch_size=128)
+    after = read_patch_file(again.patches / "old.h5")
+    assert [r.status for r in again.results] == ["ok"] and after.fingerprint == before.fingerprint
+    np.testing.assert_array_equal(after.colour_stats, before.colour_stats)

@@ -22,6 +22,7 @@ COMMANDS = {
     "tile": "histotransfer.patches.cli",
     "encoders": "histotransfer.features.cli",
     "extract": "histotransfer.features.cli",
+    "stain-fit": "histotransfer.features.cli",
     "train": "histotransfer.mil.cli",
     "evaluate": "histotransfer.mil.cli",
     "heatmap": "histotransfer.mil.cli",

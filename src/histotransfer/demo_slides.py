@@ -27,7 +27,7 @@ import tifffile
 
 from ._io import atomic_path, write_csv, write_json
 from .errors import HistotransferError
-from .features import HED_FROM_RGB, RGB_FROM_HED, optical_density
+from .colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 
 BACKGROUND = (243, 243, 241)
 STROMA = (226, 160, 196)

@@ -5,7 +5,9 @@ its type, default, bounds and help text. The CLI builds its options from it (:fu
 :func:`from_args`), the Python API accepts it (or keyword overrides, :meth:`StageSettings.build`), the study file
 validates its sections with it, and its :meth:`~StageSettings.fingerprint` is what caches and run folders record.
 Fields marked ``runtime`` (devices, workers, batch sizes) change how fast a result is made, not the result, so
-they are recorded but left out of the fingerprint.
+they are recorded but left out of the fingerprint. Fields marked ``omit_default`` (options added after a stage's
+results were first recorded) are left out of the fingerprint while they keep their default, which makes the
+result of before they existed: earlier results keep their fingerprints and are not redone.
 
 pydantic validates; its errors are turned into one message listing every problem with the option (``--min-tissue``)
 or key path (``datasets[0].min_tissue``) at fault.
@@ -27,6 +29,7 @@ from .errors import HistotransferError
 from .provenance import json_fingerprint
 
 RUNTIME = {"runtime": True}
+OMIT_DEFAULT = {"omit_default": True}
 
 
 class StageSettings(BaseModel):
@@ -53,9 +56,16 @@ class StageSettings(BaseModel):
         """Every field as plain JSON values (what config files hold)."""
         return self.model_dump(mode="json")
 
+    @classmethod
+    def omit_default_fields(cls) -> set[str]:
+        return {name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("omit_default")}
+
     def result_settings(self) -> dict[str, Any]:
-        """The fields that determine the result (runtime fields left out)."""
-        return self.model_dump(mode="json", exclude=self.runtime_fields())
+        """The fields that determine the result (runtime fields left out, ``omit_default`` fields too while
+        they hold their default)."""
+        fields = type(self).model_fields
+        at_default = {k for k in self.omit_default_fields() if getattr(self, k) == fields[k].default}
+        return self.model_dump(mode="json", exclude=self.runtime_fields() | at_default)
 
     def fingerprint(self) -> str:
         """sha256 of :meth:`result_settings`: equal settings give equal fingerprints, in any process."""

@@ -37,7 +37,15 @@ from .._io import (atomic_path, file_sha256, h5_files, output_folder, remove_sta
 from ..annotations import Annotation, load_annotation
 from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, error_result, summarize
 from ..errors import HistotransferError, ProvenanceError
-from ..features import Encoder, FeatureBag, encoder_spec, read_feature_file
+from ..features import (
+    Encoder,
+    FeatureBag,
+    StainNormalizer,
+    encoder_spec,
+    normalise_pixels,
+    read_feature_file,
+    recorded_normalizer,
+)
 from ..finetune import run_encoder
 from ..formats import open_h5, stamp
 from ..mil import (
@@ -105,6 +113,7 @@ class _Run:
     fingerprint: str
     labels: dict[str, int]
     splits: dict[str, str]
+    stain: StainNormalizer | None = None  # the stain normalisation the run's features were made with
 
     @property
     def features_dir(self) -> Path:
@@ -164,7 +173,8 @@ def _load_run(run_dir: Path, s: CamSettings) -> _Run:
     return _Run(run_dir, config, encoder.to(device).eval(), head.to(device).eval(),
                 list(read_checkpoint(run_dir)["classes"]), device, fingerprint,
                 dict(zip(splits["slide_id"], splits["label"].astype(int))), dict(zip(splits["slide_id"],
-                                                                                      splits["split"])))
+                                                                                      splits["split"])),
+                recorded_normalizer(config.get("encoder") or {}, run_dir / "config.json"))
 
 
 def _slide_ids(run_dir: Path, slide_ids: Sequence[str] | None) -> list[str]:
@@ -309,8 +319,8 @@ def _checked_gap(run: _Run, inputs: _SlideInputs, result: CamResult, rows: np.nd
         raise EncoderMismatch(
             f"{run.features_dir / (inputs.bag.slide_id + '.h5')}: the encoder ({run.encoder.name}, truncate "
             f"{run.encoder.truncate}) does not reproduce the run's features of the same patches (relative "
-            f"difference {gap:.3g}), so its CAMs would not explain the run's predictions; the weights, input size "
-            "or slides (--slides) differ from those the run used."
+            f"difference {gap:.3g}), so its CAMs would not explain the run's predictions; the weights, input size, "
+            "stain normalisation or slides (--slides) differ from those the run used."
         )
     return gap
 
@@ -321,8 +331,10 @@ def _slide_cam(run: _Run, s: CamSettings, slide_id: str, index: dict[str, Path] 
     inputs = _slide_inputs(run, slide_id, index)
     att, bag, spec = inputs.attention, inputs.bag, inputs.patches.spec
     top = np.argsort(-att["score"], kind="stable")[: s.top_k]
-    pixels, thumb, dimensions = _read_slide(inputs, top, run.input_size, s.max_side)
-    x = run.encoder.preprocess(torch.from_numpy(pixels), run.device)
+    raw, thumb, dimensions = _read_slide(inputs, top, run.input_size, s.max_side)
+    normalised = normalise_pixels(torch.from_numpy(raw), run.stain, run.device)
+    pixels = normalised.cpu().numpy()  # what the encoder sees, and the figure shows
+    x = run.encoder.preprocess(normalised, run.device)
     result = grad_cam(run.encoder, run.head, x, slide_features=torch.from_numpy(bag.features).to(run.device),
                       rows=top, target_class=s.target_class, batch_size=s.batch_size)
     gap = _checked_gap(run, inputs, result, top)

@@ -55,13 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cka(args: argparse.Namespace) -> int:
+    from ..features import stain_normalizer
     from .compare import cka_summary, compare_encoders, resolve_encoder
 
     t0 = time.perf_counter()
 
     settings = from_args(CkaSettings, args)
-    a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a)
-    b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b)
+    stain = stain_normalizer(settings.stain_norm, settings.stain_ref)
+    a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a, stain)
+    b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b, stain)
     df = compare_encoders(a, b, args.patches, args.out, settings, slides=args.slides)
     print(f"linear CKA per stage, {a.label} vs {b.label}:")
     print(cka_summary(df))

@@ -14,6 +14,10 @@ mode (BatchNorm running statistics), for ImageNet-normalised RGB patches at the 
   in column chunks (``n^2 * 8`` bytes of memory per stage and encoder). Use fewer patches or a smaller input
   size when that does not fit.
 
+**Pixels.** Each encoder sees the patches as its features were made: a run folder (or its ``encoder.pt``) with
+the stain normalisation its features were extracted with, an encoder given by name with the settings'
+``stain_norm`` / ``stain_ref`` (as an extraction with those options); the random baseline as encoder A.
+
 Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
 of A with every stage of B (``cka_matrix.csv`` and a heatmap).
 """
@@ -36,7 +40,19 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_path, output_folder, write_csv, write_json
 from ..errors import HistotransferError
-from ..features import Encoder, PatchBatches, SlideJob, create_encoder, is_file_label, patch_loader
+from ..features import (
+    Encoder,
+    PatchBatches,
+    SlideJob,
+    StainNormalizer,
+    create_encoder,
+    is_file_label,
+    normalise_pixels,
+    patch_loader,
+    recorded_normalizer,
+    stain_normalizer,
+    stain_tag,
+)
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
 from ..runtime import precision_context, resolve_device
@@ -51,34 +67,39 @@ BASELINE_SEED = 1  # the random initialisation CKA baselines use (the "random" w
 
 @dataclass
 class ResolvedEncoder:
-    """An encoder to compare, a label for tables and figures, and the input size its run used (if any)."""
+    """An encoder to compare, a label for tables and figures, the input size its run used (if any) and the
+    stain normalisation of the pixels it sees."""
 
     encoder: Encoder
     label: str
     input_size: int | None = None
+    stain: StainNormalizer | None = None
 
 
 EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
-def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0) -> ResolvedEncoder:
-    """Turn an encoder spec into an :class:`Encoder`.
+def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0,
+                    stain: StainNormalizer | None = None) -> ResolvedEncoder:
+    """Turn an encoder spec into an :class:`Encoder` and the stain normalisation of its pixels.
 
     ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}``; a run folder (``train`` run: its
     frozen encoder; ``finetune`` run: its fine-tuned one); a fine-tuned ``encoder.pt`` (its run folder's
     ``config.json`` names the architecture); or a registry name, built with ``weights`` and ``truncate``.
+    A run folder or ``encoder.pt`` brings the normalisation its features were made with (``stain``, when
+    given, must be the same); the others take ``stain``.
     """
     if isinstance(spec, ResolvedEncoder):
         return spec
     if isinstance(spec, Encoder):
-        return ResolvedEncoder(spec, f"{spec.name} (t{spec.truncate})")
+        return ResolvedEncoder(spec, f"{spec.name} (t{spec.truncate})", stain=stain)
     if isinstance(spec, Mapping):
         name = spec.get("name") or spec.get("encoder")
         if not name:
             raise HistotransferError(f"encoder spec {dict(spec)}: needs a 'name'.")
         w, t = spec.get("weights", weights), int(spec.get("truncate", truncate))
         enc = create_encoder(str(name), None if w is None else str(w), t)
-        return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{t})")
+        return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{t})", stain=stain)
     path = Path(spec)
     if path.is_dir() or path.is_file():
         run_dir = path if path.is_dir() else path.parent
@@ -92,11 +113,17 @@ def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int
             attrs = {**attrs, "weights": str(path.resolve()), "weights_sha256": ""}
         encoder = encoder_from_attrs(attrs, run_dir / "config.json", local_dir=run_dir)
         size = attrs.get("input_size")
+        recorded = recorded_normalizer(attrs, run_dir / "config.json")
+        if stain is not None and stain_tag(stain) != stain_tag(recorded):
+            raise HistotransferError(
+                f"{run_dir}: its features were made with stain normalisation {stain_tag(recorded)}, not "
+                f"{stain_tag(stain)}; a run folder brings its own normalisation: drop --stain-norm/--stain-ref, or "
+                "compare encoders given by name.")
         return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, t{encoder.truncate})",
-                               int(size) if size else None)
+                               int(size) if size else None, recorded)
     name = str(spec)
     enc = create_encoder(name, weights, truncate)
-    return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{truncate})")
+    return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{truncate})", stain=stain)
 
 
 def _weights_name(encoder: Encoder) -> str:
@@ -204,14 +231,17 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                      settings: CkaSettings | None = None, slides: Any = None, **overrides: Any) -> pd.DataFrame:
     """Linear CKA between the same stages of two encoders on patches sampled from ``patches_dir``.
 
-    Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`). ``settings`` (or
+    Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`; a
+    :class:`ResolvedEncoder` keeps the stain normalisation it was resolved with). ``settings`` (or
     keyword overrides such as ``n_patches=2000, pooling="mean"``) say how (:class:`CkaSettings`). Writes
     ``cka.csv`` (stage, cka), ``cka.png``, ``patches.csv`` (the patches used), ``cka.json`` (settings, the
     encoders' weights and the patches' fingerprints, the number of patches asked for and used) and, with
     ``full_matrix``, ``cka_matrix.csv`` / ``cka_matrix.png``. Returns the cka.csv table.
     """
     s = CkaSettings.build(settings, **overrides)
-    a, b = resolve_encoder(encoder_a), resolve_encoder(encoder_b)
+    resolved = all(isinstance(e, ResolvedEncoder) for e in (encoder_a, encoder_b))
+    stain = None if resolved else stain_normalizer(s.stain_norm, s.stain_ref)  # resolved ones carry theirs
+    a, b = resolve_encoder(encoder_a, stain=stain), resolve_encoder(encoder_b, stain=stain)
     input_size = s.input_size
     if input_size is None and a.input_size is not None and a.input_size == b.input_size:
         input_size = a.input_size
@@ -228,17 +258,17 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     pairs = list(zip(names_a, names_b))
     if s.full_matrix:
         pairs += [(x, y) for x in names_a for y in names_b]
-    encoders = [(a.encoder, names_a), (b.encoder, names_b)]
+    encoders = [(a.encoder, names_a, a.stain), (b.encoder, names_b, b.stain)]
     names_r: list[str] = []
     if s.baseline:
         # Another draw than the "random" weights, so the baseline is never encoder A itself.
         rand = create_encoder(a.encoder.name, "random", a.encoder.truncate, random_seed=BASELINE_SEED)
         names_r = [f"r:{st}" for st in rand.stage_names]
-        encoders.append((rand, names_r))
+        encoders.append((rand, names_r, a.stain))
         pairs += list(zip(names_a, names_r))
     pairs = list(dict.fromkeys(pairs))
 
-    models = [(enc.to(dev).eval(), names) for enc, names in encoders]
+    models = [(enc.to(dev).eval(), names, norm) for enc, names, norm in encoders]
     used: list[tuple[str, int, int]] = []
     widths: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
@@ -256,8 +286,12 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                         failed.add(item.job)
                     continue
                 batch = {}
-                for model, names in models:
-                    x = model.preprocess(item.pixels, dev)
+                pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
+                for model, names, norm in models:
+                    tag = stain_tag(norm)
+                    if tag not in pixels:
+                        pixels[tag] = normalise_pixels(item.pixels, norm, dev)
+                    x = model.preprocess(pixels[tag], dev)
                     maps = model.forward_stages(x)
                     widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else
                                    int(m.shape[1] if m.dim() == 4 else m.shape[-1]) for n, m in zip(names, maps)})
@@ -292,7 +326,8 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
               "n_patches_requested": s.n_patches, "n_patches": len(used),
               "patches_dir": str(Path(patches_dir).resolve()),
               "patches": {j.slide_id: j.fingerprint for j in jobs},
-              "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256}
+              "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
+              "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
     if s.full_matrix:
         matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
                               index=a.encoder.stage_names, columns=b.encoder.stage_names)

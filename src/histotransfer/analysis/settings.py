@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..features.settings import Device
+from ..features.settings import Device, StainMethod, check_stain_options, stain_norm_field, stain_ref_field
 from ..settings import RUNTIME, StageSettings
 
 
@@ -33,6 +33,15 @@ class CkaSettings(StageSettings):
     workers: int = Field(0, ge=0, le=256, description="patch-reading processes (0: in this process)",
                          json_schema_extra=RUNTIME)
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
+    # Encoders given by registry name (or encoder.pt) see patches normalised as these say, like an extraction
+    # with the same options; a run folder always brings its own normalisation.
+    stain_norm: StainMethod = stain_norm_field()
+    stain_ref: str | None = stain_ref_field()
+
+    @model_validator(mode="after")
+    def _stain_options(self) -> Self:
+        check_stain_options(self.stain_norm, self.stain_ref)
+        return self
 
 
 class CamSettings(StageSettings):

@@ -7,7 +7,7 @@ import time
 from typing import cast
 
 from ..settings import add_options, from_args
-from .settings import EncoderChoice, ExtractSettings
+from .settings import STAIN_REF_HELP, EncoderChoice, ExtractSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder(s) or files of the slides, when they moved since tiling")
     p.set_defaults(func=_extract)
 
+    f = subparsers.add_parser(
+        "stain-fit", help="fit a stain normalisation target once, to reuse with --stain-ref",
+        description="Fit a Macenko or Reinhard stain target to a reference and write it as JSON; extract "
+                    "--stain-ref TARGET.json (and the study's extract.stain_ref) then use these very numbers.")
+    f.add_argument("--method", required=True, choices=("macenko", "reinhard"), help="normalisation method")
+    f.add_argument("--ref", required=True, help=STAIN_REF_HELP)
+    f.add_argument("--out", required=True, help="JSON file to write")
+    f.set_defaults(func=_stain_fit)
+
     e = subparsers.add_parser("encoders", help="list the available encoders",
                               description="List the registered encoders: family, feature size per truncation, "
                                           "default weights and their ImageNet top-1, and the checkpoint file a "
@@ -57,6 +66,15 @@ def _extract(args: argparse.Namespace) -> int:
         codes.append(print_summary(run.results, stage, seconds, run.folder,
                                    run.folder / "extract.csv" if run.rank == 0 else None, prefix))
     return max(codes)
+
+
+def _stain_fit(args: argparse.Namespace) -> int:
+    from .stain import fit_reference, write_stain_target
+
+    normalizer = fit_reference(args.method, args.ref)
+    path = write_stain_target(normalizer, args.out)
+    print(f"{normalizer.method} target {normalizer.tag()} written to {path}")
+    return 0
 
 
 def _encoders(args: argparse.Namespace) -> int:

@@ -17,6 +17,10 @@ network runs once per batch up to the deepest truncation a slide still needs, an
 output of its own last stage, with the same modules as a pass of it alone (so the same bytes on a CPU in fp32).
 Each truncation keeps its own folder, ``features.json``, ``extract.csv``, locks and skips.
 
+With ``stain_norm`` the reference is fitted once per extraction (or its fitted target loaded) and every batch is
+normalised on the encoder's device before the encoder's preprocessing; the target is recorded in each file and
+its tag names the folder (``<encoder_id>`` ends in e.g. ``-macenko-1a2b3c4d``).
+
 This does not use ``batch.run_batch`` (one slide after the other): batches of consecutive slides flow through
 one loader without a pause between slides, and per-slide results are reported with the same rows.
 """
@@ -54,6 +58,7 @@ from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
 from .loader import PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
+from .stain import StainNormalizer, stain_normalizer
 
 REPORT_NAME = "extract.csv"
 FOLDER_RECORD = "features.json"
@@ -165,15 +170,27 @@ class StageTaps(nn.Module):
         return out
 
 
+def normalise_pixels(pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) pixels on ``device``, stain-normalised there when ``stain`` is given. The
+    normalisation runs in IEEE float32 on every device (no TF32, no autocast), as on the CPU."""
+    pixels = pixels.to(device, non_blocking=True)
+    if stain is None:
+        return pixels
+    with precision_context(device, "fp32"):
+        return stain(pixels)
+
+
 class BatchEncoder:
     """The encoder side: uint8 NHWC pixels in, float features out, in inference mode and channels_last.
 
     Built from one encoder, or from several truncations of one network (:func:`create_encoders`): the network
     then runs once per batch, up to the deepest truncation asked for, and each truncation pools the output of
-    its own last stage, with the same modules and operations as a pass of that truncation alone.
+    its own last stage, with the same modules and operations as a pass of that truncation alone. With
+    ``stain``, each batch is stain-normalised on the encoder's device before the encoder's own preprocessing.
     """
 
-    def __init__(self, encoders: Encoder | Sequence[Encoder], device: torch.device, precision: str):
+    def __init__(self, encoders: Encoder | Sequence[Encoder], device: torch.device, precision: str,
+                 stain: StainNormalizer | None = None):
         encoders = [encoders] if isinstance(encoders, Encoder) else sorted(encoders, key=lambda e: e.truncate)
         deepest = encoders[0]
         self.truncations = [e.truncate for e in encoders]
@@ -184,16 +201,26 @@ class BatchEncoder:
                                                                            memory_format=torch.channels_last)
         self.device = device
         self.precision = precision
+        self.stain = stain
+
+    def _step(self, height: int, width: int, n: int) -> int:
+        """Images per call: on a CPU, as many as keep a call within ``CPU_PIXELS_PER_CALL`` pixels."""
+        return max(1, CPU_PIXELS_PER_CALL // (height * width)) if self.device.type == "cpu" else n
+
+    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.stain is None:
+            return pixels
+        step = self._step(pixels.shape[1], pixels.shape[2], len(pixels))
+        return torch.cat([normalise_pixels(pixels[i:i + step], self.stain, self.device)
+                          for i in range(0, len(pixels), step)])
 
     @torch.inference_mode()
     def features(self, pixels: torch.Tensor, truncations: Sequence[int] | None = None) -> dict[int, np.ndarray]:
         """The features of ``truncations`` (default: every one this encoder was built with)."""
         truncations = self.truncations if truncations is None else truncations
         taps = [self.last_stage[t] for t in truncations]
-        x = self.preprocess(pixels, self.device)
-        step = len(x)
-        if self.device.type == "cpu":
-            step = max(1, CPU_PIXELS_PER_CALL // (x.shape[2] * x.shape[3]))
+        x = self.preprocess(self._normalised(pixels), self.device)
+        step = self._step(x.shape[2], x.shape[3], len(x))
         with precision_context(self.device, self.precision):
             parts = [self.model(x[i:i + step], taps) for i in range(0, len(x), step)]
         return {t: torch.cat([part[k] for part in parts]).float().cpu().numpy()
@@ -370,6 +397,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     if not files:
         raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
     encoders = create_encoders(choice.encoder, choice.weights, choice.truncations)  # fails before any output
+    stain = stain_normalizer(s.stain_norm, s.stain_ref)  # fitted once, before any output
     first = encoders[choice.truncations[0]]
     input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
     index = slide_index(slides)
@@ -378,7 +406,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     ranks = ranks or init_ranks(dev)
     try:
         report_name = REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"
-        outputs = [_output(root, one, encoders[t], s, input_size, tiling, report_name)
+        outputs = [_output(root, one, encoders[t], s, input_size, tiling, report_name, stain)
                    for t, one in zip(choice.truncations, choice.each())]
         if ranks.rank == 0:
             for out in outputs:
@@ -387,7 +415,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         todo = _plan(mine, files, outputs)
         if todo:
-            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev, decode)
+            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev, decode, stain)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             for out in outputs:
@@ -400,23 +428,45 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
 
 
 def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSettings, input_size: int | None,
-            tiling: TilingFolder, report_name: str) -> _Output:
+            tiling: TilingFolder, report_name: str, stain: StainNormalizer | None) -> _Output:
     """The feature folder of one truncation (``choice`` of that truncation alone, ``encoder`` its encoder),
     created, with what identifies it and its report."""
-    eid = encoder_id(choice.encoder, choice.weights, encoder.truncate, input_size, s.precision, s.dtype)
+    eid = encoder_id(choice.encoder, choice.weights, encoder.truncate, input_size, s.precision, s.dtype,
+                     extra=(stain.tag(),) if stain is not None else ())
     folder = root / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(encoder)
-    settings_fp = json_fingerprint({"encoder": choice.result_settings(), "extract": s.result_settings(),
-                                    "input_size": input_size, "weights_sha256": described["weights_sha256"]})
+    settings_fp = settings_fingerprint(choice, s, input_size, described["weights_sha256"], stain)
     attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
              "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
              "tiling": tiling.name or "", "preprocessing": canonical_json(encoder.preprocessing.describe()),
-             "versions": _versions()}
+             "versions": _versions(), **stain_attrs(stain)}
     record = {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
-              "encoder": described, "settings": s.record(), "input_size": input_size}
+              "encoder": described, "settings": s.record(), "input_size": input_size,
+              **({"stain": stain.to_dict()} if stain is not None else {})}
     return _Output(encoder, folder, settings_fp, attrs, record,
                    BatchReport(folder / report_name, shared=report_name == REPORT_NAME))
+
+
+def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None, weights_sha256: str,
+                         stain: StainNormalizer | None) -> str:
+    """What a finished feature file must have been made with to be kept. The stain reference counts by the
+    target fitted on it, not by its path (the same target from a moved file is the same extraction); without
+    normalisation the fingerprint is the one of before stain options existed."""
+    extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
+    record = {"encoder": choice.result_settings(), "extract": extract, "input_size": input_size,
+              "weights_sha256": weights_sha256}
+    if stain is not None:
+        record["stain"] = stain.to_dict()
+    return json_fingerprint(record)
+
+
+def stain_attrs(stain: StainNormalizer | None) -> dict[str, str]:
+    """The feature-file attrs of a stain normalisation: ``stain_tag`` and ``stain_target`` (the JSON of
+    ``to_dict``); none at all without one, so such files read as before stain options existed."""
+    if stain is None:
+        return {}
+    return {"stain_tag": stain.tag(), "stain_target": canonical_json(stain.to_dict())}
 
 
 def _plan(mine: list[str], files: dict[str, Path], outputs: list[_Output]) -> dict[str, list[_Output]]:
@@ -462,11 +512,11 @@ def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
 
 def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index: dict[str, Path] | None,
                   outputs: list[_Output], s: ExtractSettings, input_size: int | None, ranks: Ranks,
-                  dev: torch.device, decode: str) -> None:
+                  dev: torch.device, decode: str, stain: StainNormalizer | None = None) -> None:
     """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time;
     ``decode`` says where JPEG tiles are decoded."""
     needed = {out.truncate for outs in todo.values() for out in outs}
-    encode = BatchEncoder([out.encoder for out in outputs if out.truncate in needed], dev, s.precision)
+    encode = BatchEncoder([out.encoder for out in outputs if out.truncate in needed], dev, s.precision, stain)
     workers = default_workers(dev) if s.workers is None else s.workers
     names = [out.folder.name for out in outputs if out.truncate in needed]
     desc = f"extract {names[0]}" + (f" +{len(names) - 1} truncations" if len(names) > 1 else "")

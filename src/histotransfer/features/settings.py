@@ -4,11 +4,36 @@
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from ..settings import RUNTIME, StageSettings
+from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
+
+StainMethod = Literal["none", "macenko", "reinhard"]
+STAIN_REF_HELP = ("stain reference: a patch image, a folder of patch images (fitted as one set), a slide region "
+                  "SLIDE@x,y,w,h (level-0 pixels), or a fitted target .json (histotransfer stain-fit)")
+
+
+def stain_norm_field() -> Any:
+    """The ``stain_norm`` option, defined once for every stage that reads pixels (extraction, CKA)."""
+    return Field("none", description="normalise patch colour to the reference before the encoder: none, macenko "
+                                     "or reinhard", json_schema_extra=OMIT_DEFAULT)
+
+
+def stain_ref_field() -> Any:
+    """The ``stain_ref`` option (see :data:`STAIN_REF_HELP`)."""
+    return Field(None, min_length=1, description=STAIN_REF_HELP, json_schema_extra=OMIT_DEFAULT)
+
+
+def check_stain_options(method: str, reference: str | None) -> None:
+    """A method needs a reference; a reference without a method would be recorded but have no effect."""
+    if method != "none" and reference is None:
+        raise ValueError(f"stain_norm {method} needs stain_ref: a patch image, a folder of them, SLIDE@x,y,w,h or "
+                         "a fitted target .json")
+    if method == "none" and reference is not None:
+        raise ValueError("stain_ref is given but stain_norm is none: set stain_norm to macenko or reinhard, or "
+                         "drop stain_ref")
 
 
 class EncoderChoice(StageSettings):
@@ -80,3 +105,10 @@ class ExtractSettings(StageSettings):
                                                                       "runs on CUDA); slides that are not "
                                                                       "JPEG-tiled are decoded on the CPU",
                                                   json_schema_extra=RUNTIME)
+    stain_norm: StainMethod = stain_norm_field()
+    stain_ref: str | None = stain_ref_field()
+
+    @model_validator(mode="after")
+    def _stain_options(self) -> Self:
+        check_stain_options(self.stain_norm, self.stain_ref)
+        return self

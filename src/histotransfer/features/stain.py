@@ -19,6 +19,11 @@ normalises one image per call and keeps its constants on the CPU, so the same ar
 batched (per-patch percentiles by sorting, stain unmixing by a batched pseudo-inverse); the tests check it
 against torchstain's NumPy backend to within one grey level.
 
+**References given as text** (``--stain-ref``, :func:`fit_reference`): a patch image file; a folder of patch
+images (fitted as one set, as above); a slide region ``SLIDE@x,y,w,h`` (level-0 pixels of the slide file,
+read at level 0); or a fitted target ``.json`` (``to_dict``, as ``histotransfer stain-fit`` writes it), loaded
+as it is, so that every stage and machine uses the very same numbers.
+
 **Patches left unchanged.** A patch is returned as it is (by both methods) when it has fewer than ``min_pixels`` stained pixels
 (optical density ``-log((I + 1) / io)`` of at least ``beta`` in all three channels: the pixels Macenko's
 method estimates stains from; default 500, a few hundred pixels being what the 1st/99th percentile angles need
@@ -32,7 +37,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
+from ..colour import HED_FROM_RGB, RGB_FROM_HED
 from ..errors import HistotransferError
 
 METHODS = ("macenko", "reinhard")
@@ -49,10 +56,6 @@ MACENKO_DEFAULTS = {"io": 240.0, "alpha": 1.0, "beta": 0.15}
 MIN_STAINED_PIXELS = 500
 MIN_STAIN_ANGLE_DEG = 1.0
 DECIMALS = 6
-# Ruifrok & Johnston's optical-density vectors of haematoxylin, eosin and DAB (rows), as scikit-image's
-# rgb2hed uses them (scikit-image is not a dependency; these nine numbers are all it would give).
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 # sRGB (D65) to XYZ and the D65 white point: the constants of torchstain's Reinhard (OpenCV's), so that the
 # batched Lab conversion below agrees with it.
 RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
@@ -60,11 +63,9 @@ RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.07
 D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 
 Reference = str | os.PathLike[str] | np.ndarray
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Optical density ``-log((I + 1) / 256)`` of uint8 RGB values (float32; white 255 is 0)."""
-    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SLIDE_REGION = re.compile(r"^(?P<path>.+)@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$")
+MAX_REGION_PIXELS = 4096 * 4096  # a reference region larger than this is a slide, not a reference
 
 
 def _od_torch(pixels: torch.Tensor) -> torch.Tensor:
@@ -347,3 +348,109 @@ class HedJitter:
         hed = _od_torch(pixels) @ torch.tensor(HED_FROM_RGB, dtype=torch.float32, device=dev)
         hed = hed * scale.to(dev).view(b, 1, 1, 3) + shift.to(dev).view(b, 1, 1, 3)
         return _from_od_torch(hed @ torch.tensor(RGB_FROM_HED, dtype=torch.float32, device=dev))
+
+
+def read_slide_region(spec: str) -> np.ndarray:
+    """The RGB pixels of a slide region ``SLIDE@x,y,w,h``: ``w`` x ``h`` level-0 pixels from (x, y), read at
+    level 0."""
+    from ..slide import open_slide
+
+    match = SLIDE_REGION.match(spec)
+    if match is None:
+        raise HistotransferError(f"{spec}: not a slide region; write it as SLIDE@x,y,w,h in level-0 pixels.")
+    x, y, w, h = (int(match[k]) for k in ("x", "y", "w", "h"))
+    if w * h == 0 or w * h > MAX_REGION_PIXELS:
+        raise HistotransferError(f"{spec}: a region of {w} x {h} pixels; give a tissue region of 1 to "
+                                 f"{MAX_REGION_PIXELS} pixels (e.g. 2048,2048).")
+    # The region is in level-0 pixels, so the slide's resolution plays no part: any mpp opens it.
+    with open_slide(match["path"], mpp=1.0) as slide:
+        sw, sh = slide.dimensions
+        if x + w > sw or y + h > sh:
+            raise HistotransferError(f"{spec}: the region ends at ({x + w}, {y + h}), outside the slide's level 0 "
+                                     f"({sw} x {sh}); pick a region inside it.")
+        return slide.read_region((x, y), 0, (w, h))
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise HistotransferError(f"{folder}: holds no patch images ({', '.join(IMAGE_SUFFIXES)}) to fit a stain "
+                                 "reference on; give a folder of reference patches.")
+    return images
+
+
+def read_stain_target(path: str | os.PathLike[str]) -> StainNormalizer:
+    """A fitted target written by :func:`write_stain_target` (or ``histotransfer stain-fit``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise HistotransferError(f"{path}: not a readable stain target JSON ({exc}); write it with "
+                                 "histotransfer stain-fit.") from exc
+    if not isinstance(data, dict):
+        raise HistotransferError(f"{path}: not a stain target (a JSON object with method, target, settings); "
+                                 "write it with histotransfer stain-fit.")
+    return StainNormalizer.from_dict(data)
+
+
+def write_stain_target(normalizer: StainNormalizer, path: str | os.PathLike[str]) -> Path:
+    """Write ``normalizer.to_dict()`` as JSON: a reference every later fit-free use loads as it is."""
+    from .._io import write_json
+
+    write_json(normalizer.to_dict(), path)
+    return Path(path)
+
+
+def fit_reference(method: str, reference: str | os.PathLike[str]) -> StainNormalizer:
+    """The ``method`` normaliser of a reference given as text: a fitted target ``.json`` (loaded; its method
+    must be ``method``), a slide region ``SLIDE@x,y,w,h``, a folder of patch images (one pooled fit) or a
+    patch image file."""
+    _check_method(method)
+    text = str(reference)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".json" and path.is_file():
+        loaded = read_stain_target(path)
+        if loaded.method != method:
+            raise HistotransferError(f"{path}: a {loaded.method} target, but stain normalisation {method} was "
+                                     f"asked for; pass --stain-norm {loaded.method} or another reference.")
+        return loaded
+    if not path.exists() and SLIDE_REGION.match(text):
+        source: Reference | list[Path] = read_slide_region(text)
+    elif path.is_dir():
+        source = _folder_images(path)
+    elif path.is_file():
+        source = path
+    else:
+        raise HistotransferError(f"{text}: no such stain reference; give a patch image, a folder of them, "
+                                 "SLIDE@x,y,w,h or a fitted target .json.")
+    try:
+        return StainNormalizer.fit(method, source)
+    except HistotransferError as exc:
+        raise HistotransferError(f"{text}: {exc}") from None
+
+
+def stain_normalizer(method: str, reference: str | os.PathLike[str] | None) -> StainNormalizer | None:
+    """The normaliser of a stage's ``stain_norm`` / ``stain_ref`` options: None for ``"none"``."""
+    if method == "none":
+        return None
+    if reference is None:
+        raise HistotransferError(f"stain normalisation {method} needs a reference (--stain-ref).")
+    return fit_reference(method, reference)
+
+
+def recorded_normalizer(record: Mapping[str, Any], source: str | os.PathLike[str] = "") -> StainNormalizer | None:
+    """The normaliser a feature file's attrs or a run's encoder record name in ``stain_target`` (the JSON of
+    ``to_dict``); None where none was used (or the features are not ours)."""
+    value = record.get("stain_target")
+    if not value:
+        return None
+    try:
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+        return StainNormalizer.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise HistotransferError(f"{source}: unreadable stain_target record ({exc}); re-extract the features.") \
+            from exc
+
+
+def stain_tag(normalizer: StainNormalizer | None) -> str:
+    """``normalizer.tag()``, or ``none``."""
+    return "none" if normalizer is None else normalizer.tag()

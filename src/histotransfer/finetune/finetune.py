@@ -31,12 +31,16 @@ from ..errors import HistotransferError
 from ..features import (
     PatchBatches,
     SlideJob,
+    StainNormalizer,
     create_encoder,
     encoder_attrs,
     encoder_info,
     extract_features,
+    normalise_pixels,
     read_feature_attrs,
     read_feature_file,
+    recorded_normalizer,
+    write_stain_target,
 )
 from ..mil import (
     SPLITS,
@@ -58,10 +62,11 @@ from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL, check_lora, lora_of, merge_lora
 from .settings import FinetuneSettings
 from .topk import read_splits, select_top_k
-from .train import fit_end_to_end
+from .train import augmentation_record, fit_end_to_end
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DONE_FILE = "comparison.json"
+STAIN_FILE = "stain_target.json"  # the run's stain normalisation, which re-extraction loads as its reference
 # Largest relative difference tolerated between the run's stored features and the rebuilt encoder's output
 # for the same pixels: float32 rounding across devices (TF32 convolutions on GPUs) stays far below it, while
 # other weights, pixels or input sizes give differences of order 1.
@@ -75,9 +80,11 @@ def _input_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
 
 
 @torch.no_grad()
-def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device) -> float:
+def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device,
+                     stain: StainNormalizer | None = None) -> float:
     """Relative max difference between the run's stored features of a few of ``slide``'s patches and the
-    rebuilt encoder's; raises when it is beyond float rounding (other weights, slides or input size)."""
+    rebuilt encoder's (on pixels normalised with ``stain``, the run's); raises when it is beyond float rounding
+    (other weights, slides, input size or stain normalisation)."""
     bag = read_feature_file(slide.feature_file)
     rows = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
     coords = slide.job.coords[:4]
@@ -87,7 +94,8 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
     if item.error:
         raise HistotransferError(item.error)
     model.eval()
-    mine = model.features(model.encoder.preprocess(item.pixels, device)).float().cpu().numpy()
+    pixels = normalise_pixels(item.pixels, stain, device)
+    mine = model.features(model.encoder.preprocess(pixels, device)).float().cpu().numpy()
     err = float(np.abs(mine - stored).max() / max(float(np.abs(stored).max()), 1e-6))
     tol = REPRODUCE_TOLERANCE.get(str(bag.attrs.get("precision", "fp32")), 5e-2)
     if bag.attrs.get("dtype") == "float16":
@@ -95,8 +103,8 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
     if err > tol:
         raise HistotransferError(
             f"{slide.feature_file}: the rebuilt encoder does not reproduce the run's features for the same "
-            f"patches (relative difference {err:.3g}); the slides (--slides), the weights file or the patch files "
-            "differ from those the run was made with."
+            f"patches (relative difference {err:.3g}); the slides (--slides), the weights file, the patch files or "
+            "the stain normalisation differ from those the run was made with."
         )
     return err
 
@@ -106,10 +114,11 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
     """Train and write ``encoder.pt``, ``model.pt`` and ``history.csv`` (the last marks the phase done)."""
     source = run_dir / "config.json"
     encoder = encoder_from_attrs(run_config["encoder"], source)
+    stain = recorded_normalizer(run_config["encoder"], source)
     head = load_run_model(run_dir)
     model = EndToEndMIL(encoder, head, s.freeze_stages, s.grad_checkpointing, lora_of(s)).to(device)
-    check_reproduces(model, train[0], input_size, device)
-    result = fit_end_to_end(model, train, val, s, input_size, device, ranks, out / CHECKPOINT_FILE)
+    check_reproduces(model, train[0], input_size, device, stain)
+    result = fit_end_to_end(model, train, val, s, input_size, device, ranks, out / CHECKPOINT_FILE, stain)
     model.load_state_dict(result.state)
     if ranks.rank == 0:
         model.cpu()
@@ -148,9 +157,10 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     config = {**config, "unreadable_slides": unreadable,
               "inputs": {**config["inputs"], "features": dict(zip(bags.slide_ids, bags.fingerprints))}}
     write_config(config, out)
+    group = (read_config(run_dir).get("settings") or {}).get("group_column")
     metrics = write_run_outputs(out, head, bags, kept, config["seed"],
                                 f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}",
-                                config["positive_class"])
+                                config["positive_class"], group if group in kept.columns else None)
     frozen = json.loads((run_dir / "metrics.json").read_text())
     comparison = {
         "frozen_run": str(run_dir.resolve()), "finetuned_run": str(out.resolve()), "selected_epoch": selected,
@@ -213,13 +223,15 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
                               for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)
     splits = read_splits(run_dir)
+    stain = recorded_normalizer(enc, run_dir / "config.json")
     request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
     config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
               "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
                            "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
                            "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
                            "selection": "best val AUC on top-k bags, ties: lower val loss",
-                           "freeze_stages": s.freeze_stages},
+                           "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
+                           "stain_normalization": None if stain is None else stain.tag()},
               "versions": {"histotransfer": __version__, "torch": torch.__version__}}
     given = ranks is not None
     ranks = ranks or init_ranks(dev)
@@ -239,6 +251,8 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             write_config(config, out)
             write_csv(splits, out / "splits.csv")
             select_top_k(run_dir, s.top_k, out_path=out / "topk.csv")
+            if stain is not None:
+                write_stain_target(stain, out / STAIN_FILE)
         ranks.barrier()
         topk = pd.read_csv(out / "topk.csv", dtype={"slide_id": str})
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
@@ -252,10 +266,13 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         input_size = _input_size(run_config["encoder"], train[0])
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
+        stain_options = ({} if stain is None else
+                         {"stain_norm": stain.method, "stain_ref": str((out / STAIN_FILE).resolve())})
         folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
                                   str((out / ENCODER_FILE).resolve()), int(run_config["encoder"]["truncate"]),
                                   input_size=input_size, batch_size=s.extract_batch_size, workers=s.workers,
-                                  device=s.device, precision=s.precision, slides=slides, ranks=ranks)
+                                  device=s.device, precision=s.precision, slides=slides, ranks=ranks,
+                                  **stain_options)
         if ranks.rank == 0:
             first = next(iter(feature_files(folder).values()))
             config = {**config, "features_dir": str(folder.resolve()),

@@ -8,11 +8,13 @@ from typing import ClassVar, Literal, Self
 from pydantic import Field, model_validator
 
 from ..features.settings import Device
-from ..settings import RUNTIME, StageSettings
+from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
 
 #: The transformer-block layers low-rank adaptation can target: attention qkv and output projections, MLP layers.
 LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
 LORA_TARGETS: tuple[LoraTarget, ...] = ("qkv", "proj", "fc1", "fc2")
+#: HED jitter strength when hed_sigma / hed_bias are left unset (natural-log optical density units).
+HED_SIGMA, HED_BIAS = 0.05, 0.05
 
 
 class FinetuneSettings(StageSettings):
@@ -37,6 +39,17 @@ class FinetuneSettings(StageSettings):
     lora_targets: tuple[LoraTarget, ...] | None = Field(None, min_length=1,
                                                          description="block layers LoRA adapts, of qkv, proj "
                                                                      "(attention), fc1, fc2 (MLP); none: all four")
+    stain_augment: Literal["none", "hed"] = Field(
+        "none", description="hed: jitter each training patch's haematoxylin, eosin and DAB channels (Tellez et al.), "
+                            "seeded by the seed, the epoch and the slide; never validation or re-extraction",
+        json_schema_extra=OMIT_DEFAULT)
+    hed_sigma: float | None = Field(None, ge=0, le=1, description=f"HED scale jitter: each channel times "
+                                                                   f"U(1 - sigma, 1 + sigma) (none: {HED_SIGMA})",
+                                    json_schema_extra=OMIT_DEFAULT)
+    hed_bias: float | None = Field(None, ge=0, le=1, description=f"HED shift jitter: each channel plus "
+                                                                  f"U(-bias, bias), in optical density (none: "
+                                                                  f"{HED_BIAS})",
+                                   json_schema_extra=OMIT_DEFAULT)
     grad_checkpointing: bool = Field(False, description="recompute each stage (each block of a transformer) in "
                                                         "the backward pass: far less activation memory for one "
                                                         "extra forward pass per step",
@@ -48,11 +61,20 @@ class FinetuneSettings(StageSettings):
                                     json_schema_extra=RUNTIME)
 
     @model_validator(mode="after")
-    def _lora_options_need_a_rank(self) -> Self:
-        """LoRA options without ``lora_rank`` would be recorded but have no effect: refused."""
+    def _dependent_options(self) -> Self:
+        """Options that depend on another (LoRA's on ``lora_rank``, HED's on ``stain_augment``) would be
+        recorded but have no effect without it: refused."""
         if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None):
             raise ValueError("lora_alpha and lora_targets apply to low-rank adaptation: set lora_rank too, or "
                              "drop them for full fine-tuning")
+        if self.stain_augment == "none" and (self.hed_sigma is not None or self.hed_bias is not None):
+            raise ValueError("hed_sigma and hed_bias apply to stain_augment hed: set it too, or drop them")
         if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError(f"lora_targets {list(self.lora_targets)} names a layer twice: name each once")
         return self
+
+    @property
+    def hed_strength(self) -> tuple[float, float]:
+        """(sigma, bias) of the HED jitter in effect."""
+        return (HED_SIGMA if self.hed_sigma is None else self.hed_sigma,
+                HED_BIAS if self.hed_bias is None else self.hed_bias)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .._io import write_torch
 from ..errors import HistotransferError
-from ..features import PatchBatch
+from ..features import HedJitter, PatchBatch, StainNormalizer, normalise_pixels
 from ..mil import FitResult, validation_scores
 from ..runtime import Ranks, precision_context
 from .data import TopKSlide, bag_loader
@@ -50,8 +50,47 @@ def _batches(loader: Any, slides: list[TopKSlide], per_step: int) -> Iterator[tu
         yield items, [slides[i.job].label for i in items]
 
 
-def _inputs(model: EndToEndMIL, items: list[PatchBatch], device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    x = model.encoder.preprocess(torch.cat([i.pixels for i in items]), device)
+# Jitters one slide's pixels (on the device) given its index in the slide list.
+Augment = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def hed_seed(seed: int, epoch: int, slide: int) -> int:
+    """The HED jitter seed of one slide's bag in one epoch: the same in any process, rank or slide order."""
+    return int(np.random.SeedSequence([seed, epoch, slide]).generate_state(1)[0])
+
+
+def hed_augment(cfg: FinetuneSettings, epoch: int, device: torch.device) -> Augment | None:
+    """The training batches' stain augmentation of ``epoch`` (None without ``stain_augment``)."""
+    if cfg.stain_augment != "hed":
+        return None
+    sigma, bias = cfg.hed_strength
+
+    def augment(slide: int, pixels: torch.Tensor) -> torch.Tensor:
+        with precision_context(device, "fp32"):
+            return HedJitter(sigma, bias, hed_seed(cfg.seed, epoch, slide))(pixels)
+
+    return augment
+
+
+def augmentation_record(cfg: FinetuneSettings) -> dict[str, Any] | None:
+    """How the training patches are augmented, for the run's config (None: not at all)."""
+    if cfg.stain_augment != "hed":
+        return None
+    record = HedJitter(*cfg.hed_strength).describe()
+    record["seed"] = (f"per slide and epoch: numpy SeedSequence([{cfg.seed}, epoch, slide index in the sorted "
+                      "training slides]); training batches only")
+    return record
+
+
+def _inputs(model: EndToEndMIL, items: list[PatchBatch], device: torch.device, stain: StainNormalizer | None = None,
+            augment: Augment | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The preprocessed batch of some slides' top-k pixels: stain-normalised (the run's normalisation), then
+    jittered for training."""
+    parts = []
+    for item in items:
+        pixels = normalise_pixels(item.pixels, stain, device)
+        parts.append(pixels if augment is None else augment(item.job, pixels))
+    x = model.encoder.preprocess(torch.cat(parts), device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, [len(i.pixels) for i in items]
@@ -68,7 +107,7 @@ def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
 
 @torch.no_grad()
 def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: int | None,
-                 device: torch.device, ranks: Ranks) -> np.ndarray:
+                 device: torch.device, ranks: Ranks, stain: StainNormalizer | None = None) -> np.ndarray:
     """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
     model.eval()
     mine = list(range(len(slides)))[ranks.rank::ranks.world]
@@ -76,7 +115,7 @@ def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSetti
     if mine:
         loader = bag_loader(slides, mine, input_size, cfg.workers, device.type == "cuda")
         for items, _ in _batches(loader, slides, 1):
-            x, sizes = _inputs(model, items, device)
+            x, sizes = _inputs(model, items, device, stain)
             with precision_context(device, cfg.precision):
                 logits, _ = model(x, sizes)
             out[items[0].job] = torch.softmax(logits[0].double(), 0).cpu().numpy()
@@ -106,10 +145,12 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
                    input_size: int | None,
-                   device: torch.device, ranks: Ranks, checkpoint_path: Path) -> FitResult:
+                   device: torch.device, ranks: Ranks, checkpoint_path: Path,
+                   stain: StainNormalizer | None = None) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
     (ties: lower val loss; without validation slides, the last epoch). Epoch 0 in the history is the
-    model before fine-tuning, for reference (never selected)."""
+    model before fine-tuning, for reference (never selected). Every batch is normalised with ``stain`` (the
+    run's stain normalisation); training batches are then jittered as ``cfg.stain_augment`` says."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -133,7 +174,8 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         if ranks.rank == 0:
             tqdm.write(f"{checkpoint_path}: resuming after epoch {ckpt['epoch']}")
     elif len(val):
-        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks), val_labels)
+        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain),
+                                        val_labels)
         rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
                      "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
 
@@ -148,10 +190,11 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         per_rank = max(1, cfg.batch_slides // ranks.world)  # batch_slides counts the slides of all ranks
         steps = tqdm(total=math.ceil(len(order) / per_rank), desc=f"epoch {epoch}/{cfg.epochs}",
                      unit="step", dynamic_ncols=True, leave=False, disable=ranks.rank != 0)
+        augment = hed_augment(cfg, epoch, device)
         with torch.random.fork_rng(devices=[]), steps:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             for items, labels in _batches(loader, train, per_rank):
-                x, sizes = _inputs(model, items, device)
+                x, sizes = _inputs(model, items, device, stain, augment)
                 target = torch.tensor(labels, device=device)
                 with precision_context(device, cfg.precision):
                     logits, _ = net(x, sizes)
@@ -167,7 +210,8 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         train_loss = _mean_across_ranks(total, count, ranks, device)
         val_loss, val_auc = math.nan, None
         if len(val):
-            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks), val_labels)
+            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain),
+                                        val_labels)
         key = ((-1.0 if val_auc is None else val_auc), -val_loss) if len(val) else (epoch,)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_state = key, epoch, _cpu_state(model)

@@ -67,6 +67,13 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
                 f"{path}: features have dimension {bag.features.shape[1]}, expected {expect_dim}; all slides "
                 "must come from the same encoder (pass one features/<encoder_id> folder)."
             )
+        mine, theirs = enc.get("stain_tag", "none"), (expect_encoder or {}).get("stain_tag", "none")
+        if mine != theirs:
+            raise HistotransferError(
+                f"{path}: features made with stain normalisation {mine}, but these slides' (or the run's) with "
+                f"{theirs}; extract them with the same --stain-norm and --stain-ref (or the run's stain target) "
+                "into one features/<encoder_id> folder."
+            )
         if enc != expect_encoder:
             raise HistotransferError(
                 f"{path}: made by encoder {enc or 'unknown'}, expected {expect_encoder or 'unknown'}; all "

@@ -45,7 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "balanced accuracy, F1).")
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
-    p.add_argument("--labels", type=Path, default=None, help="CSV slide_id,label[,patient_id] of those slides")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="CSV slide_id,label[,patient_id,...] of those slides (further columns are kept in "
+                        "predictions.csv)")
+    p.add_argument("--group-column", default=None,
+                   help="a column of --labels (e.g. centre): metrics per group and the mean within-group AUC")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
     _annotation_options(p, "score the attention of each positive slide that has one (needs --labels): "
                            "localisation.csv and the localisation key of metrics.json")
@@ -97,6 +101,7 @@ def _annotation_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .plan import plan_run
+    from .shortcut import describe_shortcut
 
     t0 = time.perf_counter()
     plan = plan_run(args.features, args.labels, args.out, from_args(MilSettings, args), args.split_file, args.folds)
@@ -112,25 +117,42 @@ def _train(args: argparse.Namespace) -> int:
     if args.folds is None:
         for name in ("val", "test"):
             print(f"{name:5s} {_fmt(metrics[name])}")
+        within = {name: g["mean_within_group_auc"] for name, g in (metrics.get("groups") or {}).items()}
     else:
         for name in ("val", "test"):
             mean, sd = metrics["mean"][name]["auc"], metrics["sd"][name]["auc"]
             shown = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
             print(f"{name:5s} AUC over {args.folds} folds: {shown}")
+        within = metrics.get("mean_within_group_auc") or {}
+    if within:
+        column = plan.settings.group_column
+        print(f"mean within-{column} AUC: " + ", ".join(f"{name} {_auc(within.get(name))}" for name in ("val", "test")))
+    if metrics.get("shortcut"):
+        print(f"shortcut check: {describe_shortcut(metrics['shortcut'])}")
     print(f"train: {'kept (done before)' if kept else 'done'} in {time.perf_counter() - t0:.1f} s; run in "
           f"{plan.out_dir}")
     return 0
 
 
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import describe_localisation, evaluate_run
+    from .shortcut import describe_shortcut
 
     t0 = time.perf_counter()
     result = evaluate_run(args.run, args.features, args.labels, args.out, annotations_dir=args.annotations,
-                          threshold=args.lesion_threshold)
+                          threshold=args.lesion_threshold, group_column=args.group_column)
     print(f"predicted {len(result['predictions'])} slide(s); positive class {result['positive_class']!r}")
     if result["metrics"] is not None:
         print(_fmt(result["metrics"]))
+    if result["groups"] is not None:
+        print(f"mean within-{args.group_column} AUC {_auc(result['groups']['mean_within_group_auc'])} "
+              f"({result['groups']['groups_with_auc']} group(s) with both classes)")
+    if result["shortcut"] is not None:
+        print(f"shortcut check: {describe_shortcut(result['shortcut'])}")
     if result["localisation"] is not None:
         print(f"attention localisation: {describe_localisation(result['localisation'])}")
     print(f"evaluate: done in {time.perf_counter() - t0:.1f} s; outputs in {result['out_dir']}")

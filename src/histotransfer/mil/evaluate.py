@@ -18,7 +18,16 @@ from .labels import feature_files, read_labels
 from .localisation import DEFAULT_THRESHOLD, attention_localisation, cohort_localisation
 from .metrics import slide_metrics
 from .models import predict
-from .rundir import check_inputs, load_run_model, read_attention, read_checkpoint, read_config, write_attention
+from .rundir import (
+    check_inputs,
+    group_metrics,
+    load_run_model,
+    read_attention,
+    read_checkpoint,
+    read_config,
+    write_attention,
+)
+from .shortcut import run_shortcut, slide_colour_stats_of
 from .splits import SPLITS
 
 POSITIVE = 1  # class index of the positive class in a run's label mapping
@@ -27,11 +36,17 @@ LOCALISATION_FILE = "localisation.csv"
 
 def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str | Path | None = None,
                  out_dir: str | Path | None = None, annotations_dir: str | Path | None = None,
-                 threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+                 threshold: float = DEFAULT_THRESHOLD, group_column: str | None = None) -> dict[str, Any]:
     """Predict every slide of ``features_dir`` (or, with ``labels_csv``, every labelled slide) with the run's
     model; write ``predictions.csv``, ``attention/<slide_id>.h5``, ``evaluation.json`` (what was evaluated,
     with the fingerprints of its inputs) and, with labels, ``metrics.json`` (``{"all": {...},
-    "positive_class"}``) to ``out_dir`` (default ``RUN/evaluation``).
+    "positive_class", "shortcut"}``) to ``out_dir`` (default ``RUN/evaluation``). With labels, the label
+    file's further columns (e.g. centre) are kept in ``predictions.csv``, and ``shortcut`` says how well slide
+    colour alone predicts these slides' labels (:func:`~histotransfer.mil.shortcut.run_shortcut`).
+
+    With ``group_column`` (a column of the label file, e.g. centre; needs ``labels_csv``) ``metrics.json``
+    also holds ``groups.all``: the metrics of each group and the mean within-group AUC, as ``train`` reports
+    them per split, and the shortcut check adds the group-alone AUC.
 
     With ``annotations_dir`` (lesion annotations, see :func:`annotation_files`; needs ``labels_csv``) the
     attention of each positive slide that has an annotation is scored against it
@@ -42,12 +57,16 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     Features must come from the encoder the run was trained on, made with the same settings. Slides the run was
     trained on must have the very feature files it saw (else ProvenanceError). Every input is read and checked
     before anything is written. Returns ``{"out_dir", "predictions", "metrics", "positive_class",
-    "localisation"}`` (the last None without annotations).
+    "localisation", "groups", "shortcut"}`` (localisation None without annotations, groups without
+    ``group_column``, shortcut without labels).
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     if out_dir.exists() and not out_dir.is_dir():
         raise HistotransferError(f"--out {out_dir}: is an existing file, not a folder; choose a folder.")
+    if group_column is not None and labels_csv is None:
+        raise HistotransferError(f"--group-column {group_column}: groups are columns of the label file; pass "
+                                 "--labels too.")
     if annotations_dir is not None:
         check_threshold(threshold)
         if labels_csv is None:
@@ -58,8 +77,13 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     model = load_run_model(run_dir)
     files = feature_files(features_dir)
     frame = None
+    extra: list[str] = []
     if labels_csv is not None:
-        frame = read_labels(labels_csv, features_dir, classes=classes).frame
+        table = read_labels(labels_csv, features_dir, classes=classes)
+        frame, extra = table.frame, table.extra
+        if group_column is not None and group_column not in extra:
+            raise HistotransferError(f"{labels_csv}: has no column {group_column!r} for --group-column (its extra "
+                                     f"columns: {', '.join(extra) or 'none'}).")
         files = {s: files[s] for s in frame["slide_id"]}
     bags, broken = load_bags(files, expect_dim=model.in_dim, expect_encoder=config["encoder"])
     if not bags.slide_ids:
@@ -81,6 +105,7 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     predictions = pd.DataFrame({"slide_id": bags.slide_ids, "probability": probs[:, 1]})
     metrics = None
     localisation = None
+    groups = shortcut = None
     positive = config["positive_class"]
     (out_dir / LOCALISATION_FILE).unlink(missing_ok=True)  # a previous call's scores must not outlive it
     if annotations_dir is not None:
@@ -88,9 +113,16 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
         write_csv(localisation_frame(rows), out_dir / LOCALISATION_FILE)
         localisation = localisation_summary(rows, positives, threshold)
     if frame is not None:
-        predictions = frame[["slide_id", "patient_id", "label"]].merge(predictions, on="slide_id")
-        metrics = {"all": slide_metrics(predictions["label"], predictions["probability"], seed=config["seed"]),
+        predictions = frame[["slide_id", "patient_id", "label", *extra]].merge(predictions, on="slide_id")
+        seed = config["seed"]
+        metrics = {"all": slide_metrics(predictions["label"], predictions["probability"], seed=seed),
                    "positive_class": positive}
+        if group_column is not None:
+            groups = group_metrics(predictions, group_column, seed)
+            metrics["groups"] = {"all": groups}
+        shortcut = run_shortcut(predictions, slide_colour_stats_of(dict(zip(bags.slide_ids, bags.attrs))),
+                                metrics["all"]["auc"], group_column, seed)
+        metrics["shortcut"] = shortcut
         if localisation is not None:
             metrics["localisation"] = localisation
         write_json(metrics, out_dir / "metrics.json")
@@ -105,7 +137,8 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
                 "features": dict(zip(bags.slide_ids, bags.fingerprints)), "positive_class": positive},
                out_dir / "evaluation.json")
     return {"out_dir": out_dir, "predictions": predictions, "positive_class": positive,
-            "metrics": None if metrics is None else metrics["all"], "localisation": localisation}
+            "metrics": None if metrics is None else metrics["all"], "localisation": localisation,
+            "groups": groups, "shortcut": shortcut}
 
 
 def _positive_annotations(annotations_dir: str | Path, frame: pd.DataFrame, bags: Any, features_dir: str | Path

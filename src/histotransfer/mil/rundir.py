@@ -231,15 +231,19 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
                       title: str, positive_class: str, group_column: str | None = None) -> dict[str, Any]:
     """Predict every slide of ``split`` with the trained ``model`` and write the run's evaluation files:
     ``attention/<slide_id>.h5``, ``predictions.csv``, ``roc.png`` (titled ``title``) and, last, as the mark
-    of a finished run, ``metrics.json``. Returns the metrics per split (bootstrap CIs seeded by ``seed``).
+    of a finished run, ``metrics.json``. Returns what metrics.json holds: the metrics per split
+    (bootstrap CIs seeded by ``seed``) and the keys below.
 
     With ``group_column`` (e.g. centre) metrics.json also holds, per split, the metrics of each group and the
     mean within-group AUC (groups with one class have none): a model that learned the centre instead of the
-    disease ranks well across centres and poorly within them."""
+    disease ranks well across centres and poorly within them. ``shortcut`` holds how well slide colour (and the
+    group) alone predict the labels of these slides (:func:`~histotransfer.mil.shortcut.run_shortcut`), next
+    to the test AUC."""
     from .._io import write_csv
     from .bags import patch_size_level0
     from .metrics import slide_metrics
     from .models import predict
+    from .shortcut import run_shortcut, slide_colour_stats_of
     from .splits import SPLITS
 
     ordered = split.sort_values(["split", "slide_id"], key=lambda c: c.map(SPLITS.index) if c.name == "split" else c)
@@ -262,8 +266,10 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
     if group_column is not None:
         extra["groups"] = {name: group_metrics(predictions[predictions["split"] == name], group_column, seed)
                            for name in SPLITS}
+    extra["shortcut"] = run_shortcut(predictions, slide_colour_stats_of(dict(zip(subset.slide_ids, subset.attrs))),
+                                     metrics["test"]["auc"], group_column, seed)
     write_json({**metrics, **extra}, run_dir / DONE_FILE)
-    return metrics
+    return {**metrics, **extra}
 
 
 def small_split_warnings(metrics: dict[str, Any]) -> list[str]:

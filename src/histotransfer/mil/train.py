@@ -22,13 +22,13 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from .._io import output_folder, remove_stale_temps, write_csv, write_json
-from ..errors import HistotransferError
 from .bags import BagSet, feature_stats, load_bags
 from .metrics import METRIC_KEYS
 from .models import AttentionMIL, predict
 from .plan import RunPlan, plan_run
 from .rundir import DONE_FILE, FitResult, guard, save_model, write_config, write_run_outputs
 from .settings import MilSettings
+from .shortcut import shortcut_verdict
 from .splits import SPLITS
 
 
@@ -128,13 +128,12 @@ def _split_arrays(bags: BagSet, split: pd.DataFrame, name: str) -> tuple[list[to
 def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str, Any]) -> dict[str, Any]:
     """Train one model on ``split`` (slide_id, patient_id, label, split) and write the run folder.
 
-    Returns the metrics per split. A folder that already holds this finished run is left as it is."""
+    Returns the contents of its ``metrics.json``. A folder that already holds this finished run is left as it is."""
     import json
 
     if guard(run_dir, config):
         tqdm.write(f"{run_dir}: already trained with these settings and inputs; kept as it is")
-        kept = json.loads((run_dir / DONE_FILE).read_text())
-        return {name: kept[name] for name in SPLITS if name in kept}  # as a fresh run returns them
+        return json.loads((run_dir / DONE_FILE).read_text())  # what a fresh run returns: its metrics.json
     remove_stale_temps(run_dir)
     (run_dir / DONE_FILE).unlink(missing_ok=True)
     write_csv(split, run_dir / "splits.csv")
@@ -156,8 +155,15 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
                              s.group_column)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value)."""
+    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the mean
+    within-group AUC over folds (with a group column) and the shortcut check against the mean test AUC (every
+    fold checks the same slides)."""
     summary: dict[str, Any] = {"folds": per_fold, "mean": {}, "sd": {}}
     for name in SPLITS:
         summary["mean"][name], summary["sd"][name] = {}, {}
@@ -165,6 +171,17 @@ def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
             values = [m[name][key] for m in per_fold.values() if m[name][key] is not None]
             summary["mean"][name][key] = float(np.mean(values)) if values else None
             summary["sd"][name][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    first = next(iter(per_fold.values()))
+    if "groups" in first:
+        summary["mean_within_group_auc"] = {name: _mean([m["groups"][name]["mean_within_group_auc"]
+                                                         for m in per_fold.values()]) for name in SPLITS}
+    if "shortcut" in first:
+        check = first["shortcut"]
+        model_auc, colour_auc = summary["mean"]["test"]["auc"], check["colour_auc"]
+        verdict = (shortcut_verdict(model_auc, colour_auc, check["margin"])
+                   if model_auc is not None and colour_auc is not None else None)
+        summary["shortcut"] = {**check, "model_auc": model_auc, "verdict": verdict,
+                               "warning": bool(verdict and verdict.startswith("Warning"))}
     return summary
 
 

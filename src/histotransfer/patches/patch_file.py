@@ -3,7 +3,8 @@
 Layout (``formats.PATCHES``): dataset ``coords`` (N, 2) int64 level-0 (x, y) of each patch's top-left corner,
 dataset ``tissue_fraction`` (N,) float32, and the ``PatchSpec`` fields as attrs on the root and on ``coords``
 (where CLAM reads ``patch_size`` and ``patch_level``), the identity of the slide they were cut from
-(``slide_identity``, JSON) and the tiling's name and settings (``tiling``, ``tiling_settings``). Readers also accept CLAM files (``coords`` attrs
+(``slide_identity``, JSON), the tiling's name and settings (``tiling``, ``tiling_settings``) and the colour
+statistics of the slide's tissue (``colour_stats``, see ``mil.shortcut``). Readers also accept CLAM files (``coords`` attrs
 ``patch_size`` at ``patch_level``) and TRIDENT files (``coords`` attrs ``patch_size`` at the target
 magnification and ``patch_size_level0``); their missing fields are filled from the slide when it is opened.
 """
@@ -56,7 +57,8 @@ class PatchSet:
     """The patches of one slide: ``tissue_fraction`` is NaN where the file has none (CLAM/TRIDENT).
 
     ``identity`` is the slide's identity at tiling (None for CLAM/TRIDENT files), ``tiling`` the name of the
-    tiling (its folder) and ``tiling_settings`` its settings.
+    tiling (its folder), ``tiling_settings`` its settings and ``colour_stats`` the colour statistics of the
+    slide's tissue on its thumbnail (``mil.shortcut.COLOUR_STAT_NAMES``; None where not recorded).
     """
 
     slide_id: str
@@ -66,6 +68,7 @@ class PatchSet:
     identity: dict[str, Any] | None = None
     tiling: str | None = None
     tiling_settings: dict[str, Any] | None = None
+    colour_stats: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -80,7 +83,7 @@ class PatchSet:
 
 def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray,
                      spec: PatchSpec, identity: dict[str, Any] | None = None, tiling: str | None = None,
-                     tiling_settings: dict[str, Any] | None = None) -> None:
+                     tiling_settings: dict[str, Any] | None = None, colour_stats: np.ndarray | None = None) -> None:
     """Write one slide's patch file atomically (temporary name, renamed when complete)."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
@@ -99,6 +102,19 @@ def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fr
         if tiling is not None:
             f.attrs["tiling"] = tiling
             f.attrs["tiling_settings"] = canonical_json(tiling_settings or {})
+        if colour_stats is not None:
+            f.attrs["colour_stats"] = np.asarray(colour_stats, dtype=np.float64)
+
+
+def read_colour_stats(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The ``colour_stats`` attr of a patch file (float64), None when the file records none (CLAM/TRIDENT
+    files, tilings made before it existed) or cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("colour_stats")
+    except OSError:
+        return None
+    return None if value is None else np.asarray(value, dtype=np.float64).reshape(-1)
 
 
 def _attr(value: Any) -> Any:
@@ -137,7 +153,8 @@ def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
     path = Path(path)
     with open_h5(path, PATCHES, ("coords",), "re-tile this slide") as f:
         coords = np.asarray(f["coords"][()])
-        attrs = {k: _attr(v) for k, v in f.attrs.items()}
+        colour = f.attrs.get("colour_stats")
+        attrs = {k: _attr(v) for k, v in f.attrs.items() if k != "colour_stats"}
         attrs.update({k: _attr(v) for k, v in f["coords"].attrs.items()})
         fraction = np.asarray(f["tissue_fraction"][()], dtype=np.float32) if "tissue_fraction" in f else None
     if coords.ndim == 3 and coords.shape[0] == 1:
@@ -159,4 +176,4 @@ def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
         raise FormatError(f"{path}: unreadable slide_identity or tiling_settings attribute ({exc}); re-tile the "
                           "slide.") from exc
     return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path), identity, attrs.get("tiling"),
-                    settings)
+                    settings, None if colour is None else np.asarray(colour, dtype=np.float64).reshape(-1))

@@ -4,7 +4,9 @@ Per slide: tissue mask on a low-resolution level (``tissue.segment_tissue``), a 
 footprints over level 0 (from the slide's corner, or centred on the tissue), each patch's tissue fraction from
 the mask, and the patches with fraction >= ``min_tissue`` kept. Outputs go to the tiling's own folder
 ``OUT/<tiling name>/`` (``layout``): ``patches/<slide_id>.h5``, ``masks/<slide_id>.png``,
-``thumbnails/<slide_id>.png``, the batch report ``tiling.csv`` and the settings ``tiling.json``. Every file is
+``thumbnails/<slide_id>.png``, the batch report ``tiling.csv`` and the settings ``tiling.json``. The patch file
+also records the colour statistics of the slide's tissue, measured on the thumbnail already read for the
+picture (``colour.slide_colour_stats``), which the shortcut check of later runs reads. Every file is
 written atomically; the patch file is written last and marks the slide done, so a re-run skips it when its
 settings and the slide file itself are unchanged.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 from .. import __version__
 from .._io import output_folder, remove_stale_temps, write_json, write_png
+from ..colour import slide_colour_stats
 from ..batch import BatchReport, SlideResult, error_result, run_batch
 from ..errors import FormatError, HistotransferError, one_line
 from ..slide import Slide, list_slides, open_slide, slide_id_of, slide_identity
@@ -153,11 +156,24 @@ def _draw_outline(img: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int
     cv2.drawContours(img, contours, -1, colour, 2)
 
 
+def thumbnail_colour_stats(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """``slide_colour_stats`` of the thumbnail's tissue: the mask brought to the thumbnail's size (a pixel is
+    tissue when at least half of it is; any tissue at all when that leaves none). None without tissue."""
+    if not mask.any():
+        return None
+    size = (thumbnail.shape[1], thumbnail.shape[0])
+    cover = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    tissue = cover >= 0.5
+    if not tissue.any():
+        tissue = cover > 0
+    return slide_colour_stats(thumbnail, tissue)
+
+
 def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint: int,
-                   excluded: np.ndarray | None = None) -> np.ndarray:
-    """An RGB thumbnail with the tissue contour (green), the excluded pen ink's contour (red) and the kept
-    patch grid (blue) drawn on it."""
-    img = np.ascontiguousarray(slide.thumbnail(THUMBNAIL_SIDE))
+                   excluded: np.ndarray | None = None, image: np.ndarray | None = None) -> np.ndarray:
+    """An RGB thumbnail (``image``, else read from the slide) with the tissue contour (green), the excluded
+    pen ink's contour (red) and the kept patch grid (blue) drawn on a copy."""
+    img = np.array(slide.thumbnail(THUMBNAIL_SIDE) if image is None else image, copy=True, order="C")
     th, tw = img.shape[:2]
     _draw_outline(img, mask, TISSUE_COLOUR)
     if excluded is not None and excluded.any():
@@ -191,7 +207,9 @@ def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[
         done = read_patch_file(patch_path)
     except FormatError:
         return None
-    same = (done.spec == spec and done.identity == identity
+    # A patch file without colour statistics (tiled before they were recorded) is redone to gain them: the same
+    # patches, so their features are kept.
+    same = (done.spec == spec and done.identity == identity and done.colour_stats is not None
             and _with_defaults(done.tiling_settings) == settings.result_settings())
     return len(done) if same else None
 
@@ -234,8 +252,10 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         try:
             segmentation = slide_segmentation(slide, mask_mpp_for(spec), s)
             coords, fractions = patch_coords(segmentation.tissue, slide.dimensions, spec, s.grid)
-            thumbnail = draw_thumbnail(slide, segmentation.tissue, coords,
-                                       int(spec.patch_size_level0), segmentation.excluded)  # type: ignore[arg-type]
+            image = np.ascontiguousarray(slide.thumbnail(THUMBNAIL_SIDE))
+            colour = thumbnail_colour_stats(image, segmentation.tissue)
+            footprint = int(spec.patch_size_level0)  # type: ignore[arg-type]
+            thumbnail = draw_thumbnail(slide, segmentation.tissue, coords, footprint, segmentation.excluded, image)
         except HistotransferError:
             raise
         except Exception as exc:  # a decoder's own error type: say what it means for the user
@@ -248,7 +268,7 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         patch_path.unlink(missing_ok=True)  # an earlier tiling of another version of this slide no longer holds
         return SlideResult(slide_id, str(slide_path), "no_tissue", 0, seconds,
                            f"{slide_path}: no patch has tissue fraction >= {s.min_tissue}; see {thumb_path}")
-    write_patch_file(patch_path, coords, fractions, spec, identity, s.folder_name, s.result_settings())
+    write_patch_file(patch_path, coords, fractions, spec, identity, s.folder_name, s.result_settings(), colour)
     return SlideResult(slide_id, str(slide_path), "ok", len(coords), seconds, "")
 
 

@@ -38,6 +38,7 @@ class Cell:
     encoder: EncoderConfig | None = None
     seed: int | None = None
     variant: str = ""  # the MIL variant (recipe) of mil and finetune cells
+    stain: str = "none"  # the stain normalisation (extract.stain_norm) of extract, mil, finetune and cka cells
     # Settings under which a partial result in the folder may be resumed by the stage itself: None means
     # the stage checks its own per-slide settings (never wipe), "" means always start afresh.
     resume_key: str | None = ""
@@ -58,7 +59,8 @@ class Cell:
         """The cell as the tables and report see it."""
         return {"kind": self.kind, "key": self.key, "folder": self.key, "dataset": self.dataset,
                 "encoder": self.encoder.spec() if self.encoder else None,
-                "config": self.encoder.key if self.encoder else "", "recipe": self.variant, "seed": self.seed,
+                "config": self.encoder.key if self.encoder else "", "recipe": self.variant, "stain": self.stain,
+                "seed": self.seed,
                 "status": status, "seconds": seconds, "message": message, "result": result or {}}
 
 

@@ -6,6 +6,10 @@ Each section is a stage's own settings class, validated by pydantic (``tile`` an
 validated one by one, so every problem of the file is reported at once with its key path
 (``datasets[0].labels``), the bad value and the fix; a misspelt key comes with its closest valid spelling, an
 unknown encoder with the registry's names. Relative paths are relative to the study file's folder.
+
+``extract.stain_norm`` may be a list (``[none, reinhard, macenko]``): each value is its own configuration of
+extraction, MIL, fine-tuning and CKA (the tables' Stain column), all with the one ``extract.stain_ref``. CKA
+follows the extraction's normalisation, so the ``cka`` section takes no stain keys.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from ..patches.settings import TileSettings
 from ..provenance import json_fingerprint
 from ..settings import describe_errors
 from .grid import Dataset, EncoderConfig, MilVariant, Study
+
+STAIN_KEYS = ("stain_norm", "stain_ref")
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TOP_KEYS = ("name", "out", "datasets", "encoders", "seeds", "tile", "extract", "mil", "finetune", "cka", "cam")
@@ -219,6 +225,43 @@ class _Checker:
             self.fail(where.replace(".labels", ".group_column"),
                       f"{labels} has no column {group_column!r} (its extra columns: {', '.join(table.extra) or 'none'})")
 
+    def extract(self, raw: Any) -> tuple[ExtractSettings | None, tuple[str, ...], str | None]:
+        """The ``extract`` section: its settings without stain normalisation, the stain axis (``stain_norm``, one
+        method or a list of them) and the resolved ``stain_ref``."""
+        if not isinstance(raw, dict):
+            return self.model(ExtractSettings, raw, "extract"), ("none",), None
+        methods = raw.get("stain_norm", "none")
+        listed = isinstance(methods, list)
+        methods = methods if listed else [methods]
+        if listed and (not methods or len({str(m) for m in methods}) != len(methods)):
+            self.fail("extract.stain_norm", f"expected a method (none, macenko, reinhard) or a non-empty list of "
+                                            f"distinct ones, got {raw['stain_norm']!r}")
+            return None, (), None
+        ref = raw.get("stain_ref")
+        if isinstance(ref, str):
+            ref = self.stain_reference(ref, "extract.stain_ref")
+            if ref is None:
+                return None, (), None
+        base = self.model(ExtractSettings, {k: v for k, v in raw.items() if k not in STAIN_KEYS}, "extract")
+        normalising = any(m != "none" for m in methods)
+        for i, method in enumerate(methods):
+            where = f"extract.stain_norm[{i}]" if listed else "extract"
+            keys = {"stain_norm": method, "stain_ref": ref if method != "none" or not normalising else None}
+            if self.model(ExtractSettings, keys, where) is None:
+                return None, (), None
+        return base, tuple(str(m) for m in methods), ref if normalising else None
+
+    def stain_reference(self, value: str, where: str) -> str | None:
+        """A stain reference with its path made absolute (a slide region ``SLIDE@x,y,w,h``: its slide's)."""
+        from ..features import SLIDE_REGION
+
+        region = SLIDE_REGION.match(value)
+        if region is not None and not (self.base / value).exists() and not Path(value).exists():
+            found = self.path(region["path"], where, "slide of the stain reference region")
+            return None if found is None else f"{found}@{value[region.end('path') + 1:]}"
+        found = self.path(value, where, "stain reference (patch image, folder, SLIDE@x,y,w,h or target .json)")
+        return None if found is None else str(found)
+
     def mil(self, raw: Any) -> list[MilVariant]:
         """The ``mil`` section: one mapping, or a list of them (variants compared side by side)."""
         items = raw if isinstance(raw, list) else [raw]
@@ -288,7 +331,7 @@ def load_study(path: str | Path) -> Study:
             v.fail(str(key), f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
                                                        f"; valid keys: {', '.join(TOP_KEYS)}"))
     tile = v.model(TileSettings, raw.get("tile"), "tile")
-    extract = v.model(ExtractSettings, raw.get("extract"), "extract")
+    extract, stains, stain_ref = v.extract(raw.get("extract"))
     mil = v.mil(raw.get("mil"))
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
@@ -316,6 +359,10 @@ def load_study(path: str | Path) -> Study:
         if s not in seeds:
             v.fail("finetune.seeds", f"seed {s} is not one of the study's seeds {seeds}")
     cka = v.model(CkaSection, raw["cka"], "cka") if raw.get("cka") is not None else None
+    for key in STAIN_KEYS:
+        if isinstance(raw.get("cka"), dict) and key in raw["cka"]:
+            v.fail(f"cka.{key}", "CKA sees the patches as the extraction normalised them: set extract.stain_norm "
+                                 "and extract.stain_ref instead")
     pairs = []
     for i, p in enumerate(cka.pairs if cka else []):
         a, b = v.ref(p.a, f"cka.pairs[{i}].a", None), v.ref(p.b, f"cka.pairs[{i}].b", None)
@@ -332,7 +379,8 @@ def load_study(path: str | Path) -> Study:
     return Study(
         path=path, text=text, name=str(raw.get("name") or path.stem),
         out=(path.parent / Path(out).expanduser()).resolve() if out else None, datasets=tuple(datasets),
-        encoders=tuple(grid), seeds=tuple(seeds), extract=extract, mil=tuple(mil),
+        encoders=tuple(grid), seeds=tuple(seeds), extract=extract, stains=stains, stain_ref=stain_ref,
+        mil=tuple(mil),
         finetune=FinetuneSettings.model_validate(ft.model_dump(exclude={"encoders", "seeds", "mil"},
                                                                exclude_unset=True)) if ft else None,
         finetune_mil=(ft.mil if ft and ft.mil else mil[0].name),

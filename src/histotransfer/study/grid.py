@@ -89,6 +89,8 @@ class Study:
     seeds: tuple[int, ...]
     extract: ExtractSettings
     mil: tuple[MilVariant, ...]
+    stains: tuple[str, ...] = ("none",)
+    stain_ref: str | None = None
     finetune: FinetuneSettings | None = None
     finetune_mil: str = ""
     finetune_encoders: tuple[EncoderConfig, ...] = ()
@@ -98,3 +100,15 @@ class Study:
     cka_pairs: tuple[tuple[EncoderConfig, EncoderConfig], ...] = ()
     cam: CamSettings | None = None
     encoder_info: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def extract_for(self, stain: str) -> ExtractSettings:
+        """The extraction settings of one value of the stain axis (``none``: ``extract`` as it is)."""
+        if stain == "none":
+            return self.extract
+        return ExtractSettings.build(self.extract, stain_norm=stain, stain_ref=self.stain_ref)
+
+
+def stain_suffix(stain: str) -> str:
+    """What a stain normalisation adds to a configuration's cell folders (nothing for none, so studies made
+    before stain options existed keep their cells)."""
+    return "" if stain == "none" else f"-{stain}"

@@ -78,10 +78,19 @@ def _cells_html(cells: Sequence[Mapping[str, Any]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+SHORTCUT_NOTE = ("Colour-only AUC: a logistic regression on each slide's tissue colour statistics (recorded at "
+                 "tiling), group-only AUC: each slide scored by its group's share of positives; both out of fold "
+                 "over all labelled slides of the run with patient-level folds. Within-group AUC: the mean test "
+                 "AUC within each group (with a group column). A verdict is shown where colour alone comes within "
+                 "the margin of the model's test AUC.")
+
+
 def write_report(path: Path, title: str, study_file: Path, study_text: str, tables: Mapping[str, pd.DataFrame],
-                 figures: Sequence[Figure], cells: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> Path:
+                 figures: Sequence[Figure], cells: Sequence[Mapping[str, Any]], notes: Sequence[str] = (),
+                 shortcuts: pd.DataFrame | None = None) -> Path:
     """Write the self-contained HTML report to ``path`` (atomically) and return it; ``notes`` (small samples,
-    CKA caveats) come first, so nobody reads a table without them."""
+    shortcuts, CKA caveats) come first, so nobody reads a table without them. ``shortcuts`` (one row per MIL
+    run, ``tables.shortcut_table``) is shown after the tables when it has rows."""
     counts: dict[str, int] = {}
     for c in cells:
         counts[c["status"]] = counts.get(c["status"], 0) + 1
@@ -109,6 +118,11 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
             parts.append('<p class="note">No encoder configuration of the study belongs in this table.</p>')
         parts.append(f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
                      f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>')
+    if shortcuts is not None and len(shortcuts):
+        parts.append('<h2 id="shortcut_check">Shortcut check: does colour alone predict the label?</h2>')
+        parts.append(_table_html(shortcuts))
+        parts.append(f'<p class="note">{html.escape(SHORTCUT_NOTE)} CSV: <a href="tables/runs_mil.csv">'
+                     "tables/runs_mil.csv</a>.</p>")
     parts.append("<h2>Figures</h2>")
     for fig in figures:
         parts.append(f'<h3 id="{fig.name}">{html.escape(fig.title)}</h3>')

@@ -1,7 +1,8 @@
 """Run a study: plan the grid of cells, run each one not already done, then write tables, figures and report.
 
-Cells, in order: per dataset, demo slides (when asked) -> tiling -> one extraction per encoder configuration ->
-one MIL run per configuration and seed -> fine-tuning of the chosen configurations -> CKA. A failed cell is
+Cells, in order: per dataset, demo slides (when asked) -> tiling -> one extraction per encoder configuration and
+stain normalisation -> one MIL run per configuration, stain normalisation, MIL variant and seed -> fine-tuning of
+the chosen configurations -> CKA. A failed cell is
 recorded and the cells that need it are skipped with the reason; everything else still runs.
 """
 
@@ -29,6 +30,7 @@ from ..runtime import Ranks, init_ranks, resolve_device
 from .cells import FAILED, Cell, prepare_folder, read_done, write_done, write_failed
 from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
 from .figures import draw_figures
+from .grid import stain_suffix
 from .report import write_report
 from .tables import (
     build_tables,
@@ -37,10 +39,12 @@ from .tables import (
     localisation_runs,
     localisation_table,
     mil_runs,
+    shortcut_table,
     write_tables,
 )
 
-CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "seed", "status", "seconds", "message", "folder"]
+CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "stain", "seed", "status", "seconds", "message",
+                "folder"]
 
 
 def _rel(path: str | Path, out_dir: Path) -> str:
@@ -50,7 +54,6 @@ def _rel(path: str | Path, out_dir: Path) -> str:
 def plan(study: Study) -> list[Cell]:
     """Every cell of the study, dependencies before dependents."""
     cells: list[Cell] = []
-    extract = study.extract.result_settings()
     for ds in study.datasets:
         demo = None
         if ds.demo is not None:
@@ -62,64 +65,76 @@ def plan(study: Study) -> list[Cell]:
         tile = Cell("tile", f"tile/{ds.name}", {"slides": [_file_id_cheap(p) for p in ds.slides], **tiling},
                     deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
         cells.append(tile)
-        # One extraction cell per network and weights: every truncation of it comes from one pass over the
-        # patches. It skips finished slides and truncations, so it resumes (and takes an added truncation)
-        # while the network, weights and tiling settings stay.
-        extracts: dict[EncoderConfig, Cell] = {}
-        for (name, weights), group in _by_network(study.encoders).items():
-            truncations = sorted(e.truncate for e in group)
-            settings = {"encoder": {"name": name, "weights": weights, "truncate": truncations}, **extract}
-            cell = Cell("extract", f"extract/{ds.name}/{group[0].key.rsplit('-t', 1)[0]}", settings, deps=(tile,),
-                        dataset=ds.name, encoder=group[0],
-                        resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
-                                                  name, weights, tiling]))
-            extracts.update(dict.fromkeys(group, cell))
-            cells.append(cell)
-        labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
-        mils: dict[tuple[EncoderConfig, str, int], Cell] = {}
+        for stain in study.stains:
+            cells += _stain_cells(study, ds, stain, tile, demo)
+    return cells
+
+
+def _stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell | None) -> list[Cell]:
+    """The cells of one dataset and one value of the stain axis: extractions, MIL runs, CAMs, fine-tuning,
+    CKA."""
+    cells: list[Cell] = []
+    tiling = ds.tile.result_settings()
+    extract = {**study.extract_for(stain).result_settings(), **_reference_id(study, stain)}
+    suffix = stain_suffix(stain)
+    # One extraction cell per network and weights: every truncation of it comes from one pass over the patches.
+    # It skips finished slides and truncations, so it resumes (and takes an added truncation) while the
+    # network, weights and tiling settings stay.
+    extracts: dict[EncoderConfig, Cell] = {}
+    for (name, weights), group in _by_network(study.encoders).items():
+        truncations = sorted(e.truncate for e in group)
+        settings = {"encoder": {"name": name, "weights": weights, "truncate": truncations}, **extract}
+        cell = Cell("extract", f"extract/{ds.name}/{group[0].key.rsplit('-t', 1)[0]}{suffix}", settings,
+                    deps=(tile,), dataset=ds.name, encoder=group[0], stain=stain,
+                    resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
+                                              name, weights, tiling]))
+        extracts.update(dict.fromkeys(group, cell))
+        cells.append(cell)
+    labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
+    mils: dict[tuple[EncoderConfig, str, int], Cell] = {}
+    for enc in study.encoders:
+        for variant in study.mil:
+            for seed in study.seeds:
+                mil = ds.mil(variant.settings, seed).result_settings()
+                # The run depends on its truncation's features only: adding a truncation to the network's
+                # extraction cell must not retrain the others.
+                features = settings_hash([{"encoder": enc.spec(), **extract}, tile.hash])
+                mils[enc, variant.name, seed] = _resumable(Cell(
+                    "mil", f"mil/{ds.name}/{enc.key}{suffix}/{variant.name}/seed{seed}",
+                    {**labels, **mil, "features": features}, deps=(extracts[enc],) + ((demo,) if demo else ()),
+                    dataset=ds.name, encoder=enc, seed=seed, variant=variant.name, stain=stain,
+                    hashed=(demo,) if demo else ()))
+                cells.append(mils[enc, variant.name, seed])
+    if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
+        cam = study.cam.result_settings()
         for enc in study.encoders:
-            for variant in study.mil:
-                for seed in study.seeds:
-                    mil = ds.mil(variant.settings, seed).result_settings()
-                    # The run depends on its truncation's features only: adding a truncation to the network's
-                    # extraction cell must not retrain the others.
-                    features = settings_hash([{"encoder": enc.spec(), **extract}, tile.hash])
-                    mils[enc, variant.name, seed] = _resumable(Cell(
-                        "mil", f"mil/{ds.name}/{enc.key}/{variant.name}/seed{seed}",
-                        {**labels, **mil, "features": features}, deps=(extracts[enc],) + ((demo,) if demo else ()),
-                        dataset=ds.name, encoder=enc, seed=seed, variant=variant.name,
-                        hashed=(demo,) if demo else ()))
-                    cells.append(mils[enc, variant.name, seed])
-        if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
-            cam = study.cam.result_settings()
-            for enc in study.encoders:
-                for seed in study.seeds:
-                    cells.append(_resumable(Cell(
-                        "cam", f"cam/{ds.name}/{enc.key}/{study.mil[0].name}/seed{seed}", cam,
-                        deps=(mils[enc, study.mil[0].name, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                        variant=study.mil[0].name)))
-        finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
-        if study.finetune is not None:
-            for enc in study.finetune_encoders:
-                for seed in study.finetune_seeds:
-                    settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
-                    finetunes[enc, seed] = _resumable(Cell(
-                        "finetune", f"finetune/{ds.name}/{enc.key}/{study.finetune_mil}/seed{seed}", settings,
-                        deps=(mils[enc, study.finetune_mil, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                        variant=study.finetune_mil))
-                    cells.append(finetunes[enc, seed])
-        if study.cka is not None:
-            if study.cka_finetuned:
-                for (enc, seed), ft_cell in finetunes.items():
-                    cka = _cka_settings(study, seed).result_settings()
-                    cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}/seed{seed}", {
-                        **cka, "comparison": "finetuned"},
-                        deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed))
-            for a, b in study.cka_pairs:
-                cka = _cka_settings(study, study.seeds[0]).result_settings()
-                cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}", {
-                    **cka, "comparison": "pair", "a": a.spec(), "b": b.spec()},
-                    deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0]))
+            for seed in study.seeds:
+                cells.append(_resumable(Cell(
+                    "cam", f"cam/{ds.name}/{enc.key}{suffix}/{study.mil[0].name}/seed{seed}", cam,
+                    deps=(mils[enc, study.mil[0].name, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
+                    variant=study.mil[0].name, stain=stain)))
+    finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
+    if study.finetune is not None:
+        for enc in study.finetune_encoders:
+            for seed in study.finetune_seeds:
+                settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
+                finetunes[enc, seed] = _resumable(Cell(
+                    "finetune", f"finetune/{ds.name}/{enc.key}{suffix}/{study.finetune_mil}/seed{seed}", settings,
+                    deps=(mils[enc, study.finetune_mil, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
+                    variant=study.finetune_mil, stain=stain))
+                cells.append(finetunes[enc, seed])
+    if study.cka is not None:
+        if study.cka_finetuned:
+            for (enc, seed), ft_cell in finetunes.items():
+                cka = _cka_settings(study, seed, stain).result_settings()
+                cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}{suffix}/seed{seed}", {
+                    **cka, **_reference_id(study, stain), "comparison": "finetuned"},
+                    deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed, stain=stain))
+        for a, b in study.cka_pairs:
+            cka = _cka_settings(study, study.seeds[0], stain).result_settings()
+            cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}{suffix}", {
+                **cka, **_reference_id(study, stain), "comparison": "pair", "a": a.spec(), "b": b.spec()},
+                deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0], stain=stain))
     return cells
 
 
@@ -131,14 +146,27 @@ def _by_network(encoders: Sequence[EncoderConfig]) -> dict[tuple[str, str], list
     return groups
 
 
-def _cka_settings(study: Study, seed: int) -> CkaSettings:
-    """The study's CKA settings for one seed, on patches prepared as the study extracted them."""
+def _reference_id(study: Study, stain: str) -> dict[str, Any]:
+    """The stain reference's contents as a cache key (editing the reference redoes the cells that use it)."""
+    if stain == "none" or study.stain_ref is None:
+        return {}
+    path = Path(study.stain_ref)
+    if path.is_file():
+        return {"stain_ref_id": file_sha256(path)}
+    if path.is_dir():
+        return {"stain_ref_id": [[p.name, file_sha256(p)] for p in sorted(path.iterdir()) if p.is_file()]}
+    return {"stain_ref_id": _file_id_cheap(Path(study.stain_ref.rsplit("@", 1)[0]))}  # a slide region
+
+
+def _cka_settings(study: Study, seed: int, stain: str) -> CkaSettings:
+    """The study's CKA settings for one seed, on patches prepared (resized, stain-normalised) as the study
+    extracted them."""
     assert study.cka is not None
-    ex = study.extract
+    ex = study.extract_for(stain)
     shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0,
               "input_size": ex.input_size}
     overrides = {k: v for k, v in shared.items() if k not in study.cka.model_fields_set}
-    return CkaSettings.build(study.cka, seed=seed, **overrides)
+    return CkaSettings.build(study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref, **overrides)
 
 
 def _file_id_cheap(path: Path) -> list[Any]:
@@ -243,7 +271,7 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
     enc = cell.settings["encoder"]
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
     folders = extract_features(patches, folder, enc["name"], enc["weights"], list(enc["truncate"]),
-                               ctx.study.extract, ranks=ctx.ranks)
+                               ctx.study.extract_for(cell.stain), ranks=ctx.ranks)
     tiled = {p.stem for p in h5_files(patches)}
     counts = {}
     for truncate, features in folders.items():
@@ -333,7 +361,7 @@ def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
         a, b = cell.settings["a"], cell.settings["b"]
         comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
                       f"{EncoderConfig(**cell.settings['b']).label}")
-    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed))
+    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed, cell.stain))
     return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
 
 
@@ -506,20 +534,25 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     cka = cka_stages(out_dir, finished)
     loc = localisation_runs(out_dir, finished, info)
     tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info,
-                          [v.name for v in study.mil], study.finetune_mil)
+                          [v.name for v in study.mil], study.finetune_mil, study.stains)
     if len(loc):
         tables["table5_localisation"] = localisation_table(loc, datasets)
     shown = write_tables(out_dir / "tables", tables, datasets,
                          {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka, "runs_localisation": loc})
     figures = draw_figures(out_dir / "figures", mil, cka)
     return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records,
-                        report_notes(mil, cka))
+                        report_notes(mil, cka), shortcut_table(mil))
 
 
 def report_notes(mil: pd.DataFrame, cka: pd.DataFrame) -> list[str]:
-    """What a reader must know before reading the tables: test splits too small for a stable AUC, and CKA
-    computed on fewer patches than dimensions."""
+    """What a reader must know before reading the tables: test splits too small for a stable AUC, runs whose
+    AUC colour alone comes close to, and CKA computed on fewer patches than dimensions."""
     notes = []
+    warned = mil[mil["shortcut_warning"].fillna(False).astype(bool)] if len(mil) else mil
+    if len(warned):
+        runs = ", ".join(warned["run"].head(3)) + (", ..." if len(warned) > 3 else "")
+        notes.append(f"In {len(warned)} of {len(mil)} MIL runs colour alone predicts the labels nearly as well as "
+                     f"the model (see the shortcut check; {runs}): {warned['shortcut_verdict'].iloc[0]}")
     small = mil[mil["n_slides"] < SMALL_SPLIT] if len(mil) else mil
     if len(small):
         sizes = ", ".join(sorted({f"{d}: {n}" for d, n in zip(small["dataset"], small["n_slides"])}))

@@ -1,15 +1,15 @@
 """The paper's Tables I-IV from the study's finished runs.
 
 Every number comes from a run's ``metrics.json`` (slide-level test AUC and the number of test slides): the
-long tables (``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run, the summary
-tables one row per encoder configuration and MIL recipe with, per dataset, the mean and sample sd of the test
-AUC over seeds and the number of test slides. Table II pairs each histopathology encoder with the ImageNet
+long tables (``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run (with, for MIL
+runs, the mean within-group test AUC and the shortcut check), the summary tables one row per encoder
+configuration, stain normalisation and MIL recipe with, per dataset, the mean and sample sd of the test AUC
+over seeds and the number of test slides. Table II pairs each histopathology encoder with the ImageNet
 encoder of its architecture, as the paper's does.
 """
 
 from __future__ import annotations
 
-import json
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -51,12 +51,24 @@ def footnote(name: str) -> str:
     return LOCALISATION_FOOTNOTE if name == "table5_localisation" else FOOTNOTE
 
 
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def _test_metrics(run: Path) -> tuple[float, int]:
     """(test AUC, test slides) from a run folder's metrics.json; AUC is NaN when it could not be computed."""
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
-    auc = test.get("auc")
-    return (float("nan") if auc is None else float(auc)), int(test.get("n_slides") or 0)
+    return _nan(test.get("auc")), int(test.get("n_slides") or 0)
+
+
+def _multi_centre(run: Path) -> dict[str, Any]:
+    """A run's mean within-group test AUC and shortcut check (NaN / empty where it has none)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    shortcut = metrics.get("shortcut") or {}
+    return {"within_group_auc": _nan(((metrics.get("groups") or {}).get("test") or {}).get("mean_within_group_auc")),
+            "colour_auc": _nan(shortcut.get("colour_auc")), "group_auc": _nan(shortcut.get("group_auc")),
+            "shortcut_warning": bool(shortcut.get("warning")), "shortcut_verdict": shortcut.get("verdict") or ""}
 
 
 def weights_top1(info: Mapping[str, Mapping[str, Any]], name: str, weights: str) -> float | None:
@@ -86,9 +98,12 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
         run = r["result"]["run"]
         auc, n = _test_metrics(out_dir / run)
         rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-                     "seed": r["seed"], "auc": auc, "n_slides": n, "run": run})
+                     "stain": r.get("stain", "none"), "seed": r["seed"], "auc": auc, "n_slides": n, "run": run,
+                     **_multi_centre(out_dir / run)})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
-                                       "imagenet_top1", "recipe", "seed", "auc", "n_slides", "run"])
+                                       "imagenet_top1", "recipe", "stain", "seed", "auc", "n_slides", "run",
+                                       "within_group_auc", "colour_auc", "group_auc", "shortcut_warning",
+                                       "shortcut_verdict"])
 
 
 def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -101,11 +116,12 @@ def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
         frozen_auc, _ = _test_metrics(out_dir / r["result"]["frozen_run"])
         auc, n = _test_metrics(out_dir / r["result"]["run"])
         rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-                     "seed": r["seed"], "frozen_auc": frozen_auc, "finetuned_auc": auc, "n_slides": n,
-                     "run": r["result"]["run"], "frozen_run": r["result"]["frozen_run"]})
+                     "stain": r.get("stain", "none"), "seed": r["seed"], "frozen_auc": frozen_auc,
+                     "finetuned_auc": auc, "n_slides": n, "run": r["result"]["run"],
+                     "frozen_run": r["result"]["frozen_run"]})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
-                                       "imagenet_top1", "recipe", "seed", "frozen_auc", "finetuned_auc", "n_slides",
-                                       "run", "frozen_run"])
+                                       "imagenet_top1", "recipe", "stain", "seed", "frozen_auc", "finetuned_auc",
+                                       "n_slides", "run", "frozen_run"])
 
 
 def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -119,14 +135,15 @@ def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFr
         df = pd.read_csv(csv)
         record = json.loads((csv.parent / "cka.json").read_text()) if (csv.parent / "cka.json").is_file() else {}
         frames.append(pd.DataFrame({
-            "dataset": r["dataset"], "comparison": r["result"]["comparison"], "seed": r["seed"],
+            "dataset": r["dataset"], "comparison": r["result"]["comparison"], "stain": r.get("stain", "none"),
+            "seed": r["seed"],
             "stage_index": np.arange(len(df)), "stage": df["stage"].astype(str), "cka": df["cka"].astype(float),
             "baseline": df["baseline"].astype(float) if "baseline" in df else np.nan,
             "estimator": record.get("estimator", "biased"), "n_patches": record.get("n_patches"),
             "warning": " ".join(record.get("warnings") or []), "csv": r["result"]["csv"],
         }))
-    columns = ["dataset", "comparison", "seed", "stage_index", "stage", "cka", "baseline", "estimator", "n_patches",
-               "warning", "csv"]
+    columns = ["dataset", "comparison", "stain", "seed", "stage_index", "stage", "cka", "baseline", "estimator",
+               "n_patches", "warning", "csv"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -134,7 +151,7 @@ def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
                       info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per MIL run whose dataset has lesion annotations: the cohort means of its attention localisation
     (positive test slides) and, when the study made CAMs of it, their localisation and resolution."""
-    cams = {(r["dataset"], r["config"], r.get("recipe", ""), r["seed"]): r["result"]["cams"]
+    cams = {(r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]): r["result"]["cams"]
             for r in records if r["kind"] == "cam"}
     rows = []
     for r in records:
@@ -142,30 +159,30 @@ def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             continue
         loc = json.loads((out_dir / r["result"]["localisation"]).read_text())
         row = {"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-               "seed": r["seed"], "n_scored": loc["n_scored"],
+               "stain": r.get("stain", "none"), "seed": r["seed"], "n_scored": loc["n_scored"],
                **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ("top_patch_hit", "attention_mass", "auc")}}
-        cam_file = cams.get((r["dataset"], r["config"], r.get("recipe", ""), r["seed"]))
+        cam_file = cams.get((r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]))
         if cam_file is not None:
             cam = json.loads((out_dir / cam_file).read_text())
             cohort = (cam.get("localisation") or {}).get("cohort") or {}
             row.update({k: (cohort.get(k) or {}).get("mean") for k in ("pointing_game", "cam_mass")})
             row["um_per_cell"] = (cam.get("resolution") or {}).get("um_per_cell")
         rows.append(row)
-    columns = ["dataset", "config", "encoder", "weights", "truncate", "recipe", "seed", "n_scored",
+    columns = ["dataset", "config", "encoder", "weights", "truncate", "recipe", "stain", "seed", "n_scored",
                *LOCALISATION_SCORES]
     return pd.DataFrame(rows, columns=columns)
 
 
 def localisation_table(runs: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
-    """Table V: per configuration and recipe, per dataset, each localisation score's mean over seeds (the
-    paper's claim that truncated encoders localise at a finer resolution, as measured numbers)."""
-    keys = list(dict.fromkeys(zip(runs["config"], runs["recipe"])))
+    """Table V: per configuration, stain normalisation and recipe, per dataset, each localisation score's mean
+    over seeds (the paper's claim that truncated encoders localise at a finer resolution, as measured numbers)."""
+    keys = list(dict.fromkeys(zip(runs["config"], runs["stain"], runs["recipe"])))
     rows = []
-    for config, recipe in keys:
-        sel = runs[(runs["config"] == config) & (runs["recipe"] == recipe)]
+    for config, stain, recipe in keys:
+        sel = runs[(runs["config"] == config) & (runs["stain"] == stain) & (runs["recipe"] == recipe)]
         first = sel.iloc[0]
         row: dict[str, Any] = {"encoder": first["encoder"], "weights": first["weights"],
-                               "truncate": first["truncate"], "recipe": recipe}
+                               "truncate": first["truncate"], "stain": stain, "recipe": recipe}
         for ds in datasets:
             part = sel[sel["dataset"] == ds]
             row[f"{ds}_n_scored"] = _n_slides(part["n_scored"]) if len(part) else 0
@@ -191,31 +208,35 @@ def _summary(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), int(len(v))
 
 
-def _row(cfg: EncoderConfig, recipe: str, columns: Sequence[str], info: Mapping[str, Mapping[str, Any]],
-         pretraining: str = "") -> dict[str, Any]:
+def _row(cfg: EncoderConfig, stain: str, recipe: str, columns: Sequence[str],
+         info: Mapping[str, Mapping[str, Any]], pretraining: str = "") -> dict[str, Any]:
     meta = info.get(cfg.name, {})
     row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
                            "family": meta.get("family"), "architecture": meta.get("architecture", cfg.name),
                            "pretraining": pretraining, "imagenet_top1": weights_top1(info, cfg.name, cfg.weights),
-                           "recipe": recipe}
+                           "stain": stain, "recipe": recipe}
     return {k: row[k] for k in columns}
 
 
-def _select(runs: pd.DataFrame, cfg: EncoderConfig, recipe: str, ds: str) -> pd.DataFrame:
+def _select(runs: pd.DataFrame, cfg: EncoderConfig, stain: str, recipe: str, ds: str) -> pd.DataFrame:
     if not len(runs):
         return runs
-    return runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds) & (runs["recipe"] == recipe)]
+    return runs[(runs["config"] == cfg.key) & (runs["dataset"] == ds) & (runs["recipe"] == recipe)
+                & (runs["stain"] == stain)]
 
 
-def _grid_table(runs: pd.DataFrame, rows: Sequence[tuple[EncoderConfig, str, str]], datasets: Sequence[str],
+Row = tuple[EncoderConfig, str, str, str]  # configuration, stain normalisation, MIL recipe, pre-training label
+
+
+def _grid_table(runs: pd.DataFrame, rows: Sequence[Row], datasets: Sequence[str],
                 columns: Sequence[str], info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per (configuration, recipe, pre-training label), in order; per dataset: AUC mean, sd, seeds and
-    test slides."""
+    """One row per (configuration, stain, recipe, pre-training label), in order; per dataset: AUC mean, sd,
+    seeds and test slides."""
     out = []
-    for cfg, recipe, pretraining in rows:
-        row = _row(cfg, recipe, columns, info, pretraining)
+    for cfg, stain, recipe, pretraining in rows:
+        row = _row(cfg, stain, recipe, columns, info, pretraining)
         for ds in datasets:
-            sel = _select(runs, cfg, recipe, ds)
+            sel = _select(runs, cfg, stain, recipe, ds)
             mean, sd, k = _summary(sel["auc"]) if len(sel) else (float("nan"), float("nan"), 0)
             row.update({f"{ds}_auc_mean": mean, f"{ds}_auc_sd": sd, f"{ds}_n_seeds": k,
                         f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
@@ -248,14 +269,14 @@ def histopathology_pairs(encoders: Sequence[EncoderConfig], info: Mapping[str, M
 def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[EncoderConfig],
                  finetune_encoders: Sequence[EncoderConfig], datasets: Sequence[str],
                  info: Mapping[str, Mapping[str, Any]], recipes: Sequence[str] = ("",),
-                 finetune_recipe: str = "") -> dict[str, pd.DataFrame]:
-    """Tables I-IV as numeric DataFrames, rows in the study file's order (each configuration once per MIL
-    recipe), one column group per dataset."""
+                 finetune_recipe: str = "", stains: Sequence[str] = ("none",)) -> dict[str, pd.DataFrame]:
+    """Tables I-IV as numeric DataFrames, rows in the study file's order (each configuration once per stain
+    normalisation and MIL recipe), one column group per dataset."""
     def family(cfg: EncoderConfig) -> str | None:
         return info.get(cfg.name, {}).get("family")
 
-    def by_recipe(configs: Sequence[EncoderConfig], label: str = "") -> list[tuple[EncoderConfig, str, str]]:
-        return [(c, r, label) for c in configs for r in recipes]
+    def by_recipe(configs: Sequence[EncoderConfig], label: str = "") -> list[Row]:
+        return [(c, st, r, label) for c in configs for st in stains for r in recipes]
 
     full_imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology"]
     truncated_archs = {(c.name, c.weights) for c in encoders if c.truncate > 0}
@@ -264,11 +285,11 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
                                        c.truncate))
 
     ft_rows = []
-    for cfg in finetune_encoders:
+    for cfg, stain in ((c, st) for c in finetune_encoders for st in stains):
         row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                               "recipe": finetune_recipe}
+                               "stain": stain, "recipe": finetune_recipe}
         for ds in datasets:
-            sel = _select(finetune, cfg, finetune_recipe, ds)
+            sel = _select(finetune, cfg, stain, finetune_recipe, ds)
             sel = sel[np.isfinite(sel["frozen_auc"].astype(float)) & np.isfinite(sel["finetuned_auc"].astype(float))]
             f_mean, f_sd, k = _summary(sel["frozen_auc"])
             t_mean, t_sd, _ = _summary(sel["finetuned_auc"])
@@ -276,19 +297,20 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
                         f"{ds}_finetuned_auc_mean": t_mean, f"{ds}_finetuned_auc_sd": t_sd,
                         f"{ds}_n_seeds": k, f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
         ft_rows.append(row)
-    ft_cols = ["encoder", "weights", "truncate", "recipe"] + [
+    ft_cols = ["encoder", "weights", "truncate", "stain", "recipe"] + [
         f"{ds}_{c}" for ds in datasets for c in ("frozen_auc_mean", "frozen_auc_sd", "finetuned_auc_mean",
                                                  "finetuned_auc_sd", "n_seeds", "n_slides")]
-    pairs = [(c, r, label) for c, label in histopathology_pairs(encoders, info) for r in recipes]
+    pairs = [(c, st, r, label) for c, label in histopathology_pairs(encoders, info) for st in stains
+             for r in recipes]
     return {
         "table1_architectures": _grid_table(mil, by_recipe(full_imagenet), datasets,
-                                            ["encoder", "weights", "imagenet_top1", "recipe"], info),
+                                            ["encoder", "weights", "imagenet_top1", "stain", "recipe"], info),
         "table2_histopathology_encoders": _grid_table(mil, pairs, datasets,
-                                                      ["architecture", "encoder", "pretraining", "weights", "recipe"],
-                                                      info),
+                                                      ["architecture", "encoder", "pretraining", "weights", "stain",
+                                                       "recipe"], info),
         "table3_finetuning": pd.DataFrame(ft_rows, columns=ft_cols),
         "table4_truncation": _grid_table(mil, by_recipe(truncation), datasets,
-                                         ["encoder", "weights", "truncate", "recipe"], info),
+                                         ["encoder", "weights", "truncate", "stain", "recipe"], info),
     }
 
 
@@ -327,6 +349,8 @@ def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd
     if "imagenet_top1" in table:
         out["ImageNet top-1 (%)"] = [("–" if v is None or pd.isna(v) else f"{float(v):.1f}")
                                      for v in table["imagenet_top1"]]
+    if "stain" in table:
+        out["Stain"] = table["stain"]
     if "recipe" in table:
         out["MIL recipe"] = table["recipe"]
     for ds in datasets:
@@ -339,6 +363,25 @@ def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd
             out[ds] = [format_auc(m, s, n) for m, s, n in zip(
                 table[f"{ds}_auc_mean"], table[f"{ds}_auc_sd"], table[f"{ds}_n_slides"])]
     return out
+
+
+def _shown(value: float) -> str:
+    return "–" if value is None or pd.isna(value) else f"{float(value):.3f}"
+
+
+def shortcut_table(mil: pd.DataFrame) -> pd.DataFrame:
+    """The shortcut check of every MIL run beside its test AUC (empty when no run could be checked): the mean
+    within-group test AUC, the AUC of colour alone and of the group alone, and the verdict when colour comes
+    close to the model."""
+    if not len(mil) or mil[["within_group_auc", "colour_auc", "group_auc"]].isna().all().all():
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "Dataset": mil["dataset"], "Configuration": mil["config"], "Stain": mil["stain"],
+        "MIL recipe": mil["recipe"], "Seed": mil["seed"], "Test AUC": mil["auc"].map(_shown),
+        "Within-group test AUC": mil["within_group_auc"].map(_shown),
+        "Colour-only AUC": mil["colour_auc"].map(_shown), "Group-only AUC": mil["group_auc"].map(_shown),
+        "Verdict": [v if w else "" for v, w in zip(mil["shortcut_verdict"], mil["shortcut_warning"])],
+    })
 
 
 def to_markdown(df: pd.DataFrame) -> str:
