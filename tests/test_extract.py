@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as TF
 
 from histotransfer.cli import main
@@ -154,6 +155,9 @@ def test_rerun_skips_finished_slides_and_reports_a_broken_one(demo, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in again.folder.glob("*.h5")} == before
     report = pd.read_csv(again.folder / "extract.csv")
     assert sorted(report.slide_id) == ["broken", "demo_01", "demo_02"]
+    slide_paths = dict(zip(report.slide_id, report.slide_path))
+    assert {sid: Path(slide_paths[sid]).resolve() for sid in ("demo_01", "demo_02")} == {
+        s.stem: s.resolve() for s in slides[:2]}  # skipped rows name the slide too, as ok rows do
 
 
 def test_float16_resized_and_worker_processes(demo, tmp_path):
@@ -220,6 +224,22 @@ def test_moved_slides_are_found_with_slides_dir(demo, tmp_path):
     assert run.results[0].status == "error" and "pass --slides" in run.results[0].message
     run = run_extraction(patches, tmp_path / "b", **ENCODER, workers=0, slides=moved)
     assert run.results[0].status == "ok" and run.results[0].slide_path == str(moved / slides[0].name)
+
+
+def test_a_checkpoint_counts_by_its_contents_not_by_how_its_path_is_spelled(demo, tmp_path, monkeypatch):
+    _, slides, _ = demo
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    grid_patch_file(patches, slides[0], slides[0].stem, n_side=2)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pt")
+    first = run_extraction(patches, tmp_path / "out", "resnet18", str(tmp_path / "w.pt"), 2, workers=0)
+    monkeypatch.chdir(tmp_path)
+    again = run_extraction(patches, tmp_path / "out", "resnet18", "w.pt", 2, workers=0)
+    assert again.folder == first.folder and [r.status for r in again.results] == ["skipped"]
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pt")  # other weights, same name
+    replaced = run_extraction(patches, tmp_path / "out", "resnet18", "w.pt", 2, workers=0)
+    assert replaced.folder != first.folder and [r.status for r in replaced.results] == ["ok"]
 
 
 def test_tile_then_extract(demo, tmp_path):

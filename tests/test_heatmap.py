@@ -73,14 +73,35 @@ def test_heatmaps_of_a_folder_of_slides(run, tmp_path):
 def test_new_slides_from_a_features_folder_and_annotations(run, tmp_path):
     root, run_dir, bags = run
     new = planted_bags(1, n_patches=(12, 12), dim=8, patch_size=200, seed=5)[0]
-    new.slide_id = "slide_000"  # same name as a slide image, other features and patch size
+    new.slide_id = "new_000"  # a slide the run never saw, other features and patch size
+    shutil.copy(root / "slides" / "slide_000.png", tmp_path / "new_000.png")
     write_feature_folder(tmp_path / "new", [new])
-    written = write_heatmaps(run_dir, [root / "slides" / "slide_000.png"], tmp_path / "out", mpp=0.5,
+    written = write_heatmaps(run_dir, [tmp_path / "new_000.png"], tmp_path / "out", mpp=0.5,
                              features_dir=tmp_path / "new", patch_size_level0=200, object_type="annotation")
     assert len(written) == 2
-    collection = json.loads((tmp_path / "out" / "slide_000.geojson").read_text())
+    collection = json.loads((tmp_path / "out" / "new_000.geojson").read_text())
     assert {f["properties"]["objectType"] for f in collection["features"]} == {"annotation"}
     assert collection["features"][-1]["geometry"]["coordinates"][0][2] == (new.coords[-1] + 200).tolist()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("encoder", "made by encoder"),  # same dimension, another encoder's attrs
+    ("dimension", "dimension 5, expected 8"),
+    ("replaced", "not the ones it saw"),  # a slide the run was trained on, its features replaced since
+])
+def test_features_that_are_not_the_runs_are_refused(run, tmp_path, change, message):
+    root, run_dir, bags = run
+    other = planted_bags(1, n_patches=(12, 12), dim=5 if change == "dimension" else 8, patch_size=256, seed=9)[0]
+    other.slide_id = "slide_000" if change == "replaced" else "new_000"
+    attrs = {"encoder": "resnet18", "truncate": 2} if change == "encoder" else {}
+    write_feature_folder(tmp_path / "feats", [other], patch_size_level0=256, **attrs)
+    slide = tmp_path / f"{other.slide_id}.png"
+    shutil.copy(root / "slides" / "slide_000.png", slide)
+    report = tmp_path / "out" / "heatmaps.csv"
+    write_heatmaps(run_dir, [slide], tmp_path / "out", mpp=0.5, features_dir=tmp_path / "feats")
+    row = pd.read_csv(report).iloc[0]
+    assert row["status"] == "error" and message in row["message"]
+    assert not (tmp_path / "out" / f"{other.slide_id}.png").exists()
 
 
 def test_missing_patch_size_is_reported_once_and_the_cli_fails(run, tmp_path, capsys):

@@ -436,7 +436,7 @@ def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSetti
     folder = root / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(encoder)
-    settings_fp = settings_fingerprint(choice, s, input_size, described["weights_sha256"], stain)
+    settings_fp = settings_fingerprint(choice, s, input_size, described, stain)
     attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
              "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
              "tiling": tiling.name or "", "preprocessing": canonical_json(encoder.preprocessing.describe()),
@@ -448,14 +448,16 @@ def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSetti
                    BatchReport(folder / report_name, shared=report_name == REPORT_NAME))
 
 
-def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None, weights_sha256: str,
-                         stain: StainNormalizer | None) -> str:
-    """What a finished feature file must have been made with to be kept. The stain reference counts by the
-    target fitted on it, not by its path (the same target from a moved file is the same extraction); without
-    normalisation the fingerprint is the one of before stain options existed."""
+def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None,
+                         described: dict[str, Any], stain: StainNormalizer | None) -> str:
+    """What a finished feature file must have been made with to be kept. Weights count by what was loaded
+    (their label and sha256), not by how they were spelled (the default, ``imagenet``, a relative or absolute
+    path); the stain reference counts by the target fitted on it, not by its path. Without normalisation the
+    fingerprint is the one of before stain options existed."""
     extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
-    record = {"encoder": choice.result_settings(), "extract": extract, "input_size": input_size,
-              "weights_sha256": weights_sha256}
+    encoder = {**choice.result_settings(), "weights": described["weights_label"]}
+    record = {"encoder": encoder, "extract": extract, "input_size": input_size,
+              "weights_sha256": described["weights_sha256"]}
     if stain is not None:
         record["stain"] = stain.to_dict()
     return json_fingerprint(record)
@@ -479,15 +481,16 @@ def _plan(mine: list[str], files: dict[str, Path], outputs: list[_Output]) -> di
             ItemLock(out.folder / f".{sid}{LOCK_SUFFIX}").clear_if_stale()
         t0 = time.perf_counter()
         try:
-            fp = read_patch_file(files[sid]).fingerprint
-            needed = [out for out in outputs if not out.done(sid, fp)]
+            patches = read_patch_file(files[sid])
+            needed = [out for out in outputs if not out.done(sid, patches.fingerprint)]
         except Exception as exc:  # a broken patch file is reported, the others go on
             for out in outputs:
                 out.add(error_result(sid, str(files[sid]), exc, t0))
             continue
         for out in outputs:
             if out not in needed:
-                out.add(SlideResult(sid, str(files[sid]), "skipped", _n_rows(files[sid]), 0.0, DONE_MESSAGE))
+                out.add(SlideResult(sid, patches.spec.slide_path or str(files[sid]), "skipped", len(patches.coords),
+                                    0.0, DONE_MESSAGE))
         if needed:
             todo[sid] = needed
     return todo

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import one_line
-from ..errors import HistotransferError
-from ..features import NonFiniteFeatures, encoder_attrs, read_feature_file
+from ..errors import HistotransferError, one_line
+from ..features import FeatureBag, NonFiniteFeatures, encoder_attrs, read_feature_file
+
 
 @dataclass
 class BagSet:
@@ -57,34 +57,40 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
             broken[slide_id] = reason if str(path) in reason else f"{path}: {reason}"
             warnings.warn(f"skipping unreadable feature file {broken[slide_id]}", stacklevel=2)
             continue
-        enc = encoder_attrs(bag.attrs)
         if expect_dim is None:
             expect_dim = bag.features.shape[1]
         if expect_encoder is None:
-            expect_encoder = enc
-        if bag.features.shape[1] != expect_dim:
-            raise HistotransferError(
-                f"{path}: features have dimension {bag.features.shape[1]}, expected {expect_dim}; all slides "
-                "must come from the same encoder (pass one features/<encoder_id> folder)."
-            )
-        mine, theirs = enc.get("stain_tag", "none"), (expect_encoder or {}).get("stain_tag", "none")
-        if mine != theirs:
-            raise HistotransferError(
-                f"{path}: features made with stain normalisation {mine}, but these slides' (or the run's) with "
-                f"{theirs}; extract them with the same --stain-norm and --stain-ref (or the run's stain target) "
-                "into one features/<encoder_id> folder."
-            )
-        if enc != expect_encoder:
-            raise HistotransferError(
-                f"{path}: made by encoder {enc or 'unknown'}, expected {expect_encoder or 'unknown'}; all "
-                "slides must come from the same encoder (pass one features/<encoder_id> folder)."
-            )
+            expect_encoder = encoder_attrs(bag.attrs)
+        check_bag(path, bag, expect_dim, expect_encoder)
         bags.slide_ids.append(slide_id)
         bags.features.append(torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)))
         bags.coords.append(bag.coords)
         bags.attrs.append(bag.attrs)
         bags.fingerprints.append(bag.fingerprint)
     return bags, broken
+
+
+def check_bag(path: Path, bag: FeatureBag, expect_dim: int, expect_encoder: dict[str, Any]) -> None:
+    """Refuse a feature file whose dimension, stain normalisation or encoder attrs are not the expected ones
+    (a run's, or the other slides')."""
+    enc = encoder_attrs(bag.attrs)
+    if bag.features.shape[1] != expect_dim:
+        raise HistotransferError(
+            f"{path}: features have dimension {bag.features.shape[1]}, expected {expect_dim}; all slides "
+            "must come from the same encoder (pass one features/<encoder_id> folder)."
+        )
+    mine, theirs = enc.get("stain_tag", "none"), expect_encoder.get("stain_tag", "none")
+    if mine != theirs:
+        raise HistotransferError(
+            f"{path}: features made with stain normalisation {mine}, but these slides' (or the run's) with "
+            f"{theirs}; extract them with the same --stain-norm and --stain-ref (or the run's stain target) "
+            "into one features/<encoder_id> folder."
+        )
+    if enc != expect_encoder:
+        raise HistotransferError(
+            f"{path}: made by encoder {enc or 'unknown'}, expected {expect_encoder or 'unknown'}; all "
+            "slides must come from the same encoder (pass one features/<encoder_id> folder)."
+        )
 
 
 def feature_stats(bags: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

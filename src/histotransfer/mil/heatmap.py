@@ -36,9 +36,10 @@ from ..features import read_feature_file
 from ..slide import check_identity, list_slides, open_slide, parse_identity
 from .evaluate import (LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame,
                        run_splits)
+from .bags import check_bag
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
-from .rundir import load_run_model, read_attention, read_config
+from .rundir import check_inputs, load_run_model, read_attention, read_config
 
 OBJECT_TYPES = ("detection", "annotation")
 SCALES = ("cohort", "slide")
@@ -123,7 +124,10 @@ def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = No
             f"no feature file {path} for slide {slide_id!r}; pass --features with the folder holding it."
         )
     bag = read_feature_file(path)
-    _, score = predict_bag(load_run_model(run_dir), bag.features)
+    model, config = load_run_model(run_dir), read_config(run_dir)
+    check_bag(path, bag, model.in_dim, config["encoder"])  # features of another encoder would draw nonsense
+    check_inputs(config, {slide_id: bag.fingerprint}, folder)
+    _, score = predict_bag(model, bag.features)
     s = score.astype(np.float64)
     weight = np.exp(s - s.max())
     return {"coords": bag.coords, "score": score, "weight": (weight / weight.sum()).astype(np.float32),
