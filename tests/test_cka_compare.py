@@ -124,4 +124,5 @@ def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encode
     record = json.loads((tmp_path / "cka.json").read_text())
     assert record["estimator"] == "debiased" and record["n_patches"] == 60
     assert len(record["warnings"]) == 1 and "layer2 (128)" in record["warnings"][0]  # 60 patches < 128 channels
+    assert "not inflated" in record["warnings"][0]  # the debiased estimator's own warning
     assert df.loc[0, "cka"] > 0.99 > df.loc[0, "baseline"]  # the untouched stem vs a random one

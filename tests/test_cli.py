@@ -23,6 +23,16 @@ def test_public_api_names_resolve(name):
     assert getattr(histotransfer, name) is not None
 
 
+def test_public_api_names_stay_functions_once_every_subpackage_is_imported():
+    """A subpackage import sets the package attribute of its name: no API name may be one."""
+    code = ("import importlib, pkgutil, histotransfer as ht\n"
+            "for m in pkgutil.iter_modules(ht.__path__): importlib.import_module(f'histotransfer.{m.name}')\n"
+            "bad = [n for n in ht.__all__ if type(getattr(ht, n)).__name__ == 'module']\n"
+            "assert not bad, bad\n"
+            "assert ht.fine_tune.__module__ == 'histotransfer.finetune.finetune'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_unknown_api_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_function"):
         histotransfer.no_such_function  # noqa: B018

@@ -128,6 +128,8 @@ def test_check_flags_a_patch_file_whose_slide_file_was_replaced(built):
     d = describe(built["old_patch_file"], check=True)
     assert d["slide_matches"] is False
     assert any(diff.startswith("head_sha256") for diff in d["slide_differences"])
+    assert main(["info", "--check", str(built["old_patch_file"])]) == 1  # scripts can rely on the status
+    assert main(["info", str(built["old_patch_file"])]) == 0
 
 
 @pytest.mark.parametrize("layout, attrs", [
@@ -265,6 +267,7 @@ def test_check_flags_feature_files_replaced_or_gone_since_training(built, tmp_pa
     (features / "demo_03.h5").unlink()
     assert describe(run, check=True)["inputs_check"] == {
         "features_dir": str(features), "checked": 8, "unchanged": 6, "changed": ["demo_02"], "missing": ["demo_03"]}
+    assert main(["info", "--check", str(run)]) == 1 and main(["info", "--check", str(built["run"])]) == 0
 
 
 def test_cross_validation_run_reports_the_mean_and_sd_over_folds(built):

@@ -124,3 +124,4 @@ def test_study_under_torchrun_with_two_processes_writes_the_same_tables(tmp_path
             (single.parent / "tables" / f"{name}.csv").read_bytes(), name
     cells = pd.read_csv(tmp_path / "two" / "cells.csv")
     assert set(cells["status"]) == {"done"} and len(cells) == 9
+    assert done.stdout.count("study: done in") == 1  # one summary, from rank 0

@@ -23,6 +23,8 @@ from histotransfer.study.tables import (
     cka_stages,
     display_table,
     finetune_runs,
+    localisation_runs,
+    localisation_table,
     mil_runs,
     to_markdown,
     write_tables,
@@ -323,3 +325,36 @@ def test_table2_pairs_each_histopathology_encoder_with_the_imagenet_encoder_of_i
                                  virchow], info)
     assert rows == [(r18, "ImageNet"), (ciga, "histopathology"), (d121, "ImageNet"), (mormont, "histopathology"),
                     (vitl, "ImageNet"), (phikon, "histopathology"), (virchow, "histopathology")]
+
+
+def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path):
+    """Table V from hand-made localisation.json and cam.json files: means over seeds, slide counts, the CAM
+    scores joined to their own run (same dataset, configuration, stain, recipe and seed)."""
+    records = []
+    scores = {0: (1.0, 0.6, 0.9), 1: (0.5, 0.4, None)}  # top_patch_hit, attention_mass, auc per seed
+    for seed, (hit, mass, auc) in scores.items():
+        rel = f"mil/alpha/{R18[2].key}/histotransfer/seed{seed}/localisation.json"
+        (tmp_path / rel).parent.mkdir(parents=True)
+        cohort = {"top_patch_hit": {"mean": hit, "n": 4}, "attention_mass": {"mean": mass, "n": 4},
+                  "auc": {"mean": auc, "n": 4 if auc is not None else 0}}
+        (tmp_path / rel).write_text(json.dumps({"n_scored": 4 + seed, "cohort": cohort}))
+        records.append({"kind": "mil", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
+                        "recipe": "histotransfer", "stain": "none", "seed": seed, "result": {"localisation": rel}})
+    cam = f"cam/alpha/{R18[2].key}/histotransfer/seed1/cam/cam.json"
+    (tmp_path / cam).parent.mkdir(parents=True)
+    (tmp_path / cam).write_text(json.dumps({"localisation": {"cohort": {"pointing_game": {"mean": 0.75},
+                                                                          "cam_mass": {"mean": 0.3}}},
+                                            "resolution": {"um_per_cell": 16.0}}))
+    records.append({"kind": "cam", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
+                    "recipe": "histotransfer", "stain": "none", "seed": 1, "result": {"cams": cam}})
+    runs = localisation_runs(tmp_path, records, INFO)
+    assert runs["seed"].tolist() == [0, 1] and runs["pointing_game"].isna().tolist() == [True, False]
+    table = localisation_table(runs, ["alpha"])
+    row = table.iloc[0]
+    assert (row["encoder"], row["truncate"], row["stain"], row["recipe"]) == ("resnet18", 2, "none", "histotransfer")
+    assert row["alpha_n_scored"] == "4-5"
+    assert row["alpha_top_patch_hit"] == pytest.approx(0.75) and row["alpha_attention_mass"] == pytest.approx(0.5)
+    assert row["alpha_auc"] == pytest.approx(0.9)  # a seed without an AUC does not count
+    assert (row["alpha_pointing_game"], row["alpha_cam_mass"], row["alpha_um_per_cell"]) == (0.75, 0.3, 16.0)
+    shown = display_table("table5_localisation", table, ["alpha"])
+    assert list(shown.columns[:5]) == ["Encoder", "Weights", "Truncation", "Stain", "MIL recipe"]

@@ -12,6 +12,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# ``name -> module`` (the module's attribute of that name, except where ``_RENAMED`` says otherwise). No name
+# is a subpackage's: importing ``histotransfer.finetune`` sets the package attribute ``finetune`` to the
+# subpackage, which would replace a function of that name.
+_RENAMED = {"fine_tune": "finetune"}
 _API = {
     "open_slide": "histotransfer.slide",
     "tile_slides": "histotransfer.patches",
@@ -27,7 +31,7 @@ _API = {
     "load_run_model": "histotransfer.mil",
     "write_heatmaps": "histotransfer.mil",
     "select_top_k": "histotransfer.finetune",
-    "finetune": "histotransfer.finetune",
+    "fine_tune": "histotransfer.finetune",
     "linear_cka": "histotransfer.analysis",
     "compare_encoders": "histotransfer.analysis",
     "load_study": "histotransfer.study",
@@ -42,7 +46,7 @@ __all__ = sorted(_API)
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'histotransfer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
+    value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

@@ -520,6 +520,20 @@ def describe(path: str | Path, check: bool = False) -> dict[str, Any]:
     return _describe_folder(path, check) if path.is_dir() else _describe_file(path, check)
 
 
+def failed_checks(description: dict[str, Any]) -> list[str]:
+    """What ``describe(..., check=True)`` found wrong: a slide file that is not the one tiled, a run's feature
+    files changed or missing since training. Empty when every check passed (or none could be made)."""
+    found = []
+    if description.get("slide_matches") is False:
+        found.append(f"{description['path']}: the slide file is not the one tiled "
+                     f"({'; '.join(description.get('slide_differences') or [])})")
+    inputs = description.get("inputs_check") or {}
+    if inputs.get("changed") or inputs.get("missing"):
+        found.append(f"{description['path']}: feature files changed ({len(inputs['changed'])}) or missing "
+                     f"({len(inputs['missing'])}) since training, in {inputs['features_dir']}")
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,14 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH", help="file or folder to describe")
     p.add_argument("--check", action="store_true",
                    help="also check a patch file's slide against the identity it recorded, and a run's feature "
-                        "files against the fingerprints it was trained on")
+                        "files against the fingerprints it was trained on; exit status 1 when a check fails")
     p.add_argument("--json", action="store_true", help="print the description as JSON (for scripts)")
     p.set_defaults(func=_info)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import describe, render
+    from .info import describe, failed_checks, render
 
     description = describe(args.path, check=args.check)
     print(json.dumps(description, indent=2) if args.json else render(description))
-    return 0
+    failed = failed_checks(description) if args.check else []
+    for line in failed:
+        print(f"check failed: {line}", file=sys.stderr)
+    return 1 if failed else 0

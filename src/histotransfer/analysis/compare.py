@@ -345,10 +345,13 @@ def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list
     if not thin:
         return []
     shown = ", ".join(f"{stage} ({d})" for stage, d in list(thin.items())[:4])
-    advice = ("read CKA against the random-initialisation baseline" if estimator == "debiased" else
-              "use estimator debiased, or more patches, and read CKA against the baseline")
+    if estimator == "debiased":
+        return [f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
+                "the debiased estimator is not inflated by this, but it is noisy with few patches per dimension: "
+                "use more patches, and read CKA against the random-initialisation baseline."]
     return [f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
-            f"with few patches per dimension CKA is inflated for any pair of representations: {advice}."]
+            "with few patches per dimension CKA is inflated for any pair of representations: use estimator "
+            "debiased, or more patches, and read CKA against the baseline."]
 
 
 def cka_summary(df: pd.DataFrame) -> str:

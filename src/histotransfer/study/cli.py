@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -38,8 +40,11 @@ def _study(args: argparse.Namespace) -> int:
         for c in todo:
             print(f"  to do: {c.key}")
         return 0
+    t0 = time.perf_counter()
     report, records = execute(study, args.out)
     counts = Counter(r["status"] for r in records)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank has the same records: rank 0 reports
+        return 1 if counts.get("failed") or counts.get("blocked") else 0
     print("cells: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for r in records:
         if r["status"] == "failed":
@@ -47,4 +52,5 @@ def _study(args: argparse.Namespace) -> int:
     print(f"tables:  {report.parent / 'tables'}")
     print(f"figures: {report.parent / 'figures'}")
     print(f"report:  {report}")
+    print(f"study: done in {time.perf_counter() - t0:.1f} s; report in {report}")
     return 1 if counts.get("failed") or counts.get("blocked") else 0

@@ -324,7 +324,7 @@ def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> st
 
 def _localisation_display(table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     out = pd.DataFrame({"Encoder": table["encoder"], "Weights": table["weights"].map(weights_label),
-                        "Truncation": table["truncate"], "MIL recipe": table["recipe"]})
+                        "Truncation": table["truncate"], "Stain": table["stain"], "MIL recipe": table["recipe"]})
     for ds in datasets:
         out[f"{ds}: slides"] = table[f"{ds}_n_scored"]
         for key, title in LOCALISATION_SCORES.items():
