@@ -104,8 +104,9 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
         test = json.loads((ft / "comparison.json").read_text())["splits"]["test"]
         print(f"   test AUC: frozen {test['frozen_auc']:.3f}, fine-tuned {test['finetuned_auc']:.3f}")
 
-    with _Stage("8/8 CKA per stage, frozen vs fine-tuned encoder (500 patches)", out / "cka"):
-        cka = compare_encoders(run, ft, tiling.folder, out / "cka", n_patches=500, device="cpu")
+    n_patches = min(500, sum(r.n_patches for r in tiling.results))  # the demo's few slides may hold fewer
+    with _Stage(f"8/8 CKA per stage, frozen vs fine-tuned encoder ({n_patches} patches)", out / "cka"):
+        cka = compare_encoders(run, ft, tiling.folder, out / "cka", n_patches=n_patches, device="cpu")
         for row in cka.itertuples():
             print(f"   {row.stage:<10} CKA {row.cka:.4f}")
     return out

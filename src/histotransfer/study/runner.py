@@ -404,9 +404,10 @@ def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 # How a cell's work is shared under torchrun: "all" ranks run it together (extraction shards slides, fine-tuning
-# is data-parallel), "spread" cells (small and independent: MIL runs) are dealt to the ranks, "one" runs on rank 0.
+# is data-parallel), "spread" cells (independent: MIL runs, CAMs, CKA comparisons) are dealt to the ranks, each
+# computed as one process would, "one" runs on rank 0.
 MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "cam": "spread", "finetune": "all",
-         "cka": "one"}
+         "cka": "spread"}
 
 
 def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
