@@ -214,3 +214,18 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
         assert read_feature_file(h5).features.shape[1] == 128
     config = json.loads((root / "ft_ddp" / "config.json").read_text())
     assert config["settings"]["batch_slides"] == 2 == FT["batch_slides"]  # the same settings as one process
+
+
+@pytest.mark.parametrize("encoder, tiled, fed, expected", [
+    ("resnet18", 256, 256, None),   # a CNN fed at the tiled size: the default
+    ("resnet18", 256, 64, 64),      # resized
+    ("uni", 32, 32, 32),            # a ViT fed at its tiled size, not its own 224: must be said
+    ("uni", 512, 224, None),        # a ViT at its own size: the default
+])
+def test_re_extraction_feeds_the_size_the_run_was_made_at(encoder, tiled, fed, expected):
+    from types import SimpleNamespace
+
+    from histotransfer.finetune.finetune import _extraction_size
+
+    slide = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(patch_size=tiled)))
+    assert _extraction_size({"encoder": encoder, "input_size": fed}, slide) == expected

@@ -358,3 +358,24 @@ def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path
     assert (row["alpha_pointing_game"], row["alpha_cam_mass"], row["alpha_um_per_cell"]) == (0.75, 0.3, 16.0)
     shown = display_table("table5_localisation", table, ["alpha"])
     assert list(shown.columns[:5]) == ["Encoder", "Weights", "Truncation", "Stain", "MIL recipe"]
+
+
+def test_a_transformer_cut_to_blocks_is_its_own_row_never_the_full_network(tmp_path):
+    """A `blocks` configuration keeps its AUCs apart from the full network's: not in Table I, in Table IV with
+    its depth, and out of the truncation figure's axis."""
+    vit = EncoderConfig("uni", "pretrained", 0)
+    cut = EncoderConfig("uni", "pretrained", 0, blocks=10)
+    info = {"uni": {"family": "histopathology", "weights": {"pretrained": {"imagenet_top1": None}}}}
+    records = []
+    for cfg, auc in ((vit, 0.9), (cut, 0.6)):
+        rel = f"mil/alpha/{cfg.key}/seed0/run"
+        write_metrics(tmp_path / rel, auc, 12)
+        records.append({"kind": "mil", "dataset": "alpha", "encoder": cfg.spec(), "seed": 0, "result": {"run": rel}})
+    mil = mil_runs(tmp_path, records, info)
+    assert mil["config"].tolist() == ["uni-pretrained-t0", "uni-pretrained-b10"]
+    tables = build_tables(mil, finetune_runs(tmp_path, [], info), (vit, cut), (), ["alpha"], info)
+    t2 = tables["table2_histopathology_encoders"]
+    assert t2["alpha_auc_mean"].tolist() == [0.9]  # the full network only, its own AUC
+    t4 = tables["table4_truncation"]
+    assert t4["alpha_auc_mean"].tolist() == [0.9, 0.6]
+    assert display_table("table4_truncation", t4, ["alpha"])["Truncation"].tolist() == [0, "10 blocks"]

@@ -241,7 +241,7 @@ def describe_feature_file(path: Path) -> dict[str, Any]:
     sha = attrs.get("weights_sha256")
     return {"kind": "feature file", "path": str(path), "layout": layout, "slide_id": path.stem,
             "encoder": attrs.get("encoder"), "encoder_id": attrs.get("encoder_id"), "stage": attrs.get("stage"),
-            "truncate": attrs.get("truncate"),
+            "truncate": attrs.get("truncate"), **({"blocks": attrs["blocks"]} if "blocks" in attrs else {}),
             "weights": {"label": attrs.get("weights_label", attrs.get("weights")),
                         "sha256": sha[:12] if sha else None},
             "input_size": attrs.get("input_size"), "precision": attrs.get("precision"), "dtype": dtype,

@@ -162,7 +162,7 @@ def _load_run(run_dir: Path, s: CamSettings) -> _Run:
     if s.target_class >= head.n_classes:
         raise HistotransferError(f"--target-class {s.target_class}: the run's model has {head.n_classes} classes; "
                                  f"pass 0..{head.n_classes - 1}.")
-    encoder = run_encoder(run_dir)
+    encoder = run_encoder(run_dir).with_blocks((config.get("encoder") or {}).get("blocks"))
     if encoder_spec(encoder.name).pool is not None:
         raise HistotransferError(f"{run_dir}: its encoder {encoder.name} pools its last stage otherwise than by a "
                                  "global average (e.g. a class token); Grad-CAM here needs a CNN encoder.")
@@ -317,8 +317,8 @@ def _checked_gap(run: _Run, inputs: _SlideInputs, result: CamResult, rows: np.nd
     gap = (result.feature_gap or 0.0) / max(float(np.abs(inputs.bag.features[rows]).max()), 1e-6)
     if gap > _tolerance(inputs.bag.attrs):
         raise EncoderMismatch(
-            f"{run.features_dir / (inputs.bag.slide_id + '.h5')}: the encoder ({run.encoder.name}, truncate "
-            f"{run.encoder.truncate}) does not reproduce the run's features of the same patches (relative "
+            f"{run.features_dir / (inputs.bag.slide_id + '.h5')}: the encoder ({run.encoder.name}, "
+            f"{run.encoder.depth_tag}) does not reproduce the run's features of the same patches (relative "
             f"difference {gap:.3g}), so its CAMs would not explain the run's predictions; the weights, input size, "
             "stain normalisation or slides (--slides) differ from those the run used."
         )

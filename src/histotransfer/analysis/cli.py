@@ -21,11 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for side in ("a", "b"):
         p.add_argument(f"--encoder-{side}", required=True, metavar="SPEC",
                        help="a run folder (train: frozen encoder; finetune: fine-tuned encoder), a fine-tuned "
-                            f"encoder.pt, or an encoder name (with --weights-{side}/--truncate-{side})")
+                            f"encoder.pt, or an encoder name (with --weights-{side}/--truncate-{side} or "
+                            f"--blocks-{side})")
         p.add_argument(f"--weights-{side}", default=None,
                        help="weights for an encoder name: a named option (default: the encoder's), random or a "
                             "file")
         p.add_argument(f"--truncate-{side}", type=int, default=0, help="truncation for an encoder name")
+        p.add_argument(f"--blocks-{side}", type=int, default=None, metavar="N",
+                       help="for a transformer encoder name: keep exactly its first N blocks (instead of "
+                            f"--truncate-{side})")
     p.add_argument("--patches", required=True, type=Path, help="a tiling folder (or its patches folder)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_options(p, CkaSettings)
@@ -62,8 +66,8 @@ def _cka(args: argparse.Namespace) -> int:
 
     settings = from_args(CkaSettings, args)
     stain = stain_normalizer(settings.stain_norm, settings.stain_ref)
-    a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a, stain)
-    b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b, stain)
+    a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a, stain, args.blocks_a)
+    b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b, stain, args.blocks_b)
     df = compare_encoders(a, b, args.patches, args.out, settings, slides=args.slides)
     print(f"linear CKA per stage, {a.label} vs {b.label}:")
     print(cka_summary(df))

@@ -19,7 +19,10 @@ the stain normalisation its features were extracted with, an encoder given by na
 ``stain_norm`` / ``stain_ref`` (as an extraction with those options); the random baseline as encoder A.
 
 Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
-of A with every stage of B (``cka_matrix.csv`` and a heatmap).
+of A with every stage of B (``cka_matrix.csv`` and a heatmap). With ``per_block`` a transformer's stages are its
+single blocks (``block1``, ``block2``, ...) instead of its quarters, for the table and the matrix alike; the
+``mean`` pooling then keeps one d x d float64 sum per pair compared, so a full matrix of a 24-block ViT-L with
+its baseline holds about 700 of them (6 GB).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,26 +83,27 @@ EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
 def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0,
-                    stain: StainNormalizer | None = None) -> ResolvedEncoder:
+                    stain: StainNormalizer | None = None, blocks: int | None = None) -> ResolvedEncoder:
     """Turn an encoder spec into an :class:`Encoder` and the stain normalisation of its pixels.
 
-    ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}``; a run folder (``train`` run: its
-    frozen encoder; ``finetune`` run: its fine-tuned one); a fine-tuned ``encoder.pt`` (its run folder's
-    ``config.json`` names the architecture); or a registry name, built with ``weights`` and ``truncate``.
+    ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}`` (and ``"blocks"`` for an exact number
+    of transformer blocks); a run folder (``train`` run: its frozen encoder; ``finetune`` run: its fine-tuned
+    one, at the depth its features record); a fine-tuned ``encoder.pt`` (its run folder's ``config.json`` names
+    the architecture); or a registry name, built with ``weights`` and ``truncate`` (or ``blocks``).
     A run folder or ``encoder.pt`` brings the normalisation its features were made with (``stain``, when
     given, must be the same); the others take ``stain``.
     """
     if isinstance(spec, ResolvedEncoder):
         return spec
     if isinstance(spec, Encoder):
-        return ResolvedEncoder(spec, f"{spec.name} (t{spec.truncate})", stain=stain)
+        return ResolvedEncoder(spec, f"{spec.name} ({spec.depth_tag})", stain=stain)
     if isinstance(spec, Mapping):
         name = spec.get("name") or spec.get("encoder")
         if not name:
             raise HistotransferError(f"encoder spec {dict(spec)}: needs a 'name'.")
-        w, t = spec.get("weights", weights), int(spec.get("truncate", truncate))
-        enc = create_encoder(str(name), None if w is None else str(w), t)
-        return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{t})", stain=stain)
+        w, t, b = spec.get("weights", weights), int(spec.get("truncate", truncate)), spec.get("blocks", blocks)
+        enc = create_encoder(str(name), None if w is None else str(w), t, blocks=b)
+        return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, {enc.depth_tag})", stain=stain)
     path = Path(spec)
     if path.is_dir() or path.is_file():
         run_dir = path if path.is_dir() else path.parent
@@ -112,6 +116,7 @@ def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int
                 )
             attrs = {**attrs, "weights": str(path.resolve()), "weights_sha256": ""}
         encoder = encoder_from_attrs(attrs, run_dir / "config.json", local_dir=run_dir)
+        encoder = encoder.with_blocks(attrs.get("blocks"))  # rebuilt by its truncation, then cut to its blocks
         size = attrs.get("input_size")
         recorded = recorded_normalizer(attrs, run_dir / "config.json")
         if stain is not None and stain_tag(stain) != stain_tag(recorded):
@@ -119,11 +124,11 @@ def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int
                 f"{run_dir}: its features were made with stain normalisation {stain_tag(recorded)}, not "
                 f"{stain_tag(stain)}; a run folder brings its own normalisation: drop --stain-norm/--stain-ref, or "
                 "compare encoders given by name.")
-        return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, t{encoder.truncate})",
+        return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, {encoder.depth_tag})",
                                int(size) if size else None, recorded)
     name = str(spec)
-    enc = create_encoder(name, weights, truncate)
-    return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, t{truncate})", stain=stain)
+    enc = create_encoder(name, weights, truncate, blocks=blocks)
+    return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, {enc.depth_tag})", stain=stain)
 
 
 def _weights_name(encoder: Encoder) -> str:
@@ -242,6 +247,9 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     resolved = all(isinstance(e, ResolvedEncoder) for e in (encoder_a, encoder_b))
     stain = None if resolved else stain_normalizer(s.stain_norm, s.stain_ref)  # resolved ones carry theirs
     a, b = resolve_encoder(encoder_a, stain=stain), resolve_encoder(encoder_b, stain=stain)
+    if s.per_block:
+        a = replace(a, encoder=a.encoder.per_block())
+        b = replace(b, encoder=b.encoder.per_block())
     input_size = s.input_size
     if input_size is None and a.input_size is not None and a.input_size == b.input_size:
         input_size = a.input_size
@@ -262,7 +270,9 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     names_r: list[str] = []
     if s.baseline:
         # Another draw than the "random" weights, so the baseline is never encoder A itself.
-        rand = create_encoder(a.encoder.name, "random", a.encoder.truncate, random_seed=BASELINE_SEED)
+        rand = create_encoder(a.encoder.name, "random", a.encoder.truncate, random_seed=BASELINE_SEED,
+                              blocks=a.encoder.blocks)
+        rand = rand.per_block() if s.per_block else rand
         names_r = [f"r:{st}" for st in rand.stage_names]
         encoders.append((rand, names_r, a.stain))
         pairs += list(zip(names_a, names_r))

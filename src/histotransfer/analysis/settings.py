@@ -8,7 +8,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import Field, model_validator
 
 from ..features.settings import Device, StainMethod, check_stain_options, stain_norm_field, stain_ref_field
-from ..settings import RUNTIME, StageSettings
+from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
 
 
 class CkaSettings(StageSettings):
@@ -20,6 +20,10 @@ class CkaSettings(StageSettings):
     pooling: Literal["mean", "flatten"] = Field(
         "mean", description="mean: spatial mean of each stage's map; flatten: the whole map (disk-hungry)")
     full_matrix: bool = Field(False, description="also every stage of A against every stage of B")
+    per_block: bool = Field(False, description="transformer encoders: compare every block, not only the four "
+                                               "quarter stages (with full_matrix: every block against every "
+                                               "block; memory grows with the square of the depth)",
+                            json_schema_extra=OMIT_DEFAULT)
     estimator: Literal["biased", "debiased"] = Field(
         "biased", description="biased: Kornblith et al.'s HSIC estimator (the paper's); debiased: Song et al.'s "
                               "unbiased HSIC, which does not inflate CKA when patches are few next to dimensions")

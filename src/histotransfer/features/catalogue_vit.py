@@ -10,8 +10,9 @@ patch_drop and norm_pre), then four stages of blocks, each a quarter of the dept
 tensors (B, N_tokens, C). Pooling (:class:`TokenPool`) applies the model's final norm and its own token
 pooling to whatever stage is last kept: the class token, or for Virchow2 the class token concatenated with
 the mean of the patch tokens (registers excluded). A truncated encoder therefore equals the full model's
-intermediate block output passed through the final norm and the same pooling. :func:`vit_blocks_encoder`
-keeps an exact number of blocks.
+intermediate block output passed through the final norm and the same pooling. ``blocks=n``
+(:func:`keep_blocks`) keeps exactly the first n blocks, the last stage partial where n is not a multiple of a
+quarter; :func:`block_by_block` makes every block a stage of its own (CKA per block).
 
 Feature widths D (every truncation): uni 1024, uni2-h 1536, virchow2 2560, h-optimus-0 1536,
 prov-gigapath 1536, phikon-v2 1024, vit_base_patch16_224 768, vit_large_patch16_224 1024. Depths: 24, 24, 32,
@@ -39,6 +40,7 @@ from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import nn
 
 from ..errors import HistotransferError
+from . import catalogue  # noqa: F401  (the CNNs are registered, and listed, first whichever is imported first)
 from .encoders import Encoder, create_encoder
 from .registry import (
     IMAGENET_MEAN,
@@ -148,10 +150,12 @@ def quarter_bounds(depth: int, blocks: int | None = None) -> list[tuple[int, int
     return [(start, min(start + quarter, n)) for start in range(0, n, quarter)]
 
 
-def block_stages(blocks: Sequence[nn.Module], width: int, keep: int | None = None) -> list[Stage]:
-    """The quarter-depth stages of ``blocks`` (all of them, or the first ``keep``), named by block range."""
+def block_stages(blocks: Sequence[nn.Module], width: int, keep: int | None = None,
+                 depth: int | None = None) -> list[Stage]:
+    """The quarter-depth stages of ``blocks`` (all of them, or the first ``keep``), named by block range;
+    ``depth`` is the network's whole depth when ``blocks`` are only its first ones."""
     stages = []
-    for start, end in quarter_bounds(len(blocks), keep):
+    for start, end in quarter_bounds(len(blocks) if depth is None else depth, keep):
         module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(start, end)))
         stages.append(Stage(f"blocks{start + 1}-{end}", module, width))
     return stages
@@ -162,30 +166,84 @@ def vit_stages(model: nn.Module) -> list[Stage]:
     return [Stage("stem", TokenStem(model), model.embed_dim), *block_stages(model.blocks, model.embed_dim)]
 
 
-def vit_blocks_encoder(name: str, weights: str | None, blocks: int) -> Encoder:
-    """ViT ``name`` with ``weights`` (as :func:`create_encoder` takes them) keeping exactly its first ``blocks``
-    transformer blocks, then the final norm and the model's pooling.
-
-    Stages are the quarter-depth stages cut after ``blocks`` (the last one partial where ``blocks`` is not a
-    multiple of a quarter; its name, e.g. ``blocks7-10``, gives the depth). ``truncate`` is the number of
-    quarters left out entirely, so ``blocks`` = 3/4, 1/2, 1/4 of the depth equals ``truncate`` = 1, 2, 3.
-    """
+def _layout(name: str) -> tuple[int, int] | None:
+    """(depth in blocks, token width) of transformer encoder ``name``, None for a CNN; read on the meta device."""
     if name not in VIT_ENCODERS:
+        return None
+    stages = meta_stages(encoder_spec(name))
+    return sum(len(s.module) for s in stages[1:]), stages[0].channels
+
+
+def transformer_depth(name: str) -> int | None:
+    """The number of transformer blocks of encoder ``name`` (None for a CNN)."""
+    layout = _layout(name)
+    return None if layout is None else layout[0]
+
+
+def _checked_layout(name: str, blocks: int) -> tuple[int, int]:
+    """:func:`_layout` of ``name``, after checking that it is a transformer of at least ``blocks`` blocks."""
+    layout = _layout(name)
+    if layout is None:
         raise HistotransferError(
             f"blocks={blocks!r} applies to transformer encoders ({', '.join(VIT_ENCODERS)}), not {name}; "
             "use truncate for it."
         )
-    layout = meta_stages(encoder_spec(name))
-    depth, width = sum(len(s.module) for s in layout[1:]), layout[0].channels
-    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= depth:
-        raise HistotransferError(f"blocks={blocks!r} is out of range for {name}: pass 1..{depth}.")
-    full = create_encoder(name, weights)
-    all_blocks = [block for stage in list(full.body)[1:] for block in stage]
-    stages = [Stage("stem", full.body[0], width), *block_stages(all_blocks, width, blocks)]
-    truncate = N_STAGES - (len(stages) - 1)
-    encoder = Encoder(name, stages, truncate, full.weights_source, full.weights_sha256, full.preprocessing,
-                      full.pool, full.weights_label)
-    return encoder.eval()
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= layout[0]:
+        raise HistotransferError(f"blocks={blocks!r} is out of range for {name}: pass 1..{layout[0]}.")
+    return layout
+
+
+def blocks_truncation(name: str, blocks: int) -> int:
+    """The quarter stages that keeping the first ``blocks`` blocks of ``name`` leaves out entirely (what the
+    encoder records as ``truncate``), after checking that ``name`` is a transformer of at least that depth."""
+    depth, _ = _checked_layout(name, blocks)
+    return N_STAGES - len(quarter_bounds(depth, blocks))
+
+
+def _held_blocks(encoder: Encoder) -> list[nn.Module]:
+    """The transformer blocks an encoder holds, in order."""
+    return [block for stage in list(encoder.body)[1:] for block in stage]
+
+
+def keep_blocks(encoder: Encoder, blocks: int) -> Encoder:
+    """``encoder`` (a transformer holding at least ``blocks`` blocks) cut after exactly its first ``blocks``
+    blocks, sharing its modules, weights and pooling (the final norm and the model's token pooling).
+
+    Stages are the network's quarter-depth stages cut after ``blocks`` (the last one partial where ``blocks`` is
+    not a multiple of a quarter; its name, e.g. ``blocks7-10``, gives the depth); ``truncate`` is the number of
+    quarters left out entirely, so ``blocks`` = 3/4, 1/2, 1/4 of the depth equals ``truncate`` = 1, 2, 3.
+    """
+    depth, width = _checked_layout(encoder.name, blocks)
+    held = _held_blocks(encoder)
+    if blocks > len(held):
+        raise HistotransferError(f"blocks={blocks}: this {encoder.name} encoder holds only its first {len(held)} "
+                                 f"blocks; build it with create_encoder({encoder.name!r}, weights, blocks={blocks}).")
+    stages = [Stage("stem", encoder.body[0], width), *block_stages(held, width, blocks, depth)]
+    return Encoder(encoder.name, stages, N_STAGES - (len(stages) - 1), encoder.weights_source,
+                   encoder.weights_sha256, encoder.preprocessing, encoder.pool, encoder.weights_label, blocks).eval()
+
+
+def block_by_block(encoder: Encoder) -> Encoder:
+    """``encoder`` with each of its transformer blocks a stage of its own (``block1``, ``block2``, ...), sharing
+    its modules: the same features, and :meth:`Encoder.forward_stages` gives every block's output (CKA per
+    block)."""
+    layout = _layout(encoder.name)
+    if layout is None:
+        raise HistotransferError(f"comparing block by block applies to transformer encoders "
+                                 f"({', '.join(VIT_ENCODERS)}), not {encoder.name}; drop per_block to compare "
+                                 "its stages.")
+    width = layout[1]
+    stages = [Stage("stem", encoder.body[0], width),
+              *(Stage(f"block{i + 1}", nn.Sequential(OrderedDict([(str(i), block)])), width)
+                for i, block in enumerate(_held_blocks(encoder)))]
+    return Encoder(encoder.name, stages, encoder.truncate, encoder.weights_source, encoder.weights_sha256,
+                   encoder.preprocessing, encoder.pool, encoder.weights_label, encoder.blocks).eval()
+
+
+def vit_blocks_encoder(name: str, weights: str | None, blocks: int) -> Encoder:
+    """ViT ``name`` with ``weights`` keeping exactly its first ``blocks`` transformer blocks, then the final norm
+    and the model's pooling: ``create_encoder(name, weights, blocks=blocks)`` (see :func:`keep_blocks`)."""
+    return create_encoder(name, weights, blocks=blocks)
 
 
 def _gated(repo: str, licence: str) -> str:

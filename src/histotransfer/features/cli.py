@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import cast
 
 from ..settings import add_options, from_args
 from .settings import STAIN_REF_HELP, EncoderChoice, ExtractSettings
@@ -51,13 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _extract(args: argparse.Namespace) -> int:
     from ..batch import print_summary
-    from .extract import ExtractionRun, run_extraction
+    from .extract import run_extraction
 
     t0 = time.perf_counter()
-    # --truncate always gives a list, so the runs come by truncation.
-    runs = cast(dict[int, ExtractionRun], run_extraction(args.patches, args.out, from_args(EncoderChoice, args),
-                                                         settings=from_args(ExtractSettings, args),
-                                                         slides=args.slides))
+    # One --truncate value is one truncation (so that --blocks may go with --truncate 0); several, a list.
+    given = args.truncate[0] if len(args.truncate) == 1 else args.truncate
+    choice = from_args(EncoderChoice, args, truncate=given)
+    done = run_extraction(args.patches, args.out, choice, settings=from_args(ExtractSettings, args),
+                          slides=args.slides)
+    runs = done if isinstance(done, dict) else {choice.truncations[0]: done}
     seconds = time.perf_counter() - t0
     codes = []
     for truncate, run in runs.items():  # one summary per truncation, each with its own folder and report

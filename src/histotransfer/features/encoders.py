@@ -3,7 +3,8 @@
 An encoder maps a batch of patches prepared as its registry entry says (:meth:`Encoder.preprocess`: RGB in
 [0, 1] normalised by the entry's mean and std) to (B, D) features: the pooled output of its last kept stage
 (for CNNs the global average of the stage's map, exactly as torchvision computes the pooled features before
-the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem.
+the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem; for transformer encoders
+``blocks=n`` keeps exactly their first ``n`` blocks (``catalogue_vit.keep_blocks``).
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ class Encoder(nn.Module):
     """A patch encoder: kept stages of a network followed by its pooling.
 
     ``forward(x)`` gives (B, feature_dim); ``forward_stages(x)`` gives each kept stage's un-pooled output
-    (what CKA compares and CAMs are computed on), the pooled last one being ``forward(x)``.
+    (what CKA compares and CAMs are computed on), the pooled last one being ``forward(x)``. ``truncate`` counts
+    the stages left out entirely; ``blocks`` (transformers only, else None) the exact number of blocks kept.
     """
 
     def __init__(self, name: str, stages: list[Stage], truncate: int, weights_source: str,
                  weights_sha256: str | None, preprocessing: Preprocessing | None = None,
-                 pool: nn.Module | None = None, weights_label: str = ""):
+                 pool: nn.Module | None = None, weights_label: str = "", blocks: int | None = None):
         super().__init__()
         self.body = nn.Sequential(OrderedDict((s.name, s.module) for s in stages))
         self.pool = pool if pool is not None else GlobalAvgPool()
         self.name = name
         self.truncate = truncate
+        self.blocks = blocks
         self.stage_names = [s.name for s in stages]
         self.feature_dim = pooled_width(self.pool, stages[-1].channels)
         self.weights_source = weights_source
@@ -77,29 +80,73 @@ class Encoder(nn.Module):
         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         return x.div_(255).sub_(mean).div_(std)
 
+    @property
+    def depth_tag(self) -> str:
+        """How deep the encoder is cut, as ids and labels name it: ``t<truncate>``, or ``b<blocks>``."""
+        return _depth_tag(self.truncate, self.blocks)
+
+    def with_blocks(self, blocks: int | None) -> Encoder:
+        """This transformer encoder cut after exactly its first ``blocks`` blocks, sharing its modules and
+        weights (itself when ``blocks`` is None): how a run's recorded ``blocks`` is applied to the encoder
+        rebuilt from its ``truncate``."""
+        if blocks is None:
+            return self
+        from .catalogue_vit import keep_blocks
+
+        return keep_blocks(self, blocks)
+
+    def per_block(self) -> Encoder:
+        """This transformer encoder with every block a stage of its own, sharing its modules (CKA per block)."""
+        from .catalogue_vit import block_by_block
+
+        return block_by_block(self)
+
     def extra_repr(self) -> str:
-        return f"name={self.name}, truncate={self.truncate}, feature_dim={self.feature_dim}"
+        depth = "" if self.blocks is None else f", blocks={self.blocks}"
+        return f"name={self.name}, truncate={self.truncate}{depth}, feature_dim={self.feature_dim}"
+
+
+def _depth_tag(truncate: int, blocks: int | None) -> str:
+    return f"t{truncate}" if blocks is None else f"b{blocks}"
+
+
+def check_blocks(name: str, truncate: int | Sequence[int], blocks: int) -> int:
+    """Refuse ``blocks`` for a CNN, out of range, or with a truncation other than 0 or the one ``blocks``
+    implies; returns that truncation (the quarter stages left out entirely)."""
+    from .catalogue_vit import blocks_truncation
+
+    implied = blocks_truncation(name, blocks)
+    for t in [truncate] if isinstance(truncate, int) else truncate:
+        if t not in (0, implied):
+            raise HistotransferError(f"truncate={t!r} with blocks={blocks}: blocks sets the depth of {name} by "
+                                     "itself; pass blocks alone.")
+    return implied
 
 
 def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
-                   random_seed: int = RANDOM_INIT_SEED) -> Encoder:
+                   random_seed: int = RANDOM_INIT_SEED, blocks: int | None = None) -> Encoder:
     """Build encoder ``name`` with ``weights`` (None: its default; a named option, "random" or a checkpoint
-    path), cut by ``truncate``.
+    path), cut by ``truncate``, or for a transformer after exactly its first ``blocks`` blocks.
 
     "random" is the architecture's initialisation drawn with a fixed seed (``random_seed``), identical in every
     process. The returned module is on the CPU in eval mode; the weights file's sha256 is in ``weights_sha256``.
+    With ``blocks``, ``truncate`` may only be 0 or the truncation ``blocks`` implies (what the encoder records),
+    so an encoder's own ``truncate`` and ``blocks`` rebuild it.
     """
-    return create_encoders(name, weights, [truncate], random_seed)[truncate]
+    return create_encoders(name, weights, [truncate], random_seed, blocks)[truncate]
 
 
 def create_encoders(name: str, weights: str | None = None, truncations: Sequence[int] = (0,),
-                    random_seed: int = RANDOM_INIT_SEED) -> dict[int, Encoder]:
+                    random_seed: int = RANDOM_INIT_SEED, blocks: int | None = None) -> dict[int, Encoder]:
     """Encoder ``name`` with ``weights`` cut by each of ``truncations``, as :func:`create_encoder` builds it.
 
     The network is built and its weights loaded once: the encoders share its modules (each keeps its own
     pooling), so one forward pass through the deepest serves them all and a large network is held once.
+    With ``blocks``, every encoder keeps exactly the first ``blocks`` blocks (see :func:`check_blocks`).
     """
     spec = encoder_spec(name)
+    if blocks is not None:
+        check_blocks(name, list(truncations), blocks)  # before any weights are read
     choice = resolve_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
         # "random" weights are the same in every process and run (resume and sharding rely on that).
@@ -118,10 +165,11 @@ def create_encoders(name: str, weights: str | None = None, truncations: Sequence
         sha = weights_file_sha256(path)
     encoders = {}
     for truncate in truncations:
-        kept = stages[: len(stages) - truncate]
+        cut = 0 if blocks is not None else truncate  # blocks are cut from the whole network
+        kept = stages[: len(stages) - cut]
         pool = spec.pool(model, kept) if spec.pool is not None else None
-        encoders[truncate] = Encoder(name, kept, truncate, choice.source, sha, spec.preprocessing, pool,
-                                     choice.label).eval()
+        encoder = Encoder(name, kept, cut, choice.source, sha, spec.preprocessing, pool, choice.label).eval()
+        encoders[truncate] = encoder.with_blocks(blocks)
     return encoders
 
 
@@ -136,25 +184,35 @@ def check_extraction_settings(precision: str, dtype: str, input_size: int | None
 
 
 def encoder_id(name: str, weights: str | None, truncate: int, input_size: int | None, precision: str,
-               dtype: str = "float32", extra: tuple[str, ...] = ()) -> str:
+               dtype: str = "float32", extra: tuple[str, ...] = (), blocks: int | None = None) -> str:
     """Folder name for features made with these settings; different settings never share one.
 
     Weights are named by their option (``imagenet``, ``imagenet-v2``, ``random``) or, for a checkpoint file,
     by ``w`` + the first 12 hex digits of its sha256, so renaming the file keeps the id and replacing its
-    contents changes it. ``extra`` appends further settings' tags (e.g. a stain normalisation).
+    contents changes it. The depth is ``t<truncate>``, or ``b<blocks>`` for an exact number of transformer
+    blocks (so two depths never share a folder, even where they give the same features). ``extra`` appends
+    further settings' tags (e.g. a stain normalisation).
     """
     spec = encoder_spec(name)
-    check_truncate(spec, truncate, len(meta_stages(spec)) - 1)
+    if blocks is None:
+        check_truncate(spec, truncate, len(meta_stages(spec)) - 1)
+    else:
+        check_blocks(name, truncate, blocks)
     check_extraction_settings(precision, dtype, input_size)
     label = resolve_weights(name, weights).label
-    parts = [name, label, f"t{truncate}", f"s{input_size}" if input_size else "native", precision, *extra]
+    parts = [name, label, _depth_tag(truncate, blocks), f"s{input_size}" if input_size else "native", precision,
+             *extra]
     if dtype != "float32":
         parts.append("f16")
     return "-".join(parts)
 
 
 def describe_encoder(encoder: Encoder) -> dict[str, Any]:
-    """How an encoder's features are made, as recorded in feature files and run configs."""
-    return {"encoder": encoder.name, "truncate": encoder.truncate, "weights": encoder.weights_source,
-            "weights_label": encoder.weights_label, "weights_sha256": encoder.weights_sha256 or "",
-            "feature_dim": encoder.feature_dim, "stage": encoder.stage_names[-1]}
+    """How an encoder's features are made, as recorded in feature files and run configs (``blocks`` only for
+    an exact number of transformer blocks, so that other records read as before it existed)."""
+    described = {"encoder": encoder.name, "truncate": encoder.truncate, "weights": encoder.weights_source,
+                 "weights_label": encoder.weights_label, "weights_sha256": encoder.weights_sha256 or "",
+                 "feature_dim": encoder.feature_dim, "stage": encoder.stage_names[-1]}
+    if encoder.blocks is not None:
+        described["blocks"] = encoder.blocks
+    return described

@@ -382,12 +382,12 @@ def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
 def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
                    weights: str | None = None, truncate: int | list[int] = 0,
                    settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
-                   **overrides: Any) -> ExtractionRun | dict[int, ExtractionRun]:
+                   blocks: int | None = None, **overrides: Any) -> ExtractionRun | dict[int, ExtractionRun]:
     """:func:`extract_features`, returning this process's per-slide results (for the CLI): one
     :class:`ExtractionRun`, or for a list of truncations one per truncation, by truncation. ``ranks``: the
     processes sharing the work (default: the torchrun job this process is in; ``Ranks()``: this one alone)."""
     choice = encoder if isinstance(encoder, EncoderChoice) else EncoderChoice.build(
-        encoder=encoder, weights=weights, truncate=truncate)
+        encoder=encoder, weights=weights, truncate=truncate, blocks=blocks)
     s = ExtractSettings.build(settings, **overrides)
     dev = resolve_device(s.device)
     check_precision(s.precision, dev)
@@ -396,7 +396,8 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
     files = {p.stem: p for p in tiling.files}
     if not files:
         raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
-    encoders = create_encoders(choice.encoder, choice.weights, choice.truncations)  # fails before any output
+    encoders = create_encoders(choice.encoder, choice.weights, choice.truncations,  # fails before any output
+                               blocks=choice.blocks)
     stain = stain_normalizer(s.stain_norm, s.stain_ref)  # fitted once, before any output
     first = encoders[choice.truncations[0]]
     input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
@@ -432,7 +433,7 @@ def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSetti
     """The feature folder of one truncation (``choice`` of that truncation alone, ``encoder`` its encoder),
     created, with what identifies it and its report."""
     eid = encoder_id(choice.encoder, choice.weights, encoder.truncate, input_size, s.precision, s.dtype,
-                     extra=(stain.tag(),) if stain is not None else ())
+                     extra=(stain.tag(),) if stain is not None else (), blocks=encoder.blocks)
     folder = root / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(encoder)
@@ -578,7 +579,7 @@ def _checked_job(sid: str, files: dict[str, Path], index: dict[str, Path] | None
 def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
                      weights: str | None = None, truncate: int | list[int] = 0,
                      settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
-                     **overrides: Any) -> Path | dict[int, Path]:
+                     blocks: int | None = None, **overrides: Any) -> Path | dict[int, Path]:
     """Extract features of every slide of a tiling into ``<features root>/<encoder_id>/``; return that folder.
 
     ``patches`` is a tiling folder, its ``patches`` folder, an output folder holding one tiling, or a folder of
@@ -594,8 +595,12 @@ def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: s
     patches: the network runs once per batch, up to the deepest one, and every truncation gets its own folder
     with the files a separate extraction of it writes (the same bytes on a CPU in fp32). Returns then the
     folders by truncation. A slide already done for some of them is run only for the others.
+
+    ``blocks`` (transformer encoders, instead of ``truncate``) keeps exactly the encoder's first ``blocks``
+    blocks; its folder names the depth ``b<blocks>`` (``t<truncate>`` otherwise).
     """
-    runs = run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, **overrides)
+    runs = run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, blocks,
+                          **overrides)
     if isinstance(runs, dict):
         return {t: run.folder for t, run in runs.items()}
     return runs.folder

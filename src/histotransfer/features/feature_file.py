@@ -58,8 +58,8 @@ _REEXTRACT = "re-run extraction for this slide"
 
 
 # The attrs of a feature file that say how its features were made (absent in CLAM/TRIDENT files).
-ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "weights", "weights_label", "weights_sha256", "input_size",
-                "settings_fingerprint", "stain_tag", "stain_target")
+ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "blocks", "weights", "weights_label", "weights_sha256",
+                "input_size", "settings_fingerprint", "stain_tag", "stain_target")
 
 
 def encoder_attrs(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -208,8 +208,11 @@ def check_truncate(spec: EncoderSpec, truncate: int, n_stages: int | None = None
 
 
 def encoder_info(name: str) -> dict[str, Any]:
-    """What the registry knows about an encoder, without loading weights (for tables and listings)."""
+    """What the registry knows about an encoder, without loading weights (for tables and listings);
+    ``transformer_blocks`` is a transformer's depth (what ``blocks`` may keep), None for a CNN."""
     spec = encoder_spec(name)
+    from .catalogue_vit import VIT_ENCODERS  # here: the catalogue imports this module
+
     with torch.device("meta"):
         model = spec.build()
         stages = spec.stages(model)
@@ -224,6 +227,8 @@ def encoder_info(name: str) -> dict[str, Any]:
         "stage_names": [s.name for s in stages],
         "feature_dims": [pooled_width(pools[k], stages[n - k].channels) for k in range(n)],
         "n_params": sum(p.numel() for s in stages for p in s.module.parameters()),
+        "transformer_blocks": sum(1 for s in stages[1:] for _ in s.module.children()) if name in VIT_ENCODERS
+        else None,
         "default_weights": spec.default_weights,
         "weights": {w.name: weights_info(w) for w in spec.weights.values()},
         "imagenet_top1": default.imagenet_top1 if default is not None else None,

@@ -38,7 +38,8 @@ def check_stain_options(method: str, reference: str | None) -> None:
 
 class EncoderChoice(StageSettings):
     """An encoder of the registry, its weights and how many of its last stages are cut off: one truncation
-    (an int), or a list of them extracted in one pass over the patches (:meth:`each` splits it)."""
+    (an int), or a list of them extracted in one pass over the patches (:meth:`each` splits it); or, for a
+    transformer, the exact number of its first blocks kept (``blocks``, instead of a truncation)."""
 
     stage: ClassVar[str] = "encoder"
 
@@ -48,6 +49,10 @@ class EncoderChoice(StageSettings):
                                                   "encoder's default weights)")
     truncate: int | list[int] = Field(0, description="drop the last K stages (0-3); several values (e.g. 0 1 2 3) "
                                                      "extract each truncation, in one pass over the patches")
+    blocks: int | None = Field(None, ge=1,
+                               description="transformer encoders: keep exactly their first N blocks (instead of "
+                                           "--truncate's quarters of the depth)",
+                               json_schema_extra=OMIT_DEFAULT)
 
     @field_validator("truncate", mode="before")
     @classmethod
@@ -62,6 +67,22 @@ class EncoderChoice(StageSettings):
         if not items or len(items) != (len(value) if several else 1) or min(items) < 0:
             raise ValueError("pass a truncation 0, 1, 2, ... or a non-empty list of them")
         return sorted(set(items)) if several else items[0]
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        """True and False are not numbers of blocks (pydantic would read them as 1 and 0)."""
+        if isinstance(value, bool):
+            raise ValueError("pass a number of blocks 1, 2, ...")
+        return value
+
+    @model_validator(mode="after")
+    def _one_depth(self) -> Self:
+        """``blocks`` sets the depth by itself: a truncation beside it would contradict it or say nothing."""
+        if self.blocks is not None and self.truncate != 0:
+            raise ValueError(f"blocks {self.blocks} sets the depth by itself: drop truncate {self.truncate!r} (or "
+                             "blocks)")
+        return self
 
     @property
     def truncations(self) -> list[int]:

@@ -35,6 +35,7 @@ from ..features import (
     create_encoder,
     encoder_attrs,
     encoder_info,
+    encoder_spec,
     extract_features,
     normalise_pixels,
     read_feature_attrs,
@@ -79,6 +80,17 @@ def _input_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
     return None if size is None or int(size) == slide.job.spec.patch_size else int(size)
 
 
+def _extraction_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
+    """The ``input_size`` that makes re-extraction feed the pixels the run's features were made from: None
+    where extraction's default (the encoder's own size, else the tiled size) gives them, so the fine-tuned
+    folder is named as the frozen one."""
+    size = attrs.get("input_size")
+    if size is None:
+        return None
+    default = encoder_spec(attrs["encoder"]).preprocessing.input_size or slide.job.spec.patch_size
+    return None if int(size) == default else int(size)
+
+
 @torch.no_grad()
 def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device,
                      stain: StainNormalizer | None = None) -> float:
@@ -113,7 +125,10 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
                  s: FinetuneSettings, input_size: int | None, device: torch.device, ranks: Ranks) -> None:
     """Train and write ``encoder.pt``, ``model.pt`` and ``history.csv`` (the last marks the phase done)."""
     source = run_dir / "config.json"
-    encoder = encoder_from_attrs(run_config["encoder"], source)
+    # An encoder of an exact number of blocks trains as a view of the quarter stages holding them (``network``,
+    # sharing its modules), whose layout encoder.pt is written from.
+    network = encoder_from_attrs(run_config["encoder"], source)
+    encoder = network.with_blocks(run_config["encoder"].get("blocks"))
     stain = recorded_normalizer(run_config["encoder"], source)
     head = load_run_model(run_dir)
     model = EndToEndMIL(encoder, head, s.freeze_stages, s.grad_checkpointing, lora_of(s)).to(device)
@@ -125,8 +140,9 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
         if model.lora_layers:
             merge_lora(encoder)  # encoder.pt holds the network's own layers, the low-rank updates folded in
         base = encoder_from_attrs({**run_config["encoder"], "truncate": 0}, source)
-        save_encoder(encoder, out / ENCODER_FILE, base)
-        reloaded = create_encoder(encoder.name, str(out / ENCODER_FILE), encoder.truncate).state_dict()
+        save_encoder(network, out / ENCODER_FILE, base)
+        reloaded = create_encoder(encoder.name, str(out / ENCODER_FILE), encoder.truncate,
+                                  blocks=encoder.blocks).state_dict()
         if any(not torch.equal(v, reloaded[k]) for k, v in encoder.state_dict().items()):
             raise HistotransferError(f"{out / ENCODER_FILE}: does not load back as the fine-tuned encoder.")
         classes = read_checkpoint(run_dir)["classes"]
@@ -268,11 +284,14 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
         stain_options = ({} if stain is None else
                          {"stain_norm": stain.method, "stain_ref": str((out / STAIN_FILE).resolve())})
+        blocks = run_config["encoder"].get("blocks")  # sets the depth by itself: truncate 0 beside it
         folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
-                                  str((out / ENCODER_FILE).resolve()), int(run_config["encoder"]["truncate"]),
-                                  input_size=input_size, batch_size=s.extract_batch_size, workers=s.workers,
+                                  str((out / ENCODER_FILE).resolve()),
+                                  0 if blocks is not None else int(run_config["encoder"]["truncate"]),
+                                  input_size=_extraction_size(run_config["encoder"], train[0]),
+                                  batch_size=s.extract_batch_size, workers=s.workers,
                                   device=s.device, precision=s.precision, slides=slides, ranks=ranks,
-                                  **stain_options)
+                                  blocks=blocks, **stain_options)
         if ranks.rank == 0:
             first = next(iter(feature_files(folder).values()))
             config = {**config, "features_dir": str(folder.resolve()),

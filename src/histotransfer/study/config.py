@@ -7,6 +7,10 @@ validated one by one, so every problem of the file is reported at once with its 
 (``datasets[0].labels``), the bad value and the fix; a misspelt key comes with its closest valid spelling, an
 unknown encoder with the registry's names. Relative paths are relative to the study file's folder.
 
+An encoder entry may give ``blocks: N`` (a transformer's first N blocks) instead of ``truncations``: its own
+configuration (key ``<name>-<weights>-b<N>``), referred to as ``{name, blocks}`` in ``finetune.encoders`` and
+``cka.pairs``.
+
 ``extract.stain_norm`` may be a list (``[none, reinhard, macenko]``): each value is its own configuration of
 extraction, MIL, fine-tuning and CKA (the tables' Stain column), all with the one ``extract.stain_ref``. CKA
 follows the extraction's normalisation, so the ``cka`` section takes no stain keys.
@@ -51,6 +55,7 @@ class EncoderEntry(_Strict):
     name: str
     weights: str | None = None
     truncations: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    blocks: int | None = Field(None, ge=1)  # a transformer's exact depth, instead of truncations
 
     @field_validator("truncations", mode="before")
     @classmethod
@@ -62,6 +67,7 @@ class EncoderRef(_Strict):
     name: str
     weights: str | None = None
     truncation: int = 0
+    blocks: int | None = Field(None, ge=1)
 
 
 class DemoSpec(_Strict):
@@ -140,9 +146,9 @@ class _Checker:
         return p
 
     def encoders(self, name: str, weights: str | None, truncations: list[int], where: str,
-                 listed: bool = True) -> list[EncoderConfig]:
+                 listed: bool = True, blocks: int | None = None) -> list[EncoderConfig]:
         """Check an encoder against the registry (imported lazily: torch) and expand its truncations (``listed``:
-        given as the list ``truncations``, else as one ``truncation``)."""
+        given as the list ``truncations``, else as one ``truncation``), or check its ``blocks``."""
         from ..features import encoder_info, list_encoders, resolve_weights
 
         names = list_encoders()
@@ -163,6 +169,8 @@ class _Checker:
             self.fail(f"{where}.weights", str(exc))
             return []
         label = choice.option.name if choice.option is not None else str(choice.path or "random")
+        if blocks is not None:
+            return self._blocks(name, label, truncations, blocks, where, meta["transformer_blocks"], listed)
         out = []
         for j, k in enumerate(truncations):
             top = meta["n_stages"] - 1
@@ -172,6 +180,21 @@ class _Checker:
             else:
                 out.append(EncoderConfig(name, label, k))
         return out
+
+    def _blocks(self, name: str, label: str, truncations: list[int], blocks: int, where: str, depth: int | None,
+                listed: bool) -> list[EncoderConfig]:
+        """The configuration of a transformer's first ``blocks`` blocks (truncation 0 beside it, or none)."""
+        if depth is None:
+            self.fail(f"{where}.blocks", f"blocks applies to transformer encoders, not {name}; use "
+                                         f"{'truncations' if listed else 'truncation'} for it")
+        elif blocks > depth:
+            self.fail(f"{where}.blocks", f"{name} has {depth} blocks: pass blocks 1..{depth}")
+        elif truncations != [0]:
+            key = "truncations" if listed else "truncation"
+            self.fail(f"{where}.{key}", f"blocks sets the depth of {name} by itself: drop {key}")
+        else:
+            return [EncoderConfig(name, label, 0, blocks)]
+        return []
 
     def dataset(self, raw: Any, where: str, tile: TileSettings | None) -> Dataset | None:
         d = self.model(DatasetEntry, raw, where)
@@ -283,15 +306,16 @@ class _Checker:
 
     def ref(self, ref: EncoderRef, where: str, grid: list[EncoderConfig] | None) -> EncoderConfig | None:
         """An encoder reference: any configuration (grid None) or one of the grid's (weights may be left out)."""
-        configs = self.encoders(ref.name, ref.weights, [ref.truncation], where, listed=False)
+        configs = self.encoders(ref.name, ref.weights, [ref.truncation], where, listed=False, blocks=ref.blocks)
         if not configs or grid is None:
             return configs[0] if configs else None
-        matches = [e for e in grid if e.name == ref.name and e.truncate == ref.truncation
+        matches = [e for e in grid if e.name == ref.name and e.truncate == ref.truncation and e.blocks == ref.blocks
                    and (ref.weights is None or e.weights == configs[0].weights)]
         if len(matches) != 1:
             have = ", ".join(e.label for e in grid if e.name == ref.name) or "none"
             why = "is not" if not matches else "matches several configurations"
-            self.fail(where, f"{ref.name} with truncation {ref.truncation} {why} in 'encoders' (configured for "
+            depth = f"truncation {ref.truncation}" if ref.blocks is None else f"{ref.blocks} blocks"
+            self.fail(where, f"{ref.name} with {depth} {why} in 'encoders' (configured for "
                              f"{ref.name}: {have}); add it there{' or give weights' if matches else ''}")
             return None
         return matches[0]
@@ -346,7 +370,7 @@ def load_study(path: str | Path) -> Study:
     grid: list[EncoderConfig] = []
     for i, item in enumerate(_listed(v, raw, "encoders")):
         e = v.model(EncoderEntry, item, f"encoders[{i}]")
-        for cfg in v.encoders(e.name, e.weights, e.truncations, f"encoders[{i}]") if e else []:
+        for cfg in v.encoders(e.name, e.weights, e.truncations, f"encoders[{i}]", blocks=e.blocks) if e else []:
             if cfg in grid:
                 v.fail(f"encoders[{i}]", f"{cfg.label} is listed more than once")
             grid.append(cfg)

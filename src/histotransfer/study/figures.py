@@ -93,8 +93,8 @@ def auc_vs_top1(mil: pd.DataFrame, path: Path) -> Figure:
                       "Slide-level test AUC of each full-depth encoder with ImageNet weights against the ImageNet "
                       "top-1 accuracy of the weights it loaded (random or other weights have none and are not "
                       "drawn). Mean ± sd over seeds.")
-    sel = mil[(mil["truncate"] == 0) & (mil["family"] != "histopathology") & mil["imagenet_top1"].notna()] \
-        if len(mil) else mil
+    sel = mil[(mil["truncate"] == 0) & mil["blocks"].isna() & (mil["family"] != "histopathology")
+              & mil["imagenet_top1"].notna()] if len(mil) else mil
     if sel.empty:
         fig_info.missing = "no finished full-depth encoder with ImageNet weights (only they have an ImageNet top-1)."
         return fig_info
@@ -125,6 +125,7 @@ def auc_vs_truncation(mil: pd.DataFrame, path: Path) -> Figure:
     if mil.empty:
         fig_info.missing = "no finished MIL run."
         return fig_info
+    mil = mil[mil["blocks"].isna()]  # exact depths (blocks) are not on the truncation axis
     archs = mil.groupby(["encoder", "weights"], sort=False)["truncate"].nunique()
     keep = {k for k, n in archs.items() if n > 1}
     sel = mil[[(e, w) in keep for e, w in zip(mil["encoder"], mil["weights"])]]

@@ -18,11 +18,13 @@ from ..provenance import json_fingerprint
 @dataclass(frozen=True)
 class EncoderConfig:
     """One patch encoder configuration of the grid: architecture, weights (a named option, random or an
-    absolute checkpoint path) and truncation."""
+    absolute checkpoint path) and truncation, or for a transformer an exact number of blocks (``blocks``,
+    with ``truncate`` 0)."""
 
     name: str
     weights: str
     truncate: int
+    blocks: int | None = None
 
     @property
     def weights_tag(self) -> str:
@@ -33,18 +35,33 @@ class EncoderConfig:
         return f"{stem}-{json_fingerprint(self.weights)[:8]}"
 
     @property
+    def depth_tag(self) -> str:
+        """``t<truncate>``, or ``b<blocks>``."""
+        return f"t{self.truncate}" if self.blocks is None else f"b{self.blocks}"
+
+    @property
+    def full_depth(self) -> bool:
+        """The whole network: neither truncated nor cut to a number of blocks."""
+        return self.truncate == 0 and self.blocks is None
+
+    @property
     def key(self) -> str:
         """Folder-safe identifier, unique per configuration."""
-        return f"{self.name}-{self.weights_tag}-t{self.truncate}"
+        return f"{self.name}-{self.weights_tag}-{self.depth_tag}"
 
     @property
     def label(self) -> str:
         """Human-readable name for tables and figures."""
-        return f"{self.name} ({Path(self.weights).name}, truncate {self.truncate})"
+        depth = f"truncate {self.truncate}" if self.blocks is None else f"{self.blocks} blocks"
+        return f"{self.name} ({Path(self.weights).name}, {depth})"
 
     def spec(self) -> dict[str, Any]:
-        """The encoder as the extraction and CKA APIs take it."""
-        return {"name": self.name, "weights": self.weights, "truncate": self.truncate}
+        """The encoder as the extraction and CKA APIs take it (``blocks`` only when set, so that the specs and
+        cache keys of other configurations are those of before it existed)."""
+        spec: dict[str, Any] = {"name": self.name, "weights": self.weights, "truncate": self.truncate}
+        if self.blocks is not None:
+            spec["blocks"] = self.blocks
+        return spec
 
 
 @dataclass(frozen=True)

@@ -79,12 +79,17 @@ def _stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell |
     suffix = stain_suffix(stain)
     # One extraction cell per network and weights: every truncation of it comes from one pass over the patches.
     # It skips finished slides and truncations, so it resumes (and takes an added truncation) while the
-    # network, weights and tiling settings stay.
+    # network, weights and tiling settings stay. A configuration of an exact number of blocks is a cell of its own.
     extracts: dict[EncoderConfig, Cell] = {}
-    for (name, weights), group in _by_network(study.encoders).items():
-        truncations = sorted(e.truncate for e in group)
-        settings = {"encoder": {"name": name, "weights": weights, "truncate": truncations}, **extract}
-        cell = Cell("extract", f"extract/{ds.name}/{group[0].key.rsplit('-t', 1)[0]}{suffix}", settings,
+    for (name, weights, blocks), group in _by_network(study.encoders).items():
+        if blocks is None:
+            encoder: dict[str, Any] = {"name": name, "weights": weights,
+                                       "truncate": sorted(e.truncate for e in group)}
+            network = group[0].key.rsplit("-t", 1)[0]
+        else:
+            encoder, network = group[0].spec(), group[0].key
+        settings = {"encoder": encoder, **extract}
+        cell = Cell("extract", f"extract/{ds.name}/{network}{suffix}", settings,
                     deps=(tile,), dataset=ds.name, encoder=group[0], stain=stain,
                     resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
                                               name, weights, tiling]))
@@ -138,11 +143,12 @@ def _stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell |
     return cells
 
 
-def _by_network(encoders: Sequence[EncoderConfig]) -> dict[tuple[str, str], list[EncoderConfig]]:
-    """The grid's configurations grouped by network and weights, in the study's order."""
-    groups: dict[tuple[str, str], list[EncoderConfig]] = {}
+def _by_network(encoders: Sequence[EncoderConfig]) -> dict[tuple[str, str, int | None], list[EncoderConfig]]:
+    """The grid's configurations grouped by network, weights and exact number of blocks (None: the network's
+    truncations, extracted together), in the study's order."""
+    groups: dict[tuple[str, str, int | None], list[EncoderConfig]] = {}
     for enc in encoders:
-        groups.setdefault((enc.name, enc.weights), []).append(enc)
+        groups.setdefault((enc.name, enc.weights, enc.blocks), []).append(enc)
     return groups
 
 
@@ -270,8 +276,11 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
 
     enc = cell.settings["encoder"]
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    folders = extract_features(patches, folder, enc["name"], enc["weights"], list(enc["truncate"]),
-                               ctx.study.extract_for(cell.stain), ranks=ctx.ranks)
+    blocks = enc.get("blocks")
+    done = extract_features(patches, folder, enc["name"], enc["weights"],
+                            enc["truncate"] if blocks is not None else list(enc["truncate"]),
+                            ctx.study.extract_for(cell.stain), ranks=ctx.ranks, blocks=blocks)
+    folders = done if isinstance(done, dict) else {enc["truncate"]: done}  # blocks: one folder, truncate 0
     tiled = {p.stem for p in h5_files(patches)}
     counts = {}
     for truncate, features in folders.items():
@@ -281,7 +290,8 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
         counts[truncate] = len(h5_files(features))
         if counts[truncate] == 0:
             raise HistotransferError(f"no slide's features were extracted; see {features / 'extract.csv'}")
-    shown = ", ".join(f"t{t}: {n}" for t, n in counts.items())
+    names = {t: f"t{t}" if blocks is None else f"b{blocks}" for t in counts}
+    shown = ", ".join(f"{names[t]}: {n}" for t, n in counts.items())
     return {"features": {str(t): _rel(f, ctx.out) for t, f in folders.items()}}, f"slides per truncation: {shown}"
 
 

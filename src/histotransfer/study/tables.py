@@ -83,9 +83,9 @@ def weights_label(weights: str) -> str:
 
 
 def _encoder_columns(spec: Mapping[str, Any], info: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]))
+    cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]), spec.get("blocks"))
     return {"config": cfg.key, "encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-            "family": info.get(cfg.name, {}).get("family"), "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
+            "blocks": cfg.blocks, "family": info.get(cfg.name, {}).get("family"), "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
 
 
 def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -100,7 +100,7 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
         rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
                      "stain": r.get("stain", "none"), "seed": r["seed"], "auc": auc, "n_slides": n, "run": run,
                      **_multi_centre(out_dir / run)})
-    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
+    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
                                        "imagenet_top1", "recipe", "stain", "seed", "auc", "n_slides", "run",
                                        "within_group_auc", "colour_auc", "group_auc", "shortcut_warning",
                                        "shortcut_verdict"])
@@ -119,7 +119,7 @@ def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
                      "stain": r.get("stain", "none"), "seed": r["seed"], "frozen_auc": frozen_auc,
                      "finetuned_auc": auc, "n_slides": n, "run": r["result"]["run"],
                      "frozen_run": r["result"]["frozen_run"]})
-    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "family",
+    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
                                        "imagenet_top1", "recipe", "stain", "seed", "frozen_auc", "finetuned_auc",
                                        "n_slides", "run", "frozen_run"])
 
@@ -168,7 +168,7 @@ def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             row.update({k: (cohort.get(k) or {}).get("mean") for k in ("pointing_game", "cam_mass")})
             row["um_per_cell"] = (cam.get("resolution") or {}).get("um_per_cell")
         rows.append(row)
-    columns = ["dataset", "config", "encoder", "weights", "truncate", "recipe", "stain", "seed", "n_scored",
+    columns = ["dataset", "config", "encoder", "weights", "truncate", "blocks", "recipe", "stain", "seed", "n_scored",
                *LOCALISATION_SCORES]
     return pd.DataFrame(rows, columns=columns)
 
@@ -182,7 +182,8 @@ def localisation_table(runs: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFr
         sel = runs[(runs["config"] == config) & (runs["stain"] == stain) & (runs["recipe"] == recipe)]
         first = sel.iloc[0]
         row: dict[str, Any] = {"encoder": first["encoder"], "weights": first["weights"],
-                               "truncate": first["truncate"], "stain": stain, "recipe": recipe}
+                               "truncate": first["truncate"], "blocks": first["blocks"], "stain": stain,
+                               "recipe": recipe}
         for ds in datasets:
             part = sel[sel["dataset"] == ds]
             row[f"{ds}_n_scored"] = _n_slides(part["n_scored"]) if len(part) else 0
@@ -212,7 +213,7 @@ def _row(cfg: EncoderConfig, stain: str, recipe: str, columns: Sequence[str],
          info: Mapping[str, Mapping[str, Any]], pretraining: str = "") -> dict[str, Any]:
     meta = info.get(cfg.name, {})
     row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                           "family": meta.get("family"), "architecture": meta.get("architecture", cfg.name),
+                           "blocks": cfg.blocks, "family": meta.get("family"), "architecture": meta.get("architecture", cfg.name),
                            "pretraining": pretraining, "imagenet_top1": weights_top1(info, cfg.name, cfg.weights),
                            "stain": stain, "recipe": recipe}
     return {k: row[k] for k in columns}
@@ -256,9 +257,9 @@ def histopathology_pairs(encoders: Sequence[EncoderConfig], info: Mapping[str, M
         # The network's shape only: "ViT-L/16 (DINOv2)" and "ViT-L/16" are one architecture.
         return str(info.get(cfg.name, {}).get("architecture", cfg.name)).split(",")[0].split(" (")[0]
 
-    imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology" and c.weights != "random"]
+    imagenet = [c for c in encoders if c.full_depth and family(c) != "histopathology" and c.weights != "random"]
     rows: list[tuple[EncoderConfig, str]] = []
-    for cfg in (c for c in encoders if c.truncate == 0 and family(c) == "histopathology"):
+    for cfg in (c for c in encoders if c.full_depth and family(c) == "histopathology"):
         twin = next((c for c in imagenet if arch(c) == arch(cfg)), None)
         if twin is not None and (twin, "ImageNet") not in rows:
             rows.append((twin, "ImageNet"))
@@ -278,16 +279,17 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
     def by_recipe(configs: Sequence[EncoderConfig], label: str = "") -> list[Row]:
         return [(c, st, r, label) for c in configs for st in stains for r in recipes]
 
-    full_imagenet = [c for c in encoders if c.truncate == 0 and family(c) != "histopathology"]
-    truncated_archs = {(c.name, c.weights) for c in encoders if c.truncate > 0}
+    full_imagenet = [c for c in encoders if c.full_depth and family(c) != "histopathology"]
+    truncated_archs = {(c.name, c.weights) for c in encoders if not c.full_depth}
+    # By network, then deepest first: truncations in order, then exact depths (blocks) from the deepest.
     truncation = sorted((c for c in encoders if (c.name, c.weights) in truncated_archs),
                         key=lambda c: ([(e.name, e.weights) for e in encoders].index((c.name, c.weights)),
-                                       c.truncate))
+                                       c.truncate, c.blocks is not None, -(c.blocks or 0)))
 
     ft_rows = []
     for cfg, stain in ((c, st) for c in finetune_encoders for st in stains):
         row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                               "stain": stain, "recipe": finetune_recipe}
+                               "blocks": cfg.blocks, "stain": stain, "recipe": finetune_recipe}
         for ds in datasets:
             sel = _select(finetune, cfg, stain, finetune_recipe, ds)
             sel = sel[np.isfinite(sel["frozen_auc"].astype(float)) & np.isfinite(sel["finetuned_auc"].astype(float))]
@@ -297,7 +299,7 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
                         f"{ds}_finetuned_auc_mean": t_mean, f"{ds}_finetuned_auc_sd": t_sd,
                         f"{ds}_n_seeds": k, f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
         ft_rows.append(row)
-    ft_cols = ["encoder", "weights", "truncate", "stain", "recipe"] + [
+    ft_cols = ["encoder", "weights", "truncate", "blocks", "stain", "recipe"] + [
         f"{ds}_{c}" for ds in datasets for c in ("frozen_auc_mean", "frozen_auc_sd", "finetuned_auc_mean",
                                                  "finetuned_auc_sd", "n_seeds", "n_slides")]
     pairs = [(c, st, r, label) for c, label in histopathology_pairs(encoders, info) for st in stains
@@ -310,7 +312,7 @@ def build_tables(mil: pd.DataFrame, finetune: pd.DataFrame, encoders: Sequence[E
                                                        "recipe"], info),
         "table3_finetuning": pd.DataFrame(ft_rows, columns=ft_cols),
         "table4_truncation": _grid_table(mil, by_recipe(truncation), datasets,
-                                         ["encoder", "weights", "truncate", "stain", "recipe"], info),
+                                         ["encoder", "weights", "truncate", "blocks", "stain", "recipe"], info),
     }
 
 
@@ -322,9 +324,15 @@ def format_auc(mean: float, sd: float, n_slides: Any, with_n: bool = True) -> st
     return f"{text} (n={n_slides})" if with_n else text
 
 
+def _depth(table: pd.DataFrame) -> list[Any]:
+    """The depth column as shown: the truncation, or ``N blocks`` for a transformer cut to N blocks."""
+    blocks = table["blocks"] if "blocks" in table else [None] * len(table)
+    return [t if b is None or pd.isna(b) else f"{int(b)} blocks" for t, b in zip(table["truncate"], blocks)]
+
+
 def _localisation_display(table: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     out = pd.DataFrame({"Encoder": table["encoder"], "Weights": table["weights"].map(weights_label),
-                        "Truncation": table["truncate"], "Stain": table["stain"], "MIL recipe": table["recipe"]})
+                        "Truncation": _depth(table), "Stain": table["stain"], "MIL recipe": table["recipe"]})
     for ds in datasets:
         out[f"{ds}: slides"] = table[f"{ds}_n_scored"]
         for key, title in LOCALISATION_SCORES.items():
@@ -345,7 +353,7 @@ def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd
         out["Pre-training"] = table["pretraining"]
     out["Weights"] = table["weights"].map(weights_label)
     if "truncate" in table and name != "table1_architectures" and name != "table2_histopathology_encoders":
-        out["Truncation"] = table["truncate"]
+        out["Truncation"] = _depth(table)
     if "imagenet_top1" in table:
         out["ImageNet top-1 (%)"] = [("–" if v is None or pd.isna(v) else f"{float(v):.1f}")
                                      for v in table["imagenet_top1"]]
