@@ -9,7 +9,7 @@ import yaml
 
 from histotransfer.errors import HistotransferError
 from histotransfer.study import load_study, plan, run_study
-from histotransfer.study.config import EncoderConfig
+from histotransfer.study.grid import EncoderConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

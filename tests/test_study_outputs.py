@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histotransfer.study.config import EncoderConfig
 from histotransfer.study.figures import draw_figures
+from histotransfer.study.grid import EncoderConfig
 from histotransfer.study.report import write_report
 from histotransfer.study.tables import (
     build_tables,

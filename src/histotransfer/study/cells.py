@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json, write_text
-from .config import EncoderConfig, settings_hash
+from ..provenance import json_fingerprint
+from .grid import EncoderConfig
 
 DONE = "done.json"
 FAILED = "failed.json"
 STARTED = "started.json"
+
+
+def settings_hash(obj: Any) -> str:
+    """A stable short hash of JSON-able settings (cache keys)."""
+    return json_fingerprint(obj)[:16]
 
 
 @dataclass

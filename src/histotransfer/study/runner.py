@@ -25,12 +25,12 @@ from ..analysis.settings import CkaSettings
 from ..errors import HistotransferError, one_line
 from ..finetune.settings import FinetuneSettings
 from ..mil.settings import SMALL_SPLIT
-from ..slide import slide_id_of
 from ..runtime import Ranks, init_ranks, resolve_device
-from .cells import FAILED, Cell, prepare_folder, read_done, write_done, write_failed
-from .config import Dataset, EncoderConfig, Study, load_study, settings_hash
+from ..slide import slide_id_of
+from .cells import FAILED, Cell, prepare_folder, read_done, settings_hash, write_done, write_failed
+from .config import load_study
 from .figures import draw_figures
-from .grid import stain_suffix
+from .grid import Dataset, EncoderConfig, Study, stain_suffix
 from .report import write_report
 from .tables import (
     build_tables,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import write_csv, write_text
-from .config import EncoderConfig
+from .grid import EncoderConfig
 
 TABLES = {
     "table1_architectures": "Table I. ImageNet-family architectures (full depth): slide-level test AUC",
