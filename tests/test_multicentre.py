@@ -15,12 +15,14 @@ import torch
 import yaml
 
 from histotransfer.analysis import compare_encoders, write_cams
+from histotransfer.analysis.compare import sample_patches
 from histotransfer.cli import main
 from histotransfer.colour import slide_colour_stats
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
 from histotransfer.features import ExtractSettings, StainNormalizer, create_encoder, extract_features
 from histotransfer.features.loader import resize_patch
+from histotransfer.features.stain import source_sample
 from histotransfer.finetune import finetune
 from histotransfer.finetune.settings import FinetuneSettings
 from histotransfer.finetune.train import augmentation_record, hed_augment
@@ -75,27 +77,37 @@ def extracted(cohort):
 
 
 def features_by_hand(cohort, slide_id: str, normalizer: StainNormalizer | None) -> np.ndarray:
-    """Each patch read alone, resized, normalised, ImageNet-standardised and run through the unfused encoder."""
+    """Each patch read alone, resized, normalised (per slide: with the estimate fitted on the slide's source
+    sample), ImageNet-standardised and run through the unfused encoder."""
     patches = read_patch_file(cohort["patches"] / f"{slide_id}.h5")
     with open_slide(patches.spec.slide_path) as slide:
         reader = PatchReader(slide, patches.spec)
         pixels = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT) for x, y in patches.coords])
+        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT)
+                           for x, y in source_sample(patches.coords)])
     batch = torch.from_numpy(pixels)
     if normalizer is not None:
-        batch = normalizer(batch)
+        batch = normalizer(batch, normalizer.fit_source(sample) if normalizer.per_slide else None)
     x = (batch.double().numpy() / 255 - MEAN) / STD
     with torch.no_grad():
         return create_encoder(*ENCODER)(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
 
 
 def test_normalised_extraction_equals_features_computed_by_hand(cohort, extracted):
-    normalizer = StainNormalizer.fit("macenko", cohort["reference"])
+    normalizer = StainNormalizer.fit("macenko", cohort["reference"], scope="slide")
     assert extracted["macenko"].name == f"{extracted['raw'].name}-{normalizer.tag()}"
+    patches = read_patch_file(cohort["patches"] / "demo_02.h5")
+    with open_slide(patches.spec.slide_path) as slide:
+        reader = PatchReader(slide, patches.spec)
+        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT)
+                           for x, y in source_sample(patches.coords)])
     with h5py.File(extracted["macenko"] / "demo_02.h5", "r") as f, h5py.File(extracted["raw"] / "demo_02.h5") as g:
         normalised, raw = f["features"][()], g["features"][()]
         assert f.attrs["stain_tag"] == normalizer.tag()
         assert f.attrs["stain_target"] == canonical_json(normalizer.to_dict())
-        assert "stain_tag" not in g.attrs and f.attrs["settings_fingerprint"] != g.attrs["settings_fingerprint"]
+        assert f.attrs["stain_source"] == canonical_json(normalizer.fit_source(sample).to_dict())
+        assert "stain_tag" not in g.attrs and "stain_source" not in g.attrs
+        assert f.attrs["settings_fingerprint"] != g.attrs["settings_fingerprint"]
     np.testing.assert_allclose(normalised, features_by_hand(cohort, "demo_02", normalizer), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(raw, features_by_hand(cohort, "demo_02", None), rtol=1e-4, atol=1e-4)
     assert np.abs(normalised - raw).max() > 1e-2  # the normalisation changed the pixels the encoder saw
@@ -104,8 +116,7 @@ def test_normalised_extraction_equals_features_computed_by_hand(cohort, extracte
 def test_a_fitted_target_json_or_slide_region_is_the_same_reference(cohort, extracted, tmp_path, capsys):
     target = tmp_path / "target.json"
     assert main(["stain-fit", "--method", "macenko", "--ref", str(cohort["reference"]), "--out", str(target)]) == 0
-    tag = StainNormalizer.fit("macenko", cohort["reference"]).tag()
-    assert tag in capsys.readouterr().out
+    assert StainNormalizer.fit("macenko", cohort["reference"]).tag() in capsys.readouterr().out
     # The same target from a JSON file (or a moved reference) is the same extraction: every slide is kept.
     again = extract_features(cohort["patches"], cohort["root"], *ENCODER, input_size=INPUT, device="cpu",
                              workers=0, stain_norm="macenko", stain_ref=str(target))
@@ -219,7 +230,7 @@ def test_hed_augmentation_is_seeded_per_slide_and_epoch_and_recorded():
 
 def test_later_stages_see_the_runs_normalised_pixels(cohort, extracted, tmp_path):
     run = extracted["runs"]["macenko"]
-    tag = StainNormalizer.fit("macenko", cohort["reference"]).tag()
+    tag = StainNormalizer.fit("macenko", cohort["reference"], scope="slide").tag()
     # CKA: the run's encoder with its normalisation equals the same encoder by name with the same options.
     spec = {"name": ENCODER[0], "weights": ENCODER[1], "truncate": ENCODER[2]}
     same = compare_encoders(run, spec, cohort["patches"], tmp_path / "cka", n_patches=24, baseline=False,
@@ -229,6 +240,9 @@ def test_later_stages_see_the_runs_normalised_pixels(cohort, extracted, tmp_path
     other = compare_encoders(run, spec, cohort["patches"], tmp_path / "cka_raw", n_patches=24, baseline=False,
                              input_size=INPUT, device="cpu")
     assert other["cka"].iloc[0] < 0.999
+    # CKA estimates each slide's source stain on the patches extraction estimated it on, not on its own sample.
+    for job in sample_patches(cohort["patches"], 24, seed=0):
+        assert np.array_equal(job.stain_sample, source_sample(read_patch_file(job.patch_file).coords))
     # CAM: the encoder reproduces the run's features only on normalised pixels (else the command refuses).
     cams = write_cams(run, tmp_path / "cams", top_k=2, device="cpu", slide_ids=["demo_01"])
     assert [r.status for r in cams.results] == ["ok"]

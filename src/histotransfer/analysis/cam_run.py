@@ -46,6 +46,7 @@ from ..features import (
     read_feature_file,
     recorded_normalizer,
 )
+from ..features.stain import recorded_source
 from ..finetune import run_encoder
 from ..formats import open_h5, stamp
 from ..mil import (
@@ -332,7 +333,10 @@ def _slide_cam(run: _Run, s: CamSettings, slide_id: str, index: dict[str, Path] 
     att, bag, spec = inputs.attention, inputs.bag, inputs.patches.spec
     top = np.argsort(-att["score"], kind="stable")[: s.top_k]
     raw, thumb, dimensions = _read_slide(inputs, top, run.input_size, s.max_side)
-    normalised = normalise_pixels(torch.from_numpy(raw), run.stain, run.device)
+    # A per-slide normalisation maps the patches with the slide's source estimate extraction recorded.
+    source = (recorded_source(bag.attrs, run.features_dir / f"{slide_id}.h5")
+              if run.stain is not None and run.stain.per_slide else None)
+    normalised = normalise_pixels(torch.from_numpy(raw), run.stain, run.device, source)
     pixels = normalised.cpu().numpy()  # what the encoder sees, and the figure shows
     x = run.encoder.preprocess(normalised, run.device)
     result = grad_cam(run.encoder, run.head, x, slide_features=torch.from_numpy(bag.features).to(run.device),

@@ -16,7 +16,9 @@ mode (BatchNorm running statistics), for ImageNet-normalised RGB patches at the 
 
 **Pixels.** Each encoder sees the patches as its features were made: a run folder (or its ``encoder.pt``) with
 the stain normalisation its features were extracted with, an encoder given by name with the settings'
-``stain_norm`` / ``stain_ref`` (as an extraction with those options); the random baseline as encoder A.
+``stain_norm`` / ``stain_ref`` / ``stain_scope`` (as an extraction with those options); the random baseline as
+encoder A. A per-slide normalisation estimates each sampled slide's source stain as extraction does (the same
+patches of the slide, read and resized the same way), so a slide's patches get the extraction's pixels.
 
 Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
 of A with every stage of B (``cka_matrix.csv`` and a heatmap). With ``per_block`` a transformer's stages are its
@@ -56,14 +58,13 @@ from ..features import (
     stain_normalizer,
     stain_tag,
 )
+from ..features.stain import SlideStain, source_sample
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
 from ..runtime import precision_context, resolve_device
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
-
-
 
 BASELINE_SEED = 1  # the random initialisation CKA baselines use (the "random" weights are seed 0)
 
@@ -159,7 +160,7 @@ def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slide
             with open_slide(slide_path, mpp=ps.spec.mpp) as slide:
                 check_identity(slide, ps.identity, str(path))
             jobs.append(SlideJob(ps.slide_id, str(slide_path), path, ps.coords[rows], ps.spec, ps.fingerprint,
-                                 ps.identity))
+                                 ps.identity, source_sample(ps.coords)))
     return jobs
 
 
@@ -245,7 +246,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     """
     s = CkaSettings.build(settings, **overrides)
     resolved = all(isinstance(e, ResolvedEncoder) for e in (encoder_a, encoder_b))
-    stain = None if resolved else stain_normalizer(s.stain_norm, s.stain_ref)  # resolved ones carry theirs
+    stain = None if resolved else stain_normalizer(s.stain_norm, s.stain_ref, s.stain_scope)  # resolved: theirs
     a, b = resolve_encoder(encoder_a, stain=stain), resolve_encoder(encoder_b, stain=stain)
     if s.per_block:
         a = replace(a, encoder=a.encoder.per_block())
@@ -285,8 +286,10 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
         debiased = s.estimator == "debiased"
         acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
                else _FlattenStore(Path(tmp), n_total, pairs, debiased))
-        loader = patch_loader(PatchBatches(jobs, s.batch_size, input_size), s.workers, pin_memory=dev.type == "cuda")
+        dataset = PatchBatches(jobs, s.batch_size, input_size, stains=[norm for _, _, norm in models])
+        loader = patch_loader(dataset, s.workers, pin_memory=dev.type == "cuda")
         failed: set[int] = set()
+        sources: dict[int, dict[str, SlideStain]] = {}  # per slide, its source estimates by normaliser tag
         bar = tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True)
         with torch.inference_mode(), precision_context(dev, "fp32"), bar:
             for item in loader:
@@ -295,12 +298,16 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                         warnings.warn(f"skipping slide: {item.error}", stacklevel=2)
                         failed.add(item.job)
                     continue
+                if item.sources is not None:
+                    sources[item.job] = item.sources
+                    continue
                 batch = {}
                 pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
                 for model, names, norm in models:
                     tag = stain_tag(norm)
                     if tag not in pixels:
-                        pixels[tag] = normalise_pixels(item.pixels, norm, dev)
+                        source = sources[item.job][tag] if norm is not None and norm.per_slide else None
+                        pixels[tag] = normalise_pixels(item.pixels, norm, dev, source)
                     x = model.preprocess(pixels[tag], dev)
                     maps = model.forward_stages(x)
                     widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else

@@ -7,11 +7,20 @@ from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
-from ..features.settings import Device, StainMethod, check_stain_options, stain_norm_field, stain_ref_field
+from ..features.settings import (
+    Device,
+    StainMethod,
+    StainOptions,
+    StainScope,
+    check_stain_options,
+    stain_norm_field,
+    stain_ref_field,
+    stain_scope_field,
+)
 from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
 
 
-class CkaSettings(StageSettings):
+class CkaSettings(StainOptions, StageSettings):
     """How two encoders are compared stage by stage with linear CKA."""
 
     stage: ClassVar[str] = "cka"
@@ -41,6 +50,7 @@ class CkaSettings(StageSettings):
     # with the same options; a run folder always brings its own normalisation.
     stain_norm: StainMethod = stain_norm_field()
     stain_ref: str | None = stain_ref_field()
+    stain_scope: StainScope = stain_scope_field()
 
     @model_validator(mode="after")
     def _stain_options(self) -> Self:

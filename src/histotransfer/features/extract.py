@@ -19,7 +19,9 @@ Each truncation keeps its own folder, ``features.json``, ``extract.csv``, locks 
 
 With ``stain_norm`` the reference is fitted once per extraction (or its fitted target loaded) and every batch is
 normalised on the encoder's device before the encoder's preprocessing; the target is recorded in each file and
-its tag names the folder (``<encoder_id>`` ends in e.g. ``-macenko-1a2b3c4d``).
+its tag names the folder (``<encoder_id>`` ends in e.g. ``-macenko-1a2b3c4d``). With ``stain_scope="slide"`` (the
+default) each slide's source stain is estimated once, by a loader item ahead of its batches, and all its
+batches are mapped with it; each file records that estimate (``stain_source``), which later stages apply.
 
 This does not use ``batch.run_batch`` (one slide after the other): batches of consecutive slides flow through
 one loader without a pause between slides, and per-slide results are reported with the same rows.
@@ -56,9 +58,9 @@ from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
-from .loader import PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
+from .loader import SOURCE_ITEM, PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
-from .stain import StainNormalizer, stain_normalizer
+from .stain import SlideStain, StainNormalizer, source_sample, stain_normalizer
 
 REPORT_NAME = "extract.csv"
 FOLDER_RECORD = "features.json"
@@ -170,14 +172,16 @@ class StageTaps(nn.Module):
         return out
 
 
-def normalise_pixels(pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) pixels on ``device``, stain-normalised there when ``stain`` is given. The
-    normalisation runs in IEEE float32 on every device (no TF32, no autocast), as on the CPU."""
+def normalise_pixels(pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device,
+                     source: SlideStain | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) pixels of one slide on ``device``, stain-normalised there when ``stain`` is given
+    (a per-slide ``stain`` with the slide's ``source`` estimate). The normalisation runs in IEEE float32 on
+    every device (no TF32, no autocast), as on the CPU."""
     pixels = pixels.to(device, non_blocking=True)
     if stain is None:
         return pixels
     with precision_context(device, "fp32"):
-        return stain(pixels)
+        return stain(pixels, source)
 
 
 class BatchEncoder:
@@ -207,47 +211,53 @@ class BatchEncoder:
         """Images per call: on a CPU, as many as keep a call within ``CPU_PIXELS_PER_CALL`` pixels."""
         return max(1, CPU_PIXELS_PER_CALL // (height * width)) if self.device.type == "cpu" else n
 
-    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _normalised(self, pixels: torch.Tensor, source: SlideStain | None) -> torch.Tensor:
         if self.stain is None:
             return pixels
         step = self._step(pixels.shape[1], pixels.shape[2], len(pixels))
-        return torch.cat([normalise_pixels(pixels[i:i + step], self.stain, self.device)
+        return torch.cat([normalise_pixels(pixels[i:i + step], self.stain, self.device, source)
                           for i in range(0, len(pixels), step)])
 
     @torch.inference_mode()
-    def features(self, pixels: torch.Tensor, truncations: Sequence[int] | None = None) -> dict[int, np.ndarray]:
-        """The features of ``truncations`` (default: every one this encoder was built with)."""
+    def features(self, pixels: torch.Tensor, truncations: Sequence[int] | None = None,
+                 source: SlideStain | None = None) -> dict[int, np.ndarray]:
+        """The features of ``truncations`` (default: every one this encoder was built with) of one slide's
+        pixels (``source``: the slide's stain estimate, for a per-slide normalisation)."""
         truncations = self.truncations if truncations is None else truncations
         taps = [self.last_stage[t] for t in truncations]
-        x = self.preprocess(self._normalised(pixels), self.device)
+        x = self.preprocess(self._normalised(pixels, source), self.device)
         step = self._step(x.shape[2], x.shape[3], len(x))
         with precision_context(self.device, self.precision):
             parts = [self.model(x[i:i + step], taps) for i in range(0, len(x), step)]
         return {t: torch.cat([part[k] for part in parts]).float().cpu().numpy()
                 for t, k in zip(truncations, taps)}
 
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+    def __call__(self, pixels: torch.Tensor, source: SlideStain | None = None) -> np.ndarray:
         """The features of the deepest truncation (the encoder's, when built from one)."""
-        return self.features(pixels, self.truncations[:1])[self.truncations[0]]
+        return self.features(pixels, self.truncations[:1], source)[self.truncations[0]]
 
 
-def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, decode: str) -> dict[str, Any]:
-    """The attrs of one slide's feature file: the output's, plus where its patches come from and where its
-    tiles were decoded."""
+def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, decode: str,
+                 source: SlideStain | None) -> dict[str, Any]:
+    """The attrs of one slide's feature file: the output's, plus where its patches come from, where its
+    tiles were decoded and, under per-slide normalisation, the slide's source stain estimate."""
     attrs = dict(base, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
                  patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
                  slide_identity=canonical_json(job.identity), input_size=int(input_size or job.spec.patch_size),
                  decode=decode)
     if job.spec.patch_size_level0 is not None:
         attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
+    if source is not None:
+        attrs["stain_source"] = canonical_json(source.to_dict())
     return attrs
 
 
 def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, input_size: int | None,
-             workers: int) -> Iterable[PatchBatch]:
-    """The slides' batches, read by ``workers`` processes; with ``decode`` "gpu", JPEG tiles are decoded on
-    ``device`` in this process, a batch ahead of the encoder."""
-    dataset = PatchBatches(jobs, batch_size, input_size, decode)
+             workers: int, stain: StainNormalizer | None) -> Iterable[PatchBatch]:
+    """The slides' batches, read by ``workers`` processes (each slide's source stain estimate first, under a
+    per-slide ``stain``); with ``decode`` "gpu", JPEG tiles are decoded on ``device`` in this process, a batch
+    ahead of the encoder."""
+    dataset = PatchBatches(jobs, batch_size, input_size, decode, [stain])
     loader = patch_loader(dataset, workers, pin_memory=device.type == "cuda")
     return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
 
@@ -259,11 +269,13 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
 
     An output whose features come out NaN or inf is an error for that slide and output (nothing is written
     for it); the slide's other outputs go on. Each slide's files and report rows record where its tiles were
-    decoded (``decode``)."""
-    loader = _batches(jobs, encode.device, decode, batch_size, input_size, workers)
+    decoded (``decode``); under per-slide normalisation, its files record the slide's source estimate and a
+    slide whose estimate is degenerate (left unchanged) says so in its row."""
+    loader = _batches(jobs, encode.device, decode, batch_size, input_size, workers, encode.stain)
     writers: dict[tuple[int, int], FeatureWriter] = {}
     pending = [list(w) for w in wanted]  # per slide, the outputs not finished yet
     started: dict[int, float] = {}
+    sources: dict[int, SlideStain] = {}  # per slide, its source stain estimate (per-slide normalisation)
 
     def finish(j: int, out: _Output, status: str, message: str = "") -> None:
         job = jobs[j]
@@ -289,7 +301,13 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                         finish(j, out, "error", item.error)
                     continue
                 job = jobs[j]
-                features = encode.features(item.pixels, [out.truncate for out in pending[j]])
+                if item.start == SOURCE_ITEM:
+                    assert item.sources is not None and encode.stain is not None
+                    sources[j] = item.sources[encode.stain.tag()]
+                    if sources[j].estimate is None:
+                        tqdm.write(f"{job.slide_id}: {_unchanged(sources[j])}")
+                    continue
+                features = encode.features(item.pixels, [out.truncate for out in pending[j]], sources.get(j))
                 for out in list(pending[j]):
                     rows = features[out.truncate]
                     bad = first_non_finite(rows)
@@ -305,15 +323,23 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                     if key not in writers:
                         writers[key] = FeatureWriter(out.folder / f"{job.slide_id}.h5", job.coords,
                                                      out.encoder.feature_dim, dtype,
-                                                     _slide_attrs(out.attrs, job, input_size, item.decode)).open()
+                                                     _slide_attrs(out.attrs, job, input_size, item.decode,
+                                                                  sources.get(j))).open()
                     writers[key].write(rows)
                     if writers[key].complete:
-                        finish(j, out, "ok", f"decode {writers[key].attrs['decode']}")
+                        source = sources.get(j)
+                        note = "" if source is None or source.estimate is not None else f"; {_unchanged(source)}"
+                        finish(j, out, "ok", f"decode {writers[key].attrs['decode']}{note}")
                 bar.update(len(item.pixels))
     except BaseException:
         for writer in writers.values():  # delete the temporary files of unfinished slides
             writer.discard()
         raise
+
+
+def _unchanged(source: SlideStain) -> str:
+    """What a report says of a slide whose source stain estimate is degenerate."""
+    return f"stain left unchanged: {source.reason}"
 
 
 def _merge_reports(folder: Path, world: int) -> None:
@@ -366,7 +392,8 @@ def _job(sid: str, patch_file: Path, index: dict[str, Path] | None) -> SlideJob:
     path = locate_slide(sid, patches.spec.slide_path, index, patch_file)
     with open_slide(path, mpp=patches.spec.mpp) as slide:
         check_identity(slide, patches.identity, str(patch_file))
-    return SlideJob(sid, str(path), patch_file, patches.coords, patches.spec, patches.fingerprint, patches.identity)
+    return SlideJob(sid, str(path), patch_file, patches.coords, patches.spec, patches.fingerprint, patches.identity,
+                    source_sample(patches.coords))
 
 
 def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
@@ -398,7 +425,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
     encoders = create_encoders(choice.encoder, choice.weights, choice.truncations,  # fails before any output
                                blocks=choice.blocks)
-    stain = stain_normalizer(s.stain_norm, s.stain_ref)  # fitted once, before any output
+    stain = stain_normalizer(s.stain_norm, s.stain_ref, s.stain_scope)  # fitted once, before any output
     first = encoders[choice.truncations[0]]
     input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
     index = slide_index(slides)
@@ -453,8 +480,9 @@ def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: 
                          described: dict[str, Any], stain: StainNormalizer | None) -> str:
     """What a finished feature file must have been made with to be kept. Weights count by what was loaded
     (their label and sha256), not by how they were spelled (the default, ``imagenet``, a relative or absolute
-    path); the stain reference counts by the target fitted on it, not by its path. Without normalisation the
-    fingerprint is the one of before stain options existed."""
+    path); the stain reference counts by the target fitted on it (and the scope it is applied with), not by its
+    path. Without normalisation the fingerprint is the one of before stain options existed, and per-patch
+    normalisation's the one of before ``stain_scope`` existed."""
     extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
     encoder = {**choice.result_settings(), "weights": described["weights_label"]}
     record = {"encoder": encoder, "extract": extract, "input_size": input_size,

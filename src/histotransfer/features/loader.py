@@ -7,12 +7,19 @@ error message instead of pixels: the extractor reports that slide and goes on wi
 
 With ``decode="gpu"``, the batches of JPEG-tiled slides hold their compressed tiles instead of pixels, which the
 main process decodes on the GPU (``gpu_decode``); other slides' batches hold pixels as before.
+
+Given per-slide stain normalisers, each slide's batches are preceded by one item holding the slide's source
+stain estimates (``sources``, no pixels), fitted in the worker on the patches ``SlideJob.stain_sample`` names,
+read through the slide's :class:`PatchReader` and resized as the batches are (decoded on the CPU even where the
+batches' tiles go to the GPU: the estimate is a statistic of a million pixels, which a few grey levels of
+decoder difference do not move), so every stage that reads a slide this way gets the same estimate.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,14 +33,17 @@ from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
 from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
+from .stain import SlideStain, StainNormalizer
 
 OPEN_SLIDES_PER_WORKER = 2
 
 
 @dataclass
 class SlideJob:
-    """One slide to read: its patch coords (level-0 top-left), how to cut them, and the fingerprint and slide
-    identity of the patch file they come from (recorded in the outputs)."""
+    """One slide to read: its patch coords (level-0 top-left), how to cut them, the fingerprint and slide
+    identity of the patch file they come from (recorded in the outputs), and the coords of the patches its
+    source stain is estimated on (``features.stain.source_sample`` of the patch file's coords; needed with a
+    per-slide stain normaliser)."""
 
     slide_id: str
     slide_path: str
@@ -42,12 +52,15 @@ class SlideJob:
     spec: PatchSpec
     fingerprint: str = ""
     identity: dict[str, Any] | None = None
+    stain_sample: np.ndarray | None = None
 
 
 @dataclass
 class PatchBatch:
     """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or their compressed tiles (to be
-    decoded on the GPU), or the error reading them; ``decode`` says where the tiles were decoded."""
+    decoded on the GPU), or the error reading them; ``decode`` says where the tiles were decoded. The item
+    that opens a slide's batches under per-slide normalisation holds instead the slide's source estimates
+    (``sources``, by normaliser tag; ``start`` -1)."""
 
     job: int
     start: int
@@ -55,6 +68,7 @@ class PatchBatch:
     error: str = ""
     tiles: EncodedTiles | None = None
     decode: str = DECODED_ON_CPU
+    sources: dict[str, SlideStain] | None = None
 
     def pin_memory(self) -> PatchBatch:
         """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
@@ -67,57 +81,80 @@ def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(patch, (size, size), interpolation=interp)
 
 
+def read_patches(reader: PatchReader, coords: np.ndarray, input_size: int | None) -> np.ndarray:
+    """uint8 (B, S, S, 3) pixels of the patches at ``coords``, resized to ``input_size`` when given."""
+    patches = [reader.read(int(x), int(y)) for x, y in coords]
+    if input_size is not None and patches[0].shape[0] != input_size:
+        patches = [resize_patch(p, input_size) for p in patches]
+    return np.stack(patches)
+
+
+SOURCE_ITEM = -1  # the ``start`` of the item holding a slide's source stain estimates
+
+
 class PatchBatches(Dataset):
     """Batches of patch pixels of a list of slides, in order: slide by slide, rows in patch-file order.
 
     ``decode``: "cpu" decodes every slide here; "gpu" gives the compressed tiles of slides whose patch level
     is JPEG-tiled on the direct tile path (:class:`~.gpu_decode.TileSource`), pixels for the others.
+    ``stains``: the normalisers the batches will go through; those that work per slide get each slide's
+    source estimate in an item before the slide's batches (see the module doc).
     """
 
-    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None, decode: str = "cpu"):
+    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None, decode: str = "cpu",
+                 stains: Sequence[StainNormalizer | None] = ()):
         self.jobs = jobs
         self.input_size = input_size
         self.decode = decode
-        self.items = [(j, s, min(s + batch_size, len(job.coords)))
-                      for j, job in enumerate(jobs) for s in range(0, len(job.coords), batch_size)]
-        self._open: OrderedDict[int, tuple[Slide, PatchReader | TileSource]] = OrderedDict()
+        self.stains = list({n.tag(): n for n in stains if n is not None and n.per_slide}.values())
+        if self.stains and any(job.stain_sample is None for job in jobs):
+            raise ValueError("per-slide stain normalisation needs each SlideJob's stain_sample")
+        self.items: list[tuple[int, int, int]] = []
+        for j, job in enumerate(jobs):
+            if self.stains and len(job.coords):
+                self.items.append((j, SOURCE_ITEM, 0))
+            self.items += [(j, s, min(s + batch_size, len(job.coords))) for s in range(0, len(job.coords), batch_size)]
+        self._open: OrderedDict[int, tuple[Slide, PatchReader, TileSource | None]] = OrderedDict()
         self._failed: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _source(self, j: int) -> PatchReader | TileSource:
+    def _source(self, j: int) -> tuple[PatchReader, TileSource | None]:
+        """The slide's patch reader and, for GPU decoding of a JPEG-tiled slide, its tile source."""
         if j in self._open:
-            return self._open[j][1]
+            return self._open[j][1:]
         job = self.jobs[j]
         slide = open_slide(job.slide_path, mpp=job.spec.mpp)
         try:
             reader = PatchReader(slide, job.spec)
             tiles = TileSource.open(slide, reader.spec) if self.decode == "gpu" else None
-            source = tiles if tiles is not None else reader
         except BaseException:
             slide.close()
             raise
-        self._open[j] = (slide, source)
+        self._open[j] = (slide, reader, tiles)
         while len(self._open) > OPEN_SLIDES_PER_WORKER:
-            _, (old_slide, old_source) = self._open.popitem(last=False)
-            old_source.close()
+            _, (old_slide, old_reader, old_tiles) = self._open.popitem(last=False)
+            if old_tiles is not None:
+                old_tiles.close()
+            old_reader.close()
             old_slide.close()
-        return source
+        return reader, tiles
 
     def __getitem__(self, i: int) -> PatchBatch:
         j, start, stop = self.items[i]
         if j in self._failed:
             return PatchBatch(j, start, None, self._failed[j])
         try:
-            source = self._source(j)
-            coords = self.jobs[j].coords[start:stop]
-            if isinstance(source, TileSource):
-                return PatchBatch(j, start, None, tiles=source.batch(coords, self.input_size))
-            patches = [source.read(int(x), int(y)) for x, y in coords]
-            if self.input_size is not None and patches[0].shape[0] != self.input_size:
-                patches = [resize_patch(p, self.input_size) for p in patches]
-            return PatchBatch(j, start, torch.from_numpy(np.stack(patches)))
+            reader, tiles = self._source(j)
+            job = self.jobs[j]
+            if start == SOURCE_ITEM:
+                sample = read_patches(reader, job.stain_sample, self.input_size)  # type: ignore[arg-type]
+                return PatchBatch(j, start, None, sources={n.tag(): n.fit_source(sample) for n in self.stains})
+            coords = job.coords[start:stop]
+            if tiles is not None:
+                return PatchBatch(j, start, None, tiles=tiles.batch(coords, self.input_size))
+            return PatchBatch(j, start, torch.from_numpy(read_patches(reader, coords, self.input_size)))
         except Exception as exc:  # reported per slide by the extractor; the other slides go on
             self._failed[j] = f"{self.jobs[j].slide_path}: {one_line(exc)}"
             return PatchBatch(j, start, None, self._failed[j])

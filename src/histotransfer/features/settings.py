@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
 
 StainMethod = Literal["none", "macenko", "reinhard"]
+StainScope = Literal["slide", "patch"]
+# The scope every normalisation had before the option existed: recorded settings leave it out, so those
+# results keep their fingerprints.
+LEGACY_STAIN_SCOPE = "patch"
 STAIN_REF_HELP = ("stain reference: a patch image, a folder of patch images (fitted as one set), a slide region "
                   "SLIDE@x,y,w,h (level-0 pixels), or a fitted target .json (histotransfer stain-fit)")
 
@@ -24,6 +28,33 @@ def stain_norm_field() -> Any:
 def stain_ref_field() -> Any:
     """The ``stain_ref`` option (see :data:`STAIN_REF_HELP`)."""
     return Field(None, min_length=1, description=STAIN_REF_HELP, json_schema_extra=OMIT_DEFAULT)
+
+
+def stain_scope_field() -> Any:
+    """The ``stain_scope`` option: where the source stain is estimated (see :class:`StainOptions`)."""
+    return Field("slide", description="where the source stain is estimated: slide (once per slide, so the "
+                                      "patches of a slide keep their colour differences) or patch (each patch on "
+                                      "its own, which evens those out too)")
+
+
+class StainOptions:
+    """What ``stain_scope`` changes in the recorded result settings of a stage that reads pixels.
+
+    The scope shapes the result only when pixels are normalised, and per-patch normalisation is what every
+    normalisation was before the option existed: :meth:`result_settings` leaves the scope out in both cases, so
+    raw and per-patch results keep the settings and fingerprints they had, and per-slide ones get their own.
+    """
+
+    if TYPE_CHECKING:  # the fields of the settings class it is mixed into (declared there, in their order)
+        stain_norm: str
+        stain_scope: str
+
+    def result_settings(self) -> dict[str, Any]:
+        """The base class's, without ``stain_scope`` where it does not change the result of before."""
+        result = super().result_settings()  # type: ignore[misc]
+        if self.stain_norm == "none" or self.stain_scope == LEGACY_STAIN_SCOPE:
+            result.pop("stain_scope", None)
+        return result
 
 
 def check_stain_options(method: str, reference: str | None) -> None:
@@ -104,7 +135,7 @@ def check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(check_device)]
 
 
-class ExtractSettings(StageSettings):
+class ExtractSettings(StainOptions, StageSettings):
     """How patches go through an encoder (everything but the encoder itself)."""
 
     stage: ClassVar[str] = "extract"
@@ -128,6 +159,7 @@ class ExtractSettings(StageSettings):
                                                   json_schema_extra=RUNTIME)
     stain_norm: StainMethod = stain_norm_field()
     stain_ref: str | None = stain_ref_field()
+    stain_scope: StainScope = stain_scope_field()
 
     @model_validator(mode="after")
     def _stain_options(self) -> Self:

@@ -24,11 +24,29 @@ images (fitted as one set, as above); a slide region ``SLIDE@x,y,w,h`` (level-0 
 read at level 0); or a fitted target ``.json`` (``to_dict``, as ``histotransfer stain-fit`` writes it), loaded
 as it is, so that every stage and machine uses the very same numbers.
 
-**Patches left unchanged.** A patch is returned as it is (by both methods) when it has fewer than ``min_pixels`` stained pixels
-(optical density ``-log((I + 1) / io)`` of at least ``beta`` in all three channels: the pixels Macenko's
-method estimates stains from; default 500, a few hundred pixels being what the 1st/99th percentile angles need
-to be stable), and for Macenko also when the estimate is degenerate (the two stain vectors less than 1 degree
-apart, or a non-finite or zero maximum concentration), for Reinhard when a Lab channel is constant.
+**Scope: per slide or per patch.** With ``scope="slide"`` (what extraction does by default) the *source*
+stain, the one the pixels are mapped from, is estimated once per slide (:meth:`StainNormalizer.fit_source`) and
+every patch of that slide is mapped with it: Macenko unmixes each pixel with the slide's stain vectors and
+scales its concentrations by the ratio of the target's to the slide's maximum concentrations, Reinhard maps
+Lab by the slide's mean and spread. Each pixel then goes through one fixed map per slide, so patches of one
+slide keep their colour differences (lesion darker than stroma) while the slide as a whole moves to the
+target: the centre's colour goes, the tissue's own colour stays. With ``scope="patch"`` every patch is its
+own source, which evens out those differences too. The slide's estimate is fitted by torchstain's NumPy
+normalisers on the pooled pixels of up to :data:`SOURCE_PATCHES` of its patches, spread evenly over the
+patch file's rows (all of them on a small slide), read and resized as the encoder gets them
+(:func:`source_sample`; larger samples are thinned by a pixel stride to :data:`SOURCE_PIXELS`, which keeps
+the distribution of pixel colours). The patches rather than the tiling's thumbnail: a thumbnail averages
+nuclei with the stroma around them, which lowers the concentration percentiles Macenko scales by, so the
+slide's estimate would not describe the pixels it is applied to. A slide whose sample holds fewer than
+``min_pixels`` stained pixels, or whose estimate is degenerate (as for a patch, below), is left unchanged
+(:class:`SlideStain` says why).
+
+**Patches left unchanged.** Per patch, a patch is returned as it is (by both methods) when it has fewer than
+``min_pixels`` stained pixels (optical density ``-log((I + 1) / io)`` of at least ``beta`` in all three
+channels: the pixels Macenko's method estimates stains from; default 500, a few hundred pixels being what the
+1st/99th percentile angles need to be stable), and for Macenko also when the estimate is degenerate (the two
+stain vectors less than 1 degree apart, or a non-finite or zero maximum concentration), for Reinhard when a Lab
+channel is constant.
 """
 
 from __future__ import annotations
@@ -39,7 +57,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +73,9 @@ METHODS = ("macenko", "reinhard")
 MACENKO_DEFAULTS = {"io": 240.0, "alpha": 1.0, "beta": 0.15}
 MIN_STAINED_PIXELS = 500
 MIN_STAIN_ANGLE_DEG = 1.0
+SCOPES = ("slide", "patch")
+SOURCE_PATCHES = 64  # patches a slide's source stain is estimated on (all of a slide with fewer)
+SOURCE_PIXELS = 1 << 20  # pixels at most in that estimate; a larger sample is thinned by a pixel stride
 DECIMALS = 6
 # sRGB (D65) to XYZ and the D65 white point: the constants of torchstain's Reinhard (OpenCV's), so that the
 # batched Lab conversion below agrees with it.
@@ -124,17 +145,42 @@ def _rounded(values: np.ndarray) -> list:
     return np.round(np.asarray(values, dtype=np.float64), DECIMALS).tolist()
 
 
+def _macenko_estimate(rgb: np.ndarray, io: float, alpha: float, beta: float) -> tuple[dict[str, list], str]:
+    """torchstain's Macenko fit of uint8 RGB pixels (rounded), and why it is degenerate ("" when it is not)."""
+    normalizer = NumpyMacenkoNormalizer()
+    try:
+        normalizer.fit(rgb.reshape(-1, 1, 3), Io=io, alpha=alpha, beta=beta)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        return {}, f"Macenko's stain estimate failed ({exc})"
+    stains, max_c = np.asarray(normalizer.HERef, np.float64), np.asarray(normalizer.maxCRef, np.float64)
+    estimate = {"stain_matrix": _rounded(stains), "max_concentrations": _rounded(max_c)}
+    if not (np.isfinite(stains).all() and np.isfinite(max_c).all()) or max_c.min() <= 1e-6:
+        return estimate, "Macenko's stain estimate is degenerate (a non-finite or zero maximum concentration)"
+    cosine = abs(stains[:, 0] @ stains[:, 1]) / (np.linalg.norm(stains[:, 0]) * np.linalg.norm(stains[:, 1]))
+    if cosine >= math.cos(math.radians(MIN_STAIN_ANGLE_DEG)):
+        return estimate, (f"Macenko's two stain vectors are less than {MIN_STAIN_ANGLE_DEG:g} degree apart (one "
+                          "colour only)")
+    return estimate, ""
+
+
+def _reinhard_estimate(rgb: np.ndarray) -> tuple[dict[str, list], str]:
+    """torchstain's Reinhard fit of uint8 RGB pixels (rounded), and why it is degenerate ("" when it is not)."""
+    normalizer = NumpyReinhardNormalizer()
+    normalizer.fit(rgb.reshape(-1, 1, 3))
+    estimate = {"lab_means": _rounded(normalizer.target_means), "lab_stds": _rounded(normalizer.target_stds)}
+    if min(estimate["lab_stds"]) <= 1e-6:
+        return estimate, "a Lab channel is constant"
+    return estimate, ""
+
+
 def fit_macenko(rgb: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15,
                 min_pixels: int = MIN_STAINED_PIXELS) -> dict[str, list]:
     """Macenko target of uint8 RGB pixels (any shape ending in 3), by torchstain's NumPy normaliser:
     ``stain_matrix`` (3 x 2, haematoxylin then eosin columns) and ``max_concentrations`` (2)."""
     _check_stained(rgb, min_pixels, io, beta)
-    normalizer = NumpyMacenkoNormalizer()
-    normalizer.fit(rgb.reshape(-1, 1, 3), Io=io, alpha=alpha, beta=beta)
-    target = {"stain_matrix": _rounded(normalizer.HERef), "max_concentrations": _rounded(normalizer.maxCRef)}
-    if not np.isfinite(normalizer.HERef).all() or min(target["max_concentrations"]) <= 0:
-        raise HistotransferError("stain reference: Macenko's stain estimate is degenerate (one colour only?); "
-                                 "pick a reference with both haematoxylin and eosin.")
+    target, reason = _macenko_estimate(rgb, io, alpha, beta)
+    if reason:
+        raise HistotransferError(f"stain reference: {reason}; pick a reference with both haematoxylin and eosin.")
     return target
 
 
@@ -143,9 +189,53 @@ def fit_reinhard(rgb: np.ndarray, io: float = 240.0, beta: float = 0.15,
     """Reinhard target of uint8 RGB pixels, by torchstain's NumPy normaliser: ``lab_means`` and ``lab_stds``
     (L in 0-100, a, b centred on 0) over all the pixels (``io``, ``beta``: what counts as stained)."""
     _check_stained(rgb, min_pixels, io, beta)
-    normalizer = NumpyReinhardNormalizer()
-    normalizer.fit(rgb.reshape(-1, 1, 3))
-    return {"lab_means": _rounded(normalizer.target_means), "lab_stds": _rounded(normalizer.target_stds)}
+    return _reinhard_estimate(rgb)[0]
+
+
+def source_sample(coords: np.ndarray, n: int = SOURCE_PATCHES) -> np.ndarray:
+    """The coords of the patches a slide's source stain is estimated on: ``n`` of them spread evenly over the
+    patch file's rows (which follow the tissue row by row), or all of a slide with fewer."""
+    if len(coords) <= n:
+        return coords
+    return coords[np.unique(np.linspace(0, len(coords) - 1, n).round().astype(np.int64))]
+
+
+def _thinned(patches: np.ndarray) -> np.ndarray:
+    """The pixels (N, 3) of a patch sample, every ``stride``-th row and column of each patch so that at most
+    about :data:`SOURCE_PIXELS` remain: a regular grid keeps the distribution of colours, unlike averaging."""
+    b, h, w = patches.shape[:3]
+    stride = max(1, math.ceil(math.sqrt(b * h * w / SOURCE_PIXELS)))
+    return np.ascontiguousarray(patches[:, ::stride, ::stride]).reshape(-1, 3)
+
+
+@dataclass(frozen=True)
+class SlideStain:
+    """A slide's source stain, fitted once on a sample of its patches (:meth:`StainNormalizer.fit_source`).
+
+    ``estimate`` holds the numbers a target holds (Macenko ``stain_matrix`` and ``max_concentrations``,
+    Reinhard ``lab_means`` and ``lab_stds``), or None where the sample gives none: the slide's patches are then
+    left unchanged and ``reason`` says why. ``n_patches``, ``n_pixels``, ``n_stained``: the sample.
+    """
+
+    estimate: dict[str, list] | None
+    n_patches: int
+    n_pixels: int
+    n_stained: int
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON (what feature files record as ``stain_source``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SlideStain:
+        """The estimate ``to_dict`` described."""
+        missing = {"estimate", "n_patches", "n_pixels", "n_stained"} - set(data)
+        if missing:
+            raise HistotransferError(f"slide stain estimate lacks {', '.join(sorted(missing))}; re-extract the "
+                                     "features.")
+        return cls(data["estimate"], int(data["n_patches"]), int(data["n_pixels"]), int(data["n_stained"]),
+                   str(data.get("reason", "")))
 
 
 def _percentile(values: torch.Tensor, valid: torch.Tensor | None, q: float) -> torch.Tensor:
@@ -192,22 +282,36 @@ def _stained(pixels: torch.Tensor, io: float, beta: float) -> torch.Tensor:
 
 
 def _macenko(pixels: torch.Tensor, target: dict[str, Any], io: float, alpha: float, beta: float,
-             min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Macenko-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,)."""
+             min_pixels: int, source: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Macenko-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,): each patch
+    from its own stain estimate, or all from the slide's ``source`` estimate.
+
+    torchstain re-estimates the source stain of every image it normalises and takes no given estimate, so the
+    transfer from a slide's estimate is its arithmetic written out here (the tests check it against torchstain's
+    formulas with the slide's pooled estimate)."""
     od = -torch.log((pixels.float() + 1.0) / io)
-    stained = (od >= beta).all(-1)
-    enough = stained.sum(1) >= max(min_pixels, 2)
-    # Patches with too few stained pixels are estimated from all their pixels, only to keep the arithmetic
-    # finite; they are returned unchanged.
-    stains = _stain_vectors(od, stained | ~enough.unsqueeze(1), alpha)
+    if source is None:
+        stained = (od >= beta).all(-1)
+        enough = stained.sum(1) >= max(min_pixels, 2)
+        # Patches with too few stained pixels are estimated from all their pixels, only to keep the arithmetic
+        # finite; they are returned unchanged.
+        stains = _stain_vectors(od, stained | ~enough.unsqueeze(1), alpha)
+    else:
+        stains = torch.tensor(source["stain_matrix"], device=od.device, dtype=od.dtype).unsqueeze(0)
     concentrations = torch.linalg.pinv(stains) @ od.transpose(1, 2)
-    max_c = _percentile(concentrations, None, 99)
+    if source is None:
+        max_c = _percentile(concentrations, None, 99)
+    else:
+        max_c = torch.tensor(source["max_concentrations"], device=od.device, dtype=od.dtype).unsqueeze(0)
     ref_stains = torch.tensor(target["stain_matrix"], device=od.device, dtype=od.dtype)
     ref_max = torch.tensor(target["max_concentrations"], device=od.device, dtype=od.dtype)
     out = io * torch.exp(-ref_stains @ (concentrations * (ref_max / max_c).unsqueeze(-1)))
-    cosine = torch.nn.functional.cosine_similarity(stains[..., 0], stains[..., 1], dim=-1).abs()
-    ok = (enough & torch.isfinite(max_c).all(-1) & (max_c > 1e-6).all(-1)
-          & (cosine < math.cos(math.radians(MIN_STAIN_ANGLE_DEG))))
+    if source is None:
+        cosine = torch.nn.functional.cosine_similarity(stains[..., 0], stains[..., 1], dim=-1).abs()
+        ok = (enough & torch.isfinite(max_c).all(-1) & (max_c > 1e-6).all(-1)
+              & (cosine < math.cos(math.radians(MIN_STAIN_ANGLE_DEG))))
+    else:  # checked when the slide's estimate was fitted
+        ok = torch.ones(len(pixels), dtype=torch.bool, device=od.device)
     # Truncation, not rounding, as torchstain's astype(uint8).
     return out.clamp_(max=255).transpose(1, 2).to(torch.uint8), ok
 
@@ -236,14 +340,23 @@ def _lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 
 
 def _reinhard(pixels: torch.Tensor, target: dict[str, Any], io: float, beta: float,
-              min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reinhard-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,)."""
+              min_pixels: int, source: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reinhard-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,): each patch by
+    its own Lab mean and spread, or all by the slide's ``source`` estimate (written out for the reason
+    ``_macenko`` gives)."""
     lab = _rgb_to_lab(pixels)
-    mean, std = lab.mean(1, keepdim=True), lab.std(1, correction=0, keepdim=True)
+    if source is None:
+        mean, std = lab.mean(1, keepdim=True), lab.std(1, correction=0, keepdim=True)
+    else:
+        mean = torch.tensor(source["lab_means"], device=lab.device, dtype=lab.dtype).view(1, 1, 3)
+        std = torch.tensor(source["lab_stds"], device=lab.device, dtype=lab.dtype).view(1, 1, 3)
     ref_mean = torch.tensor(target["lab_means"], device=lab.device, dtype=lab.dtype)
     ref_std = torch.tensor(target["lab_stds"], device=lab.device, dtype=lab.dtype)
     out = _lab_to_rgb((lab - mean) / std * ref_std + ref_mean) * 255
-    ok = (_stained(pixels, io, beta).sum(1) >= min_pixels) & (std.squeeze(1) > 1e-6).all(-1)
+    if source is None:
+        ok = (_stained(pixels, io, beta).sum(1) >= min_pixels) & (std.squeeze(1) > 1e-6).all(-1)
+    else:  # checked when the slide's estimate was fitted
+        ok = torch.ones(len(pixels), dtype=torch.bool, device=lab.device)
     return out.to(torch.uint8), ok
 
 
@@ -252,36 +365,57 @@ def _check_method(method: str) -> None:
         raise HistotransferError(f"stain method {method!r} is unknown; use one of {', '.join(METHODS)}.")
 
 
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise HistotransferError(f"stain scope {scope!r} is unknown; use one of {', '.join(SCOPES)}.")
+
+
 @dataclass(frozen=True)
 class StainNormalizer:
     """Normalises uint8 RGB patch batches to a fitted reference's stain colour (see the module doc).
 
     ``target`` holds the fitted numbers (``fit_macenko`` / ``fit_reinhard``); ``settings`` are ``io`` and
     ``beta`` (which pixels count as stained, for both methods), Macenko's ``alpha`` and ``min_pixels``.
+    ``scope`` says where the source stain comes from: ``patch`` (each patch's own) or ``slide`` (the slide's
+    estimate, :meth:`fit_source`, passed with every batch of the slide; see the module doc).
     """
 
     method: str
     target: dict[str, list]
     settings: dict[str, float] = field(default_factory=lambda: {**MACENKO_DEFAULTS,
                                                                 "min_pixels": MIN_STAINED_PIXELS})
+    scope: str = "patch"
 
     def __post_init__(self) -> None:
         _check_method(self.method)
+        _check_scope(self.scope)
 
     @classmethod
     def fit(cls, method: str, reference: Reference | Sequence[Reference], io: float = 240.0,
-            alpha: float = 1.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS) -> StainNormalizer:
+            alpha: float = 1.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS,
+            scope: str = "patch") -> StainNormalizer:
         """Fit ``method`` ("macenko" | "reinhard") to a reference (see ``load_reference``)."""
         settings = {"io": float(io), "alpha": float(alpha), "beta": float(beta), "min_pixels": int(min_pixels)}
         _check_method(method)
         rgb = load_reference(reference)
         if method == "macenko":
-            return cls(method, fit_macenko(rgb, io, alpha, beta, min_pixels), settings)
-        return cls(method, fit_reinhard(rgb, io, beta, min_pixels), settings)
+            return cls(method, fit_macenko(rgb, io, alpha, beta, min_pixels), settings, scope)
+        return cls(method, fit_reinhard(rgb, io, beta, min_pixels), settings, scope)
+
+    def with_scope(self, scope: str) -> StainNormalizer:
+        """The same target applied with another scope."""
+        return replace(self, scope=scope)
+
+    @property
+    def per_slide(self) -> bool:
+        """Whether every batch needs its slide's source estimate."""
+        return self.scope == "slide"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers for JSON: ``method``, ``target``, ``settings``."""
-        return {"method": self.method, "target": self.target, "settings": self.settings}
+        """Plain numbers for JSON: ``method``, ``target``, ``settings``, and ``scope`` when it is ``slide``
+        (a per-patch normaliser is described, and tagged, as it was before per-slide normalisation existed)."""
+        return {"method": self.method, "target": self.target, "settings": self.settings,
+                **({"scope": self.scope} if self.per_slide else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StainNormalizer:
@@ -290,26 +424,53 @@ class StainNormalizer:
         if missing:
             raise HistotransferError(f"stain normaliser description lacks {', '.join(sorted(missing))}; "
                                      "save it with StainNormalizer.to_dict().")
-        return cls(data["method"], data["target"], data["settings"])
+        return cls(data["method"], data["target"], data["settings"], data.get("scope", "patch"))
 
     def tag(self) -> str:
-        """``<method>-<8 hex>``: the method and a hash of target and settings, for encoder ids and attrs."""
+        """``<method>-<8 hex>``: the method and a hash of target, settings and scope, for encoder ids and attrs."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return f"{self.method}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
+    def fit_source(self, patches: np.ndarray) -> SlideStain:
+        """A slide's source stain, by torchstain's NumPy normaliser on the pooled pixels of a sample of its
+        patches (uint8 (B, H, W, 3), as the encoder gets them: :func:`source_sample`), thinned to about
+        :data:`SOURCE_PIXELS`. Macenko: stain vectors and 99th-percentile concentrations, over all the
+        pixels as for a target; Reinhard: Lab mean and spread of all of them (the background between the
+        tissue of the patches included, as a target's)."""
+        if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) uint8 array, got {patches.dtype} {tuple(patches.shape)}")
+        pixels = _thinned(patches)
+        s = self.settings
+        n_stained = _stained_count(pixels, s["io"], s["beta"])
+        counts = {"n_patches": len(patches), "n_pixels": len(pixels), "n_stained": n_stained}
+        need = max(int(s["min_pixels"]), 2)
+        if n_stained < need:
+            return SlideStain(None, **counts, reason=f"only {n_stained} stained pixels in the {len(patches)} "
+                                                     f"patch(es) sampled (need {need})")
+        if self.method == "macenko":
+            estimate, reason = _macenko_estimate(pixels, s["io"], s["alpha"], s["beta"])
+        else:
+            estimate, reason = _reinhard_estimate(pixels)
+        return SlideStain(None if reason else estimate, **counts, reason=reason)
+
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalise a (B, H, W, 3) uint8 batch; returns uint8 (B, H, W, 3) on the same device."""
+    def __call__(self, pixels: torch.Tensor, source: SlideStain | None = None) -> torch.Tensor:
+        """Normalise a (B, H, W, 3) uint8 batch; returns uint8 (B, H, W, 3) on the same device. A per-slide
+        normaliser takes the batch's slide's ``source`` estimate (a batch holds patches of one slide)."""
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"expected a (B, H, W, 3) uint8 tensor, got {pixels.dtype} {tuple(pixels.shape)}")
-        if pixels.numel() == 0:
+        if self.per_slide != (source is not None):
+            raise ValueError("a per-slide normaliser takes the slide's source estimate (fit_source), a per-patch "
+                             "one none")
+        if pixels.numel() == 0 or (source is not None and source.estimate is None):
             return pixels.clone()
         flat = pixels.reshape(pixels.shape[0], -1, 3)
         s = self.settings
+        estimate = None if source is None else source.estimate
         if self.method == "macenko":
-            out, ok = _macenko(flat, self.target, s["io"], s["alpha"], s["beta"], int(s["min_pixels"]))
+            out, ok = _macenko(flat, self.target, s["io"], s["alpha"], s["beta"], int(s["min_pixels"]), estimate)
         else:
-            out, ok = _reinhard(flat, self.target, s["io"], s["beta"], int(s["min_pixels"]))
+            out, ok = _reinhard(flat, self.target, s["io"], s["beta"], int(s["min_pixels"]), estimate)
         return torch.where(ok.view(-1, 1, 1), out, flat).reshape(pixels.shape)
 
 
@@ -428,13 +589,15 @@ def fit_reference(method: str, reference: str | os.PathLike[str]) -> StainNormal
         raise HistotransferError(f"{text}: {exc}") from None
 
 
-def stain_normalizer(method: str, reference: str | os.PathLike[str] | None) -> StainNormalizer | None:
-    """The normaliser of a stage's ``stain_norm`` / ``stain_ref`` options: None for ``"none"``."""
+def stain_normalizer(method: str, reference: str | os.PathLike[str] | None,
+                     scope: str = "slide") -> StainNormalizer | None:
+    """The normaliser of a stage's ``stain_norm`` / ``stain_ref`` / ``stain_scope`` options: None for
+    ``"none"``. The scope is the stage's, whatever scope a fitted target ``.json`` was recorded with."""
     if method == "none":
         return None
     if reference is None:
         raise HistotransferError(f"stain normalisation {method} needs a reference (--stain-ref).")
-    return fit_reference(method, reference)
+    return fit_reference(method, reference).with_scope(scope)
 
 
 def recorded_normalizer(record: Mapping[str, Any], source: str | os.PathLike[str] = "") -> StainNormalizer | None:
@@ -448,6 +611,20 @@ def recorded_normalizer(record: Mapping[str, Any], source: str | os.PathLike[str
         return StainNormalizer.from_dict(data)
     except (ValueError, TypeError) as exc:
         raise HistotransferError(f"{source}: unreadable stain_target record ({exc}); re-extract the features.") \
+            from exc
+
+
+def recorded_source(attrs: Mapping[str, Any], source: str | os.PathLike[str] = "") -> SlideStain:
+    """The slide's source estimate a feature file of per-slide normalised features records in ``stain_source``
+    (what a later stage applies to see the pixels extraction saw)."""
+    value = attrs.get("stain_source")
+    if not value:
+        raise HistotransferError(f"{source}: per-slide stain-normalised features without the slide's stain_source "
+                                 "record; re-extract the features.")
+    try:
+        return SlideStain.from_dict(json.loads(value))
+    except (ValueError, TypeError) as exc:
+        raise HistotransferError(f"{source}: unreadable stain_source record ({exc}); re-extract the features.") \
             from exc
 
 

@@ -63,7 +63,7 @@ from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL, check_lora, lora_of, merge_lora
 from .settings import FinetuneSettings
 from .topk import read_splits, select_top_k
-from .train import augmentation_record, fit_end_to_end
+from .train import augmentation_record, fit_end_to_end, slide_sources
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DONE_FILE = "comparison.json"
@@ -95,8 +95,9 @@ def _extraction_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
 def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device,
                      stain: StainNormalizer | None = None) -> float:
     """Relative max difference between the run's stored features of a few of ``slide``'s patches and the
-    rebuilt encoder's (on pixels normalised with ``stain``, the run's); raises when it is beyond float rounding
-    (other weights, slides, input size or stain normalisation)."""
+    rebuilt encoder's (on pixels normalised with ``stain``, the run's, per slide with the slide's recorded source
+    estimate); raises when it is beyond float rounding (other weights, slides, input size or stain
+    normalisation)."""
     bag = read_feature_file(slide.feature_file)
     rows = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
     coords = slide.job.coords[:4]
@@ -106,7 +107,7 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
     if item.error:
         raise HistotransferError(item.error)
     model.eval()
-    pixels = normalise_pixels(item.pixels, stain, device)
+    pixels = normalise_pixels(item.pixels, stain, device, slide_sources([slide], stain)[0])
     mine = model.features(model.encoder.preprocess(pixels, device)).float().cpu().numpy()
     err = float(np.abs(mine - stored).max() / max(float(np.abs(stored).max()), 1e-6))
     tol = REPRODUCE_TOLERANCE.get(str(bag.attrs.get("precision", "fp32")), 5e-2)
@@ -283,7 +284,8 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
         stain_options = ({} if stain is None else
-                         {"stain_norm": stain.method, "stain_ref": str((out / STAIN_FILE).resolve())})
+                         {"stain_norm": stain.method, "stain_ref": str((out / STAIN_FILE).resolve()),
+                          "stain_scope": stain.scope})
         blocks = run_config["encoder"].get("blocks")  # sets the depth by itself: truncate 0 beside it
         folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
                                   str((out / ENCODER_FILE).resolve()),

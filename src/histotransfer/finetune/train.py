@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .._io import write_torch
 from ..errors import HistotransferError
-from ..features import HedJitter, PatchBatch, StainNormalizer, normalise_pixels
+from ..features import HedJitter, PatchBatch, StainNormalizer, normalise_pixels, read_feature_attrs
+from ..features.stain import SlideStain, recorded_source
 from ..mil import FitResult, validation_scores
 from ..runtime import Ranks, precision_context
 from .data import TopKSlide, bag_loader
@@ -82,13 +83,22 @@ def augmentation_record(cfg: FinetuneSettings) -> dict[str, Any] | None:
     return record
 
 
+def slide_sources(slides: list[TopKSlide], stain: StainNormalizer | None) -> list[SlideStain | None]:
+    """Each slide's source stain estimate as its feature file records it, under a per-slide normalisation (so
+    the top-k patches get the pixels extraction gave them); None for each slide otherwise."""
+    if stain is None or not stain.per_slide:
+        return [None] * len(slides)
+    return [recorded_source(read_feature_attrs(s.feature_file), s.feature_file) for s in slides]
+
+
 def _inputs(model: EndToEndMIL, items: list[PatchBatch], device: torch.device, stain: StainNormalizer | None = None,
+            sources: list[SlideStain | None] | None = None,
             augment: Augment | None = None) -> tuple[torch.Tensor, list[int]]:
-    """The preprocessed batch of some slides' top-k pixels: stain-normalised (the run's normalisation), then
-    jittered for training."""
+    """The preprocessed batch of some slides' top-k pixels: stain-normalised (the run's normalisation, with
+    each slide's ``sources`` estimate when per slide), then jittered for training."""
     parts = []
     for item in items:
-        pixels = normalise_pixels(item.pixels, stain, device)
+        pixels = normalise_pixels(item.pixels, stain, device, None if sources is None else sources[item.job])
         parts.append(pixels if augment is None else augment(item.job, pixels))
     x = model.encoder.preprocess(torch.cat(parts), device)
     if device.type == "cuda":
@@ -113,9 +123,10 @@ def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSetti
     mine = list(range(len(slides)))[ranks.rank::ranks.world]
     out: dict[int, np.ndarray] = {}
     if mine:
+        sources = slide_sources(slides, stain)
         loader = bag_loader(slides, mine, input_size, cfg.workers, device.type == "cuda")
         for items, _ in _batches(loader, slides, 1):
-            x, sizes = _inputs(model, items, device, stain)
+            x, sizes = _inputs(model, items, device, stain, sources)
             with precision_context(device, cfg.precision):
                 logits, _ = model(x, sizes)
             out[items[0].job] = torch.softmax(logits[0].double(), 0).cpu().numpy()
@@ -150,7 +161,8 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
     (ties: lower val loss; without validation slides, the last epoch). Epoch 0 in the history is the
     model before fine-tuning, for reference (never selected). Every batch is normalised with ``stain`` (the
-    run's stain normalisation); training batches are then jittered as ``cfg.stain_augment`` says."""
+    run's stain normalisation; per slide, with the slide's recorded source estimate); training batches are then
+    jittered as ``cfg.stain_augment`` says."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -159,6 +171,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
     val_labels = np.array([s.label for s in val], dtype=int)
+    train_sources = slide_sources(train, stain)
     rows: list[dict[str, Any]] = []
     best_key: tuple | None = None
     best_state, best_epoch, start = None, 0, 1
@@ -194,7 +207,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         with torch.random.fork_rng(devices=[]), steps:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             for items, labels in _batches(loader, train, per_rank):
-                x, sizes = _inputs(model, items, device, stain, augment)
+                x, sizes = _inputs(model, items, device, stain, train_sources, augment)
                 target = torch.tensor(labels, device=device)
                 with precision_context(device, cfg.precision):
                     logits, _ = net(x, sizes)
