@@ -91,3 +91,19 @@ def test_help_and_version_do_not_import_torch(args):
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_export_is_named_like_a_submodule_of_its_package():
+    """Importing ``pkg.name`` sets the package attribute ``name`` to the submodule, which would replace an
+    exported function of that name (``from pkg import name`` would then give the module)."""
+    import importlib
+
+    clashes = []
+    for init in sorted(SRC.rglob("__init__.py")):
+        rel = init.parent.relative_to(SRC.parent)
+        package = importlib.import_module(".".join(rel.parts))
+        submodules = {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+        submodules |= {p.name for p in init.parent.iterdir() if (p / "__init__.py").is_file()}
+        exported = set(getattr(package, "__all__", ()))
+        clashes += [f"{package.__name__}.{name}" for name in sorted(exported & submodules)]
+    assert clashes == []

@@ -29,7 +29,7 @@ def test_public_api_names_stay_functions_once_every_subpackage_is_imported():
             "for m in pkgutil.iter_modules(ht.__path__): importlib.import_module(f'histotransfer.{m.name}')\n"
             "bad = [n for n in ht.__all__ if type(getattr(ht, n)).__name__ == 'module']\n"
             "assert not bad, bad\n"
-            "assert ht.fine_tune.__module__ == 'histotransfer.finetune.finetune'")
+            "assert ht.fine_tune.__module__ == 'histotransfer.finetune.run'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

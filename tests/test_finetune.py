@@ -225,7 +225,7 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
 def test_re_extraction_feeds_the_size_the_run_was_made_at(encoder, tiled, fed, expected):
     from types import SimpleNamespace
 
-    from histotransfer.finetune.finetune import _extraction_size
+    from histotransfer.finetune.run import _extraction_size
 
     slide = SimpleNamespace(job=SimpleNamespace(spec=SimpleNamespace(patch_size=tiled)))
     assert _extraction_size({"encoder": encoder, "input_size": fed}, slide) == expected

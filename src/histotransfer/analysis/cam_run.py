@@ -45,8 +45,8 @@ from ..features import (
     normalise_pixels,
     read_feature_file,
     recorded_normalizer,
+    recorded_source,
 )
-from ..features.stain import recorded_source
 from ..finetune import run_encoder
 from ..formats import open_h5, stamp
 from ..mil import (

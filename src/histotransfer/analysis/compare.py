@@ -49,16 +49,17 @@ from ..features import (
     Encoder,
     PatchBatches,
     SlideJob,
+    SlideStain,
     StainNormalizer,
     create_encoder,
     is_file_label,
     normalise_pixels,
     patch_loader,
     recorded_normalizer,
+    source_sample,
     stain_normalizer,
     stain_tag,
 )
-from ..features.stain import SlideStain, source_sample
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
 from ..runtime import precision_context, resolve_device

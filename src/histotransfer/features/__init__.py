@@ -14,7 +14,8 @@ _EXPORTS = {
     "load_state_dict_file": ".weights", "resolve_weights": ".weights",
     "HED_FROM_RGB": "..colour", "RGB_FROM_HED": "..colour", "optical_density": "..colour", "StainNormalizer": ".stain",
     "HedJitter": ".stain", "fit_reference": ".stain", "recorded_normalizer": ".stain",
-    "read_stain_target": ".stain", "SLIDE_REGION": ".stain", "stain_normalizer": ".stain", "stain_tag": ".stain", "write_stain_target": ".stain",
+    "read_stain_target": ".stain", "recorded_source": ".stain", "SlideStain": ".stain", "source_sample": ".stain",
+    "SLIDE_REGION": ".stain", "stain_normalizer": ".stain", "stain_tag": ".stain", "write_stain_target": ".stain",
     "is_file_label": ".weights",
     "EncoderChoice": ".settings", "ExtractSettings": ".settings",
 }

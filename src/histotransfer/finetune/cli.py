@@ -1,4 +1,4 @@
-"""``histotransfer finetune``: a thin wrapper over :func:`histotransfer.finetune.finetune`."""
+"""``histotransfer finetune``: a thin wrapper over :func:`histotransfer.finetune.run.finetune`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune
+    from .run import finetune
 
     t0 = time.perf_counter()
     out = finetune(args.run, args.out, args.slides, from_args(FinetuneSettings, args))

@@ -28,8 +28,15 @@ from tqdm.auto import tqdm
 
 from .._io import write_torch
 from ..errors import HistotransferError
-from ..features import HedJitter, PatchBatch, StainNormalizer, normalise_pixels, read_feature_attrs
-from ..features.stain import SlideStain, recorded_source
+from ..features import (
+    HedJitter,
+    PatchBatch,
+    SlideStain,
+    StainNormalizer,
+    normalise_pixels,
+    read_feature_attrs,
+    recorded_source,
+)
 from ..mil import FitResult, validation_scores
 from ..runtime import Ranks, precision_context
 from .data import TopKSlide, bag_loader
