@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -126,3 +129,48 @@ def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encode
     assert len(record["warnings"]) == 1 and "layer2 (128)" in record["warnings"][0]  # 60 patches < 128 channels
     assert "not inflated" in record["warnings"][0]  # the debiased estimator's own warning
     assert df.loc[0, "cka"] > 0.99 > df.loc[0, "baseline"]  # the untouched stem vs a random one
+
+
+def cka_cmd(patches_dir, out, *extra: str) -> list[str]:
+    return ["-m", "histotransfer", "cka", "--encoder-a", "resnet18", "--weights-a", "random", "--truncate-a", "2",
+            "--encoder-b", "resnet18", "--weights-b", "random", "--truncate-b", "3", "--patches", str(patches_dir),
+            "--out", str(out), "--n-patches", "40", "--input-size", str(INPUT), "--batch-size", "4", "--workers",
+            "0", "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_cka_under_torchrun_shares_the_slides_and_gives_one_processs_numbers(patches_dir, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo, CPU): the ranks encode their share of the slides and rank 0 sums the
+    rows in one process's order, so cka.csv and patches.csv are byte for byte those of one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same threads in both: float sums in the same order
+    alone = subprocess.run([sys.executable, *cka_cmd(patches_dir, tmp_path / "one")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *cka_cmd(patches_dir, tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("cka.csv", "patches.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert len(pd.read_csv(tmp_path / "two" / "patches.csv")) == 40
+    assert two.stdout.count("linear CKA per stage") == 1  # rank 0 reports for the job
+    assert json.loads((tmp_path / "two" / "cka.json").read_text())["n_patches"] == 40
+
+
+def test_cka_command_passes_the_stain_scope_on(patches_dir, tmp_path):
+    """--stain-scope reaches the encoders given by name: per-patch and per-slide normalisation are recorded
+    with their own tags."""
+    from histotransfer.cli import main
+    from histotransfer.features import stain_normalizer
+
+    first = read_patch_file(sorted(patches_dir.glob("*.h5"))[0])
+    x, y = (int(v) for v in first.coords[0])
+    region = f"{first.spec.slide_path}@{x},{y},128,128"
+    tags = {}
+    for scope in ("patch", "slide"):
+        args = cka_cmd(patches_dir, tmp_path / scope, "--stain-norm", "reinhard", "--stain-ref", region,
+                       "--stain-scope", scope, "--no-baseline", "--n-patches", "8")[2:]
+        assert main(args) == 0
+        tags[scope] = json.loads((tmp_path / scope / "cka.json").read_text())["stain_a"]
+        assert tags[scope] == stain_normalizer("reinhard", region, scope).tag()
+    assert tags["patch"] != tags["slide"]

@@ -93,9 +93,9 @@ def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, m
     asked: list[tuple[int, ...]] = []
     features = BatchEncoder.features
 
-    def recording(self, pixels, truncations=None):
+    def recording(self, pixels, truncations=None, source=None):
         asked.append(tuple(truncations))
-        return features(self, pixels, truncations)
+        return features(self, pixels, truncations, source)
 
     monkeypatch.setattr(BatchEncoder, "features", recording)
     runs = run_extraction(patches, tmp_path, "resnet18", truncate=ALL, **RUN)
@@ -112,8 +112,8 @@ def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, m
 def test_non_finite_features_fail_only_their_truncation(patches, tmp_path, monkeypatch):
     features = BatchEncoder.features
 
-    def poisoned(self, pixels, truncations=None):
-        out = features(self, pixels, truncations)
+    def poisoned(self, pixels, truncations=None, source=None):
+        out = features(self, pixels, truncations, source)
         if 2 in out and len(pixels) == 4:  # demo_02's only batch (demo_01's has 9 patches)
             out[2][1, 5] = np.nan
         return out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -65,10 +66,12 @@ def _cka(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     settings = from_args(CkaSettings, args)
-    stain = stain_normalizer(settings.stain_norm, settings.stain_ref)
+    stain = stain_normalizer(settings.stain_norm, settings.stain_ref, settings.stain_scope)
     a = resolve_encoder(args.encoder_a, args.weights_a, args.truncate_a, stain, args.blocks_a)
     b = resolve_encoder(args.encoder_b, args.weights_b, args.truncate_b, stain, args.blocks_b)
     df = compare_encoders(a, b, args.patches, args.out, settings, slides=args.slides)
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports for the job
+        return 0
     print(f"linear CKA per stage, {a.label} vs {b.label}:")
     print(cka_summary(df))
     print(f"cka: done in {time.perf_counter() - t0:.1f} s; outputs in {args.out} (cka.csv, cka.png, cka.json)")

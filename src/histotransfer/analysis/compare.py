@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
@@ -62,7 +63,7 @@ from ..features import (
 )
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
-from ..runtime import precision_context, resolve_device
+from ..runtime import Ranks, init_ranks, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
@@ -197,6 +198,65 @@ class _FlattenStore:
         return gram_cka(grams, self.pairs, debiased=self.debiased)
 
 
+@dataclass
+class _Batch:
+    """One batch's pooled rows of every compared representation, and where its patches are in the sample."""
+
+    job: int
+    start: int
+    n: int
+    rows: dict[str, np.ndarray]
+    widths: dict[str, int]
+
+
+def _encode(models: list[tuple[Encoder, list[str], StainNormalizer | None]], jobs: list[SlideJob],
+            job_ids: list[int], s: CkaSettings, input_size: int | None, dev: torch.device,
+            add: Callable[[_Batch], None], progress: bool = True) -> None:
+    """Run every encoder on the patches of ``jobs[job_ids]`` (each with its own stain normalisation) and hand
+    each batch's pooled rows to ``add``, in reading order; a slide that cannot be read is warned about and
+    skipped."""
+    chosen = [jobs[j] for j in job_ids]
+    dataset = PatchBatches(chosen, s.batch_size, input_size, stains=[norm for _, _, norm in models])
+    loader = patch_loader(dataset, s.workers, pin_memory=dev.type == "cuda")
+    failed: set[int] = set()
+    sources: dict[int, dict[str, SlideStain]] = {}  # per slide, its source estimates by normaliser tag
+    bar = tqdm(total=sum(len(j.coords) for j in chosen), desc="CKA", unit="patch", dynamic_ncols=True,
+               disable=not progress)
+    with torch.inference_mode(), precision_context(dev, "fp32"), bar:
+        for item in loader:
+            if item.error:
+                if item.job not in failed:
+                    warnings.warn(f"skipping slide: {item.error}", stacklevel=3)
+                    failed.add(item.job)
+                continue
+            if item.sources is not None:
+                sources[item.job] = item.sources
+                continue
+            rows: dict[str, np.ndarray] = {}
+            widths: dict[str, int] = {}
+            pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
+            for model, names, norm in models:
+                tag = stain_tag(norm)
+                if tag not in pixels:
+                    source = sources[item.job][tag] if norm is not None and norm.per_slide else None
+                    pixels[tag] = normalise_pixels(item.pixels, norm, dev, source)
+                maps = model.forward_stages(model.preprocess(pixels[tag], dev))
+                widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else
+                               int(m.shape[1] if m.dim() == 4 else m.shape[-1]) for n, m in zip(names, maps)})
+                rows.update(zip(names, _pool(maps, s.pooling)))
+            add(_Batch(job_ids[item.job], item.start, len(item.pixels), rows, widths))
+            bar.update(len(item.pixels))
+
+
+def _from_lead(value: Any) -> Any:
+    """Rank 0's result (a table, or the exception it failed with) on every rank of the job."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise HistotransferError(f"CKA failed on rank 0: {box[0]}")
+    return box[0]
+
+
 def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
     fig = Figure(figsize=(max(4.0, 1.1 * len(df) + 1.5), 3.6), dpi=120)
     FigureCanvasAgg(fig)
@@ -235,7 +295,8 @@ def _plot_matrix(matrix: pd.DataFrame, path: Path, label_a: str, label_b: str) -
 
 
 def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir: str | Path, out_dir: str | Path,
-                     settings: CkaSettings | None = None, slides: Any = None, **overrides: Any) -> pd.DataFrame:
+                     settings: CkaSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
+                     **overrides: Any) -> pd.DataFrame:
     """Linear CKA between the same stages of two encoders on patches sampled from ``patches_dir``.
 
     Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`; a
@@ -244,6 +305,11 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     ``cka.csv`` (stage, cka), ``cka.png``, ``patches.csv`` (the patches used), ``cka.json`` (settings, the
     encoders' weights and the patches' fingerprints, the number of patches asked for and used) and, with
     ``full_matrix``, ``cka_matrix.csv`` / ``cka_matrix.png``. Returns the cka.csv table.
+
+    Under torchrun (``ranks``, default: the job this process is in) the ranks share the sampled slides, and
+    rank 0 sums their pooled rows in the order one process reads them and writes the files: the numbers are
+    those of one process. ``pooling="flatten"`` keeps its maps on rank 0's disk, so rank 0 compares alone.
+    Every rank returns the table.
     """
     s = CkaSettings.build(settings, **overrides)
     resolved = all(isinstance(e, ResolvedEncoder) for e in (encoder_a, encoder_b))
@@ -281,80 +347,85 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     pairs = list(dict.fromkeys(pairs))
 
     models = [(enc.to(dev).eval(), names, norm) for enc, names, norm in encoders]
-    used: list[tuple[str, int, int]] = []
-    widths: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
-        debiased = s.estimator == "debiased"
-        acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
-               else _FlattenStore(Path(tmp), n_total, pairs, debiased))
-        dataset = PatchBatches(jobs, s.batch_size, input_size, stains=[norm for _, _, norm in models])
-        loader = patch_loader(dataset, s.workers, pin_memory=dev.type == "cuda")
-        failed: set[int] = set()
-        sources: dict[int, dict[str, SlideStain]] = {}  # per slide, its source estimates by normaliser tag
-        bar = tqdm(total=n_total, desc="CKA", unit="patch", dynamic_ncols=True)
-        with torch.inference_mode(), precision_context(dev, "fp32"), bar:
-            for item in loader:
-                if item.error:
-                    if item.job not in failed:
-                        warnings.warn(f"skipping slide: {item.error}", stacklevel=2)
-                        failed.add(item.job)
-                    continue
-                if item.sources is not None:
-                    sources[item.job] = item.sources
-                    continue
-                batch = {}
-                pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
-                for model, names, norm in models:
-                    tag = stain_tag(norm)
-                    if tag not in pixels:
-                        source = sources[item.job][tag] if norm is not None and norm.per_slide else None
-                        pixels[tag] = normalise_pixels(item.pixels, norm, dev, source)
-                    x = model.preprocess(pixels[tag], dev)
-                    maps = model.forward_stages(x)
-                    widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else
-                                   int(m.shape[1] if m.dim() == 4 else m.shape[-1]) for n, m in zip(names, maps)})
-                    batch.update(zip(names, _pool(maps, s.pooling)))
-                acc.update(batch)
-                job = jobs[item.job]
-                used += [(job.slide_id, int(cx), int(cy))
-                         for cx, cy in job.coords[item.start:item.start + len(item.pixels)]]
-                bar.update(len(item.pixels))
-        if len(used) < 2:
-            raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
-        values = acc.result()
+    given = ranks is not None  # a caller's process group stays open for the caller
+    ranks = ranks or init_ranks(dev)
+    try:
+        sharded = ranks.distributed and s.pooling == "mean"
+        gathered: list[_Batch] = []
+        if sharded:  # each rank encodes its share of the slides; rank 0 sums the pooled rows in one process's order
+            sizes = {str(j): len(job.coords) for j, job in enumerate(jobs)}
+            mine = [int(j) for j in shard(sizes, ranks.world)[ranks.rank]]
+            local: list[_Batch] = []
+            _encode(models, jobs, sorted(mine), s, input_size, dev, local.append, progress=ranks.rank == 0)
+            parts: list[Any] = [None] * ranks.world if ranks.rank == 0 else []
+            dist.gather_object(local, parts if ranks.rank == 0 else None, dst=0)
+            gathered = sorted((b for part in parts for b in part), key=lambda b: (b.job, b.start))
+        if ranks.rank != 0:  # flatten pooling keeps its maps on disk: rank 0 compares alone
+            return _from_lead(None)
+        try:
+            widths: dict[str, int] = {}
+            used: list[tuple[str, int, int]] = []
+            with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
+                debiased = s.estimator == "debiased"
+                acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
+                       else _FlattenStore(Path(tmp), n_total, pairs, debiased))
 
-    df = pd.DataFrame({
-        "stage": [sa if sa == sb else f"{sa} | {sb}"
-                  for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
-        "cka": [values[p] for p in zip(names_a, names_b)],
-    })
-    if s.baseline:
-        df["baseline"] = [values[p] for p in zip(names_a, names_r)]
-    warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
-                                                 if n.startswith(("a:", "b:"))}, s.estimator)
-    for text in warnings_:
-        warnings.warn(text, stacklevel=2)
-    write_csv(df, out / "cka.csv")
-    write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
-    title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
-    _plot_bars(df, out / "cka.png", title)
-    record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
-              "estimator": s.estimator, "baseline": "random initialisation of encoder A" if s.baseline else None,
-              "warnings": warnings_,
-              "n_patches_requested": s.n_patches, "n_patches": len(used),
-              "patches_dir": str(Path(patches_dir).resolve()),
-              "patches": {j.slide_id: j.fingerprint for j in jobs},
-              "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
-              "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
-    if s.full_matrix:
-        matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
-                              index=a.encoder.stage_names, columns=b.encoder.stage_names)
-        with atomic_path(out / "cka_matrix.csv") as tmp_csv:
-            matrix.rename_axis("stage").to_csv(tmp_csv)
-        _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
-    write_json(record, out / "cka.json")
-    return df
+                def add(batch: _Batch) -> None:
+                    acc.update(batch.rows)
+                    widths.update(batch.widths)
+                    job = jobs[batch.job]
+                    coords = job.coords[batch.start:batch.start + batch.n]
+                    used.extend((job.slide_id, int(cx), int(cy)) for cx, cy in coords)
 
+                if sharded:
+                    for batch in gathered:
+                        add(batch)
+                else:
+                    _encode(models, jobs, list(range(len(jobs))), s, input_size, dev, add)
+                if len(used) < 2:
+                    raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
+                values = acc.result()
+        except Exception as exc:
+            if ranks.distributed:
+                _from_lead(exc)
+            raise
+
+        df = pd.DataFrame({
+            "stage": [sa if sa == sb else f"{sa} | {sb}"
+                      for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
+            "cka": [values[p] for p in zip(names_a, names_b)],
+        })
+        if s.baseline:
+            # the stages the table has (an encoder B of fewer stages than A shortens it)
+            df["baseline"] = [values[p] for p in zip(names_a, names_r)][: len(df)]
+        warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
+                                                     if n.startswith(("a:", "b:"))}, s.estimator)
+        for text in warnings_:
+            warnings.warn(text, stacklevel=2)
+        write_csv(df, out / "cka.csv")
+        write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
+        title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
+        _plot_bars(df, out / "cka.png", title)
+        record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
+                  "estimator": s.estimator, "baseline": "random initialisation of encoder A" if s.baseline else None,
+                  "warnings": warnings_,
+                  "n_patches_requested": s.n_patches, "n_patches": len(used),
+                  "patches_dir": str(Path(patches_dir).resolve()),
+                  "patches": {j.slide_id: j.fingerprint for j in jobs},
+                  "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
+                  "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
+        if s.full_matrix:
+            matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
+                                  index=a.encoder.stage_names, columns=b.encoder.stage_names)
+            with atomic_path(out / "cka_matrix.csv") as tmp_csv:
+                matrix.rename_axis("stage").to_csv(tmp_csv)
+            _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
+        write_json(record, out / "cka.json")
+        return _from_lead(df) if ranks.distributed else df
+
+    finally:
+        if not given:
+            ranks.close()
 
 def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list[str]:
     """A warning for each stage compared on fewer patches than its representation has dimensions, where the

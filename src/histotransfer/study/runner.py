@@ -371,7 +371,8 @@ def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
         a, b = cell.settings["a"], cell.settings["b"]
         comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
                       f"{EncoderConfig(**cell.settings['b']).label}")
-    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed, cell.stain))
+    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed, cell.stain),
+                     ranks=ctx.ranks)
     return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
 
 
@@ -413,11 +414,11 @@ def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
     write_csv(df.astype({"seed": "Int64", "seconds": float}).round({"seconds": 2}), out_dir / "cells.csv")
 
 
-# How a cell's work is shared under torchrun: "all" ranks run it together (extraction shards slides, fine-tuning
-# is data-parallel), "spread" cells (independent: MIL runs, CAMs, CKA comparisons) are dealt to the ranks, each
+# How a cell's work is shared under torchrun: "all" ranks run it together (extraction and CKA shard slides,
+# fine-tuning is data-parallel), "spread" cells (independent: MIL runs, CAMs) are dealt to the ranks, each
 # computed as one process would, "one" runs on rank 0.
 MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "cam": "spread", "finetune": "all",
-         "cka": "spread"}
+         "cka": "all"}
 
 
 def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
