@@ -93,9 +93,9 @@ def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, m
     asked: list[tuple[int, ...]] = []
     features = BatchEncoder.features
 
-    def recording(self, pixels, truncations=None):
+    def recording(self, pixels, truncations=None, source=None):
         asked.append(tuple(truncations))
-        return features(self, pixels, truncations)
+        return features(self, pixels, truncations, source)
 
     monkeypatch.setattr(BatchEncoder, "features", recording)
     runs = run_extraction(patches, tmp_path, "resnet18", truncate=ALL, **RUN)
@@ -112,8 +112,8 @@ def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, m
 def test_non_finite_features_fail_only_their_truncation(patches, tmp_path, monkeypatch):
     features = BatchEncoder.features
 
-    def poisoned(self, pixels, truncations=None):
-        out = features(self, pixels, truncations)
+    def poisoned(self, pixels, truncations=None, source=None):
+        out = features(self, pixels, truncations, source)
         if 2 in out and len(pixels) == 4:  # demo_02's only batch (demo_01's has 9 patches)
             out[2][1, 5] = np.nan
         return out
@@ -149,7 +149,7 @@ def test_return_types_and_truncation_values(patches, separate, tmp_path):
     for bad in ([], -1, [0, -2], [1.5], "2"):
         with pytest.raises(HistotransferError, match="truncate: pass a truncation"):
             EncoderChoice.build(encoder="resnet18", truncate=bad)
-    with pytest.raises(HistotransferError, match="truncate must be 0..3"):
+    with pytest.raises(HistotransferError, match=r"truncate must be 0\.\.3"):
         extract_features(patches, tmp_path / "bad", "resnet18", truncate=[1, 4], **RUN)
     assert not (tmp_path / "bad").exists()
 

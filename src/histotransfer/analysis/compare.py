@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -81,7 +81,7 @@ class ResolvedEncoder:
     stain: StainNormalizer | None = None
 
 
-EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
+EncoderLike: TypeAlias = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
 def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0,
@@ -302,7 +302,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                 if item.sources is not None:
                     sources[item.job] = item.sources
                     continue
-                batch = {}
+                batch: dict[str, np.ndarray] = {}
                 pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
                 for model, names, norm in models:
                     tag = stain_tag(norm)
