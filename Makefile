@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(BIN)/histotransfer study examples/demo_study.yaml --out $(DEMO_DIR)/study
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

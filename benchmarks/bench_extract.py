@@ -44,8 +44,8 @@ decoding side by side) and leaves 8 out.
 
 Run: ``.venv/bin/python benchmarks/bench_extract.py [--configs resnet18:1 --weights random] [--device cuda]``
 (``--configs none`` or ``--multi none`` leaves a part out).
-GPU decoding vs CPU decoding on a GPU machine:
-``.venv/bin/python benchmarks/bench_extract.py --device cuda --configs resnet18:2 --decode-only --stride 24 --max-patches 4096``
+GPU decoding vs CPU decoding on a GPU machine: ``.venv/bin/python benchmarks/bench_extract.py`` with
+``--device cuda --configs resnet18:2 --decode-only --stride 24 --max-patches 4096``
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     spec, coords, n = ps.spec, ps.coords, len(ps.coords)
     size = spec.patch_size
     with openslide.OpenSlide(slide) as osr:
-        read_size = int(round(spec.patch_size_level0 / osr.level_downsamples[spec.patch_level]))
+        read_size = round(spec.patch_size_level0 / osr.level_downsamples[spec.patch_level])
 
     model = create_encoder(encoder, weights, truncate)
     encode = BatchEncoder(model, device, "fp32")

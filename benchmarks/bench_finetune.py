@@ -27,6 +27,7 @@ ViT-L/16 steps on the GPU, fp32 and bf16 autocast, each printing the peak of
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ import torch.nn.functional as F
 
 from histotransfer.features import Encoder, create_encoder, encoder_info
 from histotransfer.features.catalogue_vit import VIT_ENCODERS, token_pool, vit_stages
-from histotransfer.runtime import precision_context
 from histotransfer.finetune.model import EndToEndMIL, Lora, checkpoint_units
 from histotransfer.mil import AttentionMIL
+from histotransfer.runtime import precision_context
 
 GiB = 2**30
 
@@ -68,7 +69,7 @@ def memory(patches: int, size: int) -> None:
     kept = saved_bytes(lambda: model(x, [patches]))
     largest, h = 0, x
     for stage in encoder.body:
-        largest = max(largest, saved_bytes(lambda: stage(h)))
+        largest = max(largest, saved_bytes(functools.partial(stage, h)))
         with torch.no_grad():
             h = stage(h)
     n_params = sum(p.numel() for p in model.parameters())

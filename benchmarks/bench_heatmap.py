@@ -43,9 +43,9 @@ def old_overlay(thumb: np.ndarray, dimensions: tuple[int, int], coords: np.ndarr
     total = np.zeros((h, w), np.float64)
     count = np.zeros((h, w), np.int32)
     for (x, y), v in zip(np.asarray(coords).tolist(), np.asarray(values, np.float64).tolist()):
-        c0, r0 = int(math.floor(x * sx)), int(math.floor(y * sy))
-        c1 = max(int(math.ceil((x + patch_size) * sx)), c0 + 1)
-        r1 = max(int(math.ceil((y + patch_size) * sy)), r0 + 1)
+        c0, r0 = math.floor(x * sx), math.floor(y * sy)
+        c1 = max(math.ceil((x + patch_size) * sx), c0 + 1)
+        r1 = max(math.ceil((y + patch_size) * sy), r0 + 1)
         total[max(r0, 0):r1, max(c0, 0):c1] += v
         count[max(r0, 0):r1, max(c0, 0):c1] += 1
     covered = count > 0

@@ -15,11 +15,11 @@ disjoint one. Planted strengths are set so that the best candidate lands near 0.
 
 * ``digits``: scikit-learn's 8x8 digits as MNIST-bags (Ilse et al.): bag sizes ~ N(10, 2), a bag is positive
   when it holds a 9, raw pixels (64-d, many border pixels almost always 0); images split 50/50 into pools.
-* ``cnn-tissue``: DenseNet121 (ImageNet) features of 224 px patches of the real slide CMU-1-Small-Region
-  (20x, stride 56), bag sizes ~ N(24, 5); witnesses are patches of one tissue type, the darkest (nuclei-dense) of five k-means
-  clusters of the patches' mean CIELAB colour, so the witness type is defined by pixels, not by features.
-  Negative bags hold only other patches. The pools are 60% / 40% of the slide's 448 px blocks (patches
-  near a block border still overlap patches of the next block).
+* ``cnn-tissue``: DenseNet121 (ImageNet) features of 224 px patches of the real slide CMU-1-Small-Region (20x,
+  stride 56), bag sizes ~ N(24, 5); witnesses are patches of one tissue type, the darkest (nuclei-dense) of five
+  k-means clusters of the patches' mean CIELAB colour, so the witness type is defined by pixels, not by features.
+  Negative bags hold only other patches. The pools are 60% / 40% of the slide's 448 px blocks (patches near a block
+  border still overlap patches of the next block).
 * ``cnn-planted``: the same features and pools, every patch a possible instance; witnesses move along one
   training patch's deviation from the mean feature (a direction with the features' own geometry, neither
   isotropic in raw space nor in z-space) by ``PLANT_STRENGTH`` times the typical deviation norm.
@@ -357,8 +357,9 @@ def print_table(results: dict[str, np.ndarray]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 seeds per set and 100 test bags (about 1-2 minutes): a smoke run, too few seeds "
-                    "for a stable recommendation")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 seeds per set and 100 test bags (about 1-2 minutes): a smoke run, too few seeds "
+                         "for a stable recommendation")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per set (default 16, --quick 2)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))

@@ -23,7 +23,7 @@ def imports() -> list[tuple[str, str, list[str], bool]]:
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).with_suffix("")
         module = ".".join(rel.parts)
-        package = rel.parts[:-1] if rel.name != "__init__" else rel.parts[:-1]
+        package = rel.parts[:-1]
         tree = ast.parse(path.read_text())
         top = {id(n) for n in tree.body}
         for node in ast.walk(tree):
@@ -72,9 +72,9 @@ def test_no_import_cycles_at_module_level():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
             elif state.get(nxt) is None:
-                visit(nxt, stack + [nxt])
+                visit(nxt, [*stack, nxt])
         state[node] = 2
 
     for node in sorted(graph):

@@ -178,7 +178,7 @@ def test_an_encoder_that_does_not_reproduce_the_run_is_refused(study, tmp_path):
 
 def test_the_command_states_the_resolution_and_refuses_a_bad_run_in_one_line(study, tmp_path, capsys):
     base = ["cam", "--out", str(tmp_path / "cam"), "--device", "cpu"]
-    assert main(base + ["--run", str(study["run"]), "--slide-ids", study["neg"][1], "--top-k", "2"]) == 0
+    assert main([*base, "--run", str(study["run"]), "--slide-ids", study["neg"][1], "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert f"{GRID}x{GRID} cells per patch ({INPUT} px input) = 8 um per cell" in out and "cam: 1 done" in out
 
@@ -186,7 +186,7 @@ def test_the_command_states_the_resolution_and_refuses_a_bad_run_in_one_line(stu
                          (["--run", str(study["run"]), "--top-k", "0"], "--top-k"),
                          (["--run", str(study["run"]), "--target-class", "2"], "--target-class"),
                          (["--run", str(study["run"]), "--slide-ids", "nope"], "--slide-ids: nope")):
-        code = main(base[:1] + ["--out", str(tmp_path / "other")] + base[3:] + args)
+        code = main([*base[:1], "--out", str(tmp_path / "other"), *base[3:], *args])
         err = capsys.readouterr().err
         assert code == 2, args
         assert err.startswith("histotransfer cam: error:") and needle in err and err.count("\n") == 1, err

@@ -54,7 +54,9 @@ def reference_maps(encoder, patches_dir, used: pd.DataFrame) -> list[np.ndarray]
         with open_slide(spec.slide_path) as slide:
             pixels.append(resize_patch(PatchReader(slide, spec).read(x, y), INPUT))
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - mean) / std
     with torch.no_grad():
         return [m.double().numpy() for m in encoder.eval().forward_stages(x)]
 

@@ -15,9 +15,9 @@ from histotransfer.features import (
     encoder_info,
     list_encoders,
     register,
+    registry,
 )
 from histotransfer.features import encoders as enc_module
-from histotransfer.features import registry
 from histotransfer.features.catalogue import resnet_stages
 from histotransfer.runtime import precision_context
 
@@ -172,11 +172,11 @@ def test_encoder_attributes():
 
 
 def test_bad_names_and_truncations():
-    with pytest.raises(HistotransferError, match="unknown encoder 'resnet19'.*resnet18"):
+    with pytest.raises(HistotransferError, match=r"unknown encoder 'resnet19'.*resnet18"):
         create_encoder("resnet19", "random")
-    with pytest.raises(HistotransferError, match="truncate must be 0..3"):
+    with pytest.raises(HistotransferError, match=r"truncate must be 0\.\.3"):
         create_encoder("resnet18", "random", truncate=4)
-    with pytest.raises(HistotransferError, match="truncate must be 0..3"):
+    with pytest.raises(HistotransferError, match=r"truncate must be 0\.\.3"):
         encoder_id("resnet18", "random", -1, None, "fp32")
     with pytest.raises(HistotransferError, match="'imagenet21k' for resnet18: expected one of imagenet, random or a "
                                                  "path"):

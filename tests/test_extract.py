@@ -97,9 +97,8 @@ def test_feature_writer_streams_and_publishes_only_complete_files(tmp_path):
     np.testing.assert_array_equal(bag.features, rows)
     np.testing.assert_array_equal(bag.coords, coords)
     assert bag.attrs["encoder"] == "x"
-    with pytest.raises(ValueError, match="only 2 of 5 rows"):
-        with FeatureWriter(tmp_path / "b.h5", coords, 3) as w:
-            w.write(rows[:2])
+    with pytest.raises(ValueError, match="only 2 of 5 rows"), FeatureWriter(tmp_path / "b.h5", coords, 3) as w:
+        w.write(rows[:2])
     w = FeatureWriter(tmp_path / "c.h5", coords, 3).open()
     with pytest.raises(ValueError, match="do not fit"):
         w.write(rows[:, :2])
@@ -108,7 +107,7 @@ def test_feature_writer_streams_and_publishes_only_complete_files(tmp_path):
 
 
 def test_extract_writes_features_coords_attrs_and_report(demo, tmp_path):
-    root, slides, patches = demo
+    _root, slides, patches = demo
     folder = extract_features(patches, tmp_path, **ENCODER, batch_size=16, workers=0)
     assert folder == tmp_path / "features" / "resnet18-random-t2-native-fp32"
     assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv", "features.json"]
@@ -131,7 +130,7 @@ def test_extract_writes_features_coords_attrs_and_report(demo, tmp_path):
 
 
 def test_rerun_skips_finished_slides_and_reports_a_broken_one(demo, tmp_path):
-    root, slides, _ = demo
+    _root, slides, _ = demo
     patches = tmp_path / "patches"
     patches.mkdir()
     for s in slides:
@@ -303,7 +302,7 @@ def test_kill_9_mid_slide_then_resume_is_byte_identical(long_patches, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(demo, tmp_path):
-    root, slides, patches = demo
+    _root, slides, patches = demo
     # A third slide so that the two ranks get unequal numbers of slides.
     three = tmp_path / "patches"
     three.mkdir()

@@ -149,7 +149,7 @@ def test_return_types_and_truncation_values(patches, separate, tmp_path):
     for bad in ([], -1, [0, -2], [1.5], "2"):
         with pytest.raises(HistotransferError, match="truncate: pass a truncation"):
             EncoderChoice.build(encoder="resnet18", truncate=bad)
-    with pytest.raises(HistotransferError, match="truncate must be 0..3"):
+    with pytest.raises(HistotransferError, match=r"truncate must be 0\.\.3"):
         extract_features(patches, tmp_path / "bad", "resnet18", truncate=[1, 4], **RUN)
     assert not (tmp_path / "bad").exists()
 

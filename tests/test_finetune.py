@@ -17,7 +17,6 @@ from histotransfer.analysis import compare_encoders
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
 from histotransfer.features import create_encoder, extract_features, read_feature_file
-from histotransfer.runtime import Ranks
 from histotransfer.finetune import finetune, run_encoder, save_encoder, select_top_k
 from histotransfer.finetune.data import topk_slides
 from histotransfer.finetune.model import EndToEndMIL
@@ -26,6 +25,7 @@ from histotransfer.finetune.train import fit_end_to_end
 from histotransfer.mil import evaluate_run, load_run_model, train_mil
 from histotransfer.mil.rundir import read_attention
 from histotransfer.patches.tiling import tile_slides
+from histotransfer.runtime import Ranks
 
 SPLIT = {"demo_01": "train", "demo_02": "train", "demo_05": "train", "demo_06": "train", "demo_08": "train",
          "demo_10": "train", "demo_03": "val", "demo_09": "val", "demo_07": "val", "demo_12": "val",

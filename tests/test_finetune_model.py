@@ -29,7 +29,7 @@ def parts():
 def step(model: EndToEndMIL, x: torch.Tensor, lr: float = 1e-2) -> torch.Tensor:
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    logits, scores = model(x, [4, 3])
+    logits, _scores = model(x, [4, 3])
     loss = F.cross_entropy(logits, torch.tensor([1, 0]))
     optimizer.zero_grad()
     loss.backward()

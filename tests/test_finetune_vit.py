@@ -217,12 +217,12 @@ def test_other_bad_lora_requests_are_refused(small):
     with pytest.raises(HistotransferError, match="lora targets"):
         Lora(8, targets=("conv1",))
     cnn = create_encoder("resnet18", "random", 2)
-    with pytest.raises(HistotransferError, match="resnet18 has no transformer block layers.*drop --lora-rank"):
+    with pytest.raises(HistotransferError, match=r"resnet18 has no transformer block layers.*drop --lora-rank"):
         EndToEndMIL(cnn, AttentionMIL(128), lora=Lora(8))
     with pytest.raises(HistotransferError, match="resnet18 has no transformer block layers"):
         check_lora("resnet18", 0, 0, Lora(8))
     small("uni")
-    with pytest.raises(HistotransferError, match="every stage of uni .* is frozen"):
+    with pytest.raises(HistotransferError, match=r"every stage of uni .* is frozen"):
         check_lora("uni", 1, 3, Lora(8))
     check_lora("uni", 1, 2, Lora(8))
 

@@ -71,7 +71,7 @@ def test_heatmaps_of_a_folder_of_slides(run, tmp_path):
 
 
 def test_new_slides_from_a_features_folder_and_annotations(run, tmp_path):
-    root, run_dir, bags = run
+    root, run_dir, _bags = run
     new = planted_bags(1, n_patches=(12, 12), dim=8, patch_size=200, seed=5)[0]
     new.slide_id = "new_000"  # a slide the run never saw, other features and patch size
     shutil.copy(root / "slides" / "slide_000.png", tmp_path / "new_000.png")
@@ -90,7 +90,7 @@ def test_new_slides_from_a_features_folder_and_annotations(run, tmp_path):
     ("replaced", "not the ones it saw"),  # a slide the run was trained on, its features replaced since
 ])
 def test_features_that_are_not_the_runs_are_refused(run, tmp_path, change, message):
-    root, run_dir, bags = run
+    root, run_dir, _bags = run
     other = planted_bags(1, n_patches=(12, 12), dim=5 if change == "dimension" else 8, patch_size=256, seed=9)[0]
     other.slide_id = "slide_000" if change == "replaced" else "new_000"
     attrs = {"encoder": "resnet18", "truncate": 2} if change == "encoder" else {}

@@ -139,7 +139,7 @@ def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(coh
     for a, b in zip(names, names[1:] + names[:1]):  # every slide file holds another slide's image
         (impostors / a).write_bytes((cohort["slides"] / b).read_bytes())
     out = tmp_path / "out"
-    code, _, err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides",
+    code, _, _err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides",
                        impostors)
     assert code == 1
     report = pd.read_csv(out / "features" / "resnet18-random-t3-s32-fp32" / "extract.csv", keep_default_na=False)
@@ -329,7 +329,7 @@ def test_disk_full_stops_with_one_line_leaves_no_partial_file_and_resumes(cohort
             read_feature_file(p)
         (small / "filler").unlink()
         code, out_text, _ = run(capsys, *args)
-        assert code == 0 and f"{len(done_before)} skipped" in out_text or not done_before
+        assert (code == 0 and f"{len(done_before)} skipped" in out_text) or not done_before
         assert len(list(folder.glob("*.h5"))) == 8 and temporaries(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)

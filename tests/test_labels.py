@@ -63,7 +63,7 @@ BAD = {
                                   "'Tumor' and 'tumor' differ only by case"),
     "missing label column": ("slide_id\n" + "\n".join(IDS) + "\n", "missing column"),
     "duplicate slide": (rows(IDS + IDS[:1], [0, 1, 0, 1, 0, 1, 0]), "duplicate slide_id.*slide_000"),
-    "missing feature file": (rows(IDS + ["slide_999"], [0, 1, 0, 1, 0, 1, 1]), "no feature file.*slide_999"),
+    "missing feature file": (rows([*IDS, "slide_999"], [0, 1, 0, 1, 0, 1, 1]), "no feature file.*slide_999"),
     "single class": (rows(IDS, ["tumor"] * 6), "two classes"),
     "three classes": (rows(IDS, ["a", "b", "c", "a", "b", "c"]), "3 classes"),
     "empty label": (rows(IDS, ["0", "1", "", "1", "0", "1"]), "empty 'label'"),

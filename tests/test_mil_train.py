@@ -19,8 +19,8 @@ from histotransfer.cli import main
 from histotransfer.errors import HistotransferError
 from histotransfer.mil import AttentionMIL, evaluate_run, load_run_model, train_mil
 from histotransfer.mil.metrics import METRIC_KEYS, slide_metrics
-from histotransfer.mil.splits import SPLITS
 from histotransfer.mil.rundir import read_attention
+from histotransfer.mil.splits import SPLITS
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 from histotransfer.mil.train import fit
 
@@ -163,7 +163,7 @@ def test_evaluate_without_labels_predicts_every_slide(trained, tmp_path):
 
 
 def test_evaluate_refuses_features_of_another_encoder(trained, tmp_path):
-    root, run, _ = trained
+    _root, run, _ = trained
     bags = planted_bags(4, n_patches=(3, 4), dim=16, seed=9)
     write_feature_folder(tmp_path / "other", bags, **{**ENCODER, "truncate": 3})
     with pytest.raises(HistotransferError, match="made by encoder"):
@@ -259,7 +259,7 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
 
 
 def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_path):
-    features, labels, bags = make_cohort(tmp_path, 48, seed=5, dim=16, shift=4.0, scale=5.0)
+    features, labels, _bags = make_cohort(tmp_path, 48, seed=5, dim=16, shift=4.0, scale=5.0)
     table = pd.read_csv(labels)
     table["centre"] = ["A" if i % 3 else "B" for i in range(len(table))]
     table.to_csv(labels, index=False)

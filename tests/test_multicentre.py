@@ -156,7 +156,7 @@ def test_a_run_and_features_of_another_normalisation_are_refused(cohort, extract
     assert main(["stain-fit", "--method", "reinhard", "--ref", str(cohort["reference"]), "--out", str(target)]) == 0
     with pytest.raises(HistotransferError, match="a reinhard target, but stain normalisation macenko"):
         extract_features(cohort["patches"], tmp_path, *ENCODER, stain_norm="macenko", stain_ref=str(target))
-    with pytest.raises(HistotransferError, match="stain normalisation macenko-.*but these slides' .* with none"):
+    with pytest.raises(HistotransferError, match=r"stain normalisation macenko-.*but these slides' .* with none"):
         evaluate_run(extracted["runs"]["raw"], extracted["macenko"], out_dir=tmp_path / "eval")
     with pytest.raises(HistotransferError, match="a run folder brings its own normalisation"):
         compare_encoders(extracted["runs"]["macenko"], extracted["runs"]["macenko"], cohort["patches"],
@@ -281,5 +281,5 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     assert "Shortcut check" in text and "Warning: colour alone reaches AUC" in text
     study["cka"] = {"stain_norm": "reinhard"}
     path.write_text(yaml.safe_dump(study))
-    with pytest.raises(HistotransferError, match="cka.stain_norm: CKA sees the patches as the extraction"):
+    with pytest.raises(HistotransferError, match=r"cka\.stain_norm: CKA sees the patches as the extraction"):
         load_study(path)

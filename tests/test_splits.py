@@ -103,7 +103,7 @@ def test_fractions_follow_the_paper_on_a_larger_cohort():
 
 def test_too_few_patients_of_a_class_is_a_clear_error():
     frame = pd.DataFrame({"slide_id": list("abcdefg"), "patient_id": list("aabcdef"), "label": [1, 1, 1, 0, 0, 0, 0]})
-    with pytest.raises(HistotransferError, match="class '1' has slides from only 2 patient.*--split-file"):
+    with pytest.raises(HistotransferError, match=r"class '1' has slides from only 2 patient.*--split-file"):
         random_split(frame, CLASSES, seed=0)
 
 

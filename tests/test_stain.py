@@ -11,9 +11,9 @@ import pytest
 import torch
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
+from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.demo_slides import render_tissue
 from histotransfer.errors import HistotransferError
-from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.features.stain import HedJitter, StainNormalizer, load_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +67,7 @@ def test_batch_equals_torchstain_numpy_on_demo_patches(method: str) -> None:
     patches = crops(he_image(seed=1))
     reference = he_image(seed=2, size=256)
     # A differently tinted reference, so that normalisation moves pixels a lot.
-    reference = np.clip(reference.astype(int) + [-25, 10, -5], 0, 255).astype(np.uint8)
+    reference = np.clip(reference.astype(int) + np.array([-25, 10, -5]), 0, 255).astype(np.uint8)
     assert_matches_torchstain(method, reference, patches)
 
 

@@ -294,12 +294,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
               "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--window-size=1280,3000"]
-    dom = subprocess.run(common + ["--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*common, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>(probe[^<]*)</title>", dom.stdout)
     assert title, f"page did not load: {dom.stderr[-2000:]}"
     assert title.group(1) == "probe images=3/3 tables=6"
     shot = tmp_path / "shot.png"
-    subprocess.run(common + [f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
+    subprocess.run([*common, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
     import matplotlib.image as mpimg
 
     pixels = mpimg.imread(shot)

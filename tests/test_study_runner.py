@@ -131,8 +131,10 @@ def test_changed_setting_redoes_only_its_cells(tmp_path, stages):
     # the network's extraction cell takes the added truncation (the stage computes only what is missing); the
     # runs of the other truncations stay
     assert sorted(calls) == sorted(["extract/a/resnet18-random", "mil/a/resnet18-random-t0/histotransfer/seed2",
-                                    "mil/a/resnet18-random-t1/histotransfer/seed2", "mil/a/resnet18-random-t3/histotransfer/seed0",
-                                    "mil/a/resnet18-random-t3/histotransfer/seed1", "mil/a/resnet18-random-t3/histotransfer/seed2"])
+                                    "mil/a/resnet18-random-t1/histotransfer/seed2",
+                                    "mil/a/resnet18-random-t3/histotransfer/seed0",
+                                    "mil/a/resnet18-random-t3/histotransfer/seed1",
+                                    "mil/a/resnet18-random-t3/histotransfer/seed2"])
 
 
 def test_editing_labels_retrains_but_does_not_retile(tmp_path, stages):
@@ -190,9 +192,8 @@ def test_cli_exit_codes(tmp_path, stages, capsys):
 
 def test_two_studies_cannot_share_an_output_folder(tmp_path, stages):
     out = tmp_path / "out"
-    with runner._lock(out):
-        with pytest.raises(HistotransferError, match="another study is running"):
-            runner.execute(runner.load_study(write_study(tmp_path)), out, progress=False)
+    with runner._lock(out), pytest.raises(HistotransferError, match="another study is running"):
+        runner.execute(runner.load_study(write_study(tmp_path)), out, progress=False)
 
 
 def test_cell_whose_outputs_were_deleted_is_redone(tmp_path, stages):

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import disk_and_bar
 
+from conftest import disk_and_bar
 from histotransfer.cli import main
 from histotransfer.demo_slides import render_tissue, write_pyramidal_tiff
 from histotransfer.errors import HistotransferError

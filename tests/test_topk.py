@@ -77,7 +77,7 @@ def test_bad_runs_are_refused(run_dir):
     with pytest.raises(HistotransferError, match="no slides in split"):
         select_top_k(path, splits=("holdout",))
     (path / "attention" / "s2.h5").unlink()
-    with pytest.raises(HistotransferError, match="s2.h5: attention file not found"):
+    with pytest.raises(HistotransferError, match=r"s2\.h5: attention file not found"):
         select_top_k(path)
     with h5py.File(path / "attention" / "s2.h5", "w") as f:
         stamp(f, ATTENTION)
@@ -85,5 +85,5 @@ def test_bad_runs_are_refused(run_dir):
         f["score"] = np.array([0.0, np.nan, 1.0])
     with pytest.raises(FormatError, match="NaN"):
         select_top_k(path)
-    with pytest.raises(HistotransferError, match="splits.csv: not found"):
+    with pytest.raises(HistotransferError, match=r"splits\.csv: not found"):
         select_top_k(path / "attention")

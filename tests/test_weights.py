@@ -176,7 +176,7 @@ def test_histopathology_encoder_names_its_published_file(tmp_path, monkeypatch, 
         create_encoder("mormont-mtl-densenet121")
     msg = str(err.value)
     assert "densenet121-mh-best-191205-141200.pth" in msg and "github.com/waliens/multitask-dipath" in msg
-    with pytest.raises(HistotransferError, match="tenpercent_resnet18.ckpt.*ozanciga/self-supervised-histopathology"):
+    with pytest.raises(HistotransferError, match=r"tenpercent_resnet18\.ckpt.*ozanciga/self-supervised-histopathology"):
         create_encoder("ciga-simclr-resnet18")
     # Found by name in the weights folder.
     torch.save({"state_dict": {f"model.resnet.{k}": v for k, v in r18_state.items()}},

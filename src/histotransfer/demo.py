@@ -1,11 +1,11 @@
 """``histotransfer demo``: the whole pipeline on generated demo slides, end to end.
 
-Generates a small seeded set of synthetic pyramidal TIFF slides (half of them carry lesions, whose true masks
-serve as annotations), then runs every stage on them (tiling, feature extraction, attention MIL and how well its
-attention finds the lesions, heatmaps, Grad-CAM inside the attended patches of a positive test slide, top-k
-fine-tuning, CKA), printing what each stage did and where its results are. Everything runs offline on the CPU in a few minutes, so the encoder is a
-seeded random-init ResNet18 truncated by two stages at 64 px input: the numbers show the pipeline works, not
-which encoder is best (``histotransfer study`` answers that on real slides).
+Generates a small seeded set of synthetic pyramidal TIFF slides (half of them carry lesions, whose true masks serve
+as annotations), then runs every stage on them (tiling, feature extraction, attention MIL and how well its attention
+finds the lesions, heatmaps, Grad-CAM inside the attended patches of a positive test slide, top-k fine-tuning, CKA),
+printing what each stage did and where its results are. Everything runs offline on the CPU in a few minutes, so the
+encoder is a seeded random-init ResNet18 truncated by two stages at 64 px input: the numbers show the pipeline
+works, not which encoder is best (``histotransfer study`` answers that on real slides).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -26,8 +27,8 @@ import pandas as pd
 import tifffile
 
 from ._io import atomic_path, write_csv, write_json
-from .errors import HistotransferError
 from .colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
+from .errors import HistotransferError
 
 BACKGROUND = (243, 243, 241)
 STROMA = (226, 160, 196)
@@ -69,7 +70,7 @@ def write_pyramidal_tiff(path: str | os.PathLike[str], rgb: np.ndarray, mpp: flo
         levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2), interpolation=cv2.INTER_AREA))
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tw:
         for i, level in enumerate(levels):
-            extra = {}
+            extra: dict[str, Any] = {}
             if mpp is not None:
                 ppcm = 1e4 / (mpp * rgb.shape[1] / level.shape[1])
                 extra = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
@@ -90,13 +91,14 @@ def render_tissue(tissue: np.ndarray, lesion: np.ndarray | None, rng: np.random.
     if lesion is not None and lesion.any():
         lesion8 = lesion.view(np.uint8)
         tint = np.subtract(STROMA, LESION_STROMA)
-        cv2.subtract(img, (*np.maximum(tint, 0).tolist(), 0), dst=img, mask=lesion8)
-        cv2.add(img, (*np.maximum(-tint, 0).tolist(), 0), dst=img, mask=lesion8)
+        # OpenCV takes a tuple as a per-channel scalar operand; its stubs list only arrays (hence the ignores).
+        cv2.subtract(img, (*np.maximum(tint, 0).tolist(), 0), dst=img, mask=lesion8)  # type: ignore[call-overload]
+        cv2.add(img, (*np.maximum(-tint, 0).tolist(), 0), dst=img, mask=lesion8)  # type: ignore[call-overload]
         _draw_nuclei(img, lesion, rng, spacing=26, radius=(9, 16), colour=LESION_NUCLEUS)
     # Background is painted last, so nuclei near the edge cannot spill over it: the tissue edge stays exact.
     background8 = (~tissue).view(np.uint8)
-    cv2.bitwise_and(img, (0, 0, 0, 0), dst=img, mask=background8)
-    cv2.add(img, (*BACKGROUND, 0), dst=img, mask=background8)
+    cv2.bitwise_and(img, (0, 0, 0, 0), dst=img, mask=background8)  # type: ignore[call-overload]  # scalar, as above
+    cv2.add(img, (*BACKGROUND, 0), dst=img, mask=background8)  # type: ignore[call-overload]
     grain = rng.integers(0, 10, (256, w, 3), dtype=np.uint8)
     for y in range(0, h, 256):
         band = img[y:y + 256]
@@ -225,11 +227,11 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
     """Generate ``n_slides`` demo slides (``size`` px square at ``mpp``, 40x by default) under ``out_dir``.
 
     Writes ``slides/<slide_id>.tif``, ``labels.csv`` (slide_id, patient_id, label) and
-    ``lesion_masks/<slide_id>.png`` with its sidecar ``<slide_id>.png.json``. The same arguments give the same files; an existing complete set made
-    with the same arguments is reused. With ``centres > 1`` each patient belongs to a centre (written to
-    ``centres.csv``), whose slides get ``centre_stain_shift(..., stain_shift)``; ``prevalence_shift``
-    (0: none, 1: the most) moves positive patients towards the first centres. With one centre the files are
-    the same as without these options.
+    ``lesion_masks/<slide_id>.png`` with its sidecar ``<slide_id>.png.json``. The same arguments give the same
+    files; an existing complete set made with the same arguments is reused. With ``centres > 1`` each patient
+    belongs to a centre (written to ``centres.csv``), whose slides get ``centre_stain_shift(..., stain_shift)``;
+    ``prevalence_shift`` (0: none, 1: the most) moves positive patients towards the first centres. With one centre
+    the files are the same as without these options.
     """
     _check_centres(centres, stain_shift, prevalence_shift)
     out = Path(out_dir)
@@ -269,7 +271,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
         if centres > 1:
             rgb = centre_stain_shift(rgb, centre_of[patient], centres, stain_shift)
         write_pyramidal_tiff(slide_path, rgb, mpp)
-        small = np.zeros((size // LESION_MASK_DOWNSAMPLE, size // LESION_MASK_DOWNSAMPLE), np.uint8)
+        small: np.ndarray = np.zeros((size // LESION_MASK_DOWNSAMPLE, size // LESION_MASK_DOWNSAMPLE), np.uint8)
         if lesion is not None:
             small = cv2.resize(lesion.astype(np.uint8) * 255, small.shape[::-1], interpolation=cv2.INTER_AREA)
             small = np.where(small >= 128, 255, 0).astype(np.uint8)

@@ -26,13 +26,10 @@ from .batch import REPORT_COLUMNS, STATUS_ORDER
 from .errors import HistotransferError
 from .features import first_non_finite
 from .finetune.settings import FinetuneSettings
-from .mil import feature_fingerprint
-from .mil import read_config
+from .mil import feature_fingerprint, read_config
 from .mil.settings import MilSettings
-from .patches import REPORT_FILE, SETTINGS_FILE, find_tiling
-from .patches import read_patch_file
-from .slide import SLIDE_SUFFIXES, open_slide, slide_identity
-from .slide import identity_differences
+from .patches import REPORT_FILE, SETTINGS_FILE, find_tiling, read_patch_file
+from .slide import SLIDE_SUFFIXES, identity_differences, open_slide, slide_identity
 
 FEATURES_RECORD = "features.json"
 EXTRACT_REPORT = "extract.csv"

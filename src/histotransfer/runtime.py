@@ -67,7 +67,8 @@ def precision_context(device: torch.device, precision: str) -> Iterator[None]:
         with torch.autocast("cuda", dtype=dtype):
             yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    # cudnn.conv is set on torch's module subclass (CudnnModule); the stub of torch.backends.cudnn lacks it.
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]
     saved = conv.fp32_precision, matmul.fp32_precision
     conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:

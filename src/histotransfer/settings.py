@@ -24,12 +24,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal, Self, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from .errors import HistotransferError
 from .provenance import json_fingerprint
 
-RUNTIME = {"runtime": True}
-OMIT_DEFAULT = {"omit_default": True}
+RUNTIME: JsonDict = {"runtime": True}
+OMIT_DEFAULT: JsonDict = {"omit_default": True}
 
 
 class StageSettings(BaseModel):
@@ -50,7 +53,7 @@ class StageSettings(BaseModel):
 
     @classmethod
     def runtime_fields(cls) -> set[str]:
-        return {name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("runtime")}
+        return {name for name, f in cls.model_fields.items() if _marked(f, "runtime")}
 
     def record(self) -> dict[str, Any]:
         """Every field as plain JSON values (what config files hold)."""
@@ -58,7 +61,7 @@ class StageSettings(BaseModel):
 
     @classmethod
     def omit_default_fields(cls) -> set[str]:
-        return {name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("omit_default")}
+        return {name for name, f in cls.model_fields.items() if _marked(f, "omit_default")}
 
     def result_settings(self) -> dict[str, Any]:
         """The fields that determine the result (runtime fields left out, ``omit_default`` fields too while
@@ -76,6 +79,12 @@ class StageSettings(BaseModel):
         mine = self.result_settings()
         return [f"{k} ({other.get(k)!r} vs {mine.get(k)!r})" for k in sorted(set(mine) | set(other))
                 if k not in self.runtime_fields() and other.get(k) != mine.get(k)]
+
+
+def _marked(field: FieldInfo, mark: str) -> bool:
+    """Whether a field carries ``mark`` (``RUNTIME``, ``OMIT_DEFAULT``) in its json_schema_extra."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(mark))
 
 
 def option_name(field: str) -> str:
@@ -112,7 +121,7 @@ def describe_errors(exc: ValidationError, model: type[BaseModel] | None = None, 
     return "\n".join(lines)
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "literal_error":
         choices = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
         value = str(err.get("input"))

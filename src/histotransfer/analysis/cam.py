@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..features import Encoder
-from ..runtime import precision_context
 from ..mil import AttentionMIL
+from ..runtime import precision_context
 
 POSITIVE_CLASS = 1  # index of the positive class in a run's label mapping (the second class name)
 

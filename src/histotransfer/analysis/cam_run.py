@@ -32,8 +32,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .._io import (atomic_path, file_sha256, h5_files, output_folder, remove_stale_temps, write_csv, write_json,
-                   write_png)
+from .._io import (
+    atomic_path,
+    file_sha256,
+    h5_files,
+    output_folder,
+    remove_stale_temps,
+    write_csv,
+    write_json,
+    write_png,
+)
 from ..annotations import Annotation, load_annotation
 from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, error_result, summarize
 from ..errors import HistotransferError, ProvenanceError

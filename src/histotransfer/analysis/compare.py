@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -82,7 +82,7 @@ class ResolvedEncoder:
     stain: StainNormalizer | None = None
 
 
-EncoderLike = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
+EncoderLike: TypeAlias = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
 def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0,

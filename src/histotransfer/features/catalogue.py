@@ -37,8 +37,9 @@ PAPER_EFFICIENTNET_TOP1 = {"efficientnet_b0": 76.3, "efficientnet_b1": 78.8, "ef
 
 def _out_channels(module: nn.Module) -> int:
     """Output channels of a torchvision block (ResNet block, MBConv, Conv2dNormActivation, Sequential)."""
-    if hasattr(module, "out_channels"):
-        return int(module.out_channels)
+    out_channels = getattr(module, "out_channels", None)
+    if out_channels is not None:
+        return int(out_channels)
     if isinstance(module, tvm.resnet.Bottleneck):
         return module.bn3.num_features
     if isinstance(module, tvm.resnet.BasicBlock):

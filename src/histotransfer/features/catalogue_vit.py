@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -74,7 +74,7 @@ class ViTConfig:
 
     def build(self, **overrides: Any) -> VisionTransformer:
         """The untrained network; ``overrides`` replace published arguments (e.g. a smaller depth for tests)."""
-        return timm.create_model(self.arch, pretrained=False, **{**self.kwargs, **overrides})
+        return cast(VisionTransformer, timm.create_model(self.arch, pretrained=False, **{**self.kwargs, **overrides}))
 
 
 class TokenStem(nn.Module):
@@ -134,9 +134,10 @@ def token_pool(pooling: str) -> Callable[[nn.Module, list[Stage]], nn.Module]:
     """The registry's ``pool`` factory for a ViT with this token pooling."""
 
     def make(model: nn.Module, kept: list[Stage]) -> nn.Module:
-        if not isinstance(model.fc_norm, nn.Identity):
+        vit = cast(VisionTransformer, model)  # what ViTConfig.build makes
+        if not isinstance(vit.fc_norm, nn.Identity):
             raise TypeError("token pooling expects the final norm before pooling (timm's fc_norm unused)")
-        return TokenPool(model.norm, model.num_prefix_tokens, pooling, kept[-1].channels)
+        return TokenPool(vit.norm, vit.num_prefix_tokens, pooling, kept[-1].channels)
 
     return make
 
@@ -163,7 +164,8 @@ def block_stages(blocks: Sequence[nn.Module], width: int, keep: int | None = Non
 
 def vit_stages(model: nn.Module) -> list[Stage]:
     """``stem`` and the four quarter-depth stages of a timm VisionTransformer."""
-    return [Stage("stem", TokenStem(model), model.embed_dim), *block_stages(model.blocks, model.embed_dim)]
+    vit = cast(VisionTransformer, model)  # what ViTConfig.build makes
+    return [Stage("stem", TokenStem(vit), vit.embed_dim), *block_stages(list(vit.blocks), vit.embed_dim)]
 
 
 def _layout(name: str) -> tuple[int, int] | None:
@@ -171,7 +173,7 @@ def _layout(name: str) -> tuple[int, int] | None:
     if name not in VIT_ENCODERS:
         return None
     stages = meta_stages(encoder_spec(name))
-    return sum(len(s.module) for s in stages[1:]), stages[0].channels
+    return sum(len(cast(nn.Sequential, s.module)) for s in stages[1:]), stages[0].channels
 
 
 def transformer_depth(name: str) -> int | None:
@@ -202,7 +204,7 @@ def blocks_truncation(name: str, blocks: int) -> int:
 
 def _held_blocks(encoder: Encoder) -> list[nn.Module]:
     """The transformer blocks an encoder holds, in order."""
-    return [block for stage in list(encoder.body)[1:] for block in stage]
+    return [block for stage in list(encoder.body)[1:] for block in cast(nn.Sequential, stage)]
 
 
 def keep_blocks(encoder: Encoder, blocks: int) -> Encoder:
@@ -267,7 +269,9 @@ def _timm_imagenet(tag: str) -> tuple[WeightsOption, Preprocessing]:
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no Hugging Face Hub weights tagged {tag}")
     option = WeightsOption("imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"))
-    return option, Preprocessing(tuple(cfg.mean), tuple(cfg.std), cfg.input_size[-1], cfg.interpolation)
+    rgb = tuple[float, float, float]
+    return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), cfg.input_size[-1],
+                                 cfg.interpolation)
 
 
 VIT_ENCODERS: dict[str, ViTConfig] = {}

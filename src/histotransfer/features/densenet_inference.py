@@ -23,12 +23,15 @@ one module each, so that one pass can pool several stages' outputs (every trunca
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
-from torchvision.models.densenet import _DenseBlock, _Transition
+from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
+
+from .encoders import Encoder
 
 # A channel whose kink -b/a lies beyond this is constant: relu(a*x + b) == relu(b) for every |x| below it
 # (activations are many orders smaller), and -b/a itself could overflow float32.
@@ -37,6 +40,8 @@ _FAR_KINK = 1e20
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm as ``a * x + b`` per channel, in float64."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("only a BatchNorm with running statistics can be folded")
     var, mean = bn.running_var.double(), bn.running_mean.double()
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
@@ -47,6 +52,9 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 class NormReLUConv(nn.Module):
     """``conv(relu(bn(x)))`` for a 1x1 ``conv``, as ``conv'(clamp(x, lo, hi))``; optionally average-pooled
     2x2 before the convolution (a transition) and followed by a folded BatchNorm ``after``."""
+
+    lo: Tensor  # buffers, registered in __init__
+    hi: Tensor
 
     def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, pool: bool = False,
                  after: nn.BatchNorm2d | None = None):
@@ -73,7 +81,7 @@ class NormReLUConv(nn.Module):
         self.conv = nn.Conv2d(w.shape[1], w.shape[0], 1)
         with torch.no_grad():
             self.conv.weight.copy_(w[:, :, None, None])
-            self.conv.bias.copy_(bias)
+            cast(Tensor, self.conv.bias).copy_(bias)  # a Conv2d made with its bias
         self.pool = pool
 
     def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:
@@ -92,11 +100,11 @@ class NormReLUConv(nn.Module):
 class DenseLayer(nn.Module):
     """One dense layer reading the first ``in_channels`` of the block buffer: the 32 (growth) new channels."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: _DenseLayer):
         super().__init__()
         self.bottleneck = NormReLUConv(layer.norm1, layer.conv1, after=layer.norm2)
         self.conv2 = copy.deepcopy(layer.conv2)
-        self.in_channels = layer.norm1.num_features
+        self.in_channels: int = layer.norm1.num_features
 
     def forward(self, buffer: Tensor, scratch: Tensor) -> Tensor:
         return self.conv2(torch.relu_(self.bottleneck(buffer[:, : self.in_channels], scratch)))
@@ -106,14 +114,14 @@ class DenseBlock(nn.Module):
     """A dense block writing into one preallocated channels_last buffer instead of concatenating; the last
     block of a whole network also applies its final BatchNorm and ReLU (``norm``), as torchvision does."""
 
-    def __init__(self, block: _DenseBlock, transition: _Transition | None, norm: nn.BatchNorm2d | None = None):
+    def __init__(self, block: _DenseBlock, transition: _Transition | None, norm: nn.Module | None = None):
         super().__init__()
         self.transition = (NormReLUConv(transition.norm, transition.conv, pool=True)
                            if transition is not None else None)
         self.layers = nn.ModuleList(DenseLayer(layer) for layer in block.values())
         self.norm = copy.deepcopy(norm)
-        last = self.layers[-1]
-        self.out_channels = last.in_channels + last.conv2.out_channels
+        last = cast(DenseLayer, self.layers[-1])
+        self.out_channels: int = last.in_channels + last.conv2.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.transition is not None:
@@ -135,7 +143,7 @@ class DenseNetInference(nn.Module):
     """``Encoder.forward`` of a DenseNet encoder (any truncation), rearranged as described above. Shares no
     parameters with ``encoder``, which stays as it was."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: Encoder):
         super().__init__()
         stages = list(encoder.body.children())
         blocks: list[nn.Module] = [fx_fuse(stages[0])]  # the stem: conv0 + norm0 folded, relu0, pool0

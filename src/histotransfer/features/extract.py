@@ -49,8 +49,7 @@ from .. import __version__
 from .._io import LOCK_SUFFIX, ItemLock, output_folder, remove_stale_temps, write_csv, write_json
 from ..batch import BatchReport, SlideResult, error_result
 from ..errors import FormatError, HistotransferError, ProvenanceError
-from ..patches import find_tiling, read_patch_file
-from ..patches import TilingFolder
+from ..patches import TilingFolder, find_tiling, read_patch_file
 from ..provenance import canonical_json, json_fingerprint
 from ..runtime import Ranks, check_precision, init_ranks, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
@@ -201,7 +200,8 @@ class BatchEncoder:
         self.last_stage = {e.truncate: len(e.body) - 1 for e in encoders}
         self.preprocess = deepest.preprocess
         pools = {len(e.body) - 1: e.pool for e in encoders}
-        self.model = StageTaps(inference_stages(deepest), pools).eval().to(device,
+        # Module.to takes memory_format (it parses Tensor.to's arguments); torch's overloads leave it out.
+        self.model = StageTaps(inference_stages(deepest), pools).eval().to(device,  # type: ignore[call-overload]
                                                                            memory_format=torch.channels_last)
         self.device = device
         self.precision = precision
@@ -307,6 +307,7 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                     if sources[j].estimate is None:
                         tqdm.write(f"{job.slide_id}: {_unchanged(sources[j])}")
                     continue
+                assert item.pixels is not None  # a batch read without error holds its (decoded) pixels
                 features = encode.features(item.pixels, [out.truncate for out in pending[j]], sources.get(j))
                 for out in list(pending[j]):
                     rows = features[out.truncate]

@@ -105,9 +105,9 @@ class TileSource:
         directly or would be enlarged (PatchReader's INTER_AREA zoom has no GPU counterpart here).
 
         ``spec`` is complete (as ``PatchReader(slide, spec).spec`` or ``tiling_spec`` give it)."""
-        level = int(spec.patch_level)  # type: ignore[arg-type]
+        level = int(spec.patch_level)
         downsample = slide.level_downsamples[level]
-        read_size = max(1, round(spec.patch_size_level0 / downsample))  # type: ignore[operator]
+        read_size = max(1, round(spec.patch_size_level0 / downsample))
         if read_size < spec.patch_size:
             return None
         tiles = open_tiled_tiff(slide.path, slide.backend, slide.vendor, slide.level_dimensions)

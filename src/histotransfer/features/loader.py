@@ -182,6 +182,7 @@ def default_workers(device: torch.device) -> int:
 
 def patch_loader(dataset: PatchBatches, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader yielding the dataset's batches in order, read ahead by ``workers`` processes."""
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-                      pin_memory=pin_memory, **extra)
+    # With batch_size=None collate_fn gets one item at a time; torch's stub types it as taking a list.
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                      collate_fn=_identity,  # type: ignore[arg-type]
+                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None, persistent_workers=False)

@@ -286,8 +286,9 @@ def _published_checkpoint(spec: EncoderSpec, option: WeightsOption) -> Path:
         access = f" {ckpt.access}" if ckpt.access else ""
         raise HistotransferError(
             f"{spec.name} needs its published checkpoint '{ckpt.filename}' ({ckpt.reference}), not found at "
-            f"{path}. Download it from {ckpt.url}{access} and pass its path as the weights (--weights PATH; for cka --weights-a or --weights-b), or put it "
-            f"in {weights_cache_dir()} (set HISTOTRANSFER_WEIGHTS to use another folder)."
+            f"{path}. Download it from {ckpt.url}{access} and pass its path as the weights (--weights PATH; "
+            f"for cka --weights-a or --weights-b), or put it in {weights_cache_dir()} (set HISTOTRANSFER_WEIGHTS to "
+            "use another folder)."
         )
     return path
 
@@ -305,7 +306,8 @@ def torchvision_file(spec: EncoderSpec, option: WeightsOption) -> Path:
     except Exception as exc:
         raise HistotransferError(
             f"could not download ImageNet weights for {spec.name} from {url} ({exc}); without internet, "
-            f"download that file elsewhere and pass its path as the weights (--weights PATH; for cka --weights-a or --weights-b), or copy it to {path}."
+            f"download that file elsewhere and pass its path as the weights (--weights PATH; for cka --weights-a "
+            f"or --weights-b), or copy it to {path}."
         ) from exc
     return path
 
@@ -330,7 +332,8 @@ def hub_file(spec: EncoderSpec, option: WeightsOption) -> Path:
     except Exception as exc:
         raise HistotransferError(
             f"could not download ImageNet weights for {spec.name} from {hub.url} ({exc}); without internet, "
-            f"download that file elsewhere and pass its path as the weights (--weights PATH; for cka --weights-a or --weights-b), or copy it to {path}."
+            f"download that file elsewhere and pass its path as the weights (--weights PATH; for cka --weights-a "
+            f"or --weights-b), or copy it to {path}."
         ) from exc
 
 

@@ -89,11 +89,10 @@ def _identity(item: PatchBatch) -> PatchBatch:
     return item
 
 
-def bag_loader(slides: list[TopKSlide], order: Sequence[int], input_size: int | None, workers: int,
+def bag_loader(slides: list[TopKSlide], order: Sequence[int] | np.ndarray, input_size: int | None, workers: int,
                pin_memory: bool) -> DataLoader:
     """Yields one PatchBatch per slide (all its top-k pixels) in ``order``, read ahead by ``workers``."""
     k = max(len(s.job.coords) for s in slides)
     dataset = PatchBatches([s.job for s in slides], k, input_size)
-    extra = {"prefetch_factor": 2} if workers > 0 else {}
     return DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_identity,
-                      pin_memory=pin_memory, **extra)
+                      pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None)

@@ -49,9 +49,9 @@ def encoder_from_attrs(attrs: dict[str, Any], source: str | Path, local_dir: Pat
             "extracted by histotransfer can be fine-tuned or compared."
         )
     weights = weights_argument(attrs, source)
-    if weights != attrs.get("weights_label") and not Path(weights).is_file() and local_dir is not None:
-        if (local_dir / ENCODER_FILE).is_file():
-            weights = str(local_dir / ENCODER_FILE)
+    if (weights != attrs.get("weights_label") and not Path(weights).is_file() and local_dir is not None
+            and (local_dir / ENCODER_FILE).is_file()):
+        weights = str(local_dir / ENCODER_FILE)
     encoder = create_encoder(str(attrs["encoder"]), weights, int(attrs["truncate"]))
     expected = attrs.get("weights_sha256") or ""
     if expected and encoder.weights_sha256 and expected != encoder.weights_sha256:

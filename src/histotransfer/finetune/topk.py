@@ -42,7 +42,8 @@ def read_attention_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
         coords = np.asarray(f["coords"][()], dtype=np.int64)
         score = np.asarray(f["score"][()], dtype=np.float64).reshape(-1)
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(score) or len(score) == 0:
-        raise FormatError(f"{path}: expected coords (N, 2) and score (N,) with N >= 1, got {coords.shape}, {score.shape}.")
+        raise FormatError(f"{path}: expected coords (N, 2) and score (N,) with N >= 1, "
+                          f"got {coords.shape}, {score.shape}.")
     if not np.isfinite(score).all():
         raise FormatError(f"{path}: attention scores contain NaN or inf; the run's model diverged, retrain it.")
     return coords, score

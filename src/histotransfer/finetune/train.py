@@ -3,11 +3,12 @@
 Each epoch's slide order is drawn from ``(seed, epoch)``, and the state after every epoch (model, optimizer,
 best model so far, history) is saved to a checkpoint, so a killed run resumes at the next epoch.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel: ``batch_slides`` counts
-the slides of one optimizer step over all ranks (each rank takes ``batch_slides / world`` of them, so the run
-equals one process taking ``batch_slides`` per step), every rank takes its share of the epoch's slides (the order padded by repetition to a multiple of the world size, so every rank
-does the same number of steps), gradients are averaged across ranks, and validation slides are split across
-ranks and their predictions gathered, so every rank makes the same selection.
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel: ``batch_slides`` counts the
+slides of one optimizer step over all ranks (each rank takes ``batch_slides / world`` of them, so the run equals one
+process taking ``batch_slides`` per step), every rank takes its share of the epoch's slides (the order padded by
+repetition to a multiple of the world size, so every rank does the same number of steps), gradients are averaged
+across ranks, and validation slides are split across ranks and their predictions gathered, so every rank makes the
+same selection.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSetti
 
 def _loss_auc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float | None]:
     scores = validation_scores(probs, labels)
-    return float(scores["loss"]), scores["auc"]  # type: ignore[arg-type]
+    return float(scores["loss"]), scores["auc"]
 
 
 def _mean_across_ranks(total: float, count: int, ranks: Ranks, device: torch.device) -> float:

@@ -98,20 +98,22 @@ def feature_stats(bags: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
 
     Per-bag moments are merged with Chan et al.'s pairwise update, which stays accurate for large means and
     never concatenates the bags."""
-    n, mean, m2 = 0, None, None
-    for bag in bags:
-        x = bag.double()
-        nb, mb = x.shape[0], x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-            continue
+    n, mean, m2 = _moments(bags[0])
+    for bag in bags[1:]:
+        nb, mb, m2b = _moments(bag)
         delta = mb - mean
         total = n + nb
         mean = mean + delta * (nb / total)
         m2 = m2 + m2b + delta**2 * (n * nb / total)
         n = total
     return mean.numpy(), (m2 / n).sqrt().numpy()
+
+
+def _moments(bag: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, float64 mean and sum of squared deviations of one bag's patches."""
+    x = bag.double()
+    mean = x.mean(0)
+    return x.shape[0], mean, ((x - mean) ** 2).sum(0)
 
 
 def patch_size_level0(attrs: dict[str, Any]) -> int | None:

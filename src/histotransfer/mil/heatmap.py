@@ -34,9 +34,8 @@ from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
 from ..features import read_feature_file
 from ..slide import check_identity, list_slides, open_slide, parse_identity
-from .evaluate import (LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame,
-                       run_splits)
 from .bags import check_bag
+from .evaluate import LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame, run_splits
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
 from .rundir import check_inputs, load_run_model, read_attention, read_config

@@ -69,8 +69,8 @@ def read_user_csv(path: Path, kind: str, header: str) -> pd.DataFrame:
         raise HistotransferError(f"{path}: no such {kind} file; pass a CSV with columns {header}.")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise HistotransferError(f"{path}: is empty; write a header {header} and one row per slide.")
+    except pd.errors.EmptyDataError as exc:
+        raise HistotransferError(f"{path}: is empty; write a header {header} and one row per slide.") from exc
     except pd.errors.ParserError as exc:
         raise HistotransferError(f"{path}: not a readable CSV ({' '.join(str(exc).split())}).") from exc
     df.columns = [str(c).strip() for c in df.columns]

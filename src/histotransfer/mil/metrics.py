@@ -49,7 +49,7 @@ def slide_metrics(labels, probs, n_boot: int = 1000, seed: int = 0) -> dict:
     order = np.lexsort((labels, probs))
     labels, probs = labels[order], probs[order]
     out: dict = dict.fromkeys(METRIC_KEYS)
-    out["n_slides"] = int(len(labels))
+    out["n_slides"] = len(labels)
     if len(labels) == 0:
         return out
     pred = (probs > 0.5).astype(int)

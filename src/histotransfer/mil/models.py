@@ -33,6 +33,9 @@ class AttentionMIL(nn.Module):
     ``scores`` over the patches gives the pooling weights; top-k patch selection ranks by ``scores``).
     """
 
+    feature_mean: Tensor  # buffers, registered in __init__
+    feature_std: Tensor
+
     def __init__(self, in_dim: int, n_classes: int = 2, variant: str = "histotransfer",
                  hidden: int | None = None, dropout: float = 0.0):
         super().__init__()

@@ -75,7 +75,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(key), new.get(key)
         if a == b:
             continue
-        if key in ("settings", "inputs", "encoder", "split", "finetune") and isinstance(a, dict) and isinstance(b, dict):
+        nested = key in ("settings", "inputs", "encoder", "split", "finetune")
+        if nested and isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) == b.get(sub):
                     continue
@@ -185,7 +186,7 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
         if patch_size_level0 is not None:
             f.attrs["patch_size_level0"] = int(patch_size_level0)
         for key in ("slide_identity", "fingerprint", "slide_path", "patch_file"):
-            if (feature_attrs or {}).get(key):
+            if feature_attrs is not None and feature_attrs.get(key):
                 f.attrs["features_fingerprint" if key == "fingerprint" else key] = str(feature_attrs[key])
         f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64), track_times=False)
         f.create_dataset("score", data=s.astype(np.float32), track_times=False)

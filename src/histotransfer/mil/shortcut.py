@@ -218,12 +218,13 @@ def run_shortcut(slides: pd.DataFrame, stats: Mapping[str, np.ndarray | None], m
     so it cannot leak into them. Slides without colour statistics are left out of the colour check and counted
     (``n_without_stats``). ``verdict`` compares ``model_auc`` (the run's test AUC) with the colour AUC.
     """
-    have = [s for s in slides["slide_id"] if stats.get(s) is not None]
+    known = {s: v for s in slides["slide_id"] if (v := stats.get(s)) is not None}
+    have = list(known)
     part = slides.set_index("slide_id").loc[have]
     colour: dict[str, Any] = {"auc": None, "skipped": "no slide records colour statistics (patch files of other "
                                                       "tools, or tiled before they were recorded: re-tile)"}
     if have:
-        colour = _check(lambda: colour_shortcut_auc(np.stack([stats[s] for s in have]),
+        colour = _check(lambda: colour_shortcut_auc(np.stack(list(known.values())),
                                                     part["label"].to_numpy(int), seed,
                                                     patients=part["patient_id"].to_numpy()))
     group = None

@@ -47,7 +47,7 @@ def tiling_spec(slide: Slide, magnification: float, patch_size: int, stride: int
     level_ds = slide.level_downsamples[level]
     if abs(level_ds / downsample - 1) <= MPP_TOLERANCE:
         downsample = level_ds
-    footprint = int(round(patch_size * downsample))
+    footprint = round(patch_size * downsample)
     if footprint > min(slide.dimensions):
         w, h = slide.dimensions
         raise HistotransferError(
@@ -79,7 +79,7 @@ def resolve_spec(spec: PatchSpec, slide: Slide) -> PatchSpec:
         raise HistotransferError(f"{slide.path}: the patch file reads level {level} but the slide has "
                                  f"{slide.level_count} level(s); check that it belongs to this slide.")
     if ps0 is None:
-        ps0 = int(round(spec.patch_size * slide.level_downsamples[level]))
+        ps0 = round(spec.patch_size * slide.level_downsamples[level])
     downsample = spec.downsample if spec.downsample is not None else ps0 / spec.patch_size
     if level is None:
         level = choose_level(slide.level_downsamples, downsample)

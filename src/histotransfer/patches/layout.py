@@ -58,7 +58,7 @@ def find_tiling(path: str | Path) -> TilingFolder:
     if not folder.is_dir():
         raise HistotransferError(f"{folder}: no such folder; pass a tiling folder written by `histotransfer tile` "
                                  "(or its patches folder).")
-    if (folder / SETTINGS_FILE).is_file() or (folder / "patches").is_dir() and h5_files(folder / "patches"):
+    if (folder / SETTINGS_FILE).is_file() or ((folder / "patches").is_dir() and h5_files(folder / "patches")):
         return _tiling_at(folder)
     if h5_files(folder):
         parent = folder.parent

@@ -4,8 +4,8 @@ Layout (``formats.PATCHES``): dataset ``coords`` (N, 2) int64 level-0 (x, y) of 
 dataset ``tissue_fraction`` (N,) float32, and the ``PatchSpec`` fields as attrs on the root and on ``coords``
 (where CLAM reads ``patch_size`` and ``patch_level``), the identity of the slide they were cut from
 (``slide_identity``, JSON), the tiling's name and settings (``tiling``, ``tiling_settings``) and the colour
-statistics of the slide's tissue (``colour_stats``, see ``mil.shortcut``). Readers also accept CLAM files (``coords`` attrs
-``patch_size`` at ``patch_level``) and TRIDENT files (``coords`` attrs ``patch_size`` at the target
+statistics of the slide's tissue (``colour_stats``, see ``mil.shortcut``). Readers also accept CLAM files
+(``coords`` attrs ``patch_size`` at ``patch_level``) and TRIDENT files (``coords`` attrs ``patch_size`` at the target
 magnification and ``patch_size_level0``); their missing fields are filled from the slide when it is opened.
 """
 

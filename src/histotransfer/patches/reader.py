@@ -8,8 +8,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..slide import Slide, open_slide
-from ..slide import TiledTiff, open_tiled_tiff
+from ..slide import Slide, TiledTiff, open_slide, open_tiled_tiff
 from .geometry import resolve_spec
 from .patch_file import PatchSpec
 
@@ -36,7 +35,7 @@ class PatchReader:
         self._mpp = slide.mpp
         self._level = int(self.spec.patch_level)  # type: ignore[arg-type]
         self._level_ds = slide.level_downsamples[self._level]
-        self._read_size = max(1, int(round(self.spec.patch_size_level0 / self._level_ds)))  # type: ignore[operator]
+        self._read_size = max(1, round(self.spec.patch_size_level0 / self._level_ds))
         self._slide: Slide | None = slide
         self._owns_slide = False
         self._tiles: TiledTiff | None = _UNSET
@@ -72,7 +71,7 @@ class PatchReader:
         slide, tiles = self._open()
         n = self._read_size
         if tiles is not None and tiles.can_read(self._level):
-            region = tiles.read(self._level, int(round(x / self._level_ds)), int(round(y / self._level_ds)), n, n)
+            region = tiles.read(self._level, round(x / self._level_ds), round(y / self._level_ds), n, n)
         else:
             region = slide.read_region((int(x), int(y)), self._level, (n, n))
         ps = self.spec.patch_size

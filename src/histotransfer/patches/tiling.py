@@ -21,15 +21,15 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
 
 from .. import __version__
 from .._io import output_folder, remove_stale_temps, write_json, write_png
-from ..colour import slide_colour_stats
 from ..batch import BatchReport, SlideResult, error_result, run_batch
+from ..colour import slide_colour_stats
 from ..errors import FormatError, HistotransferError, one_line
 from ..slide import Slide, list_slides, open_slide, slide_id_of, slide_identity
 from .geometry import tiling_spec
@@ -48,8 +48,9 @@ DONE_MESSAGE = "already done with these settings"
 
 def mask_mpp_for(spec: PatchSpec) -> float:
     """Mask resolution: ``MASK_MPP``, or finer so a patch spans at least ``MASK_PIXELS_PER_PATCH`` pixels."""
-    patch_um = spec.patch_size_level0 * spec.mpp  # type: ignore[operator]
-    return max(min(MASK_MPP, patch_um / MASK_PIXELS_PER_PATCH), spec.mpp)  # type: ignore[type-var]
+    mpp = cast(float, spec.mpp)  # tiling_spec's specs are complete
+    patch_um = cast(int, spec.patch_size_level0) * mpp
+    return max(min(MASK_MPP, patch_um / MASK_PIXELS_PER_PATCH), mpp)
 
 
 def slide_segmentation(slide: Slide, mask_mpp: float, settings: TileSettings | None = None) -> TissueSegmentation:
@@ -142,7 +143,7 @@ def patch_coords(mask: np.ndarray, dimensions: tuple[int, int], spec: PatchSpec,
     """The kept patches' level-0 coords and tissue fractions (fraction >= ``spec.min_tissue``) on a grid from
     the slide's corner (``origin``) or centred on the mask's bounding box (``tissue``)."""
     footprint = int(spec.patch_size_level0)  # type: ignore[arg-type]
-    step = max(1, int(round(spec.stride * spec.downsample)))  # type: ignore[operator]
+    step = max(1, round(spec.stride * spec.downsample))  # type: ignore[operator]
     bbox = tissue_bbox(mask, dimensions) if grid == "tissue" else None
     coords = grid_coords(dimensions, footprint, step, bbox)
     fractions = tissue_fractions(mask, dimensions, coords, footprint)

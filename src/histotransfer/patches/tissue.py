@@ -69,7 +69,7 @@ class TissueSegmentation:
 
 
 def _odd(n: float, low: int = 3) -> int:
-    k = max(low, int(round(n)))
+    k = max(low, round(n))
     return k if k % 2 else k + 1
 
 

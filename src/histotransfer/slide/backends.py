@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,12 @@ def _float(value: object) -> float | None:
     return out if math.isfinite(out) and out > 0 else None
 
 
+def _size(dims: Sequence[float]) -> tuple[int, int]:
+    """A backend's (width, height) as a pair of ints."""
+    w, h = dims
+    return int(w), int(h)
+
+
 class OpenSlideSlide(Slide):
     """A slide read through OpenSlide (SVS, NDPI, MRXS, SCN, BIF, Philips and generic tiled TIFF, ...)."""
 
@@ -31,8 +38,8 @@ class OpenSlideSlide(Slide):
         self._osr = openslide.OpenSlide(str(path))
         props = self._osr.properties
         self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
-        self.dimensions = tuple(self._osr.dimensions)
-        self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
+        self.dimensions = _size(self._osr.dimensions)
+        self.level_dimensions = [_size(d) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         try:
             super().__init__(path, _float(props.get(openslide.PROPERTY_NAME_MPP_X)),
@@ -65,8 +72,8 @@ class TiffSlideSlide(Slide):
             raise
         props = self._ts.properties
         self.vendor = props.get("tiffslide.vendor")
-        self.dimensions = tuple(int(v) for v in self._ts.dimensions)
-        self.level_dimensions = [tuple(int(v) for v in d) for d in self._ts.level_dimensions]
+        self.dimensions = _size(self._ts.dimensions)
+        self.level_dimensions = [_size(d) for d in self._ts.level_dimensions]
         self.level_downsamples = [float(d) for d in self._ts.level_downsamples]
         try:
             super().__init__(path, _float(props.get("tiffslide.mpp-x")),
@@ -88,7 +95,8 @@ class TiffSlideSlide(Slide):
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self.level_downsamples[level]
         # tiffslide maps level-0 to level pixels with int(x / ds); its own padding is black, so clip here.
-        origin = tuple(int(v / ds) if v >= 0 else math.floor(v / ds) for v in location)
+        ox, oy = (int(v / ds) if v >= 0 else math.floor(v / ds) for v in location)
+        origin = (ox, oy)
 
         def read(x: int, y: int, w: int, h: int) -> np.ndarray:
             # (x, y) is the clipped origin: the request's own, or 0 where the request starts before the edge.
@@ -133,12 +141,12 @@ class ImageSlide(Slide):
             if arr.ndim not in (2, 3):
                 raise HistotransferError(f"{path}: TIFF image of shape {arr.shape} is not a 2-D RGB image.")
             return to_rgb(arr)
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if arr is None:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
             raise HistotransferError(f"{path}: not a readable PNG/JPEG image; check the file.")
-        if arr.ndim == 3:
-            arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-        return to_rgb(arr)
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        return to_rgb(img)
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         return paste_clipped(size, location, self.dimensions,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import one_line
-from ..errors import HistotransferError
+from ..errors import HistotransferError, one_line
 from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
 from .base import Slide
 

@@ -21,7 +21,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import imagecodecs
 import numpy as np
@@ -30,7 +30,7 @@ import tifffile
 # TIFF compressions decoded bit-exactly by imagecodecs as by OpenSlide: none, LZW, JPEG, deflate, zstd.
 FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 50000}
 # Vendors (as each backend names them) whose levels are plain tiled pages.
-FAST_VENDORS = {"openslide": {"aperio", "generic-tiff"}, "tiffslide": {"aperio", None}}
+FAST_VENDORS: dict[str, set[str | None]] = {"openslide": {"aperio", "generic-tiff"}, "tiffslide": {"aperio", None}}
 PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR, COMPRESSION_JPEG = 2, 6, 7
 JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 # An Adobe APP14 segment with transform 0 (length 14, "Adobe", version 100, flags 0, 0, transform 0): libjpeg
@@ -64,7 +64,8 @@ def _jpeg_colorspace(page: Any) -> str | None:
     return "YCBCR"
 
 
-def _usable(page: Any) -> bool:
+def _usable(page: Any) -> TypeGuard[tifffile.TiffPage]:
+    """Whether a page's tiles can be read directly (never a TiffFrame: it lacks these tags)."""
     try:
         return bool(
             page.is_tiled
@@ -92,7 +93,7 @@ class TiledTiff:
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._spare: list[np.ndarray] = []
-        pages = []
+        pages: list[tifffile.TiffPage | tifffile.TiffFrame] = []
         if self._tf.series:
             pages += [lvl.keyframe for lvl in self._tf.series[0].levels]
         pages += list(self._tf.pages)

@@ -14,7 +14,7 @@ import json
 import shutil
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ def write_done(cell: Cell, out_dir: Path, result: dict[str, Any], seconds: float
     (folder / FAILED).unlink(missing_ok=True)
     write_json({"kind": cell.kind, "key": cell.key, "hash": cell.hash, "settings": cell.settings,
                 "deps": [d.key for d in cell.deps], "result": result, "seconds": round(seconds, 3),
-                "message": message, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                "message": message, "finished": datetime.now(UTC).isoformat(timespec="seconds")},
                folder / DONE)
 
 
@@ -110,4 +110,4 @@ def write_failed(cell: Cell, out_dir: Path, reason: str, exc: BaseException) -> 
     (folder / DONE).unlink(missing_ok=True)
     write_text("".join(traceback.format_exception(exc)), folder / "error.log")
     write_json({"kind": cell.kind, "key": cell.key, "hash": cell.hash, "reason": reason,
-                "failed": datetime.now(timezone.utc).isoformat(timespec="seconds")}, folder / FAILED)
+                "failed": datetime.now(UTC).isoformat(timespec="seconds")}, folder / FAILED)

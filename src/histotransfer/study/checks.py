@@ -78,7 +78,8 @@ class Checker:
         for j, k in enumerate(truncations):
             top = meta["n_stages"] - 1
             if not 0 <= k <= top:
-                self.fail(f"{where}.truncations[{j}]" if listed else f"{where}.truncation", f"truncation {k} is too deep for {name}: it has {top + 1} stages, so truncation must be "
+                self.fail(f"{where}.truncations[{j}]" if listed else f"{where}.truncation",
+                          f"truncation {k} is too deep for {name}: it has {top + 1} stages, so truncation must be "
                           f"in 0..{top}")
             else:
                 out.append(EncoderConfig(name, label, k))
@@ -149,7 +150,8 @@ class Checker:
             return
         if group_column is not None and group_column not in table.extra:
             self.fail(where.replace(".labels", ".group_column"),
-                      f"{labels} has no column {group_column!r} (its extra columns: {', '.join(table.extra) or 'none'})")
+                      f"{labels} has no column {group_column!r} "
+                      f"(its extra columns: {', '.join(table.extra) or 'none'})")
 
     def extract(self, raw: Any) -> tuple[ExtractSettings | None, tuple[str, ...], str | None]:
         """The ``extract`` section: its settings without stain normalisation, the stain axis (``stain_norm``, one

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from ..analysis.settings import CamSettings, CkaSettings
 from ..errors import HistotransferError
+from ..features.settings import ExtractSettings
 from ..finetune.settings import FinetuneSettings
 from ..patches.settings import TileSettings
 from .checks import Checker
@@ -112,6 +113,7 @@ def load_study(path: str | Path) -> Study:
         raise HistotransferError(f"{path}: {len(v.problems)} problem(s) in the study file (nothing was run):\n"
                                  f"{listing}")
     out = raw.get("out")
+    extract = cast(ExtractSettings, extract)  # a missing extract section was a problem, raised above
     return Study(
         path=path, text=text, name=str(raw.get("name") or path.stem),
         out=(path.parent / Path(out).expanduser()).resolve() if out else None, datasets=tuple(datasets),

@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from .._io import atomic_path  # noqa: E402
-from .tables import weights_label  # noqa: E402
+from .._io import atomic_path
+from .tables import weights_label
 
 
 @dataclass

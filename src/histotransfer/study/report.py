@@ -12,7 +12,7 @@ import html
 import platform
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ th { background: #f3f3f3; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: 0.9em; max-width: 60em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-.notes li { color: #7a4b00; } .failed { color: #b00020; font-weight: bold; } .blocked { color: #a06000; } .done, .cached { color: #1b6e20; }
+.notes li { color: #7a4b00; } .failed { color: #b00020; font-weight: bold; } .blocked { color: #a06000; }
+.done, .cached { color: #1b6e20; }
 """
 
 
@@ -103,7 +104,7 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         f"<style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">Study file <code>{html.escape(str(study_file))}</code>; report written '
-        f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}; cells: {html.escape(summary)}.</p>',
+        f'{datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}; cells: {html.escape(summary)}.</p>',
     ]
     if notes:
         parts.append('<h2>Read these first</h2><ul class="notes">')

@@ -210,11 +210,12 @@ class _Context:
     def dataset(self, cell: Cell) -> Dataset:
         return next(d for d in self.study.datasets if d.name == cell.dataset)
 
-    def dep(self, cell: Cell, kind: str) -> dict[str, Any] | None:
+    def dep(self, cell: Cell, kind: str) -> dict[str, Any]:
+        """The result of the cell's dependency of ``kind`` (the grid gives each cell those its stage reads)."""
         for d in cell.deps:
             if d.kind == kind:
                 return self.results[d.key]
-        return None
+        raise KeyError(f"{cell.key} has no {kind} dependency")
 
     def path(self, rel: str) -> Path:
         return self.out / rel
@@ -512,7 +513,7 @@ def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = T
                 runnable.append(c)
         for j, c in enumerate(runnable):
             mine = j % ranks.world == ranks.rank if mode == "spread" else (mode == "all" or lead)
-            if lead or mode == "spread" and mine:
+            if lead or (mode == "spread" and mine):
                 prepare_folder(c, out_dir)
             if mode == "all":
                 ranks.barrier()  # the folder is ready before every rank writes into it

@@ -85,7 +85,8 @@ def weights_label(weights: str) -> str:
 def _encoder_columns(spec: Mapping[str, Any], info: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]), spec.get("blocks"))
     return {"config": cfg.key, "encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-            "blocks": cfg.blocks, "family": info.get(cfg.name, {}).get("family"), "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
+            "blocks": cfg.blocks, "family": info.get(cfg.name, {}).get("family"),
+            "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
 
 
 def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -206,14 +207,15 @@ def _summary(values: pd.Series) -> tuple[float, float, int]:
     v = v[np.isfinite(v)]
     if len(v) == 0:
         return float("nan"), float("nan"), 0
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), int(len(v))
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), len(v)
 
 
 def _row(cfg: EncoderConfig, stain: str, recipe: str, columns: Sequence[str],
          info: Mapping[str, Mapping[str, Any]], pretraining: str = "") -> dict[str, Any]:
     meta = info.get(cfg.name, {})
     row: dict[str, Any] = {"encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-                           "blocks": cfg.blocks, "family": meta.get("family"), "architecture": meta.get("architecture", cfg.name),
+                           "blocks": cfg.blocks, "family": meta.get("family"),
+                           "architecture": meta.get("architecture", cfg.name),
                            "pretraining": pretraining, "imagenet_top1": weights_top1(info, cfg.name, cfg.weights),
                            "stain": stain, "recipe": recipe}
     return {k: row[k] for k in columns}
