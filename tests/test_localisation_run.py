@@ -216,3 +216,20 @@ def test_heatmap_outlines_the_lesion_and_scores_positive_slides(study, tmp_path,
         plain = cv2.imread(str(tmp_path / "plain" / f"{sid}.png"))[:, :640]
         outlined = cv2.imread(str(tmp_path / "hm" / f"{sid}.png"))[:, :640]
         assert (not np.array_equal(plain, outlined)) == changed
+
+
+def test_localisation_lines_name_the_scored_slides_and_the_cohort_means():
+    from histotransfer.analysis import describe_cam_localisation
+    from histotransfer.mil import describe_localisation
+
+    summary = {"n_scored": 2, "n_positive": 3, "unannotated": ["s9"],
+               "cohort": {"top_patch_hit": {"mean": 0.5}, "attention_mass": {"mean": 0.25}, "auc": None,
+                          "lesion_patch_share": {"mean": 0.125}, "pointing_game": {"mean": 1.0},
+                          "cam_mass": {"mean": 0.75}, "lesion_area_share": {"mean": 0.1}}}
+    head = "scored 2 of 3 positive slide(s) (1 without annotation: s9)"
+    assert describe_localisation(summary) == (f"{head}: top patch on lesion 0.500, attention mass on lesion 0.250 "
+                                              "(uniform 0.125), patch AUC n/a")
+    assert describe_cam_localisation(summary) == (f"{head}: pointing game 1.000, CAM mass on lesion 0.750 "
+                                                  "(uniform 0.100)")
+    none = {**summary, "n_scored": 0, "unannotated": []}
+    assert describe_localisation(none) == describe_cam_localisation(none) == "scored 0 of 3 positive slide(s)"

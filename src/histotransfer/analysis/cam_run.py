@@ -65,6 +65,7 @@ from ..mil import (
     cell_squares,
     check_inputs,
     cohort_localisation,
+    describe_scored,
     heatmap_image,
     load_run_model,
     outline_lesion,
@@ -608,19 +609,9 @@ def describe_resolution(summary: dict[str, Any]) -> str:
 
 def describe_cam_localisation(summary: dict[str, Any]) -> str:
     """A CAM localisation summary in one line: how many positive slides were scored, then the cohort means."""
-    missing = summary["unannotated"]
-    head = (f"scored {summary['n_scored']} of {summary['n_positive']} positive slide(s)"
-            + (f" ({len(missing)} without annotation: {', '.join(missing[:5])}"
-               f"{', ...' if len(missing) > 5 else ''})" if missing else ""))
-    if not summary["n_scored"]:
-        return head
-
-    def mean(key: str) -> str:
-        value = (summary["cohort"].get(key) or {}).get("mean")
-        return "n/a" if value is None else f"{value:.3f}"
-
-    return (f"{head}: pointing game {mean('pointing_game')}, CAM mass on lesion {mean('cam_mass')} "
-            f"(uniform {mean('lesion_area_share')})")
+    return describe_scored(summary, lambda mean: (
+        f"pointing game {mean('pointing_game')}, CAM mass on lesion {mean('cam_mass')} "
+        f"(uniform {mean('lesion_area_share')})"))
 
 
 def cam_summary_text(run: CamRun) -> str:

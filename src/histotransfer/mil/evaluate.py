@@ -3,7 +3,7 @@ lesion annotations, how well the attention localises the lesions of the positive
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +272,9 @@ def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split:
             **localisation_summary(rows, positives, threshold), "slides": rows}
 
 
-def describe_localisation(summary: Mapping[str, Any]) -> str:
-    """A localisation summary in one line: how many positive slides were scored, then the cohort means."""
+def describe_scored(summary: Mapping[str, Any], measures: Callable[[Callable[[str], str]], str]) -> str:
+    """A localisation summary (attention's or Grad-CAM's) in one line: how many positive slides were scored,
+    then ``measures(mean)``, where ``mean(key)`` formats the cohort mean of ``key``."""
     cohort = summary["cohort"]
     missing = summary["unannotated"]
     head = (f"scored {summary['n_scored']} of {summary['n_positive']} positive slide(s)"
@@ -286,5 +287,11 @@ def describe_localisation(summary: Mapping[str, Any]) -> str:
         value = (cohort.get(key) or {}).get("mean")
         return "n/a" if value is None else f"{value:.3f}"
 
-    return (f"{head}: top patch on lesion {mean('top_patch_hit')}, attention mass on lesion "
-            f"{mean('attention_mass')} (uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}")
+    return f"{head}: {measures(mean)}"
+
+
+def describe_localisation(summary: Mapping[str, Any]) -> str:
+    """An attention localisation summary in one line (:func:`describe_scored`)."""
+    return describe_scored(summary, lambda mean: (
+        f"top patch on lesion {mean('top_patch_hit')}, attention mass on lesion {mean('attention_mass')} "
+        f"(uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}"))
