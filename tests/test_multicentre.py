@@ -139,8 +139,11 @@ def test_a_fitted_target_json_or_slide_region_is_the_same_reference(cohort, extr
     ({"stain_norm": "vahadane", "stain_ref": "ref.png"}, "'vahadane' is not one of none, macenko, reinhard"),
 ])
 def test_bad_stain_options_are_refused(overrides, message):
-    with pytest.raises(HistotransferError, match=message):
-        ExtractSettings.build(**overrides)
+    from histotransfer.analysis.settings import CkaSettings
+
+    for cls in (ExtractSettings, CkaSettings):
+        with pytest.raises(HistotransferError, match=message):
+            cls.build(**overrides)
 
 
 def test_without_normalisation_the_settings_fingerprint_is_that_of_before_stain_options():

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Self
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..features.settings import (
     Device,
     StainMethod,
     StainOptions,
     StainScope,
-    check_stain_options,
     stain_norm_field,
     stain_ref_field,
     stain_scope_field,
@@ -51,11 +50,6 @@ class CkaSettings(StainOptions, StageSettings):
     stain_norm: StainMethod = stain_norm_field()
     stain_ref: str | None = stain_ref_field()
     stain_scope: StainScope = stain_scope_field()
-
-    @model_validator(mode="after")
-    def _stain_options(self) -> Self:
-        check_stain_options(self.stain_norm, self.stain_ref)
-        return self
 
 
 class CamSettings(StageSettings):

@@ -38,16 +38,23 @@ def stain_scope_field() -> Any:
 
 
 class StainOptions:
-    """What ``stain_scope`` changes in the recorded result settings of a stage that reads pixels.
+    """The checks and recorded settings of the stain options of a stage that reads pixels.
 
-    The scope shapes the result only when pixels are normalised, and per-patch normalisation is what every
-    normalisation was before the option existed: :meth:`result_settings` leaves the scope out in both cases, so
-    raw and per-patch results keep the settings and fingerprints they had, and per-slide ones get their own.
+    A method needs a reference (:func:`check_stain_options`). The scope shapes the result only when pixels are
+    normalised, and per-patch normalisation is what every normalisation was before the option existed:
+    :meth:`result_settings` leaves the scope out in both cases, so raw and per-patch results keep the settings
+    and fingerprints they had, and per-slide ones get their own.
     """
 
     if TYPE_CHECKING:  # the fields of the settings class it is mixed into (declared there, in their order)
         stain_norm: str
+        stain_ref: str | None
         stain_scope: str
+
+    @model_validator(mode="after")
+    def _stain_options(self) -> Self:
+        check_stain_options(self.stain_norm, self.stain_ref)
+        return self
 
     def result_settings(self) -> dict[str, Any]:
         """The base class's, without ``stain_scope`` where it does not change the result of before."""
@@ -160,8 +167,3 @@ class ExtractSettings(StainOptions, StageSettings):
     stain_norm: StainMethod = stain_norm_field()
     stain_ref: str | None = stain_ref_field()
     stain_scope: StainScope = stain_scope_field()
-
-    @model_validator(mode="after")
-    def _stain_options(self) -> Self:
-        check_stain_options(self.stain_norm, self.stain_ref)
-        return self
