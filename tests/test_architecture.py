@@ -107,3 +107,13 @@ def test_no_export_is_named_like_a_submodule_of_its_package():
         exported = set(getattr(package, "__all__", ()))
         clashes += [f"{package.__name__}.{name}" for name in sorted(exported & submodules)]
     assert clashes == []
+
+
+def test_opening_a_slide_imports_neither_pandas_nor_tqdm_nor_torch(make_slide):
+    path = make_slide("light", size=(256, 256))
+    code = ("import sys; from histotransfer.slide import open_slide\n"
+            f"open_slide({str(path)!r}).close()\n"
+            "heavy = sorted(m for m in ('pandas', 'tqdm', 'torch') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -148,6 +148,35 @@ def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(coh
     assert not list((out / "features").rglob("*.h5")) and temporaries(out) == []
 
 
+@pytest.mark.parametrize("command", ["heatmap", "finetune", "cka"])
+def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, capsys, command):
+    impostors = tmp_path / "impostors"
+    impostors.mkdir()
+    names = sorted(p.name for p in cohort["slides"].glob("*.tif"))
+    for a, b in zip(names, names[1:] + names[:1]):  # every slide file holds another slide's image
+        (impostors / a).write_bytes((cohort["slides"] / b).read_bytes())
+    out = tmp_path / "out"
+    args = {
+        "heatmap": ["heatmap", "--run", cohort["run"], "--out", out],
+        "finetune": ["finetune", "--run", cohort["run"], "--out", out, "--epochs", "1", "--top-k", "2",
+                     "--device", "cpu", "--workers", "0"],
+        "cka": ["cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
+                "--truncate-b", "3", "--patches", cohort["tiling"], "--out", out, "--n-patches", "16",
+                "--no-baseline", "--device", "cpu", "--workers", "0"],
+    }[command]
+    before = digests(cohort["root"])
+    code, _, err = run(capsys, *args, "--slides", impostors)
+    if command == "heatmap":  # an error row per slide, the command fails
+        report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
+        messages = list(report["message"])
+        assert code == 1 and set(report["status"]) == {"error"} and not list(out.glob("*.png"))
+    else:  # the whole call is refused
+        messages = [err]
+        assert code == 2 and len(err.strip().splitlines()) == 1
+    assert all("is not the slide" in m and "differs in file_size" in m for m in messages)
+    assert digests(cohort["root"]) == before and temporaries(tmp_path) == []
+
+
 def test_non_finite_features_are_refused_at_extraction_and_in_mil(cohort, tmp_path, capsys):
     # An encoder whose weights hold a NaN: extraction writes nothing for any slide, says which row.
     encoder = create_encoder("resnet18", "random", 0)

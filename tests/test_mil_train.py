@@ -20,9 +20,10 @@ from histotransfer.errors import HistotransferError
 from histotransfer.mil import AttentionMIL, evaluate_run, load_run_model, train_mil
 from histotransfer.mil.metrics import METRIC_KEYS, slide_metrics
 from histotransfer.mil.rundir import read_attention
+from histotransfer.mil.settings import MilSettings
 from histotransfer.mil.splits import SPLITS
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
-from histotransfer.mil.train import fit
+from histotransfer.mil.train import fit, selection_key
 
 # input_size as an array attr, as some tools store it: it must come back as a JSON list.
 ENCODER = {"encoder": "densenet121", "encoder_id": "densenet121-imagenet-t2", "truncate": 2, "weights": "imagenet",
@@ -248,10 +249,15 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
                  "--epochs", "2", "--model", "gated", "--hidden", "8"]) == 0
     out = capsys.readouterr().out
-    assert "val " in out and "test " in out and "AUC" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for name in ("val", "test"):  # small splits say their size and that their AUC is unstable
+        n = metrics[name]["n_slides"]
+        line = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert "AUC" in line and line.endswith(f"n={n} (only {n} slides: too few for a stable AUC)")
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--features", str(features),
                  "--labels", str(labels)]) == 0
-    assert "predicted 20 slide(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "predicted 20 slide(s)" in out and "n=20\n" in out  # 20 slides: no warning
     assert (tmp_path / "run" / "evaluation" / "metrics.json").is_file()
     assert main(["train", "--features", str(features), "--labels", str(tmp_path / "missing.csv"),
                  "--out", str(tmp_path / "run2")]) == 2
@@ -296,3 +302,23 @@ def test_a_finished_run_is_kept_without_loading_torch(trained):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already trained with these settings and inputs; kept as it is" in done.stdout
+
+
+def test_paper_recipe_feeds_raw_features_and_keeps_the_best_validation_accuracy(tmp_path):
+    paper, ours = MilSettings(recipe="paper"), MilSettings()
+    assert (paper.standardize, paper.select_by) == (False, "accuracy")
+    assert (ours.standardize, ours.select_by) == (True, "auc")
+    assert MilSettings(recipe="paper", select_by="loss").select_by == "loss"  # an explicit option wins
+    # AUC and accuracy disagree on which epoch is better; ties in the chosen score go to the lower loss.
+    first, second = {"loss": 0.5, "auc": 0.9, "accuracy": 0.6}, {"loss": 0.4, "auc": 0.8, "accuracy": 0.7}
+    assert selection_key(first, "auc") > selection_key(second, "auc")
+    assert selection_key(second, "accuracy") > selection_key(first, "accuracy")
+    assert selection_key({**first, "accuracy": 0.7}, "accuracy") < selection_key(second, "accuracy")
+    features, labels, _ = make_cohort(tmp_path, 20, seed=2, n_patches=(5, 10), dim=8)
+    run = train_mil(features, labels, tmp_path / "run", epochs=6, recipe="paper")
+    history = pd.read_csv(run / "history.csv")
+    best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]["epoch"]
+    assert history.loc[history["selected"], "epoch"].tolist() == [best]
+    state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert torch.equal(state["feature_std"], torch.ones(8))  # raw features: no standardisation
+    assert json.loads((run / "config.json").read_text())["settings"]["recipe"] == "paper"

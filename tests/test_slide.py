@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from histotransfer.errors import HistotransferError
-from histotransfer.slide import open_slide, slide_id_of
+from histotransfer.slide import SlideEntry, list_slides, open_slide, slide_id_of, slide_index
 from histotransfer.slide.backends import OpenSlideSlide, TiffSlideSlide
 
 
@@ -128,3 +128,18 @@ def test_real_svs_reads_identically_through_openslide_and_tiffslide(cmu_svs: Pat
         np.testing.assert_array_equal(a.read_level(0), b.read_level(0))
         ref = np.asarray(openslide.OpenSlide(str(cmu_svs)).read_region((100, 200), 0, (64, 48)))[..., :3]
         np.testing.assert_array_equal(a.read_region((100, 200), 0, (64, 48)), ref)
+
+
+def test_a_folder_lists_its_slide_files_by_name_without_hidden_or_other_files(make_slide, tmp_path: Path) -> None:
+    b = make_slide("b", size=(256, 256))
+    folder = b.parent
+    make_slide("a", size=(256, 256))
+    (folder / "._a.tif").write_bytes(b"macOS resource fork")
+    (folder / ".hidden.svs").write_bytes(b"hidden")
+    (folder / "notes.txt").write_text("not a slide")
+    (folder / "sub.tif").mkdir()  # a folder with a slide suffix
+    assert list_slides(folder) == [SlideEntry("a", folder / "a.tif"), SlideEntry("b", folder / "b.tif")]
+    link = tmp_path / "copy.tif"
+    link.symlink_to(folder / "a.tif")  # the same file under another name: kept, marked as the repeat
+    assert list_slides([folder, link])[-1] == SlideEntry("copy", link, folder / "a.tif")
+    assert slide_index([folder, link]) == {"a": folder / "a.tif", "b": folder / "b.tif"}
