@@ -170,9 +170,10 @@ def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, ca
         report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
         messages = list(report["message"])
         assert code == 1 and set(report["status"]) == {"error"} and not list(out.glob("*.png"))
-    else:  # the whole call is refused
+    else:  # the whole call is refused (a fine-tuning keeps its resumable start: config, split, top-k)
         messages = [err]
         assert code == 2 and len(err.strip().splitlines()) == 1
+        assert command == "finetune" or not out.exists()
     assert all("is not the slide" in m and "differs in file_size" in m for m in messages)
     assert digests(cohort["root"]) == before and temporaries(tmp_path) == []
 

@@ -322,8 +322,8 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     if input_size is None and a.input_size is not None and a.input_size == b.input_size:
         input_size = a.input_size
     dev = resolve_device(s.device)
+    jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)  # checks the slides before any file is made
     out = output_folder(out_dir)
-    jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)
     n_total = sum(len(j.coords) for j in jobs)
     if n_total < s.n_patches:
         warnings.warn(f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
