@@ -18,8 +18,9 @@ import torch
 from histotransfer.cli import main
 from histotransfer.errors import HistotransferError
 from histotransfer.mil import AttentionMIL, evaluate_run, load_run_model, train_mil
+from histotransfer.mil import cli as mil_cli
 from histotransfer.mil.metrics import METRIC_KEYS, slide_metrics
-from histotransfer.mil.rundir import read_attention
+from histotransfer.mil.rundir import read_attention, small_split_warnings
 from histotransfer.mil.settings import MilSettings
 from histotransfer.mil.splits import SPLITS
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
@@ -254,6 +255,9 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
         n = metrics[name]["n_slides"]
         line = next(line for line in out.splitlines() if line.startswith(f"{name} "))
         assert "AUC" in line and line.endswith(f"n={n} (only {n} slides: too few for a stable AUC)")
+    one = mil_cli._fmt({"n_slides": 1, "auc": None, "accuracy": 1.0})
+    assert one.endswith("(only 1 slide: too few for a stable AUC)")
+    assert small_split_warnings({"test": {"n_slides": 1}})[0].startswith("the test split has 1 slide: its AUC")
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--features", str(features),
                  "--labels", str(labels)]) == 0
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ from .settings import SMALL_SPLIT, MilSettings
 
 def _fmt(m: dict) -> str:
     n = m["n_slides"]
-    small = f" (only {n} slides: too few for a stable AUC)" if n < SMALL_SPLIT else ""
+    small = f" (only {n} slide{'' if n == 1 else 's'}: too few for a stable AUC)" if n < SMALL_SPLIT else ""
     if m.get("auc") is None:
         return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={n}{small}"
     return (f"AUC {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), "

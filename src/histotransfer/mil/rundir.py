@@ -275,8 +275,8 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
 
 def small_split_warnings(metrics: dict[str, Any]) -> list[str]:
     """A sentence for each of the val/test splits too small for a stable AUC (stated, not hidden)."""
-    return [f"the {name} split has {m['n_slides']} slides: its AUC and confidence interval rest on too few slides "
-            f"to compare encoders (aim for at least {SMALL_SPLIT})"
+    return [f"the {name} split has {m['n_slides']} slide{'' if m['n_slides'] == 1 else 's'}: its AUC and "
+            f"confidence interval rest on too few slides to compare encoders (aim for at least {SMALL_SPLIT})"
             for name, m in metrics.items() if name in ("val", "test") and 0 < (m.get("n_slides") or 0) < SMALL_SPLIT]
 
 
