@@ -14,6 +14,8 @@ from .settings import SMALL_SPLIT, MilSettings
 
 def _fmt(m: dict) -> str:
     n = m["n_slides"]
+    if n == 0:
+        return "no slides in this split"
     small = f" (only {n} slides: too few for a stable AUC)" if n < SMALL_SPLIT else ""
     if m.get("auc") is None:
         return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={n}{small}"
