@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from histotransfer.cli import COMMANDS
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "histotransfer"
 # The pipeline's order: a stage may use the stages before it, never those after it.
 STAGES = ["slide", "patches", "features", "mil", "finetune", "analysis", "study"]
@@ -83,8 +85,7 @@ def test_no_import_cycles_at_module_level():
     assert cycles == []
 
 
-@pytest.mark.parametrize("args", [["--help"], ["tile", "--help"], ["extract", "--help"], ["train", "--help"],
-                                  ["study", "--help"], ["--version"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], *([command, "--help"] for command in COMMANDS)])
 def test_help_and_version_do_not_import_torch(args):
     code = ("import sys; from histotransfer.cli import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"

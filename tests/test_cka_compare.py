@@ -176,3 +176,15 @@ def test_cka_command_passes_the_stain_scope_on(patches_dir, tmp_path):
         tags[scope] = json.loads((tmp_path / scope / "cka.json").read_text())["stain_a"]
         assert tags[scope] == stain_normalizer("reinhard", region, scope).tag()
     assert tags["patch"] != tags["slide"]
+
+
+def test_asking_for_more_patches_than_the_tiling_holds_warns_and_says_so_in_cka_json(patches_dir, encoders,
+                                                                                     tmp_path):
+    a, _ = encoders
+    total = sum(len(read_patch_file(p).coords) for p in sorted(patches_dir.glob("*.h5")))
+    with pytest.warns(UserWarning, match=f"asked for 100000 patches, the tiling holds only {total}"):
+        compare_encoders(a, a, patches_dir, tmp_path, n_patches=100000, input_size=INPUT, baseline=False,
+                         device="cpu")
+    record = json.loads((tmp_path / "cka.json").read_text())
+    assert (record["n_patches_requested"], record["n_patches"]) == (100000, total)
+    assert any(f"the tiling holds only {total}" in w for w in record["warnings"])

@@ -326,3 +326,15 @@ def test_paper_recipe_feeds_raw_features_and_keeps_the_best_validation_accuracy(
     state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     assert torch.equal(state["feature_std"], torch.ones(8))  # raw features: no standardisation
     assert json.loads((run / "config.json").read_text())["settings"]["recipe"] == "paper"
+
+
+def test_cli_train_with_a_split_file_without_test_slides_says_so(tmp_path, capsys):
+    """A split file may leave a split empty: the summary says it holds no slides instead of failing."""
+    features, labels, bags = make_cohort(tmp_path, 12, seed=5, n_patches=(5, 10), dim=8)
+    splits = ["train" if i < 8 else "val" for i in range(len(bags))]
+    pd.DataFrame({"slide_id": [b.slide_id for b in bags], "split": splits}).to_csv(tmp_path / "split.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small or one-class val split is warned about; not this test's subject
+        assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
+                     "--epochs", "1", "--split-file", str(tmp_path / "split.csv")]) == 0
+    assert "test  no slides in this split" in capsys.readouterr().out

@@ -181,7 +181,8 @@ def test_cli_exit_codes(tmp_path, stages, capsys):
     calls, fail = stages
     study = write_study(tmp_path)
     assert main(["study", str(study), "--out", str(tmp_path / "out"), "--check"]) == 0
-    assert "8 cells" in capsys.readouterr().out and calls == []
+    checked = capsys.readouterr().out
+    assert "8 cells" in checked and "  to do: tile/a" in checked and calls == []  # each cell to do, by name
     fail.add("tile/a")
     assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 1
     printed = capsys.readouterr().out

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--blocks-{side}", type=int, default=None, metavar="N",
                        help="for a transformer encoder name: keep exactly its first N blocks (instead of "
                             f"--truncate-{side})")
-    p.add_argument("--patches", required=True, type=Path, help="a tiling folder (or its patches folder)")
+    p.add_argument("--patches", required=True, type=Path,
+                   help="a tiling folder from `histotransfer tile` (or its patches folder, or an output folder "
+                        "holding one tiling, or a CLAM/TRIDENT folder of patch files)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_options(p, CkaSettings)
     p.add_argument("--slides", nargs="+", default=None, help="folder(s) or files of the slides, if they moved")
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_options(p, CamSettings)
     p.add_argument("--slides", nargs="+", default=None, help="folder(s) or files of the slides, if they moved")
-    p.add_argument("--annotations", type=Path, default=None,
+    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
                    help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
                         "<slide_id>.png mask with <slide_id>.png.json holding {\"downsample\": D}: positive "
                         "slides that have one are scored")

@@ -325,9 +325,10 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)  # checks the slides before any file is made
     out = output_folder(out_dir)
     n_total = sum(len(j.coords) for j in jobs)
-    if n_total < s.n_patches:
-        warnings.warn(f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
-                      f"{n_total} (see cka.json)", stacklevel=2)
+    shortfall = ([f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
+                  f"{n_total} (see cka.json)"] if n_total < s.n_patches else [])
+    for text in shortfall:  # said before the encoding starts, and kept with the other warnings in cka.json
+        warnings.warn(text, stacklevel=2)
 
     names_a = [f"a:{st}" for st in a.encoder.stage_names]
     names_b = [f"b:{st}" for st in b.encoder.stage_names]
@@ -408,7 +409,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
         _plot_bars(df, out / "cka.png", title)
         record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
                   "estimator": s.estimator, "baseline": "random initialisation of encoder A" if s.baseline else None,
-                  "warnings": warnings_,
+                  "warnings": shortfall + warnings_,
                   "n_patches_requested": s.n_patches, "n_patches": len(used),
                   "patches_dir": str(Path(patches_dir).resolve()),
                   "patches": {j.slide_id: j.fingerprint for j in jobs},

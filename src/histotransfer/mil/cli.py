@@ -14,6 +14,8 @@ from .settings import SMALL_SPLIT, MilSettings
 
 def _fmt(m: dict) -> str:
     n = m["n_slides"]
+    if n == 0:
+        return "no slides in this split"
     small = f" (only {n} slide{'' if n == 1 else 's'}: too few for a stable AUC)" if n < SMALL_SPLIT else ""
     if m.get("auc") is None:
         return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={n}{small}"
@@ -48,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV slide_id,label[,patient_id,...] of those slides (further columns are kept in "
                         "predictions.csv)")
-    p.add_argument("--group-column", default=None,
+    p.add_argument("--group-column", default=None, metavar="COLUMN",
                    help="a column of --labels (e.g. centre): metrics per group and the mean within-group AUC")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
     _annotation_options(p, "score the attention of each positive slide that has one (needs --labels): "
@@ -65,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--slides", required=True, nargs="+", type=Path, help="slide files or folders of slides")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--attention", type=Path, default=None,
+    p.add_argument("--attention", type=Path, default=None, metavar="DIR",
                    help="folder of <slide_id>.h5 attention files written by `histotransfer evaluate --out` "
                         "(default: RUN/attention, then RUN/evaluation/attention)")
     p.add_argument("--features", type=Path, default=None,
@@ -73,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patches", type=Path, default=None,
                    help="folder of <slide_id>.h5 patch files (ours, CLAM's or TRIDENT's) that record the patch "
                         "side when the attention and feature files do not")
-    p.add_argument("--patch-size-level0", type=int, default=None,
+    p.add_argument("--patch-size-level0", type=int, default=None, metavar="N",
                    help="patch side in level-0 pixels (default: from the attention, feature or patch file attrs)")
     p.add_argument("--value", default="score", choices=("score", "weight"),
                    help="score: raw pre-softmax attention, the same for the same tissue in any slide; weight: "
@@ -81,8 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", default="cohort", choices=("cohort", "slide"),
                    help="cohort: one colour range for all slides of this call, so colours compare across "
                         "slides; slide: each slide's own range (default: %(default)s)")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel for slides without it")
-    p.add_argument("--max-side", type=int, default=2048, help="thumbnail size (default: %(default)s)")
+    p.add_argument("--mpp", type=float, default=None, metavar="X",
+                   help="level-0 microns per pixel for slides without it")
+    p.add_argument("--max-side", type=int, default=2048, metavar="N", help="thumbnail size (default: %(default)s)")
     p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
                    help="QuPath object type of the patch squares (default: %(default)s)")
     _annotation_options(p, "outline each annotated slide's lesion and score the attention of the positive ones "
@@ -92,10 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _annotation_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--annotations", type=Path, default=None,
+    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
                    help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
                         f"<slide_id>.png mask with <slide_id>.png.json holding {{\"downsample\": D}}: {what}")
-    p.add_argument("--lesion-threshold", type=float, default=0.5,
+    p.add_argument("--lesion-threshold", type=float, default=0.5, metavar="X",
                    help="lesion fraction of a patch's area that makes it a lesion patch (default: %(default)s)")
 
 
