@@ -37,7 +37,9 @@ patches with a 112 px stride (so that a small slide gives enough patches), first
 DenseNet121 with the real ImageNet weights from ../shared (else random) and ResNet18 cut after layer2.
 
 On a GPU machine, ``--device cuda`` runs both encoders (ours and the baseline's) on the GPU; the matmul peak is
-then the GPU's true-fp32 rate. ``--decode-only`` times only 3, 4, 6, extract with CPU decoding and 7 (CPU vs GPU
+then the GPU's true-fp32 rate; ``--precision bf16`` runs our encoder in bf16 autocast and compares its GFLOP/s
+with the GPU's bf16 matmul rate (e.g. DenseNet121 at 512 px: ``--configs densenet121:0 --patch-size 512``).
+``--decode-only`` times only 3, 4, 6, extract with CPU decoding and 7 (CPU vs GPU
 decoding side by side) and leaves 8 out.
 
 ``--quick`` measures 32 patches once (about a minute on 2 cores) instead of the median of three runs of 128.
@@ -67,6 +69,7 @@ import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.errors import HistotransferError
 from histotransfer.features import create_encoder, extract_features, read_feature_file
 from histotransfer.features.encoders import create_encoders
 from histotransfer.features.extract import BatchEncoder, inference_model
@@ -74,7 +77,7 @@ from histotransfer.features.gpu_decode import DecodedBatches, TileDecoder
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
 from histotransfer.patches import read_patch_file, write_patch_file
 from histotransfer.patches.tiling import tile_slides
-from histotransfer.runtime import precision_context
+from histotransfer.runtime import check_precision, precision_context
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CMU = SHARED / "data" / "CMU-1-Small-Region.svs"
@@ -87,10 +90,12 @@ def elapsed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_peak_gflops(device: torch.device, reps: int = 5) -> float:
-    """fp32 GFLOP/s of a large square matmul on ``device`` (best of ``reps``; true fp32 on a GPU, no TF32)."""
+def matmul_peak_gflops(device: torch.device, reps: int = 5, precision: str = "fp32") -> float:
+    """GFLOP/s of a large square matmul on ``device`` at ``precision`` (best of ``reps``; fp32: true fp32 on a
+    GPU, no TF32; bf16/fp16: matrices of that type, the rate the encoder's autocast convolutions can reach)."""
     n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
 
     def mm() -> None:
         torch.mm(a, b)
@@ -159,9 +164,10 @@ def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, 
 
 def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weights: str, truncate: int,
                  batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device,
-                 decode_only: bool = False) -> None:
+                 decode_only: bool = False, precision: str = "fp32") -> None:
     """Time extract (CPU and GPU decoding), the CLAM-style baseline, the encoder alone, the loader alone (CPU
-    and GPU decoding) and the baseline's reading alone, interleaved (``decode_only``: no baseline)."""
+    and GPU decoding) and the baseline's reading alone, interleaved (``decode_only``: no baseline). Ours runs
+    at ``precision``; the baseline stays fp32, as CLAM's loop runs."""
     ps = read_patch_file(patch_file)
     spec, coords, n = ps.spec, ps.coords, len(ps.coords)
     size = spec.patch_size
@@ -169,7 +175,7 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
         read_size = round(spec.patch_size_level0 / osr.level_downsamples[spec.patch_level])
 
     model = create_encoder(encoder, weights, truncate)
-    encode = BatchEncoder(model, device, "fp32")
+    encode = BatchEncoder(model, device, precision)
     pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
     with torch.inference_mode():  # build both memory formats' kernels once before any timing
         encode(pixels)
@@ -192,7 +198,7 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     def run_extract(n_workers: int, decode: str = "cpu") -> None:  # end to end, building the encoder included
         out = tmp / f"out{len(outs)}"
         outs.append(extract_features(patches, out, encoder, weights, truncate, batch_size=batch_size,
-                                     workers=n_workers, device=device.type, decode=decode))
+                                     workers=n_workers, device=device.type, decode=decode, precision=precision))
 
     baseline: list[np.ndarray] = []
 
@@ -223,13 +229,13 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
         for key, fn in steps.items():
             timings[key].append(elapsed(fn))
         if not decode_only:
-            peaks.append(matmul_peak_gflops(device))
+            peaks.append(matmul_peak_gflops(device, precision=precision))
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
     ours = rate[extract_key]
 
     print(f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
           f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} cores, encoder on {device_name(device)}; median of {repeats}")
+          f"threads, {os.cpu_count()} cores, encoder on {device_name(device)} in {precision}; median of {repeats}")
     for key in steps:
         if key.startswith("extract"):
             print(f"  {key + ' (ours)':32} {rate[key]:8.1f} patches/s")
@@ -258,7 +264,7 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     print(f"  encoder: {gflop:.2f} GFLOP/patch run, {gflop * rate['encoder']:.1f} GFLOP/s; the torchvision "
           f"network: {gflop_network:.2f} GFLOP/patch")
     print(f"  {'clam-style reading alone':32} {rate['clam-style reading']:8.1f} patches/s")
-    print(f"  {'fp32 matmul peak':32} {peak:8.1f} GFLOP/s")
+    print(f"  {precision + ' matmul peak':32} {peak:8.1f} GFLOP/s")
     print(f"  features ours vs baseline: max difference {agree:.1e} of the largest value")
     print(f"  ratio extract / clam-style         {ours / rate['clam-style']:6.2f}x  (target >= 2)")
     print(f"  ratio loader / clam-style reading  {rate['loader'] / rate['clam-style reading']:6.2f}x")
@@ -375,6 +381,8 @@ def main() -> None:
                          "enough (overlapping) patches to time a GPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where the encoders run, ours and the baseline's: cpu or cuda")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="our encoder's precision (bf16/fp16: CUDA only), and the matmul peak it is compared with")
     ap.add_argument("--decode-only", action="store_true",
                     help="time only the encoder, the loader and extract with CPU and with GPU decoding")
     args = ap.parse_args()
@@ -383,6 +391,10 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        check_precision(args.precision, device)
+    except HistotransferError as exc:
+        raise SystemExit(str(exc)) from None
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
@@ -402,7 +414,7 @@ def main() -> None:
             encoder, truncate = config.split(":")
             bench_config(slide, patches, patch_file, encoder, default_weights(encoder, args.weights),
                          int(truncate), args.batch_size, workers, args.repeats, tmp / config.replace(":", "-"),
-                         device, args.decode_only)
+                         device, args.decode_only, args.precision)
         if args.multi != "none" and not args.decode_only:
             encoder, truncations = args.multi.split(":")
             bench_truncations(patches, patch_file, encoder, default_weights(encoder, args.weights),
