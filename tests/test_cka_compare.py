@@ -16,7 +16,7 @@ import torch
 from histotransfer.analysis import compare_encoders, linear_cka
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder
+from histotransfer.features import create_encoder, source_sample
 from histotransfer.features.loader import resize_patch
 from histotransfer.patches import PatchReader, read_patch_file
 from histotransfer.patches.tiling import tile_slides
@@ -188,3 +188,78 @@ def test_asking_for_more_patches_than_the_tiling_holds_warns_and_says_so_in_cka_
     record = json.loads((tmp_path / "cka.json").read_text())
     assert (record["n_patches_requested"], record["n_patches"]) == (100000, total)
     assert any(f"the tiling holds only {total}" in w for w in record["warnings"])
+
+
+FAILING_RANK = '''
+import datetime, sys
+import torch.distributed as dist
+from histotransfer.analysis import compare
+from histotransfer.features import create_encoder
+
+where, patches, out = sys.argv[1], sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+
+def fail(*args, **kwargs):
+    raise OSError(f"simulated failure on rank {rank}")
+
+if where == "encode" and rank == 1:
+    compare._encode = fail
+if where == "write" and rank == 0:
+    compare._plot_bars = fail
+encoder = create_encoder("resnet18", "random", 2)
+try:
+    compare.compare_encoders(encoder, encoder, patches, out, n_patches=40, input_size=32, baseline=False,
+                             device="cpu", workers=0)
+    print(f"rank {rank} finished", flush=True)
+except Exception as exc:
+    print(f"rank {rank} raised: {exc}", flush=True)
+dist.barrier()  # as the study does after each cell: every rank must get here
+print(f"rank {rank} passed the barrier", flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("where", "failing"), [("encode", 1), ("write", 0)])
+def test_a_rank_that_fails_under_torchrun_fails_every_rank_and_leaves_none_waiting(patches_dir, tmp_path, where,
+                                                                                  failing):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), where, str(patches_dir), str(tmp_path / "out")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} raised:" in done.stdout and f"simulated failure on rank {failing}" in done.stdout
+        assert f"rank {rank} passed the barrier" in done.stdout
+    assert not (tmp_path / "out" / "cka.json").exists()
+
+
+def test_a_slide_whose_stain_estimate_fails_in_one_loader_process_is_skipped(patches_dir, tmp_path, monkeypatch):
+    """With loader processes, the item fitting a slide's stain estimate and the slide's batches are read by
+    different processes: when the estimate fails, the batches read elsewhere are left out with the slide."""
+    from histotransfer.features import loader
+
+    first = read_patch_file(sorted(patches_dir.glob("*.h5"))[0])
+    x, y = (int(v) for v in first.coords[0])
+    sample = source_sample(first.coords)
+    read = loader.read_patches
+
+    def failing(reader, coords, size=None):
+        if len(coords) == len(sample) and np.array_equal(coords, sample) and reader.spec.slide_path == \
+                first.spec.slide_path:
+            raise OSError("a corrupt tile in the stain sample")
+        return read(reader, coords, size)
+
+    monkeypatch.setattr(loader, "read_patches", failing)
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18", "random", 2)
+    for workers in (0, 2):
+        with pytest.warns(UserWarning, match="a corrupt tile in the stain sample"):
+            compare_encoders(encoder, encoder, patches_dir, tmp_path / f"w{workers}", n_patches=40, input_size=INPUT,
+                             baseline=False, device="cpu", stain_norm="reinhard", stain_scope="slide",
+                             stain_ref=f"{first.spec.slide_path}@{x},{y},128,128", workers=workers)
+        used = pd.read_csv(tmp_path / f"w{workers}" / "patches.csv")
+        assert first.slide_id not in set(used.slide_id) and len(used) > 2
+    assert (tmp_path / "w0" / "cka.csv").read_text() == (tmp_path / "w2" / "cka.csv").read_text()

@@ -36,6 +36,7 @@ from histotransfer.patches.tiling import THUMBNAIL_SIDE
 from histotransfer.provenance import canonical_json
 from histotransfer.slide import open_slide
 from histotransfer.study import load_study, run_study
+from histotransfer.study.runner import _cka_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INPUT = 128  # the tiled size: smaller inputs of these pale demo patches hold too few stained pixels to normalise
@@ -334,6 +335,13 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     path.write_text(yaml.safe_dump(study))
     loaded = load_study(path)
     assert loaded.stains == ("none", "macenko") and loaded.extract_for("macenko").stain_norm == "macenko"
+    pair = {"a": {"name": "resnet18", "weights": "random"}, "b": {"name": "resnet34", "weights": "random"}}
+    for scope in ("patch", "slide"):  # the study's CKA normalises the pixels as its extraction did
+        scoped = tmp_path / f"{scope}.yaml"
+        scoped.write_text(yaml.safe_dump({**study, "extract": {**study["extract"], "stain_scope": scope},
+                                          "cka": {"n_patches": 16, "pairs": [pair]}}))
+        settings = _cka_settings(load_study(scoped), 0, "macenko")
+        assert (settings.stain_norm, settings.stain_scope) == ("macenko", scope)
     report = run_study(path, tmp_path / "out")
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs_mil.csv")
     assert sorted(runs["stain"]) == ["macenko", "none"] and runs["colour_auc"].notna().all()

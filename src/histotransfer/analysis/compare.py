@@ -17,8 +17,11 @@ mode (BatchNorm running statistics), for ImageNet-normalised RGB patches at the 
 **Pixels.** Each encoder sees the patches as its features were made: a run folder (or its ``encoder.pt``) with
 the stain normalisation its features were extracted with, an encoder given by name with the settings'
 ``stain_norm`` / ``stain_ref`` / ``stain_scope`` (as an extraction with those options); the random baseline as
-encoder A. A per-slide normalisation estimates each sampled slide's source stain as extraction does (the same
-patches of the slide, read and resized the same way), so a slide's patches get the extraction's pixels.
+encoder A. A per-slide normalisation estimates each sampled slide's source stain as extraction does (on the
+same patches of the slide) from the patches as CKA reads them: at CKA's input size, which is the runs' when
+both encoders are run folders of one input size and the tiled size otherwise; at another size than the
+extraction's the estimate, and so the pixels, can differ from the extraction's. Both encoders of a comparison
+with the same normalisation see the very same pixels.
 
 Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
 of A with every stage of B (``cka_matrix.csv`` and a heatmap). With ``per_block`` a transformer's stages are its
@@ -45,7 +48,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .._io import atomic_path, output_folder, write_csv, write_json
-from ..errors import HistotransferError
+from ..errors import HistotransferError, one_line
 from ..features import (
     Encoder,
     PatchBatches,
@@ -229,6 +232,8 @@ def _encode(models: list[tuple[Encoder, list[str], StainNormalizer | None]], job
                     warnings.warn(f"skipping slide: {item.error}", stacklevel=3)
                     failed.add(item.job)
                 continue
+            if item.job in failed:  # a loader process failed this slide (its stain estimate, say) after another
+                continue            # had read some of its batches
             if item.sources is not None:
                 sources[item.job] = item.sources
                 continue
@@ -248,13 +253,26 @@ def _encode(models: list[tuple[Encoder, list[str], StainNormalizer | None]], job
             bar.update(len(item.pixels))
 
 
-def _from_lead(value: Any) -> Any:
-    """Rank 0's result (a table, or the exception it failed with) on every rank of the job."""
-    box = [value]
+@dataclass(frozen=True)
+class _Failure:
+    """Why a CKA under torchrun failed, as rank 0 tells every rank."""
+
+    message: str
+
+
+def _from_lead() -> pd.DataFrame:
+    """On a rank other than 0: the table rank 0 made, or the error it failed with (a :class:`_Failure`)."""
+    box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], BaseException):
-        raise HistotransferError(f"CKA failed on rank 0: {box[0]}")
+    if isinstance(box[0], _Failure):
+        raise HistotransferError(f"CKA failed: {box[0].message}")
     return box[0]
+
+
+def _as_float32(batch: _Batch) -> _Batch:
+    """A batch to send to rank 0 at half the size: pooled rows are float32 means held as float64, so the
+    round trip through float32 is exact."""
+    return replace(batch, rows={k: v.astype(np.float32) for k, v in batch.rows.items()})
 
 
 def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -353,17 +371,29 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     try:
         sharded = ranks.distributed and s.pooling == "mean"
         gathered: list[_Batch] = []
+        failures: list[str] = []
         if sharded:  # each rank encodes its share of the slides; rank 0 sums the pooled rows in one process's order
             sizes = {str(j): len(job.coords) for j, job in enumerate(jobs)}
             mine = [int(j) for j in shard(sizes, ranks.world)[ranks.rank]]
-            local: list[_Batch] = []
-            _encode(models, jobs, sorted(mine), s, input_size, dev, local.append, progress=ranks.rank == 0)
+            local: list[_Batch] | str = []
+            try:
+                batches: list[_Batch] = []
+                _encode(models, jobs, sorted(mine), s, input_size, dev, lambda b: batches.append(_as_float32(b)),
+                        progress=ranks.rank == 0)
+                local = batches
+            except Exception as exc:  # every rank still joins the gather, so that none is left waiting
+                local = f"rank {ranks.rank}: {one_line(exc)}"
             parts: list[Any] = [None] * ranks.world if ranks.rank == 0 else []
             dist.gather_object(local, parts if ranks.rank == 0 else None, dst=0)
-            gathered = sorted((b for part in parts for b in part), key=lambda b: (b.job, b.start))
+            failures = [p for p in parts if isinstance(p, str)]
+            gathered = sorted((replace(b, rows={k: v.astype(np.float64) for k, v in b.rows.items()})
+                               for part in parts if not isinstance(part, str) for b in part),
+                              key=lambda b: (b.job, b.start))
         if ranks.rank != 0:  # flatten pooling keeps its maps on disk: rank 0 compares alone
-            return _from_lead(None)
+            return _from_lead()
         try:
+            if failures:
+                raise HistotransferError(failures[0])
             widths: dict[str, int] = {}
             used: list[tuple[str, int, int]] = []
             with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
@@ -386,47 +416,49 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                 if len(used) < 2:
                     raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
                 values = acc.result()
+            df = pd.DataFrame({
+                "stage": [sa if sa == sb else f"{sa} | {sb}"
+                          for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
+                "cka": [values[p] for p in zip(names_a, names_b)],
+            })
+            if s.baseline:
+                # the stages the table has (an encoder B of fewer stages than A shortens it)
+                df["baseline"] = [values[p] for p in zip(names_a, names_r)][: len(df)]
+            warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
+                                                         if n.startswith(("a:", "b:"))}, s.estimator)
+            for text in warnings_:
+                warnings.warn(text, stacklevel=2)
+            write_csv(df, out / "cka.csv")
+            write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
+            title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
+            _plot_bars(df, out / "cka.png", title)
+            baseline = "random initialisation of encoder A" if s.baseline else None
+            record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
+                      "estimator": s.estimator, "baseline": baseline,
+                      "warnings": shortfall + warnings_,
+                      "n_patches_requested": s.n_patches, "n_patches": len(used),
+                      "patches_dir": str(Path(patches_dir).resolve()),
+                      "patches": {j.slide_id: j.fingerprint for j in jobs},
+                      "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
+                      "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
+            if s.full_matrix:
+                matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
+                                      index=a.encoder.stage_names, columns=b.encoder.stage_names)
+                with atomic_path(out / "cka_matrix.csv") as tmp_csv:
+                    matrix.rename_axis("stage").to_csv(tmp_csv)
+                _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
+            write_json(record, out / "cka.json")
         except Exception as exc:
-            if ranks.distributed:
-                _from_lead(exc)
+            if ranks.distributed:  # the other ranks raise the same error
+                dist.broadcast_object_list([_Failure(one_line(exc))], src=0)
             raise
-
-        df = pd.DataFrame({
-            "stage": [sa if sa == sb else f"{sa} | {sb}"
-                      for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
-            "cka": [values[p] for p in zip(names_a, names_b)],
-        })
-        if s.baseline:
-            # the stages the table has (an encoder B of fewer stages than A shortens it)
-            df["baseline"] = [values[p] for p in zip(names_a, names_r)][: len(df)]
-        warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
-                                                     if n.startswith(("a:", "b:"))}, s.estimator)
-        for text in warnings_:
-            warnings.warn(text, stacklevel=2)
-        write_csv(df, out / "cka.csv")
-        write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
-        title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
-        _plot_bars(df, out / "cka.png", title)
-        record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
-                  "estimator": s.estimator, "baseline": "random initialisation of encoder A" if s.baseline else None,
-                  "warnings": shortfall + warnings_,
-                  "n_patches_requested": s.n_patches, "n_patches": len(used),
-                  "patches_dir": str(Path(patches_dir).resolve()),
-                  "patches": {j.slide_id: j.fingerprint for j in jobs},
-                  "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
-                  "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
-        if s.full_matrix:
-            matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
-                                  index=a.encoder.stage_names, columns=b.encoder.stage_names)
-            with atomic_path(out / "cka_matrix.csv") as tmp_csv:
-                matrix.rename_axis("stage").to_csv(tmp_csv)
-            _plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
-        write_json(record, out / "cka.json")
-        return _from_lead(df) if ranks.distributed else df
-
+        if ranks.distributed:
+            dist.broadcast_object_list([df], src=0)
+        return df
     finally:
         if not given:
             ranks.close()
+
 
 def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list[str]:
     """A warning for each stage compared on fewer patches than its representation has dimensions, where the

@@ -172,7 +172,8 @@ def _cka_settings(study: Study, seed: int, stain: str) -> CkaSettings:
     shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0,
               "input_size": ex.input_size}
     overrides = {k: v for k, v in shared.items() if k not in study.cka.model_fields_set}
-    return CkaSettings.build(study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref, **overrides)
+    return CkaSettings.build(study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref,
+                             stain_scope=ex.stain_scope, **overrides)
 
 
 def _file_id_cheap(path: Path) -> list[Any]:
