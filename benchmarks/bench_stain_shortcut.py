@@ -37,16 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import extract_features
+from histotransfer.features import extract_features, write_reference_patches
 from histotransfer.mil import evaluate_run, train_mil
-from histotransfer.patches import PatchReader, read_patch_file, tile_slides
-from histotransfer.slide import open_slide
+from histotransfer.patches import tile_slides
 
 METHODS = ("none", "reinhard", "macenko")
 SCOPES = ("slide", "patch")
@@ -75,24 +73,10 @@ def cohort(folder: Path, n: int, seed: int, stain_shift: float, prevalence_shift
     return run.patches, folder / "labels.csv"
 
 
-def reference_folder(patches: Path, out: Path) -> Path:
-    """The stain reference: a folder holding the patch of each slide of a cohort most covered by tissue (the
-    first of the fullest), fitted as one set, so that the target is the cohort's average tissue and not one
-    patch's mix of tissue, lesion and glass."""
-    out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(patches.glob("*.h5")):
-        patch_set = read_patch_file(path)
-        x, y = patch_set.coords[int(np.argmax(patch_set.tissue_fraction))]
-        with open_slide(patch_set.spec.slide_path) as slide, PatchReader(slide, patch_set.spec) as reader:
-            rgb = reader.read(int(x), int(y))
-        cv2.imwrite(str(out / f"{path.stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return out
-
-
 def one_seed(root: Path, seed: int, shift: float, args: argparse.Namespace) -> list[dict]:
     train_patches, train_labels = cohort(root / "train", args.slides, seed, shift, 1.0, "train_")
     test_patches, test_labels = cohort(root / "test", args.slides, seed + 1000, shift, 0.0, "test_")
-    ref = reference_folder(train_patches, root / "reference")
+    ref = write_reference_patches(train_patches, root / "reference")
     rows = []
     for method, scope in [("none", "-")] + [(m, s) for m in METHODS[1:] for s in args.scope]:
         stain = {} if method == "none" else {"stain_norm": method, "stain_ref": str(ref), "stain_scope": scope}

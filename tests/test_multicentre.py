@@ -21,7 +21,14 @@ from histotransfer.cli import main
 from histotransfer.colour import slide_colour_stats
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
-from histotransfer.features import ExtractSettings, StainNormalizer, create_encoder, extract_features
+from histotransfer.features import (
+    ExtractSettings,
+    StainNormalizer,
+    create_encoder,
+    extract_features,
+    fit_reference,
+    write_reference_patches,
+)
 from histotransfer.features.loader import resize_patch
 from histotransfer.features.stain import source_sample
 from histotransfer.finetune import finetune
@@ -94,19 +101,6 @@ def centre_cohort(root: Path, n_slides: int, seed: int, prevalence_shift: float,
     return patches, root / "labels.csv"
 
 
-def fullest_patches(patches: Path, out: Path) -> Path:
-    """A stain reference folder: each slide's patch most covered by tissue, so that the target is the cohort's
-    average tissue and not one patch's mix of tissue, lesion and glass."""
-    out.mkdir()
-    for path in sorted(patches.glob("*.h5")):
-        patch_set = read_patch_file(path)
-        x, y = patch_set.coords[int(np.argmax(patch_set.tissue_fraction))]
-        with open_slide(patch_set.spec.slide_path) as slide, PatchReader(slide, patch_set.spec) as reader:
-            rgb = reader.read(int(x), int(y))
-        cv2.imwrite(str(out / f"{path.stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return out
-
-
 @pytest.fixture(scope="module")
 def shortcut_cohorts(tmp_path_factory):
     """24 training slides where the centre gives the label away (every positive at the first centre) and 24
@@ -116,7 +110,7 @@ def shortcut_cohorts(tmp_path_factory):
     train = centre_cohort(root / "train", 24, 0, 1.0, "train_")
     evaluation = centre_cohort(root / "eval", 24, 1000, 0.0, "eval_")
     return {"root": root, "train": train, "eval": evaluation,
-            "reference": fullest_patches(train[0], root / "reference")}
+            "reference": write_reference_patches(train[0], root / "reference")}
 
 
 def features_by_hand(cohort, slide_id: str, normalizer: StainNormalizer | None) -> np.ndarray:
@@ -356,3 +350,16 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(HistotransferError, match=r"cka\.stain_norm: CKA sees the patches as the extraction"):
         load_study(path)
+
+
+def test_reference_patches_are_each_slides_fullest_patch(cohort, tmp_path):
+    folder = write_reference_patches(cohort["patches"], tmp_path / "ref")
+    files = sorted(cohort["patches"].glob("*.h5"))
+    assert sorted(p.stem for p in folder.glob("*.png")) == [p.stem for p in files]
+    patch_set = read_patch_file(files[0])
+    x, y = patch_set.coords[int(np.argmax(patch_set.tissue_fraction))]
+    with open_slide(patch_set.spec.slide_path) as slide, PatchReader(slide, patch_set.spec) as reader:
+        expected = reader.read(int(x), int(y))
+    written = cv2.cvtColor(cv2.imread(str(folder / f"{files[0].stem}.png")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(written, expected)
+    assert fit_reference("macenko", folder).tag().startswith("macenko-")  # a usable stain reference

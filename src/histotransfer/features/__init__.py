@@ -17,6 +17,7 @@ _EXPORTS = {
     "HedJitter": ".stain", "fit_reference": ".stain", "recorded_normalizer": ".stain",
     "read_stain_target": ".stain", "recorded_source": ".stain", "SlideStain": ".stain", "source_sample": ".stain",
     "SLIDE_REGION": ".stain", "stain_normalizer": ".stain", "stain_tag": ".stain", "write_stain_target": ".stain",
+    "write_reference_patches": ".stain",
     "is_file_label": ".weights",
     "EncoderChoice": ".settings", "ExtractSettings": ".settings",
 }

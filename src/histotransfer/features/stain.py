@@ -532,6 +532,29 @@ def read_slide_region(spec: str) -> np.ndarray:
         return slide.read_region((x, y), 0, (w, h))
 
 
+def write_reference_patches(patches: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write, for each slide of a tiling (a patch folder or a tiling folder), the patch most covered by tissue
+    (the first of the fullest) as ``<slide_id>.png`` in ``out_dir``: a folder to pass as ``stain_ref`` (fitted
+    as one set), whose target is then the cohort's average tissue rather than one patch's mix of tissue, lesion
+    and glass."""
+    from ..patches import PatchReader, find_tiling, read_patch_file
+    from ..slide import open_slide
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in find_tiling(patches).files:
+        patch_set = read_patch_file(path)
+        if not len(patch_set.coords):
+            continue
+        x, y = patch_set.coords[int(np.argmax(patch_set.tissue_fraction))]
+        with open_slide(patch_set.spec.slide_path, mpp=patch_set.spec.mpp) as slide, \
+                PatchReader(slide, patch_set.spec) as reader:
+            rgb = reader.read(int(x), int(y))
+        if not cv2.imwrite(str(out / f"{path.stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise HistotransferError(f"{out / path.stem}.png: could not be written; check the folder.")
+    return out
+
+
 def _folder_images(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
