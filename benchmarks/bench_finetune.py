@@ -102,6 +102,28 @@ def step_time(checkpointing: bool, patches: int, size: int, reps: int) -> float:
     return statistics.median(times[1:])
 
 
+def cuda_step_result(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                     precision: str, reps: int) -> str:
+    """Peak GPU memory and median step time of ``reps`` end-to-end steps on one bag (after one warm-up)."""
+    device = x.device
+    target = torch.tensor([1], device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with precision_context(device, precision):
+            logits, _ = model(x, [len(x)])
+        loss = F.cross_entropy(logits.float(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return (f"peak {torch.cuda.max_memory_allocated(device) / GiB:6.2f} GiB allocated, step "
+            f"{statistics.median(times[1:]):.3f} s (median of {reps})")
+
+
 def cuda_steps(patches: int, size: int, reps: int) -> None:
     """Peak GPU memory and step time of DenseNet121 end-to-end steps, measured on the GPU."""
     device = torch.device("cuda")
@@ -114,24 +136,8 @@ def cuda_steps(patches: int, size: int, reps: int) -> None:
             model = model.to(device).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
             x = torch.randn(patches, 3, size, size, device=device)
-            target = torch.tensor([1], device=device)
-            torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(reps + 1):
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                with precision_context(device, precision):
-                    logits, _ = model(x, [patches])
-                loss = F.cross_entropy(logits.float(), target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            peak = torch.cuda.max_memory_allocated(device)
-            print(f"  {precision}, checkpointing {'on ' if checkpointing else 'off'}: peak "
-                  f"{peak / GiB:6.2f} GiB allocated, step {statistics.median(times[1:]):.3f} s (median of {reps})",
-                  flush=True)
+            result = cuda_step_result(model, optimizer, x, precision, reps)
+            print(f"  {precision}, checkpointing {'on ' if checkpointing else 'off'}: {result}", flush=True)
             del model, optimizer, x
             torch.cuda.empty_cache()
 
@@ -248,29 +254,14 @@ def vit_cuda_steps(name: str, patches: int, size: int, rank: int, reps: int) -> 
     device = torch.device("cuda")
     print(f"{name} on {torch.cuda.get_device_name(device)}, {patches} patches of {size} px, torch "
           f"{torch.__version__}:")
-    target = torch.tensor([1], device=device)
     for precision in ("fp32", "bf16"):
         for way in ways(rank):
             torch.manual_seed(0)
             model = vit_model(create_encoder(name, "random"), way, rank).to(device)
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
             x = torch.randn(patches, 3, size, size, device=device)
-            torch.cuda.reset_peak_memory_stats(device)
-            times = []
             try:
-                for _ in range(reps + 1):
-                    torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    with precision_context(device, precision):
-                        logits, _ = model(x, [patches])
-                    loss = F.cross_entropy(logits.float(), target)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    torch.cuda.synchronize(device)
-                    times.append(time.perf_counter() - t0)
-                result = (f"peak {torch.cuda.max_memory_allocated(device) / GiB:6.2f} GiB allocated, step "
-                          f"{statistics.median(times[1:]):.3f} s (median of {reps})")
+                result = cuda_step_result(model, optimizer, x, precision, reps)
             except torch.OutOfMemoryError:
                 result = "out of memory"
             print(f"  {precision}, {way.label:44} {result}", flush=True)
