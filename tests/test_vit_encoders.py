@@ -369,3 +369,11 @@ def test_imagenet_baseline_offline_error(monkeypatch, small, tmp_path):
     target = tmp_path / "timm/vit_large_patch16_224.augreg_in21k_ft_in1k/model.safetensors"
     with pytest.raises(HistotransferError, match=f"no connection.*copy it to {target}"):
         create_encoder("vit_large_patch16_224", weights="imagenet")
+
+
+def test_only_imagenet_weights_carry_an_imagenet_top1():
+    """timm's evaluation of exactly the weights the ImageNet ViTs load; histopathology encoders have none."""
+    assert registry.weights_top1("vit_base_patch16_224", "imagenet") == 85.096
+    assert registry.weights_top1("vit_large_patch16_224", "imagenet") == 85.834
+    assert registry.weights_top1("vit_base_patch16_224", "random") is None
+    assert registry.weights_top1("uni", "pretrained") is None

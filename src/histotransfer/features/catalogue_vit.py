@@ -262,13 +262,14 @@ def _published(encoder: str, repo: str, filename: str, reference: str, access: s
     return WeightsOption("pretrained", f"published checkpoint {repo}/{filename}", checkpoint=checkpoint)
 
 
-def _timm_imagenet(tag: str) -> tuple[WeightsOption, Preprocessing]:
-    """timm's ImageNet weights ``tag`` (their model.safetensors on the Hugging Face Hub) and the preprocessing
-    of timm's pretrained config for them."""
+def _timm_imagenet(tag: str, top1: float) -> tuple[WeightsOption, Preprocessing]:
+    """timm's ImageNet weights ``tag`` (their model.safetensors on the Hugging Face Hub), their ImageNet top-1
+    ``top1``, and the preprocessing of timm's pretrained config for them."""
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no Hugging Face Hub weights tagged {tag}")
-    option = WeightsOption("imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"))
+    option = WeightsOption("imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"),
+                           imagenet_top1=top1)
     rgb = tuple[float, float, float]
     return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), cfg.input_size[-1],
                                  cfg.interpolation)
@@ -367,11 +368,12 @@ _register(
     architecture="ViT-L/16 (DINOv2)", family="histopathology", preprocessing=_at_224(), reference=PHIKON2_REF,
 )
 
-for _name, _arch, _tag in [
-    ("vit_base_patch16_224", "ViT-B/16", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),
-    ("vit_large_patch16_224", "ViT-L/16", "vit_large_patch16_224.augreg_in21k_ft_in1k"),
+# ImageNet top-1 of exactly these weights: timm's evaluation of them (results/results-imagenet.csv).
+for _name, _arch, _tag, _top1 in [
+    ("vit_base_patch16_224", "ViT-B/16", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 85.096),
+    ("vit_large_patch16_224", "ViT-L/16", "vit_large_patch16_224.augreg_in21k_ft_in1k", 85.834),
 ]:
-    _option, _preprocessing = _timm_imagenet(_tag)
+    _option, _preprocessing = _timm_imagenet(_tag, _top1)
     _register(_name, ViTConfig(_name, {"num_classes": 0}), weights=_option, architecture=_arch, family="imagenet",
               preprocessing=_preprocessing,
               reference=f"Dosovitskiy et al., ICLR 2021; Steiner et al., TMLR 2022; timm {_tag} (pretrained_cfg)")
