@@ -132,12 +132,17 @@ def test_the_same_slide_given_twice_is_a_duplicate_row(cohort, tmp_path, capsys)
     assert f"the same file as {folder / original.name}" in report.loc[f"z_copy_{original.stem}", "message"]
 
 
-def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(cohort, tmp_path, capsys):
-    impostors = tmp_path / "impostors"
-    impostors.mkdir()
+def impostor_slides(cohort, folder: Path) -> Path:
+    """A folder of the cohort's slide file names, every one holding another slide's image."""
+    folder.mkdir()
     names = sorted(p.name for p in cohort["slides"].glob("*.tif"))
-    for a, b in zip(names, names[1:] + names[:1]):  # every slide file holds another slide's image
-        (impostors / a).write_bytes((cohort["slides"] / b).read_bytes())
+    for a, b in zip(names, names[1:] + names[:1]):
+        (folder / a).write_bytes((cohort["slides"] / b).read_bytes())
+    return folder
+
+
+def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(cohort, tmp_path, capsys):
+    impostors = impostor_slides(cohort, tmp_path / "impostors")
     out = tmp_path / "out"
     code, _, _err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides",
                        impostors)
@@ -150,11 +155,7 @@ def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(coh
 
 @pytest.mark.parametrize("command", ["heatmap", "finetune", "cka"])
 def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, capsys, command):
-    impostors = tmp_path / "impostors"
-    impostors.mkdir()
-    names = sorted(p.name for p in cohort["slides"].glob("*.tif"))
-    for a, b in zip(names, names[1:] + names[:1]):  # every slide file holds another slide's image
-        (impostors / a).write_bytes((cohort["slides"] / b).read_bytes())
+    impostors = impostor_slides(cohort, tmp_path / "impostors")
     out = tmp_path / "out"
     args = {
         "heatmap": ["heatmap", "--run", cohort["run"], "--out", out],
