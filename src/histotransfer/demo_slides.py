@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,19 +92,25 @@ def render_tissue(tissue: np.ndarray, lesion: np.ndarray | None, rng: np.random.
     if lesion is not None and lesion.any():
         lesion8 = lesion.view(np.uint8)
         tint = np.subtract(STROMA, LESION_STROMA)
-        # OpenCV takes a tuple as a per-channel scalar operand; its stubs list only arrays (hence the ignores).
-        cv2.subtract(img, (*np.maximum(tint, 0).tolist(), 0), dst=img, mask=lesion8)  # type: ignore[call-overload]
-        cv2.add(img, (*np.maximum(-tint, 0).tolist(), 0), dst=img, mask=lesion8)  # type: ignore[call-overload]
+        # A float64 array of four values is OpenCV's per-channel scalar operand, typed as an array in every
+        # release's stubs (a tuple is typed as a scalar only in some).
+        cv2.subtract(img, _scalar(np.maximum(tint, 0)), dst=img, mask=lesion8)
+        cv2.add(img, _scalar(np.maximum(-tint, 0)), dst=img, mask=lesion8)
         _draw_nuclei(img, lesion, rng, spacing=26, radius=(9, 16), colour=LESION_NUCLEUS)
     # Background is painted last, so nuclei near the edge cannot spill over it: the tissue edge stays exact.
-    background8 = (~tissue).view(np.uint8)
-    cv2.bitwise_and(img, (0, 0, 0, 0), dst=img, mask=background8)  # type: ignore[call-overload]  # scalar, as above
-    cv2.add(img, (*BACKGROUND, 0), dst=img, mask=background8)  # type: ignore[call-overload]
+    img[~tissue] = BACKGROUND
     grain = rng.integers(0, 10, (256, w, 3), dtype=np.uint8)
     for y in range(0, h, 256):
         band = img[y:y + 256]
         cv2.subtract(band, grain[:len(band)], dst=band)
     return img
+
+
+def _scalar(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per-channel values as OpenCV's scalar operand: four float64s, the fourth unused by RGB images."""
+    out = np.zeros(4)
+    out[:3] = values
+    return out
 
 
 def _smooth_colour(colour: tuple[int, int, int], shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
