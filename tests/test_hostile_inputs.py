@@ -171,10 +171,9 @@ def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, ca
         report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
         messages = list(report["message"])
         assert code == 1 and set(report["status"]) == {"error"} and not list(out.glob("*.png"))
-    else:  # the whole call is refused (a fine-tuning keeps its resumable start: config, split, top-k)
+    else:  # the whole call is refused before anything is written
         messages = [err]
-        assert code == 2 and len(err.strip().splitlines()) == 1
-        assert command == "finetune" or not out.exists()
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
     assert all("is not the slide" in m and "differs in file_size" in m for m in messages)
     assert digests(cohort["root"]) == before and temporaries(tmp_path) == []
 
@@ -433,3 +432,99 @@ def test_a_killed_process_lock_and_temporary_do_not_block_a_rerun(cohort, tmp_pa
     time.sleep(0.01)
     code, out_text, _ = run(capsys, "extract", "--patches", tiling, *EXTRACT)
     assert code == 0 and "1 done, 7 skipped" in out_text and not (folder / f".{sid}.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tilings mixed in one feature folder, patch coordinates off the slide, runs without a loadable model, reused
+# evaluate/heatmap folders, dead CKA temporaries, slide edits of the same size, failed model writes, damaged
+# checkpoints, and refusals made before anything is written.
+
+
+def _one_line_error(err: str, command: str) -> bool:
+    """Exactly one error line (progress bars aside) and no traceback."""
+    return err.count(f"histotransfer {command}: error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
+                 "write failed"),
+    OSError(28, "No space left on device"),
+])
+def test_a_failed_model_write_is_one_line_and_leaves_no_model(cohort, tmp_path, capsys, monkeypatch, failure):
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out,
+                       "--epochs", "1")
+    assert code == 2 and _one_line_error(err, "train") and str(out / "model.pt") in err
+    expected = "could not write the file (" if isinstance(failure, RuntimeError) else "no space left on the device"
+    assert expected in err and "Traceback" not in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists() and temporaries(tmp_path) == []
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short", "a byte changed"])
+def test_a_run_counts_as_finished_only_when_its_model_loads(cohort, tmp_path, capsys, damage):
+    from histotransfer.info import describe
+    from histotransfer.study.runner import _outputs_exist
+
+    run_copy = copy_tree(cohort["run"], tmp_path / "run")
+    model = run_copy / "model.pt"
+    {"missing": Path.unlink, "cut short": _truncate, "a byte changed": _flip_middle_byte}[damage](model)
+    assert describe(run_copy)["finished"] is False
+    code, _, err = run(capsys, "info", run_copy, "--check")
+    assert code == 1 and "model.pt is missing or does not load" in err
+    assert not _outputs_exist({"run": "run"}, tmp_path)  # the study redoes the cell
+    code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
+                            "--out", run_copy, "--epochs", "2")
+    assert code == 0 and "kept (done before)" not in out_text and "train: done" in out_text
+    assert model.read_bytes() == (cohort["run"] / "model.pt").read_bytes()  # redone, the same model
+    assert _outputs_exist({"run": "run"}, tmp_path)
+    assert run(capsys, "info", run_copy, "--check")[0] == 0
+
+
+FINETUNE = ["--epochs", "1", "--top-k", "2", "--device", "cpu", "--workers", "0"]
+
+
+@pytest.mark.parametrize("kind", ["garbage", "cut short", "pickled object", "another model"])
+def test_a_damaged_checkpoint_on_resume_is_one_line_saying_to_remove_it(cohort, tmp_path, capsys, kind):
+    import argparse
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    if kind == "garbage":
+        checkpoint.write_bytes(b"\x00not a checkpoint" * 64)
+    elif kind == "pickled object":
+        torch.save({"epoch": 1, "model": argparse.Namespace(a=1)}, checkpoint)
+    else:
+        state = {"epoch": 1, "model": {"w": torch.zeros(3)}, "optimizer": {}, "scaler": {}, "best_state": None,
+                 "best_key": None, "best_epoch": 1, "history": []}
+        torch.save(state, checkpoint)
+        if kind == "cut short":
+            _truncate(checkpoint)
+    code, _, err = run(capsys, "finetune", "--run", cohort["run"], "--out", out, *FINETUNE)
+    assert code == 2 and _one_line_error(err, "finetune") and "Traceback" not in err
+    assert f"{checkpoint}: not a readable checkpoint of this fine-tuning" in err
+    assert "delete it, or move it aside, and re-run the same command" in err
+    assert checkpoint.exists() and not (out / "model.pt").exists()
+
+
+def test_finetune_refuses_another_slide_before_writing_anything(cohort, tmp_path, capsys):
+    impostors = impostor_slides(cohort, tmp_path / "impostors")
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "finetune", "--run", cohort["run"], "--out", out, *FINETUNE, "--slides", impostors)
+    assert code == 2 and _one_line_error(err, "finetune") and "is not the slide" in err
+    assert not out.exists() and temporaries(tmp_path) == []

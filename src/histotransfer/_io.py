@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import HistotransferError
+from .errors import HistotransferError, one_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -172,8 +172,23 @@ def write_torch(obj: Any, path: str | os.PathLike[str]) -> None:
     """
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:
+        raise _torch_write_error(exc, Path(path)) from exc
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the message names the file
+
+
+def _torch_write_error(exc: RuntimeError, path: Path) -> OSError:
+    """The OSError behind a failed ``torch.save``: torch's archive writer reports a failed write as a RuntimeError
+    ("PytorchStreamWriter failed writing file ...") that does not say why; a full disk is named as such."""
+    if disk_full(exc) or shutil.disk_usage(path.parent).free < (1 << 20):
+        return OSError(errno.ENOSPC, "no space left on the device", str(path))
+    return OSError(errno.EIO, f"could not write the file ({one_line(exc)})", str(path))
 
 
 def write_png(image: Any, path: str | os.PathLike[str], rgb: bool = True) -> None:

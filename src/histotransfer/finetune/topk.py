@@ -59,12 +59,13 @@ def select_top_k(
     k: int = 64,
     splits: Sequence[str] = ("train", "val"),
     out_path: str | Path | None = None,
+    save: bool = True,
 ) -> pd.DataFrame:
     """Per slide of ``splits``, the k patches with the highest pre-softmax attention score.
 
     Returns a DataFrame (slide_id, split, rank, x, y, score) with rank 1 the highest score, ties broken by
-    the patch's order in the attention file; slides with fewer than k patches keep all of them. Saved as
-    ``topk.csv`` in the run folder (or at ``out_path``).
+    the patch's order in the attention file; slides with fewer than k patches keep all of them. Saved (unless
+    ``save`` is False) as ``topk.csv`` in the run folder (or at ``out_path``).
     """
     run_dir = Path(run_dir)
     if k < 1:
@@ -85,5 +86,6 @@ def select_top_k(
             "x": coords[idx, 0], "y": coords[idx, 1], "score": score[idx],
         }))
     df = pd.concat(parts, ignore_index=True)[TOPK_COLUMNS]
-    write_csv(df, run_dir / "topk.csv" if out_path is None else out_path)
+    if save:
+        write_csv(df, run_dir / "topk.csv" if out_path is None else out_path)
     return df

@@ -12,6 +12,7 @@ module level: checking a finished run is instant.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,7 +106,32 @@ def guard(run_dir: Path, config: dict[str, Any], done_file: str = DONE_FILE) -> 
     if diff:
         raise HistotransferError(f"{run_dir}: holds a run made differently (differs in: {'; '.join(diff)}); "
                                  "choose another --out or delete that folder.")
-    return (run_dir / done_file).is_file()
+    return run_finished(run_dir, done_file)
+
+
+def run_finished(run_dir: str | Path, done_file: str = DONE_FILE) -> bool:
+    """Whether ``run_dir`` holds a finished run: its ``done_file`` is written and its ``model.pt`` is a whole
+    model archive (for a cross-validation folder, every fold's). A model file missing, cut short or damaged leaves
+    the run to be redone, however complete the rest looks; ``train``, ``finetune``, ``info`` and the study's cache
+    all decide with this."""
+    run_dir = Path(run_dir)
+    if not (run_dir / done_file).is_file():
+        return False
+    folds = [p for p in run_dir.glob("fold_*") if p.is_dir()]
+    if folds and not (run_dir / "model.pt").exists():
+        return all(run_finished(p) for p in folds)
+    return archive_intact(run_dir / "model.pt")
+
+
+def archive_intact(path: Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive: a zip holding a pickle record whose every record matches
+    its CRC-32. Checked without torch (``info`` never imports it): a file cut short has no zip directory, a damaged
+    one fails its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/data.pkl") for n in archive.namelist()) and archive.testzip() is None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def check_inputs(config: dict[str, Any], fingerprints: dict[str, str | None], source: str | Path) -> None:
