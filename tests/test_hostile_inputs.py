@@ -528,3 +528,37 @@ def test_finetune_refuses_another_slide_before_writing_anything(cohort, tmp_path
     code, _, err = run(capsys, "finetune", "--run", cohort["run"], "--out", out, *FINETUNE, "--slides", impostors)
     assert code == 2 and _one_line_error(err, "finetune") and "is not the slide" in err
     assert not out.exists() and temporaries(tmp_path) == []
+
+
+def test_train_refuses_a_feature_folder_mixing_two_tilings(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    out = tmp_path / "tiles"
+    assert run(capsys, "tile", slides, "--out", out, "--magnification", "10", "--patch-size", "32")[0] == 0
+    assert run(capsys, "extract", "--patches", out / "10x_32px_0px_overlap", *EXTRACT)[0] == 0
+    mixed = copy_tree(cohort["features"], tmp_path / "mixed")
+    intruder = sorted(mixed.glob("*.h5"))[-1]
+    shutil.copy(out / "10x_32px_0px_overlap" / "features" / "resnet18-random-t3-s32-fp32" / intruder.name, intruder)
+    code, _, err = run(capsys, "train", "--features", mixed, "--labels", cohort["labels"], "--out", tmp_path / "run",
+                       "--epochs", "1")
+    assert code == 2 and _one_line_error(err, "train")
+    assert f"{intruder}: features of tiling '10x_32px_0px_overlap'" in err and f"of tiling '{TILING}'" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("corner", [(5000, 5000), (-64, 0), (0, 10**12)])
+def test_patch_coordinates_off_the_slide_are_refused_naming_the_slide(cohort, tmp_path, capsys, corner):
+    from histotransfer.errors import FormatError
+
+    tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
+    shutil.rmtree(tiling / "features")
+    victim = sorted((tiling / "patches").glob("*.h5"))[0]
+    with h5py.File(victim, "r+") as f:
+        f["coords"][1] = corner
+    with pytest.raises(FormatError, match=r"patch row 1 at .* lies outside slide .*\(1024 x 1024 level-0 pixels\)"):
+        read_patch_file(victim)
+    code = run(capsys, "extract", "--patches", tiling, *EXTRACT)[0]
+    folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    report = pd.read_csv(folder / "extract.csv", keep_default_na=False).set_index("slide_id")
+    assert code == 1 and report.loc[victim.stem, "status"] == "error"
+    assert f"at ({corner[0]}, {corner[1]})" in report.loc[victim.stem, "message"]
+    assert victim.stem in report.loc[victim.stem, "message"] and not (folder / victim.name).exists()
