@@ -562,3 +562,26 @@ def test_patch_coordinates_off_the_slide_are_refused_naming_the_slide(cohort, tm
     assert code == 1 and report.loc[victim.stem, "status"] == "error"
     assert f"at ({corner[0]}, {corner[1]})" in report.loc[victim.stem, "message"]
     assert victim.stem in report.loc[victim.stem, "message"] and not (folder / victim.name).exists()
+
+
+def test_cka_removes_scratch_folders_of_dead_processes_and_keeps_live_ones(cohort, tmp_path, capsys):
+    from histotransfer._io import temp_folder
+
+    out = tmp_path / "cka"
+    out.mkdir()
+    with temp_folder(out, "cka-maps") as mine:  # the scratch folder names the process that owns it
+        assert mine.name.startswith(f".cka-maps-{HOST}-{os.getpid()}-")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead, live = out / f".cka-maps-{HOST}-999999-k1ll3d", out / f".cka-maps-{HOST}-{sleeper.pid}-w0rk1ng"
+        for folder in (dead, live):
+            folder.mkdir()
+            (folder / "maps.npy").write_bytes(b"\0" * 1024)
+        code = run(capsys, "cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
+                   "--truncate-b", "3", "--patches", cohort["tiling"], "--out", out, "--n-patches", "16",
+                   "--no-baseline", "--device", "cpu", "--workers", "0", "--pooling", "flatten")[0]
+        assert code == 0 and not dead.exists() and (live / "maps.npy").is_file()
+        assert sorted(p.name for p in out.rglob(".cka-maps-*")) == [live.name]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
