@@ -585,3 +585,38 @@ def test_cka_removes_scratch_folders_of_dead_processes_and_keeps_live_ones(cohor
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_slide_edited_in_the_middle_with_its_size_unchanged_is_detected(tmp_path, capsys):
+    from histotransfer.demo_slides import render_tissue, write_pyramidal_tiff
+    from histotransfer.slide import IDENTITY_KEYS
+
+    rng = np.random.default_rng(0)
+    tissue = np.zeros((2048, 2048), bool)
+    tissue[512:1536, 512:1536] = True
+    rgb = render_tissue(tissue, None, rng)  # noise makes the JPEG tiles large: the file exceeds 2 MiB
+    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-40, 40, rgb.shape), 0, 255).astype(np.uint8)
+    slide = write_pyramidal_tiff(tmp_path / "slides" / "big.tif", rgb, 0.5)
+    size = slide.stat().st_size
+    assert size > (2 << 20) + (64 << 10) and "sample_sha256" in IDENTITY_KEYS
+    out = tmp_path / "tiles"
+    tile = ["tile", tmp_path / "slides", "--out", out, "--magnification", "10", "--patch-size", "64"]
+    assert run(capsys, *tile)[0] == 0
+    data = bytearray(slide.read_bytes())
+    data[size // 2] ^= 0xFF  # beyond the first and last MiB; the size is the same
+    slide.write_bytes(bytes(data))
+    code = run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0]
+    report = pd.read_csv(out / TILING / "features" / "resnet18-random-t3-s32-fp32" / "extract.csv")
+    assert code == 1 and report["status"].tolist() == ["error"]
+    message = report["message"][0]
+    assert "is not the slide" in message and "differs in sample_sha256" in message and "head_sha256" not in message
+    code, out_text, _ = run(capsys, *tile)
+    assert code == 0 and "1 done" in out_text  # re-tiled: the slide changed
+    # A patch file recorded before the sample existed is checked on the keys it holds, and kept by tile.
+    with h5py.File(out / TILING / "patches" / "big.h5", "r+") as f:
+        identity = json.loads(f.attrs["slide_identity"])
+        del identity["sample_sha256"]
+        f.attrs["slide_identity"] = json.dumps(identity)
+    assert run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0] == 0
+    code, out_text, _ = run(capsys, *tile)
+    assert code == 0 and "1 skipped" in out_text
