@@ -620,3 +620,52 @@ def test_a_slide_edited_in_the_middle_with_its_size_unchanged_is_detected(tmp_pa
     assert run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0] == 0
     code, out_text, _ = run(capsys, *tile)
     assert code == 0 and "1 skipped" in out_text
+
+
+@pytest.fixture(scope="module")
+def second_run(cohort):
+    """Another run on the same features (another seed): its model, and so its fingerprint, differ."""
+    out = cohort["root"] / "run_seed1"
+    assert main(["train", "--features", str(cohort["features"]), "--labels", str(cohort["labels"]), "--out",
+                 str(out), "--epochs", "1", "--seed", "1"]) == 0
+    return out
+
+
+def test_evaluate_into_a_folder_of_another_run_is_refused_and_its_attention_is_never_taken_for_ours(
+        cohort, second_run, tmp_path, capsys):
+    from histotransfer.mil import run_fingerprint
+
+    shared = tmp_path / "eval"
+    evaluate = ["--features", cohort["features"], "--out", shared]
+    assert run(capsys, "evaluate", "--run", cohort["run"], *evaluate)[0] == 0
+    first = run_fingerprint(cohort["run"])
+    assert json.loads((shared / "evaluation.json").read_text())["run_fingerprint"] == first
+    for path in (shared / "attention").glob("*.h5"):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["run_fingerprint"] == first
+    before = digests(shared)
+    code, _, err = run(capsys, "evaluate", "--run", second_run, *evaluate)
+    assert code == 2 and _one_line_error(err, "evaluate") and f"{shared}: holds the evaluation of another run" in err
+    assert digests(shared) == before
+    assert run(capsys, "evaluate", "--run", cohort["run"], *evaluate)[0] == 0  # its own run may write again
+    # heatmap --attention: the first run's attention is not painted as the second's
+    code, _, _ = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out",
+                     tmp_path / "maps", "--attention", shared / "attention")
+    report = pd.read_csv(tmp_path / "maps" / "heatmaps.csv", keep_default_na=False)
+    assert code == 1 and set(report["status"]) == {"error"} and not list((tmp_path / "maps").glob("*.png"))
+    assert all("was made by run" in m and "not by this run" in m for m in report["message"])
+
+
+def test_heatmap_into_a_folder_of_another_run_is_refused_and_its_report_names_the_run(cohort, second_run, tmp_path,
+                                                                                      capsys):
+    from histotransfer.mil import run_fingerprint
+
+    out = tmp_path / "maps"
+    assert run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out", out)[0] == 0
+    report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
+    assert set(report["run_fingerprint"]) == {run_fingerprint(cohort["run"])} and len(report) == 8
+    assert set(report["run"]) == {str(cohort["run"].resolve())}
+    before = digests(out)
+    code, _, err = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out", out)
+    assert code == 2 and _one_line_error(err, "heatmap") and f"{out}: holds heatmaps of another run" in err
+    assert digests(out) == before
