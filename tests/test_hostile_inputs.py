@@ -669,3 +669,21 @@ def test_heatmap_into_a_folder_of_another_run_is_refused_and_its_report_names_th
     code, _, err = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out", out)
     assert code == 2 and _one_line_error(err, "heatmap") and f"{out}: holds heatmaps of another run" in err
     assert digests(out) == before
+
+
+def test_bench_extract_weights_file_applies_only_to_the_configs_it_fits(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
+    spec = importlib.util.spec_from_file_location("bench_extract", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    weights = str(save_encoder(create_encoder("resnet18", "random", 0), tmp_path / "resnet18.pt"))
+    assert bench.default_weights("resnet18", weights) == weights
+    capsys.readouterr()
+    assert bench.default_weights("densenet121", weights) in ("random", str(bench.DENSENET))
+    said = capsys.readouterr().out
+    assert f"--weights {weights} does not fit densenet121" in said and "densenet121 runs with" in said
+    with pytest.raises(SystemExit, match="--weights nonsense"):
+        bench.default_weights("resnet18", "nonsense")
