@@ -275,8 +275,21 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
 
 
 def default_weights(encoder: str, weights: str | None) -> str:
-    """``weights`` if given, else the ../shared DenseNet121 ImageNet weights for densenet121, else random."""
-    return weights or (str(DENSENET) if DENSENET.exists() and encoder == "densenet121" else "random")
+    """``weights`` if given and they fit ``encoder``, else the ../shared DenseNet121 ImageNet weights for
+    densenet121, else random. A weights file of another architecture (DenseNet weights with ``--configs`` naming
+    ResNet18 too) is used only for the configs it fits; the others are said to fall back to their default."""
+    fallback = str(DENSENET) if DENSENET.exists() and encoder == "densenet121" else "random"
+    if weights is None:
+        return fallback
+    try:
+        create_encoder(encoder, weights, 0)
+    except HistotransferError as exc:
+        if not Path(weights).is_file():
+            raise SystemExit(f"--weights {weights}: {exc}") from None
+        print(f"--weights {weights} does not fit {encoder} ({' '.join(str(exc).split())[:160]}); "
+              f"{encoder} runs with {Path(fallback).name} weights")
+        return fallback
+    return weights
 
 
 def median_rates(steps: dict[str, Callable[[], object]], n: int,
@@ -369,8 +382,9 @@ def main() -> None:
                     help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with "
                          "other programs, where threads waiting for each other make wall and CPU time erratic")
     ap.add_argument("--weights", default=None,
-                    help="weights for every config (default: ../shared DenseNet121 weights for densenet121, "
-                         "else random)")
+                    help="weights for every config they fit: a name (random, imagenet) for all, a file for the "
+                         "configs of its architecture, the others keeping their default (../shared DenseNet121 "
+                         "weights for densenet121, else random)")
     ap.add_argument("--patch-size", type=int, default=224)
     ap.add_argument("--magnification", type=float, default=20.0)
     ap.add_argument("--batch-size", type=int, default=32)

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import cv2
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
 from histotransfer.features import extract_features, read_feature_file
 from histotransfer.finetune import finetune, run_encoder
-from histotransfer.mil import cam_localisation, load_run_model, read_attention, train_mil
+from histotransfer.mil import cam_localisation, load_run_model, read_attention, run_fingerprint, train_mil
 from histotransfer.patches import PatchReader, read_patch_file, tile_slides
 from histotransfer.slide import open_slide
 
@@ -172,6 +173,9 @@ def test_an_encoder_that_does_not_reproduce_the_run_is_refused(study, tmp_path):
     config = json.loads((run / "config.json").read_text())
     config["encoder"]["input_size"] = 64  # the features were made at 32 px
     (run / "config.json").write_text(json.dumps(config))
+    for path in (run / "attention").glob("*.h5"):  # the attention stays the run's: only the encoder differs
+        with h5py.File(path, "r+") as f:
+            f.attrs["run_fingerprint"] = run_fingerprint(run)
     with pytest.raises(HistotransferError, match="does not reproduce the run's features"):
         write_cams(run, tmp_path / "cam", top_k=2, device="cpu", slide_ids=[study["neg"][0]])
 

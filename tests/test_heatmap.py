@@ -19,7 +19,7 @@ from histotransfer.errors import HistotransferError
 from histotransfer.mil import evaluate_run, train_mil, write_heatmaps
 from histotransfer.mil.bags import patch_size_level0
 from histotransfer.mil.heatmap import attention_overlay
-from histotransfer.mil.rundir import read_attention, write_attention
+from histotransfer.mil.rundir import read_attention, run_fingerprint, write_attention
 from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 
 SHARED_SLIDE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "CMU-1-Small-Region.svs"
@@ -194,7 +194,8 @@ def test_cohort_scale_gives_one_colour_per_value_across_slides_and_slide_scale_d
     scores["a"][first], scores["b"][first] = 1.0, 1.0  # the same score on both slides
     scores["a"][(first + 1) % 12], scores["b"][(first + 1) % 12] = 2.0, 4.0
     for sid, s in scores.items():
-        write_attention(tmp_path / "att" / f"{sid}.h5", sid, coords, s, 0.5, 256)
+        write_attention(tmp_path / "att" / f"{sid}.h5", sid, coords, s, 0.5, 256,
+                        fingerprint=run_fingerprint(run_dir))
         white_slide(tmp_path / "slides" / f"{sid}.png")
     kwargs = {"attention_dir": tmp_path / "att", "mpp": 0.5, "max_side": 512}
     write_heatmaps(run_dir, [tmp_path / "slides"], tmp_path / "cohort", **kwargs)
@@ -214,7 +215,8 @@ def test_patch_side_from_a_clam_patch_file(run, tmp_path, make_slide):
     _, run_dir, _ = run
     slide = make_slide("clam", size=(1024, 1024))  # levels 1024, 512, 256 px: level 1 is 2x downsampled
     coords = np.array([[0, 0], [400, 400]], np.int64)
-    write_attention(tmp_path / "att" / "clam.h5", "clam", coords, np.array([0.0, 1.0]), 0.5, None)
+    write_attention(tmp_path / "att" / "clam.h5", "clam", coords, np.array([0.0, 1.0]), 0.5, None,
+                    fingerprint=run_fingerprint(run_dir))
     (tmp_path / "patches").mkdir()
     with h5py.File(tmp_path / "patches" / "clam.h5", "w") as f:
         dset = f.create_dataset("coords", data=coords)

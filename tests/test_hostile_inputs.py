@@ -171,10 +171,9 @@ def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, ca
         report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
         messages = list(report["message"])
         assert code == 1 and set(report["status"]) == {"error"} and not list(out.glob("*.png"))
-    else:  # the whole call is refused (a fine-tuning keeps its resumable start: config, split, top-k)
+    else:  # the whole call is refused before anything is written
         messages = [err]
-        assert code == 2 and len(err.strip().splitlines()) == 1
-        assert command == "finetune" or not out.exists()
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
     assert all("is not the slide" in m and "differs in file_size" in m for m in messages)
     assert digests(cohort["root"]) == before and temporaries(tmp_path) == []
 
@@ -433,3 +432,258 @@ def test_a_killed_process_lock_and_temporary_do_not_block_a_rerun(cohort, tmp_pa
     time.sleep(0.01)
     code, out_text, _ = run(capsys, "extract", "--patches", tiling, *EXTRACT)
     assert code == 0 and "1 done, 7 skipped" in out_text and not (folder / f".{sid}.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tilings mixed in one feature folder, patch coordinates off the slide, runs without a loadable model, reused
+# evaluate/heatmap folders, dead CKA temporaries, slide edits of the same size, failed model writes, damaged
+# checkpoints, and refusals made before anything is written.
+
+
+def _one_line_error(err: str, command: str) -> bool:
+    """Exactly one error line (progress bars aside) and no traceback."""
+    return err.count(f"histotransfer {command}: error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
+                 "write failed"),
+    OSError(28, "No space left on device"),
+])
+def test_a_failed_model_write_is_one_line_and_leaves_no_model(cohort, tmp_path, capsys, monkeypatch, failure):
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out,
+                       "--epochs", "1")
+    assert code == 2 and _one_line_error(err, "train") and str(out / "model.pt") in err
+    expected = "could not write the file (" if isinstance(failure, RuntimeError) else "no space left on the device"
+    assert expected in err and "Traceback" not in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists() and temporaries(tmp_path) == []
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short", "a byte changed"])
+def test_a_run_counts_as_finished_only_when_its_model_loads(cohort, tmp_path, capsys, damage):
+    from histotransfer.info import describe
+    from histotransfer.study.runner import _outputs_exist
+
+    run_copy = copy_tree(cohort["run"], tmp_path / "run")
+    model = run_copy / "model.pt"
+    {"missing": Path.unlink, "cut short": _truncate, "a byte changed": _flip_middle_byte}[damage](model)
+    assert describe(run_copy)["finished"] is False
+    code, _, err = run(capsys, "info", run_copy, "--check")
+    assert code == 1 and "model.pt is missing or does not load" in err
+    assert not _outputs_exist({"run": "run"}, tmp_path)  # the study redoes the cell
+    code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
+                            "--out", run_copy, "--epochs", "2")
+    assert code == 0 and "kept (done before)" not in out_text and "train: done" in out_text
+    assert model.read_bytes() == (cohort["run"] / "model.pt").read_bytes()  # redone, the same model
+    assert _outputs_exist({"run": "run"}, tmp_path)
+    assert run(capsys, "info", run_copy, "--check")[0] == 0
+
+
+FINETUNE = ["--epochs", "1", "--top-k", "2", "--device", "cpu", "--workers", "0"]
+
+
+@pytest.mark.parametrize("kind", ["garbage", "cut short", "pickled object", "another model"])
+def test_a_damaged_checkpoint_on_resume_is_one_line_saying_to_remove_it(cohort, tmp_path, capsys, kind):
+    import argparse
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    if kind == "garbage":
+        checkpoint.write_bytes(b"\x00not a checkpoint" * 64)
+    elif kind == "pickled object":
+        torch.save({"epoch": 1, "model": argparse.Namespace(a=1)}, checkpoint)
+    else:
+        state = {"epoch": 1, "model": {"w": torch.zeros(3)}, "optimizer": {}, "scaler": {}, "best_state": None,
+                 "best_key": None, "best_epoch": 1, "history": []}
+        torch.save(state, checkpoint)
+        if kind == "cut short":
+            _truncate(checkpoint)
+    code, _, err = run(capsys, "finetune", "--run", cohort["run"], "--out", out, *FINETUNE)
+    assert code == 2 and _one_line_error(err, "finetune") and "Traceback" not in err
+    assert f"{checkpoint}: not a readable checkpoint of this fine-tuning" in err
+    assert "delete it, or move it aside, and re-run the same command" in err
+    assert checkpoint.exists() and not (out / "model.pt").exists()
+
+
+def test_finetune_refuses_another_slide_before_writing_anything(cohort, tmp_path, capsys):
+    impostors = impostor_slides(cohort, tmp_path / "impostors")
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "finetune", "--run", cohort["run"], "--out", out, *FINETUNE, "--slides", impostors)
+    assert code == 2 and _one_line_error(err, "finetune") and "is not the slide" in err
+    assert not out.exists() and temporaries(tmp_path) == []
+
+
+def test_train_refuses_a_feature_folder_mixing_two_tilings(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    out = tmp_path / "tiles"
+    assert run(capsys, "tile", slides, "--out", out, "--magnification", "10", "--patch-size", "32")[0] == 0
+    assert run(capsys, "extract", "--patches", out / "10x_32px_0px_overlap", *EXTRACT)[0] == 0
+    mixed = copy_tree(cohort["features"], tmp_path / "mixed")
+    intruder = sorted(mixed.glob("*.h5"))[-1]
+    shutil.copy(out / "10x_32px_0px_overlap" / "features" / "resnet18-random-t3-s32-fp32" / intruder.name, intruder)
+    code, _, err = run(capsys, "train", "--features", mixed, "--labels", cohort["labels"], "--out", tmp_path / "run",
+                       "--epochs", "1")
+    assert code == 2 and _one_line_error(err, "train")
+    assert f"{intruder}: features of tiling '10x_32px_0px_overlap'" in err and f"of tiling '{TILING}'" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("corner", [(5000, 5000), (-64, 0), (0, 10**12)])
+def test_patch_coordinates_off_the_slide_are_refused_naming_the_slide(cohort, tmp_path, capsys, corner):
+    from histotransfer.errors import FormatError
+
+    tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
+    shutil.rmtree(tiling / "features")
+    victim = sorted((tiling / "patches").glob("*.h5"))[0]
+    with h5py.File(victim, "r+") as f:
+        f["coords"][1] = corner
+    with pytest.raises(FormatError, match=r"patch row 1 at .* lies outside slide .*\(1024 x 1024 level-0 pixels\)"):
+        read_patch_file(victim)
+    code = run(capsys, "extract", "--patches", tiling, *EXTRACT)[0]
+    folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    report = pd.read_csv(folder / "extract.csv", keep_default_na=False).set_index("slide_id")
+    assert code == 1 and report.loc[victim.stem, "status"] == "error"
+    assert f"at ({corner[0]}, {corner[1]})" in report.loc[victim.stem, "message"]
+    assert victim.stem in report.loc[victim.stem, "message"] and not (folder / victim.name).exists()
+
+
+def test_cka_removes_scratch_folders_of_dead_processes_and_keeps_live_ones(cohort, tmp_path, capsys):
+    from histotransfer._io import temp_folder
+
+    out = tmp_path / "cka"
+    out.mkdir()
+    with temp_folder(out, "cka-maps") as mine:  # the scratch folder names the process that owns it
+        assert mine.name.startswith(f".cka-maps-{HOST}-{os.getpid()}-")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead, live = out / f".cka-maps-{HOST}-999999-k1ll3d", out / f".cka-maps-{HOST}-{sleeper.pid}-w0rk1ng"
+        for folder in (dead, live):
+            folder.mkdir()
+            (folder / "maps.npy").write_bytes(b"\0" * 1024)
+        code = run(capsys, "cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
+                   "--truncate-b", "3", "--patches", cohort["tiling"], "--out", out, "--n-patches", "16",
+                   "--no-baseline", "--device", "cpu", "--workers", "0", "--pooling", "flatten")[0]
+        assert code == 0 and not dead.exists() and (live / "maps.npy").is_file()
+        assert sorted(p.name for p in out.rglob(".cka-maps-*")) == [live.name]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_slide_edited_in_the_middle_with_its_size_unchanged_is_detected(tmp_path, capsys):
+    from histotransfer.demo_slides import render_tissue, write_pyramidal_tiff
+    from histotransfer.slide import IDENTITY_KEYS
+
+    rng = np.random.default_rng(0)
+    tissue = np.zeros((2048, 2048), bool)
+    tissue[512:1536, 512:1536] = True
+    rgb = render_tissue(tissue, None, rng)  # noise makes the JPEG tiles large: the file exceeds 2 MiB
+    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-40, 40, rgb.shape), 0, 255).astype(np.uint8)
+    slide = write_pyramidal_tiff(tmp_path / "slides" / "big.tif", rgb, 0.5)
+    size = slide.stat().st_size
+    assert size > (2 << 20) + (64 << 10) and "sample_sha256" in IDENTITY_KEYS
+    out = tmp_path / "tiles"
+    tile = ["tile", tmp_path / "slides", "--out", out, "--magnification", "10", "--patch-size", "64"]
+    assert run(capsys, *tile)[0] == 0
+    data = bytearray(slide.read_bytes())
+    data[size // 2] ^= 0xFF  # beyond the first and last MiB; the size is the same
+    slide.write_bytes(bytes(data))
+    code = run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0]
+    report = pd.read_csv(out / TILING / "features" / "resnet18-random-t3-s32-fp32" / "extract.csv")
+    assert code == 1 and report["status"].tolist() == ["error"]
+    message = report["message"][0]
+    assert "is not the slide" in message and "differs in sample_sha256" in message and "head_sha256" not in message
+    code, out_text, _ = run(capsys, *tile)
+    assert code == 0 and "1 done" in out_text  # re-tiled: the slide changed
+    # A patch file recorded before the sample existed is checked on the keys it holds, and kept by tile.
+    with h5py.File(out / TILING / "patches" / "big.h5", "r+") as f:
+        identity = json.loads(f.attrs["slide_identity"])
+        del identity["sample_sha256"]
+        f.attrs["slide_identity"] = json.dumps(identity)
+    assert run(capsys, "extract", "--patches", out / TILING, *EXTRACT)[0] == 0
+    code, out_text, _ = run(capsys, *tile)
+    assert code == 0 and "1 skipped" in out_text
+
+
+@pytest.fixture(scope="module")
+def second_run(cohort):
+    """Another run on the same features (another seed): its model, and so its fingerprint, differ."""
+    out = cohort["root"] / "run_seed1"
+    assert main(["train", "--features", str(cohort["features"]), "--labels", str(cohort["labels"]), "--out",
+                 str(out), "--epochs", "1", "--seed", "1"]) == 0
+    return out
+
+
+def test_evaluate_into_a_folder_of_another_run_is_refused_and_its_attention_is_never_taken_for_ours(
+        cohort, second_run, tmp_path, capsys):
+    from histotransfer.mil import run_fingerprint
+
+    shared = tmp_path / "eval"
+    evaluate = ["--features", cohort["features"], "--out", shared]
+    assert run(capsys, "evaluate", "--run", cohort["run"], *evaluate)[0] == 0
+    first = run_fingerprint(cohort["run"])
+    assert json.loads((shared / "evaluation.json").read_text())["run_fingerprint"] == first
+    for path in (shared / "attention").glob("*.h5"):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["run_fingerprint"] == first
+    before = digests(shared)
+    code, _, err = run(capsys, "evaluate", "--run", second_run, *evaluate)
+    assert code == 2 and _one_line_error(err, "evaluate") and f"{shared}: holds the evaluation of another run" in err
+    assert digests(shared) == before
+    assert run(capsys, "evaluate", "--run", cohort["run"], *evaluate)[0] == 0  # its own run may write again
+    # heatmap --attention: the first run's attention is not painted as the second's
+    code, _, _ = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out",
+                     tmp_path / "maps", "--attention", shared / "attention")
+    report = pd.read_csv(tmp_path / "maps" / "heatmaps.csv", keep_default_na=False)
+    assert code == 1 and set(report["status"]) == {"error"} and not list((tmp_path / "maps").glob("*.png"))
+    assert all("was made by run" in m and "not by this run" in m for m in report["message"])
+
+
+def test_heatmap_into_a_folder_of_another_run_is_refused_and_its_report_names_the_run(cohort, second_run, tmp_path,
+                                                                                      capsys):
+    from histotransfer.mil import run_fingerprint
+
+    out = tmp_path / "maps"
+    assert run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out", out)[0] == 0
+    report = pd.read_csv(out / "heatmaps.csv", keep_default_na=False)
+    assert set(report["run_fingerprint"]) == {run_fingerprint(cohort["run"])} and len(report) == 8
+    assert set(report["run"]) == {str(cohort["run"].resolve())}
+    before = digests(out)
+    code, _, err = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out", out)
+    assert code == 2 and _one_line_error(err, "heatmap") and f"{out}: holds heatmaps of another run" in err
+    assert digests(out) == before
+
+
+def test_bench_extract_weights_file_applies_only_to_the_configs_it_fits(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
+    spec = importlib.util.spec_from_file_location("bench_extract", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    weights = str(save_encoder(create_encoder("resnet18", "random", 0), tmp_path / "resnet18.pt"))
+    assert bench.default_weights("resnet18", weights) == weights
+    capsys.readouterr()
+    assert bench.default_weights("densenet121", weights) in ("random", str(bench.DENSENET))
+    said = capsys.readouterr().out
+    assert f"--weights {weights} does not fit densenet121" in said and "densenet121 runs with" in said
+    with pytest.raises(SystemExit, match="--weights nonsense"):
+        bench.default_weights("resnet18", "nonsense")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def stages(monkeypatch):
                 run.mkdir()
                 auc = 0.6 + 0.1 * cell.seed + 0.01 * cell.encoder.truncate + (0.05 if kind == "finetune" else 0)
                 (run / "metrics.json").write_text(json.dumps({"test": {"auc": auc, "n_slides": 2}}))
+                with zipfile.ZipFile(run / "model.pt", "w") as model:  # the layout of a torch.save archive
+                    model.writestr("model/data.pkl", b"")
                 result = {"run": f"{cell.key}/run"}
                 if kind == "finetune":
                     result["frozen_run"] = ctx.dep(cell, "mil")["run"]

@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import HistotransferError
+from .errors import HistotransferError, one_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +79,32 @@ def remove_stale_temps(folder: str | os.PathLike[str], prefix: str = "") -> None
         m = _TEMP_RE.match(p.name)
         if m and _owner_gone(m["host"], int(m["pid"])):
             p.unlink(missing_ok=True)
+
+
+@contextmanager
+def temp_folder(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
+    """A hidden scratch folder ``.<prefix>-<host>-<pid>-<random>`` in ``parent``, deleted when the block ends.
+
+    Its name records the process that owns it, so one left by a killed process is removed by the next run
+    (:func:`remove_stale_temp_folders`) while a live process's folder is left alone.
+    """
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=f".{prefix}-{HOST}-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temp_folders(parent: str | os.PathLike[str], prefix: str) -> list[Path]:
+    """Delete the :func:`temp_folder` folders of ``prefix`` in ``parent`` whose process is gone; return them."""
+    pattern = re.compile(rf"^\.{re.escape(prefix)}-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+    removed = []
+    for p in Path(parent).glob(f".{_glob_escape(prefix)}-*") if Path(parent).is_dir() else []:
+        m = pattern.match(p.name)
+        if m and p.is_dir() and _owner_gone(m["host"], int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _glob_escape(text: str) -> str:
@@ -172,8 +199,23 @@ def write_torch(obj: Any, path: str | os.PathLike[str]) -> None:
     """
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:
+        raise _torch_write_error(exc, Path(path)) from exc
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the message names the file
+
+
+def _torch_write_error(exc: RuntimeError, path: Path) -> OSError:
+    """The OSError behind a failed ``torch.save``: torch's archive writer reports a failed write as a RuntimeError
+    ("PytorchStreamWriter failed writing file ...") that does not say why; a full disk is named as such."""
+    if disk_full(exc) or shutil.disk_usage(path.parent).free < (1 << 20):
+        return OSError(errno.ENOSPC, "no space left on the device", str(path))
+    return OSError(errno.EIO, f"could not write the file ({one_line(exc)})", str(path))
 
 
 def write_png(image: Any, path: str | os.PathLike[str], rgb: bool = True) -> None:

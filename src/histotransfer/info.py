@@ -26,7 +26,7 @@ from .batch import REPORT_COLUMNS, STATUS_ORDER
 from .errors import HistotransferError
 from .features import first_non_finite
 from .finetune.settings import FinetuneSettings
-from .mil import feature_fingerprint, read_config
+from .mil import feature_fingerprint, read_config, run_finished
 from .mil.settings import MilSettings
 from .patches import REPORT_FILE, SETTINGS_FILE, find_tiling, read_patch_file
 from .slide import SLIDE_SUFFIXES, identity_differences, open_slide, slide_identity
@@ -403,7 +403,7 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
         kind = "cross-validation run" if folds else "MIL run"
     encoder = config.get("encoder") or {}
     out: dict[str, Any] = {
-        "kind": kind, "path": str(path), "finished": metrics is not None, "settings": _run_settings(config),
+        "kind": kind, "path": str(path), "finished": run_finished(path), "settings": _run_settings(config),
         "encoder": encoder.get("encoder_id") or "not recorded (CLAM/TRIDENT features)",
         "features_dir": config.get("features_dir"), "labels": config.get("labels"),
         "positive_class": config.get("positive_class"), "split": _split_counts(path, config)}
@@ -413,6 +413,8 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
                          "unreadable": len(config.get("unreadable_slides") or {})}
     if check:
         out["inputs_check"] = _inputs_check(config)
+        if metrics is not None:  # metrics written, yet unfinished: the model file is missing or does not load
+            out["model_loads"] = out["finished"]
     if config.get("kind") == "finetune":
         out["source_run"] = ((config.get("finetune") or {}).get("source") or {}).get("run")
         comparison = _read_json(path / "comparison.json") or {}
@@ -528,6 +530,9 @@ def failed_checks(description: dict[str, Any]) -> list[str]:
     if inputs.get("changed") or inputs.get("missing"):
         found.append(f"{description['path']}: feature files changed ({len(inputs['changed'])}) or missing "
                      f"({len(inputs['missing'])}) since training, in {inputs['features_dir']}")
+    if description.get("model_loads") is False:
+        found.append(f"{description['path']}: metrics.json is written but model.pt is missing or does not load; "
+                     "re-run the command that made the run (it redoes it)")
     return found
 
 

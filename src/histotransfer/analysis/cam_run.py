@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from .._io import (
     atomic_path,
-    file_sha256,
     h5_files,
     output_folder,
     remove_stale_temps,
@@ -72,6 +71,7 @@ from ..mil import (
     read_attention,
     read_checkpoint,
     read_config,
+    run_fingerprint,
     run_splits,
 )
 from ..patches import PatchReader, PatchSet, read_patch_file
@@ -178,8 +178,7 @@ def _load_run(run_dir: Path, s: CamSettings) -> _Run:
                                  "global average (e.g. a class token); Grad-CAM here needs a CNN encoder.")
     splits = run_splits(run_dir)
     device = resolve_device(s.device)
-    fingerprint = json_fingerprint({"model_sha256": file_sha256(run_dir / "model.pt"),
-                                    "encoder": config.get("encoder")})
+    fingerprint = run_fingerprint(run_dir)
     return _Run(run_dir, config, encoder.to(device).eval(), head.to(device).eval(),
                 list(read_checkpoint(run_dir)["classes"]), device, fingerprint,
                 dict(zip(splits["slide_id"], splits["label"].astype(int))), dict(zip(splits["slide_id"],
@@ -287,7 +286,7 @@ class _SlideInputs:
 def _slide_inputs(run: _Run, slide_id: str, index: dict[str, Path] | None) -> _SlideInputs:
     """A slide's inputs, checked: the feature file is the one the run was trained on, its rows are the
     attention file's patches, and the patch file is the one the features were made from."""
-    att = read_attention(run.run_dir / "attention" / f"{slide_id}.h5")
+    att = read_attention(run.run_dir / "attention" / f"{slide_id}.h5", run.fingerprint, own=True)
     feature_file = run.features_dir / f"{slide_id}.h5"
     bag = read_feature_file(feature_file)
     check_inputs(run.config, {slide_id: bag.fingerprint}, run.features_dir)

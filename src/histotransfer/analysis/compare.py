@@ -32,7 +32,6 @@ its baseline holds about 700 of them (6 GB).
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -47,7 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .._io import atomic_path, output_folder, write_csv, write_json
+from .._io import atomic_path, output_folder, remove_stale_temp_folders, temp_folder, write_csv, write_json
 from ..errors import HistotransferError, one_line
 from ..features import (
     Encoder,
@@ -72,6 +71,7 @@ from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
 
 BASELINE_SEED = 1  # the random initialisation CKA baselines use (the "random" weights are seed 0)
+MAPS_PREFIX = "cka-maps"  # the scratch folder of --pooling flatten: .cka-maps-<host>-<pid>-<random>
 
 
 @dataclass
@@ -396,10 +396,11 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                 raise HistotransferError(failures[0])
             widths: dict[str, int] = {}
             used: list[tuple[str, int, int]] = []
-            with tempfile.TemporaryDirectory(dir=out, prefix=".cka-maps-") as tmp:
+            remove_stale_temp_folders(out, MAPS_PREFIX)
+            with temp_folder(out, MAPS_PREFIX) as tmp:
                 debiased = s.estimator == "debiased"
                 acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
-                       else _FlattenStore(Path(tmp), n_total, pairs, debiased))
+                       else _FlattenStore(tmp, n_total, pairs, debiased))
 
                 def add(batch: _Batch) -> None:
                     acc.update(batch.rows)

@@ -53,6 +53,7 @@ from ..mil import (
     load_run_model,
     read_checkpoint,
     read_config,
+    run_finished,
     save_model,
     write_config,
     write_run_outputs,
@@ -204,7 +205,7 @@ def _guard(out: Path, request: dict[str, Any]) -> bool:
     if diff:
         raise HistotransferError(f"{out}: holds a fine-tuning made differently (differs in: {'; '.join(diff)}); "
                                  "choose another --out or delete that folder.")
-    return (out / DONE_FILE).is_file()
+    return run_finished(out, DONE_FILE)
 
 
 def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
@@ -262,16 +263,11 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             if ranks.rank == 0:
                 tqdm.write(f"{out}: already fine-tuned with these settings; kept as it is")
             return out
-        if ranks.rank == 0:
-            output_folder(out)
-            remove_stale_temps(out)
-            write_config(config, out)
-            write_csv(splits, out / "splits.csv")
-            select_top_k(run_dir, s.top_k, out_path=out / "topk.csv")
-            if stain is not None:
-                write_stain_target(stain, out / STAIN_FILE)
-        ranks.barrier()
-        topk = pd.read_csv(out / "topk.csv", dtype={"slide_id": str})
+        # Every slide is checked (its files and identity) before anything is written: a refused call leaves no
+        # half-started fine-tuning behind.
+        resumed = (out / "topk.csv").is_file()
+        topk = (pd.read_csv(out / "topk.csv", dtype={"slide_id": str}, keep_default_na=False) if resumed
+                else select_top_k(run_dir, s.top_k, save=False))
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
         trained_on = (run_config.get("inputs") or {}).get("features") or {}
         chosen, unreadable = topk_slides(topk, labels, features_dir, slides, trained_on)
@@ -280,6 +276,16 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         val = [t for t in chosen if split_of[t.job.slide_id] == "val"]
         if not train:
             raise HistotransferError(f"{run_dir}: no readable training slide to fine-tune on; see the warnings.")
+        if ranks.rank == 0:
+            output_folder(out)
+            remove_stale_temps(out)
+            write_config(config, out)
+            write_csv(splits, out / "splits.csv")
+            if not resumed:
+                write_csv(topk, out / "topk.csv")
+            if stain is not None:
+                write_stain_target(stain, out / STAIN_FILE)
+        ranks.barrier()
         input_size = _input_size(run_config["encoder"], train[0])
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from .._io import write_csv
-from ..errors import FormatError, HistotransferError
+from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, check
+from ..mil import run_fingerprint
+from ..provenance import short
 
 TOPK_COLUMNS = ["slide_id", "split", "rank", "x", "y", "score"]
 
@@ -33,12 +35,17 @@ def read_splits(run_dir: Path) -> pd.DataFrame:
     return splits
 
 
-def read_attention_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 coords (N, 2) and raw pre-softmax scores (N,) from ``attention/<slide_id>.h5``."""
+def read_attention_scores(path: Path, fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 coords (N, 2) and raw pre-softmax scores (N,) from ``attention/<slide_id>.h5``; a file recording
+    another run than ``fingerprint`` (the run was retrained or its model replaced since) is refused."""
     if not path.is_file():
         raise HistotransferError(f"{path}: attention file not found; re-run 'histotransfer train' for this run.")
     with h5py.File(path, "r") as f:
         check(f, ATTENTION, path, needs=("coords", "score"))
+        recorded = f.attrs.get("run_fingerprint")
+        if fingerprint is not None and recorded is not None and recorded != fingerprint:
+            raise ProvenanceError(f"{path}: made by another run ({short(str(recorded))}) than this one's model "
+                                  f"({short(fingerprint)}); re-train the run.")
         coords = np.asarray(f["coords"][()], dtype=np.int64)
         score = np.asarray(f["score"][()], dtype=np.float64).reshape(-1)
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(score) or len(score) == 0:
@@ -59,12 +66,13 @@ def select_top_k(
     k: int = 64,
     splits: Sequence[str] = ("train", "val"),
     out_path: str | Path | None = None,
+    save: bool = True,
 ) -> pd.DataFrame:
     """Per slide of ``splits``, the k patches with the highest pre-softmax attention score.
 
     Returns a DataFrame (slide_id, split, rank, x, y, score) with rank 1 the highest score, ties broken by
-    the patch's order in the attention file; slides with fewer than k patches keep all of them. Saved as
-    ``topk.csv`` in the run folder (or at ``out_path``).
+    the patch's order in the attention file; slides with fewer than k patches keep all of them. Saved (unless
+    ``save`` is False) as ``topk.csv`` in the run folder (or at ``out_path``).
     """
     run_dir = Path(run_dir)
     if k < 1:
@@ -77,13 +85,16 @@ def select_top_k(
             f"the run has {', '.join(sorted(table['split'].unique()))}."
         )
     parts = []
+    whole_run = all((run_dir / f).is_file() for f in ("model.pt", "config.json"))
+    fingerprint = run_fingerprint(run_dir) if whole_run else None  # a bare folder of attention files: unchecked
     for slide_id, split in zip(chosen["slide_id"], chosen["split"]):
-        coords, score = read_attention_scores(run_dir / "attention" / f"{slide_id}.h5")
+        coords, score = read_attention_scores(run_dir / "attention" / f"{slide_id}.h5", fingerprint)
         idx = top_k_indices(score, k)
         parts.append(pd.DataFrame({
             "slide_id": slide_id, "split": split, "rank": np.arange(1, len(idx) + 1),
             "x": coords[idx, 0], "y": coords[idx, 1], "score": score[idx],
         }))
     df = pd.concat(parts, ignore_index=True)[TOPK_COLUMNS]
-    write_csv(df, run_dir / "topk.csv" if out_path is None else out_path)
+    if save:
+        write_csv(df, run_dir / "topk.csv" if out_path is None else out_path)
     return df

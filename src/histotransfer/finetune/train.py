@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._io import write_torch
-from ..errors import HistotransferError
+from ..errors import HistotransferError, one_line
 from ..features import (
     HedJitter,
     PatchBatch,
@@ -162,6 +162,29 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "best_state", "best_key", "best_epoch", "history")
+
+
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Load ``checkpoint.pt`` into the model, optimizer and scaler; a file that is cut short, corrupt, holds
+    pickled objects or another model's state is one line saying to remove it (training then restarts)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        int(ckpt["epoch"])
+    except Exception as exc:  # torch reports a damaged archive as any of several error types
+        raise HistotransferError(f"{path}: not a readable checkpoint of this fine-tuning ({one_line(exc)[:200]}); "
+                                 "delete it, or move it aside, and re-run the same command to restart training."
+                                 ) from exc
+    return ckpt
+
+
 def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
                    input_size: int | None,
                    device: torch.device, ranks: Ranks, checkpoint_path: Path,
@@ -185,10 +208,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
     best_state, best_epoch, start = None, 0, 1
 
     if checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpt = _resume(checkpoint_path, model, optimizer, scaler)
         rows, best_state, best_epoch = ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
         best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
         start = ckpt["epoch"] + 1

@@ -47,6 +47,7 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
     leaves no partial output behind."""
     bags = BagSet([], [], [], [], [])
     broken: dict[str, str] = {}
+    first: tuple[Path, str] | None = None  # the first file and its tiling, which every other file must share
     for slide_id, path in tqdm(sorted(files.items()), desc="loading features", unit="slide", dynamic_ncols=True):
         try:
             bag = read_feature_file(path)
@@ -62,12 +63,26 @@ def load_bags(files: dict[str, Path], expect_dim: int | None = None,
         if expect_encoder is None:
             expect_encoder = encoder_attrs(bag.attrs)
         check_bag(path, bag, expect_dim, expect_encoder)
+        first = first or (path, tiling_of(bag.attrs))
+        if tiling_of(bag.attrs) != first[1]:
+            raise HistotransferError(
+                f"{path}: features of tiling {tiling_of(bag.attrs)}, but {first[0]} of tiling {first[1]}; one "
+                "feature folder must hold one tiling: extract each tiling into its own folder and pass one."
+            )
         bags.slide_ids.append(slide_id)
         bags.features.append(torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)))
         bags.coords.append(bag.coords)
         bags.attrs.append(bag.attrs)
         bags.fingerprints.append(bag.fingerprint)
     return bags, broken
+
+
+def tiling_of(attrs: dict[str, Any]) -> str:
+    """The tiling a feature file's patches come from: its name (magnification, patch size, overlap), or for
+    files of bare CLAM/TRIDENT patch folders, which have none, the patch size."""
+    if attrs.get("tiling"):
+        return repr(str(attrs["tiling"]))
+    return f"unnamed ({attrs['patch_size']} px patches)" if "patch_size" in attrs else "unknown"
 
 
 def check_bag(path: Path, bag: FeatureBag, expect_dim: int, expect_encoder: dict[str, Any]) -> None:

@@ -20,11 +20,13 @@ from .metrics import slide_metrics
 from .models import predict
 from .rundir import (
     check_inputs,
+    check_run_folder,
     group_metrics,
     load_run_model,
     read_attention,
     read_checkpoint,
     read_config,
+    run_fingerprint,
     write_attention,
 )
 from .shortcut import run_shortcut, slide_colour_stats_of
@@ -32,6 +34,7 @@ from .splits import SPLITS
 
 POSITIVE = 1  # class index of the positive class in a run's label mapping
 LOCALISATION_FILE = "localisation.csv"
+EVALUATION_FILE = "evaluation.json"
 
 
 def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str | Path | None = None,
@@ -97,11 +100,13 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if not np.isfinite(probs).all():
         bad = bags.slide_ids[int(np.argmax(~np.isfinite(probs).all(axis=1)))]
         raise HistotransferError(f"{run_dir}: the model gives no finite probability for slide {bad}; re-train it.")
+    fingerprint = run_fingerprint(run_dir)
+    check_run_folder(out_dir, fingerprint, run_dir, EVALUATION_FILE, "the evaluation")
     out_dir = output_folder(out_dir)
     remove_stale_temps(out_dir)
     for sid, coords, attrs, prob, score in zip(bags.slide_ids, bags.coords, bags.attrs, probs[:, 1], scores):
         write_attention(out_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
-                        attrs)
+                        attrs, fingerprint)
     predictions = pd.DataFrame({"slide_id": bags.slide_ids, "probability": probs[:, 1]})
     metrics = None
     localisation = None
@@ -131,11 +136,12 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if broken:
         write_csv(pd.DataFrame({"slide_id": list(broken), "message": list(broken.values())}),
                   out_dir / "unreadable.csv")
-    write_json({"run": str(run_dir.resolve()), "features_dir": str(Path(features_dir).resolve()),
+    write_json({"run": str(run_dir.resolve()), "run_fingerprint": fingerprint,
+                "features_dir": str(Path(features_dir).resolve()),
                 "labels": None if labels_csv is None else str(Path(labels_csv).resolve()),
                 "labels_sha256": None if labels_csv is None else file_sha256(labels_csv),
                 "features": dict(zip(bags.slide_ids, bags.fingerprints)), "positive_class": positive},
-               out_dir / "evaluation.json")
+               out_dir / EVALUATION_FILE)
     return {"out_dir": out_dir, "predictions": predictions, "positive_class": positive,
             "metrics": None if metrics is None else metrics["all"], "localisation": localisation,
             "groups": groups, "shortcut": shortcut}

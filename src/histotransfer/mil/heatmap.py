@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ import cv2
 import h5py
 import matplotlib
 import numpy as np
+import pandas as pd
 
 from .._io import write_csv, write_png, write_text
 from ..annotations import Annotation, load_annotation
-from ..batch import BatchReport, SlideResult, run_batch
+from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
 from ..features import read_feature_file
 from ..slide import check_identity, list_slides, open_slide, parse_identity
@@ -38,9 +40,10 @@ from .bags import check_bag
 from .evaluate import LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame, run_splits
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
-from .rundir import check_inputs, load_run_model, read_attention, read_config
+from .rundir import check_inputs, check_run_folder, load_run_model, read_attention, read_config, run_fingerprint
 
 OBJECT_TYPES = ("detection", "annotation")
+REPORT_FILE = "heatmaps.csv"
 SCALES = ("cohort", "slide")
 VALUES = ("score", "weight")
 VALUE_LABELS = {"score": "attention score (pre-softmax)",
@@ -102,16 +105,17 @@ def attention_dirs(run_dir: Path, attention_dir: Path | None = None) -> list[Pat
 
 
 def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = None,
-                    attention_dir: Path | None = None) -> dict[str, Any]:
+                    attention_dir: Path | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """Coords, raw scores and softmax weights of one slide, the patch side in level-0 px its files record
     (``patch_size_level0``, or None) and ``size_files``: HDF5 files whose attrs may record it otherwise.
 
     From ``features_dir/<slide_id>.h5`` through the run's model when ``features_dir`` is given, else from the
-    first attention file of ``attention_dirs``, else from the run's own features folder."""
+    first attention file of ``attention_dirs`` (refused when made by another run than ``fingerprint``'s), else
+    from the run's own features folder."""
     if features_dir is None:
         for folder in attention_dirs(run_dir, attention_dir):
             if (folder / f"{slide_id}.h5").is_file():
-                return _stored_attention(run_dir, folder, slide_id)
+                return _stored_attention(run_dir, folder, slide_id, fingerprint)
     folder = Path(features_dir) if features_dir is not None else Path(read_config(run_dir)["features_dir"])
     path = folder / f"{slide_id}.h5"
     if not path.is_file():
@@ -134,8 +138,8 @@ def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = No
             "identity": parse_identity(bag.attrs.get("slide_identity")), "source": str(path)}
 
 
-def _stored_attention(run_dir: Path, folder: Path, slide_id: str) -> dict[str, Any]:
-    att = read_attention(folder / f"{slide_id}.h5")
+def _stored_attention(run_dir: Path, folder: Path, slide_id: str, fingerprint: str | None) -> dict[str, Any]:
+    att = read_attention(folder / f"{slide_id}.h5", fingerprint, own=folder == run_dir / "attention")
     attrs = att.pop("attrs")
     size = attrs.get("patch_size_level0")
     files: list[Path] = []
@@ -358,18 +362,30 @@ def attention_geojson(coords: np.ndarray, score: np.ndarray, weight: np.ndarray,
     return {"type": "FeatureCollection", "features": features}
 
 
+class RunReport(BatchReport):
+    """``heatmaps.csv``: the batch report with the run every row was drawn from (``run``, ``run_fingerprint``)."""
+
+    def __init__(self, path: Path, run: dict[str, str]):
+        self.run = run
+        super().__init__(path)
+
+    def _write(self) -> None:
+        rows = pd.DataFrame([asdict(r) for r in self.rows.values()], columns=REPORT_COLUMNS)
+        write_csv(rows.assign(**self.run), self.path)
+
+
 def _check_choice(option: str, given: str, allowed: Sequence[str]) -> None:
     if given not in allowed:
         raise HistotransferError(f"{option} {given}: use one of {', '.join(allowed)}.")
 
 
 def _load_all(run_dir: Path, slide_ids: Sequence[str], features_dir: Path | None,
-              attention_dir: Path | None) -> dict[str, dict[str, Any] | Exception]:
+              attention_dir: Path | None, fingerprint: str) -> dict[str, dict[str, Any] | Exception]:
     """Each slide's attention, or the error that stopped it (reported once, when the slide's turn comes)."""
     loaded: dict[str, dict[str, Any] | Exception] = {}
     for slide_id in slide_ids:
         try:
-            loaded[slide_id] = slide_attention(run_dir, slide_id, features_dir, attention_dir)
+            loaded[slide_id] = slide_attention(run_dir, slide_id, features_dir, attention_dir, fingerprint)
         except Exception as exc:  # one broken slide must not stop the others
             loaded[slide_id] = exc
     return loaded
@@ -403,6 +419,8 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     entries = [e for e in list_slides(slides) if e.duplicate_of is None]
     load_run_model(run_dir)  # fail early on a folder that is not a finished run
+    fingerprint = run_fingerprint(run_dir)
+    check_run_folder(out_dir, fingerprint, run_dir, REPORT_FILE, "heatmaps")
     annotation_paths: dict[str, Path] = {}
     labels: dict[str, int] = {}
     if annotations_dir is not None:
@@ -413,7 +431,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     localised: list[dict[str, Any]] = []
     items = [(e.slide_id, str(e.path)) for e in entries]
     loaded = _load_all(run_dir, [sid for sid, _ in items], None if features_dir is None else Path(features_dir),
-                       None if attention_dir is None else Path(attention_dir))
+                       None if attention_dir is None else Path(attention_dir), fingerprint)
     values = {sid: heatmap_values(a["score"], a["weight"], value) for sid, a in loaded.items() if isinstance(a, dict)}
     cohort = value_range(list(values.values()))
     written: list[Path] = []
@@ -447,7 +465,8 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
         written.extend([png, geo])
         return SlideResult(slide_id, slide_path, "ok", len(att["score"]), time.perf_counter() - t0)
 
-    run_batch(items, work, BatchReport(out_dir / "heatmaps.csv"), desc="heatmaps")
+    run = {"run": str(run_dir.resolve()), "run_fingerprint": fingerprint}
+    run_batch(items, work, RunReport(out_dir / REPORT_FILE, run), desc="heatmaps")
     if annotations_dir is not None:
         path = out_dir / LOCALISATION_FILE
         write_csv(localisation_frame(localised), path)

@@ -12,6 +12,7 @@ module level: checking a finished run is instant.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ import pandas as pd
 from .._io import atomic_path, ensure_space, write_json, write_torch
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, open_h5, stamp
-from ..provenance import short
+from ..provenance import json_fingerprint, short
 from .settings import SMALL_SPLIT
 
 if TYPE_CHECKING:
@@ -105,7 +106,32 @@ def guard(run_dir: Path, config: dict[str, Any], done_file: str = DONE_FILE) -> 
     if diff:
         raise HistotransferError(f"{run_dir}: holds a run made differently (differs in: {'; '.join(diff)}); "
                                  "choose another --out or delete that folder.")
-    return (run_dir / done_file).is_file()
+    return run_finished(run_dir, done_file)
+
+
+def run_finished(run_dir: str | Path, done_file: str = DONE_FILE) -> bool:
+    """Whether ``run_dir`` holds a finished run: its ``done_file`` is written and its ``model.pt`` is a whole
+    model archive (for a cross-validation folder, every fold's). A model file missing, cut short or damaged leaves
+    the run to be redone, however complete the rest looks; ``train``, ``finetune``, ``info`` and the study's cache
+    all decide with this."""
+    run_dir = Path(run_dir)
+    if not (run_dir / done_file).is_file():
+        return False
+    folds = [p for p in run_dir.glob("fold_*") if p.is_dir()]
+    if folds and not (run_dir / "model.pt").exists():
+        return all(run_finished(p) for p in folds)
+    return archive_intact(run_dir / "model.pt")
+
+
+def archive_intact(path: Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive: a zip holding a pickle record whose every record matches
+    its CRC-32. Checked without torch (``info`` never imports it): a file cut short has no zip directory, a damaged
+    one fails its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/data.pkl") for n in archive.namelist()) and archive.testzip() is None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def check_inputs(config: dict[str, Any], fingerprints: dict[str, str | None], source: str | Path) -> None:
@@ -170,11 +196,50 @@ def load_run_model(run_dir: str | Path) -> AttentionMIL:
     return model.eval()
 
 
+def run_fingerprint(run_dir: str | Path) -> str:
+    """What identifies a trained run for the files made from it (attention, heatmaps, CAMs): its model file and
+    the encoder of its features. Retraining or replacing the model changes it."""
+    from .._io import file_sha256
+
+    run_dir = Path(run_dir)
+    return json_fingerprint({"model_sha256": file_sha256(run_dir / "model.pt"),
+                             "encoder": read_config(run_dir).get("encoder")})
+
+
+def check_run_folder(out: Path, fingerprint: str, run_dir: Path, record: str, what: str) -> None:
+    """Refuse an output folder holding another run's outputs: its ``record`` (a JSON file, or a CSV report with a
+    ``run_fingerprint`` column) or its attention files name another run, or none. The folder's own run may
+    write into it again."""
+    path = out / record
+    found: set[str] = set()
+    if path.is_file():
+        if path.suffix == ".json":
+            try:
+                found.add(str(json.loads(path.read_text()).get("run_fingerprint")))
+            except (ValueError, AttributeError):
+                found.add("unreadable")
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            found |= set(table["run_fingerprint"]) if "run_fingerprint" in table.columns else {"None"}
+    for att in sorted((out / "attention").glob("*.h5")) if (out / "attention").is_dir() else []:
+        with h5py.File(att, "r") as f:
+            found.add(str(f.attrs.get("run_fingerprint", "None")))
+    others = sorted(found - {fingerprint})
+    if others:
+        shown = ", ".join("none recorded" if o == "None" else short(o) for o in others)
+        raise HistotransferError(
+            f"{out}: holds {what} of another run (run fingerprint {shown}; this run {run_dir} is "
+            f"{short(fingerprint)}); choose another --out, or delete that folder."
+        )
+
+
 def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,
-                    probability: float, patch_size_level0: int | None, feature_attrs: dict[str, Any] | None = None
-                    ) -> None:
+                    probability: float, patch_size_level0: int | None, feature_attrs: dict[str, Any] | None = None,
+                    fingerprint: str | None = None) -> None:
     """Write ``attention/<slide_id>.h5``: coords, raw scores and their softmax weights, with the slide identity
-    and the feature file fingerprint they come from (so heatmaps and CAMs can check the slide they draw on)."""
+    and the feature file fingerprint they come from (so heatmaps and CAMs can check the slide they draw on) and
+    the fingerprint of the run that made them (:func:`run_fingerprint`, so no reader takes them for another
+    run's)."""
     s = np.asarray(scores, dtype=np.float64)
     weight = np.exp(s - s.max())
     weight /= weight.sum()
@@ -183,6 +248,8 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
         stamp(f, ATTENTION)
         f.attrs["slide_id"] = slide_id
         f.attrs["probability"] = float(probability)
+        if fingerprint is not None:
+            f.attrs["run_fingerprint"] = fingerprint
         if patch_size_level0 is not None:
             f.attrs["patch_size_level0"] = int(patch_size_level0)
         for key in ("slide_identity", "fingerprint", "slide_path", "patch_file"):
@@ -193,11 +260,20 @@ def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.nd
         f.create_dataset("weight", data=weight.astype(np.float32), track_times=False)
 
 
-def read_attention(path: str | Path) -> dict[str, Any]:
-    """An attention file as ``{"coords", "score", "weight", "attrs"}``."""
+def read_attention(path: str | Path, fingerprint: str | None = None, own: bool = False) -> dict[str, Any]:
+    """An attention file as ``{"coords", "score", "weight", "attrs"}``.
+
+    With ``fingerprint`` (:func:`run_fingerprint`), a file made by another run is refused; so is one recording
+    no run, unless ``own`` (the run's own ``attention/`` folder, written with the run by an earlier version).
+    """
     with open_h5(path, ATTENTION, ("coords", "score", "weight"), "re-run `histotransfer train` for this run") as f:
         out = {k: f[k][()] for k in ("coords", "score", "weight")}
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    recorded = out["attrs"].get("run_fingerprint")
+    if fingerprint is not None and recorded != fingerprint and not (own and recorded is None):
+        made_by = "records no run" if recorded is None else f"was made by run {short(str(recorded))}"
+        raise ProvenanceError(f"{path}: {made_by}, not by this run ({short(fingerprint)}); re-run `histotransfer "
+                              "evaluate` for this run into its own --out and pass that folder.")
     return out
 
 
@@ -250,9 +326,10 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
     ordered = split.sort_values(["split", "slide_id"], key=lambda c: c.map(SPLITS.index) if c.name == "split" else c)
     subset = bags.subset(ordered["slide_id"].tolist())
     probs, scores = predict(model, subset.features)
+    fingerprint = run_fingerprint(run_dir)
     for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
         write_attention(run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
-                        attrs)
+                        attrs, fingerprint)
     cols = [c for c in ("slide_id", "patient_id", group_column, "split", "label") if c and c in ordered.columns]
     predictions = ordered[cols].assign(probability=probs[:, 1])
     write_csv(predictions, run_dir / "predictions.csv")

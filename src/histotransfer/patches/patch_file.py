@@ -148,6 +148,23 @@ def _spec_from_attrs(attrs: dict[str, Any], path: Path) -> PatchSpec:
     return PatchSpec(**values)
 
 
+def _check_inside(path: Path, coords: np.ndarray, dimensions: Any, slide_path: Any) -> None:
+    """Refuse patches whose top-left corner lies off the slide: negative, or (where the file records the slide's
+    level-0 dimensions) at or beyond its width or height. Read, they would be blank padding taken for tissue."""
+    outside = (coords < 0).any(axis=1)
+    size = ""
+    if isinstance(dimensions, list | tuple) and len(dimensions) == 2:
+        width, height = int(dimensions[0]), int(dimensions[1])
+        outside |= (coords[:, 0] >= width) | (coords[:, 1] >= height)
+        size = f" ({width} x {height} level-0 pixels)"
+    if outside.any():
+        rows = np.flatnonzero(outside)
+        x, y = (int(v) for v in coords[rows[0]])
+        more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+        raise FormatError(f"{path}: patch row {rows[0]} at ({x}, {y}){more} lies outside slide "
+                          f"{slide_path or path.stem}{size}; re-tile the slide with `histotransfer tile`.")
+
+
 def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
     """Load one patch file (ours, CLAM's or TRIDENT's), validating its layout."""
     path = Path(path)
@@ -175,5 +192,6 @@ def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
     except ValueError as exc:
         raise FormatError(f"{path}: unreadable slide_identity or tiling_settings attribute ({exc}); re-tile the "
                           "slide.") from exc
+    _check_inside(path, coords, (identity or {}).get("dimensions"), attrs.get("slide_path"))
     return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path), identity, attrs.get("tiling"),
                     settings, None if colour is None else np.asarray(colour, dtype=np.float64).reshape(-1))

@@ -31,7 +31,7 @@ from .._io import output_folder, remove_stale_temps, write_json, write_png
 from ..batch import BatchReport, SlideResult, error_result, run_batch
 from ..colour import slide_colour_stats
 from ..errors import FormatError, HistotransferError, one_line
-from ..slide import Slide, list_slides, open_slide, slide_id_of, slide_identity
+from ..slide import Slide, identity_differences, list_slides, open_slide, slide_id_of, slide_identity
 from .geometry import tiling_spec
 from .layout import REPORT_FILE, SETTINGS_FILE, SUBDIRS
 from .patch_file import PatchSpec, read_patch_file, write_patch_file
@@ -209,8 +209,10 @@ def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[
     except FormatError:
         return None
     # A patch file without colour statistics (tiled before they were recorded) is redone to gain them: the same
-    # patches, so their features are kept.
-    same = (done.spec == spec and done.identity == identity and done.colour_stats is not None
+    # patches, so their features are kept. An identity recorded before the sparse sample existed is compared on
+    # the keys it holds (re-tiling would change the patches' fingerprint and so redo every slide's features).
+    same_slide = done.identity is not None and not identity_differences(done.identity, identity)
+    same = (done.spec == spec and same_slide and done.colour_stats is not None
             and _with_defaults(done.tiling_settings) == settings.result_settings())
     return len(done) if same else None
 

@@ -388,14 +388,17 @@ LOCALISATION_FILE = "localisation.json"
 
 
 def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
-    """False when a finished cell's outputs were deleted since: the cell is then redone."""
+    """False when a finished cell's outputs were deleted since, or a run among them no longer loads: the cell is
+    then redone."""
+    from ..mil import run_finished
+
     for key in OUTPUT_KEYS:
         value = result.get(key)
         value = list(value.values()) if isinstance(value, dict) else value
         for rel in (value if isinstance(value, list) else [value] if value else []):
             if not (out_dir / rel).exists():
                 return False
-    return True
+    return all(run_finished(out_dir / result[key]) for key in ("run", "frozen_run") if result.get(key))
 
 
 @contextmanager
