@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,3 +73,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def torchrun_ranks(args: list[str], logs: Path, timeout: float = 120) -> tuple[int, list[str]]:
+    """Run ``python <args>`` under ``torchrun --nproc-per-node 2`` (gloo, CPU); return torchrun's exit status and
+    each rank's stderr (torchrun's own report of a failed job goes to its stderr, not to the ranks')."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--log-dir",
+           str(logs), "--redirects", "3", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    found = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(found) == ["0", "1"], done.stderr[-3000:]
+    return done.returncode, [found["0"], found["1"]]

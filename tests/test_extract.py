@@ -18,6 +18,7 @@ import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
+from conftest import torchrun_ranks
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import (
@@ -323,6 +324,21 @@ def test_torchrun_two_processes_equal_one(demo, tmp_path):
     report = pd.read_csv(dist_folder / "extract.csv")
     assert sorted(report.slide_id) == ["demo_01", "demo_02", "demo_03"]  # each slide once
     assert set(report.status) == {"ok"}
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_rank_failing_outside_a_slide_stops_both_with_its_one_line(demo, tmp_path):
+    """Rank 1 alone finds its report path taken by a folder; rank 0 (which would wait for it at the next barrier
+    and then die with "Connection closed by peer") stops too, with the same line."""
+    _root, _slides, patches = demo
+    taken = tmp_path / "out" / "features" / "resnet18-random-t0-s64-fp32" / "extract.rank1.csv"
+    taken.mkdir(parents=True)
+    code, errors = torchrun_ranks(extract_cmd(patches, tmp_path / "out", "--input-size", "64", "--workers", "0",
+                                              "--device", "cpu"), tmp_path / "logs")
+    assert code != 0
+    line = (f"histotransfer extract: error: rank 1: is a folder ({taken}); fix the path or its permissions and "
+            "re-run the same command.")
+    assert [e.strip() for e in errors] == [line, line]
 
 
 def test_default_workers_share_the_cores_between_local_ranks(monkeypatch):

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import torchrun_ranks
 from histotransfer.errors import HistotransferError
 from histotransfer.study import runner
 
@@ -198,6 +199,20 @@ def test_two_studies_cannot_share_an_output_folder(tmp_path, stages):
     out = tmp_path / "out"
     with runner._lock(out), pytest.raises(HistotransferError, match="another study is running"):
         runner.execute(runner.load_study(write_study(tmp_path)), out, progress=False)
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_rank_that_finds_the_folder_locked_stops_both_with_its_one_line(tmp_path):
+    """Only rank 0 takes the folder's lock; rank 1, waiting for it at the barrier, stops with its message
+    instead of dying with "Connection closed by peer" and a traceback."""
+    out = tmp_path / "out"
+    with runner._lock(out):
+        code, errors = torchrun_ranks(["-m", "histotransfer", "study", str(write_study(tmp_path)), "--out",
+                                       str(out)], tmp_path / "logs")
+    assert code != 0
+    line = (f"histotransfer study: error: rank 0: {out}: another study is running in this folder; wait for it "
+            "to finish or choose another --out")
+    assert [e.strip() for e in errors] == [line, line]
 
 
 def test_cell_whose_outputs_were_deleted_is_redone(tmp_path, stages):

@@ -289,6 +289,18 @@ def ensure_space(path: str | os.PathLike[str], need: int) -> None:
         raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free", str(path))
 
 
+def error_message(exc: BaseException) -> str:
+    """What the command line says of a failure after "error:": the message of the project's own errors, an
+    operating-system error in words with its fix, else the exception's type and text."""
+    if isinstance(exc, HistotransferError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        fix = ("free some space and re-run the same command: finished files are kept and the run resumes"
+               if disk_full(exc) else "fix the path or its permissions and re-run the same command")
+        return f"{os_error_text(exc)}; {fix}."
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether an error (or one it was raised from) is a full disk or exhausted quota."""
     while exc is not None:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from ._io import disk_full, os_error_text
-from .errors import HistotransferError
+from ._io import disk_full, error_message
+from .errors import HistotransferError, RankFailure, error_line, set_command
 
 COMMANDS = {
     "tile": "histotransfer.patches.cli",
@@ -75,21 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None and not argv:
         argv = ["--help"]
     args = build_parser(command).parse_args(argv)
+    set_command(args.command)
     try:
         return int(args.func(args) or 0)
-    except HistotransferError as exc:
+    except RankFailure:  # printed by the job's every process already
         if os.environ.get("HISTOTRANSFER_DEBUG"):
             raise
-        print(f"histotransfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (HistotransferError, OSError) as exc:
         if os.environ.get("HISTOTRANSFER_DEBUG"):
             raise
-        full = disk_full(exc)
-        fix = ("free some space and re-run the same command: finished files are kept and the run resumes"
-               if full else "fix the path or its permissions and re-run the same command")
-        print(f"histotransfer {args.command}: error: {os_error_text(exc)}; {fix}.", file=sys.stderr)
-        if full and argv_is_process:
+        print(error_line(error_message(exc)), file=sys.stderr)
+        if isinstance(exc, OSError) and disk_full(exc) and argv_is_process:
             # A file HDF5 failed to write keeps handles it cannot release, and tearing the interpreter down
             # over them can crash; everything is written or deleted already, so leave at once.
             sys.stdout.flush()

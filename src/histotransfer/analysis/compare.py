@@ -65,7 +65,7 @@ from ..features import (
 )
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
-from ..runtime import Ranks, init_ranks, precision_context, resolve_device, shard
+from ..runtime import Ranks, joined, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
@@ -366,9 +366,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     pairs = list(dict.fromkeys(pairs))
 
     models = [(enc.to(dev).eval(), names, norm) for enc, names, norm in encoders]
-    given = ranks is not None  # a caller's process group stays open for the caller
-    ranks = ranks or init_ranks(dev)
-    try:
+    with joined(ranks, dev) as ranks:
         sharded = ranks.distributed and s.pooling == "mean"
         gathered: list[_Batch] = []
         failures: list[str] = []
@@ -456,9 +454,6 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
         if ranks.distributed:
             dist.broadcast_object_list([df], src=0)
         return df
-    finally:
-        if not given:
-            ranks.close()
 
 
 def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list[str]:

@@ -51,7 +51,7 @@ from ..batch import BatchReport, SlideResult, error_result
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..patches import TilingFolder, find_tiling, read_patch_file
 from ..provenance import canonical_json, json_fingerprint
-from ..runtime import Ranks, check_precision, init_ranks, precision_context, resolve_device, shard
+from ..runtime import Ranks, check_precision, joined, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
@@ -418,22 +418,20 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         encoder=encoder, weights=weights, truncate=truncate, blocks=blocks)
     s = ExtractSettings.build(settings, **overrides)
     dev = resolve_device(s.device)
-    check_precision(s.precision, dev)
-    decode = resolve_decode(s.decode, dev)
-    tiling = find_tiling(patches)
-    files = {p.stem: p for p in tiling.files}
-    if not files:
-        raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
-    encoders = create_encoders(choice.encoder, choice.weights, choice.truncations,  # fails before any output
-                               blocks=choice.blocks)
-    stain = stain_normalizer(s.stain_norm, s.stain_ref, s.stain_scope)  # fitted once, before any output
-    first = encoders[choice.truncations[0]]
-    input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
-    index = slide_index(slides)
-    root = features_root(tiling, out_dir)
-    given = ranks is not None
-    ranks = ranks or init_ranks(dev)
-    try:
+    with joined(ranks, dev) as ranks:
+        check_precision(s.precision, dev)
+        decode = resolve_decode(s.decode, dev)
+        tiling = find_tiling(patches)
+        files = {p.stem: p for p in tiling.files}
+        if not files:
+            raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
+        encoders = create_encoders(choice.encoder, choice.weights, choice.truncations,  # fails before any output
+                                   blocks=choice.blocks)
+        stain = stain_normalizer(s.stain_norm, s.stain_ref, s.stain_scope)  # fitted once, before any output
+        first = encoders[choice.truncations[0]]
+        input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
+        index = slide_index(slides)
+        root = features_root(tiling, out_dir)
         report_name = REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"
         outputs = [_output(root, one, encoders[t], s, input_size, tiling, report_name, stain)
                    for t, one in zip(choice.truncations, choice.each())]
@@ -451,9 +449,6 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
                 _merge_reports(out.folder, ranks.world)
         runs = {out.truncate: ExtractionRun(out.folder, out.results, ranks.rank, ranks.world) for out in outputs}
         return runs if isinstance(choice.truncate, list) else runs[outputs[0].truncate]
-    finally:
-        if not given:  # a caller's process group stays open for the caller
-            ranks.close()
 
 
 def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSettings, input_size: int | None,

@@ -58,7 +58,7 @@ from ..mil import (
     write_config,
     write_run_outputs,
 )
-from ..runtime import Ranks, check_precision, init_ranks, resolve_device
+from ..runtime import Ranks, check_precision, joined, resolve_device
 from .data import SlidesArg, TopKSlide, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL, check_lora, lora_of, merge_lora
@@ -222,43 +222,39 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     s = FinetuneSettings.build(settings, **overrides)
     run_dir, out = Path(run_dir), Path(out_dir)
     dev = resolve_device(s.device)
-    check_precision(s.precision, dev)
-    run_config = read_config(run_dir)
-    if not (run_dir / "metrics.json").is_file():
-        raise HistotransferError(f"{run_dir}: not a finished training run (no metrics.json); pass a `train` run.")
-    enc = run_config.get("encoder") or {}
-    if "encoder" not in enc or "truncate" not in enc:
-        raise HistotransferError(f"{run_dir / 'config.json'}: the run's features do not record their encoder; "
-                                 "only runs on features extracted by histotransfer can be fine-tuned.")
-    n_stages = encoder_info(enc["encoder"])["n_stages"] - int(enc["truncate"])
-    if s.freeze_stages > n_stages:
-        raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
-                                 f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
-    lora = lora_of(s)
-    if lora is not None:
-        check_lora(enc["encoder"], int(enc["truncate"]), s.freeze_stages, lora)
-    features_dir = Path(run_config["features_dir"])
-    check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
-                              for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)
-    splits = read_splits(run_dir)
-    stain = recorded_normalizer(enc, run_dir / "config.json")
-    request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
-    config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
-              "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
-                           "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
-                           "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
-                           "selection": "best val AUC on top-k bags, ties: lower val loss",
-                           "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
-                           "stain_normalization": None if stain is None else stain.tag()},
-              "versions": {"histotransfer": __version__, "torch": torch.__version__}}
-    given = ranks is not None
-    ranks = ranks or init_ranks(dev)
-    if s.batch_slides % ranks.world:
-        if not given:
-            ranks.close()
-        raise HistotransferError(f"--batch-slides {s.batch_slides} counts the slides of one step over all "
-                                 f"{ranks.world} processes: pass a multiple of {ranks.world}.")
-    try:
+    with joined(ranks, dev) as ranks:
+        check_precision(s.precision, dev)
+        run_config = read_config(run_dir)
+        if not (run_dir / "metrics.json").is_file():
+            raise HistotransferError(f"{run_dir}: not a finished training run (no metrics.json); pass a `train` run.")
+        enc = run_config.get("encoder") or {}
+        if "encoder" not in enc or "truncate" not in enc:
+            raise HistotransferError(f"{run_dir / 'config.json'}: the run's features do not record their encoder; "
+                                     "only runs on features extracted by histotransfer can be fine-tuned.")
+        n_stages = encoder_info(enc["encoder"])["n_stages"] - int(enc["truncate"])
+        if s.freeze_stages > n_stages:
+            raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
+                                     f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
+        lora = lora_of(s)
+        if lora is not None:
+            check_lora(enc["encoder"], int(enc["truncate"]), s.freeze_stages, lora)
+        features_dir = Path(run_config["features_dir"])
+        check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
+                                  for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)
+        splits = read_splits(run_dir)
+        stain = recorded_normalizer(enc, run_dir / "config.json")
+        request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
+        config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
+                  "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
+                               "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
+                               "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
+                               "selection": "best val AUC on top-k bags, ties: lower val loss",
+                               "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
+                               "stain_normalization": None if stain is None else stain.tag()},
+                  "versions": {"histotransfer": __version__, "torch": torch.__version__}}
+        if s.batch_slides % ranks.world:
+            raise HistotransferError(f"--batch-slides {s.batch_slides} counts the slides of one step over all "
+                                     f"{ranks.world} processes: pass a multiple of {ranks.world}.")
         if _guard(out, request):
             if ranks.rank == 0:
                 tqdm.write(f"{out}: already fine-tuned with these settings; kept as it is")
@@ -307,6 +303,3 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             _evaluate_phase(run_dir, out, folder, splits, config, unreadable)
         ranks.barrier()
         return out
-    finally:
-        if not given:  # a caller's process group stays open for the caller
-            ranks.close()

@@ -25,7 +25,7 @@ from ..analysis.settings import CkaSettings
 from ..errors import HistotransferError, one_line
 from ..finetune.settings import FinetuneSettings
 from ..mil.settings import SMALL_SPLIT
-from ..runtime import Ranks, init_ranks, resolve_device
+from ..runtime import Ranks, joined, resolve_device
 from ..slide import slide_id_of
 from .cells import FAILED, Cell, prepare_folder, read_done, settings_hash, write_done, write_failed
 from .config import load_study
@@ -436,24 +436,40 @@ def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
     return MODES[cell.kind]
 
 
-def _run_cell(cell: Cell, ctx: _Context, out_dir: Path, mark: bool) -> tuple[str, float, str]:
-    """Do one cell's work in its folder; write its done/failed marker when ``mark``. Returns (status, seconds,
-    message)."""
+def _run_cell(cell: Cell, ctx: _Context, out_dir: Path) -> tuple[dict[str, Any] | None, float, str,
+                                                               Exception | None]:
+    """Do one cell's work in its folder. Returns (result, seconds, message, error): result None and error set
+    when it failed."""
     t0 = time.perf_counter()
     try:
         result, message = WORK[cell.kind](cell, ctx, cell.folder(out_dir))
     except Exception as exc:  # one failed cell is recorded; the rest of the grid goes on
         reason = one_line(exc)
-        if mark:
-            write_failed(cell, out_dir, reason, exc)
         tqdm.write(f"failed {cell.key}: {reason}")
         if "HISTOTRANSFER_DEBUG" in os.environ:
             raise
-        return "failed", time.perf_counter() - t0, reason
-    seconds = time.perf_counter() - t0
-    if mark:
+        return None, time.perf_counter() - t0, reason, exc
+    return result, time.perf_counter() - t0, message, None
+
+
+def _mark(cell: Cell, out_dir: Path, outcome: tuple[dict[str, Any] | None, float, str, Exception | None]) -> None:
+    """Write the cell's done or failed marker."""
+    result, seconds, message, error = outcome
+    if result is None:
+        write_failed(cell, out_dir, message, error or HistotransferError(message))
+    else:
         write_done(cell, out_dir, result, seconds, message)
-    return "done", seconds, message
+
+
+def _run_together(cell: Cell, ctx: _Context, out_dir: Path, ranks: Ranks) -> None:
+    """Run a cell on every rank; rank 0 marks it failed when it failed on any rank (with the first failing rank's
+    message), so that every rank goes on knowing the same. A rank left waiting in a collective for a failed one
+    stops the job instead (see :meth:`Ranks.agree`)."""
+    outcome = _run_cell(cell, ctx, out_dir)
+    failure = ranks.agree(cell.key, None if outcome[0] is not None else outcome[2])
+    if ranks.rank == 0:
+        _mark(cell, out_dir, outcome if failure is None or outcome[0] is None else
+              (None, outcome[1], failure, None))
 
 
 def _from_markers(cell: Cell, out_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -524,7 +540,10 @@ def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = T
             if mine:
                 bar.set_postfix_str(c.key, refresh=True)
                 ctx.together = mode == "all"
-                _run_cell(c, ctx, out_dir, mark=lead or mode == "spread")
+                if mode == "all":
+                    _run_together(c, ctx, out_dir, ranks)
+                else:
+                    _mark(c, out_dir, _run_cell(c, ctx, out_dir))
             if mode != "spread":
                 ranks.barrier()
                 settle(c, *_from_markers(c, out_dir))
@@ -593,18 +612,15 @@ def execute(study: Study, out_dir: str | Path | None = None, progress: bool = Tr
     """Run a loaded study; return (report path, cell records). Under torchrun every rank takes part (see
     :func:`run_cells`); rank 0 holds the folder's lock and writes cells.csv, the tables and the report."""
     out = output_folder(Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study))
-    ranks = init_ranks(resolve_device(study.extract.device))
-    try:
-        with _lock(out) if ranks.rank == 0 else nullcontext():
-            ranks.barrier()
-            if ranks.rank == 0:
-                write_text(study.text, out / "study.yaml")
-            records = run_cells(study, plan(study), out, progress=progress, ranks=ranks)
-            report = write_outputs(study, out, records) if ranks.rank == 0 else out / "report.html"
-            ranks.barrier()
-        return report, records
-    finally:
-        ranks.close()
+    with joined(None, resolve_device(study.extract.device)) as ranks, \
+            _lock(out) if ranks.rank == 0 else nullcontext():
+        ranks.barrier()
+        if ranks.rank == 0:
+            write_text(study.text, out / "study.yaml")
+        records = run_cells(study, plan(study), out, progress=progress, ranks=ranks)
+        report = write_outputs(study, out, records) if ranks.rank == 0 else out / "report.html"
+        ranks.barrier()
+    return report, records
 
 
 def run_study(study_file: str | Path, out_dir: str | Path | None = None) -> Path:
