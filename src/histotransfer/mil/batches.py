@@ -4,11 +4,14 @@ Slides stained in one batch share a colour; a batch whose share of positive slid
 lets a model score the batch instead of the tissue. ``infer_colour_batches`` clusters the slides' colour
 statistics (``histotransfer.colour.slide_colour_stats``) and tests each cluster's prevalence.
 
-Criterion: k-means (scikit-learn) on the standardised statistics for each k from 2 to ``min(6, n // 5)``; a k
+Criterion: k-means (scikit-learn) on the statistics for each k from 2 to ``min(6, n // 5)``; a k
 counts only when every cluster holds at least ``max(3, 5% of the slides)`` (a lone odd slide is no batch); the
 counting k with the highest mean silhouette is kept when that silhouette reaches ``MIN_SILHOUETTE`` (0.5, the
-lower bound of "reasonable structure" in Kaufman and Rousseeuw), otherwise the slides form one batch. Slides
-whose colour varies continuously (tissue composition rather than staining) therefore give one batch.
+lower bound of "reasonable structure" in Kaufman and Rousseeuw), otherwise the slides form one batch. The
+statistics share one unit (optical density), so distances are taken as they are: standardising them would give
+every statistic that follows tissue composition as much weight as those that follow the stain. Slides whose
+colour varies continuously therefore give one batch; distinct tissue types may still form clusters, which is
+why a batch counts against the model only through its prevalence (the group check's permutation null).
 
 Each batch's prevalence is compared with that of all other slides by Fisher's exact test (scipy); a batch
 differs beyond chance when its p-value times the number of batches (Bonferroni) is below ``ALPHA``.
@@ -24,7 +27,6 @@ import numpy as np
 from scipy.stats import fisher_exact
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
-from sklearn.preprocessing import StandardScaler
 
 MIN_SILHOUETTE = 0.5
 MAX_BATCHES = 6
@@ -61,7 +63,7 @@ def infer_colour_batches(stats: np.ndarray, labels: Sequence[int] | np.ndarray, 
     ``n_positive``, ``prevalence``, ``fisher_p`` against the other slides, ``differs``: beyond chance after
     Bonferroni) and ``batch_of`` (slide_id -> batch name). Batches are named ``batch_1``... by size.
     """
-    x = StandardScaler().fit_transform(np.asarray(stats, dtype=np.float64))
+    x = np.asarray(stats, dtype=np.float64)
     y = np.asarray(labels, dtype=int)
     found, silhouette = _best_clustering(x, seed)
     order = np.argsort(-np.bincount(found), kind="stable")
@@ -77,7 +79,7 @@ def infer_colour_batches(stats: np.ndarray, labels: Sequence[int] | np.ndarray, 
         out[name] = {"n": pos + neg, "n_positive": pos, "prevalence": pos / (pos + neg), "fisher_p": p,
                      "differs": bool(p * k < ALPHA)}
     return {"n_batches": k, "silhouette": silhouette,
-            "criterion": f"k-means on standardised colour statistics, k = 2..min({MAX_BATCHES}, n/5) with every "
+            "criterion": f"k-means on the colour statistics (optical density), k = 2..min({MAX_BATCHES}, n/5) with every "
                          f"cluster at least max(3, 5% of slides); best mean silhouette kept if >= {MIN_SILHOUETTE}, "
                          "else one batch",
             "batches": out, "batch_of": dict(zip(map(str, slide_ids), batch.tolist()))}
