@@ -79,16 +79,17 @@ def infer_colour_batches(stats: np.ndarray, labels: Sequence[int] | np.ndarray, 
         out[name] = {"n": pos + neg, "n_positive": pos, "prevalence": pos / (pos + neg), "fisher_p": p,
                      "differs": bool(p * k < ALPHA)}
     return {"n_batches": k, "silhouette": silhouette,
-            "criterion": f"k-means on the colour statistics (optical density), k = 2..min({MAX_BATCHES}, n/5) with every "
-                         f"cluster at least max(3, 5% of slides); best mean silhouette kept if >= {MIN_SILHOUETTE}, "
-                         "else one batch",
+            "criterion": f"k-means on the colour statistics (optical density), k = 2..min({MAX_BATCHES}, n/5) "
+                         "with every cluster at least max(3, 5% of slides); best mean silhouette kept if >= "
+                         f"{MIN_SILHOUETTE}, else one batch",
             "batches": out, "batch_of": dict(zip(map(str, slide_ids), batch.tolist()))}
 
 
 def describe_batches(result: dict[str, Any]) -> str:
     """Inferred batches in one line for the console."""
     if result["n_batches"] < 2:
-        sil = "" if result["silhouette"] is None else f" (best silhouette {result['silhouette']:.2f} < {MIN_SILHOUETTE})"
+        best = result["silhouette"]
+        sil = "" if best is None else f" (best silhouette {best:.2f} < {MIN_SILHOUETTE})"
         return f"slide colour forms no distinct staining batches{sil}"
     parts = [f"{name} {b['n']} slides, {b['prevalence']:.0%} positive"
              + (f" (differs from the rest, Fisher p={b['fisher_p']:.2g})" if b["differs"] else "")

@@ -13,11 +13,12 @@ slides without using the slide's own label to score it:
 * ``group_shortcut_auc``: the AUC of scoring each slide by its group alone, with a permutation null.
 * ``histotransfer.mil.batches``: staining batches inferred from colour when no group column is given.
 * ``run_shortcut``: all of it on the labelled slides of a MIL run or evaluation, judged against the model's
-  pooled and within-group AUC (``histotransfer.mil.verdict``), as ``metrics.json`` holds it (``shortcut``).
+  pooled and within-group AUC (``histotransfer.mil.verdict``), as ``metrics.json`` holds it
+  (``shortcut``).
 
-With ``patients`` the colour check's folds keep each patient's slides together (scikit-learn's ``StratifiedGroupKFold``), as
-the runs' own splits do: two slides of one patient share a staining batch, and one of them in training would
-tell the other's label.
+With ``patients`` the colour check's folds keep each patient's slides together (scikit-learn's
+``StratifiedGroupKFold``), as the runs' own splits do: two slides of one patient share a staining batch, and one
+of them in training would tell the other's label.
 
 Small cohorts are cross-validated repeatedly (``repeats``, default ``ceil(200 / n)`` capped at 20): each slide's
 out-of-fold probabilities are averaged over the repeats and scored as one AUC, which removes most of the
@@ -238,13 +239,13 @@ def _split_groups(predictions: pd.DataFrame, group_of: pd.Series, seed: int) -> 
     """The group-only check on each split of a run's ``predictions`` (None without a ``split`` column)."""
     if "split" not in predictions.columns:
         return None
-    out = {}
-    for name in SPLITS:
-        part = predictions[(predictions["split"] == name) & predictions["slide_id"].isin(group_of.index)]
-        out[name] = _check(lambda part=part: group_shortcut_auc(group_of.loc[part["slide_id"]].to_numpy(),
-                                                                 part["label"].to_numpy(int), seed,
-                                                                 part["patient_id"].to_numpy()))
-    return out
+
+    def check(part: pd.DataFrame) -> dict[str, Any]:
+        return _check(lambda: group_shortcut_auc(group_of.loc[part["slide_id"]].to_numpy(),
+                                                 part["label"].to_numpy(int), seed, part["patient_id"].to_numpy()))
+
+    grouped = predictions[predictions["slide_id"].isin(group_of.index)]
+    return {name: check(grouped[grouped["split"] == name]) for name in SPLITS}
 
 
 def _groups(slides: pd.DataFrame, known: Mapping[str, np.ndarray], group_column: str | None,
@@ -267,7 +268,8 @@ def judge(check: Mapping[str, Any], scored: pd.DataFrame, model_auc: float | Non
     """A shortcut ``check`` (what ``run_shortcut`` returns) judged against a model's ``scored`` slides
     (``slide_id``, ``label``, ``probability``, and the group column when the check has one) and its pooled
     ``model_auc``: the check with ``model_auc``, ``within`` (the model's ``within_group_auc`` by the check's
-    groups), ``splits`` and ``warning``, ``reasons``, ``verdict`` (:func:`~histotransfer.mil.verdict.shortcut_verdict`)."""
+    groups), ``splits`` and ``warning``, ``reasons``, ``verdict``
+    (:func:`~histotransfer.mil.verdict.shortcut_verdict`)."""
     column, batches = check.get("group_column"), check.get("batches") or {}
     group_of = None
     if column is not None:

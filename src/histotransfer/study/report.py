@@ -122,7 +122,8 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         parts.append(f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
                      f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>')
     if shortcuts is not None and len(shortcuts):
-        parts.append('<h2 id="shortcut_check">Shortcut check: do the group or colour alone explain the model&#x27;s AUC?</h2>')
+        parts.append('<h2 id="shortcut_check">Shortcut check: do the group or colour alone explain the '
+                     "model&#x27;s AUC?</h2>")
         parts.append(_table_html(shortcuts))
         parts.append(f'<p class="note">{html.escape(SHORTCUT_NOTE)} CSV: <a href="tables/runs_mil.csv">'
                      "tables/runs_mil.csv</a>.</p>")
