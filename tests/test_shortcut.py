@@ -14,7 +14,14 @@ from histotransfer.colour import COLOUR_STAT_NAMES, HED_FROM_RGB, optical_densit
 from histotransfer.demo_slides import centre_stain_shift, make_demo_slides, render_tissue
 from histotransfer.errors import HistotransferError
 from histotransfer.mil.batches import infer_colour_batches
-from histotransfer.mil.shortcut import colour_shortcut_auc, group_shortcut_auc, null_auc_sd, ordered_group_auc
+from histotransfer.mil.shortcut import (
+    colour_shortcut_auc,
+    group_shortcut_auc,
+    judge,
+    null_auc_sd,
+    ordered_group_auc,
+    run_shortcut,
+)
 from histotransfer.mil.verdict import shortcut_verdict, within_group_auc
 from histotransfer.patches.tissue import tissue_mask
 
@@ -296,3 +303,28 @@ def test_prevalence_shift_deals_positives_to_the_first_centre(tmp_path) -> None:
     assert set(table.loc[table["label"] == 0, "centre"]) == {"centre_2"}
     with pytest.raises(HistotransferError, match=r"stain_shift=1\.5"):
         make_demo_slides(tmp_path / "bad", centres=2, stain_shift=1.5)
+
+
+def test_run_shortcut_judges_a_runs_predictions_by_their_groups() -> None:
+    """A run's predictions (score = centre + noise) with colour statistics that give the centre away: by the
+    centre column, or, without it, by the staining batches inferred from colour. Both warn, and judging the
+    same check on other (pooled) predictions that read the tissue does not."""
+    labels, centres, rng = confounded_cohort(1)
+    ids = [f"s{i:03d}" for i in range(len(labels))]
+    predictions = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels, "centre": centres,
+                                "split": rng.choice(["train", "val", "test"], len(ids), p=[0.5, 0.2, 0.3]),
+                                "probability": (centres == "A") * 0.5 + rng.uniform(0, 0.5, len(ids))})
+    base = rng.uniform(0.05, 0.5, len(COLOUR_STAT_NAMES))
+    stats = {s: base + 0.1 * (c == "A") + rng.normal(0, 0.003, len(base)) for s, c in zip(ids, centres)}
+    test = predictions[predictions["split"] == "test"]
+    model_auc = float(roc_auc_score(test["label"], test["probability"]))
+    for column, name in (("centre", "centre"), (None, "colour batch")):
+        check = run_shortcut(predictions, stats, model_auc, column, seed=0)
+        assert check["group_name"] == name and check["group_auc"] == pytest.approx(
+            group_shortcut_auc(centres, labels)["auc"])
+        assert set(check["splits"]) == {"train", "val", "test"} and check["within"]["n_groups"] == 2
+        assert check["warning"] and f"within-{name} AUC" in check["verdict"]
+        reading = predictions.assign(probability=labels + rng.normal(0, 0.5, len(ids)))
+        pooled = judge(check, reading, float(roc_auc_score(labels, reading["probability"])))
+        assert not pooled["warning"] and pooled["within"]["mean"] > 0.75
+    assert check["batches"]["n_batches"] == 2 and check["group_source"] == "colour batches"
