@@ -130,6 +130,8 @@ def test_mil_run_folder_is_documented(pipeline):
     names = set(config) | set(config["inputs"]) | set(config["split"]) | set(config["encoder"])
     names |= set(config["model"]) | set(config["training"])
     names |= set(metrics) | set(metrics["test"]) | set(metrics["groups"]["test"])
+    shortcut = metrics["shortcut"]
+    names |= set(shortcut) | set(shortcut["within"]) | set(shortcut["group"]) | set(shortcut["splits"])
     names |= h5_names(next((run / "attention").glob("*.h5")))
     for table in ("splits.csv", "predictions.csv", "history.csv"):
         names |= csv_columns(run / table)
@@ -141,6 +143,7 @@ def test_evaluation_folder_is_documented(pipeline):
     folder = pipeline["evaluation"]
     metrics = json.loads((folder / "metrics.json").read_text())
     names = set(metrics) | set(metrics["localisation"]) | json_keys(folder / "evaluation.json")
+    names |= set(metrics["shortcut"]) | set(metrics["shortcut"]["batches"] or {})
     for table in ("predictions.csv", "localisation.csv"):
         names |= csv_columns(folder / table)
     assert {"all", "localisation", "top_patch_hit"} <= names

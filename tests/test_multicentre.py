@@ -221,7 +221,12 @@ def test_shortcut_check_flags_colour_that_gives_the_centre_away(cohort, extracte
     expected = colour_shortcut_auc(stats, labels["label"], seed=0, patients=labels["patient_id"])
     assert shortcut["colour_auc"] == expected["auc"] and shortcut["colour_auc"] >= 0.9
     assert shortcut["n"] == 12 and shortcut["n_without_stats"] == 0 and shortcut["group_auc"] == 1.0
-    assert shortcut["warning"] and shortcut["verdict"].startswith("Warning: colour alone reaches AUC")
+    # Every positive at centre 1: the centre alone gives the labels away, on all slides and on the test split;
+    # no centre holds both classes, so there is no within-centre AUC.
+    assert shortcut["group_p_value"] < 0.05 and shortcut["splits"]["test"]["auc"] == 1.0
+    assert shortcut["within"]["mean"] is None and shortcut["group_source"] == "column"
+    assert shortcut["warning"] and shortcut["verdict"].startswith("Warning: the model's AUC")
+    assert "centre alone reaches AUC 1.000" in shortcut["verdict"] and "on the test split alone" in shortcut["verdict"]
     assert shortcut["model_auc"] == metrics["test"]["auc"]
     # Every centre in every split; predictions keep the centre.
     split = pd.read_csv(run / "splits.csv")
@@ -232,7 +237,8 @@ def test_shortcut_check_flags_colour_that_gives_the_centre_away(cohort, extracte
                  "--epochs", "2", "--group-column", "centre"]) == 0
     out = capsys.readouterr().out
     assert "mean within-centre AUC: val" in out and "shortcut check: colour alone AUC" in out
-    assert "centre alone AUC 1.000" in out and "Warning: colour alone" in out
+    assert "centre alone AUC 1.000" in out and "Warning: the model's AUC" in out
+    assert "centre alone AUC per split: train 1.000, val 1.000, test 1.000" in out
 
 
 @pytest.mark.slow
@@ -345,7 +351,7 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     table = pd.read_csv(tmp_path / "out" / "tables" / "table4_truncation.csv")
     assert list(table["stain"]) == ["none", "macenko"]
     text = report.read_text()
-    assert "Shortcut check" in text and "Warning: colour alone reaches AUC" in text
+    assert "Shortcut check" in text and "Warning: the model&#x27;s AUC" in text
     study["cka"] = {"stain_norm": "reinhard"}
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(HistotransferError, match=r"cka\.stain_norm: CKA sees the patches as the extraction"):

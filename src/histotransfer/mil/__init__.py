@@ -20,7 +20,8 @@ _EXPORTS = {
     "read_attention": ".rundir", "read_checkpoint": ".rundir", "read_config": ".rundir", "save_model": ".rundir",
     "write_config": ".rundir", "write_run_outputs": ".rundir", "group_metrics": ".rundir",
     "colour_shortcut_auc": ".shortcut", "group_shortcut_auc": ".shortcut", "run_shortcut": ".shortcut",
-    "shortcut_verdict": ".shortcut", "describe_shortcut": ".shortcut",
+    "describe_shortcut": ".shortcut", "judge": ".shortcut", "ordered_group_auc": ".shortcut",
+    "shortcut_verdict": ".verdict", "within_group_auc": ".verdict", "infer_colour_batches": ".batches",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

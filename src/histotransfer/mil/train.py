@@ -28,7 +28,7 @@ from .models import AttentionMIL, predict
 from .plan import RunPlan, plan_run
 from .rundir import DONE_FILE, FitResult, guard, save_model, write_config, write_run_outputs
 from .settings import MilSettings
-from .shortcut import shortcut_verdict
+from .shortcut import judge
 from .splits import SPLITS
 
 
@@ -160,10 +160,10 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _fold_summary(per_fold: dict[str, dict[str, Any]], pooled: pd.DataFrame, seed: int) -> dict[str, Any]:
     """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the mean
-    within-group AUC over folds (with a group column) and the shortcut check against the mean test AUC (every
-    fold checks the same slides)."""
+    within-group AUC over folds (with a group column) and the shortcut check (every fold checks the same
+    slides) judged on the ``pooled`` out-of-fold test predictions against their AUC."""
     summary: dict[str, Any] = {"folds": per_fold, "mean": {}, "sd": {}}
     for name in SPLITS:
         summary["mean"][name], summary["sd"][name] = {}, {}
@@ -176,12 +176,9 @@ def _fold_summary(per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
         summary["mean_within_group_auc"] = {name: _mean([m["groups"][name]["mean_within_group_auc"]
                                                          for m in per_fold.values()]) for name in SPLITS}
     if "shortcut" in first:
-        check = first["shortcut"]
-        model_auc, colour_auc = summary["mean"]["test"]["auc"], check["colour_auc"]
-        verdict = (shortcut_verdict(model_auc, colour_auc, check["margin"])
-                   if model_auc is not None and colour_auc is not None else None)
-        summary["shortcut"] = {**check, "model_auc": model_auc, "verdict": verdict,
-                               "warning": bool(verdict and verdict.startswith("Warning"))}
+        both = pooled["label"].nunique() == 2
+        model_auc = float(roc_auc_score(pooled["label"], pooled["probability"])) if both else None
+        summary["shortcut"] = judge(first["shortcut"], pooled, model_auc, seed)
     return summary
 
 
@@ -199,7 +196,9 @@ def train_planned(plan: RunPlan) -> Path:
     folds_table = pd.concat([s[s["split"] == "test"].assign(fold=k) for k, s in enumerate(plan.splits)])
     write_csv(folds_table.drop(columns="split").sort_values("slide_id"), out_dir / "splits.csv")
     write_config(plan.config, out_dir)
-    write_json(_fold_summary(per_fold), out_dir / DONE_FILE)
+    pooled = pd.concat([pd.read_csv(d / "predictions.csv", dtype={"slide_id": str, "patient_id": str})
+                        .query("split == 'test'") for d in plan.run_dirs])
+    write_json(_fold_summary(per_fold, pooled, plan.settings.seed), out_dir / DONE_FILE)
     return out_dir
 
 

@@ -79,11 +79,13 @@ def _cells_html(cells: Sequence[Mapping[str, Any]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-SHORTCUT_NOTE = ("Colour-only AUC: a logistic regression on each slide's tissue colour statistics (recorded at "
-                 "tiling), group-only AUC: each slide scored by its group's share of positives; both out of fold "
-                 "over all labelled slides of the run with patient-level folds. Within-group AUC: the mean test "
-                 "AUC within each group (with a group column). A verdict is shown where colour alone comes within "
-                 "the margin of the model's test AUC.")
+SHORTCUT_NOTE = ("Within-group AUC: the model's mean test AUC within each group (the group column, or staining "
+                 "batches inferred from slide colour), with a 95% bootstrap interval: the direct evidence, since "
+                 "inside one group the group cannot rank slides. Group-only AUC: slides scored by their group alone "
+                 "(no slide's own label used), judged against a permutation null. Colour-only AUC: a logistic "
+                 "regression on each slide's tissue colour statistics, out of fold; a lower bound on what colour can "
+                 "tell. A verdict is shown where the within-group AUC is near chance, the group alone comes within "
+                 "the margin of the model's AUC (on all slides or on the test split), or, with no group, colour does.")
 
 
 def write_report(path: Path, title: str, study_file: Path, study_text: str, tables: Mapping[str, pd.DataFrame],
@@ -120,7 +122,8 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         parts.append(f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
                      f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>')
     if shortcuts is not None and len(shortcuts):
-        parts.append('<h2 id="shortcut_check">Shortcut check: does colour alone predict the label?</h2>')
+        parts.append('<h2 id="shortcut_check">Shortcut check: do the group or colour alone explain the '
+                     "model&#x27;s AUC?</h2>")
         parts.append(_table_html(shortcuts))
         parts.append(f'<p class="note">{html.escape(SHORTCUT_NOTE)} CSV: <a href="tables/runs_mil.csv">'
                      "tables/runs_mil.csv</a>.</p>")

@@ -582,13 +582,15 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
 
 def report_notes(mil: pd.DataFrame, cka: pd.DataFrame) -> list[str]:
     """What a reader must know before reading the tables: test splits too small for a stable AUC, runs whose
-    AUC colour alone comes close to, and CKA computed on fewer patches than dimensions."""
+    AUC the shortcut check says may be group membership (centre, staining batch) or colour, and CKA computed on
+    fewer patches than dimensions."""
     notes = []
     warned = mil[mil["shortcut_warning"].fillna(False).astype(bool)] if len(mil) else mil
     if len(warned):
         runs = ", ".join(warned["run"].head(3)) + (", ..." if len(warned) > 3 else "")
-        notes.append(f"In {len(warned)} of {len(mil)} MIL runs colour alone predicts the labels nearly as well as "
-                     f"the model (see the shortcut check; {runs}): {warned['shortcut_verdict'].iloc[0]}")
+        notes.append(f"In {len(warned)} of {len(mil)} MIL runs the shortcut check warns that the AUC may come from "
+                     f"group membership or colour rather than the tissue (see the shortcut check; {runs}): "
+                     f"{warned['shortcut_verdict'].iloc[0]}")
     small = mil[mil["n_slides"] < SMALL_SPLIT] if len(mil) else mil
     if len(small):
         sizes = ", ".join(sorted({f"{d}: {n}" for d, n in zip(small["dataset"], small["n_slides"])}))

@@ -63,10 +63,16 @@ def _test_metrics(run: Path) -> tuple[float, int]:
 
 
 def _multi_centre(run: Path) -> dict[str, Any]:
-    """A run's mean within-group test AUC and shortcut check (NaN / empty where it has none)."""
+    """A run's mean within-group test AUC with its interval (by the group column, or by the staining batches the
+    shortcut check inferred from colour) and the shortcut check (NaN / empty where it has none)."""
     metrics = json.loads((run / "metrics.json").read_text())
     shortcut = metrics.get("shortcut") or {}
-    return {"within_group_auc": _nan(((metrics.get("groups") or {}).get("test") or {}).get("mean_within_group_auc")),
+    within = shortcut.get("within") or {}
+    mean = within.get("mean")
+    if mean is None:
+        mean = ((metrics.get("groups") or {}).get("test") or {}).get("mean_within_group_auc")
+    return {"within_group_auc": _nan(mean), "within_group_ci_low": _nan(within.get("ci_low")),
+            "within_group_ci_high": _nan(within.get("ci_high")),
             "colour_auc": _nan(shortcut.get("colour_auc")), "group_auc": _nan(shortcut.get("group_auc")),
             "shortcut_warning": bool(shortcut.get("warning")), "shortcut_verdict": shortcut.get("verdict") or ""}
 
@@ -103,8 +109,8 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
                      **_multi_centre(out_dir / run)})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
                                        "imagenet_top1", "recipe", "stain", "seed", "auc", "n_slides", "run",
-                                       "within_group_auc", "colour_auc", "group_auc", "shortcut_warning",
-                                       "shortcut_verdict"])
+                                       "within_group_auc", "within_group_ci_low", "within_group_ci_high",
+                                       "colour_auc", "group_auc", "shortcut_warning", "shortcut_verdict"])
 
 
 def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
@@ -379,16 +385,21 @@ def _shown(value: float) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value):.3f}"
 
 
+def _within_shown(mean: float, low: float, high: float) -> str:
+    return _shown(mean) + ("" if pd.isna(low) or pd.isna(high) else f" ({low:.3f}–{high:.3f})")
+
+
 def shortcut_table(mil: pd.DataFrame) -> pd.DataFrame:
     """The shortcut check of every MIL run beside its test AUC (empty when no run could be checked): the mean
-    within-group test AUC, the AUC of colour alone and of the group alone, and the verdict when colour comes
-    close to the model."""
+    within-group test AUC with its 95% interval, the AUC of colour alone and of the group alone, and the verdict
+    when it warns."""
     if not len(mil) or mil[["within_group_auc", "colour_auc", "group_auc"]].isna().all().all():
         return pd.DataFrame()
     return pd.DataFrame({
         "Dataset": mil["dataset"], "Configuration": mil["config"], "Stain": mil["stain"],
         "MIL recipe": mil["recipe"], "Seed": mil["seed"], "Test AUC": mil["auc"].map(_shown),
-        "Within-group test AUC": mil["within_group_auc"].map(_shown),
+        "Within-group test AUC (95% CI)": [_within_shown(m, lo, hi) for m, lo, hi in zip(
+            mil["within_group_auc"], mil["within_group_ci_low"], mil["within_group_ci_high"])],
         "Colour-only AUC": mil["colour_auc"].map(_shown), "Group-only AUC": mil["group_auc"].map(_shown),
         "Verdict": [v if w else "" for v, w in zip(mil["shortcut_verdict"], mil["shortcut_warning"])],
     })
