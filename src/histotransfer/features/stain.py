@@ -4,7 +4,8 @@ Slides from different centres differ in stain colour; a model can learn the cent
 tissue. Normalising every patch to one reference colour before the encoder removes most of that signal, and
 jittering stain colour during fine-tuning keeps the encoder from relying on it.
 
-**Fitting** a reference uses torchstain's NumPy normalisers unchanged (``fit_macenko``, ``fit_reinhard``). A
+**Fitting** a reference uses torchstain's NumPy Reinhard normaliser unchanged and its Macenko arithmetic laid
+out for large samples (``_macenko_fit``, equal to it to float64 rounding) (``fit_macenko``, ``fit_reinhard``). A
 reference is an image file, an in-memory RGB array (a patch or a slide region) or a sequence of them (patches
 of several slides): a sequence is fitted on the concatenation of its pixels, one pooled estimate in which each
 patch counts by its size, so a patch with little tissue cannot pull the target as far as an average of
