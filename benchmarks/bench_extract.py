@@ -31,6 +31,13 @@ Then every truncation of one network (``--multi``, default DenseNet121, truncate
    for all four" / "the four passes". The same on pixels already in memory (the encoder alone), and whether
    the one pass wrote the same bytes as the four.
 
+Then stain normalisation at extraction (``--stain``, default ResNet18 cut after layer2), end to end:
+
+9. ``extract_features`` without normalisation, with Reinhard and with Macenko (each slide's source stain
+   estimated once, the default scope), on the same ``--stain-slides`` demo slides (several small slides: the
+   per-slide estimate is paid once per slide), the reference being each slide's fullest patch; patches/s and
+   the ratio plain / normalised. Target: within 1.3x of plain.
+
 Each measurement is repeated ``--repeats`` times, interleaved, and the median kept: the machine may be shared.
 Defaults: the real Aperio slide from ../shared when present (else a synthetic one), tiled at 20x into 224 px
 patches with a 112 px stride (so that a small slide gives enough patches), first 128 patches; two encoders:
@@ -42,7 +49,8 @@ with the GPU's bf16 matmul rate (e.g. DenseNet121 at 512 px: ``--configs densene
 ``--decode-only`` times only 3, 4, 6, extract with CPU decoding and 7 (CPU vs GPU
 decoding side by side) and leaves 8 out.
 
-``--quick`` measures 32 patches once (about a minute on 2 cores) instead of the median of three runs of 128.
+``--quick`` measures 32 patches (and 2 stain slides) once (about a minute on 2 cores) instead of the median of
+three runs of 128.
 
 Run: ``.venv/bin/python benchmarks/bench_extract.py [--configs resnet18:1 --weights random] [--device cuda]``
 (``--configs none`` or ``--multi none`` leaves a part out).
@@ -75,6 +83,7 @@ from histotransfer.features.encoders import create_encoders
 from histotransfer.features.extract import BatchEncoder, inference_model
 from histotransfer.features.gpu_decode import DecodedBatches, TileDecoder
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
+from histotransfer.features.stain import write_reference_patches
 from histotransfer.patches import read_patch_file, write_patch_file
 from histotransfer.patches.tiling import tile_slides
 from histotransfer.runtime import check_precision, precision_context
@@ -369,6 +378,31 @@ def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: st
     print(f"  one pass wrote the same bytes as the {len(truncations)} passes: {'yes' if same else 'NO'}")
 
 
+def bench_stain(n_slides: int, patch_size: int, magnification: float, encoder: str, weights: str, truncate: int,
+                batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
+    """Extraction without stain normalisation, with Reinhard and with Macenko (per-slide source estimates) on
+    the same demo slides, interleaved; patches/s and the ratios to plain extraction."""
+    demo = make_demo_slides(tmp / "demo", n_slides, seed=0, size=2048, mpp=0.5)
+    tiled = tile_slides(demo.slides, tmp / "tiles", magnification=magnification, patch_size=patch_size,
+                        stride=patch_size)
+    n = sum(len(read_patch_file(p).coords) for p in tiled.patches.glob("*.h5"))
+    reference = write_reference_patches(tiled.patches, tmp / "reference")
+    options = {"plain": {}, "reinhard": {"stain_norm": "reinhard", "stain_ref": str(reference)},
+               "macenko": {"stain_norm": "macenko", "stain_ref": str(reference)}}
+    runs = iter(range(1 << 30))
+
+    def step(kw: dict[str, str]) -> Callable[[], object]:
+        return lambda: extract_features(tiled.patches, tmp / f"out{next(runs)}", encoder, weights, truncate,
+                                        batch_size=batch_size, workers=workers, device=device.type, **kw)
+
+    wall, cpu = median_rates({k: step(kw) for k, kw in options.items()}, n, repeats)
+    print(f"\nstain normalisation at extraction: {encoder} t{truncate}, {n_slides} slides, {n} patches of "
+          f"{patch_size} px, {workers} loader worker(s), {torch.get_num_threads()} threads, median of {repeats}")
+    for key in options:
+        print(f"  {key:9} {wall[key]:7.1f} patches/s (cpu {cpu[key]:7.1f})   plain / {key}: "
+              f"{wall['plain'] / wall[key]:.2f}x (cpu {cpu['plain'] / cpu[key]:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", default=str(CMU) if CMU.exists() else None)
@@ -377,6 +411,9 @@ def main() -> None:
     ap.add_argument("--multi", default="densenet121:0,1,2,3",
                     help="ENCODER:T,T,..: separate passes per truncation vs one pass for all (default "
                          "densenet121:0,1,2,3; none: skip)")
+    ap.add_argument("--stain", default="resnet18:2",
+                    help="ENCODER:TRUNCATE of the stain normalisation comparison (default resnet18:2; none: skip)")
+    ap.add_argument("--stain-slides", type=int, default=4, help="demo slides of the stain comparison (default 4)")
     ap.add_argument("--quick", action="store_true", help="32 patches, measured once")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with "
@@ -401,7 +438,7 @@ def main() -> None:
                     help="time only the encoder, the loader and extract with CPU and with GPU decoding")
     args = ap.parse_args()
     if args.quick:
-        args.max_patches, args.repeats = 32, 1
+        args.max_patches, args.repeats, args.stain_slides = 32, 1, 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -434,6 +471,11 @@ def main() -> None:
             bench_truncations(patches, patch_file, encoder, default_weights(encoder, args.weights),
                               [int(t) for t in truncations.split(",")], args.batch_size, workers, args.repeats,
                               tmp / "multi", device)
+        if args.stain != "none" and not args.decode_only:
+            encoder, truncate = args.stain.split(":")
+            bench_stain(args.stain_slides, args.patch_size, args.magnification, encoder,
+                        default_weights(encoder, args.weights), int(truncate), args.batch_size, workers,
+                        args.repeats, tmp / "stain", device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -119,6 +119,7 @@ def test_cam_localisation_of_the_positive_slides_and_a_slide_without_annotation(
         assert report.loc[sid, "n_pointing"] == expected["n_pointing"]
         if expected["pointing_game"] is not None:
             assert report.loc[sid, "pointing_game"] == pytest.approx(expected["pointing_game"])
+            assert report.loc[sid, "pointing_chance"] == pytest.approx(expected["pointing_chance"])
             games.append(expected["pointing_game"])
     assert report.loc[study["neg"], "cam_mass"].isna().all()  # negative slides are not scored
     loc = json.loads((out / "cam.json").read_text())["localisation"]

@@ -21,7 +21,7 @@ from histotransfer.finetune import finetune, run_encoder, save_encoder, select_t
 from histotransfer.finetune.data import topk_slides
 from histotransfer.finetune.model import EndToEndMIL
 from histotransfer.finetune.settings import FinetuneSettings
-from histotransfer.finetune.train import fit_end_to_end
+from histotransfer.finetune.train import describe_selection, fit_end_to_end, selection_record
 from histotransfer.mil import evaluate_run, load_run_model, train_mil
 from histotransfer.mil.rundir import read_attention
 from histotransfer.patches.tiling import tile_slides
@@ -90,6 +90,8 @@ def test_finetune_end_to_end_writes_frozen_and_finetuned_side_by_side(study, tun
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2] and history["selected"].sum() == 1
     assert not history.loc[history["epoch"] == 0, "selected"].item()
+    assert comparison["selection"] == selection_record(history)
+    assert comparison["selection"]["kept"] == "finetuned" and comparison["selected_epoch"] > 0
     topk = pd.read_csv(out / "topk.csv")
     assert topk.groupby("slide_id").size().max() == 6
 
@@ -148,6 +150,46 @@ def test_resumed_training_equals_uninterrupted(study, tmp_path):
     pd.testing.assert_frame_equal(straight.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
     for key, value in straight.state.items():
         torch.testing.assert_close(resumed.state[key], value, rtol=0, atol=1e-6)
+
+
+def _topk_bags(study, tmp_path, k: int = 3):
+    run = study["run"]
+    config = json.loads((run / "config.json").read_text())
+    splits = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+    topk = select_top_k(run, k=k, out_path=tmp_path / "topk.csv")
+    slides, _ = topk_slides(topk, dict(zip(splits["slide_id"], splits["label"])), Path(config["features_dir"]))
+    return ([s for s in slides if SPLIT[s.job.slide_id] == "train"],
+            [s for s in slides if SPLIT[s.job.slide_id] == "val"])
+
+
+def test_fine_tuning_that_hurts_keeps_the_frozen_start(study, tmp_path):
+    train, val = _topk_bags(study, tmp_path)
+    model = EndToEndMIL(run_encoder(study["run"]), load_run_model(study["run"]), freeze_stages=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneSettings(epochs=1, lr=3e-2, batch_slides=2)  # steps this large wreck the network
+    result = fit_end_to_end(model, train, val, cfg, 32, torch.device("cpu"), Ranks(), tmp_path / "ckpt.pt")
+    history = result.history.set_index("epoch")
+    assert history.loc[0, "val_auc"] == 1.0 and history.loc[1, "val_auc"] == 0.0
+    assert result.selected_epoch == 0 and list(result.history["selected"]) == [True, False]
+    for key, value in start.items():
+        assert torch.equal(result.state[key], value), key
+    record = selection_record(result.history)
+    assert record["kept"] == "frozen" and record["selected_epoch"] == 0
+    assert record["frozen_val_auc"] == pytest.approx(history.loc[0, "val_auc"])
+    assert record["best_finetuned_epoch"] == 1 and record["best_finetuned_val_auc"] == 0.0
+    assert "did not beat the frozen start" in describe_selection(record)
+
+
+@pytest.mark.slow
+def test_a_run_whose_fine_tuning_hurts_keeps_the_frozen_model_and_says_so(study, tmp_path, capsys):
+    out = finetune(study["run"], tmp_path / "ft", **{**FT, "top_k": 3, "epochs": 1, "lr": 3e-2, "freeze_stages": 0})
+    assert "did not beat the frozen start" in capsys.readouterr().out
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["selected_epoch"] == 0 and comparison["selection"]["kept"] == "frozen"
+    before, after = run_encoder(study["run"]).state_dict(), run_encoder(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for split, row in comparison["splits"].items():  # the frozen model, re-extracted: the frozen run's AUC
+        assert row["finetuned_auc"] == pytest.approx(row["frozen_auc"], abs=1e-9), split
 
 
 def test_bad_requests_are_refused(study, tmp_path):

@@ -222,14 +222,21 @@ def test_localisation_lines_name_the_scored_slides_and_the_cohort_means():
     from histotransfer.analysis import describe_cam_localisation
     from histotransfer.mil import describe_localisation
 
-    summary = {"n_scored": 2, "n_positive": 3, "unannotated": ["s9"],
-               "cohort": {"top_patch_hit": {"mean": 0.5}, "attention_mass": {"mean": 0.25}, "auc": None,
+    summary = {"n_scored": 2, "n_positive": 3, "unannotated": ["s9"], "threshold": 0.5, "n_with_lesion_patch": 1,
+               "cohort": {"top_patch_touches": {"mean": 1.0}, "touching_share": {"mean": 0.375},
+                          "top_patch_overlap": {"mean": 0.4}, "mean_overlap": {"mean": 0.1},
+                          "attention_overlap": {"mean": 0.3}, "auc_touching": {"mean": 0.9},
+                          "top_patch_hit": {"mean": 0.5}, "attention_mass": {"mean": 0.25}, "auc": None,
                           "lesion_patch_share": {"mean": 0.125}, "pointing_game": {"mean": 1.0},
-                          "cam_mass": {"mean": 0.75}, "lesion_area_share": {"mean": 0.1}}}
+                          "pointing_chance": {"mean": 0.2}, "cam_mass": {"mean": 0.75},
+                          "lesion_area_share": {"mean": 0.1}}}
     head = "scored 2 of 3 positive slide(s) (1 without annotation: s9)"
-    assert describe_localisation(summary) == (f"{head}: top patch on lesion 0.500, attention mass on lesion 0.250 "
-                                              "(uniform 0.125), patch AUC n/a")
-    assert describe_cam_localisation(summary) == (f"{head}: pointing game 1.000, CAM mass on lesion 0.750 "
-                                                  "(uniform 0.100)")
+    assert describe_localisation(summary) == (
+        f"{head}: top patch touches the lesion 1.000 (random patch 0.375), its lesion share 0.400 (random patch "
+        "0.100), attention-weighted lesion share 0.300 (uniform 0.100), patch AUC touching vs not 0.900 (chance "
+        "0.5); lesion patches (>= 0.5 lesion, on 1 slide(s)): top patch on one 0.500 (random patch 0.125), "
+        "attention mass on them 0.250 (uniform 0.125), patch AUC n/a")
+    assert describe_cam_localisation(summary) == (f"{head}: pointing game 1.000 (random cell 0.200), CAM mass on "
+                                                  "lesion 0.750 (uniform 0.100)")
     none = {**summary, "n_scored": 0, "unannotated": []}
     assert describe_localisation(none) == describe_cam_localisation(none) == "scored 0 of 3 positive slide(s)"

@@ -14,7 +14,7 @@ from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNo
 from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.demo_slides import render_tissue
 from histotransfer.errors import HistotransferError
-from histotransfer.features.stain import HedJitter, StainNormalizer, load_reference
+from histotransfer.features.stain import HedJitter, StainNormalizer, _macenko_fit, load_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PATCH = 128
@@ -60,6 +60,24 @@ def assert_matches_torchstain(method: str, reference: np.ndarray, patches: np.nd
     assert np.abs(ours[tissue].astype(int) - expected.astype(int)).max() <= 1
     assert np.array_equal(ours[~tissue], patches[~tissue])
     assert (ours[tissue] != patches[tissue]).mean() > 0.5  # normalisation moved most values
+
+
+def test_macenko_fit_equals_torchstains_on_a_reference_and_a_slide_sized_sample() -> None:
+    """The Macenko fit (stain matrix, 99th-percentile concentrations) is torchstain's to float64 rounding, so the
+    fitted targets and slide estimates, rounded to 6 decimals, are the numbers torchstain gives."""
+    tinted = np.clip(he_image(seed=2).astype(int) + np.array([-25, 10, -5]), 0, 255).astype(np.uint8)
+    sample = np.concatenate([crops(he_image(seed=s, size=512)) for s in range(3, 7)])  # 64 patches, 1M pixels
+    for rgb in (he_image(seed=1), tinted, sample):
+        theirs = NumpyMacenkoNormalizer()
+        theirs.fit(rgb.reshape(-1, 1, 3), Io=240, alpha=1, beta=0.15)
+        stains, max_c = _macenko_fit(rgb, 240.0, 1.0, 0.15)
+        np.testing.assert_allclose(stains, theirs.HERef, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(max_c, theirs.maxCRef, rtol=1e-12, atol=0)
+    fitted = StainNormalizer.fit("macenko", tinted).target
+    theirs = NumpyMacenkoNormalizer()
+    theirs.fit(tinted, Io=240, alpha=1, beta=0.15)
+    assert fitted == {"stain_matrix": np.round(theirs.HERef, 6).tolist(),
+                      "max_concentrations": np.round(theirs.maxCRef, 6).tolist()}
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])

@@ -331,18 +331,20 @@ def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path
     """Table V from hand-made localisation.json and cam.json files: means over seeds, slide counts, the CAM
     scores joined to their own run (same dataset, configuration, stain, recipe and seed)."""
     records = []
-    scores = {0: (1.0, 0.6, 0.9), 1: (0.5, 0.4, None)}  # top_patch_hit, attention_mass, auc per seed
-    for seed, (hit, mass, auc) in scores.items():
+    # top_patch_touches, touching_share, top_patch_hit, auc_touching per seed
+    scores = {0: (1.0, 0.2, 0.5, 0.9), 1: (0.5, 0.4, 0.0, None)}
+    for seed, (touch, share, hit, auc) in scores.items():
         rel = f"mil/alpha/{R18[2].key}/histotransfer/seed{seed}/localisation.json"
         (tmp_path / rel).parent.mkdir(parents=True)
-        cohort = {"top_patch_hit": {"mean": hit, "n": 4}, "attention_mass": {"mean": mass, "n": 4},
-                  "auc": {"mean": auc, "n": 4 if auc is not None else 0}}
+        cohort = {"top_patch_touches": {"mean": touch, "n": 4}, "touching_share": {"mean": share, "n": 4},
+                  "top_patch_hit": {"mean": hit, "n": 4}, "auc_touching": {"mean": auc, "n": 4 if auc else 0}}
         (tmp_path / rel).write_text(json.dumps({"n_scored": 4 + seed, "cohort": cohort}))
         records.append({"kind": "mil", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
                         "recipe": "histotransfer", "stain": "none", "seed": seed, "result": {"localisation": rel}})
     cam = f"cam/alpha/{R18[2].key}/histotransfer/seed1/cam/cam.json"
     (tmp_path / cam).parent.mkdir(parents=True)
     (tmp_path / cam).write_text(json.dumps({"localisation": {"cohort": {"pointing_game": {"mean": 0.75},
+                                                                          "pointing_chance": {"mean": 0.25},
                                                                           "cam_mass": {"mean": 0.3}}},
                                             "resolution": {"um_per_cell": 16.0}}))
     records.append({"kind": "cam", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
@@ -353,11 +355,17 @@ def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path
     row = table.iloc[0]
     assert (row["encoder"], row["truncate"], row["stain"], row["recipe"]) == ("resnet18", 2, "none", "histotransfer")
     assert row["alpha_n_scored"] == "4-5"
-    assert row["alpha_top_patch_hit"] == pytest.approx(0.75) and row["alpha_attention_mass"] == pytest.approx(0.5)
-    assert row["alpha_auc"] == pytest.approx(0.9)  # a seed without an AUC does not count
+    assert row["alpha_top_patch_touches"] == pytest.approx(0.75)
+    assert row["alpha_top_patch_touches_chance"] == pytest.approx(0.3)  # the chance level, also over seeds
+    assert row["alpha_top_patch_hit"] == pytest.approx(0.25) and np.isnan(row["alpha_top_patch_hit_chance"])
+    assert row["alpha_auc_touching"] == pytest.approx(0.9)  # a seed without an AUC does not count
     assert (row["alpha_pointing_game"], row["alpha_cam_mass"], row["alpha_um_per_cell"]) == (0.75, 0.3, 16.0)
+    assert row["alpha_pointing_game_chance"] == 0.25
     shown = display_table("table5_localisation", table, ["alpha"])
     assert list(shown.columns[:5]) == ["Encoder", "Weights", "Truncation", "Stain", "MIL recipe"]
+    assert shown["alpha: top patch touches lesion"].tolist() == ["0.750 (0.300)"]
+    assert shown["alpha: CAM pointing game"].tolist() == ["0.750 (0.250)"]
+    assert shown["alpha: patch AUC"].tolist() == ["0.900"]
 
 
 def test_a_transformer_cut_to_blocks_is_its_own_row_never_the_full_network(tmp_path):

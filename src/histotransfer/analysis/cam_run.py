@@ -93,7 +93,7 @@ FIGURE_TILE = 160  # approximate side in pixels of each patch in <slide_id>_cam.
 FIGURE_COLUMNS = 4
 CMAP = "jet"
 CAM_COLUMNS = ["split", "label", "stage", "grid", "um_per_cell", "logit", "feature_gap", "annotated",
-               "pointing_game", "n_pointing", "cam_mass", "lesion_area_share"]
+               "pointing_game", "pointing_chance", "n_pointing", "cam_mass", "lesion_area_share"]
 DONE_MESSAGE = "done before with the same settings and run"
 
 
@@ -450,10 +450,11 @@ def _localise(run: _Run, slide_id: str, maps: np.ndarray, coords: np.ndarray, si
 
 
 def _localisation_caption(scores: dict[str, Any]) -> str:
-    game = "n/a" if scores["pointing_game"] is None else f"{scores['pointing_game']:.3f}"
-    mass = "n/a" if scores["cam_mass"] is None else f"{scores['cam_mass']:.3f}"
-    return (f"lesion: pointing game {game} over {scores['n_pointing']} patch(es), CAM mass {mass} "
-            f"(uniform {scores['lesion_area_share']:.3f})")
+    def num(key: str) -> str:
+        return "n/a" if scores[key] is None else f"{scores[key]:.3f}"
+
+    return (f"lesion: pointing game {num('pointing_game')} (random cell {num('pointing_chance')}) over "
+            f"{scores['n_pointing']} patch(es), CAM mass {num('cam_mass')} (uniform {num('lesion_area_share')})")
 
 
 def _extra(run: _Run, slide_id: str, cam: dict[str, Any], scores: dict[str, Any] | None,
@@ -464,7 +465,8 @@ def _extra(run: _Run, slide_id: str, cam: dict[str, Any], scores: dict[str, Any]
     return {"split": run.splits.get(slide_id), "label": run.labels.get(slide_id), "stage": attrs["stage"],
             "grid": f"{grid[0]}x{grid[1]}", "um_per_cell": attrs.get("um_per_cell"), "logit": attrs["logit"],
             "feature_gap": attrs["feature_gap"], "annotated": annotated,
-            **{k: (scores or {}).get(k) for k in ("pointing_game", "n_pointing", "cam_mass", "lesion_area_share")}}
+            **{k: (scores or {}).get(k) for k in ("pointing_game", "pointing_chance", "n_pointing", "cam_mass",
+                                                  "lesion_area_share")}}
 
 
 def _slide_work(run: _Run, s: CamSettings, out: Path, slide_id: str, index: dict[str, Path] | None,
@@ -609,7 +611,8 @@ def describe_resolution(summary: dict[str, Any]) -> str:
 def describe_cam_localisation(summary: dict[str, Any]) -> str:
     """A CAM localisation summary in one line: how many positive slides were scored, then the cohort means."""
     return describe_scored(summary, lambda mean: (
-        f"pointing game {mean('pointing_game')}, CAM mass on lesion {mean('cam_mass')} "
+        f"pointing game {mean('pointing_game')} (random cell {mean('pointing_chance')}), CAM mass on lesion "
+        f"{mean('cam_mass')} "
         f"(uniform {mean('lesion_area_share')})"))
 
 

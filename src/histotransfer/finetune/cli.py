@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from .run import finetune
+    from .train import describe_selection
 
     t0 = time.perf_counter()
     out = finetune(args.run, args.out, args.slides, from_args(FinetuneSettings, args))
@@ -42,6 +43,8 @@ def _finetune(args: argparse.Namespace) -> int:
               f"(epoch {comparison['selected_epoch']}):")
         for name, row in comparison["splits"].items():
             print(f"  {name:5}  frozen {_fmt(row['frozen_auc'])}  fine-tuned {_fmt(row['finetuned_auc'])}")
+        if comparison.get("selection"):
+            print(f"selection: {describe_selection(comparison['selection'])}")
         print(f"finetune: done in {time.perf_counter() - t0:.1f} s; fine-tuned run in {out}")
     return 0
 

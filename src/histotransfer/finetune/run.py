@@ -64,7 +64,7 @@ from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL, check_lora, lora_of, merge_lora
 from .settings import FinetuneSettings
 from .topk import read_splits, select_top_k
-from .train import augmentation_record, fit_end_to_end, slide_sources
+from .train import augmentation_record, describe_selection, fit_end_to_end, selection_record, slide_sources
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DONE_FILE = "comparison.json"
@@ -138,6 +138,7 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
     result = fit_end_to_end(model, train, val, s, input_size, device, ranks, out / CHECKPOINT_FILE, stain)
     model.load_state_dict(result.state)
     if ranks.rank == 0:
+        tqdm.write(f"finetune: {describe_selection(selection_record(result.history))}")
         model.cpu()
         if model.lora_layers:
             merge_lora(encoder)  # encoder.pt holds the network's own layers, the low-rank updates folded in
@@ -172,17 +173,19 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     unreadable = {**unreadable, **missing, **broken}
     kept = splits[splits["slide_id"].isin(bags.slide_ids)]
     selected = int(read_checkpoint(out)["selected_epoch"])
+    selection = selection_record(pd.read_csv(out / "history.csv"))
+    what = (f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}" if selected else
+            f"{config['encoder'].get('encoder', '')} + attention MIL, frozen start kept (no epoch beat it)")
     config = {**config, "unreadable_slides": unreadable,
               "inputs": {**config["inputs"], "features": dict(zip(bags.slide_ids, bags.fingerprints))}}
     write_config(config, out)
     group = (read_config(run_dir).get("settings") or {}).get("group_column")
-    metrics = write_run_outputs(out, head, bags, kept, config["seed"],
-                                f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}",
-                                config["positive_class"], group if group in kept.columns else None)
+    metrics = write_run_outputs(out, head, bags, kept, config["seed"], what, config["positive_class"],
+                                group if group in kept.columns else None)
     frozen = json.loads((run_dir / "metrics.json").read_text())
     comparison = {
         "frozen_run": str(run_dir.resolve()), "finetuned_run": str(out.resolve()), "selected_epoch": selected,
-        "positive_class": config["positive_class"],
+        "selection": selection, "positive_class": config["positive_class"],
         "splits": {name: {"frozen_auc": frozen.get(name, {}).get("auc"), "finetuned_auc": metrics[name]["auc"],
                           "frozen": frozen.get(name), "finetuned": metrics[name]} for name in SPLITS},
     }
@@ -248,7 +251,8 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
                   "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
                                "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
                                "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
-                               "selection": "best val AUC on top-k bags, ties: lower val loss",
+                               "selection": "best val AUC on top-k bags among the frozen start (epoch 0) and every "
+                                            "epoch, ties: lower val loss, then the earlier epoch",
                                "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
                                "stain_normalization": None if stain is None else stain.tag()},
                   "versions": {"histotransfer": __version__, "torch": torch.__version__}}

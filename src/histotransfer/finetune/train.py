@@ -1,4 +1,6 @@
-"""The end-to-end training loop on top-k bags: Adam, one or more slides per step, selection on val AUC.
+"""The end-to-end training loop on top-k bags: Adam, one or more slides per step, selection on val AUC among
+the frozen start (epoch 0) and every epoch, so fine-tuning never hands back a model worse on validation than
+the one it started from.
 
 Each epoch's slide order is drawn from ``(seed, epoch)``, and the state after every epoch (model, optimizer,
 best model so far, history) is saved to a checkpoint, so a killed run resumes at the next epoch.
@@ -185,13 +187,59 @@ def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return ckpt
 
 
+def _selection_key(val_auc: float | None, val_loss: float) -> tuple[float, float]:
+    """What selection maximises: val AUC (a single-class val set counts as -1), then lower val loss."""
+    return (-1.0 if val_auc is None else val_auc), -val_loss
+
+
+def _value(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def selection_record(history: pd.DataFrame) -> dict[str, Any]:
+    """What selection kept, from a run's history (``history.csv``): ``kept`` (``"frozen"`` when no epoch beat
+    the frozen start on validation, else ``"finetuned"``), ``selected_epoch``, ``frozen_val_auc`` /
+    ``frozen_val_loss`` (epoch 0; None without validation slides, when there is no epoch 0 row) and
+    ``best_finetuned_epoch``, ``best_finetuned_val_auc`` / ``best_finetuned_val_loss`` (the best epoch >= 1 by
+    the same rule; the last one without validation slides)."""
+    selected = int(history.loc[history["selected"].astype(bool), "epoch"].iloc[0])
+    start = history[history["epoch"] == 0]
+    tuned = list(history[history["epoch"] > 0].itertuples())
+    if len(start):
+        best = max(tuned, key=lambda r: (_selection_key(_value(r.val_auc), r.val_loss), -r.epoch))
+    else:
+        best = tuned[-1]
+    return {"kept": "frozen" if selected == 0 else "finetuned", "selected_epoch": selected,
+            "frozen_val_auc": _value(start["val_auc"].iloc[0]) if len(start) else None,
+            "frozen_val_loss": _value(start["val_loss"].iloc[0]) if len(start) else None,
+            "best_finetuned_epoch": int(best.epoch), "best_finetuned_val_auc": _value(best.val_auc),
+            "best_finetuned_val_loss": _value(best.val_loss)}
+
+
+def describe_selection(record: dict[str, Any]) -> str:
+    """One line on what selection kept (:func:`selection_record`)."""
+    if record["frozen_val_loss"] is None:
+        return f"kept epoch {record['selected_epoch']} (no validation slides: the last epoch)"
+
+    def auc(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    scores = (f"val AUC on top-k bags: frozen start {auc(record['frozen_val_auc'])}, best fine-tuned epoch "
+              f"{record['best_finetuned_epoch']} {auc(record['best_finetuned_val_auc'])}")
+    if record["kept"] == "frozen":
+        return (f"fine-tuning did not beat the frozen start ({scores}): the frozen encoder and head are kept; "
+                "try a lower --lr, more --top-k or more epochs")
+    return f"kept fine-tuned epoch {record['selected_epoch']} ({scores})"
+
+
 def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
                    input_size: int | None,
                    device: torch.device, ranks: Ranks, checkpoint_path: Path,
                    stain: StainNormalizer | None = None) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
-    (ties: lower val loss; without validation slides, the last epoch). Epoch 0 in the history is the
-    model before fine-tuning, for reference (never selected). Every batch is normalised with ``stain`` (the
+    (ties: lower val loss, then the earlier epoch; without validation slides, the last epoch). Epoch 0 is the
+    model before fine-tuning, evaluated the same way and a candidate like every epoch: when no epoch beats it,
+    the frozen start is returned (``selected_epoch`` 0). Every batch is normalised with ``stain`` (the
     run's stain normalisation; per slide, with the slide's recorded source estimate); training batches are then
     jittered as ``cfg.stain_augment`` says."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -219,6 +267,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
                                         val_labels)
         rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
                      "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
+        best_key, best_state = _selection_key(val_auc, val_loss), _cpu_state(model)
 
     bar = tqdm(range(start, cfg.epochs + 1), desc="fine-tuning", unit="epoch", dynamic_ncols=True,
                disable=ranks.rank != 0)
@@ -253,7 +302,7 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         if len(val):
             val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain),
                                         val_labels)
-        key = ((-1.0 if val_auc is None else val_auc), -val_loss) if len(val) else (epoch,)
+        key = _selection_key(val_auc, val_loss) if len(val) else (epoch,)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_state = key, epoch, _cpu_state(model)
         rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,

@@ -166,13 +166,13 @@ def _print_heatmap_localisation(path: Path, n_slides: int) -> None:
     """One line per slide whose attention localisation was scored, after how many were scored."""
     import pandas as pd
 
+    from .evaluate import describe_slide_localisation
+
     table = pd.read_csv(path, dtype={"slide_id": str})
     print(f"attention localisation: scored {len(table)} of {n_slides} slide(s) (the others: no annotation, or "
           f"not positive); {path}")
-    for row in table.itertuples():
-        auc = "n/a" if pd.isna(row.auc) else f"{row.auc:.3f}"
-        print(f"  {row.slide_id}: top patch {'on' if row.top_patch_hit else 'off'} the lesion, attention mass "
-              f"{row.attention_mass:.3f} (uniform {row.lesion_patch_share:.3f}), patch AUC {auc}")
+    for row in table.to_dict("records"):
+        print(f"  {row['slide_id']}: lesion: {describe_slide_localisation(row)}")
 
 
 def _heatmap(args: argparse.Namespace) -> int:

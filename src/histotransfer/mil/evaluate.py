@@ -219,8 +219,9 @@ def attention_localisation_rows(attention_dir: Path, slide_ids: Sequence[str], a
              "annotation": str(annotations[s].source)} for s in slide_ids if s in annotations]
 
 
-LOCALISATION_COLUMNS = ["slide_id", "top_patch_hit", "top_patch_overlap", "attention_mass", "lesion_patch_share",
-                        "auc", "n_patches", "n_lesion_patches", "annotation"]
+LOCALISATION_COLUMNS = ["slide_id", "top_patch_overlap", "mean_overlap", "attention_overlap", "top_patch_touches",
+                        "touching_share", "auc_touching", "top_patch_hit", "attention_mass", "lesion_patch_share",
+                        "auc", "n_patches", "n_touching", "n_lesion_patches", "annotation"]
 
 
 def localisation_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -233,10 +234,12 @@ def localisation_summary(rows: Sequence[Mapping[str, Any]], positives: Sequence[
                          threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """The cohort view of per-slide localisation ``rows`` of some ``positives``: ``cohort`` (each numeric key's
     ``{"mean", "n"}`` over the scored slides), ``n_positive``, ``n_scored``, ``unannotated`` (positive slides
-    not scored: no annotation) and the lesion-patch ``threshold``."""
+    not scored: no annotation), the lesion-patch ``threshold`` and ``n_with_lesion_patch`` (scored slides with
+    at least one patch at the threshold: the others' lesion-patch scores are 0 whatever the attention)."""
     scored = {r["slide_id"] for r in rows}
     return {"n_positive": len(positives), "n_scored": len(scored),
             "unannotated": sorted(set(positives) - scored), "threshold": threshold,
+            "n_with_lesion_patch": sum(int(r["n_lesion_patches"]) > 0 for r in rows),
             "cohort": cohort_localisation(rows)}
 
 
@@ -297,7 +300,27 @@ def describe_scored(summary: Mapping[str, Any], measures: Callable[[Callable[[st
 
 
 def describe_localisation(summary: Mapping[str, Any]) -> str:
-    """An attention localisation summary in one line (:func:`describe_scored`)."""
+    """An attention localisation summary in one line (:func:`describe_scored`), each score beside its chance
+    level: first by lesion share, then by lesion patch (with how many slides have one)."""
+    with_patch = summary.get("n_with_lesion_patch")
     return describe_scored(summary, lambda mean: (
-        f"top patch on lesion {mean('top_patch_hit')}, attention mass on lesion {mean('attention_mass')} "
-        f"(uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}"))
+        f"top patch touches the lesion {mean('top_patch_touches')} (random patch {mean('touching_share')}), "
+        f"its lesion share {mean('top_patch_overlap')} (random patch {mean('mean_overlap')}), attention-weighted "
+        f"lesion share {mean('attention_overlap')} (uniform {mean('mean_overlap')}), patch AUC touching vs not "
+        f"{mean('auc_touching')} (chance 0.5); lesion patches (>= {summary.get('threshold', DEFAULT_THRESHOLD):g} "
+        f"lesion{'' if with_patch is None else f', on {with_patch} slide(s)'}): top patch on one "
+        f"{mean('top_patch_hit')} (random patch {mean('lesion_patch_share')}), attention mass on them "
+        f"{mean('attention_mass')} (uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}"))
+
+
+def describe_slide_localisation(scores: Mapping[str, Any]) -> str:
+    """One slide's attention localisation (:func:`~histotransfer.mil.localisation.attention_localisation`) in
+    one short line, to follow ``lesion:``; each score beside its chance level."""
+
+    def num(key: str) -> str:
+        value = scores.get(key)
+        return "n/a" if value is None or pd.isna(value) else f"{float(value):.3f}"
+
+    return (f"top patch {'on' if scores['top_patch_touches'] else 'off'} it (random {num('touching_share')}), "
+            f"its share {num('top_patch_overlap')} (random {num('mean_overlap')}), attention-weighted share "
+            f"{num('attention_overlap')}, patch AUC {num('auc_touching')}")

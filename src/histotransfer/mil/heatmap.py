@@ -37,7 +37,15 @@ from ..errors import HistotransferError
 from ..features import read_feature_file
 from ..slide import check_identity, list_slides, open_slide, parse_identity
 from .bags import check_bag
-from .evaluate import LOCALISATION_FILE, POSITIVE, annotation_files, check_threshold, localisation_frame, run_splits
+from .evaluate import (
+    LOCALISATION_FILE,
+    POSITIVE,
+    annotation_files,
+    check_threshold,
+    describe_slide_localisation,
+    localisation_frame,
+    run_splits,
+)
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
 from .rundir import check_inputs, check_run_folder, load_run_model, read_attention, read_config, run_fingerprint
@@ -327,9 +335,7 @@ def outline_lesion(image: np.ndarray, annotation: Annotation, dimensions: tuple[
 
 def localisation_caption(scores: Mapping[str, Any]) -> str:
     """One legend line stating a slide's attention localisation."""
-    auc = "n/a" if scores["auc"] is None else f"{scores['auc']:.3f}"
-    return (f"lesion: top patch {'on' if scores['top_patch_hit'] else 'off'} it, attention mass "
-            f"{scores['attention_mass']:.3f} (uniform {scores['lesion_patch_share']:.3f}), patch AUC {auc}")
+    return f"lesion: {describe_slide_localisation(scores)}"
 
 
 def scored_slide(slide_id: str, annotation: Annotation, labels: Mapping[str, int]) -> bool:

@@ -2,13 +2,17 @@
 
 Meant for positive slides with a lesion annotation (``histotransfer.annotations``); per slide:
 
-* :func:`attention_localisation` - from the patches' raw attention scores and lesion overlaps: whether the
-  top-attended patch is a lesion patch, the softmax attention mass on lesion patches (against the share of
-  lesion patches, what uniform attention would give) and the patch-level AUC of the score for lesion vs not.
-  A patch is a *lesion patch* when at least ``threshold`` of its area is lesion (default 0.5, the majority;
-  a tiny threshold such as 1e-9 means any overlap).
+* :func:`attention_localisation` - from the patches' raw attention scores and lesion fractions (the share of
+  each patch's area that is lesion). Scores that hold for lesions smaller than a patch, each beside its chance
+  level (what a patch drawn at random, or uniform attention, gives): the top-attended patch's lesion share
+  (chance: the slide's mean lesion share), whether it touches the lesion at all (chance: the share of patches
+  that do), the attention-weighted lesion share (chance: the mean lesion share) and the patch-level AUC of the
+  score for patches touching the lesion vs not (chance 0.5). Then the same with *lesion patches*, those at
+  least ``threshold`` lesion (default 0.5, the majority): a slide whose lesions are all smaller than that has
+  none, and those scores say nothing about it.
 * :func:`cam_localisation` - from Grad-CAM maps of some of its patches (``histotransfer.analysis.cam``): the
-  pointing game (Zhang et al., 2016) over the patches that contain lesion, and the share of CAM mass on lesion.
+  pointing game (Zhang et al., 2016) over the patches that contain lesion (chance: a random cell of each of
+  them), and the share of CAM mass on lesion (chance: the cells' mean lesion fraction).
 
 :func:`cohort_localisation` averages either over slides.
 """
@@ -29,14 +33,24 @@ from ..annotations import Annotation
 DEFAULT_THRESHOLD = 0.5
 
 
+def _auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for ``positive`` vs the rest; None with one class."""
+    return float(roc_auc_score(positive, scores)) if positive.any() and not positive.all() else None
+
+
 def attention_localisation(scores: np.ndarray, overlap: np.ndarray,
                            threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Localisation of one slide's attention, from raw scores (N,) and lesion area fractions (N,) in [0, 1].
 
-    Returns ``top_patch_hit`` (the highest-scored patch, first in order on ties, is a lesion patch),
-    ``top_patch_overlap`` (its lesion fraction), ``attention_mass`` (softmax weight on lesion patches),
-    ``lesion_patch_share`` (their share of the patches), ``auc`` (score vs lesion patch; None with one
-    class), ``n_patches`` and ``n_lesion_patches``.
+    The top patch is the highest-scored one (the first in order on ties); attention is the softmax of the
+    scores. Returns, by lesion share: ``top_patch_overlap`` (the top patch's lesion fraction), ``mean_overlap``
+    (the patches' mean lesion fraction: the top patch's expected share were it drawn at random, and the
+    attention-weighted share of uniform attention), ``attention_overlap`` (the attention-weighted mean lesion
+    fraction), ``top_patch_touches`` (the top patch holds any lesion), ``touching_share`` (the share of patches
+    that do: its chance), ``auc_touching`` (score vs touching the lesion; None with one class); by lesion
+    patch (at least ``threshold`` lesion): ``top_patch_hit``, ``attention_mass`` (attention on lesion patches),
+    ``lesion_patch_share`` (their share: the chance of both), ``auc``; and the counts ``n_patches``,
+    ``n_touching``, ``n_lesion_patches``.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     overlap = np.asarray(overlap, dtype=np.float64).reshape(-1)
@@ -45,16 +59,23 @@ def attention_localisation(scores: np.ndarray, overlap: np.ndarray,
                          f"{overlap.shape}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    weights = softmax(scores)
+    touching = overlap > 0
     lesion = overlap >= threshold
     top = int(np.argmax(scores))
-    both = lesion.any() and not lesion.all()
     return {
-        "top_patch_hit": bool(lesion[top]),
         "top_patch_overlap": float(overlap[top]),
-        "attention_mass": float(softmax(scores)[lesion].sum()),
+        "mean_overlap": float(overlap.mean()),
+        "attention_overlap": float(weights @ overlap),
+        "top_patch_touches": bool(touching[top]),
+        "touching_share": float(touching.mean()),
+        "auc_touching": _auc(touching, scores),
+        "top_patch_hit": bool(lesion[top]),
+        "attention_mass": float(weights[lesion].sum()),
         "lesion_patch_share": float(lesion.mean()),
-        "auc": float(roc_auc_score(lesion, scores)) if both else None,
+        "auc": _auc(lesion, scores),
         "n_patches": len(scores),
+        "n_touching": int(touching.sum()),
         "n_lesion_patches": int(lesion.sum()),
     }
 
@@ -77,7 +98,9 @@ def cam_localisation(cam_maps: np.ndarray, patch_coords: np.ndarray, patch_size_
     Each map's cells are laid evenly over its patch's level-0 square. Pointing game: a patch's hit is the
     centre of its highest cell (first in row-major order on ties) inside the lesion; it is played by the
     patches that overlap the lesion and whose map has a positive maximum (an all-zero map points nowhere).
-    Returns ``pointing_game`` (hit rate; None when no patch plays), ``n_pointing``, ``cam_mass`` (the share
+    Returns ``pointing_game`` (hit rate; None when no patch plays), ``pointing_chance`` (the hit rate of a
+    cell drawn at random in each playing patch: the mean share of their cells centred in the lesion; None
+    when no patch plays), ``n_pointing``, ``cam_mass`` (the share
     of all the maps' summed mass on lesion, each cell weighted by its lesion area fraction; None when the maps
     are all zero), ``lesion_area_share`` (mean lesion fraction of the cells, what a uniform map would give)
     and ``n_patches``.
@@ -92,10 +115,13 @@ def cam_localisation(cam_maps: np.ndarray, patch_coords: np.ndarray, patch_size_
     peak = maps.reshape(b, -1).argmax(axis=1)
     peak_xy = corners.reshape(b, -1, 2)[np.arange(b), peak] + step / 2
     hits = annotation.contains_xy(peak_xy[:, 0], peak_xy[:, 1])
+    centres = corners.reshape(-1, 2) + step / 2
+    inside = annotation.contains_xy(centres[:, 0], centres[:, 1]).reshape(b, -1)
     playing = (cover.reshape(b, -1).max(axis=1) > 0) & (maps.reshape(b, -1).max(axis=1) > 0)
     total = maps.sum()
     return {
         "pointing_game": float(hits[playing].mean()) if playing.any() else None,
+        "pointing_chance": float(inside[playing].mean()) if playing.any() else None,
         "n_pointing": int(playing.sum()),
         "cam_mass": float((maps * cover).sum() / total) if total > 0 else None,
         "lesion_area_share": float(cover.mean()),

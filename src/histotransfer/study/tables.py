@@ -30,20 +30,33 @@ TABLES = {
     "table5_localisation": "Table V. Localisation of the lesions of positive test slides, by encoder and truncation",
 }
 LOCALISATION_SCORES = {  # column of runs_localisation.csv -> what Table V calls it
+    "top_patch_touches": "top patch touches lesion",
+    "top_patch_overlap": "top patch's lesion share",
+    "attention_overlap": "attention-weighted lesion share",
+    "auc_touching": "patch AUC",
     "top_patch_hit": "top patch in lesion",
-    "attention_mass": "attention on lesion",
-    "auc": "patch AUC",
     "pointing_game": "CAM pointing game",
     "cam_mass": "CAM mass in lesion",
     "um_per_cell": "um per CAM cell",
 }
+LOCALISATION_CHANCE = {  # a score of Table V -> the column of runs_localisation.csv holding its chance level
+    "top_patch_touches": "touching_share", "top_patch_overlap": "mean_overlap", "attention_overlap": "mean_overlap",
+    "top_patch_hit": "lesion_patch_share", "pointing_game": "pointing_chance", "cam_mass": "lesion_area_share",
+}
+ATTENTION_SCORES = ("top_patch_touches", "touching_share", "top_patch_overlap", "mean_overlap", "attention_overlap",
+                    "auc_touching", "top_patch_hit", "lesion_patch_share", "attention_mass", "auc")
+CAM_SCORES = ("pointing_game", "pointing_chance", "cam_mass", "lesion_area_share")
 FOOTNOTE = "Test-set slide-level AUC, mean ± sd over seeds (sd needs two seeds); n = test slides."
 LOCALISATION_FOOTNOTE = (
-    "Means over seeds of each run's mean over its positive test slides that have an annotation (slides: how many). "
-    "Top patch in lesion: share of slides whose most-attended patch is at least half lesion; attention on lesion: "
-    "softmax attention mass on such patches; patch AUC: attention score vs lesion patches. CAM pointing game: share "
-    "of attended lesion patches whose Grad-CAM maximum falls inside the lesion; CAM mass in lesion: share of the "
-    "CAM inside it; um per CAM cell: the CAM's resolution (finer when late stages are removed).")
+    "Means over seeds of each run's mean over its positive test slides that have an annotation (slides: how many); "
+    "in parentheses, the chance level: what a patch drawn at random (uniform attention, a random CAM cell) gives. "
+    "Top patch touches lesion: share of slides whose most-attended patch holds any lesion; its lesion share: the "
+    "lesion fraction of that patch; attention-weighted lesion share: the patches' lesion fractions weighted by "
+    "softmax attention; patch AUC: attention score, patches touching the lesion vs not (chance 0.5). Top patch in "
+    "lesion: share of slides whose most-attended patch is at least half lesion (0 on a slide whose lesions are all "
+    "smaller). CAM pointing game: share of attended lesion patches whose Grad-CAM maximum falls inside the lesion; "
+    "CAM mass in lesion: share of the CAM inside it; um per CAM cell: the CAM's resolution (finer when late stages "
+    "are removed).")
 
 
 def footnote(name: str) -> str:
@@ -167,16 +180,16 @@ def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
         loc = json.loads((out_dir / r["result"]["localisation"]).read_text())
         row = {"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
                "stain": r.get("stain", "none"), "seed": r["seed"], "n_scored": loc["n_scored"],
-               **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ("top_patch_hit", "attention_mass", "auc")}}
+               **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ATTENTION_SCORES}}
         cam_file = cams.get((r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]))
         if cam_file is not None:
             cam = json.loads((out_dir / cam_file).read_text())
             cohort = (cam.get("localisation") or {}).get("cohort") or {}
-            row.update({k: (cohort.get(k) or {}).get("mean") for k in ("pointing_game", "cam_mass")})
+            row.update({k: (cohort.get(k) or {}).get("mean") for k in CAM_SCORES})
             row["um_per_cell"] = (cam.get("resolution") or {}).get("um_per_cell")
         rows.append(row)
     columns = ["dataset", "config", "encoder", "weights", "truncate", "blocks", "recipe", "stain", "seed", "n_scored",
-               *LOCALISATION_SCORES]
+               *ATTENTION_SCORES, *CAM_SCORES, "um_per_cell"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -197,6 +210,9 @@ def localisation_table(runs: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFr
             for key in LOCALISATION_SCORES:
                 values = part[key].astype(float).dropna()
                 row[f"{ds}_{key}"] = float(values.mean()) if len(values) else float("nan")
+                if key in LOCALISATION_CHANCE:
+                    chance = part[LOCALISATION_CHANCE[key]].astype(float).dropna()
+                    row[f"{ds}_{key}_chance"] = float(chance.mean()) if len(chance) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -345,7 +361,9 @@ def _localisation_display(table: pd.DataFrame, datasets: Sequence[str]) -> pd.Da
         out[f"{ds}: slides"] = table[f"{ds}_n_scored"]
         for key, title in LOCALISATION_SCORES.items():
             digits = 1 if key == "um_per_cell" else 3
-            out[f"{ds}: {title}"] = ["–" if pd.isna(v) else f"{v:.{digits}f}" for v in table[f"{ds}_{key}"]]
+            chances = table[f"{ds}_{key}_chance"] if key in LOCALISATION_CHANCE else [math.nan] * len(table)
+            out[f"{ds}: {title}"] = ["–" if pd.isna(v) else f"{v:.{digits}f}" + ("" if pd.isna(c) else f" ({c:.3f})")
+                                     for v, c in zip(table[f"{ds}_{key}"], chances)]
     return out
 
 
