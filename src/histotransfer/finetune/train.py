@@ -32,6 +32,7 @@ from ..errors import HistotransferError
 from ..features import (
     HedJitter,
     PatchBatch,
+    Preprocessing,
     SlideStain,
     StainNormalizer,
     normalise_pixels,
@@ -124,7 +125,7 @@ def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: int | None,
+def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: Preprocessing,
                  device: torch.device, ranks: Ranks, stain: StainNormalizer | None = None) -> np.ndarray:
     """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
     model.eval()
@@ -163,7 +164,7 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
-                   input_size: int | None,
+                   input_size: Preprocessing,
                    device: torch.device, ranks: Ranks, checkpoint_path: Path,
                    stain: StainNormalizer | None = None) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
