@@ -113,19 +113,22 @@ def test_sampling_is_seeded_and_bad_settings_are_refused(patches_dir, encoders, 
 
 
 def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encoders, tmp_path):
-    """The debiased estimator equals linear_cka(debiased=True) on the same maps; the baseline column is CKA
-    between A and the seeded random initialisation of its architecture; too few patches for the dimensions warns
-    on the console and in cka.json."""
+    """The debiased estimator equals linear_cka(debiased=True) on the same maps; the baseline columns are the
+    mean and sd of CKA between A and the seeded random initialisations of its architecture (seeds 1-3); too few
+    patches for the dimensions warns on the console and in cka.json."""
     a, b = encoders
     with pytest.warns(UserWarning, match="fewer than the dimensions of"):
         df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=60, batch_size=16, input_size=INPUT,
                               estimator="debiased", device="cpu")
     used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
     means = [[m.mean(axis=(2, 3)) for m in reference_maps(e, patches_dir, used)]
-             for e in (a, b, create_encoder("resnet18", "random", 2, random_seed=1))]
+             for e in (a, b, *(create_encoder("resnet18", "random", 2, random_seed=seed) for seed in (1, 2, 3)))]
     for i, row in df.iterrows():
         assert row["cka"] == pytest.approx(linear_cka(means[0][i], means[1][i], debiased=True), abs=1e-6)
-        assert row["baseline"] == pytest.approx(linear_cka(means[0][i], means[2][i], debiased=True), abs=1e-6)
+        draws = [linear_cka(means[0][i], means[k][i], debiased=True) for k in (2, 3, 4)]
+        assert row["baseline"] == pytest.approx(np.mean(draws), abs=1e-6)
+        assert row["baseline_sd"] == pytest.approx(np.std(draws, ddof=1), abs=1e-6)
+        assert row["baseline_sd"] > 0
     record = json.loads((tmp_path / "cka.json").read_text())
     assert record["estimator"] == "debiased" and record["n_patches"] == 60
     assert len(record["warnings"]) == 1 and "layer2 (128)" in record["warnings"][0]  # 60 patches < 128 channels

@@ -73,7 +73,8 @@ def synthetic_study(out: Path) -> list[dict]:
             csv = out / f"cka/{ds}/{R18[1].key}/seed{seed}/cka/cka.csv"
             csv.parent.mkdir(parents=True)
             pd.DataFrame({"stage": ["stem", "layer1", "layer2", "layer3"],
-                          "cka": [1.0, 0.99, 0.9 - 0.1 * seed, 0.7]}).to_csv(csv, index=False)
+                          "cka": [1.0, 0.99, 0.9 - 0.1 * seed, 0.7], "baseline": [0.5, 0.4, 0.3, 0.2],
+                          "baseline_sd": [0.05, 0.04, 0.03, 0.02]}).to_csv(csv, index=False)
             records.append({"kind": "cka", "dataset": ds, "encoder": R18[1].spec(), "seed": seed,
                             "result": {"csv": str(csv.relative_to(out)), "comparison": "r18 frozen vs fine-tuned"}})
     return records
@@ -190,6 +191,8 @@ def test_figures_drawn_from_runs_and_skipped_without_data(built, tmp_path):
     out, records, mil, _, _ = built
     cka = cka_stages(out, records)
     assert list(cka.loc[cka["seed"] == 1, "cka"][:4]) == [1.0, 0.99, 0.8, 0.7]
+    assert list(cka.loc[cka["seed"] == 1, "baseline_sd"][:4]) == [0.05, 0.04, 0.03, 0.02]  # the baseline's band
+    assert list(cka.columns[7:9]) == ["baseline", "baseline_sd"]
     figures = draw_figures(out / "figures", mil, cka)
     assert [f.name for f in figures] == ["cka_per_stage", "auc_vs_imagenet_top1", "auc_vs_truncation"]
     for fig in figures:

@@ -16,7 +16,6 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from timm.layers import SwiGLUPacked
 from torch import nn
 
@@ -222,12 +222,13 @@ def extracted(tmp_path_factory):
 
 
 def _pixels(patch_file: Path, coords: np.ndarray | None = None) -> torch.Tensor:
-    """Patches read with PatchReader, shrunk from 64 to 32 px by area averaging and normalised as UNI's card
-    says: (N, 3, 32, 32)."""
+    """Patches read with PatchReader, resized from 64 to 32 px and normalised as UNI's card says (torchvision's
+    Resize on the PIL image: PIL's bilinear): (N, 3, 32, 32)."""
     ps = read_patch_file(patch_file)
     with open_slide(ps.spec.slide_path) as slide:
         reader = PatchReader(slide, ps.spec)
-        pixels = np.stack([cv2.resize(reader.read(int(x), int(y)), (32, 32), interpolation=cv2.INTER_AREA)
+        pixels = np.stack([np.asarray(Image.fromarray(reader.read(int(x), int(y))).resize((32, 32),
+                                                                                          Image.Resampling.BILINEAR))
                            for x, y in (ps.coords if coords is None else coords)])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(UNI_MEAN).view(1, 3, 1, 1)) / torch.tensor(UNI_STD).view(1, 3, 1, 1)
@@ -293,7 +294,7 @@ def test_cka_per_block_compares_every_block(extracted):
     ref_b = noisy_checkpoint("uni", other, seed=8)
     df = compare_encoders(extracted["run"], {"name": "uni", "weights": str(other), "blocks": 3},
                           extracted["tiling"], root / "cka", n_patches=24, per_block=True, full_matrix=True,
-                          baseline=False, input_size=32, workers=0, device="cpu")
+                          baseline=False, input_size=32, workers=0, device="cpu", pooling="mean")
     assert list(df["stage"]) == ["stem", "block1", "block2", "block3"]
     matrix = pd.read_csv(root / "cka" / "cka_matrix.csv", index_col="stage")
     assert list(matrix.index) == ["stem", *(f"block{i}" for i in range(1, 6))]

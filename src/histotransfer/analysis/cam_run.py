@@ -47,9 +47,11 @@ from ..errors import HistotransferError, ProvenanceError
 from ..features import (
     Encoder,
     FeatureBag,
+    Preprocessing,
     StainNormalizer,
     encoder_spec,
     normalise_pixels,
+    prepare_patch,
     read_feature_file,
     recorded_normalizer,
     recorded_source,
@@ -263,15 +265,6 @@ def _tolerance(attrs: dict[str, Any]) -> float:
     return max(tol, HALF_STORAGE_TOLERANCE) if attrs.get("dtype") == "float16" else tol
 
 
-def _encoder_input(patch: np.ndarray, size: int | None) -> np.ndarray:
-    """A patch at the encoder's input size, resized as extraction resizes it (``features.loader``: area
-    averaging when shrinking, bilinear when growing); the feature-gap check confirms the pixels match."""
-    if size is None or patch.shape[0] == size:
-        return patch
-    interpolation = cv2.INTER_AREA if size < patch.shape[0] else cv2.INTER_LINEAR
-    return cv2.resize(patch, (size, size), interpolation=interpolation)
-
-
 @dataclass
 class _SlideInputs:
     """One slide's checked inputs: its attention, its feature rows, its patch file and its slide file."""
@@ -307,16 +300,17 @@ def _slide_inputs(run: _Run, slide_id: str, index: dict[str, Path] | None) -> _S
     return _SlideInputs(att, bag, patches, str(patch_file), slide_path)
 
 
-def _read_slide(inputs: _SlideInputs, rows: np.ndarray, input_size: int | None, max_side: int
+def _read_slide(inputs: _SlideInputs, rows: np.ndarray, prep: Preprocessing, max_side: int
                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """The patches of ``rows`` at the encoder's input size (uint8 (k, S, S, 3)), the slide's thumbnail and
-    its level-0 dimensions, read only once the slide file is checked to be the slide tiled."""
+    """The patches of ``rows`` as the encoder takes them (uint8 (k, S, S, 3), resized and cropped as extraction
+    prepares them: ``prepare_patch``; the feature-gap check confirms the pixels match), the slide's thumbnail
+    and its level-0 dimensions, read only once the slide file is checked to be the slide tiled."""
     spec = inputs.patches.spec
     with open_slide(inputs.slide_path, mpp=spec.mpp) as slide:
         recorded = parse_identity(inputs.attention["attrs"].get("slide_identity")) or inputs.patches.identity
         check_identity(slide, recorded, inputs.patch_file)
         with PatchReader(slide, spec) as reader:
-            pixels = np.stack([_encoder_input(reader.read(int(x), int(y)), input_size)
+            pixels = np.stack([prepare_patch(reader.read(int(x), int(y)), prep)
                                for x, y in inputs.bag.coords[rows]])
         return pixels, slide.thumbnail(max_side), slide.dimensions
 
@@ -340,7 +334,7 @@ def _slide_cam(run: _Run, s: CamSettings, slide_id: str, index: dict[str, Path] 
     inputs = _slide_inputs(run, slide_id, index)
     att, bag, spec = inputs.attention, inputs.bag, inputs.patches.spec
     top = np.argsort(-att["score"], kind="stable")[: s.top_k]
-    raw, thumb, dimensions = _read_slide(inputs, top, run.input_size, s.max_side)
+    raw, thumb, dimensions = _read_slide(inputs, top, run.encoder.preprocessing.at(run.input_size), s.max_side)
     # A per-slide normalisation maps the patches with the slide's source estimate extraction recorded.
     source = (recorded_source(bag.attrs, run.features_dir / f"{slide_id}.h5")
               if run.stain is not None and run.stain.per_slide else None)

@@ -2,26 +2,38 @@
 
 **Which activations are compared.** For each stage that :meth:`Encoder.forward_stages` returns (``stem``
 and then ResNet ``layer1..4``, DenseNet ``denseblock1..4`` (each opened by its transition; the last one
-ends with norm5 + ReLU), EfficientNet ``stage1..4``), the stage's output feature map (B, C, H, W) in eval
-mode (BatchNorm running statistics), for ImageNet-normalised RGB patches at the input size.
+ends with norm5 + ReLU), EfficientNet ``stage1..4``, a transformer's quarter stages or blocks), the stage's
+output in eval mode (BatchNorm running statistics), a CNN's feature map (B, C, H, W) or a transformer's tokens
+(B, N, C), for patches prepared as each encoder's registry record says.
 
-* ``pooling="mean"``: the spatial mean of the map, (n, C) - the representation attention MIL sees when the
-  encoder is truncated after that stage. The d x d cross-products are accumulated in float64 over batches
-  (:class:`StreamingCKA`), so memory is O(C^2) however many patches are used.
+* ``pooling="classifier"`` (default): the stage output through the encoder's own pooling, the representation
+  attention MIL sees when the encoder is cut after that stage, for every architecture: a CNN's global average
+  (n, C); a transformer's final norm then its token pooling (the class token, or for Virchow2 the class token
+  concatenated with the mean patch token). The d x d cross-products are accumulated in float64 over batches
+  (:class:`StreamingCKA`), so memory is O(d^2) however many patches are used.
+* ``pooling="mean"``: the mean over the spatial positions of the map, or over all of a transformer's un-normed
+  tokens (class and register tokens included); the same as ``classifier`` for a CNN.
 * ``pooling="flatten"``: the whole map flattened, (n, C*H*W), as in Kornblith et al. Each stage's maps are
   written to a temporary float32 file (``n * C*H*W * 4`` bytes of disk per stage and encoder; e.g. 2000
   patches of 224 px through resnet18's ``layer1`` take 1.6 GB) and reduced to an n x n centred Gram matrix
   in column chunks (``n^2 * 8`` bytes of memory per stage and encoder). Use fewer patches or a smaller input
   size when that does not fit.
 
+**Baseline.** CKA of encoder A with random initialisations of its architecture (seeds 1..``baseline_draws``),
+cut as A is, on the same patches: ``baseline`` and ``baseline_sd`` in ``cka.csv`` are their mean and standard
+deviation, what shared architecture and inputs alone give. A LayerScale ViT's draws have their LayerScale gains
+set to 1 (:func:`baseline_encoder` says why).
+
 **Pixels.** Each encoder sees the patches as its features were made: a run folder (or its ``encoder.pt``) with
 the stain normalisation its features were extracted with, an encoder given by name with the settings'
 ``stain_norm`` / ``stain_ref`` / ``stain_scope`` (as an extraction with those options); the random baseline as
 encoder A. A per-slide normalisation estimates each sampled slide's source stain as extraction does (on the
-same patches of the slide) from the patches as CKA reads them: at CKA's input size, which is the runs' when
-both encoders are run folders of one input size and the tiled size otherwise; at another size than the
+same patches of the slide) from the patches as CKA reads them. Each encoder's pixels are prepared by its
+registry record (resize method, crop; ``features.loader.prepare_patch``) at the settings' ``input_size``, else its
+run's, else the record's own (the tiled size for a CNN); where the two encoders' records agree the loader prepares
+the pixels once and the stain estimate is made on them, otherwise on the tiled size. At another size than the
 extraction's the estimate, and so the pixels, can differ from the extraction's. Both encoders of a comparison
-with the same normalisation see the very same pixels.
+with the same record and normalisation see the very same pixels.
 
 Stage i of encoder A is compared with stage i of encoder B (``cka.csv``); with ``full_matrix`` every stage
 of A with every stage of B (``cka_matrix.csv`` and a heatmap). With ``per_block`` a transformer's stages are its
@@ -44,6 +56,7 @@ import torch
 import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from timm.layers import LayerScale
 from tqdm.auto import tqdm
 
 from .._io import atomic_path, output_folder, remove_stale_temp_folders, temp_folder, write_csv, write_json
@@ -51,6 +64,7 @@ from ..errors import HistotransferError, one_line
 from ..features import (
     Encoder,
     PatchBatches,
+    Preprocessing,
     SlideJob,
     SlideStain,
     StainNormalizer,
@@ -58,6 +72,7 @@ from ..features import (
     is_file_label,
     normalise_pixels,
     patch_loader,
+    prepare_patch,
     recorded_normalizer,
     source_sample,
     stain_normalizer,
@@ -70,7 +85,7 @@ from ..slide import check_identity, locate_slide, open_slide, slide_index
 from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
 
-BASELINE_SEED = 1  # the random initialisation CKA baselines use (the "random" weights are seed 0)
+BASELINE_SEED = 1  # the first random initialisation CKA baselines draw (the "random" weights are seed 0)
 MAPS_PREFIX = "cka-maps"  # the scratch folder of --pooling flatten: .cka-maps-<host>-<pid>-<random>
 
 
@@ -137,6 +152,12 @@ def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int
     return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, {enc.depth_tag})", stain=stain)
 
 
+def _preprocessing(r: ResolvedEncoder, size: int | None) -> Preprocessing:
+    """How an encoder's pixels are prepared for CKA: its record at ``size`` (the settings' input size), else at
+    its run's input size, else its record's own (the tiled size for a CNN)."""
+    return r.encoder.preprocessing.at(size or r.input_size or r.encoder.preprocessing.input_size)
+
+
 def _weights_name(encoder: Encoder) -> str:
     """A short name of an encoder's weights for labels: the option's name, or the weights file's name."""
     label = encoder.weights_label
@@ -169,13 +190,34 @@ def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slide
     return jobs
 
 
-def _pool(maps: list[torch.Tensor], pooling: str) -> list[np.ndarray]:
-    """Each stage output as one row per patch: the mean over its spatial positions (a CNN's (B, C, H, W) map)
-    or tokens (a transformer's (B, N, C)), or the whole output flattened."""
+def _pool(maps: list[torch.Tensor], pooling: str, model: Encoder) -> list[np.ndarray]:
+    """Each stage output as one row per patch: through the encoder's own pooling (``classifier``: the global
+    average of a CNN's map; a transformer's final norm and token pooling, e.g. the class token), the mean over
+    its spatial positions or all its un-normed tokens (``mean``), or the whole output flattened."""
     if pooling == "flatten":
         return [m.float().flatten(1).cpu().numpy() for m in maps]
+    if pooling == "classifier":
+        return [model.pool(m).double().cpu().numpy() for m in maps]
     return [(m.float().mean(dim=(2, 3)) if m.dim() == 4 else m.float().mean(dim=1)).double().cpu().numpy()
             for m in maps]
+
+
+def baseline_encoder(encoder: Encoder, seed: int) -> tuple[Encoder, bool]:
+    """A random initialisation (drawn with ``seed``) of ``encoder``'s architecture, cut as it is, and whether
+    its LayerScale gains were set to 1.
+
+    A LayerScale ViT (UNI, UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath, Phikon-v2: ``init_values=1e-5``) scales
+    every block's residual branches by 1e-5 at initialisation, so a random draw passes its patch embedding through
+    all blocks almost unchanged (CKA of the stem with any block 1.000000) and would make every stage's baseline
+    that of a random patch embedding. Its control is the same architecture with timm's initialisation of it
+    without LayerScale (gains 1, all other weights as drawn), where the blocks transform the tokens as an untrained
+    ViT's do (``benchmarks/bench_cka_baseline.py`` measures both)."""
+    rand = create_encoder(encoder.name, "random", encoder.truncate, random_seed=seed, blocks=encoder.blocks)
+    scales = [m for m in rand.modules() if isinstance(m, LayerScale)]
+    with torch.no_grad():
+        for m in scales:
+            m.gamma.fill_(1.0)
+    return rand, bool(scales)
 
 
 class _FlattenStore:
@@ -212,14 +254,24 @@ class _Batch:
     widths: dict[str, int]
 
 
-def _encode(models: list[tuple[Encoder, list[str], StainNormalizer | None]], jobs: list[SlideJob],
-            job_ids: list[int], s: CkaSettings, input_size: int | None, dev: torch.device,
+_Model: TypeAlias = tuple[Encoder, list[str], StainNormalizer | None, Preprocessing]
+
+
+def _prepared(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """A batch of tiled-size pixels prepared as ``prep`` says (``prepare_patch``, patch by patch)."""
+    return torch.from_numpy(np.stack([prepare_patch(p, prep) for p in pixels.numpy()]))
+
+
+def _encode(models: list[_Model], jobs: list[SlideJob], job_ids: list[int], s: CkaSettings, dev: torch.device,
             add: Callable[[_Batch], None], progress: bool = True) -> None:
-    """Run every encoder on the patches of ``jobs[job_ids]`` (each with its own stain normalisation) and hand
-    each batch's pooled rows to ``add``, in reading order; a slide that cannot be read is warned about and
-    skipped."""
+    """Run every encoder on the patches of ``jobs[job_ids]`` (each with its own preprocessing record and stain
+    normalisation) and hand each batch's pooled rows to ``add``, in reading order; a slide that cannot be read
+    is warned about and skipped. Encoders of one record share pixels prepared by the loader; otherwise the
+    loader reads the tiled size and each record is applied here."""
     chosen = [jobs[j] for j in job_ids]
-    dataset = PatchBatches(chosen, s.batch_size, input_size, stains=[norm for _, _, norm in models])
+    preps = {prep for *_, prep in models}
+    shared = next(iter(preps)) if len(preps) == 1 else None
+    dataset = PatchBatches(chosen, s.batch_size, shared, stains=[norm for _, _, norm, _ in models])
     loader = patch_loader(dataset, s.workers, pin_memory=dev.type == "cuda")
     failed: set[int] = set()
     sources: dict[int, dict[str, SlideStain]] = {}  # per slide, its source estimates by normaliser tag
@@ -239,16 +291,17 @@ def _encode(models: list[tuple[Encoder, list[str], StainNormalizer | None]], job
                 continue
             rows: dict[str, np.ndarray] = {}
             widths: dict[str, int] = {}
-            pixels: dict[str, torch.Tensor] = {}  # the batch as each stain normalisation gives it
-            for model, names, norm in models:
+            pixels: dict[tuple[Preprocessing, str], torch.Tensor] = {}  # the batch as each record and stain give it
+            for model, names, norm, prep in models:
                 tag = stain_tag(norm)
-                if tag not in pixels:
+                if (prep, tag) not in pixels:
                     source = sources[item.job][tag] if norm is not None and norm.per_slide else None
-                    pixels[tag] = normalise_pixels(item.pixels, norm, dev, source)
-                maps = model.forward_stages(model.preprocess(pixels[tag], dev))
-                widths.update({n: int(np.prod(m.shape[1:])) if s.pooling == "flatten" else
-                               int(m.shape[1] if m.dim() == 4 else m.shape[-1]) for n, m in zip(names, maps)})
-                rows.update(zip(names, _pool(maps, s.pooling)))
+                    raw = item.pixels if shared is not None else _prepared(item.pixels, prep)
+                    pixels[(prep, tag)] = normalise_pixels(raw, norm, dev, source)
+                x = pixels[(prep, tag)]
+                pooled = _pool(model.forward_stages(model.preprocess(x, dev)), s.pooling, model)
+                widths.update({n: int(p.shape[1]) for n, p in zip(names, pooled)})
+                rows.update(zip(names, pooled))
             add(_Batch(job_ids[item.job], item.start, len(item.pixels), rows, widths))
             bar.update(len(item.pixels))
 
@@ -283,12 +336,17 @@ def _plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
     for bar, value in zip(bars, df["cka"]):
         ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", va="bottom",
                 fontsize=8)
+    low = float(df["cka"].min())
     if "baseline" in df:
+        sd = df["baseline_sd"].fillna(0.0)
+        ax.fill_between(range(len(df)), df["baseline"] - sd, df["baseline"] + sd, color="0.6", alpha=0.35, lw=0,
+                        label="baseline: mean ± sd")
         ax.plot(range(len(df)), df["baseline"], color="0.4", linestyle="--", marker="x",
                 label="A vs random init (baseline)")
         ax.legend(fontsize=7, loc="lower left")
+        low = min(low, float((df["baseline"] - sd).min()))
     ax.set_xticks(range(len(df)), df["stage"], rotation=20, ha="right")
-    ax.set(ylim=(min(0.0, float(df[["cka", *(["baseline"] if "baseline" in df else [])]].min().min())), 1.1),
+    ax.set(ylim=(min(0.0, low), 1.1),
            ylabel="linear CKA", title=title)
     ax.title.set_fontsize(9)
     fig.tight_layout()
@@ -336,9 +394,8 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     if s.per_block:
         a = replace(a, encoder=a.encoder.per_block())
         b = replace(b, encoder=b.encoder.per_block())
-    input_size = s.input_size
-    if input_size is None and a.input_size is not None and a.input_size == b.input_size:
-        input_size = a.input_size
+    prep_a, prep_b = _preprocessing(a, s.input_size), _preprocessing(b, s.input_size)
+    input_size = prep_a.input_size if prep_a.input_size == prep_b.input_size else None
     dev = resolve_device(s.device)
     jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)  # checks the slides before any file is made
     out = output_folder(out_dir)
@@ -353,21 +410,21 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     pairs = list(zip(names_a, names_b))
     if s.full_matrix:
         pairs += [(x, y) for x in names_a for y in names_b]
-    encoders = [(a.encoder, names_a, a.stain), (b.encoder, names_b, b.stain)]
-    names_r: list[str] = []
-    if s.baseline:
-        # Another draw than the "random" weights, so the baseline is never encoder A itself.
-        rand = create_encoder(a.encoder.name, "random", a.encoder.truncate, random_seed=BASELINE_SEED,
-                              blocks=a.encoder.blocks)
+    encoders = [(a.encoder, names_a, a.stain, prep_a), (b.encoder, names_b, b.stain, prep_b)]
+    names_r: list[list[str]] = []
+    layerscale = False
+    for draw in range(s.baseline_draws if s.baseline else 0):
+        # Other draws than the "random" weights (seed 0), so the baseline is never encoder A itself.
+        rand, layerscale = baseline_encoder(a.encoder, BASELINE_SEED + draw)
         rand = rand.per_block() if s.per_block else rand
-        names_r = [f"r:{st}" for st in rand.stage_names]
-        encoders.append((rand, names_r, a.stain))
-        pairs += list(zip(names_a, names_r))
+        names_r.append([f"r{draw}:{st}" for st in rand.stage_names])
+        encoders.append((rand, names_r[-1], a.stain, prep_a))
+        pairs += list(zip(names_a, names_r[-1]))
     pairs = list(dict.fromkeys(pairs))
 
-    models = [(enc.to(dev).eval(), names, norm) for enc, names, norm in encoders]
+    models = [(enc.to(dev).eval(), names, norm, prep) for enc, names, norm, prep in encoders]
     with joined(ranks, dev) as ranks:
-        sharded = ranks.distributed and s.pooling == "mean"
+        sharded = ranks.distributed and s.pooling != "flatten"
         gathered: list[_Batch] = []
         failures: list[str] = []
         if sharded:  # each rank encodes its share of the slides; rank 0 sums the pooled rows in one process's order
@@ -376,7 +433,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             local: list[_Batch] | str = []
             try:
                 batches: list[_Batch] = []
-                _encode(models, jobs, sorted(mine), s, input_size, dev, lambda b: batches.append(_as_float32(b)),
+                _encode(models, jobs, sorted(mine), s, dev, lambda b: batches.append(_as_float32(b)),
                         progress=ranks.rank == 0)
                 local = batches
             except Exception as exc:  # every rank still joins the gather, so that none is left waiting
@@ -397,7 +454,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             remove_stale_temp_folders(out, MAPS_PREFIX)
             with temp_folder(out, MAPS_PREFIX) as tmp:
                 debiased = s.estimator == "debiased"
-                acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling == "mean"
+                acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling != "flatten"
                        else _FlattenStore(tmp, n_total, pairs, debiased))
 
                 def add(batch: _Batch) -> None:
@@ -411,7 +468,7 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                     for batch in gathered:
                         add(batch)
                 else:
-                    _encode(models, jobs, list(range(len(jobs))), s, input_size, dev, add)
+                    _encode(models, jobs, list(range(len(jobs))), s, dev, add)
                 if len(used) < 2:
                     raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
                 values = acc.result()
@@ -422,7 +479,9 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             })
             if s.baseline:
                 # the stages the table has (an encoder B of fewer stages than A shortens it)
-                df["baseline"] = [values[p] for p in zip(names_a, names_r)][: len(df)]
+                draws = np.array([[values[p] for p in zip(names_a, names)][: len(df)] for names in names_r])
+                df["baseline"] = draws.mean(axis=0)
+                df["baseline_sd"] = draws.std(axis=0, ddof=1) if len(draws) > 1 else np.nan
             warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
                                                          if n.startswith(("a:", "b:"))}, s.estimator)
             for text in warnings_:
@@ -431,7 +490,12 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             write_csv(pd.DataFrame(used, columns=["slide_id", "x", "y"]), out / "patches.csv")
             title = f"{a.label} vs {b.label}\n{len(used)} patches, {s.pooling} pooling, {s.estimator} estimator"
             _plot_bars(df, out / "cka.png", title)
-            baseline = "random initialisation of encoder A" if s.baseline else None
+            baseline = None
+            if s.baseline:
+                seeds = f"seeds {BASELINE_SEED}-{BASELINE_SEED + s.baseline_draws - 1}"
+                baseline = (f"random initialisation of encoder A, mean and sd over {s.baseline_draws} draws ({seeds})"
+                            + (", LayerScale gains set to 1 (timm's initialisation without LayerScale)"
+                               if layerscale else ""))
             record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
                       "estimator": s.estimator, "baseline": baseline,
                       "warnings": shortfall + warnings_,
@@ -439,7 +503,8 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                       "patches_dir": str(Path(patches_dir).resolve()),
                       "patches": {j.slide_id: j.fingerprint for j in jobs},
                       "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
-                      "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain)}
+                      "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain),
+                      "preprocessing_a": prep_a.describe(), "preprocessing_b": prep_b.describe()}
             if s.full_matrix:
                 matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
                                       index=a.encoder.stage_names, columns=b.encoder.stage_names)
@@ -473,10 +538,12 @@ def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list
 
 
 def cka_summary(df: pd.DataFrame) -> str:
-    """The cka.csv table as aligned text lines (with the random-initialisation baseline when computed)."""
+    """The cka.csv table as aligned text lines (with the random-initialisation baseline, mean ± sd over its draws,
+    when computed)."""
     width = max(len(s) for s in df["stage"])
     base = "baseline" in df
-    head = f"  {'stage':<{width}}  cka     " + ("baseline (random init)" if base else "")
-    rows = [f"  {s:<{width}}  {v:.4f}" + (f"  {b:.4f}" if base else "")
-            for s, v, b in zip(df["stage"], df["cka"], df["baseline"] if base else df["cka"])]
+    head = f"  {'stage':<{width}}  cka     " + ("baseline (random init, mean ± sd)" if base else "")
+    sds = df["baseline_sd"] if base else df["cka"]
+    rows = [f"  {s:<{width}}  {v:.4f}" + (f"  {b:.4f} ± {sd:.4f}" if base else "")
+            for s, v, b, sd in zip(df["stage"], df["cka"], df["baseline"] if base else df["cka"], sds)]
     return "\n".join([head, *rows])

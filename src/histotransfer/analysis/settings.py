@@ -25,8 +25,11 @@ class CkaSettings(StainOptions, StageSettings):
     stage: ClassVar[str] = "cka"
 
     n_patches: int = Field(2000, ge=2, le=10_000_000, description="patches sampled across slides")
-    pooling: Literal["mean", "flatten"] = Field(
-        "mean", description="mean: spatial mean of each stage's map; flatten: the whole map (disk-hungry)")
+    pooling: Literal["classifier", "mean", "flatten"] = Field(
+        "classifier", description="classifier: each stage through the encoder's own pooling, the representation "
+                                  "MIL sees (CNNs: global average; ViTs: final norm, then the class token or the "
+                                  "model's token pooling); mean: the mean of each stage's spatial positions or "
+                                  "un-normed tokens; flatten: the whole map (disk-hungry)")
     full_matrix: bool = Field(False, description="also every stage of A against every stage of B")
     per_block: bool = Field(False, description="transformer encoders: compare every block, not only the four "
                                                "quarter stages (with full_matrix: every block against every "
@@ -37,7 +40,10 @@ class CkaSettings(StainOptions, StageSettings):
                               "unbiased HSIC, which does not inflate CKA when patches are few next to dimensions")
     baseline: bool = Field(True, description="also compare encoder A with a randomly initialised network of the "
                                              "same architecture on the same patches: the CKA that shared "
-                                             "architecture and inputs alone give, to read the others against")
+                                             "architecture and inputs alone give, to read the others against "
+                                             "(LayerScale ViTs: their initialisation without LayerScale)")
+    baseline_draws: int = Field(3, ge=1, le=100, description="random initialisations the baseline is the mean and "
+                                                            "sd of (seeds 1..N)")
     seed: int = Field(0, description="seeds the patch sample")
     input_size: int | None = Field(None, ge=16, le=8192, description="resize patches (default: the runs' input "
                                                                      "size when both agree, else the tiled size)")

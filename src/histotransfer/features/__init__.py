@@ -10,6 +10,7 @@ _EXPORTS = {
     "FeatureWriter": ".feature_file", "encoder_attrs": ".feature_file",
     "read_feature_attrs": ".feature_file", "read_feature_file": ".feature_file",
     "PatchBatch": ".loader", "PatchBatches": ".loader", "SlideJob": ".loader", "patch_loader": ".loader",
+    "prepare_patch": ".loader", "Preprocessing": ".registry",
     "encoder_info": ".registry", "encoder_spec": ".registry", "list_encoders": ".registry",
     "register": ".registry",
     "load_state_dict_file": ".weights", "resolve_weights": ".weights",

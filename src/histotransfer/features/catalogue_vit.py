@@ -28,6 +28,7 @@ so it is left unset.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -264,15 +265,18 @@ def _published(encoder: str, repo: str, filename: str, reference: str, access: s
 
 def _timm_imagenet(tag: str, top1: float) -> tuple[WeightsOption, Preprocessing]:
     """timm's ImageNet weights ``tag`` (their model.safetensors on the Hugging Face Hub), their ImageNet top-1
-    ``top1``, and the preprocessing of timm's pretrained config for them."""
+    ``top1``, and the preprocessing of timm's pretrained config for them (timm's eval transform: resize to
+    floor(input / crop_pct), then the centre crop)."""
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no Hugging Face Hub weights tagged {tag}")
     option = WeightsOption("imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"),
                            imagenet_top1=top1)
     rgb = tuple[float, float, float]
-    return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), cfg.input_size[-1],
-                                 cfg.interpolation)
+    size = cfg.input_size[-1]
+    resize = math.floor(size / cfg.crop_pct) if cfg.crop_pct is not None and cfg.crop_pct < 1 else None
+    return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), size, cfg.interpolation,
+                                 resize)
 
 
 VIT_ENCODERS: dict[str, ViTConfig] = {}
@@ -286,8 +290,9 @@ def _register(name: str, config: ViTConfig, *, weights: WeightsOption, architect
 
 
 def _at_224(mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
-            interpolation: str = "bicubic") -> Preprocessing:
-    return Preprocessing(mean, std, 224, interpolation)
+            interpolation: str = "bicubic", resize: int | None = None) -> Preprocessing:
+    """The card's transform: PIL resize with ``interpolation`` to 224 px, or to ``resize`` then a centre crop."""
+    return Preprocessing(mean, std, 224, interpolation, resize)
 
 
 UNI_REF = ("Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024; "
@@ -354,7 +359,8 @@ _register(
                                            "num_classes": 0}),
     weights=_published("prov-gigapath", "prov-gigapath/prov-gigapath", "pytorch_model.bin", GIGAPATH_REF,
                        _gated("prov-gigapath/prov-gigapath", "Apache-2.0")),
-    architecture="ViT-g/16, SwiGLU", family="histopathology", preprocessing=_at_224(), reference=GIGAPATH_REF,
+    architecture="ViT-g/16, SwiGLU", family="histopathology", preprocessing=_at_224(resize=256),
+    reference=GIGAPATH_REF,
 )
 
 PHIKON2_REF = ("Filiot et al., Phikon-v2, a large and public feature extractor for biomarker prediction, "

@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser("encoders", help="list the available encoders",
                               description="List the registered encoders: family, feature size per truncation, "
-                                          "default weights and their ImageNet top-1, and the checkpoint file a "
-                                          "histopathology encoder expects.")
+                                          "default weights and their ImageNet top-1, the checkpoint file a "
+                                          "histopathology encoder expects, and how its pixels are prepared "
+                                          "(resize method, crop, mean and std).")
     e.set_defaults(func=_encoders)
 
 
@@ -98,5 +99,6 @@ def _encoders(args: argparse.Namespace) -> int:
                 notes.append(w["access"])
             lead = (f"{name:26} {info['family']:15} {dims:24}" if i == 0 else " " * 67)
             print(f"{lead} {w['name']:12} {top1:>6}  {'; '.join(notes)}")
+        print(f"{'':26} pixels: {info['pixels']}")
     print("Every encoder also takes weights 'random' (seeded initialisation) or a checkpoint file (--weights PATH).")
     return 0

@@ -1,10 +1,10 @@
 """Patch encoders built from the registry: a network's kept stages and its pooling, with named weights.
 
-An encoder maps a batch of patches prepared as its registry entry says (:meth:`Encoder.preprocess`: RGB in
-[0, 1] normalised by the entry's mean and std) to (B, D) features: the pooled output of its last kept stage
-(for CNNs the global average of the stage's map, exactly as torchvision computes the pooled features before
-the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem; for transformer encoders
-``blocks=n`` keeps exactly their first ``n`` blocks (``catalogue_vit.keep_blocks``).
+An encoder maps a batch of patches prepared as its registry entry says (resized and cropped by ``loader.prepare_patch``,
+then :meth:`Encoder.preprocess`: RGB in [0, 1] normalised by the entry's mean and std) to (B, D) features: the pooled
+output of its last kept stage (for CNNs the global average of the stage's map, exactly as torchvision computes the
+pooled features before the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem; for
+transformer encoders ``blocks=n`` keeps exactly their first ``n`` blocks (``catalogue_vit.keep_blocks``).
 """
 
 from __future__ import annotations
@@ -70,15 +70,10 @@ class Encoder(nn.Module):
         return outs
 
     def preprocess(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """uint8 (B, H, W, 3) RGB -> the normalised float (B, 3, H, W) batch this encoder takes, on ``device``.
-
-        NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
-        """
-        p = self.preprocessing
-        mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(p.std, device=device).view(1, 3, 1, 1)
-        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        return x.div_(255).sub_(mean).div_(std)
+        """uint8 (B, H, W, 3) RGB, resized and cropped as ``features.loader.prepare_patch`` does with this
+        encoder's record -> the normalised float (B, 3, H, W) batch this encoder takes, on ``device``
+        (:meth:`Preprocessing.normalise`)."""
+        return self.preprocessing.normalise(pixels, device)
 
     @property
     def depth_tag(self) -> str:

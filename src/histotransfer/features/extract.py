@@ -58,6 +58,7 @@ from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
 from .loader import SOURCE_ITEM, PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
+from .registry import Preprocessing
 from .settings import EncoderChoice, ExtractSettings
 from .stain import SlideStain, StainNormalizer, source_sample, stain_normalizer
 
@@ -252,18 +253,18 @@ def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, de
     return attrs
 
 
-def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, input_size: int | None,
+def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, prep: Preprocessing,
              workers: int, stain: StainNormalizer | None) -> Iterable[PatchBatch]:
     """The slides' batches, read by ``workers`` processes (each slide's source stain estimate first, under a
     per-slide ``stain``); with ``decode`` "gpu", JPEG tiles are decoded on ``device`` in this process, a batch
     ahead of the encoder."""
-    dataset = PatchBatches(jobs, batch_size, input_size, decode, [stain])
+    dataset = PatchBatches(jobs, batch_size, prep, decode, [stain])
     loader = patch_loader(dataset, workers, pin_memory=device.type == "cuda")
     return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
 
 
 def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: BatchEncoder, dtype: str,
-                 batch_size: int, input_size: int | None, workers: int, decode: str, bar: tqdm) -> None:
+                 batch_size: int, prep: Preprocessing, workers: int, decode: str, bar: tqdm) -> None:
     """Run every patch of ``jobs`` through the encoder, streaming each slide into the files of the outputs
     (truncations) it is ``wanted`` for; the network runs only as deep as the slide's deepest wanted output.
 
@@ -271,7 +272,7 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
     for it); the slide's other outputs go on. Each slide's files and report rows record where its tiles were
     decoded (``decode``); under per-slide normalisation, its files record the slide's source estimate and a
     slide whose estimate is degenerate (left unchanged) says so in its row."""
-    loader = _batches(jobs, encode.device, decode, batch_size, input_size, workers, encode.stain)
+    loader = _batches(jobs, encode.device, decode, batch_size, prep, workers, encode.stain)
     writers: dict[tuple[int, int], FeatureWriter] = {}
     pending = [list(w) for w in wanted]  # per slide, the outputs not finished yet
     started: dict[int, float] = {}
@@ -324,7 +325,7 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                     if key not in writers:
                         writers[key] = FeatureWriter(out.folder / f"{job.slide_id}.h5", job.coords,
                                                      out.encoder.feature_dim, dtype,
-                                                     _slide_attrs(out.attrs, job, input_size, item.decode,
+                                                     _slide_attrs(out.attrs, job, prep.input_size, item.decode,
                                                                   sources.get(j))).open()
                     writers[key].write(rows)
                     if writers[key].complete:
@@ -442,7 +443,8 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         todo = _plan(mine, files, outputs)
         if todo:
-            _extract_todo(todo, files, index, outputs, s, input_size, ranks, dev, decode, stain)
+            _extract_todo(todo, files, index, outputs, s, first.preprocessing.at(input_size), ranks, dev, decode,
+                          stain)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             for out in outputs:
@@ -460,10 +462,11 @@ def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSetti
     folder = root / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(encoder)
-    settings_fp = settings_fingerprint(choice, s, input_size, described, stain)
+    prep = encoder.preprocessing.at(input_size)
+    settings_fp = settings_fingerprint(choice, s, input_size, described, stain, prep)
     attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
              "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
-             "tiling": tiling.name or "", "preprocessing": canonical_json(encoder.preprocessing.describe()),
+             "tiling": tiling.name or "", "preprocessing": canonical_json(prep.describe()),
              "versions": _versions(), **stain_attrs(stain)}
     record = {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
               "encoder": described, "settings": s.record(), "input_size": input_size,
@@ -473,18 +476,24 @@ def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSetti
 
 
 def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None,
-                         described: dict[str, Any], stain: StainNormalizer | None) -> str:
+                         described: dict[str, Any], stain: StainNormalizer | None,
+                         prep: Preprocessing | None = None) -> str:
     """What a finished feature file must have been made with to be kept. Weights count by what was loaded
     (their label and sha256), not by how they were spelled (the default, ``imagenet``, a relative or absolute
     path); the stain reference counts by the target fitted on it (and the scope it is applied with), not by its
     path. Without normalisation the fingerprint is the one of before stain options existed, and per-patch
-    normalisation's the one of before ``stain_scope`` existed."""
+    normalisation's the one of before ``stain_scope`` existed. The encoder's preprocessing record (``prep``, at the
+    input size) counts where it resizes otherwise than OpenCV's area averaging or crops: such pixels differ from
+    those of before per-model preprocessing existed, while area-resized ones (the CNN records) are the same, so
+    their fingerprint is the one of before."""
     extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
     encoder = {**choice.result_settings(), "weights": described["weights_label"]}
     record = {"encoder": encoder, "extract": extract, "input_size": input_size,
               "weights_sha256": described["weights_sha256"]}
     if stain is not None:
         record["stain"] = stain.to_dict()
+    if prep is not None and (prep.interpolation != "area" or prep.resize_size is not None):
+        record["preprocessing"] = prep.describe()
     return json_fingerprint(record)
 
 
@@ -539,7 +548,7 @@ def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
 
 
 def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index: dict[str, Path] | None,
-                  outputs: list[_Output], s: ExtractSettings, input_size: int | None, ranks: Ranks,
+                  outputs: list[_Output], s: ExtractSettings, prep: Preprocessing, ranks: Ranks,
                   dev: torch.device, decode: str, stain: StainNormalizer | None = None) -> None:
     """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time;
     ``decode`` says where JPEG tiles are decoded."""
@@ -567,7 +576,7 @@ def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index:
                     wanted.append(checked[1])
             try:
                 if jobs:
-                    _encode_jobs(jobs, wanted, encode, s.dtype, s.batch_size, input_size, workers, decode, bar)
+                    _encode_jobs(jobs, wanted, encode, s.dtype, s.batch_size, prep, workers, decode, bar)
             finally:
                 for lock in locks:
                     lock.release()

@@ -27,12 +27,14 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
 from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
+from .registry import Preprocessing
 from .stain import SlideStain, StainNormalizer
 
 OPEN_SLIDES_PER_WORKER = 2
@@ -81,12 +83,39 @@ def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(patch, (size, size), interpolation=interp)
 
 
-def read_patches(reader: PatchReader, coords: np.ndarray, input_size: int | None) -> np.ndarray:
-    """uint8 (B, S, S, 3) pixels of the patches at ``coords``, resized to ``input_size`` when given."""
-    patches = [reader.read(int(x), int(y)) for x, y in coords]
-    if input_size is not None and patches[0].shape[0] != input_size:
-        patches = [resize_patch(p, input_size) for p in patches]
-    return np.stack(patches)
+_PIL_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def prepare_patch(patch: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """A uint8 (S, S, 3) patch as the encoder's card transform gives it before ``ToTensor``: resized with the
+    record's method and centre cropped (``Preprocessing``); unchanged when the record has no ``input_size``.
+
+    "bilinear" and "bicubic" resize the PIL image with PIL, as torchvision's ``Resize`` and ``CenterCrop`` do on
+    PIL images (so the pixels are the card's, exactly); "area" is OpenCV's (:func:`resize_patch`)."""
+    size = prep.input_size
+    if size is None:
+        return patch
+    side = prep.resize_size or size
+    if prep.interpolation == "area":
+        out = patch if patch.shape[0] == side else resize_patch(patch, side)
+    else:
+        out = np.array(Image.fromarray(patch).resize((side, side), _PIL_METHODS[prep.interpolation]))
+    if side != size:  # torchvision's CenterCrop offsets
+        top = round((side - size) / 2.0)
+        out = out[top:top + size, top:top + size]
+    return np.ascontiguousarray(out)
+
+
+def as_preprocessing(resize: Preprocessing | int | None) -> Preprocessing:
+    """What a reader of patches is told to do: a record, or a side to area-resize to (None: the tiled size)."""
+    return resize if isinstance(resize, Preprocessing) else Preprocessing(input_size=resize)
+
+
+def read_patches(reader: PatchReader, coords: np.ndarray, resize: Preprocessing | int | None) -> np.ndarray:
+    """uint8 (B, S, S, 3) pixels of the patches at ``coords``, prepared as ``resize`` says (see
+    :func:`as_preprocessing` and :func:`prepare_patch`)."""
+    prep = as_preprocessing(resize)
+    return np.stack([prepare_patch(reader.read(int(x), int(y)), prep) for x, y in coords])
 
 
 SOURCE_ITEM = -1  # the ``start`` of the item holding a slide's source stain estimates
@@ -98,13 +127,17 @@ class PatchBatches(Dataset):
     ``decode``: "cpu" decodes every slide here; "gpu" gives the compressed tiles of slides whose patch level
     is JPEG-tiled on the direct tile path (:class:`~.gpu_decode.TileSource`), pixels for the others.
     ``stains``: the normalisers the batches will go through; those that work per slide get each slide's
-    source estimate in an item before the slide's batches (see the module doc).
+    source estimate in an item before the slide's batches (see the module doc). ``input_size``: how patches
+    are resized, an encoder's :class:`Preprocessing` (size, method and crop, :func:`prepare_patch`) or a side to
+    area-resize to; GPU decoding resizes as OpenCV's area does, so a record of another method or with a crop
+    decodes on the CPU.
     """
 
-    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: int | None = None, decode: str = "cpu",
-                 stains: Sequence[StainNormalizer | None] = ()):
+    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: Preprocessing | int | None = None,
+                 decode: str = "cpu", stains: Sequence[StainNormalizer | None] = ()):
         self.jobs = jobs
-        self.input_size = input_size
+        self.prep = as_preprocessing(input_size)
+        self.input_size = self.prep.input_size
         self.decode = decode
         self.stains = list({n.tag(): n for n in stains if n is not None and n.per_slide}.values())
         if self.stains and any(job.stain_sample is None for job in jobs):
@@ -128,7 +161,8 @@ class PatchBatches(Dataset):
         slide = open_slide(job.slide_path, mpp=job.spec.mpp)
         try:
             reader = PatchReader(slide, job.spec)
-            tiles = TileSource.open(slide, reader.spec) if self.decode == "gpu" else None
+            on_gpu = self.decode == "gpu" and self.prep.interpolation == "area" and self.prep.resize_size is None
+            tiles = TileSource.open(slide, reader.spec) if on_gpu else None
         except BaseException:
             slide.close()
             raise
@@ -149,12 +183,12 @@ class PatchBatches(Dataset):
             reader, tiles = self._source(j)
             job = self.jobs[j]
             if start == SOURCE_ITEM:
-                sample = read_patches(reader, job.stain_sample, self.input_size)  # type: ignore[arg-type]
+                sample = read_patches(reader, job.stain_sample, self.prep)  # type: ignore[arg-type]
                 return PatchBatch(j, start, None, sources={n.tag(): n.fit_source(sample) for n in self.stains})
             coords = job.coords[start:stop]
             if tiles is not None:
                 return PatchBatch(j, start, None, tiles=tiles.batch(coords, self.input_size))
-            return PatchBatch(j, start, torch.from_numpy(read_patches(reader, coords, self.input_size)))
+            return PatchBatch(j, start, torch.from_numpy(read_patches(reader, coords, self.prep)))
         except Exception as exc:  # reported per slide by the extractor; the other slides go on
             self._failed[j] = f"{self.jobs[j].slide_path}: {one_line(exc)}"
             return PatchBatch(j, start, None, self._failed[j])

@@ -1,17 +1,18 @@
 """The encoder registry: what every patch encoder is, behind one name.
 
 An entry (:class:`EncoderSpec`) says how to build the untrained network, how to split it into a stem and
-stages (what truncation cuts and CKA compares), how its pixels are prepared (:class:`Preprocessing`, as timm's
-pretrained config does), how its last kept stage becomes one vector (``pool``) and which named weights it has
-(:class:`WeightsOption`). Entries are added with :func:`register`; the catalogue modules (``catalogue``,
-``catalogue_vit``) hold the registered encoders and are loaded on first lookup, as timm loads its model modules.
+stages (what truncation cuts and CKA compares), how its pixels are prepared (:class:`Preprocessing`: resize
+method, crop, mean and std, as its model card's transform does), how its last kept stage becomes one vector
+(``pool``) and which named weights it has (:class:`WeightsOption`). Entries are added with :func:`register`;
+the catalogue modules (``catalogue``, ``catalogue_vit``) hold the registered encoders and are loaded on first
+lookup, as timm loads its model modules.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,24 +26,77 @@ CATALOGUES = ("histotransfer.features.catalogue", "histotransfer.features.catalo
 RANDOM = "random"
 
 
+RESIZE_METHODS = ("area", "bilinear", "bicubic")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How patch pixels become the network's input: RGB in [0, 1], normalised by ``mean`` / ``std``.
+    """How patch pixels become the network's input, as the model card's transform makes them: resized, centre
+    cropped, then RGB in [0, 1] normalised by ``mean`` / ``std``. One record per encoder, applied by
+    ``features.loader.prepare_patch`` wherever pixels reach an encoder (extraction, fine-tuning, CKA, CAMs).
 
-    ``input_size`` is the side the network expects (None: any size, patches are fed at their tiled size unless
-    the user resizes); ``interpolation`` is used when patches are resized ("area" when shrinking is always
-    used for CNN inputs; "bicubic" or "bilinear" where a model card asks for it).
+    ``input_size`` is the side the network gets (None: any size, patches are fed at their tiled size unless the
+    user resizes). ``interpolation`` is how patches are resized: "bilinear" or "bicubic" as PIL resizes them
+    (what torchvision's and timm's transforms do on PIL images), or "area", OpenCV's area averaging when
+    shrinking (bilinear when growing), the CNN records'. ``resize_size``, where the card crops, is the side
+    patches are resized to before a centre crop to ``input_size`` (Prov-GigaPath: Resize(256) then
+    CenterCrop(224)); None resizes straight to ``input_size``.
     """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int | None = None
     interpolation: str = "area"
+    resize_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in RESIZE_METHODS:
+            raise ValueError(f"interpolation '{self.interpolation}': choose one of {', '.join(RESIZE_METHODS)}")
+        if self.resize_size is not None and (self.input_size is None or self.resize_size < self.input_size):
+            raise ValueError("resize_size needs an input_size no larger than itself (it is cropped to input_size)")
+
+    def at(self, size: int | None) -> Preprocessing:
+        """This record for input side ``size`` (None: patches at their tiled size, no resize nor crop); a crop
+        keeps the card's ratio of crop to resize (Resize(256) + CenterCrop(224) at 448 px: 512 then 448)."""
+        if size is None:
+            return replace(self, input_size=None, resize_size=None)
+        if size == self.input_size:
+            return self
+        resize = None if self.resize_size is None or self.input_size is None else \
+            round(size * self.resize_size / self.input_size)
+        return replace(self, input_size=size, resize_size=resize)
+
+    def normalise(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB (already resized and cropped) -> the normalised float (B, 3, H, W) batch, on
+        ``device``: ``ToTensor`` then ``Normalize``, the same float32 operations in the same order.
+
+        NHWC permuted to NCHW is channels_last in memory already; the elementwise ops keep that layout.
+        """
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return x.div_(255).sub_(mean).div_(std)
 
     def describe(self) -> dict[str, Any]:
-        """The settings as plain values, recorded in every feature file."""
+        """The settings as plain values, recorded in every feature file (``crop`` is the centre crop's side)."""
         return {"scale": "rgb / 255", "mean": list(self.mean), "std": list(self.std),
-                "input_size": self.input_size, "interpolation": self.interpolation}
+                "input_size": self.input_size, "interpolation": self.interpolation,
+                "resize_size": self.resize_size or self.input_size,
+                "crop": self.input_size if self.resize_size is not None else None}
+
+    def summary(self) -> str:
+        """One line, as a transform reads: e.g. ``Resize(256, bicubic) -> CenterCrop(224) -> Normalize(...)``."""
+        steps = []
+        if self.input_size is not None:
+            steps.append(f"Resize({self.resize_size or self.input_size}, {self.interpolation})")
+            if self.resize_size is not None:
+                steps.append(f"CenterCrop({self.input_size})")
+        else:
+            steps.append("tiled size (OpenCV area when an input size is given)" if self.interpolation == "area"
+                         else f"tiled size ({self.interpolation} when an input size is given)")
+        rgb = ", ".join(f"{v:.4g}" for v in self.mean), ", ".join(f"{v:.4g}" for v in self.std)
+        steps.append(f"Normalize(mean=({rgb[0]}), std=({rgb[1]}))")
+        return " -> ".join(steps)
 
 
 @dataclass(frozen=True)
@@ -233,6 +287,7 @@ def encoder_info(name: str) -> dict[str, Any]:
         "weights": {w.name: weights_info(w) for w in spec.weights.values()},
         "imagenet_top1": default.imagenet_top1 if default is not None else None,
         "preprocessing": spec.preprocessing.describe(),
+        "pixels": spec.preprocessing.summary(),
         "reference": spec.reference,
     }
 

@@ -17,7 +17,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from ..errors import HistotransferError, ProvenanceError, one_line
-from ..features import PatchBatch, PatchBatches, SlideJob, read_feature_attrs
+from ..features import PatchBatch, PatchBatches, Preprocessing, SlideJob, read_feature_attrs
 from ..patches import PatchReader, read_patch_file
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 
@@ -89,9 +89,10 @@ def _identity(item: PatchBatch) -> PatchBatch:
     return item
 
 
-def bag_loader(slides: list[TopKSlide], order: Sequence[int] | np.ndarray, input_size: int | None, workers: int,
+def bag_loader(slides: list[TopKSlide], order: Sequence[int] | np.ndarray, input_size: Preprocessing, workers: int,
                pin_memory: bool) -> DataLoader:
-    """Yields one PatchBatch per slide (all its top-k pixels) in ``order``, read ahead by ``workers``."""
+    """Yields one PatchBatch per slide (all its top-k pixels, prepared as the encoder's ``input_size`` record
+    says) in ``order``, read ahead by ``workers``."""
     k = max(len(s.job.coords) for s in slides)
     dataset = PatchBatches([s.job for s in slides], k, input_size)
     return DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_identity,

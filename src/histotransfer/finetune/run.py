@@ -30,6 +30,7 @@ from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, wri
 from ..errors import HistotransferError
 from ..features import (
     PatchBatches,
+    Preprocessing,
     SlideJob,
     StainNormalizer,
     create_encoder,
@@ -75,10 +76,11 @@ STAIN_FILE = "stain_target.json"  # the run's stain normalisation, which re-extr
 REPRODUCE_TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 
 
-def _input_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
-    """The input size the run's features used, None when it is the tiled patch size (no resizing)."""
+def _input_prep(attrs: dict[str, Any]) -> Preprocessing:
+    """How the run's features were made from the patches: the encoder's preprocessing record at the input size
+    they used (none recorded: the tiled size, no resizing)."""
     size = attrs.get("input_size")
-    return None if size is None or int(size) == slide.job.spec.patch_size else int(size)
+    return encoder_spec(attrs["encoder"]).preprocessing.at(None if size is None else int(size))
 
 
 def _extraction_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
@@ -93,7 +95,7 @@ def _extraction_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
 
 
 @torch.no_grad()
-def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | None, device: torch.device,
+def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: Preprocessing, device: torch.device,
                      stain: StainNormalizer | None = None) -> float:
     """Relative max difference between the run's stored features of a few of ``slide``'s patches and the
     rebuilt encoder's (on pixels normalised with ``stain``, the run's, per slide with the slide's recorded source
@@ -124,7 +126,7 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: int | Non
 
 
 def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[TopKSlide], run_config: dict,
-                 s: FinetuneSettings, input_size: int | None, device: torch.device, ranks: Ranks) -> None:
+                 s: FinetuneSettings, input_size: Preprocessing, device: torch.device, ranks: Ranks) -> None:
     """Train and write ``encoder.pt``, ``model.pt`` and ``history.csv`` (the last marks the phase done)."""
     source = run_dir / "config.json"
     # An encoder of an exact number of blocks trains as a view of the quarter stages holding them (``network``,
@@ -286,7 +288,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             if stain is not None:
                 write_stain_target(stain, out / STAIN_FILE)
         ranks.barrier()
-        input_size = _input_size(run_config["encoder"], train[0])
+        input_size = _input_prep(run_config["encoder"])
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
         stain_options = ({} if stain is None else

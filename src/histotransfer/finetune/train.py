@@ -34,6 +34,7 @@ from ..errors import HistotransferError, one_line
 from ..features import (
     HedJitter,
     PatchBatch,
+    Preprocessing,
     SlideStain,
     StainNormalizer,
     normalise_pixels,
@@ -126,7 +127,7 @@ def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: int | None,
+def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: Preprocessing,
                  device: torch.device, ranks: Ranks, stain: StainNormalizer | None = None) -> np.ndarray:
     """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
     model.eval()
@@ -233,7 +234,7 @@ def describe_selection(record: dict[str, Any]) -> str:
 
 
 def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
-                   input_size: int | None,
+                   input_size: Preprocessing,
                    device: torch.device, ranks: Ranks, checkpoint_path: Path,
                    stain: StainNormalizer | None = None) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags

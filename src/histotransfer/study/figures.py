@@ -57,8 +57,9 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
     fig_info = Figure("cka_per_stage", "CKA per stage",
                       "Linear CKA between the two encoders' activations at each stage, on the same patches "
                       "(1 = same representation up to rotation and scale). Mean ± sd over seeds. Dashed: the "
-                      "baseline, CKA between the first encoder and a random initialisation of its architecture on "
-                      "the same patches: what architecture and inputs alone give.")
+                      "baseline, CKA between the first encoder and random initialisations of its architecture on "
+                      "the same patches (mean over draws and seeds), shaded ± the sd over its random draws: what "
+                      "architecture and inputs alone give.")
     if cka.empty:
         fig_info.missing = "the study has no CKA results (add 'finetune' and 'cka' sections)."
         return fig_info
@@ -75,6 +76,9 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
                 base = _agg(part, ["stage_index"], "baseline").sort_values("stage_index")
                 ax.plot(base["stage_index"], base["mean"], linestyle="--", marker="x", color=line[0].get_color(),
                         alpha=0.7, label=f"{ds}: baseline (random init)")
+                spread = part.groupby("stage_index")["baseline_sd"].mean().reindex(base["stage_index"]).fillna(0.0)
+                ax.fill_between(base["stage_index"], base["mean"] - spread.to_numpy(),
+                                base["mean"] + spread.to_numpy(), color=line[0].get_color(), alpha=0.15, lw=0)
         estimators = ", ".join(sorted(set(sub["estimator"].dropna()))) if "estimator" in sub else "biased"
         ax.set_ylim(min(0.0, float(sub[["cka", "baseline"]].min().min()) - 0.05) if "baseline" in sub else 0, 1.05)
         ax.set_xlabel(f"stage ({estimators} estimator)")

@@ -146,7 +146,8 @@ def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
 
 def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per (CKA run, stage): which encoders were compared on which dataset, the CKA, its
-    random-initialisation baseline (NaN when not computed), the estimator and the number of patches."""
+    random-initialisation baseline as mean and sd over its draws (NaN when not computed; the sd NaN for runs made
+    with a single draw), the estimator and the number of patches."""
     frames = []
     for r in records:
         if r["kind"] != "cka":
@@ -159,11 +160,12 @@ def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFr
             "seed": r["seed"],
             "stage_index": np.arange(len(df)), "stage": df["stage"].astype(str), "cka": df["cka"].astype(float),
             "baseline": df["baseline"].astype(float) if "baseline" in df else np.nan,
+            "baseline_sd": df["baseline_sd"].astype(float) if "baseline_sd" in df else np.nan,
             "estimator": record.get("estimator", "biased"), "n_patches": record.get("n_patches"),
             "warning": " ".join(record.get("warnings") or []), "csv": r["result"]["csv"],
         }))
-    columns = ["dataset", "comparison", "stain", "seed", "stage_index", "stage", "cka", "baseline", "estimator",
-               "n_patches", "warning", "csv"]
+    columns = ["dataset", "comparison", "stain", "seed", "stage_index", "stage", "cka", "baseline", "baseline_sd",
+               "estimator", "n_patches", "warning", "csv"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
