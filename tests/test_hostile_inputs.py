@@ -433,3 +433,129 @@ def test_a_killed_process_lock_and_temporary_do_not_block_a_rerun(cohort, tmp_pa
     time.sleep(0.01)
     code, out_text, _ = run(capsys, "extract", "--patches", tiling, *EXTRACT)
     assert code == 0 and "1 done, 7 skipped" in out_text and not (folder / f".{sid}.lock").exists()
+
+
+# ---- Ids read as missing values, foreign encodings, special files, out-of-range options, YAML aliases ----
+
+NA_IDS = ["NA", "null", "nan", "None", "NaN", "NULL", "#NA", "<NA>"]  # pandas' missing-value spellings
+
+
+@pytest.mark.slow
+def test_slide_ids_spelt_like_missing_values_stay_slides_through_finetune(cohort, tmp_path, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    labels = pd.read_csv(cohort["labels"], dtype=str, keep_default_na=False).sort_values("slide_id")
+    labels = labels.groupby("label").head(3)  # three slides of each class, the fewest a split takes
+    names = dict(zip(labels["slide_id"], NA_IDS))
+    for sid in names:
+        (slides / f"{names[sid]}.tif").write_bytes((cohort["slides"] / f"{sid}.tif").read_bytes())
+    labels = labels.assign(slide_id=labels["slide_id"].map(names))
+    labels.assign(patient_id=labels["slide_id"]).to_csv(tmp_path / "labels.csv", index=False)
+    tile = ["tile", slides, "--out", tmp_path / "tiles", "--magnification", "5", "--patch-size", "64"]
+    assert run(capsys, *tile)[0] == 0
+    tiling = tmp_path / "tiles" / "5x_64px_0px_overlap"
+    assert run(capsys, "extract", "--patches", tiling, *EXTRACT)[0] == 0
+    features = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    assert run(capsys, "train", "--features", features, "--labels", tmp_path / "labels.csv", "--out",
+               tmp_path / "run", "--epochs", "1")[0] == 0
+    code, _, _ = run(capsys, "finetune", "--run", tmp_path / "run", "--out", tmp_path / "ft", "--epochs", "1",
+                     "--top-k", "1", "--device", "cpu", "--workers", "0")
+    assert code == 0
+    splits = pd.read_csv(tmp_path / "ft" / "splits.csv", dtype=str, keep_default_na=False)
+    assert sorted(splits["slide_id"]) == sorted(names.values())
+    fitted = sorted(splits.loc[splits["split"] != "test", "slide_id"])
+    topk = pd.read_csv(tmp_path / "ft" / "topk.csv", dtype=str, keep_default_na=False)
+    assert sorted(set(topk["slide_id"])) == fitted
+    refeatured = {p.stem for p in (tmp_path / "ft").rglob("*.h5") if p.parent.name != "attention"}
+    assert refeatured == set(names.values())  # every slide fine-tuned on or re-extracted, none read as missing
+
+
+def test_every_reader_keeps_na_spelt_ids_as_text(tmp_path):
+    from histotransfer._read import read_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text("slide_id,patient_id,case_id,centre_id,score,label\nN/A,NA,null,None,NA,1\nnan,,n/a,NaN,0.5,0\n")
+    table = read_csv(path)
+    assert list(table["slide_id"]) == ["N/A", "nan"] and list(table["patient_id"]) == ["NA", ""]
+    assert list(table["case_id"]) == ["null", "n/a"] and list(table["centre_id"]) == ["None", "NaN"]
+    assert table["score"].isna().tolist() == [True, False]  # other columns still read missing values
+
+
+@pytest.mark.slow
+def test_labels_and_split_files_in_utf16_are_read_and_latin1_is_one_line(cohort, tmp_path, capsys):
+    labels = pd.read_csv(cohort["labels"], dtype=str, keep_default_na=False)
+    # Excel's "Unicode text": UTF-16 LE with its byte-order mark, tab-separated.
+    excel = tmp_path / "labels.txt"
+    excel.write_bytes(labels.to_csv(sep="\t", index=False).encode("utf-16"))
+    assert excel.read_bytes()[:2] == b"\xff\xfe"
+    split = tmp_path / "split.csv"  # UTF-8 with a byte-order mark (Excel's "CSV UTF-8")
+    ids = sorted(labels["slide_id"])
+    split.write_text((cohort["run"] / "splits.csv").read_text(), encoding="utf-8-sig")
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", excel, "--split-file", split,
+                       "--out", tmp_path / "run", "--epochs", "1")
+    assert code == 0, err
+    written = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str, keep_default_na=False)
+    given = pd.read_csv(cohort["run"] / "splits.csv", dtype=str, keep_default_na=False)
+    assert sorted(zip(written["slide_id"], written["split"])) == sorted(zip(given["slide_id"], given["split"]))
+    latin = tmp_path / "labels.csv"
+    latin.write_bytes(("slide_id,label\n" + "".join(f"{s},{['tumeur maligné', 'bénin'][i % 2]}\n"
+                                                     for i, s in enumerate(ids))).encode("latin-1"))
+    for args in (["train", "--features", cohort["features"], "--labels", latin, "--out", tmp_path / "r2"],
+                 ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--split-file", latin,
+                  "--out", tmp_path / "r2"]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "labels.csv is not UTF-8 (looks like Latin-1" in err and str(latin) in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("seed, message", [("-1", "--seed: Input should be greater than or equal to 0"),
+                                           ("4294967296", "--seed: Input should be less than or equal to 4294967295")])
+@pytest.mark.parametrize("command", ["train", "finetune", "cka", "demo"])
+def test_seeds_numpy_cannot_take_are_refused_at_the_door(cohort, tmp_path, capsys, command, seed, message):
+    out = tmp_path / "out"
+    args = {
+        "train": ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out],
+        "finetune": ["finetune", "--run", cohort["run"], "--out", out, "--device", "cpu"],
+        "cka": ["cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
+                "--patches", cohort["tiling"], "--out", out, "--device", "cpu"],
+        "demo": ["demo", "--out", out],
+    }[command]
+    code, _, err = run(capsys, *args, "--seed", seed)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_study_check_refuses_a_negative_seed(cohort, tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+                     "encoders:\n  - {name: resnet18, weights: random}\nseeds: [0, -1]\n")
+    code, _, err = run(capsys, "study", study, "--check")
+    assert code == 2 and "seeds: expected a non-empty list of distinct integers from 0 to 4294967295" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-side", "0", "--max-side: Input should be greater than or equal to 64"),
+    ("--max-side", "1", "--max-side: Input should be greater than or equal to 64"),
+    ("--max-side", "-5", "--max-side: Input should be greater than or equal to 64"),
+    ("--patch-size-level0", "-5", "--patch-size-level0: Input should be greater than or equal to 1"),
+    ("--patch-size-level0", "0", "--patch-size-level0: Input should be greater than or equal to 1"),
+    ("--mpp", "-0.5", "--mpp: Input should be greater than 0"),
+])
+def test_heatmap_sizes_are_checked_at_the_door(cohort, tmp_path, capsys, option, value, message):
+    code, _, err = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out",
+                       tmp_path / "out", option, value)
+    assert code == 2 and message in err and not (tmp_path / "out").exists()
+
+
+def test_heatmap_out_that_is_an_existing_file_names_it(cohort, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, _, err = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out", target)
+    assert code == 2 and f"--out {target}: is an existing file, not a folder; choose a folder" in err
+    assert target.read_text() == "not a folder" and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-3", "5"])
+def test_demo_with_too_few_slides_says_how_many_it_needs(tmp_path, capsys, n):
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "out", "--n-slides", n)
+    assert code == 2 and "--n-slides: Input should be greater than or equal to 6" in err
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
+from .._read import read_csv
 from ..errors import HistotransferError
 from ..features import (
     PatchBatches,
@@ -271,7 +272,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             if stain is not None:
                 write_stain_target(stain, out / STAIN_FILE)
         ranks.barrier()
-        topk = pd.read_csv(out / "topk.csv", dtype={"slide_id": str})
+        topk = read_csv(out / "topk.csv")
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
         trained_on = (run_config.get("inputs") or {}).get("features") or {}
         chosen, unreadable = topk_slides(topk, labels, features_dir, slides, trained_on)

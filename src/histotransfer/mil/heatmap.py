@@ -28,7 +28,7 @@ import h5py
 import matplotlib
 import numpy as np
 
-from .._io import write_csv, write_png, write_text
+from .._io import output_folder, write_csv, write_png, write_text
 from ..annotations import Annotation, load_annotation
 from ..batch import BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
@@ -39,6 +39,7 @@ from .evaluate import LOCALISATION_FILE, POSITIVE, annotation_files, check_thres
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
 from .rundir import check_inputs, load_run_model, read_attention, read_config
+from .settings import HeatmapSettings
 
 OBJECT_TYPES = ("detection", "annotation")
 SCALES = ("cohort", "slide")
@@ -397,6 +398,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     (lesion patch: at least ``threshold`` of its area) in the legend and in ``out_dir/localisation.csv``.
     Returns the files written.
     """
+    HeatmapSettings.build(max_side=max_side, patch_size_level0=patch_size_level0, mpp=mpp)
     _check_choice("--object-type", object_type, OBJECT_TYPES)
     _check_choice("--scale", scale, SCALES)
     _check_choice("--value", value, VALUES)
@@ -416,6 +418,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
                        None if attention_dir is None else Path(attention_dir))
     values = {sid: heatmap_values(a["score"], a["weight"], value) for sid, a in loaded.items() if isinstance(a, dict)}
     cohort = value_range(list(values.values()))
+    output_folder(out_dir)
     written: list[Path] = []
 
     def work(slide_id: str, slide_path: str) -> SlideResult:
