@@ -559,3 +559,34 @@ def test_demo_with_too_few_slides_says_how_many_it_needs(tmp_path, capsys, n):
     code, _, err = run(capsys, "demo", "--out", tmp_path / "out", "--n-slides", n)
     assert code == 2 and "--n-slides: Input should be greater than or equal to 6" in err
     assert not (tmp_path / "out").exists()
+
+
+def _geojson_polygon(path: Path, ring: list[list[float]]) -> Path:
+    path.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}))
+    return path
+
+
+def test_an_annotation_vertex_far_outside_the_slide_keeps_its_outline(tmp_path):
+    from histotransfer.annotations import load_annotation
+
+    far = 1e10  # 256 x 1e10 overflows OpenCV's 32-bit fixed-point vertices
+    ring = [[100, 100], [far, 100], [far, 500], [100, 500], [100, 100]]
+    annotation = load_annotation(_geojson_polygon(tmp_path / "far.geojson", ring))
+    mask = annotation.rasterize((256, 256), 4.0)
+    rows, cols = np.mgrid[0:256, 0:256]
+    expected = (cols >= 25) & (rows >= 25) & (rows < 125)  # pixel centres inside x >= 100, 100 <= y < 500
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_nan_annotation_vertex_names_the_annotation_file(cohort, tmp_path, capsys):
+    splits = pd.read_csv(cohort["run"] / "splits.csv", dtype=str, keep_default_na=False)
+    sid = sorted(splits.loc[splits["label"] == "1", "slide_id"])[0]
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    bad = annotations / f"{sid}.geojson"
+    bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 0], [100, 100], [0, 100], [0, 0]]]}')
+    code, _, _ = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"] / f"{sid}.tif",
+                     "--out", tmp_path / "out", "--annotations", annotations)
+    report = pd.read_csv(tmp_path / "out" / "heatmaps.csv", dtype=str, keep_default_na=False)
+    assert code == 1 and list(report["status"]) == ["error"]
+    assert f"{bad}: a Polygon vertex is NaN or infinite; fix or re-export this annotation file" in report["message"][0]
