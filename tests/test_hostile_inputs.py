@@ -21,6 +21,7 @@ import torch
 from histotransfer._io import HOST, h5_files
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.errors import HistotransferError
 from histotransfer.features import create_encoder, read_feature_file
 from histotransfer.finetune import save_encoder
 from histotransfer.patches import read_patch_file
@@ -590,3 +591,70 @@ def test_a_nan_annotation_vertex_names_the_annotation_file(cohort, tmp_path, cap
     report = pd.read_csv(tmp_path / "out" / "heatmaps.csv", dtype=str, keep_default_na=False)
     assert code == 1 and list(report["status"]) == ["error"]
     assert f"{bad}: a Polygon vertex is NaN or infinite; fix or re-export this annotation file" in report["message"][0]
+
+
+def _study_text(cohort) -> str:
+    return (f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+            "encoders:\n  - {name: resnet18, weights: random}\n")
+
+
+def test_yaml_aliases_in_a_study_file_are_refused_before_they_expand(cohort, tmp_path, capsys):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(_study_text(cohort) + "tile: {min_tissue: 0.5}\nmil: {dropout: 0.5}\n")
+    assert run(capsys, "study", plain, "--check")[0] == 0
+    aliased = tmp_path / "aliased.yaml"  # the same study once expanded: refused all the same, naming the line
+    aliased.write_text(_study_text(cohort) + "tile: {min_tissue: &f 0.5}\nmil: {dropout: *f}\n")
+    code, _, err = run(capsys, "study", aliased, "--check")
+    assert code == 2 and f"{aliased}: line 6 uses the YAML alias *f; anchors and aliases" in err
+    assert len(err.strip().splitlines()) == 1
+    bomb = tmp_path / "bomb.yaml"  # each level nine times the one before
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    bomb.write_text("\n".join(levels) + "\n" + _study_text(cohort))
+    code, _, err = run(capsys, "study", bomb, "--check")
+    assert code == 2 and "line 2 uses the YAML alias *a0" in err
+
+
+def test_a_named_pipe_given_as_a_slide_is_refused_not_waited_on(cohort, tmp_path):
+    pipe = tmp_path / "pipe.svs"
+    os.mkfifo(pipe)
+    cmd = [sys.executable, "-m", "histotransfer", "tile", str(pipe), "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env={**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{pipe}: is a named pipe, not a regular file" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_named_pipes_among_slides_labels_study_and_annotations_are_refused(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    os.mkfifo(slides / "zz_pipe.tif")
+    code, _, err = run(capsys, "tile", slides, "--out", tmp_path / "out")
+    assert code == 2 and f"{slides / 'zz_pipe.tif'}: is a named pipe, not a regular file" in err
+    assert not (tmp_path / "out").exists()
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", pipe, "--out", tmp_path / "r")
+    assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular label file" in err
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
+                       "--split-file", pipe, "--out", tmp_path / "r")
+    assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular split file" in err
+    os.mkfifo(tmp_path / "study.yaml")
+    code, _, err = run(capsys, "study", tmp_path / "study.yaml", "--check")
+    assert code == 2 and "study.yaml: is a named pipe, not a regular file; pass a regular study file" in err
+    from histotransfer.annotations import load_annotation
+
+    os.mkfifo(tmp_path / "lesion.geojson")
+    with pytest.raises(HistotransferError, match=r"lesion\.geojson: is a named pipe, not a regular file"):
+        load_annotation(tmp_path / "lesion.geojson")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_png_named_like_a_slide_is_told_what_it_is(tmp_path, capsys):
+    import cv2
+
+    fake = tmp_path / "slide.svs"
+    _, data = cv2.imencode(".png", np.full((300, 300, 3), 200, np.uint8))
+    fake.write_bytes(data.tobytes())
+    code, _, err = run(capsys, "tile", fake, "--out", tmp_path / "out")
+    assert code == 1 and f"{fake}: is a PNG image, not a .svs slide (its extension does not match its content)" in err
+    assert "rename it to .png and pass --mpp" in err

@@ -8,7 +8,9 @@ read through here, so that:
 - UTF-8 (with or without a BOM) and the UTF-16/UTF-32 that Excel saves as "Unicode text" are read; any other
   encoding is refused in one line naming the file and the encoding it looks like, not a UnicodeDecodeError;
 - id columns (slide, patient, case and group ids) are read as the text they hold: a slide named ``NA``,
-  ``null``, ``nan``, ``None`` or ``N/A`` stays that slide, where pandas would read it as a missing value.
+  ``null``, ``nan``, ``None`` or ``N/A`` stays that slide, where pandas would read it as a missing value;
+- YAML aliases (``*name``) are refused as the parser meets them, before anything is expanded: a few lines of
+  nested aliases expand to billions of nodes (minutes and gigabytes before any check could run).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from .errors import HistotransferError
 
@@ -125,3 +129,34 @@ def read_csv(path: str | os.PathLike[str], ids: Iterable[str] = (), *, text: boo
     na_values = {c: sorted(STR_NA_VALUES) for c in header.columns if c not in id_cols} if missing else None
     return pd.read_csv(io.StringIO(content), dtype=dict.fromkeys(id_cols, str), keep_default_na=False,
                        na_values=na_values, **options)
+
+
+class _AliasFound(Exception):
+    """A YAML alias met by :class:`_NoAliasLoader` at ``line`` (1-based)."""
+
+    def __init__(self, line: int, name: str):
+        super().__init__(f"alias *{name} on line {line}")
+        self.line, self.name = line, name
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing every alias (``*name``) when the parser reaches it."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(event.start_mark.line + 1, event.anchor)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | os.PathLike[str], kind: str = "study") -> tuple[str, Any]:
+    """The text of a YAML file and what it holds (safe types only); invalid YAML and aliases are one line."""
+    text = read_text(path, kind)
+    try:
+        return text, yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasFound as exc:
+        raise HistotransferError(
+            f"{path}: line {exc.line} uses the YAML alias *{exc.name}; anchors and aliases (&name, *name) are "
+            f"refused in {kind} files (nested aliases expand to gigabytes); write the values out in full.") from None
+    except yaml.YAMLError as exc:
+        raise HistotransferError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc

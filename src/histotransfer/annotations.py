@@ -32,7 +32,7 @@ import shapely
 from scipy.ndimage import map_coordinates
 from shapely.geometry import shape as geometry_from_geojson
 
-from ._read import read_text
+from ._read import check_regular_file, read_text
 from .demo_slides import LESION_MASK_DOWNSAMPLE
 from .errors import FormatError, HistotransferError
 
@@ -196,6 +196,7 @@ def load_annotation(path: str | os.PathLike[str], downsample: float | None = Non
     ``classes`` filters GeoJSON features by QuPath classification name (default: every feature).
     """
     path = Path(path)
+    check_regular_file(path, "annotation")
     if not path.is_file():
         raise HistotransferError(f"{path}: annotation file not found; pass a GeoJSON file or a mask image.")
     suffix = path.suffix.lower()

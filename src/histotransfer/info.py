@@ -18,10 +18,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-import yaml
 
 from ._io import h5_files
-from ._read import read_csv
+from ._read import read_csv, read_yaml
 from .batch import REPORT_COLUMNS, STATUS_ORDER
 from .errors import HistotransferError
 from .features import first_non_finite
@@ -426,7 +425,7 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
 
 def describe_study(path: Path) -> dict[str, Any]:
     """Name, cells by kind and status, failed and blocked cells with their reason, and the report of a study."""
-    spec = yaml.safe_load((path / "study.yaml").read_text()) if (path / "study.yaml").is_file() else None
+    spec = read_yaml(path / "study.yaml")[1] if (path / "study.yaml").is_file() else None
     out: dict[str, Any] = {"kind": "study", "path": str(path),
                            "name": spec.get("name") if isinstance(spec, dict) else None}
     cells_csv = path / "cells.csv"

@@ -22,8 +22,7 @@ import difflib
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-
+from .._read import read_yaml
 from ..analysis.settings import CamSettings, CkaSettings
 from ..errors import HistotransferError
 from ..features.settings import ExtractSettings
@@ -36,13 +35,9 @@ from .schema import STAIN_KEYS, TOP_KEYS, CkaSection, EncoderEntry, FinetuneSect
 
 
 def _read_yaml(path: Path) -> tuple[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise HistotransferError(f"study file not found: {path}")
-    text = path.read_text()
-    try:
-        return text, yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HistotransferError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    return read_yaml(path, "study")
 
 
 def _listed(v: Checker, raw: dict[str, Any], key: str) -> list[Any]:
