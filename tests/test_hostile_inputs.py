@@ -21,6 +21,7 @@ import torch
 from histotransfer._io import HOST, h5_files
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.errors import HistotransferError
 from histotransfer.features import create_encoder, read_feature_file
 from histotransfer.finetune import save_encoder
 from histotransfer.patches import read_patch_file
@@ -687,3 +688,227 @@ def test_bench_extract_weights_file_applies_only_to_the_configs_it_fits(tmp_path
     assert f"--weights {weights} does not fit densenet121" in said and "densenet121 runs with" in said
     with pytest.raises(SystemExit, match="--weights nonsense"):
         bench.default_weights("resnet18", "nonsense")
+
+
+# ---- Ids read as missing values, foreign encodings, special files, out-of-range options, YAML aliases ----
+
+NA_IDS = ["NA", "null", "nan", "None", "NaN", "NULL", "#NA", "<NA>"]  # pandas' missing-value spellings
+
+
+@pytest.mark.slow
+def test_slide_ids_spelt_like_missing_values_stay_slides_through_finetune(cohort, tmp_path, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    labels = pd.read_csv(cohort["labels"], dtype=str, keep_default_na=False).sort_values("slide_id")
+    labels = labels.groupby("label").head(3)  # three slides of each class, the fewest a split takes
+    names = dict(zip(labels["slide_id"], NA_IDS))
+    for sid in names:
+        (slides / f"{names[sid]}.tif").write_bytes((cohort["slides"] / f"{sid}.tif").read_bytes())
+    labels = labels.assign(slide_id=labels["slide_id"].map(names))
+    labels.assign(patient_id=labels["slide_id"]).to_csv(tmp_path / "labels.csv", index=False)
+    tile = ["tile", slides, "--out", tmp_path / "tiles", "--magnification", "5", "--patch-size", "64"]
+    assert run(capsys, *tile)[0] == 0
+    tiling = tmp_path / "tiles" / "5x_64px_0px_overlap"
+    assert run(capsys, "extract", "--patches", tiling, *EXTRACT)[0] == 0
+    features = tiling / "features" / "resnet18-random-t3-s32-fp32"
+    assert run(capsys, "train", "--features", features, "--labels", tmp_path / "labels.csv", "--out",
+               tmp_path / "run", "--epochs", "1")[0] == 0
+    code, _, _ = run(capsys, "finetune", "--run", tmp_path / "run", "--out", tmp_path / "ft", "--epochs", "1",
+                     "--top-k", "1", "--device", "cpu", "--workers", "0")
+    assert code == 0
+    splits = pd.read_csv(tmp_path / "ft" / "splits.csv", dtype=str, keep_default_na=False)
+    assert sorted(splits["slide_id"]) == sorted(names.values())
+    fitted = sorted(splits.loc[splits["split"] != "test", "slide_id"])
+    topk = pd.read_csv(tmp_path / "ft" / "topk.csv", dtype=str, keep_default_na=False)
+    assert sorted(set(topk["slide_id"])) == fitted
+    refeatured = {p.stem for p in (tmp_path / "ft").rglob("*.h5") if p.parent.name != "attention"}
+    assert refeatured == set(names.values())  # every slide fine-tuned on or re-extracted, none read as missing
+
+
+def test_every_reader_keeps_na_spelt_ids_as_text(tmp_path):
+    from histotransfer._read import read_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text("slide_id,patient_id,case_id,centre_id,score,label\nN/A,NA,null,None,NA,1\nnan,,n/a,NaN,0.5,0\n")
+    table = read_csv(path)
+    assert list(table["slide_id"]) == ["N/A", "nan"] and list(table["patient_id"]) == ["NA", ""]
+    assert list(table["case_id"]) == ["null", "n/a"] and list(table["centre_id"]) == ["None", "NaN"]
+    assert table["score"].isna().tolist() == [True, False]  # other columns still read missing values
+
+
+@pytest.mark.slow
+def test_labels_and_split_files_in_utf16_are_read_and_latin1_is_one_line(cohort, tmp_path, capsys):
+    labels = pd.read_csv(cohort["labels"], dtype=str, keep_default_na=False)
+    # Excel's "Unicode text": UTF-16 LE with its byte-order mark, tab-separated.
+    excel = tmp_path / "labels.txt"
+    excel.write_bytes(labels.to_csv(sep="\t", index=False).encode("utf-16"))
+    assert excel.read_bytes()[:2] == b"\xff\xfe"
+    split = tmp_path / "split.csv"  # UTF-8 with a byte-order mark (Excel's "CSV UTF-8")
+    ids = sorted(labels["slide_id"])
+    split.write_text((cohort["run"] / "splits.csv").read_text(), encoding="utf-8-sig")
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", excel, "--split-file", split,
+                       "--out", tmp_path / "run", "--epochs", "1")
+    assert code == 0, err
+    written = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str, keep_default_na=False)
+    given = pd.read_csv(cohort["run"] / "splits.csv", dtype=str, keep_default_na=False)
+    assert sorted(zip(written["slide_id"], written["split"])) == sorted(zip(given["slide_id"], given["split"]))
+    latin = tmp_path / "labels.csv"
+    latin.write_bytes(("slide_id,label\n" + "".join(f"{s},{['tumeur maligné', 'bénin'][i % 2]}\n"
+                                                     for i, s in enumerate(ids))).encode("latin-1"))
+    for args in (["train", "--features", cohort["features"], "--labels", latin, "--out", tmp_path / "r2"],
+                 ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--split-file", latin,
+                  "--out", tmp_path / "r2"]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "labels.csv is not UTF-8 (looks like Latin-1" in err and str(latin) in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("seed, message", [("-1", "--seed: Input should be greater than or equal to 0"),
+                                           ("4294967296", "--seed: Input should be less than or equal to 4294967295")])
+@pytest.mark.parametrize("command", ["train", "finetune", "cka", "demo"])
+def test_seeds_numpy_cannot_take_are_refused_at_the_door(cohort, tmp_path, capsys, command, seed, message):
+    out = tmp_path / "out"
+    args = {
+        "train": ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out],
+        "finetune": ["finetune", "--run", cohort["run"], "--out", out, "--device", "cpu"],
+        "cka": ["cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
+                "--patches", cohort["tiling"], "--out", out, "--device", "cpu"],
+        "demo": ["demo", "--out", out],
+    }[command]
+    code, _, err = run(capsys, *args, "--seed", seed)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_study_check_refuses_a_negative_seed(cohort, tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+                     "encoders:\n  - {name: resnet18, weights: random}\nseeds: [0, -1]\n")
+    code, _, err = run(capsys, "study", study, "--check")
+    assert code == 2 and "seeds: expected a non-empty list of distinct integers from 0 to 4294967295" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-side", "0", "--max-side: Input should be greater than or equal to 64"),
+    ("--max-side", "1", "--max-side: Input should be greater than or equal to 64"),
+    ("--max-side", "-5", "--max-side: Input should be greater than or equal to 64"),
+    ("--patch-size-level0", "-5", "--patch-size-level0: Input should be greater than or equal to 1"),
+    ("--patch-size-level0", "0", "--patch-size-level0: Input should be greater than or equal to 1"),
+    ("--mpp", "-0.5", "--mpp: Input should be greater than 0"),
+])
+def test_heatmap_sizes_are_checked_at_the_door(cohort, tmp_path, capsys, option, value, message):
+    code, _, err = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out",
+                       tmp_path / "out", option, value)
+    assert code == 2 and message in err and not (tmp_path / "out").exists()
+
+
+def test_heatmap_out_that_is_an_existing_file_names_it(cohort, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, _, err = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out", target)
+    assert code == 2 and f"--out {target}: is an existing file, not a folder; choose a folder" in err
+    assert target.read_text() == "not a folder" and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-3", "5"])
+def test_demo_with_too_few_slides_says_how_many_it_needs(tmp_path, capsys, n):
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "out", "--n-slides", n)
+    assert code == 2 and "--n-slides: Input should be greater than or equal to 6" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _geojson_polygon(path: Path, ring: list[list[float]]) -> Path:
+    path.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}))
+    return path
+
+
+def test_an_annotation_vertex_far_outside_the_slide_keeps_its_outline(tmp_path):
+    from histotransfer.annotations import load_annotation
+
+    far = 1e10  # 256 x 1e10 overflows OpenCV's 32-bit fixed-point vertices
+    ring = [[100, 100], [far, 100], [far, 500], [100, 500], [100, 100]]
+    annotation = load_annotation(_geojson_polygon(tmp_path / "far.geojson", ring))
+    mask = annotation.rasterize((256, 256), 4.0)
+    rows, cols = np.mgrid[0:256, 0:256]
+    expected = (cols >= 25) & (rows >= 25) & (rows < 125)  # pixel centres inside x >= 100, 100 <= y < 500
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_nan_annotation_vertex_names_the_annotation_file(cohort, tmp_path, capsys):
+    splits = pd.read_csv(cohort["run"] / "splits.csv", dtype=str, keep_default_na=False)
+    sid = sorted(splits.loc[splits["label"] == "1", "slide_id"])[0]
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    bad = annotations / f"{sid}.geojson"
+    bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 0], [100, 100], [0, 100], [0, 0]]]}')
+    code, _, _ = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"] / f"{sid}.tif",
+                     "--out", tmp_path / "out", "--annotations", annotations)
+    report = pd.read_csv(tmp_path / "out" / "heatmaps.csv", dtype=str, keep_default_na=False)
+    assert code == 1 and list(report["status"]) == ["error"]
+    assert f"{bad}: a Polygon vertex is NaN or infinite; fix or re-export this annotation file" in report["message"][0]
+
+
+def _study_text(cohort) -> str:
+    return (f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+            "encoders:\n  - {name: resnet18, weights: random}\n")
+
+
+def test_yaml_aliases_in_a_study_file_are_refused_before_they_expand(cohort, tmp_path, capsys):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(_study_text(cohort) + "tile: {min_tissue: 0.5}\nmil: {dropout: 0.5}\n")
+    assert run(capsys, "study", plain, "--check")[0] == 0
+    aliased = tmp_path / "aliased.yaml"  # the same study once expanded: refused all the same, naming the line
+    aliased.write_text(_study_text(cohort) + "tile: {min_tissue: &f 0.5}\nmil: {dropout: *f}\n")
+    code, _, err = run(capsys, "study", aliased, "--check")
+    assert code == 2 and f"{aliased}: line 6 uses the YAML alias *f; anchors and aliases" in err
+    assert len(err.strip().splitlines()) == 1
+    bomb = tmp_path / "bomb.yaml"  # each level nine times the one before
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    bomb.write_text("\n".join(levels) + "\n" + _study_text(cohort))
+    code, _, err = run(capsys, "study", bomb, "--check")
+    assert code == 2 and "line 2 uses the YAML alias *a0" in err
+
+
+def test_a_named_pipe_given_as_a_slide_is_refused_not_waited_on(cohort, tmp_path):
+    pipe = tmp_path / "pipe.svs"
+    os.mkfifo(pipe)
+    cmd = [sys.executable, "-m", "histotransfer", "tile", str(pipe), "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env={**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{pipe}: is a named pipe, not a regular file" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_named_pipes_among_slides_labels_study_and_annotations_are_refused(cohort, tmp_path, capsys):
+    slides = copy_tree(cohort["slides"], tmp_path / "slides")
+    os.mkfifo(slides / "zz_pipe.tif")
+    code, _, err = run(capsys, "tile", slides, "--out", tmp_path / "out")
+    assert code == 2 and f"{slides / 'zz_pipe.tif'}: is a named pipe, not a regular file" in err
+    assert not (tmp_path / "out").exists()
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", pipe, "--out", tmp_path / "r")
+    assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular label file" in err
+    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
+                       "--split-file", pipe, "--out", tmp_path / "r")
+    assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular split file" in err
+    os.mkfifo(tmp_path / "study.yaml")
+    code, _, err = run(capsys, "study", tmp_path / "study.yaml", "--check")
+    assert code == 2 and "study.yaml: is a named pipe, not a regular file; pass a regular study file" in err
+    from histotransfer.annotations import load_annotation
+
+    os.mkfifo(tmp_path / "lesion.geojson")
+    with pytest.raises(HistotransferError, match=r"lesion\.geojson: is a named pipe, not a regular file"):
+        load_annotation(tmp_path / "lesion.geojson")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_png_named_like_a_slide_is_told_what_it_is(tmp_path, capsys):
+    import cv2
+
+    fake = tmp_path / "slide.svs"
+    _, data = cv2.imencode(".png", np.full((300, 300, 3), 200, np.uint8))
+    fake.write_bytes(data.tobytes())
+    code, _, err = run(capsys, "tile", fake, "--out", tmp_path / "out")
+    assert code == 1 and f"{fake}: is a PNG image, not a .svs slide (its extension does not match its content)" in err
+    assert "rename it to .png and pass --mpp" in err

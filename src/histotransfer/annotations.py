@@ -32,6 +32,7 @@ import shapely
 from scipy.ndimage import map_coordinates
 from shapely.geometry import shape as geometry_from_geojson
 
+from ._read import check_regular_file, read_text
 from .demo_slides import LESION_MASK_DOWNSAMPLE
 from .errors import FormatError, HistotransferError
 
@@ -99,7 +100,7 @@ class PolygonAnnotation(Annotation):
         rows, cols = shape
         mask = np.zeros((rows, cols), np.uint8)
         band = np.zeros((rows, cols), np.uint8)
-        for polygon in shapely.get_parts(self.geometry):
+        for polygon in _clipped_polygons(self.geometry, shape, downsample):
             rings = [_pixel_ring(ring, downsample) for ring in (polygon.exterior, *polygon.interiors)]
             # One call with all rings of a polygon fills by the even-odd rule: holes stay empty.
             cv2.fillPoly(mask, rings, 1, lineType=cv2.LINE_8, shift=RASTER_SHIFT)
@@ -119,6 +120,17 @@ class PolygonAnnotation(Annotation):
         partial = hit & ~inside
         out[partial] = shapely.area(shapely.intersection(boxes[partial], self.geometry)) / patch_size_level0**2
         return out
+
+
+def _clipped_polygons(geometry: shapely.Geometry, shape: tuple[int, int], downsample: float) -> list[shapely.Polygon]:
+    """The polygons of ``geometry`` cut (in float, level-0 px) to the raster of ``shape`` plus a margin.
+
+    A vertex far outside the raster (1e10 px) would overflow OpenCV's 32-bit fixed-point coordinates and turn
+    its edges around; cutting the polygon to the raster keeps every edge that crosses it exactly where it is."""
+    margin = 4 * downsample
+    box = shapely.box(-margin, -margin, shape[1] * downsample + margin, shape[0] * downsample + margin)
+    clipped = shapely.intersection(geometry, box)
+    return [p for p in shapely.get_parts(clipped) if isinstance(p, shapely.Polygon) and not p.is_empty]
 
 
 def _pixel_ring(ring: shapely.LinearRing, downsample: float) -> np.ndarray:
@@ -184,6 +196,7 @@ def load_annotation(path: str | os.PathLike[str], downsample: float | None = Non
     ``classes`` filters GeoJSON features by QuPath classification name (default: every feature).
     """
     path = Path(path)
+    check_regular_file(path, "annotation")
     if not path.is_file():
         raise HistotransferError(f"{path}: annotation file not found; pass a GeoJSON file or a mask image.")
     suffix = path.suffix.lower()
@@ -204,8 +217,8 @@ def load_annotation(path: str | os.PathLike[str], downsample: float | None = Non
 def read_geojson_lesion(path: Path, classes: Sequence[str] | None = None) -> shapely.Geometry:
     """The union of the Polygon/MultiPolygon areas of a GeoJSON file (level-0 px; holes kept)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_text(path, "annotation"))
+    except (OSError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not readable as JSON ({exc}); export the annotations as GeoJSON.") from None
     polygons = []
     for feature in _features(data, path):
@@ -260,6 +273,8 @@ def _areas(geometry: Any, path: Path) -> list[shapely.Geometry]:
         shape = geometry_from_geojson(geometry)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, shapely.errors.ShapelyError) as exc:
         raise FormatError(f"{path}: malformed {kind} coordinates ({exc}); re-export the file.") from None
+    if not np.isfinite(shapely.get_coordinates(shape)).all():
+        raise FormatError(f"{path}: a {kind} vertex is NaN or infinite; fix or re-export this annotation file.")
     # QuPath can export self-touching or self-crossing outlines: repair them, then keep their area only.
     valid = shapely.make_valid(shape)
     return [p for p in shapely.get_parts(valid) if isinstance(p, (shapely.Polygon, shapely.MultiPolygon))]

@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ._io import LOCK_SUFFIX, ItemLock, disk_full, write_csv
+from ._read import read_csv
 from .errors import HistotransferError, one_line
 
 REPORT_LOCK_WAIT = 120.0  # seconds a process waits for another to finish its (millisecond) report update
@@ -68,7 +69,7 @@ class BatchReport:
     def _read(self) -> dict[str, SlideResult]:
         if not self.path.exists():
             return {}
-        df = pd.read_csv(self.path, dtype={"slide_id": str}, keep_default_na=False)
+        df = read_csv(self.path, missing=False)
         return {rec["slide_id"]: SlideResult(**{k: rec[k] for k in REPORT_COLUMNS}) for rec in df.to_dict("records")}
 
     def update(self, result: SlideResult) -> None:

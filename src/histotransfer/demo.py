@@ -14,13 +14,30 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import Field
+
+from .settings import Seed, StageSettings, add_options, from_args
 
 if TYPE_CHECKING:
     import pandas as pd
 
 ENCODER, TRUNCATE, INPUT_SIZE, PATCH_SIZE = "resnet18", 2, 64, 256
 CAM_TOP_K = 8
+# Half the slides carry lesions, and a patient-level train/val/test split needs three patients of each class.
+MIN_SLIDES = 6
+
+
+class DemoSettings(StageSettings):
+    """What the demo generates: how many slides, from which seed."""
+
+    stage: ClassVar[str] = "demo"
+
+    n_slides: int = Field(16, ge=MIN_SLIDES, le=1000,
+                          description=f"number of demo slides, half with lesions (at least {MIN_SLIDES}: a "
+                                      "patient-level train/val/test split needs three patients of each class)")
+    seed: Seed = Field(0, description="seed of the demo slides and weights")
 
 
 class _Stage:
@@ -52,8 +69,8 @@ def _auc(metrics: dict, split: str) -> str:
 
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
     """Run the pipeline on demo slides under ``out_dir``; return the demo folder."""
-    import pandas as pd
-
+    DemoSettings.build(n_slides=n_slides, seed=seed)
+    from ._read import read_csv
     from .analysis import compare_encoders, describe_cam_localisation, write_cams
     from .batch import summarize
     from .demo_slides import make_demo_slides
@@ -84,7 +101,7 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
 
     with _Stage("5/8 attention heatmaps (PNG + QuPath GeoJSON) of the test slides, lesions outlined",
                 out / "heatmaps"):
-        split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
+        split = read_csv(run / "splits.csv", missing=False)
         test_ids = set(split.loc[split["split"] == "test", "slide_id"])
         slides = [s for s in demo.slides if s.stem in test_ids][:4]
         write_heatmaps(run, slides, out / "heatmaps", annotations_dir=lesions)
@@ -119,12 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "heatmaps, Grad-CAM, fine-tuning, CKA. "
                                    "Runs offline on a CPU in a few minutes; prints what each stage did.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--n-slides", type=int, default=16, help="number of demo slides (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo slides and weights (default: 0)")
+    add_options(p, DemoSettings)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = run_demo(args.out, args.n_slides, args.seed)
+    s = from_args(DemoSettings, args)
+    out = run_demo(args.out, s.n_slides, s.seed)
     print(f"\ndemo finished: results under {out}")
     return 0

@@ -18,10 +18,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-import pandas as pd
-import yaml
 
 from ._io import h5_files
+from ._read import read_csv, read_yaml
 from .batch import REPORT_COLUMNS, STATUS_ORDER
 from .errors import HistotransferError
 from .features import first_non_finite
@@ -88,7 +87,7 @@ def _status_counts(csv: Path) -> tuple[Keyed, Keyed] | tuple[None, None]:
     """A stage report's rows per status (in the report's status order) and its failed slides with the reason."""
     if not csv.is_file():
         return None, None
-    df = pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=lambda c: c in REPORT_COLUMNS)
+    df = read_csv(csv, text=True, usecols=lambda c: c in REPORT_COLUMNS)
     counts = Counter(df["status"])
     order = sorted(counts, key=lambda s: (STATUS_ORDER.index(s) if s in STATUS_ORDER else len(STATUS_ORDER), s))
     failed = df[df["status"] == "error"]
@@ -346,7 +345,7 @@ def _split_counts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
         out["fold"] = split["fold"]
     path = run / "splits.csv"
     if path.is_file():
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv(path, text=True)
         column = "split" if "split" in df.columns else "fold"
         counts = Counter(df[column])
         keys = [s for s in SPLIT_ORDER if s in counts] if column == "split" else sorted(counts, key=int)
@@ -428,12 +427,12 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
 
 def describe_study(path: Path) -> dict[str, Any]:
     """Name, cells by kind and status, failed and blocked cells with their reason, and the report of a study."""
-    spec = yaml.safe_load((path / "study.yaml").read_text()) if (path / "study.yaml").is_file() else None
+    spec = read_yaml(path / "study.yaml")[1] if (path / "study.yaml").is_file() else None
     out: dict[str, Any] = {"kind": "study", "path": str(path),
                            "name": spec.get("name") if isinstance(spec, dict) else None}
     cells_csv = path / "cells.csv"
     if cells_csv.is_file():
-        df = pd.read_csv(cells_csv, dtype=str, keep_default_na=False)
+        df = read_csv(cells_csv, text=True)
         order = [s for s in CELL_STATUSES if s in set(df["status"])] + sorted(set(df["status"]) - set(CELL_STATUSES))
         by_kind = Keyed()
         for kind, group in df.groupby("kind", sort=False):

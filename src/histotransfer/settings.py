@@ -21,9 +21,9 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Literal, Self, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
@@ -33,6 +33,10 @@ from .provenance import json_fingerprint
 
 RUNTIME: JsonDict = {"runtime": True}
 OMIT_DEFAULT: JsonDict = {"omit_default": True}
+#: The largest seed numpy takes (its seeds are unsigned 32-bit integers).
+SEED_MAX = 2**32 - 1
+#: A seed option: 0 to SEED_MAX, so a bad seed is refused with the option's name, not by numpy mid-run.
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class StageSettings(BaseModel):

@@ -41,6 +41,7 @@ from .._io import (
     write_json,
     write_png,
 )
+from .._read import read_csv
 from ..annotations import Annotation, load_annotation
 from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, error_result, summarize
 from ..errors import HistotransferError, ProvenanceError
@@ -148,7 +149,7 @@ class _CamReport(BatchReport):
     def _read(self) -> dict[str, SlideResult]:
         rows = super()._read()
         if self.path.exists():
-            table = pd.read_csv(self.path, dtype={"slide_id": str})
+            table = read_csv(self.path)
             columns = [c for c in CAM_COLUMNS if c in table.columns]
             self.extra = {str(r["slide_id"]): {c: None if pd.isna(r[c]) else r[c] for c in columns}
                           for r in table.to_dict("records")}

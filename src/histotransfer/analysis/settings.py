@@ -16,7 +16,7 @@ from ..features.settings import (
     stain_ref_field,
     stain_scope_field,
 )
-from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
+from ..settings import OMIT_DEFAULT, RUNTIME, Seed, StageSettings
 
 
 class CkaSettings(StainOptions, StageSettings):
@@ -44,7 +44,7 @@ class CkaSettings(StainOptions, StageSettings):
                                              "(LayerScale ViTs: their initialisation without LayerScale)")
     baseline_draws: int = Field(3, ge=1, le=100, description="random initialisations the baseline is the mean and "
                                                             "sd of (seeds 1..N)")
-    seed: int = Field(0, description="seeds the patch sample")
+    seed: Seed = Field(0, description="seeds the patch sample")
     input_size: int | None = Field(None, ge=16, le=8192, description="resize patches (default: the runs' input "
                                                                      "size when both agree, else the tiled size)")
     batch_size: int = Field(32, ge=1, le=65536, description="patches per batch", json_schema_extra=RUNTIME)

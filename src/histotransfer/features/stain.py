@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torchstain.numpy.normalizers import NumpyReinhardNormalizer
 
+from .._read import read_text
 from ..colour import HED_FROM_RGB, RGB_FROM_HED
 from ..errors import HistotransferError
 
@@ -588,7 +589,7 @@ def _folder_images(folder: Path) -> list[Path]:
 def read_stain_target(path: str | os.PathLike[str]) -> StainNormalizer:
     """A fitted target written by :func:`write_stain_target` (or ``histotransfer stain-fit``)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path, "stain target"))
     except (OSError, ValueError) as exc:
         raise HistotransferError(f"{path}: not a readable stain target JSON ({exc}); write it with "
                                  "histotransfer stain-fit.") from exc

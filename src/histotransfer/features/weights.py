@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._io import file_sha256
+from .._read import check_regular_file
 from ..errors import HistotransferError
 from .registry import RANDOM, EncoderSpec, WeightsOption, encoder_spec
 
@@ -81,12 +82,14 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 
 def weights_file_sha256(path: str | Path) -> str:
     """sha256 of a weights file, computed once per process for an unchanged file."""
+    check_regular_file(path, "weights")
     st = os.stat(path)
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _read_checkpoint(path: Path) -> object:
     """The raw object stored in a checkpoint file, never unpickling anything but tensors and containers."""
+    check_regular_file(path, "weights")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
+from .._read import read_csv
 from ..errors import HistotransferError
 from ..features import (
     PatchBatches,
@@ -175,7 +176,7 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     unreadable = {**unreadable, **missing, **broken}
     kept = splits[splits["slide_id"].isin(bags.slide_ids)]
     selected = int(read_checkpoint(out)["selected_epoch"])
-    selection = selection_record(pd.read_csv(out / "history.csv"))
+    selection = selection_record(read_csv(out / "history.csv"))
     what = (f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}" if selected else
             f"{config['encoder'].get('encoder', '')} + attention MIL, frozen start kept (no epoch beat it)")
     config = {**config, "unreadable_slides": unreadable,
@@ -268,7 +269,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         # Every slide is checked (its files and identity) before anything is written: a refused call leaves no
         # half-started fine-tuning behind.
         resumed = (out / "topk.csv").is_file()
-        topk = (pd.read_csv(out / "topk.csv", dtype={"slide_id": str}, keep_default_na=False) if resumed
+        topk = (read_csv(out / "topk.csv") if resumed
                 else select_top_k(run_dir, s.top_k, save=False))
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
         trained_on = (run_config.get("inputs") or {}).get("features") or {}

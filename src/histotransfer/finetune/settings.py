@@ -8,7 +8,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import Field, model_validator
 
 from ..features.settings import Device
-from ..settings import OMIT_DEFAULT, RUNTIME, StageSettings
+from ..settings import OMIT_DEFAULT, RUNTIME, Seed, StageSettings
 
 #: The transformer-block layers low-rank adaptation can target: attention qkv and output projections, MLP layers.
 LoraTarget = Literal["qkv", "proj", "fc1", "fc2"]
@@ -29,7 +29,7 @@ class FinetuneSettings(StageSettings):
     freeze_stages: int = Field(0, ge=0, le=8, description="keep the stem and the first K stages fixed (0: train "
                                                           "everything but BatchNorm statistics)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or bf16/fp16 autocast on a GPU")
-    seed: int = Field(0, description="seeds the slide order of each epoch and the LoRA initialisation")
+    seed: Seed = Field(0, description="seeds the slide order of each epoch and the LoRA initialisation")
     lora_rank: int | None = Field(None, ge=1, le=1024,
                                   description="train rank-R LoRA matrices in the transformer blocks instead of "
                                               "the encoder's weights (merged into encoder.pt); none: full "

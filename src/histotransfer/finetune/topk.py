@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import write_csv
+from .._read import read_csv
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, check
 from ..mil import run_fingerprint
@@ -28,7 +29,7 @@ def read_splits(run_dir: Path) -> pd.DataFrame:
     path = run_dir / "splits.csv"
     if not path.is_file():
         raise HistotransferError(f"{path}: not found; pass a run folder written by 'histotransfer train'.")
-    splits = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str}, keep_default_na=False)
+    splits = read_csv(path, missing=False)
     missing = {"slide_id", "label", "split"} - set(splits.columns)
     if missing:
         raise FormatError(f"{path}: missing column(s) {', '.join(sorted(missing))}.")

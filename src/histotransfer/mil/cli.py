@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..settings import add_options, from_args
-from .settings import SMALL_SPLIT, MilSettings
+from .settings import SMALL_SPLIT, HeatmapSettings, MilSettings
 
 
 def _fmt(m: dict) -> str:
@@ -75,19 +75,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patches", type=Path, default=None,
                    help="folder of <slide_id>.h5 patch files (ours, CLAM's or TRIDENT's) that record the patch "
                         "side when the attention and feature files do not")
-    p.add_argument("--patch-size-level0", type=int, default=None, metavar="N",
-                   help="patch side in level-0 pixels (default: from the attention, feature or patch file attrs)")
     p.add_argument("--value", default="score", choices=("score", "weight"),
                    help="score: raw pre-softmax attention, the same for the same tissue in any slide; weight: "
                         "softmax weight x number of patches (1 = uniform) (default: %(default)s)")
     p.add_argument("--scale", default="cohort", choices=("cohort", "slide"),
                    help="cohort: one colour range for all slides of this call, so colours compare across "
                         "slides; slide: each slide's own range (default: %(default)s)")
-    p.add_argument("--mpp", type=float, default=None, metavar="X",
-                   help="level-0 microns per pixel for slides without it")
-    p.add_argument("--max-side", type=int, default=2048, metavar="N", help="thumbnail size (default: %(default)s)")
     p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
                    help="QuPath object type of the patch squares (default: %(default)s)")
+    add_options(p, HeatmapSettings)
     _annotation_options(p, "outline each annotated slide's lesion and score the attention of the positive ones "
                            "(by the run's split; slides it never saw: an annotation holding a lesion) in the "
                            "legend and localisation.csv")
@@ -164,11 +160,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _print_heatmap_localisation(path: Path, n_slides: int) -> None:
     """One line per slide whose attention localisation was scored, after how many were scored."""
-    import pandas as pd
 
+    from .._read import read_csv
     from .evaluate import describe_slide_localisation
 
-    table = pd.read_csv(path, dtype={"slide_id": str})
+    table = read_csv(path)
     print(f"attention localisation: scored {len(table)} of {n_slides} slide(s) (the others: no annotation, or "
           f"not positive); {path}")
     for row in table.to_dict("records"):
@@ -181,9 +177,10 @@ def _heatmap(args: argparse.Namespace) -> int:
     from .heatmap import write_heatmaps
 
     t0 = time.perf_counter()
+    sizes = from_args(HeatmapSettings, args)
     write_heatmaps(args.run, args.slides, args.out, features_dir=args.features, attention_dir=args.attention,
-                   patches_dir=args.patches, patch_size_level0=args.patch_size_level0, mpp=args.mpp,
-                   max_side=args.max_side, object_type=args.object_type, scale=args.scale, value=args.value,
+                   patches_dir=args.patches, patch_size_level0=sizes.patch_size_level0, mpp=sizes.mpp,
+                   max_side=sizes.max_side, object_type=args.object_type, scale=args.scale, value=args.value,
                    annotations_dir=args.annotations, threshold=args.lesion_threshold)
     ids = {e.slide_id for e in list_slides(args.slides)}
     rows = [r for r in BatchReport(args.out / "heatmaps.csv").rows.values() if r.slide_id in ids]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
+from .._read import read_csv
 from ..annotations import GEOJSON_SUFFIXES, MASK_SUFFIXES, Annotation, load_annotation
 from ..errors import FormatError, HistotransferError
 from .bags import load_bags, patch_size_level0
@@ -249,7 +250,7 @@ def run_splits(run_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise HistotransferError(f"{path}: not found; pass a run folder written by `histotransfer train` or "
                                  "`finetune` (for cross-validation, one of its fold_<k> folders).")
-    splits = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str}, keep_default_na=False)
+    splits = read_csv(path, missing=False)
     missing = {"slide_id", "label", "split"} - set(splits.columns)
     if missing:
         raise FormatError(f"{path}: missing column(s) {', '.join(sorted(missing))}; for cross-validation pass one "

@@ -30,7 +30,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from .._io import write_csv, write_png, write_text
+from .._io import output_folder, write_csv, write_png, write_text
 from ..annotations import Annotation, load_annotation
 from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, run_batch
 from ..errors import HistotransferError
@@ -49,6 +49,7 @@ from .evaluate import (
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
 from .rundir import check_inputs, check_run_folder, load_run_model, read_attention, read_config, run_fingerprint
+from .settings import HeatmapSettings
 
 OBJECT_TYPES = ("detection", "annotation")
 REPORT_FILE = "heatmaps.csv"
@@ -419,6 +420,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     (lesion patch: at least ``threshold`` of its area) in the legend and in ``out_dir/localisation.csv``.
     Returns the files written.
     """
+    HeatmapSettings.build(max_side=max_side, patch_size_level0=patch_size_level0, mpp=mpp)
     _check_choice("--object-type", object_type, OBJECT_TYPES)
     _check_choice("--scale", scale, SCALES)
     _check_choice("--value", value, VALUES)
@@ -440,6 +442,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
                        None if attention_dir is None else Path(attention_dir), fingerprint)
     values = {sid: heatmap_values(a["score"], a["weight"], value) for sid, a in loaded.items() if isinstance(a, dict)}
     cohort = value_range(list(values.values()))
+    output_folder(out_dir)
     written: list[Path] = []
 
     def work(slide_id: str, slide_path: str) -> SlideResult:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .._io import h5_files
+from .._read import check_regular_file, read_csv
 from ..errors import HistotransferError
 
 REQUIRED_COLUMNS = ("slide_id", "label")
@@ -64,11 +65,13 @@ def feature_files(features_dir: str | Path) -> dict[str, Path]:
 def read_user_csv(path: Path, kind: str, header: str) -> pd.DataFrame:
     """A CSV the user wrote (a ``kind`` file with columns ``header``) as strings, column names stripped.
 
-    A missing, empty or unparsable file raises HistotransferError naming the file and the fix."""
+    A missing, empty, special (a pipe), unparsable or non-UTF-8/16 file raises HistotransferError naming the file
+    and the fix."""
+    check_regular_file(path, kind)
     if not path.is_file():
         raise HistotransferError(f"{path}: no such {kind} file; pass a CSV with columns {header}.")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df = read_csv(path, text=True, kind=kind, skipinitialspace=True)
     except pd.errors.EmptyDataError as exc:
         raise HistotransferError(f"{path}: is empty; write a header {header} and one row per slide.") from exc
     except pd.errors.ParserError as exc:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..settings import StageSettings
+from ..settings import Seed, StageSettings
 
 SMALL_SPLIT = 20  # below this many slides an AUC (and its interval) is too unstable to compare encoders
 DEFAULT_HIDDEN = 256
@@ -44,7 +44,7 @@ class MilSettings(StageSettings):
                                                                "validation score")
     hidden: int | None = Field(None, ge=1, le=65536, description="width of the first layer (default: 256)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
-    seed: int = Field(0, description="seeds the split and the training")
+    seed: Seed = Field(0, description="seeds the split and the training")
     split_rule: Literal["camelyon16"] | None = Field(
         None, description="a dataset's official split by slide id (camelyon16: test_NNN slides are the test "
                           "split, validation drawn from the training slides) instead of the 65/15/20 split")
@@ -60,3 +60,15 @@ class MilSettings(StageSettings):
             if getattr(self, key) is None:
                 self.__dict__[key] = value
         return self
+
+
+class HeatmapSettings(StageSettings):
+    """The sizes of an attention heatmap: its thumbnail, the patch side and the slide's scale."""
+
+    stage: ClassVar[str] = "heatmap"
+
+    max_side: int = Field(2048, ge=64, le=16384, description="thumbnail size: its longest side in pixels")
+    patch_size_level0: int | None = Field(None, ge=1, le=1_000_000,
+                                          description="patch side in level-0 pixels (default: from the attention, "
+                                                      "feature or patch file attrs)")
+    mpp: float | None = Field(None, gt=0, le=1000, description="level-0 microns per pixel for slides without it")

@@ -1,10 +1,11 @@
 """Finding slide files: the one place that turns files and folders given by a user into slides.
 
-Every stage that takes slides (tiling, heatmaps, fine-tuning, CKA, the study) lists them here, so they agree
-on what a folder holds (files with a slide suffix, not hidden ones, sorted by name), on slide ids (the file name
-without its extension) and on what is refused: a symbolic link loop, a folder without slides, and two different
-files with one id. The same file given twice (e.g. through a symbolic link) is kept once and
-the repeat is returned marked as a duplicate, so a batch can report it instead of dropping it silently.
+Every stage that takes slides (tiling, heatmaps, fine-tuning, CKA, the study) lists them here, so they agree on what
+a folder holds (files with a slide suffix, not hidden ones, sorted by name), on slide ids (the file name without its
+extension) and on what is refused: a symbolic link loop, a folder without slides, two different files with one id,
+and anything that is not a regular file (a named pipe would block the first read forever). The same file given twice
+(e.g. through a symbolic link) is kept once and the repeat is returned marked as a duplicate, so a batch can report
+it instead of dropping it silently.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._read import special_file
 from ..errors import HistotransferError
 from .base import slide_id_of
 from .open import SLIDE_SUFFIXES
@@ -39,14 +41,16 @@ def _resolve(path: Path) -> Path:
 def folder_slides(folder: Path) -> list[Path]:
     """The slide files directly inside ``folder``: known suffixes, not hidden, sorted by name."""
     return sorted(p for p in folder.iterdir()
-                  if not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES) and p.is_file())
+                  if not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES) and p.exists()
+                  and not p.is_dir())
 
 
 def list_slides(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[SlideEntry]:
     """Slides from files and folders (see the module docstring), in the order given, folders by name.
 
-    Raises HistotransferError for a link loop, a folder holding no slide file, or two different files sharing a
-    slide id. A file that does not exist is listed: the stage reports it in its row for that slide.
+    Raises HistotransferError for a link loop, a folder holding no slide file, two different files sharing a
+    slide id, or a named pipe, device or socket. A file that does not exist is listed: the stage reports it in
+    its row for that slide.
     """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths: list[Path] = []
@@ -64,6 +68,9 @@ def list_slides(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     by_id: dict[str, Path] = {}
     for p in paths:
         real = _resolve(p)
+        what = special_file(real) if not real.is_dir() else None
+        if what is not None:
+            raise HistotransferError(f"{p}: is {what}, not a regular file; pass slide files or folders of slides.")
         sid = slide_id_of(p)
         if real in seen:
             entries.append(SlideEntry(sid, p, seen[real]))

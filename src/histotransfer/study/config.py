@@ -22,26 +22,22 @@ import difflib
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-
+from .._read import read_yaml
 from ..analysis.settings import CamSettings, CkaSettings
 from ..errors import HistotransferError
 from ..features.settings import ExtractSettings
 from ..finetune.settings import FinetuneSettings
 from ..patches.settings import TileSettings
+from ..settings import SEED_MAX
 from .checks import Checker
 from .grid import EncoderConfig, Study
 from .schema import STAIN_KEYS, TOP_KEYS, CkaSection, EncoderEntry, FinetuneSection
 
 
 def _read_yaml(path: Path) -> tuple[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise HistotransferError(f"study file not found: {path}")
-    text = path.read_text()
-    try:
-        return text, yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HistotransferError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    return read_yaml(path, "study")
 
 
 def _listed(v: Checker, raw: dict[str, Any], key: str) -> list[Any]:
@@ -72,9 +68,10 @@ def load_study(path: str | Path) -> Study:
     mil = v.mil(raw.get("mil"))
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or \
-            len(set(seeds)) != len(seeds):
-        v.fail("seeds", f"expected a non-empty list of distinct integers, got {raw.get('seeds')!r}")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        v.fail("seeds", f"expected a non-empty list of distinct integers from 0 to {SEED_MAX}, got "
+                        f"{raw.get('seeds')!r}")
     datasets = [d for i, item in enumerate(_listed(v, raw, "datasets"))
                 if (d := v.dataset(item, f"datasets[{i}]", tile))]
     names = [d.name for d in datasets]

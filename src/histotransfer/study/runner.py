@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .._io import file_sha256, h5_files, output_folder, write_csv, write_json, write_text
+from .._read import read_csv
 from ..analysis.settings import CkaSettings
 from ..errors import HistotransferError, one_line
 from ..finetune.settings import FinetuneSettings
@@ -299,7 +300,7 @@ def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any
 
 def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[Path, str]:
     """The labels restricted to slides that have features, so one slide lost upstream is skipped, not fatal."""
-    df = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    df = read_csv(labels, text=True, kind="label")
     have = {p.stem for p in h5_files(features)}
     missing = sorted(set(df["slide_id"].str.strip()) - have)
     if not missing:

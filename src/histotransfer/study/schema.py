@@ -12,6 +12,7 @@ from ..analysis.settings import CkaSettings
 from ..finetune.settings import FinetuneSettings
 from ..mil.settings import MilSettings
 from ..patches.settings import TileSettings
+from ..settings import Seed
 
 STAIN_KEYS = ("stain_norm", "stain_ref")
 
@@ -45,7 +46,7 @@ class EncoderRef(_Strict):
 
 class DemoSpec(_Strict):
     n_slides: int = Field(16, ge=4)
-    seed: int = 0
+    seed: Seed = 0
     size: int = Field(4096, ge=512)
 
 
@@ -76,7 +77,7 @@ class MilSection(MilSettings):
 
 class FinetuneSection(FinetuneSettings):
     encoders: list[EncoderRef] = Field(min_length=1)
-    seeds: list[int] | None = None
+    seeds: list[Seed] | None = None
     mil: str | None = None
 
 

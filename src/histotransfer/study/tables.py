@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import write_csv, write_text
+from .._read import read_csv
 from .grid import EncoderConfig
 
 TABLES = {
@@ -153,7 +154,7 @@ def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFr
         if r["kind"] != "cka":
             continue
         csv = out_dir / r["result"]["csv"]
-        df = pd.read_csv(csv)
+        df = read_csv(csv)
         record = json.loads((csv.parent / "cka.json").read_text()) if (csv.parent / "cka.json").is_file() else {}
         frames.append(pd.DataFrame({
             "dataset": r["dataset"], "comparison": r["result"]["comparison"], "stain": r.get("stain", "none"),
