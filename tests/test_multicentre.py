@@ -80,7 +80,8 @@ def extracted(cohort):
     raw = extract_features(cohort["patches"], root, *ENCODER, **common)
     macenko = extract_features(cohort["patches"], root, *ENCODER, stain_norm="macenko",
                                stain_ref=str(cohort["reference"]), **common)
-    runs = {name: train_mil(folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre")
+    runs = {name: train_mil(folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre",
+                            protocol="split")
             for name, folder in (("raw", raw), ("macenko", macenko))}
     return {"raw": raw, "macenko": macenko, "runs": runs}
 
@@ -247,7 +248,8 @@ def test_per_slide_macenko_gives_back_the_within_centre_ranking_raw_features_los
         common = {"input_size": 32, "device": "cpu", "workers": 0, "batch_size": 64, **stain}
         train_features = extract_features(train_patches, root / "train", *ENCODER, **common)
         eval_features = extract_features(eval_patches, root / "eval", *ENCODER, **common)
-        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=20, seed=0, group_column="centre")
+        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=20, seed=0, group_column="centre",
+                        protocol="split")
         result = evaluate_run(run, eval_features, eval_labels, root / f"eval-{name}", group_column="centre")
         within[name] = result["groups"]["mean_within_group_auc"]
     shortcut = json.loads((root / "run-raw" / "metrics.json").read_text())["shortcut"]
