@@ -145,3 +145,66 @@ def test_single_split_stays_available_and_conflicting_options_are_one_line(tmp_p
     err = capsys.readouterr().err
     assert "--folds 3 with --protocol split" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
+
+
+def write_square_annotation(path: Path, bag, side: int) -> None:
+    """The bag's planted patches as lesion squares (QuPath GeoJSON, level-0 px)."""
+    features = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                 "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + side, y], [x + side, y + side],
+                                                                  [x, y + side], [x, y]]]}}
+                for x, y in (tuple(int(v) for v in c) for c in bag.coords[bag.planted])]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def test_downstream_of_a_cross_validation_uses_fold_0_and_localisation_is_out_of_fold(tmp_path):
+    side = 256
+    bags = planted_bags(10, n_patches=(12, 20), dim=8, patch_size=side, seed=0)
+    write_feature_folder(tmp_path / "features", bags, patch_size_level0=side)
+    pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    run = train_mil(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", epochs=1)
+    assert json.loads((run / "metrics.json").read_text())["protocol"] == {
+        "folds": 3, "why": "auto: 10 patients, fewer than 200; 3 folds, as the smaller class has 5 patients"}
+    (tmp_path / "annotations").mkdir()
+    for bag in bags:
+        if bag.label:
+            write_square_annotation(tmp_path / "annotations" / f"{bag.slide_id}.geojson", bag, side)
+    from histotransfer.mil import evaluate_run, fold_dirs, localisation_of_run, model_run
+
+    assert model_run(run) == run / "fold_0" and model_run(run / "fold_1") == run / "fold_1"
+    assert [d.name for d in fold_dirs(run)] == ["fold_0", "fold_1", "fold_2"]
+    result = evaluate_run(run, tmp_path / "features", tmp_path / "labels.csv")
+    assert result["out_dir"] == run / "fold_0" / "evaluation"
+    # Every positive slide is scored once, by the attention of the fold that tested it.
+    pooled = localisation_of_run(run, tmp_path / "annotations")
+    assert pooled["n_scored"] == 5 and sorted(r["slide_id"] for r in pooled["slides"]) == [
+        b.slide_id for b in bags if b.label]
+    by_fold = {r["slide_id"]: r for d in fold_dirs(run) for r in localisation_of_run(d, tmp_path / "annotations")
+               ["slides"]}
+    assert pooled["slides"] == [by_fold[r["slide_id"]] for r in pooled["slides"]]
+    with pytest.raises(HistotransferError, match="scored on its test folds only"):
+        localisation_of_run(run, tmp_path / "annotations", split=None)
+
+
+def test_study_tables_show_the_pooled_auc_and_the_within_group_auc_beside_it(tmp_path):
+    from histotransfer.study.grid import EncoderConfig
+    from histotransfer.study.tables import build_tables, display_table, mil_runs
+
+    enc = EncoderConfig("resnet18", "random", 0)
+    records = []
+    for seed, (pooled, within) in enumerate([(0.70, 0.50), (0.80, 0.60)]):
+        rel = f"mil/multi/{enc.key}/seed{seed}/run"
+        (tmp_path / rel).mkdir(parents=True)
+        fold = {"test": {"auc": 0.9, "n_slides": 20}}
+        metrics = {"protocol": {"folds": 5, "why": "auto"}, "folds": {"fold_0": fold},
+                   "mean": {"test": {"auc": 0.75}}, "sd": {"test": {"auc": 0.1}},
+                   "pooled": {"test": {"auc": pooled, "n_slides": 100},
+                              "groups": {"mean_within_group_auc": within}}}
+        (tmp_path / rel / "metrics.json").write_text(json.dumps(metrics))
+        records.append({"kind": "mil", "dataset": "multi", "encoder": enc.spec(), "seed": seed, "result": {"run": rel}})
+    mil = mil_runs(tmp_path, records, {})
+    assert mil[["auc", "n_slides", "protocol", "fold_auc_mean", "fold_auc_sd", "within_group_auc"]].values.tolist() == [
+        [0.70, 100, "5-fold CV", 0.75, 0.1, 0.50], [0.80, 100, "5-fold CV", 0.75, 0.1, 0.60]]
+    table = build_tables(mil, mil.iloc[0:0], [enc], [], ["multi"], {})["table1_architectures"]
+    shown = display_table("table1_architectures", table, ["multi"])
+    assert shown[["multi", "multi: within-group"]].values.tolist() == [["0.750 ± 0.071 (n=100)", "0.550 ± 0.071"]]
