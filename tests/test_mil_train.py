@@ -223,8 +223,8 @@ def test_k_fold_writes_fold_runs_and_a_summary(tmp_path):
     tested = pd.concat(pd.read_csv(out / f"fold_{k}" / "predictions.csv").query("split == 'test'") for k in range(3))
     assert sorted(tested["slide_id"]) == sorted(pd.read_csv(labels)["slide_id"])
     assert pd.read_csv(out / "splits.csv")["fold"].value_counts().sum() == 24
-    assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {"method": "k-fold", "folds": 3,
-                                                                               "fold": 1}
+    assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {
+        "method": "k-fold", "folds": 3, "why": "3 folds asked for", "fold": 1}
     (out / "fold_1" / "metrics.json").unlink()  # fold 1 unfinished: redone, folds 0 and 2 kept
     (out / "metrics.json").unlink()
     train_mil(features, labels, tmp_path / "cv", epochs=2, folds=3)
@@ -306,7 +306,7 @@ def test_a_finished_run_is_kept_without_loading_torch(trained):
     root, run, _ = trained
     code = ("import sys\nfrom histotransfer.cli import main\n"
             f"assert main(['train', '--features', {str(root / 'features')!r}, '--labels', "
-            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15']) == 0\n"
+            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15', '--protocol', 'split']) == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
