@@ -230,7 +230,7 @@ def test_shortcut_check_flags_colour_that_gives_the_centre_away(cohort, extracte
                                                                            for c in ("centre_1", "centre_2")}
     assert "centre" in pd.read_csv(run / "predictions.csv").columns
     assert main(["train", "--features", str(extracted["raw"]), "--labels", str(cohort["labels"]), "--out", str(run),
-                 "--epochs", "2", "--group-column", "centre"]) == 0
+                 "--epochs", "2", "--group-column", "centre", "--protocol", "split"]) == 0
     out = capsys.readouterr().out
     assert "mean within-centre AUC: val" in out and "shortcut check: colour alone AUC" in out
     assert "centre alone AUC 1.000" in out and "Warning: colour alone" in out
