@@ -55,7 +55,7 @@ class MilSettings(StageSettings):
         None, description="a dataset's official split by slide id (camelyon16: test_NNN slides are the test "
                           "split, validation drawn from the training slides) instead of the 65/15/20 split")
     protocol: Literal["auto", "split", "cv"] = Field(
-        "auto", description=f"split: one patient-level train/val/test split; cv: patient-level K-fold "
+        "auto", description="split: one patient-level train/val/test split; cv: patient-level K-fold "
                             f"cross-validation (--folds); auto: cv for cohorts of fewer than {CV_BELOW_PATIENTS} "
                             "patients or when --folds is given, else split (a split file or rule: split)")
     folds: int = Field(DEFAULT_FOLDS, ge=2, le=1000,
