@@ -57,8 +57,8 @@ def _cv_summary(metrics: dict) -> str:
     mean, sd = metrics["mean"]["test"]["auc"], metrics["sd"]["test"]["auc"]
     folds = ", ".join("n/a" if a is None else f"{a:.3f}" for a in metrics["fold_test_auc"])
     over = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
-    return (f"{metrics['protocol']['folds']} folds, test AUC per fold {folds}; mean ± sd {over}; pooled out of fold "
-            f"{_auc(metrics['pooled'], 'test')}")
+    return (f"{metrics['protocol']['folds']} folds ({metrics['protocol']['why']}), test AUC per fold {folds}; mean ± "
+            f"sd {over}; pooled out of fold {_auc(metrics['pooled'], 'test')}")
 
 
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
