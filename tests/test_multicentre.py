@@ -341,9 +341,14 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     report = run_study(path, tmp_path / "out")
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs_mil.csv")
     assert sorted(runs["stain"]) == ["macenko", "none"] and runs["colour_auc"].notna().all()
-    for rel in runs["run"]:
-        split = pd.read_csv(tmp_path / "out" / rel / "splits.csv")
-        assert split.groupby("split")["centre"].nunique().to_dict() == {s: 2 for s in SPLITS}
+    assert runs["protocol"].str.endswith("-fold CV").all()  # a small cohort: cross-validated
+    for rel in runs["run"]:  # every centre in every split of every fold
+        folds = sorted((tmp_path / "out" / rel).glob("fold_*"))
+        assert folds
+        for fold in folds:
+            split = pd.read_csv(fold / "splits.csv")
+            assert split.groupby("split")["centre"].nunique().to_dict() == {s: 2 for s in SPLITS}
+    assert "mc: within-group" in (tmp_path / "out" / "tables" / "table4_truncation.md").read_text()
     table = pd.read_csv(tmp_path / "out" / "tables" / "table4_truncation.csv")
     assert list(table["stain"]) == ["none", "macenko"]
     text = report.read_text()
