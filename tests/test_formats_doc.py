@@ -83,7 +83,8 @@ def pipeline(tmp_path_factory):
         labels.to_csv(root / "labels.csv", index=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run = train_mil(features, root / "labels.csv", root / "run", epochs=1, seed=0, group_column="centre")
+            run = train_mil(features, root / "labels.csv", root / "run", epochs=1, seed=0, group_column="centre",
+                            protocol="split")
             evaluate_run(run, features, root / "labels.csv", annotations_dir=demo.labels_csv.parent / "lesion_masks")
     finally:
         torch.set_num_threads(threads)

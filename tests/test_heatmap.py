@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     write_feature_folder(root / "features", bags, patch_size_level0=256)
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
         root / "labels.csv", index=False)
-    run = train_mil(root / "features", root / "labels.csv", root / "run", epochs=1)
+    run = train_mil(root / "features", root / "labels.csv", root / "run", epochs=1, protocol="split")
     slides = root / "slides"
     slides.mkdir()
     rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ def cohort(tmp_path_factory):
     assert main(["extract", "--patches", str(tiling), *EXTRACT]) == 0
     features = tiling / "features" / "resnet18-random-t3-s32-fp32"
     assert main(["train", "--features", str(features), "--labels", str(demo.labels_csv), "--out", str(root / "run"),
-                 "--epochs", "2"]) == 0
+                 "--epochs", "2", "--protocol", "split"]) == 0
     return {"root": root, "slides": root / "demo" / "slides", "labels": demo.labels_csv, "tiling": tiling,
             "features": features, "run": root / "run"}
 
@@ -281,7 +281,8 @@ def test_two_extract_processes_on_one_folder_do_each_slide_once(cohort, tmp_path
 
 
 def test_identical_runs_give_byte_identical_model_and_encoder_files(cohort, tmp_path, capsys):
-    args = ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--epochs", "2"]
+    args = ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--epochs", "2", "--protocol",
+            "split"]
     assert run(capsys, *args, "--out", tmp_path / "a")[0] == 0
     assert (tmp_path / "a" / "model.pt").read_bytes() == (cohort["run"] / "model.pt").read_bytes()
     encoder = create_encoder("resnet18", "random", 1)
@@ -399,7 +400,7 @@ def test_labels_files_are_checked_at_the_door_and_the_positive_class_is_said(coh
     code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cased, "--out", tmp_path / "r2")
     assert code == 2 and "'Tumor' and 'tumor' differ only by case" in err
     code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
-                            "--out", cohort["run"], "--epochs", "2")
+                            "--out", cohort["run"], "--epochs", "2", "--protocol", "split")
     assert code == 0 and "positive class: '1'" in out_text and "already trained" in out_text
     assert json.loads((cohort["run"] / "metrics.json").read_text())["positive_class"] == "1"
 

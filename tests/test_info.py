@@ -277,6 +277,7 @@ def test_cross_validation_run_reports_the_mean_and_sd_over_folds(built):
     assert d["auc_over_folds"]["test"] == {"auc_mean": metrics["mean"]["test"]["auc"],
                                            "auc_sd": metrics["sd"]["test"]["auc"]}
     assert d["fold_test_metrics"]["fold_1"]["auc"] == metrics["folds"]["fold_1"]["test"]["auc"]
+    assert d["pooled_out_of_fold"]["auc"] == metrics["pooled"]["test"]["auc"]
     fold = describe(built["cv"] / "fold_0")
     assert fold["kind"] == "MIL run" and fold["split"]["fold"] == 0
 

@@ -76,7 +76,7 @@ def test_bad_label_file_errors_before_training_and_writes_nothing(tmp_path, feat
     labels = write(tmp_path, text)
     out = tmp_path / "run"
     with pytest.raises(HistotransferError, match=message) as err:
-        train_mil(features, labels, out, epochs=1)
+        train_mil(features, labels, out, epochs=1, protocol="split")
     assert str(labels) in str(err.value)
     assert not out.exists()
 

@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     """One run on 60 bags (20-40 patches of 16 features, 3 planted instances in positives, large scale)."""
     root = tmp_path_factory.mktemp("planted")
     features, labels, bags = make_cohort(root, 60, seed=0, dim=16, shift=4.0, scale=5.0)
-    run = train_mil(features, labels, root / "run", epochs=15, seed=0)
+    run = train_mil(features, labels, root / "run", epochs=15, seed=0, protocol="split")
     return root, run, bags
 
 
@@ -174,23 +174,28 @@ def test_evaluate_refuses_features_of_another_encoder(trained, tmp_path):
 
 def test_same_seed_gives_identical_predictions_and_finished_runs_are_kept(tmp_path):
     features, labels, _ = make_cohort(tmp_path, 24, seed=1, n_patches=(5, 10), dim=8)
-    a = train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
-    b = train_mil(features, labels, tmp_path / "b", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
+    a = train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
+                  protocol="split")
+    b = train_mil(features, labels, tmp_path / "b", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
+                  protocol="split")
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
     assert (a / "history.csv").read_text().split("seconds")[0] == (b / "history.csv").read_text().split("seconds")[0]
-    c = train_mil(features, labels, tmp_path / "c", model="gated", epochs=4, seed=8, hidden=16, dropout=0.2)
+    c = train_mil(features, labels, tmp_path / "c", model="gated", epochs=4, seed=8, hidden=16, dropout=0.2,
+                  protocol="split")
     assert (a / "predictions.csv").read_bytes() != (c / "predictions.csv").read_bytes()
     # Re-running a finished run keeps it; other settings into the same folder are refused.
     stamp = (a / "model.pt").stat().st_mtime_ns
-    train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2)
+    train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
+              protocol="split")
     assert (a / "model.pt").stat().st_mtime_ns == stamp
     with pytest.raises(HistotransferError, match=r"made differently \(differs in: seed \(7 vs 9\)"):
-        train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2)
+        train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2,
+                  protocol="split")
 
 
 def test_no_standardize_feeds_raw_features(tmp_path):
     features, labels, _ = make_cohort(tmp_path, 20, seed=2, n_patches=(5, 10), dim=8)
-    run = train_mil(features, labels, tmp_path / "run", epochs=1, standardize=False)
+    run = train_mil(features, labels, tmp_path / "run", epochs=1, standardize=False, protocol="split")
     state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     assert torch.equal(state["feature_mean"], torch.zeros(8)) and torch.equal(state["feature_std"], torch.ones(8))
     assert json.loads((run / "config.json").read_text())["model"]["standardize"] is False
@@ -218,8 +223,8 @@ def test_k_fold_writes_fold_runs_and_a_summary(tmp_path):
     tested = pd.concat(pd.read_csv(out / f"fold_{k}" / "predictions.csv").query("split == 'test'") for k in range(3))
     assert sorted(tested["slide_id"]) == sorted(pd.read_csv(labels)["slide_id"])
     assert pd.read_csv(out / "splits.csv")["fold"].value_counts().sum() == 24
-    assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {"method": "k-fold", "folds": 3,
-                                                                               "fold": 1}
+    assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {
+        "method": "k-fold", "folds": 3, "why": "3 folds asked for", "fold": 1}
     (out / "fold_1" / "metrics.json").unlink()  # fold 1 unfinished: redone, folds 0 and 2 kept
     (out / "metrics.json").unlink()
     train_mil(features, labels, tmp_path / "cv", epochs=2, folds=3)
@@ -233,7 +238,7 @@ def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
     features, labels, bags = make_cohort(tmp_path, 20, seed=4, n_patches=(5, 10), dim=8)
     (features / f"{bags[0].slide_id}.h5").write_bytes(b"not hdf5")
     with pytest.warns(UserWarning, match="skipping unreadable feature file"):
-        run = train_mil(features, labels, tmp_path / "run", epochs=1)
+        run = train_mil(features, labels, tmp_path / "run", epochs=1, protocol="split")
     config = json.loads((run / "config.json").read_text())
     assert list(config["unreadable_slides"]) == [bags[0].slide_id]
     reason = config["unreadable_slides"][bags[0].slide_id]
@@ -241,14 +246,14 @@ def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
     assert bags[0].slide_id not in set(pd.read_csv(run / "predictions.csv")["slide_id"])
     before = (run / "model.pt").read_bytes()
     with pytest.warns(UserWarning, match="skipping unreadable feature file"):
-        assert train_mil(features, labels, tmp_path / "run", epochs=1) == run  # the same run: kept
+        assert train_mil(features, labels, tmp_path / "run", epochs=1, protocol="split") == run  # the same run: kept
     assert (run / "model.pt").read_bytes() == before
 
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
     features, labels, _ = make_cohort(tmp_path, 20, seed=5, n_patches=(5, 10), dim=8)
     assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
-                 "--epochs", "2", "--model", "gated", "--hidden", "8"]) == 0
+                 "--epochs", "2", "--model", "gated", "--hidden", "8", "--protocol", "split"]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in ("val", "test"):  # small splits say their size and that their AUC is unstable
@@ -273,7 +278,7 @@ def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_pat
     table = pd.read_csv(labels)
     table["centre"] = ["A" if i % 3 else "B" for i in range(len(table))]
     table.to_csv(labels, index=False)
-    run = train_mil(features, labels, tmp_path / "run", epochs=3, seed=0, group_column="centre")
+    run = train_mil(features, labels, tmp_path / "run", epochs=3, seed=0, group_column="centre", protocol="split")
     split = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
     assert {(s, c) for s, c in zip(split["split"], split["centre"])} == {(s, c) for s in SPLITS for c in "AB"}
     metrics = json.loads((run / "metrics.json").read_text())
@@ -288,7 +293,7 @@ def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_pat
                 aucs.append(expected["auc"])
         assert groups["mean_within_group_auc"] == (pytest.approx(np.mean(aucs)) if aucs else None)
     with pytest.raises(HistotransferError, match="has no column 'site'"):
-        train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site")
+        train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site", protocol="split")
 
     split[["slide_id", "split"]].to_csv(tmp_path / "split.csv", index=False)  # a split file keeps the group column
     from_file = train_mil(features, labels, tmp_path / "from_file", epochs=3, seed=0, group_column="centre",
@@ -301,7 +306,7 @@ def test_a_finished_run_is_kept_without_loading_torch(trained):
     root, run, _ = trained
     code = ("import sys\nfrom histotransfer.cli import main\n"
             f"assert main(['train', '--features', {str(root / 'features')!r}, '--labels', "
-            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15']) == 0\n"
+            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15', '--protocol', 'split']) == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -319,7 +324,7 @@ def test_paper_recipe_feeds_raw_features_and_keeps_the_best_validation_accuracy(
     assert selection_key(second, "accuracy") > selection_key(first, "accuracy")
     assert selection_key({**first, "accuracy": 0.7}, "accuracy") < selection_key(second, "accuracy")
     features, labels, _ = make_cohort(tmp_path, 20, seed=2, n_patches=(5, 10), dim=8)
-    run = train_mil(features, labels, tmp_path / "run", epochs=6, recipe="paper")
+    run = train_mil(features, labels, tmp_path / "run", epochs=6, recipe="paper", protocol="split")
     history = pd.read_csv(run / "history.csv")
     best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]["epoch"]
     assert history.loc[history["selected"], "epoch"].tolist() == [best]

@@ -80,7 +80,8 @@ def extracted(cohort):
     raw = extract_features(cohort["patches"], root, *ENCODER, **common)
     macenko = extract_features(cohort["patches"], root, *ENCODER, stain_norm="macenko",
                                stain_ref=str(cohort["reference"]), **common)
-    runs = {name: train_mil(folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre")
+    runs = {name: train_mil(folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre",
+                            protocol="split")
             for name, folder in (("raw", raw), ("macenko", macenko))}
     return {"raw": raw, "macenko": macenko, "runs": runs}
 
@@ -234,7 +235,7 @@ def test_shortcut_check_flags_colour_that_gives_the_centre_away(cohort, extracte
                                                                            for c in ("centre_1", "centre_2")}
     assert "centre" in pd.read_csv(run / "predictions.csv").columns
     assert main(["train", "--features", str(extracted["raw"]), "--labels", str(cohort["labels"]), "--out", str(run),
-                 "--epochs", "2", "--group-column", "centre"]) == 0
+                 "--epochs", "2", "--group-column", "centre", "--protocol", "split"]) == 0
     out = capsys.readouterr().out
     assert "mean within-centre AUC: val" in out and "shortcut check: colour alone AUC" in out
     assert "centre alone AUC 1.000" in out and "Warning: the model's AUC" in out
@@ -253,7 +254,8 @@ def test_per_slide_macenko_gives_back_the_within_centre_ranking_raw_features_los
         common = {"input_size": 32, "device": "cpu", "workers": 0, "batch_size": 64, **stain}
         train_features = extract_features(train_patches, root / "train", *ENCODER, **common)
         eval_features = extract_features(eval_patches, root / "eval", *ENCODER, **common)
-        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=20, seed=0, group_column="centre")
+        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=20, seed=0, group_column="centre",
+                        protocol="split")
         result = evaluate_run(run, eval_features, eval_labels, root / f"eval-{name}", group_column="centre")
         within[name] = result["groups"]["mean_within_group_auc"]
     shortcut = json.loads((root / "run-raw" / "metrics.json").read_text())["shortcut"]
@@ -345,9 +347,16 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     report = run_study(path, tmp_path / "out")
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs_mil.csv")
     assert sorted(runs["stain"]) == ["macenko", "none"] and runs["colour_auc"].notna().all()
-    for rel in runs["run"]:
-        split = pd.read_csv(tmp_path / "out" / rel / "splits.csv")
-        assert split.groupby("split")["centre"].nunique().to_dict() == {s: 2 for s in SPLITS}
+    assert runs["protocol"].str.endswith("-fold CV").all()  # a small cohort: cross-validated
+    for rel in runs["run"]:  # every centre in every split of every fold
+        folds = sorted((tmp_path / "out" / rel).glob("fold_*"))
+        assert folds
+        for fold in folds:
+            split = pd.read_csv(fold / "splits.csv")
+            assert split.groupby("split")["centre"].nunique().to_dict() == {s: 2 for s in SPLITS}
+    # Each centre holds one class here (the centre alone gives AUC 1.0): no AUC within a centre, no such column.
+    assert runs["within_group_auc"].isna().all()
+    assert "within-group" not in (tmp_path / "out" / "tables" / "table4_truncation.md").read_text().split("\n")[2]
     table = pd.read_csv(tmp_path / "out" / "tables" / "table4_truncation.csv")
     assert list(table["stain"]) == ["none", "macenko"]
     text = report.read_text()

@@ -67,6 +67,17 @@ def _auc(metrics: dict, split: str) -> str:
     return "n/a" if m.get("auc") is None else f"{m['auc']:.3f} (n={m['n_slides']})"
 
 
+def _cv_summary(metrics: dict) -> str:
+    """A cross-validation's test AUCs in one line (one split's validation and test AUC for a run of one split)."""
+    if "pooled" not in metrics:
+        return f"validation AUC {_auc(metrics, 'val')}, test AUC {_auc(metrics, 'test')}"
+    mean, sd = metrics["mean"]["test"]["auc"], metrics["sd"]["test"]["auc"]
+    folds = ", ".join("n/a" if a is None else f"{a:.3f}" for a in metrics["fold_test_auc"])
+    over = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+    return (f"{metrics['protocol']['folds']} folds ({metrics['protocol']['why']}), test AUC per fold {folds}; mean ± "
+            f"sd {over}; pooled out of fold {_auc(metrics['pooled'], 'test')}")
+
+
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
     """Run the pipeline on demo slides under ``out_dir``; return the demo folder."""
     DemoSettings.build(n_slides=n_slides, seed=seed)
@@ -76,7 +87,7 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
     from .demo_slides import make_demo_slides
     from .features import extract_features
     from .finetune import finetune
-    from .mil import describe_localisation, localisation_of_run, train_mil, write_heatmaps
+    from .mil import describe_localisation, localisation_of_run, model_run, train_mil, write_heatmaps
     from .patches import tile_slides
 
     out = Path(out_dir).resolve()
@@ -92,14 +103,17 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
         features_dir = extract_features(tiling.folder, None, ENCODER, weights="random", truncate=TRUNCATE,
                                         input_size=INPUT_SIZE, workers=0)
 
-    with _Stage("4/8 attention MIL: patient-level 65/15/20 split, 20 epochs", out / "mil"):
-        run = train_mil(features_dir, demo.labels_csv, out / "mil", seed=seed)
-        metrics = json.loads((run / "metrics.json").read_text())
-        print(f"   validation AUC {_auc(metrics, 'val')}, test AUC {_auc(metrics, 'test')}")
+    with _Stage("4/8 attention MIL: patient-level cross-validation (the protocol of cohorts under 200 patients), "
+                "20 epochs", out / "mil"):
+        cv = train_mil(features_dir, demo.labels_csv, out / "mil", seed=seed)
+        metrics = json.loads((cv / "metrics.json").read_text())
+        print(f"   {_cv_summary(metrics)}")
         lesions = next(iter(demo.lesion_masks.values())).parent
-        print(f"   attention on the test slides' lesions: {describe_localisation(localisation_of_run(run, lesions))}")
+        print("   attention on the positive slides' lesions, out of fold: "
+              f"{describe_localisation(localisation_of_run(cv, lesions))}")
+        run = model_run(cv)  # the next stages apply one model: fold 0's, on its own test split
 
-    with _Stage("5/8 attention heatmaps (PNG + QuPath GeoJSON) of the test slides, lesions outlined",
+    with _Stage(f"5/8 attention heatmaps (PNG + QuPath GeoJSON) of the test slides of {run.name}, lesions outlined",
                 out / "heatmaps"):
         split = read_csv(run / "splits.csv", missing=False)
         test_ids = set(split.loc[split["split"] == "test", "slide_id"])

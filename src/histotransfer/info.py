@@ -360,12 +360,16 @@ def _split_metrics(metrics: dict[str, Any]) -> Keyed:
 
 
 def _cv_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Mean and sd over folds of each split's AUC, and each fold's test AUC."""
+    """Mean and sd over folds of each split's AUC, each fold's test AUC, and the test metrics of the pooled
+    out-of-fold predictions."""
     mean, sd = metrics.get("mean") or {}, metrics.get("sd") or {}
-    return {"auc_over_folds": Keyed((s, {"auc_mean": mean[s].get("auc"), "auc_sd": (sd.get(s) or {}).get("auc")})
-                             for s in SPLIT_ORDER if s in mean),
-            "fold_test_metrics": Keyed((k, _split_metrics(m).get("test"))
-                                       for k, m in (metrics.get("folds") or {}).items())}
+    out: dict[str, Any] = {
+        "auc_over_folds": Keyed((s, {"auc_mean": mean[s].get("auc"), "auc_sd": (sd.get(s) or {}).get("auc")})
+                                for s in SPLIT_ORDER if s in mean),
+        "fold_test_metrics": Keyed((k, _split_metrics(m).get("test")) for k, m in (metrics.get("folds") or {}).items())}
+    if metrics.get("pooled"):
+        out["pooled_out_of_fold"] = _split_metrics(metrics["pooled"]).get("test")
+    return out
 
 
 def _inputs_check(config: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from ..mil import (
     describe_scored,
     heatmap_image,
     load_run_model,
+    model_run,
     outline_lesion,
     read_attention,
     read_checkpoint,
@@ -559,7 +560,7 @@ def write_cams(run_dir: str | Path, out_dir: str | Path, settings: CamSettings |
     :class:`CamRun`.
     """
     s = CamSettings.build(settings, **overrides)
-    run_dir = Path(run_dir)
+    run_dir = Path(model_run(run_dir))
     run = _load_run(run_dir, s)
     ids = _slide_ids(run_dir, slide_ids)
     index = slide_index(slides)

@@ -53,6 +53,7 @@ from ..mil import (
     feature_fingerprint,
     load_bags,
     load_run_model,
+    model_run,
     read_checkpoint,
     read_config,
     run_finished,
@@ -226,7 +227,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     ``out_dir`` holding a fine-tuning of another run or with other settings is refused. Returns ``out_dir``.
     """
     s = FinetuneSettings.build(settings, **overrides)
-    run_dir, out = Path(run_dir), Path(out_dir)
+    run_dir, out = Path(model_run(run_dir)), Path(out_dir)
     dev = resolve_device(s.device)
     with joined(ranks, dev) as ranks:
         check_precision(s.precision, dev)

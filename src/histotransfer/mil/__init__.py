@@ -17,6 +17,7 @@ _EXPORTS = {
     "BagSet": ".bags", "load_bags": ".bags", "feature_files": ".labels",
     "FitResult": ".rundir", "check_inputs": ".rundir", "config_differences": ".rundir", "guard": ".rundir",
     "load_run_model": ".rundir", "run_finished": ".rundir", "run_fingerprint": ".rundir",
+    "fold_dirs": ".rundir", "model_run": ".rundir",
     "read_attention": ".rundir", "read_checkpoint": ".rundir", "read_config": ".rundir", "save_model": ".rundir",
     "write_config": ".rundir", "write_run_outputs": ".rundir", "group_metrics": ".rundir",
     "colour_shortcut_auc": ".shortcut", "group_shortcut_auc": ".shortcut", "run_shortcut": ".shortcut",

@@ -27,8 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train an attention-MIL slide classifier on a folder of feature files",
         description="Train attention MIL on features/<encoder_id>/<slide_id>.h5 (ours, CLAM's or TRIDENT's) "
-                    "with a patient-level split; writes a run folder (config.json, model.pt, predictions, "
-                    "metrics, attention). Re-running with the same settings and inputs keeps a finished run.")
+                    "with a patient-level split, or with patient-level K-fold cross-validation (RUN/fold_<k>/ runs, "
+                    "out-of-fold predictions and a summary metrics.json; the default below 200 patients, see "
+                    "--protocol); writes a run folder (config.json, model.pt, predictions, metrics, attention). "
+                    "Re-running with the same settings and inputs keeps a finished run.")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
     p.add_argument("--labels", required=True, type=Path,
                    help="CSV: slide_id,label[,patient_id,...] (further columns such as centre are kept)")
@@ -36,8 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(p, MilSettings)
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV slide_id,split (train/val/test) to use instead of the 65/15/20 patient split")
-    p.add_argument("--folds", type=int, default=None,
-                   help="patient-level k-fold cross-validation: RUN/fold_<k>/ runs and a summary metrics.json")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     from .shortcut import describe_shortcut
 
     t0 = time.perf_counter()
-    plan = plan_run(args.features, args.labels, args.out, from_args(MilSettings, args), args.split_file, args.folds)
+    plan = plan_run(args.features, args.labels, args.out, from_args(MilSettings, args), args.split_file)
     print(f"positive class: {plan.config['positive_class']!r} (AUC and probabilities are of this class)")
     kept = plan.finished
     if kept:
@@ -113,19 +113,17 @@ def _train(args: argparse.Namespace) -> int:
 
         train_planned(plan)
     metrics = json.loads((plan.out_dir / "metrics.json").read_text())
-    if args.folds is None:
+    column = plan.settings.group_column
+    if plan.folds is None:
+        split = plan.config["split"]
+        print(f"protocol: one train/val/test split ({split.get('why') or 'split ' + split['method']})")
         for name in ("val", "test"):
             print(f"{name:5s} {_fmt(metrics[name])}")
         within = {name: g["mean_within_group_auc"] for name, g in (metrics.get("groups") or {}).items()}
+        if within:
+            print(f"mean within-{column} AUC: " + ", ".join(f"{n} {_auc(within.get(n))}" for n in ("val", "test")))
     else:
-        for name in ("val", "test"):
-            mean, sd = metrics["mean"][name]["auc"], metrics["sd"][name]["auc"]
-            shown = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
-            print(f"{name:5s} AUC over {args.folds} folds: {shown}")
-        within = metrics.get("mean_within_group_auc") or {}
-    if within:
-        column = plan.settings.group_column
-        print(f"mean within-{column} AUC: " + ", ".join(f"{name} {_auc(within.get(name))}" for name in ("val", "test")))
+        _print_cv(metrics, column)
     if metrics.get("shortcut"):
         print(f"shortcut check: {describe_shortcut(metrics['shortcut'])}")
     print(f"train: {'kept (done before)' if kept else 'done'} in {time.perf_counter() - t0:.1f} s; run in "
@@ -135,6 +133,27 @@ def _train(args: argparse.Namespace) -> int:
 
 def _auc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _mean_sd(mean: float | None, sd: float | None) -> str:
+    return "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def _print_cv(metrics: dict, column: str | None) -> None:
+    """A cross-validation's summary: each fold's test AUC, their mean ± sd, the pooled out-of-fold AUC and, with a
+    group column, the within-group AUC beside it."""
+    protocol = metrics["protocol"]
+    print(f"protocol: {protocol['folds']}-fold patient-level cross-validation ({protocol['why']})")
+    print("test AUC per fold: " + ", ".join(_auc(a) for a in metrics["fold_test_auc"]))
+    for name in ("val", "test"):
+        print(f"{name:5s} AUC over {protocol['folds']} folds: mean ± sd "
+              f"{_mean_sd(metrics['mean'][name]['auc'], metrics['sd'][name]['auc'])}")
+    print(f"test  pooled out-of-fold: {_fmt(metrics['pooled']['test'])}")
+    if column is not None and "groups" in metrics["pooled"]:
+        within = metrics["pooled"]["groups"]["mean_within_group_auc"]
+        over = (metrics.get("mean_within_group_auc") or {}).get("test")
+        print(f"mean within-{column} test AUC: pooled out-of-fold {_auc(within)} (pooled over {column}s "
+              f"{_auc(metrics['pooled']['test']['auc'])}), mean over folds {_auc(over)}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

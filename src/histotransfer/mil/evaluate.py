@@ -22,8 +22,10 @@ from .models import predict
 from .rundir import (
     check_inputs,
     check_run_folder,
+    fold_dirs,
     group_metrics,
     load_run_model,
+    model_run,
     read_attention,
     read_checkpoint,
     read_config,
@@ -64,7 +66,7 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     "localisation", "groups", "shortcut"}`` (localisation None without annotations, groups without
     ``group_column``, shortcut without labels).
     """
-    run_dir = Path(run_dir)
+    run_dir = model_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     if out_dir.exists() and not out_dir.is_dir():
         raise HistotransferError(f"--out {out_dir}: is an existing file, not a folder; choose a folder.")
@@ -266,20 +268,32 @@ def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split:
     split) that has an annotation in ``annotations_dir``. Returns :func:`localisation_summary` plus ``run``,
     ``split`` (``"all"`` for None) and ``slides``: the per-slide rows (``slide_id``, ``split``, the scores of
     :func:`~histotransfer.mil.localisation.attention_localisation`, ``annotation``).
+
+    A cross-validation run is scored out of fold: each slide by the attention of the fold that tested it, so every
+    positive slide counts once (``split`` must then be ``test``).
     """
     run_dir = Path(run_dir)
     check_threshold(threshold)
-    splits = run_splits(run_dir)
     if split is not None and split not in SPLITS:
         raise HistotransferError(f"split {split!r}: use one of {', '.join(SPLITS)}, or None for every split.")
-    chosen = splits if split is None else splits[splits["split"] == split]
-    positives = sorted(chosen.loc[chosen["label"].astype(int) == POSITIVE, "slide_id"])
-    split_of = dict(zip(splits["slide_id"], splits["split"]))
-    annotations = load_annotations(annotations_dir, positives)
-    rows = [{"slide_id": r["slide_id"], "split": split_of[r["slide_id"]], **r}
-            for r in attention_localisation_rows(run_dir / "attention", positives, annotations, threshold)]
+    folds = fold_dirs(run_dir)
+    if folds and split != "test":
+        raise HistotransferError(f"{run_dir}: a cross-validation run is scored on its test folds only; pass "
+                                 "split='test', or one of its fold_<k> folders.")
+    rows: list[dict[str, Any]] = []
+    positives: list[str] = []
+    for source in folds or [run_dir]:
+        splits = run_splits(source)
+        chosen = splits if split is None else splits[splits["split"] == split]
+        ids = sorted(chosen.loc[chosen["label"].astype(int) == POSITIVE, "slide_id"])
+        split_of = dict(zip(splits["slide_id"], splits["split"]))
+        annotations = load_annotations(annotations_dir, ids)
+        rows += [{"slide_id": r["slide_id"], "split": split_of[r["slide_id"]], **r}
+                 for r in attention_localisation_rows(source / "attention", ids, annotations, threshold)]
+        positives += ids
+    rows.sort(key=lambda r: r["slide_id"])
     return {"run": str(run_dir.resolve()), "split": split or "all",
-            **localisation_summary(rows, positives, threshold), "slides": rows}
+            **localisation_summary(rows, sorted(positives), threshold), "slides": rows}
 
 
 def describe_scored(summary: Mapping[str, Any], measures: Callable[[Callable[[str], str]], str]) -> str:

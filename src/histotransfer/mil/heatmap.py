@@ -48,7 +48,15 @@ from .evaluate import (
 )
 from .localisation import DEFAULT_THRESHOLD, attention_localisation
 from .models import predict_bag
-from .rundir import check_inputs, check_run_folder, load_run_model, read_attention, read_config, run_fingerprint
+from .rundir import (
+    check_inputs,
+    check_run_folder,
+    load_run_model,
+    model_run,
+    read_attention,
+    read_config,
+    run_fingerprint,
+)
 from .settings import HeatmapSettings
 
 OBJECT_TYPES = ("detection", "annotation")
@@ -424,7 +432,7 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
     _check_choice("--object-type", object_type, OBJECT_TYPES)
     _check_choice("--scale", scale, SCALES)
     _check_choice("--value", value, VALUES)
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir, out_dir = model_run(run_dir), Path(out_dir)
     entries = [e for e in list_slides(slides) if e.duplicate_of is None]
     load_run_model(run_dir)  # fail early on a folder that is not a finished run
     fingerprint = run_fingerprint(run_dir)

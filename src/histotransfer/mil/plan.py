@@ -21,7 +21,7 @@ from ..errors import HistotransferError, one_line
 from ..features import encoder_attrs, read_feature_attrs, read_feature_file
 from .labels import LabelTable, feature_files, read_labels
 from .rundir import DONE_FILE, guard
-from .settings import DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings
+from .settings import CV_BELOW_PATIENTS, DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings
 from .splits import DEFAULT_FRACTIONS, kfold_splits, random_split, read_split_file, rule_split
 
 
@@ -114,20 +114,59 @@ def _encoder_of(paths: list[Path]) -> dict[str, Any]:
 
 
 def _check_options(split_file: Path | None, folds: int | None, settings: MilSettings) -> None:
-    given = [name for name, on in (("--split-file", split_file is not None), ("--folds", folds is not None),
+    explicit = "folds" in settings.model_fields_set
+    cv = folds is not None or settings.protocol == "cv" or (settings.protocol == "auto" and explicit)
+    given = [name for name, on in (("--split-file", split_file is not None), ("cross-validation", cv),
                                    ("--split-rule", settings.split_rule is not None)) if on]
     if len(given) > 1:
-        raise HistotransferError(f"{' and '.join(given)} exclude each other; pass one.")
+        raise HistotransferError(f"{' and '.join(given)} exclude each other; pass one (--protocol split keeps a "
+                                 "single split).")
     if folds is not None and folds < 2:
         raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
+    if settings.protocol == "split" and explicit:
+        raise HistotransferError(f"--folds {settings.folds} with --protocol split: folds are for cross-validation; "
+                                 "pass --protocol cv (or auto), or drop --folds.")
+
+
+def choose_protocol(table: LabelTable, settings: MilSettings, split_file: Path | None,
+                    folds: int | None = None) -> tuple[int | None, str]:
+    """The number of cross-validation folds (None: one train/val/test split) and why, in words.
+
+    ``cv`` (or ``folds`` given) always cross-validates with the folds asked for. ``auto`` cross-validates a cohort
+    of fewer than ``CV_BELOW_PATIENTS`` patients with ``settings.folds`` folds, lowered to what the smaller class
+    allows (k-fold needs k + 2 patients of each class); a split file or rule, or a class of fewer than 4
+    patients, gives a single split."""
+    if folds is not None:
+        return folds, f"{folds} folds asked for"
+    if settings.protocol == "cv":
+        return settings.folds, f"--protocol cv, {settings.folds} folds"
+    if settings.protocol == "split":
+        return None, "--protocol split"
+    if split_file is not None or settings.split_rule is not None:
+        return None, "auto: the split is given (split file or rule)"
+    if "folds" in settings.model_fields_set:
+        return settings.folds, f"auto: --folds {settings.folds} given"
+    frame = table.frame
+    n_patients = int(frame["patient_id"].nunique())
+    if n_patients >= CV_BELOW_PATIENTS:
+        return None, f"auto: {n_patients} patients, at least {CV_BELOW_PATIENTS}"
+    smaller = int(frame.groupby("label")["patient_id"].nunique().min())
+    k = min(settings.folds, smaller - 2)
+    if k < 2:
+        return None, (f"auto: {n_patients} patients, fewer than {CV_BELOW_PATIENTS}, but the smaller class has "
+                      f"{smaller}; cross-validation needs 4")
+    lowered = f"; {k} folds, as the smaller class has {smaller} patients" if k < settings.folds else ""
+    return k, f"auto: {n_patients} patients, fewer than {CV_BELOW_PATIENTS}{lowered}"
 
 
 def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, settings: MilSettings,
              split_file: str | Path | None = None, folds: int | None = None) -> RunPlan:
     """Validate the inputs and build the run's config; ``finished`` when ``out_dir`` already holds this run.
 
-    Raises HistotransferError (before anything is written) for bad labels, a bad split, or an ``out_dir``
-    holding a run made with other settings or inputs (naming each field that differs).
+    Whether the run is one split or k-fold cross-validation is :func:`choose_protocol`'s answer (recorded with
+    its reason in the config's ``split``). Raises HistotransferError (before anything is written) for bad labels,
+    a bad split, or an ``out_dir`` holding a run made with other settings or inputs (naming each field that
+    differs).
     """
     split_path = Path(split_file) if split_file is not None else None
     _check_options(split_path, folds, settings)
@@ -140,6 +179,7 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
     if settings.group_column is not None and settings.group_column not in table.extra:
         raise HistotransferError(f"{labels_csv}: has no column {settings.group_column!r} for --group-column "
                                  f"(its extra columns: {', '.join(table.extra) or 'none'}).")
+    folds, why = choose_protocol(table, settings, split_path, folds)
     splits = make_splits(table, settings, split_path, folds)
     fingerprints = {sid: _fingerprint_or_reason(p) for sid, p in files.items()}
     s = settings
@@ -160,9 +200,9 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
                      "selection": f"best validation {s.select_by}, ties: lower validation loss",
                      "early_stopping": s.early_stopping},
         "split": ({"method": "file", "file": str(split_path.resolve())} if split_path is not None else
-                  {"method": "k-fold", "folds": folds} if folds is not None else
+                  {"method": "k-fold", "folds": folds, "why": why} if folds is not None else
                   {"method": "rule", "rule": s.split_rule} if s.split_rule is not None else
-                  {"method": "random", "fractions": DEFAULT_FRACTIONS}),
+                  {"method": "random", "fractions": DEFAULT_FRACTIONS, "why": why}),
         "inputs": {"features": {sid: fp for sid, (fp, _) in fingerprints.items()},
                    "labels_sha256": file_sha256(labels_csv),
                    "split_file_sha256": file_sha256(split_path) if split_path is not None else None},

@@ -162,6 +162,29 @@ def save_model(model: AttentionMIL, path: Path, classes: list[str], selected_epo
     write_torch(payload, path)
 
 
+def fold_dirs(run_dir: str | Path) -> list[Path]:
+    """The fold runs of a cross-validation run folder (``fold_0``, ``fold_1``, ... in order); empty for a run of
+    one split."""
+    run_dir = Path(run_dir)
+    if (run_dir / "model.pt").is_file():
+        return []
+    folds = [p for p in run_dir.glob("fold_*") if p.name[5:].isdigit() and (p / "config.json").is_file()]
+    return sorted(folds, key=lambda p: int(p.name[5:]))
+
+
+def model_run(run_dir: str | Path) -> Path:
+    """The run folder whose model a command applies: ``run_dir`` itself, or for a cross-validation its
+    ``fold_0``, a complete run of one split (model, attention, its own test split), saying so."""
+    folds = fold_dirs(run_dir)
+    if not folds:
+        return Path(run_dir)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"{run_dir}: a {len(folds)}-fold cross-validation; using the model of {folds[0].name} (pass "
+               f"{Path(run_dir) / 'fold_<k>'} for another fold)")
+    return folds[0]
+
+
 def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """The contents of ``RUN/model.pt``, checked."""
     import torch

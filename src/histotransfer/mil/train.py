@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from .._io import output_folder, remove_stale_temps, write_csv, write_json
+from .._read import read_csv
 from .bags import BagSet, feature_stats, load_bags
 from .metrics import METRIC_KEYS
 from .models import AttentionMIL, predict
@@ -160,25 +161,41 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def _fold_summary(per_fold: dict[str, dict[str, Any]], pooled: pd.DataFrame, seed: int) -> dict[str, Any]:
-    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the mean
-    within-group AUC over folds (with a group column) and the shortcut check (every fold checks the same
-    slides) judged on the ``pooled`` out-of-fold test predictions against their AUC."""
-    summary: dict[str, Any] = {"folds": per_fold, "mean": {}, "sd": {}}
+def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
+    """Every slide's prediction by the fold that tested it (each fold's ``predictions.csv``, test rows), with its
+    ``fold``, sorted by slide."""
+    parts = [read_csv(d / "predictions.csv")
+             .query("split == 'test'").drop(columns="split").assign(fold=k) for k, d in enumerate(run_dirs)]
+    return pd.concat(parts, ignore_index=True).sort_values("slide_id", ignore_index=True)
+
+
+def _fold_summary(per_fold: dict[str, dict[str, Any]], oof: pd.DataFrame, seed: int,
+                  group_column: str | None, split: dict[str, Any]) -> dict[str, Any]:
+    """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the test AUC
+    of each fold, the metrics of the pooled out-of-fold predictions ``oof`` (one prediction per slide, by the
+    fold that tested it; per group too with ``group_column``), the mean within-group AUC over folds (with a group
+    column) and the shortcut check (every fold checks the same slides) judged on ``oof`` against its AUC."""
+    from .metrics import slide_metrics
+    from .rundir import group_metrics
+
+    summary: dict[str, Any] = {"protocol": {"folds": split["folds"], "why": split.get("why")},
+                               "folds": per_fold, "mean": {}, "sd": {}}
     for name in SPLITS:
         summary["mean"][name], summary["sd"][name] = {}, {}
         for key in METRIC_KEYS:
             values = [m[name][key] for m in per_fold.values() if m[name][key] is not None]
             summary["mean"][name][key] = float(np.mean(values)) if values else None
             summary["sd"][name][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    summary["fold_test_auc"] = [m["test"]["auc"] for m in per_fold.values()]
+    summary["pooled"] = {"test": slide_metrics(oof["label"], oof["probability"], seed=seed)}
+    if group_column is not None:
+        summary["pooled"]["groups"] = group_metrics(oof, group_column, seed)
     first = next(iter(per_fold.values()))
     if "groups" in first:
         summary["mean_within_group_auc"] = {name: _mean([m["groups"][name]["mean_within_group_auc"]
                                                          for m in per_fold.values()]) for name in SPLITS}
     if "shortcut" in first:
-        both = pooled["label"].nunique() == 2
-        model_auc = float(roc_auc_score(pooled["label"], pooled["probability"])) if both else None
-        summary["shortcut"] = judge(first["shortcut"], pooled, model_auc, seed)
+        summary["shortcut"] = judge(first["shortcut"], oof, summary["pooled"]["test"]["auc"], seed)
     return summary
 
 
@@ -195,10 +212,11 @@ def train_planned(plan: RunPlan) -> Path:
                 for k, (run_dir, split) in enumerate(zip(plan.run_dirs, plan.splits))}
     folds_table = pd.concat([s[s["split"] == "test"].assign(fold=k) for k, s in enumerate(plan.splits)])
     write_csv(folds_table.drop(columns="split").sort_values("slide_id"), out_dir / "splits.csv")
+    oof = out_of_fold(plan.run_dirs)
+    write_csv(oof, out_dir / "predictions.csv")
     write_config(plan.config, out_dir)
-    pooled = pd.concat([pd.read_csv(d / "predictions.csv", dtype={"slide_id": str, "patient_id": str})
-                        .query("split == 'test'") for d in plan.run_dirs])
-    write_json(_fold_summary(per_fold, pooled, plan.settings.seed), out_dir / DONE_FILE)
+    write_json(_fold_summary(per_fold, oof, plan.settings.seed, plan.settings.group_column, plan.config["split"]),
+               out_dir / DONE_FILE)
     return out_dir
 
 
@@ -209,8 +227,10 @@ def train_mil(features_dir: str | Path, labels_csv: str | Path, out_dir: str | P
     folder ``out_dir`` (with ``folds``: ``out_dir/fold_<k>/`` run folders and a summary ``metrics.json``).
 
     ``settings`` (or keyword overrides such as ``epochs=20, seed=1, recipe="paper"``) say how
-    (:class:`MilSettings`). The split is patient-level stratified 65/15/20 (seeded), the user's ``split_file``
-    (slide_id,split), or ``folds``-fold cross-validation. Bad labels, splits, settings or feature files raise
+    (:class:`MilSettings`). The protocol (``settings.protocol``, see :func:`~histotransfer.mil.plan.choose_protocol`)
+    is a patient-level stratified 65/15/20 split (seeded), the user's ``split_file`` (slide_id,split), or
+    ``folds``-fold patient-level cross-validation (``auto``, the default: for cohorts under 200 patients; ``folds``
+    given: always). Bad labels, splits, settings or feature files raise
     HistotransferError before anything is written. Re-running with the same settings and inputs keeps finished
     runs (and folds) and redoes the rest; another run in ``out_dir`` is refused.
     """

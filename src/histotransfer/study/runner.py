@@ -324,6 +324,9 @@ def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
     run = Path(train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed),
                          split_file=ds.split_file))
     result = {"run": _rel(run, ctx.out)}
+    folds = json.loads((run / "metrics.json").read_text()).get("protocol")
+    if folds is not None:
+        note = "; ".join(filter(None, [f"{folds['folds']}-fold cross-validation", note]))
     annotations = ctx.annotations(cell)
     if annotations is not None:
         from ..mil import localisation_of_run
@@ -335,9 +338,9 @@ def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
 
 def _run_cam(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..analysis import CamSettings, write_cams
-    from ..mil import run_splits
+    from ..mil import model_run, run_splits
 
-    run = ctx.path(ctx.dep(cell, "mil")["run"])
+    run = model_run(ctx.path(ctx.dep(cell, "mil")["run"]))  # a cross-validation: its fold 0
     annotations = ctx.annotations(cell)
     splits = run_splits(run)
     # The slides CAMs are scored on: the run's positive test slides (the attention localisation's too).
@@ -351,9 +354,10 @@ def _run_cam(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], s
 
 def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..finetune import finetune
+    from ..mil import model_run
 
     assert ctx.study.finetune is not None and cell.seed is not None
-    frozen = ctx.dep(cell, "mil")["run"]
+    frozen = _rel(model_run(ctx.path(ctx.dep(cell, "mil")["run"])), ctx.out)  # a cross-validation: its fold 0
     slides, _ = ctx.slides_and_labels(cell)
     settings = FinetuneSettings.build(ctx.study.finetune, seed=cell.seed,
                                       extract_batch_size=ctx.study.extract.batch_size)

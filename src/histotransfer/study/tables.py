@@ -1,10 +1,12 @@
 """The paper's Tables I-IV from the study's finished runs.
 
-Every number comes from a run's ``metrics.json`` (slide-level test AUC and the number of test slides): the
-long tables (``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run (with, for MIL
-runs, the mean within-group test AUC and the shortcut check), the summary tables one row per encoder
-configuration, stain normalisation and MIL recipe with, per dataset, the mean and sample sd of the test AUC
-over seeds and the number of test slides. Table II pairs each histopathology encoder with the ImageNet
+Every number comes from a run's ``metrics.json`` (slide-level test AUC and the number of test slides; for a
+cross-validated run, the AUC of its pooled out-of-fold predictions over every slide): the long tables
+(``runs_mil.csv``, ``runs_finetune.csv``, ``cka_stages.csv``) list one row per run (with, for MIL runs, the
+protocol, the mean ± sd of the folds' test AUCs, the mean within-group test AUC and the shortcut check), the
+summary tables one row per encoder configuration, stain normalisation and MIL recipe with, per dataset, the mean
+and sample sd of the test AUC over seeds, the number of test slides and, for a dataset with a group column, the
+mean within-group AUC beside it. Table II pairs each histopathology encoder with the ImageNet
 encoder of its architecture, as the paper's does.
 """
 
@@ -47,7 +49,10 @@ LOCALISATION_CHANCE = {  # a score of Table V -> the column of runs_localisation
 ATTENTION_SCORES = ("top_patch_touches", "touching_share", "top_patch_overlap", "mean_overlap", "attention_overlap",
                     "auc_touching", "top_patch_hit", "lesion_patch_share", "attention_mass", "auc")
 CAM_SCORES = ("pointing_game", "pointing_chance", "cam_mass", "lesion_area_share")
-FOOTNOTE = "Test-set slide-level AUC, mean ± sd over seeds (sd needs two seeds); n = test slides."
+FOOTNOTE = ("Test-set slide-level AUC, mean ± sd over seeds (sd needs two seeds); n = test slides. A cross-validated "
+            "run (the default below 200 patients) counts with its pooled out-of-fold AUC, every slide tested once (n = "
+            "all slides). Within-group: the mean over groups (e.g. centres) of the AUC within each group, beside the "
+            "AUC pooled over groups; a model that learned the group instead of the disease scores near 0.5 there.")
 LOCALISATION_FOOTNOTE = (
     "Means over seeds of each run's mean over its positive test slides that have an annotation (slides: how many); "
     "in parentheses, the chance level: what a patch drawn at random (uniform attention, a random CAM cell) gives. "
@@ -70,21 +75,35 @@ def _nan(value: float | None) -> float:
 
 
 def _test_metrics(run: Path) -> tuple[float, int]:
-    """(test AUC, test slides) from a run folder's metrics.json; AUC is NaN when it could not be computed."""
+    """(test AUC, test slides) from a run folder's metrics.json (a cross-validation's: of its pooled out-of-fold
+    predictions); AUC is NaN when it could not be computed."""
     metrics = json.loads((run / "metrics.json").read_text())
-    test = metrics["test"]
+    test = metrics["pooled"]["test"] if "pooled" in metrics else metrics["test"]
     return _nan(test.get("auc")), int(test.get("n_slides") or 0)
+
+
+def _protocol(run: Path) -> dict[str, Any]:
+    """A MIL run's protocol (``split`` or ``K-fold CV``) and, cross-validated, the mean and sd of its folds' test
+    AUCs (NaN for one split)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    if "pooled" not in metrics:
+        return {"protocol": "split", "fold_auc_mean": float("nan"), "fold_auc_sd": float("nan")}
+    return {"protocol": f"{metrics['protocol']['folds']}-fold CV",
+            "fold_auc_mean": _nan(metrics["mean"]["test"]["auc"]), "fold_auc_sd": _nan(metrics["sd"]["test"]["auc"])}
 
 
 def _multi_centre(run: Path) -> dict[str, Any]:
     """A run's mean within-group test AUC with its interval (by the group column, or by the staining batches the
-    shortcut check inferred from colour) and the shortcut check (NaN / empty where it has none)."""
+    shortcut check inferred from colour; a cross-validation's: of its pooled out-of-fold predictions) and the
+    shortcut check (NaN / empty where it has none)."""
     metrics = json.loads((run / "metrics.json").read_text())
     shortcut = metrics.get("shortcut") or {}
     within = shortcut.get("within") or {}
+    groups = (metrics["pooled"].get("groups") if "pooled" in metrics else
+              (metrics.get("groups") or {}).get("test")) or {}
     mean = within.get("mean")
     if mean is None:
-        mean = ((metrics.get("groups") or {}).get("test") or {}).get("mean_within_group_auc")
+        mean = groups.get("mean_within_group_auc")
     return {"within_group_auc": _nan(mean), "within_group_ci_low": _nan(within.get("ci_low")),
             "within_group_ci_high": _nan(within.get("ci_high")),
             "colour_auc": _nan(shortcut.get("colour_auc")), "group_auc": _nan(shortcut.get("group_auc")),
@@ -120,10 +139,11 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
         auc, n = _test_metrics(out_dir / run)
         rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
                      "stain": r.get("stain", "none"), "seed": r["seed"], "auc": auc, "n_slides": n, "run": run,
-                     **_multi_centre(out_dir / run)})
+                     **_protocol(out_dir / run), **_multi_centre(out_dir / run)})
     return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
                                        "imagenet_top1", "recipe", "stain", "seed", "auc", "n_slides", "run",
-                                       "within_group_auc", "within_group_ci_low", "within_group_ci_high",
+                                       "protocol", "fold_auc_mean", "fold_auc_sd", "within_group_auc",
+                                       "within_group_ci_low", "within_group_ci_high",
                                        "colour_auc", "group_auc", "shortcut_warning", "shortcut_verdict"])
 
 
@@ -259,17 +279,22 @@ Row = tuple[EncoderConfig, str, str, str]  # configuration, stain normalisation,
 def _grid_table(runs: pd.DataFrame, rows: Sequence[Row], datasets: Sequence[str],
                 columns: Sequence[str], info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per (configuration, stain, recipe, pre-training label), in order; per dataset: AUC mean, sd,
-    seeds and test slides."""
+    seeds and test slides, and the mean within-group AUC's mean and sd over seeds (NaN without a group
+    column)."""
     out = []
     for cfg, stain, recipe, pretraining in rows:
         row = _row(cfg, stain, recipe, columns, info, pretraining)
         for ds in datasets:
             sel = _select(runs, cfg, stain, recipe, ds)
             mean, sd, k = _summary(sel["auc"]) if len(sel) else (float("nan"), float("nan"), 0)
+            w_mean, w_sd, _ = _summary(sel["within_group_auc"]) if len(sel) else (float("nan"), float("nan"), 0)
             row.update({f"{ds}_auc_mean": mean, f"{ds}_auc_sd": sd, f"{ds}_n_seeds": k,
-                        f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0})
+                        f"{ds}_n_slides": _n_slides(sel["n_slides"]) if len(sel) else 0,
+                        f"{ds}_within_group_auc_mean": w_mean, f"{ds}_within_group_auc_sd": w_sd})
         out.append(row)
-    names = list(columns) + [f"{ds}_{c}" for ds in datasets for c in ("auc_mean", "auc_sd", "n_seeds", "n_slides")]
+    names = list(columns) + [f"{ds}_{c}" for ds in datasets for c in ("auc_mean", "auc_sd", "n_seeds", "n_slides",
+                                                                       "within_group_auc_mean",
+                                                                       "within_group_auc_sd")]
     return pd.DataFrame(out, columns=names)
 
 
@@ -399,6 +424,10 @@ def display_table(name: str, table: pd.DataFrame, datasets: Sequence[str]) -> pd
         else:
             out[ds] = [format_auc(m, s, n) for m, s, n in zip(
                 table[f"{ds}_auc_mean"], table[f"{ds}_auc_sd"], table[f"{ds}_n_slides"])]
+            within = table.get(f"{ds}_within_group_auc_mean")
+            if within is not None and within.notna().any():  # the dataset has a group column
+                out[f"{ds}: within-group"] = [format_auc(m, s, None, with_n=False) for m, s in zip(
+                    within, table[f"{ds}_within_group_auc_sd"])]
     return out
 
 
