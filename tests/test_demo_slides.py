@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import tifffile
 
 from histotransfer._io import file_sha256
 from histotransfer.demo_slides import LESION_MASK_DOWNSAMPLE, make_demo_slides
+from histotransfer.errors import HistotransferError
 from histotransfer.slide import open_slide
 from histotransfer.slide.backends import TiffSlideSlide
 
@@ -68,3 +70,15 @@ def test_lesions_sit_inside_tissue_with_a_different_look(small_demo_slides) -> N
         normal = cv2.erode((tissue & ~lesion).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
         # Lesions are darker (dense nuclei) than the surrounding tissue.
         assert rgb[inner].mean() < rgb[normal].mean() - 20
+
+
+def test_lesion_radius_shrinks_the_lesions_and_the_default_set_is_unchanged(tmp_path):
+    default = make_demo_slides(tmp_path / "default", n_slides=4, seed=2, size=1024)
+    small = make_demo_slides(tmp_path / "small", n_slides=4, seed=2, size=1024, lesion_radius=0.05)
+    area = {name: sum(int((cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0).sum()) for p in demo.lesion_masks.values())
+            for name, demo in (("default", default), ("small", small))}
+    assert 0 < area["small"] < area["default"] / 4
+    assert "lesion_radius" not in json.loads((tmp_path / "default" / "demo_slides.json").read_text())
+    assert json.loads((tmp_path / "small" / "demo_slides.json").read_text())["lesion_radius"] == 0.05
+    with pytest.raises(HistotransferError, match=r"lesion_radius=0\.5"):
+        make_demo_slides(tmp_path / "bad", n_slides=2, lesion_radius=0.5)

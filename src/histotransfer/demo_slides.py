@@ -39,6 +39,7 @@ LESION_NUCLEUS = (72, 38, 124)
 LESION_MASK_DOWNSAMPLE = 16
 DEMO_LAYOUT_VERSION = 1
 CENTRE_STREAM = 7_000_001  # seeds the centre assignment apart from the slides' own random draws
+LESION_RADIUS = 0.14  # a lesion's largest semi-axis, as a fraction of the slide's side
 
 
 @dataclass
@@ -219,18 +220,21 @@ def _centre_of_patients(assignment: list[tuple[str, str, int]], centres: int, pr
     return centre_of
 
 
-def _check_centres(centres: int, stain_shift: float, prevalence_shift: float) -> None:
+def _check_options(centres: int, stain_shift: float, prevalence_shift: float, lesion_radius: float) -> None:
     if centres < 1:
         raise HistotransferError(f"centres={centres}: give at least 1 centre.")
     if not 0 <= stain_shift < 1:
         raise HistotransferError(f"stain_shift={stain_shift}: use a value in [0, 1) (0.3 is clearly visible).")
     if not 0 <= prevalence_shift <= 1:
         raise HistotransferError(f"prevalence_shift={prevalence_shift}: use a value in [0, 1].")
+    if not 0 < lesion_radius <= 0.25:
+        raise HistotransferError(f"lesion_radius={lesion_radius}: use a value in (0, 0.25] (a fraction of the "
+                                 f"slide's side; the default is {LESION_RADIUS}).")
 
 
 def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: int = 0,
                      size: int = 4096, mpp: float = 0.25, centres: int = 1, stain_shift: float = 0.3,
-                     prevalence_shift: float = 0.0) -> DemoSlides:
+                     prevalence_shift: float = 0.0, lesion_radius: float = LESION_RADIUS) -> DemoSlides:
     """Generate ``n_slides`` demo slides (``size`` px square at ``mpp``, 40x by default) under ``out_dir``.
 
     Writes ``slides/<slide_id>.tif``, ``labels.csv`` (slide_id, patient_id, label) and
@@ -238,9 +242,10 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
     files; an existing complete set made with the same arguments is reused. With ``centres > 1`` each patient
     belongs to a centre (written to ``centres.csv``), whose slides get ``centre_stain_shift(..., stain_shift)``;
     ``prevalence_shift`` (0: none, 1: the most) moves positive patients towards the first centres. With one centre
-    the files are the same as without these options.
+    the files are the same as without these options. ``lesion_radius`` is a lesion's largest semi-axis as a
+    fraction of ``size`` (smaller: lesions that fill less of a patch, a weaker signal to learn).
     """
-    _check_centres(centres, stain_shift, prevalence_shift)
+    _check_options(centres, stain_shift, prevalence_shift, lesion_radius)
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     assignment = _assign(n_slides, rng)
@@ -255,6 +260,8 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
         params.update(centres=centres, stain_shift=stain_shift, prevalence_shift=prevalence_shift)
         centre_of = _centre_of_patients(assignment, centres, prevalence_shift, seed)
         centres_csv = out / "centres.csv"
+    if lesion_radius != LESION_RADIUS:  # recorded only when changed, so existing sets stay valid
+        params["lesion_radius"] = lesion_radius
     outputs = [*slides, *masks.values(), labels_csv, *([centres_csv] if centres_csv else [])]
     result = DemoSlides(slides, labels_csv, masks, centres_csv)
     if (manifest.exists() and json.loads(manifest.read_text()) == params
@@ -273,7 +280,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
         tissue = _tissue_shape(size, slide_rng)
         lesion = None
         if label:
-            lesion = _lesion_shape(tissue, slide_rng, n=int(slide_rng.integers(1, 3)), radius=0.14 * size)
+            lesion = _lesion_shape(tissue, slide_rng, n=int(slide_rng.integers(1, 3)), radius=lesion_radius * size)
         rgb = render_tissue(tissue, lesion, slide_rng)
         if centres > 1:
             rgb = centre_stain_shift(rgb, centre_of[patient], centres, stain_shift)

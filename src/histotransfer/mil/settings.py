@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..settings import Seed, StageSettings
+from ..settings import OMIT_DEFAULT, Seed, StageSettings
 
 SMALL_SPLIT = 20  # below this many slides an AUC (and its interval) is too unstable to compare encoders
 # The protocol ``auto`` cross-validates cohorts of fewer patients than this. Below 200 patients the 20% test split
@@ -64,6 +64,11 @@ class MilSettings(StageSettings):
     group_column: str | None = Field(
         None, description="a column of the labels file (e.g. centre): splits are stratified by group and label, "
                           "and metrics are reported per group with the mean within-group AUC")
+    balance: Literal["none", "groups"] = Field(
+        "none", json_schema_extra=OMIT_DEFAULT,
+        description="groups: each epoch draws the training slides so that every label x group cell of "
+                    "--group-column weighs the same, so the group (e.g. a centre's stain) cannot stand in for the "
+                    "label; no effect without --group-column")
 
     @model_validator(mode="after")
     def _recipe_defaults(self) -> MilSettings:

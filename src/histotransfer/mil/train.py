@@ -3,6 +3,11 @@
 Training follows the paper: Adam (no weight decay), cross-entropy, one slide per step in a shuffled order, and
 the epoch with the best validation score kept (``MilSettings.select_by``: AUC by default, accuracy as the paper's
 code does, or loss; ties: lower validation loss). A fixed seed gives the same run on the same CPU.
+
+With ``MilSettings.balance = "groups"`` and a group column, each epoch instead draws its slides with replacement,
+weighted so that every label x group cell of the training split is drawn equally often on average
+(:func:`balance_weights`): the group (e.g. the centre) then tells nothing about the label in what the model sees,
+so it must learn the label from the tissue.
 """
 
 from __future__ import annotations
@@ -65,6 +70,24 @@ def train_epoch(model: AttentionMIL, bags: list[torch.Tensor], targets: list[tor
     return total / max(len(order), 1)
 
 
+def balance_weights(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray | None:
+    """Per-slide weights, summing to the number of slides, under which every label x group cell present has the
+    same total weight (each slide: ``n / (cells * cell size)``); None without groups (nothing to balance)."""
+    if groups is None:
+        return None
+    cells = pd.Series(list(zip(np.asarray(labels).tolist(), np.asarray(groups).tolist(), strict=True)))
+    sizes = cells.map(cells.value_counts()).to_numpy(dtype=np.float64)
+    return len(cells) / (cells.nunique() * sizes)
+
+
+def epoch_order(n: int, rng: np.random.Generator, weights: np.ndarray | None = None) -> np.ndarray:
+    """The slides of one epoch: a permutation of ``range(n)``, or with ``weights`` ``n`` draws with replacement
+    in proportion to them."""
+    if weights is None:
+        return rng.permutation(n)
+    return rng.choice(n, size=n, p=weights / weights.sum())
+
+
 def validation_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     """Mean cross-entropy, AUC (None with one class) and accuracy (argmax) of predicted probabilities."""
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
@@ -83,11 +106,13 @@ def selection_key(scores: dict[str, float | None], select_by: str) -> tuple[floa
 
 def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
         val: tuple[list[torch.Tensor], np.ndarray], epochs: int, lr: float, seed: int,
-        early_stopping: int | None = None, desc: str = "training", select_by: str = "auc") -> FitResult:
+        early_stopping: int | None = None, desc: str = "training", select_by: str = "auc",
+        weights: np.ndarray | None = None) -> FitResult:
     """Train ``model`` and keep the epoch with the best validation ``select_by`` score (ties: lower loss).
 
-    Without validation slides the last epoch is kept; with one validation class, AUC selection falls back to
-    the lowest loss."""
+    ``weights`` (one per training slide, e.g. :func:`balance_weights`) make each epoch draw its slides in
+    proportion to them (:func:`epoch_order`). Without validation slides the last epoch is kept; with one
+    validation class, AUC selection falls back to the lowest loss."""
     train_bags, train_labels = train
     val_bags, val_labels = val
     targets = [torch.tensor([int(y)]) for y in train_labels]
@@ -98,7 +123,8 @@ def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = train_epoch(model, train_bags, targets, rng.permutation(len(train_bags)), optimizer)
+        train_loss = train_epoch(model, train_bags, targets, epoch_order(len(train_bags), rng, weights),
+                                 optimizer)
         scores: dict[str, float | None] = {"loss": math.nan, "auc": None, "accuracy": None}
         if len(val_bags):
             scores = validation_scores(predict(model, val_bags)[0], val_labels)
@@ -126,6 +152,14 @@ def _split_arrays(bags: BagSet, split: pd.DataFrame, name: str) -> tuple[list[to
     return bags.subset(rows["slide_id"].tolist()).features, rows["label"].to_numpy(dtype=int)
 
 
+def training_weights(split: pd.DataFrame, settings: MilSettings) -> np.ndarray | None:
+    """The training slides' sampling weights that ``settings.balance`` asks for (None: a plain shuffle)."""
+    if settings.balance != "groups" or settings.group_column is None:
+        return None
+    rows = split[split["split"] == "train"]
+    return balance_weights(rows["label"].to_numpy(dtype=int), rows[settings.group_column].astype(str).to_numpy())
+
+
 def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str, Any]) -> dict[str, Any]:
     """Train one model on ``split`` (slide_id, patient_id, label, split) and write the run folder.
 
@@ -146,7 +180,8 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
         if s.standardize:
             model.set_standardization(*feature_stats(train[0]))
         result = fit(model, train, _split_arrays(bags, split, "val"), s.epochs, s.lr, s.seed, s.early_stopping,
-                     desc=f"training {run_dir.name}", select_by=s.select_by or "auc")
+                     desc=f"training {run_dir.name}", select_by=s.select_by or "auc",
+                     weights=training_weights(split, s))
     model.load_state_dict(result.state)
     classes = sorted(config["label_mapping"], key=config["label_mapping"].get)
     save_model(model, run_dir / "model.pt", classes, result.selected_epoch)
