@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_path, ensure_space, write_json, write_torch
+from .._read import read_csv
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..formats import ATTENTION, open_h5, stamp
 from ..provenance import json_fingerprint, short
@@ -242,7 +243,7 @@ def check_run_folder(out: Path, fingerprint: str, run_dir: Path, record: str, wh
             except (ValueError, AttributeError):
                 found.add("unreadable")
         else:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            table = read_csv(path, text=True)
             found |= set(table["run_fingerprint"]) if "run_fingerprint" in table.columns else {"None"}
     for att in sorted((out / "attention").glob("*.h5")) if (out / "attention").is_dir() else []:
         with h5py.File(att, "r") as f:
