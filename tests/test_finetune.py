@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from histotransfer._io import HOST
 from histotransfer.analysis import compare_encoders
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.errors import HistotransferError
@@ -200,6 +201,15 @@ def test_bad_requests_are_refused(study, tmp_path):
     with pytest.raises(HistotransferError, match="freeze_stages=3"):
         finetune(study["run"], tmp_path / "out", **{**FT, "freeze_stages": 3})
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_second_finetune_into_a_folder_in_use_is_refused_before_training(study, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".finetune.lock").write_text(f"{HOST} {os.getpid()}\n")  # a live process holds the folder
+    with pytest.raises(HistotransferError, match=r"another fine-tuning is writing into this folder \(.* pid "):
+        finetune(study["run"], out, **FT)
+    assert sorted(p.name for p in out.iterdir()) == [".finetune.lock"]  # nothing trained or written
 
 
 def test_slides_override_and_a_broken_slide_is_reported_and_skipped(study, tmp_path):

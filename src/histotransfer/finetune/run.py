@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
+from .._io import ItemLock, file_sha256, output_folder, remove_stale_temps, write_csv, write_json
 from .._read import read_csv
 from ..errors import HistotransferError
 from ..features import (
@@ -229,7 +229,8 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
     s = FinetuneSettings.build(settings, **overrides)
     run_dir, out = Path(model_run(run_dir)), Path(out_dir)
     dev = resolve_device(s.device)
-    with joined(ranks, dev) as ranks:
+    # One fine-tuning at a time writes into a folder; the lock file dies with its process (taken over then).
+    with joined(ranks, dev) as ranks, ItemLock(out / ".finetune.lock") as lock:
         check_precision(s.precision, dev)
         run_config = read_config(run_dir)
         if not (run_dir / "metrics.json").is_file():
@@ -282,6 +283,9 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             raise HistotransferError(f"{run_dir}: no readable training slide to fine-tune on; see the warnings.")
         if ranks.rank == 0:
             output_folder(out)
+            if not lock.acquire():
+                raise HistotransferError(f"{out}: another fine-tuning is writing into this folder ({lock.owner}); "
+                                         "wait for it to finish, or choose another --out")
             remove_stale_temps(out)
             write_config(config, out)
             write_csv(splits, out / "splits.csv")
