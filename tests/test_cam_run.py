@@ -199,8 +199,9 @@ def test_the_command_states_the_resolution_and_refuses_a_bad_run_in_one_line(stu
 
 
 def test_cams_of_a_finetuned_run_use_its_finetuned_encoder(study, tmp_path):
-    ft = finetune(study["run"], tmp_path / "ft", top_k=2, epochs=1, lr=1e-3, device="cpu", batch_slides=2,
+    ft = finetune(study["run"], tmp_path / "ft", top_k=2, epochs=2, lr=1e-3, device="cpu", batch_slides=2,
                   freeze_stages=0)
+    assert json.loads((ft / "comparison.json").read_text())["selection"]["kept"] == "finetuned"
     sid = study["pos"][2]
     done = write_cams(ft, tmp_path / "cam", top_k=2, device="cpu", slide_ids=[sid])
     assert [r.status for r in done.results] == ["ok"] and done.summary["run_kind"] == "finetune"
