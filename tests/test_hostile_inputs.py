@@ -490,7 +490,7 @@ def test_a_run_counts_as_finished_only_when_its_model_loads(cohort, tmp_path, ca
     assert code == 1 and "model.pt is missing or does not load" in err
     assert not _outputs_exist({"run": "run"}, tmp_path)  # the study redoes the cell
     code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
-                            "--out", run_copy, "--epochs", "2")
+                            "--out", run_copy, "--epochs", "2", "--protocol", "split")
     assert code == 0 and "kept (done before)" not in out_text and "train: done" in out_text
     assert model.read_bytes() == (cohort["run"] / "model.pt").read_bytes()  # redone, the same model
     assert _outputs_exist({"run": "run"}, tmp_path)
