@@ -165,7 +165,7 @@ def test_bad_values_and_missing_weights_file(tmp_path):
     assert "extract.precision: 'fp23' is not one of fp32, bf16, fp16 (did you mean 'fp32'?)" in text
     assert "mil.model: 'gatd' is not one of histotransfer, gated (did you mean 'gated'?)" in text
     assert "encoders[1].weights: weights file for densenet121 not found" in text
-    assert "cka.pooling: 'max' is not one of mean, flatten" in text
+    assert "cka.pooling: 'max' is not one of classifier, mean, flatten" in text
 
 
 def test_histopathology_encoder_without_its_checkpoint_names_the_file(tmp_path, monkeypatch):
