@@ -336,8 +336,8 @@ def test_under_torchrun_a_rank_failing_outside_a_slide_stops_both_with_its_one_l
     code, errors = torchrun_ranks(extract_cmd(patches, tmp_path / "out", "--input-size", "64", "--workers", "0",
                                               "--device", "cpu"), tmp_path / "logs")
     assert code != 0
-    line = (f"histotransfer extract: error: rank 1: is a folder ({taken}); fix the path or its permissions and "
-            "re-run the same command.")
+    line = (f"histotransfer extract: error: rank 1: {taken}: is a folder, not a regular file; pass a regular input "
+            "file.")
     assert [e.strip() for e in errors] == [line, line]
 
 

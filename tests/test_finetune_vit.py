@@ -248,7 +248,7 @@ def vit_run(tmp_path_factory):
                                     batch_size=64, workers=0, device="cpu")
         run = train_mil(features, demo.labels_csv, root / "run", epochs=2, seed=0, split_file=split_file)
         out = finetune(run, root / "ft", top_k=4, epochs=1, lr=1e-2, device="cpu", freeze_stages=1,
-                       lora_rank=2, grad_checkpointing=True)
+                       frozen_candidate=False, lora_rank=2, grad_checkpointing=True)
         yield {"out": out, "weights": weights}
 
 

@@ -318,7 +318,7 @@ def test_finetuning_a_blocks_run_keeps_its_depth(extracted):
     """Fine-tuning trains the first 5 blocks only: encoder.pt keeps block 6 (same quarter stage) and the rest as
     loaded; the slides are re-extracted at 5 blocks, into a b5 folder, with the fine-tuned weights."""
     root = extracted["root"]
-    out = finetune(extracted["run"], root / "ft", top_k=4, epochs=1, lr=1e-2, device="cpu")
+    out = finetune(extracted["run"], root / "ft", top_k=4, epochs=1, lr=1e-2, device="cpu", frozen_candidate=False)
     before = torch.load(extracted["weights"], weights_only=True)
     after = torch.load(out / "encoder.pt", weights_only=True)
     assert after.keys() == before.keys()

@@ -256,8 +256,9 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
                   "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
                                "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
                                "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
-                               "selection": "best val AUC on top-k bags among the frozen start (epoch 0) and every "
-                                            "epoch, ties: lower val loss, then the earlier epoch",
+                               "selection": ("best val AUC on top-k bags among the frozen start (epoch 0) and every "
+                                             "epoch" if s.frozen_candidate else "best val AUC on top-k bags among "
+                                             "the fine-tuned epochs") + ", ties: lower val loss, then earlier epoch",
                                "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
                                "stain_normalization": None if stain is None else stain.tag()},
                   "versions": {"histotransfer": __version__, "torch": torch.__version__}}

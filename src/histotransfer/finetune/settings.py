@@ -25,6 +25,9 @@ class FinetuneSettings(StageSettings):
     top_k: int = Field(64, ge=1, le=100000, description="patches per slide, by attention (the paper: 64)")
     lr: float = Field(1e-5, gt=0, le=10, description="Adam learning rate (the paper: 1e-5)")
     epochs: int = Field(20, ge=1, le=100000, description="training epochs")
+    frozen_candidate: bool = Field(True, description="count the frozen start (epoch 0) as a candidate at "
+                                                     "selection, so fine-tuning never hands back a model worse on "
+                                                     "validation (off: the best fine-tuned epoch, as in the paper)")
     batch_slides: int = Field(1, ge=1, le=4096, description="slides per optimizer step")
     freeze_stages: int = Field(0, ge=0, le=8, description="keep the stem and the first K stages fixed (0: train "
                                                           "everything but BatchNorm statistics)")

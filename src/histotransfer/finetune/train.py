@@ -268,7 +268,8 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
                                         val_labels)
         rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
                      "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
-        best_key, best_state = _selection_key(val_auc, val_loss), _cpu_state(model)
+        if cfg.frozen_candidate:
+            best_key, best_state = _selection_key(val_auc, val_loss), _cpu_state(model)
 
     bar = tqdm(range(start, cfg.epochs + 1), desc="fine-tuning", unit="epoch", dynamic_ncols=True,
                disable=ranks.rank != 0)
