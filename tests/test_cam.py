@@ -108,11 +108,13 @@ def test_attention_mil_grad_cam_matches_full_backprop_and_leaves_no_trace():
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got.raw, expected, rtol=0, atol=1e-5 * scale)
     one_by_one = grad_cam(encoder, head, patches[rows], slide_features=slide_features, rows=rows, batch_size=1)
-    np.testing.assert_allclose(one_by_one.raw, got.raw, rtol=0, atol=1e-6 * scale)
+    # float32 convolutions sum in another order at another batch size (oneDNN picks its blocking by shape):
+    # 3e-8 of 0.013 apart here, so batching is held to the float32 tolerance of the reference comparison.
+    np.testing.assert_allclose(one_by_one.raw, got.raw, rtol=0, atol=1e-5 * scale)
 
     whole = grad_cam(encoder, head, patches, slide_features=slide_features, rows=list(range(7)))
     alone = grad_cam(encoder, head, patches)
-    np.testing.assert_allclose(alone.raw, whole.raw, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(alone.raw, whole.raw, rtol=0, atol=1e-5 * scale)
 
 
 def planted_patches(rng: np.random.Generator) -> torch.Tensor:
