@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
+from ..stain import SlideStain, StainNormalizer
 from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
-from .stain import SlideStain, StainNormalizer
 
 OPEN_SLIDES_PER_WORKER = 2
 
@@ -42,7 +42,7 @@ OPEN_SLIDES_PER_WORKER = 2
 class SlideJob:
     """One slide to read: its patch coords (level-0 top-left), how to cut them, the fingerprint and slide
     identity of the patch file they come from (recorded in the outputs), and the coords of the patches its
-    source stain is estimated on (``features.stain.source_sample`` of the patch file's coords; needed with a
+    source stain is estimated on (``stain.source_sample`` of the patch file's coords; needed with a
     per-slide stain normaliser)."""
 
     slide_id: str

@@ -29,17 +29,10 @@ from tqdm.auto import tqdm
 
 from .._io import write_torch
 from ..errors import HistotransferError, one_line
-from ..features import (
-    HedJitter,
-    PatchBatch,
-    SlideStain,
-    StainNormalizer,
-    normalise_pixels,
-    read_feature_attrs,
-    recorded_source,
-)
+from ..features import PatchBatch, normalise_pixels, read_feature_attrs
 from ..mil import FitResult, validation_scores
 from ..runtime import Ranks, precision_context
+from ..stain import HedJitter, SlideStain, StainNormalizer, recorded_source
 from .data import TopKSlide, bag_loader
 from .model import EndToEndMIL
 from .settings import FinetuneSettings

@@ -2,7 +2,7 @@
 
 Each entry is timm's ``VisionTransformer`` built with the keyword arguments its authors publish (model card or
 reference code, cited in ``reference``), so their checkpoints load strictly under timm's key names; Phikon-v2
-is published as a transformers ``Dinov2Model``, whose keys :mod:`histotransfer.features.weights` renames.
+is published as a transformers ``Dinov2Model``, whose keys :mod:`histotransfer.encoders.weights` renames.
 
 Stages: ``stem`` = patch embedding, class and register tokens, position embedding (with timm's pos_drop,
 patch_drop and norm_pre), then four stages of blocks, each a quarter of the depth (``blocks1-6`` ..
@@ -40,8 +40,8 @@ from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import nn
 
 from ..errors import HistotransferError
-from . import catalogue  # noqa: F401  (the CNNs are registered, and listed, first whichever is imported first)
-from .encoders import Encoder, create_encoder
+from . import cnn  # noqa: F401  (the CNNs are registered, and listed, first whichever is imported first)
+from .build import Encoder, create_encoder
 from .registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -21,7 +21,7 @@ from ..errors import HistotransferError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CATALOGUES = ("histotransfer.features.catalogue", "histotransfer.features.catalogue_vit")
+CATALOGUES = ("histotransfer.encoders.cnn", "histotransfer.encoders.vit")
 RANDOM = "random"
 
 
@@ -211,7 +211,7 @@ def encoder_info(name: str) -> dict[str, Any]:
     """What the registry knows about an encoder, without loading weights (for tables and listings);
     ``transformer_blocks`` is a transformer's depth (what ``blocks`` may keep), None for a CNN."""
     spec = encoder_spec(name)
-    from .catalogue_vit import VIT_ENCODERS  # here: the catalogue imports this module
+    from .vit import VIT_ENCODERS  # here: the catalogue imports this module
 
     with torch.device("meta"):
         model = spec.build()

@@ -4,7 +4,7 @@ An encoder maps a batch of patches prepared as its registry entry says (:meth:`E
 [0, 1] normalised by the entry's mean and std) to (B, D) features: the pooled output of its last kept stage
 (for CNNs the global average of the stage's map, exactly as torchvision computes the pooled features before
 the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem; for transformer encoders
-``blocks=n`` keeps exactly their first ``n`` blocks (``catalogue_vit.keep_blocks``).
+``blocks=n`` keeps exactly their first ``n`` blocks (``vit.keep_blocks``).
 """
 
 from __future__ import annotations
@@ -91,13 +91,13 @@ class Encoder(nn.Module):
         rebuilt from its ``truncate``."""
         if blocks is None:
             return self
-        from .catalogue_vit import keep_blocks
+        from .vit import keep_blocks
 
         return keep_blocks(self, blocks)
 
     def per_block(self) -> Encoder:
         """This transformer encoder with every block a stage of its own, sharing its modules (CKA per block)."""
-        from .catalogue_vit import block_by_block
+        from .vit import block_by_block
 
         return block_by_block(self)
 
@@ -113,7 +113,7 @@ def _depth_tag(truncate: int, blocks: int | None) -> str:
 def check_blocks(name: str, truncate: int | Sequence[int], blocks: int) -> int:
     """Refuse ``blocks`` for a CNN, out of range, or with a truncation other than 0 or the one ``blocks``
     implies; returns that truncation (the quarter stages left out entirely)."""
-    from .catalogue_vit import blocks_truncation
+    from .vit import blocks_truncation
 
     implied = blocks_truncation(name, blocks)
     for t in [truncate] if isinstance(truncate, int) else truncate:
