@@ -45,6 +45,7 @@ from .build import Encoder, create_encoder
 from .registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BlockCuts,
     Checkpoint,
     HubFile,
     Preprocessing,
@@ -242,6 +243,9 @@ def block_by_block(encoder: Encoder) -> Encoder:
                    encoder.preprocessing, encoder.pool, encoder.weights_label, encoder.blocks).eval()
 
 
+VIT_CUTS = BlockCuts(blocks_truncation, keep_blocks, block_by_block)
+
+
 def vit_blocks_encoder(name: str, weights: str | None, blocks: int) -> Encoder:
     """ViT ``name`` with ``weights`` keeping exactly its first ``blocks`` transformer blocks, then the final norm
     and the model's pooling: ``create_encoder(name, weights, blocks=blocks)`` (see :func:`keep_blocks`)."""
@@ -282,7 +286,8 @@ def _register(name: str, config: ViTConfig, *, weights: WeightsOption, architect
               preprocessing: Preprocessing, reference: str) -> None:
     VIT_ENCODERS[name] = config
     register(name, stages=vit_stages, weights=[weights], architecture=architecture, family=family,
-             preprocessing=preprocessing, pool=token_pool(config.pooling), reference=reference)(config.build)
+             preprocessing=preprocessing, pool=token_pool(config.pooling), reference=reference,
+             cuts=VIT_CUTS)(config.build)
 
 
 def _at_224(mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
