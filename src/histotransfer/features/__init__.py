@@ -8,7 +8,7 @@ _EXPORTS = {
     "FeatureBag": ".feature_file", "NonFiniteFeatures": ".feature_file", "first_non_finite": ".feature_file",
     "FeatureWriter": ".feature_file", "encoder_attrs": ".feature_file",
     "read_feature_attrs": ".feature_file", "read_feature_file": ".feature_file",
-    "PatchBatch": ".loader", "PatchBatches": ".loader", "SlideJob": ".loader", "patch_loader": ".loader",
+    "PatchBatch": ".batches", "PatchBatches": ".loader", "SlideJob": ".loader", "patch_loader": ".loader",
     "EncoderChoice": ".settings", "ExtractSettings": ".settings",
 }
 __all__ = sorted(_EXPORTS)

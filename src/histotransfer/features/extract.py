@@ -55,10 +55,11 @@ from ..provenance import canonical_json, json_fingerprint
 from ..runtime import Ranks, check_precision, joined, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 from ..stain import SlideStain, StainNormalizer, source_sample, stain_normalizer
+from .batches import PatchBatch
 from .densenet_inference import DenseNetInference, is_densenet_encoder
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
-from .loader import SOURCE_ITEM, PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
+from .loader import SOURCE_ITEM, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
 
 REPORT_NAME = "extract.csv"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
-from ..stain import SlideStain, StainNormalizer
-from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
+from ..stain import StainNormalizer
+from .batches import PatchBatch
+from .gpu_decode import TileSource
 
 OPEN_SLIDES_PER_WORKER = 2
 
@@ -53,26 +54,6 @@ class SlideJob:
     fingerprint: str = ""
     identity: dict[str, Any] | None = None
     stain_sample: np.ndarray | None = None
-
-
-@dataclass
-class PatchBatch:
-    """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or their compressed tiles (to be
-    decoded on the GPU), or the error reading them; ``decode`` says where the tiles were decoded. The item
-    that opens a slide's batches under per-slide normalisation holds instead the slide's source estimates
-    (``sources``, by normaliser tag; ``start`` -1)."""
-
-    job: int
-    start: int
-    pixels: torch.Tensor | None
-    error: str = ""
-    tiles: EncodedTiles | None = None
-    decode: str = DECODED_ON_CPU
-    sources: dict[str, SlideStain] | None = None
-
-    def pin_memory(self) -> PatchBatch:
-        """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
-        return replace(self, pixels=self.pixels.pin_memory() if self.pixels is not None else None)
 
 
 def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
