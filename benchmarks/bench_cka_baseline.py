@@ -23,7 +23,8 @@ import torch
 from histotransfer.analysis import linear_cka
 from histotransfer.analysis.compare import BASELINE_SEED, baseline_encoder
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import create_encoder, prepare_patch
+from histotransfer.encoders import create_encoder
+from histotransfer.features import prepare_patch
 from histotransfer.slide import open_slide
 
 

@@ -77,16 +77,16 @@ import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder, create_encoders
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, extract_features, read_feature_file
-from histotransfer.features.encoders import create_encoders
+from histotransfer.features import extract_features, read_feature_file
 from histotransfer.features.extract import BatchEncoder, inference_model
 from histotransfer.features.gpu_decode import DecodedBatches, TileDecoder
 from histotransfer.features.loader import PatchBatches, SlideJob, default_workers, patch_loader
-from histotransfer.features.stain import write_reference_patches
 from histotransfer.patches import read_patch_file, write_patch_file
 from histotransfer.patches.tiling import tile_slides
 from histotransfer.runtime import check_precision, precision_context
+from histotransfer.stain import write_reference_patches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CMU = SHARED / "data" / "CMU-1-Small-Region.svs"

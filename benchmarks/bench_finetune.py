@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from histotransfer.features import Encoder, create_encoder, encoder_info
-from histotransfer.features.catalogue_vit import VIT_ENCODERS, token_pool, vit_stages
+from histotransfer.encoders import Encoder, create_encoder, encoder_info
+from histotransfer.encoders.vit import VIT_ENCODERS, token_pool, vit_stages
 from histotransfer.finetune.model import EndToEndMIL, Lora, checkpoint_units
 from histotransfer.mil import AttentionMIL
 from histotransfer.runtime import precision_context

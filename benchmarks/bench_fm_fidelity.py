@@ -36,8 +36,9 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import create_encoder, encoder_spec, load_state_dict_file, prepare_patch, registry
-from histotransfer.features.catalogue_vit import VIT_ENCODERS
+from histotransfer.encoders import create_encoder, encoder_spec, load_state_dict_file, registry
+from histotransfer.encoders.vit import VIT_ENCODERS
+from histotransfer.features import prepare_patch
 from histotransfer.slide import open_slide
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -14,7 +14,7 @@ each normalisation's per-slide and per-patch scope side by side (``--scope`` run
 The stain reference is the training cohort's average tissue: each training slide's patch most covered by
 tissue, fitted as one set (a single patch would bring its own mix of tissue, lesion and glass into the target).
 Patches go to the encoder at their tiled size (128 px): per patch, a patch is normalised only when it holds at
-least 500 stained pixels (``features.stain``), which the pale demo stroma reaches at that size but mostly not
+least 500 stained pixels (``histotransfer.stain``), which the pale demo stroma reaches at that size but mostly not
 when shrunk to 32 px. ``--stain-shift 0.6`` leaves each centre 0.4 of one stain (a fourfold difference between
 the centres); 0.3 is the demo slides' default. This is a measurement, not a test: it prints the numbers,
 whichever way they go.
@@ -42,9 +42,10 @@ import pandas as pd
 import torch
 
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import extract_features, write_reference_patches
+from histotransfer.features import extract_features
 from histotransfer.mil import evaluate_run, train_mil
 from histotransfer.patches import tile_slides
+from histotransfer.stain import write_reference_patches
 
 METHODS = ("none", "reinhard", "macenko")
 SCOPES = ("slide", "patch")

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from histotransfer.features import create_encoder
+from histotransfer.encoders import create_encoder
 
 ENCODERS = ("vit_large_patch16_224", "densenet121")
 

@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: stages depend only on earlier stages, through their front doors,
-without import cycles; and the command line starts without loading torch."""
+without import cycles and without importing another module's private names; and the command line starts without
+loading torch."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ from histotransfer.cli import COMMANDS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "histotransfer"
 # The pipeline's order: a stage may use the stages before it, never those after it.
-STAGES = ["slide", "patches", "features", "mil", "finetune", "analysis", "study"]
+STAGES = ["slide", "patches", "stain", "encoders", "features", "mil", "finetune", "analysis", "study"]
 # Modules that every stage may use (no stage of their own).
 BASE = {"errors", "_io", "_lazy", "provenance", "settings", "runtime", "formats", "batch", "__init__"}
 
 
-def imports() -> list[tuple[str, str, list[str], bool]]:
-    """(importing module, imported module, names, at module level) for every relative import of the package."""
+def type_checking_only(tree: ast.Module) -> set[int]:
+    """The ids of the imports made only for type checkers (inside ``if TYPE_CHECKING:``)."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return guarded
+
+
+def imports(with_type_checking: bool = True) -> list[tuple[str, str, list[str], bool]]:
+    """(importing module, imported module, names, at module level) for every relative import of the package,
+    wherever it is made (module level or inside a function); imports under ``if TYPE_CHECKING:`` only when
+    ``with_type_checking``."""
     found = []
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).with_suffix("")
@@ -28,8 +40,9 @@ def imports() -> list[tuple[str, str, list[str], bool]]:
         package = rel.parts[:-1]
         tree = ast.parse(path.read_text())
         top = {id(n) for n in tree.body}
+        skip = set() if with_type_checking else type_checking_only(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            if isinstance(node, ast.ImportFrom) and node.level >= 1 and id(node) not in skip:
                 base = list(package[: len(package) - (node.level - 1)]) if node.level > 1 else list(package)
                 target = ".".join([*base, *(node.module.split(".") if node.module else [])])
                 found.append((module, target, [a.name for a in node.names], id(node) in top))
@@ -55,12 +68,12 @@ def test_stages_use_only_earlier_stages_and_only_their_front_doors():
     assert problems == []
 
 
-def test_no_import_cycles_at_module_level():
+def test_no_import_cycles():
+    """No module imports itself through others, counting imports inside functions too (they run as soon as the
+    function does); only imports made for type checkers alone are left out, as they never run."""
     graph: dict[str, set[str]] = {}
     modules = {".".join(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")}
-    for module, target, names, top in imports():
-        if not top:
-            continue
+    for module, target, names, _ in imports(with_type_checking=False):
         for name in names:  # `from .pkg import module` imports the module itself
             candidate = f"{target}.{name}" if target else name
             edge = candidate if candidate in modules else target if target in modules else f"{target}.__init__"
@@ -83,6 +96,15 @@ def test_no_import_cycles_at_module_level():
         if node not in state:
             visit(node, [node])
     assert cycles == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore belongs to its module: another module that needs it gets it made public
+    there, or takes the code along. Dunder names (``__version__``) are public."""
+    private = [f"{module} imports {name} from {target or 'histotransfer'}"
+               for module, target, names, _ in imports() for name in names
+               if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))]
+    assert private == []
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], *([command, "--help"] for command in COMMANDS)])

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from histotransfer.analysis.cam import grad_cam
-from histotransfer.features import create_encoder
-from histotransfer.features.encoders import Encoder
-from histotransfer.features.registry import Stage
+from histotransfer.encoders import Encoder, Stage, create_encoder
 from histotransfer.mil import AttentionMIL
 
 pytestmark = pytest.mark.usefixtures("one_thread")

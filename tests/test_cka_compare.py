@@ -15,12 +15,13 @@ import torch
 
 from histotransfer.analysis import compare_encoders, linear_cka
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, source_sample
 from histotransfer.features.loader import resize_patch
 from histotransfer.patches import PatchReader, read_patch_file
 from histotransfer.patches.tiling import tile_slides
 from histotransfer.slide import open_slide
+from histotransfer.stain import source_sample
 
 INPUT = 32
 
@@ -166,7 +167,7 @@ def test_cka_command_passes_the_stain_scope_on(patches_dir, tmp_path):
     """--stain-scope reaches the encoders given by name: per-patch and per-slide normalisation are recorded
     with their own tags."""
     from histotransfer.cli import main
-    from histotransfer.features import stain_normalizer
+    from histotransfer.stain import stain_normalizer
 
     first = read_patch_file(sorted(patches_dir.glob("*.h5"))[0])
     x, y = (int(v) for v in first.coords[0])
@@ -197,7 +198,7 @@ FAILING_RANK = '''
 import datetime, sys
 import torch.distributed as dist
 from histotransfer.analysis import compare
-from histotransfer.features import create_encoder
+from histotransfer.encoders import create_encoder
 
 where, patches, out = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

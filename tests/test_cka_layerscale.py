@@ -16,8 +16,8 @@ import torch
 from histotransfer.analysis import compare_encoders, linear_cka
 from histotransfer.analysis.compare import baseline_encoder, cka_summary, sample_patches
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import create_encoder, registry
-from histotransfer.features.catalogue_vit import VIT_ENCODERS
+from histotransfer.encoders import create_encoder, registry
+from histotransfer.encoders.vit import VIT_ENCODERS
 from histotransfer.features.loader import PatchBatches
 from histotransfer.patches.tiling import tile_slides
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histotransfer.features import create_encoder
+from histotransfer.encoders import create_encoder
 from histotransfer.features.densenet_inference import DenseNetInference, NormReLUConv, is_densenet_encoder
 from histotransfer.features.extract import BatchEncoder, inference_model
 

@@ -8,21 +8,14 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
+from histotransfer.encoders import build as enc_module
+from histotransfer.encoders import create_encoder, encoder_id, encoder_info, list_encoders, register, registry
+from histotransfer.encoders.cnn import resnet_stages
 from histotransfer.errors import HistotransferError
-from histotransfer.features import (
-    create_encoder,
-    encoder_id,
-    encoder_info,
-    list_encoders,
-    register,
-    registry,
-)
-from histotransfer.features import encoders as enc_module
-from histotransfer.features.catalogue import resnet_stages
 from histotransfer.runtime import precision_context
 
 # Feature widths for truncate = 0, 1, 2, 3 (resnet18 and densenet121 as the study states them; the others
-# follow from torchvision's architectures and the stage split documented in histotransfer.features.encoders).
+# follow from torchvision's architectures and the stage split documented in histotransfer.encoders.build).
 EXPECTED_DIMS = {
     "resnet18": [512, 256, 128, 64],
     "resnet34": [512, 256, 128, 64],

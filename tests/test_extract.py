@@ -21,13 +21,8 @@ import torchvision.transforms.v2.functional as TF
 from conftest import torchrun_ranks
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import (
-    FeatureWriter,
-    create_encoder,
-    extract_features,
-    read_feature_file,
-    run_extraction,
-)
+from histotransfer.encoders import create_encoder
+from histotransfer.features import FeatureWriter, extract_features, read_feature_file, run_extraction
 from histotransfer.patches import PatchReader, read_patch_file, write_patch_file
 from histotransfer.patches.geometry import tiling_spec
 from histotransfer.patches.tiling import tile_slides

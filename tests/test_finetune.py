@@ -16,8 +16,9 @@ import torch
 from histotransfer._io import HOST
 from histotransfer.analysis import compare_encoders
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, extract_features, read_feature_file
+from histotransfer.features import extract_features, read_feature_file
 from histotransfer.finetune import finetune, run_encoder, save_encoder, select_top_k
 from histotransfer.finetune.data import topk_slides
 from histotransfer.finetune.model import EndToEndMIL

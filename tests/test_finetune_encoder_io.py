@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder
 from histotransfer.finetune import save_encoder
 from histotransfer.finetune.encoder_io import encoder_from_attrs
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import histotransfer.finetune.model as ft_model
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder
 from histotransfer.finetune.model import EndToEndMIL
 from histotransfer.mil import AttentionMIL
 

@@ -22,9 +22,10 @@ from timm.models.vision_transformer import Block
 
 import histotransfer.finetune.model as ft_model
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder, registry
+from histotransfer.encoders.vit import VIT_ENCODERS
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, extract_features, registry
-from histotransfer.features.catalogue_vit import VIT_ENCODERS
+from histotransfer.features import extract_features
 from histotransfer.finetune import finetune, save_encoder
 from histotransfer.finetune.model import EndToEndMIL, Lora, check_lora, merge_lora
 from histotransfer.finetune.settings import FinetuneSettings

@@ -25,10 +25,8 @@ from conftest import write_synthetic_slide
 from histotransfer.errors import HistotransferError
 from histotransfer.features import extract as extract_module
 from histotransfer.features import extract_features, read_feature_file
+from histotransfer.features.batches import DECODED_IN_MAIN, DECODED_ON_CPU, DECODED_ON_GPU
 from histotransfer.features.gpu_decode import (
-    DECODED_IN_MAIN,
-    DECODED_ON_CPU,
-    DECODED_ON_GPU,
     GPU_JPEG_TOLERANCE,
     DecodedBatches,
     TileDecoder,

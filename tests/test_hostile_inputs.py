@@ -21,8 +21,9 @@ import torch
 from histotransfer._io import HOST, h5_files
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, read_feature_file
+from histotransfer.features import read_feature_file
 from histotransfer.finetune import save_encoder
 from histotransfer.patches import read_patch_file
 

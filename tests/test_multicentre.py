@@ -20,17 +20,10 @@ from histotransfer.analysis.compare import sample_patches
 from histotransfer.cli import main
 from histotransfer.colour import slide_colour_stats
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder
 from histotransfer.errors import HistotransferError
-from histotransfer.features import (
-    ExtractSettings,
-    StainNormalizer,
-    create_encoder,
-    extract_features,
-    fit_reference,
-    write_reference_patches,
-)
+from histotransfer.features import ExtractSettings, extract_features
 from histotransfer.features.loader import resize_patch
-from histotransfer.features.stain import source_sample
 from histotransfer.finetune import finetune
 from histotransfer.finetune.settings import FinetuneSettings
 from histotransfer.finetune.train import augmentation_record, hed_augment
@@ -42,6 +35,7 @@ from histotransfer.patches import PatchReader, read_patch_file, tile_slides
 from histotransfer.patches.tiling import THUMBNAIL_SIDE
 from histotransfer.provenance import canonical_json
 from histotransfer.slide import open_slide
+from histotransfer.stain import StainNormalizer, fit_reference, source_sample, write_reference_patches
 from histotransfer.study import load_study, run_study
 from histotransfer.study.runner import _cka_settings
 
@@ -165,7 +159,7 @@ def test_a_fitted_target_json_or_slide_region_is_the_same_reference(cohort, extr
     x, y = (int(v) for v in cohort["region"].rsplit("@", 1)[1].split(",")[:2])
     with open_slide(cohort["demo"].slides[0]) as slide:
         pixels = slide.read_region((x, y), 0, (256, 256))
-    from histotransfer.features import fit_reference
+    from histotransfer.stain import fit_reference
 
     assert fit_reference("reinhard", cohort["region"]).to_dict() == \
         StainNormalizer.fit("reinhard", pixels).to_dict()

@@ -17,8 +17,9 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
 from histotransfer.demo_slides import make_demo_slides
-from histotransfer.features import encoder_spec, list_encoders, prepare_patch
-from histotransfer.features.catalogue_vit import VIT_ENCODERS
+from histotransfer.encoders import encoder_spec, list_encoders
+from histotransfer.encoders.vit import VIT_ENCODERS
+from histotransfer.features import prepare_patch
 from histotransfer.features.extract import settings_fingerprint
 from histotransfer.features.loader import resize_patch
 from histotransfer.features.settings import EncoderChoice, ExtractSettings

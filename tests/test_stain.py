@@ -14,7 +14,8 @@ from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNo
 from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.demo_slides import render_tissue
 from histotransfer.errors import HistotransferError
-from histotransfer.features.stain import HedJitter, StainNormalizer, _macenko_fit, load_reference
+from histotransfer.stain import HedJitter, StainNormalizer, load_reference
+from histotransfer.stain.normalise import _macenko_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PATCH = 128

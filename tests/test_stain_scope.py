@@ -17,10 +17,10 @@ from histotransfer.analysis.settings import CkaSettings
 from histotransfer.demo_slides import make_demo_slides, render_tissue
 from histotransfer.errors import HistotransferError
 from histotransfer.features import ExtractSettings, extract_features
-from histotransfer.features.stain import SOURCE_PATCHES, SlideStain, StainNormalizer, source_sample
 from histotransfer.mil import evaluate_run, train_mil
 from histotransfer.patches import PatchReader, read_patch_file, tile_slides
 from histotransfer.slide import open_slide
+from histotransfer.stain import SOURCE_PATCHES, SlideStain, StainNormalizer, source_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PATCH = 128

@@ -30,17 +30,10 @@ from torch import nn
 from histotransfer.analysis import compare_encoders, linear_cka
 from histotransfer.cli import main
 from histotransfer.demo_slides import make_demo_slides
+from histotransfer.encoders import create_encoder, describe_encoder, encoder_id, encoder_info, registry
+from histotransfer.encoders.vit import VIT_ENCODERS
 from histotransfer.errors import HistotransferError
-from histotransfer.features import (
-    EncoderChoice,
-    create_encoder,
-    describe_encoder,
-    encoder_id,
-    encoder_info,
-    read_feature_file,
-    registry,
-)
-from histotransfer.features.catalogue_vit import VIT_ENCODERS
+from histotransfer.features import EncoderChoice, read_feature_file
 from histotransfer.finetune import encoder_from_attrs, finetune
 from histotransfer.mil import evaluate_run, train_mil
 from histotransfer.patches import PatchReader, read_patch_file

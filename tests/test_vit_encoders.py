@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from timm.layers import SwiGLUPacked
 from torch import nn
 
+from histotransfer.encoders import create_encoder, encoder_id, encoder_info, registry
+from histotransfer.encoders.vit import VIT_ENCODERS, vit_blocks_encoder
+from histotransfer.encoders.weights import hub_path
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, encoder_id, encoder_info, registry
-from histotransfer.features.catalogue_vit import VIT_ENCODERS, vit_blocks_encoder
-from histotransfer.features.weights import hub_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,7 +158,7 @@ def _dinov2_state(hidden: int, layers: int, patch: int = 16, grid: int = 14, dev
 def test_phikon_v2_published_dinov2_layout_matches_full_size():
     """Phikon-v2's transformers layout (ViT-L/16: 1024 wide, 24 layers, 14x14 + 1 positions) converts to
     exactly our network's keys and shapes."""
-    from histotransfer.features.weights import dinov2_to_timm
+    from histotransfer.encoders.weights import dinov2_to_timm
 
     published = dinov2_to_timm(_dinov2_state(1024, 24, device="meta"))
     assert _shapes(published) == _ours_on_meta("phikon-v2")

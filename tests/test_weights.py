@@ -12,9 +12,9 @@ import torch
 import torchvision.models as tvm
 from safetensors.torch import save_file
 
+from histotransfer.encoders import create_encoder, load_state_dict_file
+from histotransfer.encoders import weights as weights_module
 from histotransfer.errors import HistotransferError
-from histotransfer.features import create_encoder, load_state_dict_file
-from histotransfer.features import weights as weights_module
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DENSENET = SHARED / "weights" / "densenet121_imagenet_from_keras.safetensors"

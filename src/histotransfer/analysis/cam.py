@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import Encoder
+from ..encoders import Encoder
 from ..mil import AttentionMIL
 from ..runtime import precision_context
 

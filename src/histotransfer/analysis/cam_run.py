@@ -44,19 +44,9 @@ from .._io import (
 from .._read import read_csv
 from ..annotations import Annotation, load_annotation
 from ..batch import REPORT_COLUMNS, BatchReport, SlideResult, error_result, summarize
+from ..encoders import Encoder, Preprocessing, encoder_spec
 from ..errors import HistotransferError, ProvenanceError
-from ..features import (
-    Encoder,
-    FeatureBag,
-    Preprocessing,
-    StainNormalizer,
-    encoder_spec,
-    normalise_pixels,
-    prepare_patch,
-    read_feature_file,
-    recorded_normalizer,
-    recorded_source,
-)
+from ..features import FeatureBag, normalise_pixels, prepare_patch, read_feature_file
 from ..finetune import run_encoder
 from ..formats import open_h5, stamp
 from ..mil import (
@@ -82,6 +72,7 @@ from ..patches import PatchReader, PatchSet, read_patch_file
 from ..provenance import canonical_json, json_fingerprint
 from ..runtime import resolve_device
 from ..slide import check_identity, locate_slide, open_slide, parse_identity, slide_index
+from ..stain import StainNormalizer, recorded_normalizer, recorded_source
 from .cam import POSITIVE_CLASS, CamResult, grad_cam
 from .settings import CamSettings
 

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cka(args: argparse.Namespace) -> int:
-    from ..features import stain_normalizer
+    from ..stain import stain_normalizer
     from .compare import cka_summary, compare_encoders, resolve_encoder
 
     t0 = time.perf_counter()

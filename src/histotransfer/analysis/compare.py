@@ -60,28 +60,14 @@ from timm.layers import LayerScale
 from tqdm.auto import tqdm
 
 from .._io import atomic_path, output_folder, remove_stale_temp_folders, temp_folder, write_csv, write_json
+from ..encoders import Encoder, Preprocessing, create_encoder, is_file_label
 from ..errors import HistotransferError, one_line
-from ..features import (
-    Encoder,
-    PatchBatches,
-    Preprocessing,
-    SlideJob,
-    SlideStain,
-    StainNormalizer,
-    create_encoder,
-    is_file_label,
-    normalise_pixels,
-    patch_loader,
-    prepare_patch,
-    recorded_normalizer,
-    source_sample,
-    stain_normalizer,
-    stain_tag,
-)
+from ..features import PatchBatches, SlideJob, normalise_pixels, patch_loader, prepare_patch
 from ..finetune import ENCODER_FILE, encoder_from_attrs, run_encoder_attrs
 from ..patches import find_tiling, read_patch_file
 from ..runtime import Ranks, joined, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
+from ..stain import SlideStain, StainNormalizer, recorded_normalizer, source_sample, stain_normalizer, stain_tag
 from .cka import StreamingCKA, centred_gram, gram_cka
 from .settings import CkaSettings
 

@@ -71,7 +71,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _stain_fit(args: argparse.Namespace) -> int:
-    from .stain import fit_reference, write_stain_target
+    from ..stain import fit_reference, write_stain_target
 
     normalizer = fit_reference(args.method, args.ref)
     path = write_stain_target(normalizer, args.out)
@@ -80,7 +80,7 @@ def _stain_fit(args: argparse.Namespace) -> int:
 
 
 def _encoders(args: argparse.Namespace) -> int:
-    from .registry import encoder_info, list_encoders
+    from ..encoders import encoder_info, list_encoders
 
     print(f"{'name':26} {'family':15} {'dims (truncate 0/1/2/3)':24} {'weights':12} {'top-1':>6}  notes")
     for name in list_encoders():

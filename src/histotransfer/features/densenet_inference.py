@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
-from .encoders import Encoder
+from ..encoders import Encoder
 
 # A channel whose kink -b/a lies beyond this is constant: relu(a*x + b) == relu(b) for every |x| below it
 # (activations are many orders smaller), and -b/a itself could overflow float32.

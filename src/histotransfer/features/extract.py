@@ -48,19 +48,19 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._io import LOCK_SUFFIX, ItemLock, output_folder, remove_stale_temps, write_csv, write_json
 from ..batch import BatchReport, SlideResult, error_result
+from ..encoders import Encoder, Preprocessing, create_encoders, describe_encoder, encoder_id
 from ..errors import FormatError, HistotransferError, ProvenanceError
 from ..patches import TilingFolder, find_tiling, read_patch_file
 from ..provenance import canonical_json, json_fingerprint
 from ..runtime import Ranks, check_precision, joined, precision_context, resolve_device, shard
 from ..slide import check_identity, locate_slide, open_slide, slide_index
+from ..stain import SlideStain, StainNormalizer, source_sample, stain_normalizer
+from .batches import PatchBatch
 from .densenet_inference import DenseNetInference, is_densenet_encoder
-from .encoders import Encoder, create_encoders, describe_encoder, encoder_id
 from .feature_file import FeatureWriter, first_non_finite, read_feature_attrs
 from .gpu_decode import DecodedBatches, TileDecoder, resolve_decode
-from .loader import SOURCE_ITEM, PatchBatch, PatchBatches, SlideJob, default_workers, patch_loader
-from .registry import Preprocessing
+from .loader import SOURCE_ITEM, PatchBatches, SlideJob, default_workers, patch_loader
 from .settings import EncoderChoice, ExtractSettings
-from .stain import SlideStain, StainNormalizer, source_sample, stain_normalizer
 
 REPORT_NAME = "extract.csv"
 FOLDER_RECORD = "features.json"

@@ -27,9 +27,9 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from ..errors import HistotransferError, one_line
 from ..patches import PatchSpec
 from ..slide import Slide, TiledTiff, open_tiled_tiff
-
-if TYPE_CHECKING:
-    from .loader import PatchBatch
+from .batches import DECODED_IN_MAIN, DECODED_ON_GPU, EncodedTiles, PatchBatch
 
 # torchvision 0.29 marks its JPEG codec deprecated in favour of TorchCodec, which has no batched nvJPEG decode of
 # in-memory streams yet; the codec works, so its warning (raised on every call) is silenced here, by message.
@@ -52,36 +50,6 @@ GPU_JPEG_TOLERANCE = 3
 # A mean difference above this between the GPU's and the CPU's decode of an RGB-coded tile means the GPU decoder
 # took its components for YCbCr (IDCT differences average well under one level; a wrong colour transform, tens).
 RGB_CHECK_MEAN = 2.0
-# What the ``decode`` attr of a feature file says: tiles decoded by the loader processes (or the slide's
-# backend), by nvJPEG on the GPU, or by libjpeg-turbo in the main process (the GPU path run on a CPU device).
-DECODED_ON_CPU, DECODED_ON_GPU, DECODED_IN_MAIN = "cpu", "gpu", "cpu-main"
-
-
-@dataclass
-class EncodedTiles:
-    """The compressed JPEG tiles a batch of B patches needs, each distinct tile once, and where they land.
-
-    ``origins[b]`` is patch b's top-left level pixel (x, y) and its first covered tile column and row;
-    ``grid[b, r, c]`` the stream of the tile at that many rows and columns from it, or T (the number of
-    streams: a white tile) for a sparse tile and in the last row and column, where pixels outside the level go.
-    """
-
-    data: np.ndarray  # uint8: the streams back to back
-    bounds: np.ndarray  # int64 (T + 1,): stream i is data[bounds[i]:bounds[i + 1]]
-    origins: np.ndarray  # int64 (B, 4): x, y, first tile column, first tile row
-    grid: np.ndarray  # int64 (B, R + 1, C + 1)
-    tile_size: tuple[int, int]  # (w, h)
-    level_size: tuple[int, int]  # (w, h)
-    read_size: int  # patch side read from the level
-    patch_size: int  # patch side after the level is resized to the target resolution
-    out_size: int  # patch side handed to the encoder
-    rgb: bool  # the streams are RGB-coded (with the Adobe marker that says so)
-    slide: str  # the slide file, for messages
-
-    def streams(self) -> list[torch.Tensor]:
-        """The JPEG streams as 1-D uint8 tensors (views of ``data``), as decode_jpeg takes them."""
-        data = torch.from_numpy(self.data)
-        return [data[a:b] for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
 
 
 class TileSource:

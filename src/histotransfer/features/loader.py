@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..encoders import Preprocessing
 from ..errors import one_line
 from ..patches import PatchReader, PatchSpec
 from ..slide import Slide, open_slide
-from .gpu_decode import DECODED_ON_CPU, EncodedTiles, TileSource
-from .registry import Preprocessing
-from .stain import SlideStain, StainNormalizer
+from ..stain import StainNormalizer
+from .batches import PatchBatch
+from .gpu_decode import TileSource
 
 OPEN_SLIDES_PER_WORKER = 2
 
@@ -44,7 +45,7 @@ OPEN_SLIDES_PER_WORKER = 2
 class SlideJob:
     """One slide to read: its patch coords (level-0 top-left), how to cut them, the fingerprint and slide
     identity of the patch file they come from (recorded in the outputs), and the coords of the patches its
-    source stain is estimated on (``features.stain.source_sample`` of the patch file's coords; needed with a
+    source stain is estimated on (``stain.source_sample`` of the patch file's coords; needed with a
     per-slide stain normaliser)."""
 
     slide_id: str
@@ -55,26 +56,6 @@ class SlideJob:
     fingerprint: str = ""
     identity: dict[str, Any] | None = None
     stain_sample: np.ndarray | None = None
-
-
-@dataclass
-class PatchBatch:
-    """Pixels (B, S, S, 3) uint8 of rows ``start:start+B`` of slide ``job``, or their compressed tiles (to be
-    decoded on the GPU), or the error reading them; ``decode`` says where the tiles were decoded. The item
-    that opens a slide's batches under per-slide normalisation holds instead the slide's source estimates
-    (``sources``, by normaliser tag; ``start`` -1)."""
-
-    job: int
-    start: int
-    pixels: torch.Tensor | None
-    error: str = ""
-    tiles: EncodedTiles | None = None
-    decode: str = DECODED_ON_CPU
-    sources: dict[str, SlideStain] | None = None
-
-    def pin_memory(self) -> PatchBatch:
-        """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
-        return replace(self, pixels=self.pixels.pin_memory() if self.pixels is not None else None)
 
 
 def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
+from ..encoders import Preprocessing
 from ..errors import HistotransferError, ProvenanceError, one_line
-from ..features import PatchBatch, PatchBatches, Preprocessing, SlideJob, read_feature_attrs
+from ..features import PatchBatch, PatchBatches, SlideJob, read_feature_attrs
 from ..patches import PatchReader, read_patch_file
 from ..slide import check_identity, locate_slide, open_slide, slide_index
 

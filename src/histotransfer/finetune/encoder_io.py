@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .._io import write_torch
+from ..encoders import Encoder, create_encoder, encoder_spec, is_file_label
 from ..errors import HistotransferError
-from ..features import Encoder, create_encoder, encoder_spec, is_file_label
 
 ENCODER_FILE = "encoder.pt"
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..encoders import Encoder, create_encoder
 from ..errors import HistotransferError
-from ..features import Encoder, create_encoder
 from ..mil import AttentionMIL
 from .settings import LORA_TARGETS, FinetuneSettings
 

@@ -28,22 +28,16 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._io import ItemLock, file_sha256, output_folder, remove_stale_temps, write_csv, write_json
 from .._read import read_csv
+from ..encoders import Preprocessing, create_encoder, encoder_info, encoder_spec
 from ..errors import HistotransferError
 from ..features import (
     PatchBatches,
-    Preprocessing,
     SlideJob,
-    StainNormalizer,
-    create_encoder,
     encoder_attrs,
-    encoder_info,
-    encoder_spec,
     extract_features,
     normalise_pixels,
     read_feature_attrs,
     read_feature_file,
-    recorded_normalizer,
-    write_stain_target,
 )
 from ..mil import (
     SPLITS,
@@ -62,6 +56,7 @@ from ..mil import (
     write_run_outputs,
 )
 from ..runtime import Ranks, check_precision, joined, resolve_device
+from ..stain import StainNormalizer, recorded_normalizer, write_stain_target
 from .data import SlidesArg, TopKSlide, topk_slides
 from .encoder_io import ENCODER_FILE, encoder_from_attrs, save_encoder
 from .model import EndToEndMIL, check_lora, lora_of, merge_lora

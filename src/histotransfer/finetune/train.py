@@ -30,19 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._io import write_torch
+from ..encoders import Preprocessing
 from ..errors import HistotransferError, one_line
-from ..features import (
-    HedJitter,
-    PatchBatch,
-    Preprocessing,
-    SlideStain,
-    StainNormalizer,
-    normalise_pixels,
-    read_feature_attrs,
-    recorded_source,
-)
+from ..features import PatchBatch, normalise_pixels, read_feature_attrs
 from ..mil import FitResult, validation_scores
 from ..runtime import Ranks, precision_context
+from ..stain import HedJitter, SlideStain, StainNormalizer, recorded_source
 from .data import TopKSlide, bag_loader
 from .model import EndToEndMIL
 from .settings import FinetuneSettings

@@ -52,7 +52,7 @@ class Checker:
                  listed: bool = True, blocks: int | None = None) -> list[EncoderConfig]:
         """Check an encoder against the registry (imported lazily: torch) and expand its truncations (``listed``:
         given as the list ``truncations``, else as one ``truncation``), or check its ``blocks``."""
-        from ..features import encoder_info, list_encoders, resolve_weights
+        from ..encoders import encoder_info, list_encoders, resolve_weights
 
         names = list_encoders()
         if name not in names:
@@ -181,7 +181,7 @@ class Checker:
 
     def stain_reference(self, value: str, where: str) -> str | None:
         """A stain reference with its path made absolute (a slide region ``SLIDE@x,y,w,h``: its slide's)."""
-        from ..features import SLIDE_REGION
+        from ..stain import SLIDE_REGION
 
         region = SLIDE_REGION.match(value)
         if region is not None and not (self.base / value).exists() and not Path(value).exists():

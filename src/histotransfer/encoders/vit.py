@@ -2,7 +2,7 @@
 
 Each entry is timm's ``VisionTransformer`` built with the keyword arguments its authors publish (model card or
 reference code, cited in ``reference``), so their checkpoints load strictly under timm's key names; Phikon-v2
-is published as a transformers ``Dinov2Model``, whose keys :mod:`histotransfer.features.weights` renames.
+is published as a transformers ``Dinov2Model``, whose keys :mod:`histotransfer.encoders.weights` renames.
 
 Stages: ``stem`` = patch embedding, class and register tokens, position embedding (with timm's pos_drop,
 patch_drop and norm_pre), then four stages of blocks, each a quarter of the depth (``blocks1-6`` ..
@@ -41,11 +41,12 @@ from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import nn
 
 from ..errors import HistotransferError
-from . import catalogue  # noqa: F401  (the CNNs are registered, and listed, first whichever is imported first)
-from .encoders import Encoder, create_encoder
+from . import cnn  # noqa: F401  (the CNNs are registered, and listed, first whichever is imported first)
+from .build import Encoder, create_encoder
 from .registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BlockCuts,
     Checkpoint,
     HubFile,
     Preprocessing,
@@ -243,6 +244,9 @@ def block_by_block(encoder: Encoder) -> Encoder:
                    encoder.preprocessing, encoder.pool, encoder.weights_label, encoder.blocks).eval()
 
 
+VIT_CUTS = BlockCuts(blocks_truncation, keep_blocks, block_by_block)
+
+
 def vit_blocks_encoder(name: str, weights: str | None, blocks: int) -> Encoder:
     """ViT ``name`` with ``weights`` keeping exactly its first ``blocks`` transformer blocks, then the final norm
     and the model's pooling: ``create_encoder(name, weights, blocks=blocks)`` (see :func:`keep_blocks`)."""
@@ -286,7 +290,8 @@ def _register(name: str, config: ViTConfig, *, weights: WeightsOption, architect
               preprocessing: Preprocessing, reference: str) -> None:
     VIT_ENCODERS[name] = config
     register(name, stages=vit_stages, weights=[weights], architecture=architecture, family=family,
-             preprocessing=preprocessing, pool=token_pool(config.pooling), reference=reference)(config.build)
+             preprocessing=preprocessing, pool=token_pool(config.pooling), reference=reference,
+             cuts=VIT_CUTS)(config.build)
 
 
 def _at_224(mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,

@@ -1,10 +1,11 @@
 """Patch encoders built from the registry: a network's kept stages and its pooling, with named weights.
 
-An encoder maps a batch of patches prepared as its registry entry says (resized and cropped by ``loader.prepare_patch``,
-then :meth:`Encoder.preprocess`: RGB in [0, 1] normalised by the entry's mean and std) to (B, D) features: the pooled
-output of its last kept stage (for CNNs the global average of the stage's map, exactly as torchvision computes the
-pooled features before the classifier). ``truncate=k`` keeps all but the last ``k`` stages after the stem; for
-transformer encoders ``blocks=n`` keeps exactly their first ``n`` blocks (``catalogue_vit.keep_blocks``).
+An encoder maps a batch of patches prepared as its registry entry says (resized and cropped by the patch
+loader's ``prepare_patch``, then :meth:`Encoder.preprocess`: RGB in [0, 1] normalised by the entry's mean and
+std) to (B, D) features: the pooled output of its last kept stage (for CNNs the global average of the stage's
+map, exactly as torchvision computes the pooled features before the classifier). ``truncate=k`` keeps all but
+the last ``k`` stages after the stem; for transformer encoders ``blocks=n`` keeps exactly their first ``n``
+blocks (the entry's :class:`~.registry.BlockCuts`, which its catalogue gives).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..errors import HistotransferError
 from ..runtime import PRECISIONS
-from .registry import Preprocessing, Stage, check_truncate, encoder_spec, meta_stages, pooled_width
+from .registry import Preprocessing, Stage, block_cuts, check_truncate, encoder_spec, meta_stages, pooled_width
 from .weights import apply_state_dict, load_state_dict_file, resolve_weights, weights_file, weights_file_sha256
 
 RANDOM_INIT_SEED = 0
@@ -86,15 +87,12 @@ class Encoder(nn.Module):
         rebuilt from its ``truncate``."""
         if blocks is None:
             return self
-        from .catalogue_vit import keep_blocks
-
-        return keep_blocks(self, blocks)
+        return block_cuts(encoder_spec(self.name), f"blocks={blocks!r}", "use truncate for it").keep(self, blocks)
 
     def per_block(self) -> Encoder:
         """This transformer encoder with every block a stage of its own, sharing its modules (CKA per block)."""
-        from .catalogue_vit import block_by_block
-
-        return block_by_block(self)
+        cuts = block_cuts(encoder_spec(self.name), "comparing block by block", "drop per_block to compare its stages")
+        return cuts.per_block(self)
 
     def extra_repr(self) -> str:
         depth = "" if self.blocks is None else f", blocks={self.blocks}"
@@ -108,9 +106,8 @@ def _depth_tag(truncate: int, blocks: int | None) -> str:
 def check_blocks(name: str, truncate: int | Sequence[int], blocks: int) -> int:
     """Refuse ``blocks`` for a CNN, out of range, or with a truncation other than 0 or the one ``blocks``
     implies; returns that truncation (the quarter stages left out entirely)."""
-    from .catalogue_vit import blocks_truncation
-
-    implied = blocks_truncation(name, blocks)
+    cuts = block_cuts(encoder_spec(name), f"blocks={blocks!r}", "use truncate for it")
+    implied = cuts.truncation(name, blocks)
     for t in [truncate] if isinstance(truncate, int) else truncate:
         if t not in (0, implied):
             raise HistotransferError(f"truncate={t!r} with blocks={blocks}: blocks sets the depth of {name} by "

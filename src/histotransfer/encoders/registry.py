@@ -1,16 +1,16 @@
 """The encoder registry: what every patch encoder is, behind one name.
 
 An entry (:class:`EncoderSpec`) says how to build the untrained network, how to split it into a stem and
-stages (what truncation cuts and CKA compares), how its pixels are prepared (:class:`Preprocessing`: resize
-method, crop, mean and std, as its model card's transform does), how its last kept stage becomes one vector
-(``pool``) and which named weights it has (:class:`WeightsOption`). Entries are added with :func:`register`;
-the catalogue modules (``catalogue``, ``catalogue_vit``) hold the registered encoders and are loaded on first
-lookup, as timm loads its model modules.
+stages (what truncation cuts and CKA compares), how its pixels are prepared (:class:`Preprocessing`, as timm's
+pretrained config does), how its last kept stage becomes one vector (``pool``) and which named weights it has
+(:class:`WeightsOption`); a transformer's entry also says how it is cut by blocks (:class:`BlockCuts`). Entries
+are added with :func:`register`. This module imports no catalogue: the catalogue modules (``cnn``, ``vit``) register
+their encoders into it when imported, and the package's front door looks encoders up through ``zoo``, which imports
+them all first, as timm's ``_registry`` is filled by its model modules.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +22,6 @@ from ..errors import HistotransferError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CATALOGUES = ("histotransfer.features.catalogue", "histotransfer.features.catalogue_vit")
 RANDOM = "random"
 
 
@@ -155,6 +154,20 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class BlockCuts:
+    """How a transformer's catalogue cuts it by blocks rather than by stages.
+
+    ``truncation(name, blocks)`` is the number of stages that keeping the first ``blocks`` blocks leaves out
+    entirely (after checking ``blocks``); ``keep(encoder, blocks)`` is a built encoder cut after exactly its
+    first ``blocks`` blocks; ``per_block(encoder)`` is the encoder with each block a stage of its own.
+    """
+
+    truncation: Callable[[str, int], int]
+    keep: Callable[[Any, int], Any]
+    per_block: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """A registry entry (see the module docstring)."""
 
@@ -168,6 +181,7 @@ class EncoderSpec:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     pool: Callable[[nn.Module, list[Stage]], nn.Module] | None = None
     reference: str = ""
+    cuts: BlockCuts | None = None
 
     def weights_option(self, name: str) -> WeightsOption:
         """The named weights of this encoder (an error listing the names it has otherwise)."""
@@ -181,7 +195,6 @@ class EncoderSpec:
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
-_loaded = False
 
 
 def register(
@@ -195,11 +208,13 @@ def register(
     preprocessing: Preprocessing | None = None,
     pool: Callable[[nn.Module, list[Stage]], nn.Module] | None = None,
     reference: str = "",
+    cuts: BlockCuts | None = None,
 ) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
     """Decorator adding an encoder under ``name``; the decorated function builds the untrained network.
 
     ``default_weights`` is what ``weights=None`` (and the CLI default) means: the first option unless given.
     ``pool`` turns the last kept stage's output into (B, D) features (default: global average pooling).
+    ``cuts`` (transformers only) says how the network is cut by blocks.
     """
 
     def add(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -210,33 +225,32 @@ def register(
         if default != RANDOM and default not in options:
             raise ValueError(f"encoder '{name}': default weights '{default}' are not among its weights")
         _REGISTRY[name] = EncoderSpec(name, build, stages, architecture or build.__name__, family, options,
-                                      default, preprocessing or Preprocessing(), pool, reference)
+                                      default, preprocessing or Preprocessing(), pool, reference, cuts)
         return build
 
     return add
 
 
-def _load_catalogues() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in CATALOGUES:
-            importlib.import_module(module)
-
-
 def list_encoders() -> list[str]:
     """Names of all registered encoders, in registration order."""
-    _load_catalogues()
     return list(_REGISTRY)
 
 
 def encoder_spec(name: str) -> EncoderSpec:
     """The registry entry of ``name``."""
-    _load_catalogues()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise HistotransferError(f"unknown encoder '{name}'; choose one of: {', '.join(_REGISTRY)}.") from None
+
+
+def block_cuts(spec: EncoderSpec, what: str, instead: str) -> BlockCuts:
+    """How entry ``spec`` is cut by blocks; for an encoder that is not a transformer, an error saying that ``what``
+    applies to transformers only and what to do ``instead``."""
+    if spec.cuts is None:
+        names = ", ".join(name for name, entry in _REGISTRY.items() if entry.cuts is not None)
+        raise HistotransferError(f"{what} applies to transformer encoders ({names}), not {spec.name}; {instead}.")
+    return spec.cuts
 
 
 def meta_stages(spec: EncoderSpec) -> list[Stage]:
@@ -265,8 +279,6 @@ def encoder_info(name: str) -> dict[str, Any]:
     """What the registry knows about an encoder, without loading weights (for tables and listings);
     ``transformer_blocks`` is a transformer's depth (what ``blocks`` may keep), None for a CNN."""
     spec = encoder_spec(name)
-    from .catalogue_vit import VIT_ENCODERS  # here: the catalogue imports this module
-
     with torch.device("meta"):
         model = spec.build()
         stages = spec.stages(model)
@@ -281,7 +293,7 @@ def encoder_info(name: str) -> dict[str, Any]:
         "stage_names": [s.name for s in stages],
         "feature_dims": [pooled_width(pools[k], stages[n - k].channels) for k in range(n)],
         "n_params": sum(p.numel() for s in stages for p in s.module.parameters()),
-        "transformer_blocks": sum(1 for s in stages[1:] for _ in s.module.children()) if name in VIT_ENCODERS
+        "transformer_blocks": sum(1 for s in stages[1:] for _ in s.module.children()) if spec.cuts is not None
         else None,
         "default_weights": spec.default_weights,
         "weights": {w.name: weights_info(w) for w in spec.weights.values()},
