@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from histotransfer.mil import train_mil
 from histotransfer.mil.settings import MilSettings
@@ -17,12 +16,7 @@ from histotransfer.mil.train import balance_weights, epoch_order, training_weigh
 ENCODER = {"encoder": "resnet18", "encoder_id": "resnet18-random-t2", "truncate": 2, "weights": "random"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_centres() -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from histotransfer.cli import main
@@ -24,12 +23,7 @@ from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 ENCODER = {"encoder": "resnet18", "encoder_id": "resnet18-random-t0", "truncate": 0, "weights": "random"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table(n_patients: int, slides_per_patient: int = 1, positives: int | None = None) -> SimpleNamespace:

@@ -32,14 +32,7 @@ ENCODER = dict(encoder="resnet18", weights="random", truncate=2)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs: one thread avoids OpenMP spin-waiting on a shared, loaded machine (and matches the
-    subprocesses below, run with OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid_patch_file(patches_dir: Path, slide_path: Path, slide_id: str, n_side: int, step_fraction: float = 1.0,

@@ -33,12 +33,7 @@ EXTRACT = ["--encoder", "resnet18", "--weights", "random", "--truncate", "3", "-
 TILING = "10x_64px_0px_overlap"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digests(folder: Path) -> dict[str, str]:

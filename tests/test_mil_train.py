@@ -31,13 +31,7 @@ ENCODER = {"encoder": "densenet121", "encoder_id": "densenet121-imagenet-t2", "t
            "weights_sha256": "ab" * 32, "input_size": [224, 224]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These bags are tiny: one thread is faster than two and keeps timings steady on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cohort(folder: Path, n_slides: int, seed: int, **kw) -> tuple[Path, Path, list]:
