@@ -10,8 +10,10 @@ whose share of positives differs, and at chance within each group. The verdict w
 * the **colour-only AUC**, which only bounds what colour can tell from below (a linear model on colour may
   miss a centre that colour separates perfectly).
 
-It warns when group membership is beyond chance and the model's pooled AUC comes within ``margin`` of it, or
-the within-group AUC is near chance (mean below ``WITHIN_FLOOR``, or, with an informative group, an interval
+It warns when group membership is beyond chance and the model's pooled AUC comes within ``margin`` of it while
+exceeding what the model's ranking within the groups supports (above the within-group interval: a model that reads
+the tissue ranks slides across groups about as well as within them, however confounded the cohort), or the
+within-group AUC is near chance (mean below ``WITHIN_FLOOR``, or, with an informative group, an interval
 that reaches 0.5), or the test split alone is so confounded that the group reaches the model's test AUC. Colour
 alone coming within the margin of the model is a reason only where no within-group AUC exists.
 """
@@ -104,7 +106,8 @@ def shortcut_verdict(model_auc: float, group: Mapping[str, Any] | None = None,
         elif informative and within["ci_low"] <= 0.5:
             reasons.append(f"the model's mean within-{group_name} AUC, {_fmt_within(within)}, cannot be told from "
                            "chance on these slides")
-    if informative and model_auc <= (g := dict(group or {}))["auc"] + margin:
+    explained = not has_within or within["ci_high"] < model_auc  # type: ignore[index]
+    if informative and explained and model_auc <= (g := dict(group or {}))["auc"] + margin:
         reasons.append(f"{group_name} alone reaches AUC {g['auc']:.3f} (permutation p={g['p_value']:.2g}), "
                        f"within {margin:.2f} of the model's {model_auc:.3f}")
     test_auc = (test_group or {}).get("auc")
