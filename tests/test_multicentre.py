@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from histotransfer.analysis import compare_encoders, write_cams
-from histotransfer.analysis.compare import sample_patches
+from histotransfer.analysis.cka_activations import sample_patches
 from histotransfer.cli import main
 from histotransfer.colour import slide_colour_stats
 from histotransfer.demo_slides import make_demo_slides
