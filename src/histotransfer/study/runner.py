@@ -29,16 +29,8 @@ from .figures import draw_figures
 from .grid import Study
 from .planner import plan
 from .report import write_report
-from .tables import (
-    build_tables,
-    cka_stages,
-    finetune_runs,
-    localisation_runs,
-    localisation_table,
-    mil_runs,
-    shortcut_table,
-    write_tables,
-)
+from .runs import cka_stages, finetune_runs, localisation_runs, mil_runs
+from .tables import build_tables, localisation_table, shortcut_table, write_tables
 from .work import WORK, Context
 
 CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "stain", "seed", "status", "seconds", "message",
