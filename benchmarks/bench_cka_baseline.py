@@ -1,7 +1,7 @@
 """Why a LayerScale ViT's CKA baseline is drawn without LayerScale: how far a random network's blocks move its tokens.
 
 For a random initialisation of ``--encoder`` (default UNI's ViT-L/16, LayerScale ``init_values=1e-5``), as drawn
-(gains 1e-5) and as the CKA baseline draws it (``analysis.compare.baseline_encoder``: gains 1, timm's
+(gains 1e-5) and as the CKA baseline draws it (``analysis.cka_encoders.baseline_encoder``: gains 1, timm's
 initialisation of the architecture without LayerScale), prints linear CKA of the stem's tokens with each
 stage's (each patch's tokens averaged, and flattened), on the demo's patches prepared by the encoder's record.
 As drawn, every stage equals the stem (1.000000): a baseline of such draws is a random patch embedding at every
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from histotransfer.analysis import linear_cka
-from histotransfer.analysis.compare import BASELINE_SEED, baseline_encoder
+from histotransfer.analysis.cka_encoders import BASELINE_SEED, baseline_encoder
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.encoders import create_encoder
 from histotransfer.features import prepare_patch

@@ -18,6 +18,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "histotransfer"
 STAGES = ["slide", "patches", "stain", "encoders", "features", "mil", "finetune", "analysis", "study"]
 # Modules that every stage may use (no stage of their own).
 BASE = {"errors", "_io", "_lazy", "provenance", "settings", "runtime", "formats", "batch", "__init__"}
+# No module is longer than this; one longer than LONG is named, with the one job that needs its length, in the
+# "Long modules" section of docs/architecture.md.
+MAX_LINES = 700
+LONG = 450
+ARCHITECTURE_DOC = SRC.parents[1] / "docs" / "architecture.md"
+
+
+def module_lines() -> dict[str, int]:
+    """Lines of every module of the package, by its path below ``src/histotransfer``."""
+    return {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in sorted(SRC.rglob("*.py"))}
 
 
 def type_checking_only(tree: ast.Module) -> set[int]:
@@ -66,6 +76,22 @@ def test_stages_use_only_earlier_stages_and_only_their_front_doors():
         if len(parts) > 1 and parts[1] != "settings":
             problems.append(f"{module} imports {target} ({', '.join(names)}): use the front door {parts[0]}")
     assert problems == []
+
+
+def test_every_package_of_the_source_tree_is_a_stage_or_named_here():
+    """A new package joins the pipeline's order (and so the front-door and cycle rules) or is named as outside it."""
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
+    assert packages - set(STAGES) == {"info"}
+
+
+def test_no_module_is_too_long_and_each_long_one_is_explained():
+    lines = module_lines()
+    too_long = [f"{path}: {n} lines" for path, n in lines.items() if n > MAX_LINES]
+    assert too_long == [], f"split these modules by job (at most {MAX_LINES} lines)"
+    text = ARCHITECTURE_DOC.read_text()
+    section = text.split("## Long modules", 1)[1].split("\n## ", 1)[0] if "## Long modules" in text else ""
+    unexplained = [f"{path}: {n} lines" for path, n in lines.items() if n > LONG and f"`{path}`" not in section]
+    assert unexplained == [], "name these in docs/architecture.md's 'Long modules' with the job that needs it"
 
 
 def test_no_import_cycles():

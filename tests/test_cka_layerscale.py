@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from histotransfer.analysis import compare_encoders, linear_cka
-from histotransfer.analysis.compare import baseline_encoder, cka_summary, sample_patches
+from histotransfer.analysis.cka_activations import sample_patches
+from histotransfer.analysis.cka_encoders import baseline_encoder
+from histotransfer.analysis.compare import cka_summary
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.encoders import create_encoder, registry
 from histotransfer.encoders.vit import VIT_ENCODERS

@@ -182,7 +182,8 @@ def test_downstream_of_a_cross_validation_uses_fold_0_and_localisation_is_out_of
 
 def test_study_tables_show_the_pooled_auc_and_the_within_group_auc_beside_it(tmp_path):
     from histotransfer.study.grid import EncoderConfig
-    from histotransfer.study.tables import build_tables, display_table, mil_runs
+    from histotransfer.study.runs import mil_runs
+    from histotransfer.study.tables import build_tables, display_table
 
     enc = EncoderConfig("resnet18", "random", 0)
     records = []

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from histotransfer.analysis.cam_run import CAM_FORMAT
+from histotransfer.analysis.cam_file import CAM_FORMAT
 from histotransfer.batch import REPORT_COLUMNS
 from histotransfer.demo_slides import make_demo_slides
 from histotransfer.features import extract_features

@@ -28,7 +28,7 @@ from histotransfer.finetune import finetune
 from histotransfer.info import Keyed, describe, render
 from histotransfer.mil import train_mil
 from histotransfer.patches.tiling import tile_slides
-from histotransfer.study import runner
+from histotransfer.study import runner, work
 
 CMU_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 # Patient-level split of the 8 demo slides (demo_06/07 and demo_02/05 share a patient), both classes in each.
@@ -323,7 +323,7 @@ def test_study_reports_cells_by_kind_and_status_failed_cells_and_the_report(tmp_
         "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 1]}], "seeds": [0]}))
     fail = {"extract/a/resnet18-random"}
     for kind in ("tile", "extract", "mil"):
-        monkeypatch.setitem(runner.WORK, kind, _stand_in(kind, fail))
+        monkeypatch.setitem(work.WORK, kind, _stand_in(kind, fail))
     out = tmp_path / "out"
     failed = {"extract/a/resnet18-random": "cannot do extract/a/resnet18-random: broken on purpose"}
     blocked = {f"mil/a/resnet18-random-t{t}/histotransfer/seed0": "needs extract/a/resnet18-random, which failed"

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from histotransfer.analysis import compare_encoders, write_cams
-from histotransfer.analysis.compare import sample_patches
+from histotransfer.analysis.cka_activations import sample_patches
 from histotransfer.cli import main
 from histotransfer.colour import slide_colour_stats
 from histotransfer.demo_slides import make_demo_slides
@@ -37,7 +37,7 @@ from histotransfer.provenance import canonical_json
 from histotransfer.slide import open_slide
 from histotransfer.stain import StainNormalizer, fit_reference, source_sample, write_reference_patches
 from histotransfer.study import load_study, run_study
-from histotransfer.study.runner import _cka_settings
+from histotransfer.study.planner import cka_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INPUT = 128  # the tiled size: smaller inputs of these pale demo patches hold too few stained pixels to normalise
@@ -336,7 +336,7 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
         scoped = tmp_path / f"{scope}.yaml"
         scoped.write_text(yaml.safe_dump({**study, "extract": {**study["extract"], "stain_scope": scope},
                                           "cka": {"n_patches": 16, "pairs": [pair]}}))
-        settings = _cka_settings(load_study(scoped), 0, "macenko")
+        settings = cka_settings(load_study(scoped), 0, "macenko")
         assert (settings.stain_norm, settings.stain_scope) == ("macenko", scope)
     report = run_study(path, tmp_path / "out")
     runs = pd.read_csv(tmp_path / "out" / "tables" / "runs_mil.csv")

@@ -18,17 +18,8 @@ import pytest
 from histotransfer.study.figures import draw_figures
 from histotransfer.study.grid import EncoderConfig
 from histotransfer.study.report import write_report
-from histotransfer.study.tables import (
-    build_tables,
-    cka_stages,
-    display_table,
-    finetune_runs,
-    localisation_runs,
-    localisation_table,
-    mil_runs,
-    to_markdown,
-    write_tables,
-)
+from histotransfer.study.runs import cka_stages, finetune_runs, localisation_runs, mil_runs
+from histotransfer.study.tables import build_tables, display_table, localisation_table, to_markdown, write_tables
 
 INFO = {
     "resnet18": {"family": "imagenet", "weights": {"imagenet": {"imagenet_top1": 69.758}}},

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import torchrun_ranks
 from histotransfer.errors import HistotransferError
-from histotransfer.study import runner
+from histotransfer.study import runner, work
 
 
 def make_dataset(root: Path, name: str) -> dict:
@@ -83,7 +83,7 @@ def stages(monkeypatch):
         return work
 
     for kind in ("tile", "extract", "mil", "finetune", "cka"):
-        monkeypatch.setitem(runner.WORK, kind, stand_in(kind))
+        monkeypatch.setitem(work.WORK, kind, stand_in(kind))
     return calls, fail
 
 

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cka(args: argparse.Namespace) -> int:
     from ..stain import stain_normalizer
-    from .compare import cka_summary, compare_encoders, resolve_encoder
+    from .cka_encoders import resolve_encoder
+    from .compare import cka_summary, compare_encoders
 
     t0 = time.perf_counter()
 

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _study(args: argparse.Namespace) -> int:
     from .cells import read_done
     from .config import load_study
-    from .runner import default_out_dir, execute, plan
+    from .planner import plan
+    from .runner import default_out_dir, execute
 
     study = load_study(args.study_file)
     if args.check:

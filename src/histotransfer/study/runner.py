@@ -1,9 +1,8 @@
-"""Run a study: plan the grid of cells, run each one not already done, then write tables, figures and report.
+"""Run a study: run each planned cell not already done (one process or every rank of a torchrun job), keep the
+bookkeeping (done and failed markers, cells.csv, the folder's lock), then write tables, figures and report.
 
-Cells, in order: per dataset, demo slides (when asked) -> tiling -> one extraction per encoder configuration and
-stain normalisation -> one MIL run per configuration, stain normalisation, MIL variant and seed -> fine-tuning of
-the chosen configurations -> CKA. A failed cell is
-recorded and the cells that need it are skipped with the reason; everything else still runs.
+The grid comes from :mod:`.planner`, each cell's work from :mod:`.work`. A failed cell is recorded and the cells
+that need it are skipped with the reason; everything else still runs.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,376 +19,26 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._io import file_sha256, h5_files, output_folder, write_csv, write_json, write_text
-from .._read import read_csv
-from ..analysis.settings import CkaSettings
+from .._io import output_folder, write_csv, write_text
 from ..errors import HistotransferError, one_line
-from ..finetune.settings import FinetuneSettings
 from ..mil.settings import SMALL_SPLIT
 from ..runtime import Ranks, joined, resolve_device
-from ..slide import slide_id_of
-from .cells import FAILED, Cell, prepare_folder, read_done, settings_hash, write_done, write_failed
+from .cells import FAILED, Cell, prepare_folder, read_done, write_done, write_failed
 from .config import load_study
 from .figures import draw_figures
-from .grid import Dataset, EncoderConfig, Study, stain_suffix
+from .grid import Study
+from .planner import plan
 from .report import write_report
-from .tables import (
-    build_tables,
-    cka_stages,
-    finetune_runs,
-    localisation_runs,
-    localisation_table,
-    mil_runs,
-    shortcut_table,
-    write_tables,
-)
+from .runs import cka_stages, finetune_runs, localisation_runs, mil_runs
+from .tables import build_tables, localisation_table, shortcut_table, write_tables
+from .work import WORK, Context
 
 CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "stain", "seed", "status", "seconds", "message",
                 "folder"]
 
 
-def _rel(path: str | Path, out_dir: Path) -> str:
-    return Path(path).resolve().relative_to(out_dir.resolve()).as_posix()
-
-
-def plan(study: Study) -> list[Cell]:
-    """Every cell of the study, dependencies before dependents."""
-    cells: list[Cell] = []
-    for ds in study.datasets:
-        demo = None
-        if ds.demo is not None:
-            demo = _resumable(Cell("demo", f"demo/{ds.name}", dict(ds.demo), dataset=ds.name))
-            cells.append(demo)
-        tiling = ds.tile.result_settings()
-        # Tiling skips slides already tiled with the same settings and re-tiles the others by itself; a slide
-        # file changed in place (another size or time) changes the cell.
-        tile = Cell("tile", f"tile/{ds.name}", {"slides": [_file_id_cheap(p) for p in ds.slides], **tiling},
-                    deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
-        cells.append(tile)
-        for stain in study.stains:
-            cells += _stain_cells(study, ds, stain, tile, demo)
-    return cells
-
-
-def _stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell | None) -> list[Cell]:
-    """The cells of one dataset and one value of the stain axis: extractions, MIL runs, CAMs, fine-tuning,
-    CKA."""
-    cells: list[Cell] = []
-    tiling = ds.tile.result_settings()
-    extract = {**study.extract_for(stain).result_settings(), **_reference_id(study, stain)}
-    suffix = stain_suffix(stain)
-    # One extraction cell per network and weights: every truncation of it comes from one pass over the patches.
-    # It skips finished slides and truncations, so it resumes (and takes an added truncation) while the
-    # network, weights and tiling settings stay. A configuration of an exact number of blocks is a cell of its own.
-    extracts: dict[EncoderConfig, Cell] = {}
-    for (name, weights, blocks), group in _by_network(study.encoders).items():
-        if blocks is None:
-            encoder: dict[str, Any] = {"name": name, "weights": weights,
-                                       "truncate": sorted(e.truncate for e in group)}
-            network = group[0].key.rsplit("-t", 1)[0]
-        else:
-            encoder, network = group[0].spec(), group[0].key
-        settings = {"encoder": encoder, **extract}
-        cell = Cell("extract", f"extract/{ds.name}/{network}{suffix}", settings,
-                    deps=(tile,), dataset=ds.name, encoder=group[0], stain=stain,
-                    resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
-                                              name, weights, tiling]))
-        extracts.update(dict.fromkeys(group, cell))
-        cells.append(cell)
-    labels = {"labels": _file_id(ds.labels), "split_file": _file_id(ds.split_file)}
-    mils: dict[tuple[EncoderConfig, str, int], Cell] = {}
-    for enc in study.encoders:
-        for variant in study.mil:
-            for seed in study.seeds:
-                mil = ds.mil(variant.settings, seed).result_settings()
-                # The run depends on its truncation's features only: adding a truncation to the network's
-                # extraction cell must not retrain the others.
-                features = settings_hash([{"encoder": enc.spec(), **extract}, tile.hash])
-                mils[enc, variant.name, seed] = _resumable(Cell(
-                    "mil", f"mil/{ds.name}/{enc.key}{suffix}/{variant.name}/seed{seed}",
-                    {**labels, **mil, "features": features}, deps=(extracts[enc],) + ((demo,) if demo else ()),
-                    dataset=ds.name, encoder=enc, seed=seed, variant=variant.name, stain=stain,
-                    hashed=(demo,) if demo else ()))
-                cells.append(mils[enc, variant.name, seed])
-    if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
-        cam = study.cam.result_settings()
-        for enc in study.encoders:
-            for seed in study.seeds:
-                cells.append(_resumable(Cell(
-                    "cam", f"cam/{ds.name}/{enc.key}{suffix}/{study.mil[0].name}/seed{seed}", cam,
-                    deps=(mils[enc, study.mil[0].name, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                    variant=study.mil[0].name, stain=stain)))
-    finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
-    if study.finetune is not None:
-        for enc in study.finetune_encoders:
-            for seed in study.finetune_seeds:
-                settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
-                finetunes[enc, seed] = _resumable(Cell(
-                    "finetune", f"finetune/{ds.name}/{enc.key}{suffix}/{study.finetune_mil}/seed{seed}", settings,
-                    deps=(mils[enc, study.finetune_mil, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                    variant=study.finetune_mil, stain=stain))
-                cells.append(finetunes[enc, seed])
-    if study.cka is not None:
-        if study.cka_finetuned:
-            for (enc, seed), ft_cell in finetunes.items():
-                cka = _cka_settings(study, seed, stain).result_settings()
-                cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}{suffix}/seed{seed}", {
-                    **cka, **_reference_id(study, stain), "comparison": "finetuned"},
-                    deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed, stain=stain))
-        for a, b in study.cka_pairs:
-            cka = _cka_settings(study, study.seeds[0], stain).result_settings()
-            cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}{suffix}", {
-                **cka, **_reference_id(study, stain), "comparison": "pair", "a": a.spec(), "b": b.spec()},
-                deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0], stain=stain))
-    return cells
-
-
-def _by_network(encoders: Sequence[EncoderConfig]) -> dict[tuple[str, str, int | None], list[EncoderConfig]]:
-    """The grid's configurations grouped by network, weights and exact number of blocks (None: the network's
-    truncations, extracted together), in the study's order."""
-    groups: dict[tuple[str, str, int | None], list[EncoderConfig]] = {}
-    for enc in encoders:
-        groups.setdefault((enc.name, enc.weights, enc.blocks), []).append(enc)
-    return groups
-
-
-def _reference_id(study: Study, stain: str) -> dict[str, Any]:
-    """The stain reference's contents as a cache key (editing the reference redoes the cells that use it)."""
-    if stain == "none" or study.stain_ref is None:
-        return {}
-    path = Path(study.stain_ref)
-    if path.is_file():
-        return {"stain_ref_id": file_sha256(path)}
-    if path.is_dir():
-        return {"stain_ref_id": [[p.name, file_sha256(p)] for p in sorted(path.iterdir()) if p.is_file()]}
-    return {"stain_ref_id": _file_id_cheap(Path(study.stain_ref.rsplit("@", 1)[0]))}  # a slide region
-
-
-def _cka_settings(study: Study, seed: int, stain: str) -> CkaSettings:
-    """The study's CKA settings for one seed, on patches prepared (resized, stain-normalised) as the study
-    extracted them."""
-    assert study.cka is not None
-    ex = study.extract_for(stain)
-    shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0,
-              "input_size": ex.input_size}
-    overrides = {k: v for k, v in shared.items() if k not in study.cka.model_fields_set}
-    return CkaSettings.build(study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref,
-                             stain_scope=ex.stain_scope, **overrides)
-
-
-def _file_id_cheap(path: Path) -> list[Any]:
-    """A slide file's identity for cache keys without reading it: path, size and modification time."""
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _resumable(cell: Cell) -> Cell:
-    """A cell whose stage resumes its own partial work when re-run with the very same settings."""
-    cell.resume_key = cell.hash
-    return cell
-
-
-def _file_id(path: Path | None) -> str | None:
-    """A file's identity for cache keys: its content hash, so editing labels retrains."""
-    return None if path is None else file_sha256(path)
-
-
-class _Context:
-    """What a cell's work needs: the study, the output folder and finished dependencies' results."""
-
-    def __init__(self, study: Study, out_dir: Path):
-        self.study = study
-        self.out = out_dir
-        self.results: dict[str, dict[str, Any]] = {}
-        self.together = False  # the running cell is run by every rank of a torchrun job together
-
-    @property
-    def ranks(self) -> Ranks | None:
-        """What a stage that can use several processes is given: the job's ranks (None: join them) when the
-        cell runs on all of them, else this process alone."""
-        return None if self.together else Ranks()
-
-    def dataset(self, cell: Cell) -> Dataset:
-        return next(d for d in self.study.datasets if d.name == cell.dataset)
-
-    def dep(self, cell: Cell, kind: str) -> dict[str, Any]:
-        """The result of the cell's dependency of ``kind`` (the grid gives each cell those its stage reads)."""
-        for d in cell.deps:
-            if d.kind == kind:
-                return self.results[d.key]
-        raise KeyError(f"{cell.key} has no {kind} dependency")
-
-    def path(self, rel: str) -> Path:
-        return self.out / rel
-
-    def demo(self, cell: Cell) -> dict[str, Any] | None:
-        """The result of the demo cell a cell depends on, directly or through its dependencies."""
-        for d in cell.deps:
-            found = self.results[d.key] if d.kind == "demo" else self.demo(d)
-            if found is not None:
-                return found
-        return None
-
-    def annotations(self, cell: Cell) -> Path | None:
-        """The dataset's lesion annotations (a demo dataset's lesion masks), None when it has none."""
-        demo = self.demo(cell)
-        return self.path(demo["annotations"]) if demo is not None else self.dataset(cell).annotations
-
-    def slides_and_labels(self, cell: Cell) -> tuple[list[Path], Path | None]:
-        ds = self.dataset(cell)
-        demo = self.demo(cell)
-        if demo is not None:
-            return [self.path(p) for p in demo["slides"]], self.path(demo["labels"])
-        return list(ds.slides), ds.labels
-
-
-def _run_demo(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..demo_slides import make_demo_slides
-
-    demo = make_demo_slides(folder, n_slides=cell.settings["n_slides"], seed=cell.settings["seed"],
-                            size=cell.settings["size"])
-    return {"slides": [_rel(p, ctx.out) for p in demo.slides], "labels": _rel(demo.labels_csv, ctx.out),
-            "annotations": _rel(folder / "lesion_masks", ctx.out)}, f"{len(demo.slides)} demo slides"
-
-
-def _run_tile(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..patches import tile_slides
-
-    ds = ctx.dataset(cell)
-    slides, _ = ctx.slides_and_labels(cell)
-    run = tile_slides(slides, folder, ds.tile)
-    keep = {slide_id_of(p) for p in slides}
-    for stale in h5_files(run.patches):  # slides no longer in the dataset
-        if stale.stem not in keep:
-            stale.unlink()
-    bad = [r for r in run.results if r.status == "error"]
-    ok = [r for r in run.results if r.status in ("ok", "skipped") and r.n_patches > 0]
-    if not ok:
-        first = bad[0].message if bad else "no tissue found in any slide"
-        raise HistotransferError(f"no slide of dataset '{ds.name}' was tiled ({first}); see "
-                                 f"{run.folder / 'tiling.csv'}")
-    message = f"{len(ok)} slides tiled, {sum(r.n_patches for r in ok)} patches"
-    if len(ok) < len(run.results):
-        message += f"; {len(run.results) - len(ok)} slide(s) without patches or failed (see tiling.csv)"
-    return {"patches": _rel(run.patches, ctx.out)}, message
-
-
-def _run_extract(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..features import extract_features
-
-    enc = cell.settings["encoder"]
-    patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    blocks = enc.get("blocks")
-    done = extract_features(patches, folder, enc["name"], enc["weights"],
-                            enc["truncate"] if blocks is not None else list(enc["truncate"]),
-                            ctx.study.extract_for(cell.stain), ranks=ctx.ranks, blocks=blocks)
-    folders = done if isinstance(done, dict) else {enc["truncate"]: done}  # blocks: one folder, truncate 0
-    tiled = {p.stem for p in h5_files(patches)}
-    counts = {}
-    for truncate, features in folders.items():
-        for stale in h5_files(features):  # slides no longer tiled
-            if stale.stem not in tiled:
-                stale.unlink()
-        counts[truncate] = len(h5_files(features))
-        if counts[truncate] == 0:
-            raise HistotransferError(f"no slide's features were extracted; see {features / 'extract.csv'}")
-    names = {t: f"t{t}" if blocks is None else f"b{blocks}" for t in counts}
-    shown = ", ".join(f"{names[t]}: {n}" for t, n in counts.items())
-    return {"features": {str(t): _rel(f, ctx.out) for t, f in folders.items()}}, f"slides per truncation: {shown}"
-
-
-def _labels_with_features(labels: Path, features: Path, folder: Path) -> tuple[Path, str]:
-    """The labels restricted to slides that have features, so one slide lost upstream is skipped, not fatal."""
-    df = read_csv(labels, text=True, kind="label")
-    have = {p.stem for p in h5_files(features)}
-    missing = sorted(set(df["slide_id"].str.strip()) - have)
-    if not missing:
-        return labels, ""
-    kept = folder / "labels_used.csv"
-    write_csv(df[df["slide_id"].str.strip().isin(have)], kept)
-    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-    return kept, f"{len(missing)} labelled slide(s) without features skipped: {shown}"
-
-
-def _run_mil(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..mil import train_mil
-
-    ds = ctx.dataset(cell)
-    assert cell.encoder is not None
-    features = ctx.path(ctx.dep(cell, "extract")["features"][str(cell.encoder.truncate)])
-    _, labels = ctx.slides_and_labels(cell)
-    assert labels is not None and cell.seed is not None
-    labels_used, note = _labels_with_features(labels, features, folder)
-    variant = next(v for v in ctx.study.mil if v.name == cell.variant)
-    run = Path(train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed),
-                         split_file=ds.split_file))
-    result = {"run": _rel(run, ctx.out)}
-    folds = json.loads((run / "metrics.json").read_text()).get("protocol")
-    if folds is not None:
-        note = "; ".join(filter(None, [f"{folds['folds']}-fold cross-validation", note]))
-    annotations = ctx.annotations(cell)
-    if annotations is not None:
-        from ..mil import localisation_of_run
-
-        write_json(localisation_of_run(run, annotations), folder / LOCALISATION_FILE)
-        result["localisation"] = _rel(folder / LOCALISATION_FILE, ctx.out)
-    return result, note
-
-
-def _run_cam(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..analysis import CamSettings, write_cams
-    from ..mil import model_run, run_splits
-
-    run = model_run(ctx.path(ctx.dep(cell, "mil")["run"]))  # a cross-validation: its fold 0
-    annotations = ctx.annotations(cell)
-    splits = run_splits(run)
-    # The slides CAMs are scored on: the run's positive test slides (the attention localisation's too).
-    ids = sorted(splits.loc[(splits["split"] == "test") & (splits["label"].astype(int) == 1), "slide_id"])
-    slides, _ = ctx.slides_and_labels(cell)
-    assert ctx.study.cam is not None
-    cams = write_cams(run, folder / "cam", CamSettings.build(ctx.study.cam, device=ctx.study.extract.device),
-                      slides=slides, annotations_dir=annotations, slide_ids=ids)
-    return {"cams": _rel(cams.folder / "cam.json", ctx.out)}, f"{len(ids)} positive test slide(s)"
-
-
-def _run_finetune(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..finetune import finetune
-    from ..mil import model_run
-
-    assert ctx.study.finetune is not None and cell.seed is not None
-    frozen = _rel(model_run(ctx.path(ctx.dep(cell, "mil")["run"])), ctx.out)  # a cross-validation: its fold 0
-    slides, _ = ctx.slides_and_labels(cell)
-    settings = FinetuneSettings.build(ctx.study.finetune, seed=cell.seed,
-                                      extract_batch_size=ctx.study.extract.batch_size)
-    run = Path(finetune(ctx.path(frozen), folder / "run", slides, settings, ranks=ctx.ranks))
-    return {"run": _rel(run, ctx.out), "frozen_run": frozen, "encoder": _rel(run / "encoder.pt", ctx.out)}, ""
-
-
-def _run_cka(cell: Cell, ctx: _Context, folder: Path) -> tuple[dict[str, Any], str]:
-    from ..analysis import compare_encoders
-
-    assert cell.encoder is not None and cell.seed is not None
-    patches = ctx.path(ctx.dep(cell, "tile")["patches"])
-    if cell.settings["comparison"] == "finetuned":
-        a: Any = cell.encoder.spec()
-        b: Any = ctx.path(ctx.dep(cell, "finetune")["run"])
-        comparison = f"{cell.encoder.label}: frozen vs fine-tuned"
-    else:
-        a, b = cell.settings["a"], cell.settings["b"]
-        comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
-                      f"{EncoderConfig(**cell.settings['b']).label}")
-    compare_encoders(a, b, patches, folder / "cka", _cka_settings(ctx.study, cell.seed, cell.stain),
-                     ranks=ctx.ranks)
-    return {"csv": _rel(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
-
-
-WORK = {"demo": _run_demo, "tile": _run_tile, "extract": _run_extract, "mil": _run_mil, "cam": _run_cam,
-        "finetune": _run_finetune, "cka": _run_cka}
-
-
 OUTPUT_KEYS = ("slides", "labels", "patches", "features", "run", "frozen_run", "encoder", "csv", "localisation",
                "cams", "annotations")
-LOCALISATION_FILE = "localisation.json"
 
 
 def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
@@ -441,7 +90,7 @@ def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
     return MODES[cell.kind]
 
 
-def _run_cell(cell: Cell, ctx: _Context, out_dir: Path) -> tuple[dict[str, Any] | None, float, str,
+def _run_cell(cell: Cell, ctx: Context, out_dir: Path) -> tuple[dict[str, Any] | None, float, str,
                                                                Exception | None]:
     """Do one cell's work in its folder. Returns (result, seconds, message, error): result None and error set
     when it failed."""
@@ -466,7 +115,7 @@ def _mark(cell: Cell, out_dir: Path, outcome: tuple[dict[str, Any] | None, float
         write_done(cell, out_dir, result, seconds, message)
 
 
-def _run_together(cell: Cell, ctx: _Context, out_dir: Path, ranks: Ranks) -> None:
+def _run_together(cell: Cell, ctx: Context, out_dir: Path, ranks: Ranks) -> None:
     """Run a cell on every rank; rank 0 marks it failed when it failed on any rank (with the first failing rank's
     message), so that every rank goes on knowing the same. A rank left waiting in a collective for a failed one
     stops the job instead (see :meth:`Ranks.agree`)."""
@@ -498,7 +147,7 @@ def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = T
     """
     ranks = ranks or Ranks()
     lead = ranks.rank == 0
-    ctx = _Context(study, out_dir)
+    ctx = Context(study, out_dir)
     records: dict[str, dict[str, Any]] = {}
     status: dict[str, str] = {}
     cached = {c.key: m for c in cells
