@@ -15,7 +15,7 @@ from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.demo_slides import render_tissue
 from histotransfer.errors import HistotransferError
 from histotransfer.stain import HedJitter, StainNormalizer, load_reference
-from histotransfer.stain.normalise import _macenko_fit
+from histotransfer.stain.macenko import macenko_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PATCH = 128
@@ -71,7 +71,7 @@ def test_macenko_fit_equals_torchstains_on_a_reference_and_a_slide_sized_sample(
     for rgb in (he_image(seed=1), tinted, sample):
         theirs = NumpyMacenkoNormalizer()
         theirs.fit(rgb.reshape(-1, 1, 3), Io=240, alpha=1, beta=0.15)
-        stains, max_c = _macenko_fit(rgb, 240.0, 1.0, 0.15)
+        stains, max_c = macenko_fit(rgb, 240.0, 1.0, 0.15)
         np.testing.assert_allclose(stains, theirs.HERef, rtol=0, atol=1e-12)
         np.testing.assert_allclose(max_c, theirs.maxCRef, rtol=1e-12, atol=0)
     fitted = StainNormalizer.fit("macenko", tinted).target
