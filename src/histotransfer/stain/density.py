@@ -30,10 +30,21 @@ def from_od_torch(od: torch.Tensor) -> torch.Tensor:
     return (256.0 * torch.exp(-od) - 1.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def stained_level(stained: np.ndarray) -> int:
+    """The highest grey level (-1 for none) of those that are stained, from which of the 256 levels are: optical
+    density falls as the level rises, so a channel is stained exactly when its level is at most this one."""
+    if not stained.any():
+        return -1
+    level = int(np.flatnonzero(stained)[-1])
+    if not stained[:level + 1].all():
+        raise ValueError("optical density must fall with the grey level")
+    return level
+
+
 def stained_count(rgb: np.ndarray, io: float, beta: float) -> int:
     """How many of the uint8 RGB pixels are stained."""
-    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1) / io)
-    return int((od >= beta).all(axis=1).sum())
+    od = -np.log((np.arange(256, dtype=np.float64) + 1) / io)  # per grey level: the same numbers as per pixel
+    return int(np.count_nonzero((rgb.reshape(-1, 3) <= stained_level(od >= beta)).all(axis=1)))
 
 
 def check_stained(rgb: np.ndarray, min_pixels: int, io: float, beta: float) -> None:
@@ -53,4 +64,8 @@ def rounded(values: np.ndarray) -> list:
 
 def stained_pixels(pixels: torch.Tensor, io: float, beta: float) -> torch.Tensor:
     """Which pixels (B, N) are stained: optical density of at least ``beta`` in all three channels."""
-    return (-torch.log((pixels.float() + 1.0) / io) >= beta).all(-1)
+    od = -torch.log((torch.arange(256, dtype=torch.float32) + 1.0) / io)  # per grey level, as per pixel
+    level = stained_level((od >= beta).numpy())
+    if level < 0:
+        return torch.zeros(pixels.shape[:-1], dtype=torch.bool, device=pixels.device)
+    return (pixels <= level).all(-1)

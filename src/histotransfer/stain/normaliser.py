@@ -28,7 +28,7 @@ from ..errors import HistotransferError
 from .density import MIN_STAINED_PIXELS, stained_count
 from .macenko import MACENKO_DEFAULTS, fit_macenko, macenko_estimate, normalise_macenko
 from .reference import Reference, load_reference
-from .reinhard import fit_reinhard, normalise_reinhard, reinhard_estimate
+from .reinhard import fit_reinhard, normalise_reinhard, reinhard_slide_estimate
 from .source import SlideStain, thinned
 
 METHODS = ("macenko", "reinhard")
@@ -109,11 +109,12 @@ class StainNormalizer:
         return f"{self.method}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
     def fit_source(self, patches: np.ndarray) -> SlideStain:
-        """A slide's source stain, by torchstain's NumPy normaliser on the pooled pixels of a sample of its
-        patches (uint8 (B, H, W, 3), as the encoder gets them: :func:`source_sample`), thinned to about
-        :data:`SOURCE_PIXELS`. Macenko: stain vectors and 99th-percentile concentrations, over all the
-        pixels as for a target; Reinhard: Lab mean and spread of all of them (the background between the
-        tissue of the patches included, as a target's)."""
+        """A slide's source stain, fitted on the pooled pixels of a sample of its patches (uint8 (B, H, W, 3), as
+        the encoder gets them: :func:`source_sample`), thinned to about :data:`SOURCE_PIXELS`. Macenko: stain
+        vectors and 99th-percentile concentrations, over all the pixels as for a target, by torchstain's
+        arithmetic; Reinhard: Lab mean and spread of all of them (the background between the tissue of the
+        patches included, as a target's), from the Lab values its application converts the pixels to
+        (:func:`reinhard_slide_estimate`, torchstain's numbers to float32 rounding)."""
         if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"expected a (B, H, W, 3) uint8 array, got {patches.dtype} {tuple(patches.shape)}")
         pixels = thinned(patches)
@@ -127,7 +128,7 @@ class StainNormalizer:
         if self.method == "macenko":
             estimate, reason = macenko_estimate(pixels, s["io"], s["alpha"], s["beta"])
         else:
-            estimate, reason = reinhard_estimate(pixels)
+            estimate, reason = reinhard_slide_estimate(pixels)
         return SlideStain(None if reason else estimate, **counts, reason=reason)
 
     @torch.no_grad()
@@ -149,7 +150,9 @@ class StainNormalizer:
                                         estimate)
         else:
             out, ok = normalise_reinhard(flat, self.target, s["io"], s["beta"], int(s["min_pixels"]), estimate)
-        return torch.where(ok.view(-1, 1, 1), out, flat).reshape(pixels.shape)
+        if not bool(ok.all()):
+            out = torch.where(ok.view(-1, 1, 1), out, flat)
+        return out.reshape(pixels.shape)
 
 
 def recorded_normalizer(record: Mapping[str, Any], source: str | os.PathLike[str] = "") -> StainNormalizer | None:
