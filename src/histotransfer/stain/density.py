@@ -44,7 +44,8 @@ def stained_level(stained: np.ndarray) -> int:
 def stained_count(rgb: np.ndarray, io: float, beta: float) -> int:
     """How many of the uint8 RGB pixels are stained."""
     od = -np.log((np.arange(256, dtype=np.float64) + 1) / io)  # per grey level: the same numbers as per pixel
-    return int(np.count_nonzero((rgb.reshape(-1, 3) <= stained_level(od >= beta)).all(axis=1)))
+    low = rgb.reshape(-1, 3) <= stained_level(od >= beta)
+    return int(np.count_nonzero(low[:, 0] & low[:, 1] & low[:, 2]))  # faster than a reduction over 3 columns
 
 
 def check_stained(rgb: np.ndarray, min_pixels: int, io: float, beta: float) -> None:
