@@ -1,9 +1,14 @@
 """Reinhard stain normalisation: fitting a target or a slide's source estimate (Lab mean and spread of all the
 pixels, background included, as torchstain does), and applying it to a batch of patches.
 
-Fitting is torchstain's NumPy Reinhard normaliser unchanged; applying maps each pixel's Lab values by the
-source's mean and spread to the target's, on a (B, N, 3) uint8 torch tensor, the whole batch at once, with
-torchstain's (OpenCV's) Lab constants. A patch whose Lab channel is constant is left unchanged.
+A target is fitted by torchstain's NumPy Reinhard normaliser unchanged; a slide's estimate from the Lab values
+the application converts its pixels to (the same numbers to float32 rounding, ten times faster). Applying maps
+each pixel's Lab values by the source's mean and spread to the target's, on a (B, N, 3) uint8 torch tensor, the
+whole batch at once, with torchstain's (OpenCV's) Lab constants and its float32 arithmetic: Lab is an affine map
+of the companded XYZ values, so the whole Lab map is one 3 x 4 affine map per patch between the conversion to
+them and back. On the CPU the conversions run as OpenCV look-ups and matrix transforms and NumPy roots (about
+three times faster than the same arithmetic as torch elementwise operations); on another device as torch
+operations. A patch whose Lab channel is constant is left unchanged.
 """
 
 from __future__ import annotations
