@@ -14,8 +14,8 @@ from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNo
 from histotransfer.colour import HED_FROM_RGB, RGB_FROM_HED, optical_density
 from histotransfer.demo_slides import render_tissue
 from histotransfer.errors import HistotransferError
-from histotransfer.stain import HedJitter, StainNormalizer, load_reference
-from histotransfer.stain.normalise import _macenko_fit
+from histotransfer.stain import HedJitter, StainNormalizer, density, load_reference, reinhard
+from histotransfer.stain.macenko import macenko_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PATCH = 128
@@ -71,7 +71,7 @@ def test_macenko_fit_equals_torchstains_on_a_reference_and_a_slide_sized_sample(
     for rgb in (he_image(seed=1), tinted, sample):
         theirs = NumpyMacenkoNormalizer()
         theirs.fit(rgb.reshape(-1, 1, 3), Io=240, alpha=1, beta=0.15)
-        stains, max_c = _macenko_fit(rgb, 240.0, 1.0, 0.15)
+        stains, max_c = macenko_fit(rgb, 240.0, 1.0, 0.15)
         np.testing.assert_allclose(stains, theirs.HERef, rtol=0, atol=1e-12)
         np.testing.assert_allclose(max_c, theirs.maxCRef, rtol=1e-12, atol=0)
     fitted = StainNormalizer.fit("macenko", tinted).target
@@ -217,3 +217,28 @@ def test_bad_batches_and_strengths_are_refused() -> None:
         HedJitter()(torch.zeros(2, 8, 8, 3))
     with pytest.raises(HistotransferError, match="must be >= 0"):
         HedJitter(sigma=-0.1)
+
+
+def test_reinhard_cpu_and_device_arithmetic_agree() -> None:
+    """The CPU's OpenCV/NumPy conversions and the torch ones used on other devices give the same f (to float32
+    rounding) and the same pixels back, near black, near white and beyond the gamut included."""
+    levels = np.arange(256, dtype=np.uint8)
+    every = np.stack(np.meshgrid(levels[::5], levels[::3], levels[::7], indexing="ij"), -1).reshape(1, -1, 3)
+    pixels = torch.from_numpy(np.concatenate([every, he_image(seed=14, size=64).reshape(1, -1, 3)], 1))
+    f_cpu, f_torch = reinhard.lab_f_numpy(pixels), reinhard.lab_f_torch(pixels)
+    torch.testing.assert_close(f_cpu, f_torch, rtol=1e-6, atol=1e-6)
+    moved = f_torch * 1.2 - 0.1  # out of gamut both ways
+    back_cpu, back_torch = reinhard.rgb_of_f_numpy(moved), reinhard.rgb_of_f_torch(moved)
+    assert (back_cpu.int() - back_torch.int()).abs().max() <= 1
+    assert (back_cpu != back_torch).float().mean() < 1e-3
+    lost = pixels.int() - reinhard.rgb_of_f_numpy(f_cpu).int()  # the round trip, truncated as torchstain's
+    assert lost.min() >= 0 and lost.max() <= 1
+
+
+def test_stained_pixels_by_grey_level_equal_the_per_pixel_formula() -> None:
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 5000, 3), dtype=np.uint8))
+    for io, beta in [(240.0, 0.15), (255.0, 0.5), (240.0, 9.0)]:
+        expected = (-torch.log((pixels.float() + 1.0) / io) >= beta).all(-1)
+        assert torch.equal(density.stained_pixels(pixels, io, beta), expected)
+        per_pixel = (-np.log((pixels.numpy().astype(np.float64) + 1) / io) >= beta).all(-1).sum()
+        assert density.stained_count(pixels.numpy(), io, beta) == per_pixel

@@ -83,8 +83,9 @@ def test_slide_reinhard_maps_every_patch_by_the_slides_lab_statistics(slide) -> 
     source = normalizer.fit_source(slide["patches"])
     pooled = NumpyReinhardNormalizer()
     pooled.fit(slide["patches"].reshape(-1, 1, 3))
-    np.testing.assert_allclose(source.estimate["lab_means"], pooled.target_means, atol=1e-6)
-    np.testing.assert_allclose(source.estimate["lab_stds"], pooled.target_stds, atol=1e-6)
+    # torchstain's statistics are float32 numbers (a unit in the last place is 4e-6 at 32): equal to that.
+    np.testing.assert_allclose(source.estimate["lab_means"], pooled.target_means, atol=1e-5)
+    np.testing.assert_allclose(source.estimate["lab_stds"], pooled.target_stds, atol=1e-5)
     # torchstain's Reinhard of a whole image uses that image's statistics: the 16 patches as one image, mapped
     # by torchstain, give each patch what the per-slide normaliser gives it.
     target = NumpyReinhardNormalizer()
@@ -147,7 +148,7 @@ def test_a_large_sample_is_thinned_by_a_pixel_stride(slide) -> None:
     assert source.n_pixels == 80 * 64 * 64
     pooled = NumpyReinhardNormalizer()
     pooled.fit(np.ascontiguousarray(big[:, ::2, ::2]).reshape(-1, 1, 3))
-    np.testing.assert_allclose(source.estimate["lab_means"], pooled.target_means, atol=1e-6)
+    np.testing.assert_allclose(source.estimate["lab_means"], pooled.target_means, atol=1e-5)  # float32, as above
 
 
 def test_the_scope_is_recorded_only_where_it_changes_the_result(slide) -> None:
