@@ -298,9 +298,10 @@ def train_mil(features_dir: str | Path, labels_csv: str | Path, out_dir: str | P
     (:class:`MilSettings`). The protocol (``settings.protocol``, see :func:`~histotransfer.mil.plan.choose_protocol`)
     is a patient-level stratified 65/15/20 split (seeded), the user's ``split_file`` (slide_id,split), or
     ``folds``-fold patient-level cross-validation (``auto``, the default: for cohorts under 200 patients; ``folds``
-    given: always). Bad labels, splits, settings or feature files raise
-    HistotransferError before anything is written. Re-running with the same settings and inputs keeps finished
-    runs (and folds) and redoes the rest; another run in ``out_dir`` is refused.
+    given: always). With ``annotations`` (a folder of lesion annotations, see :mod:`~histotransfer.mil.supervision`)
+    the positive training slides that have one supervise the attention too. Bad labels, splits, settings,
+    annotations or feature files raise HistotransferError before anything is written. Re-running with the same
+    settings and inputs keeps finished runs (and folds) and redoes the rest; another run in ``out_dir`` is refused.
     """
     plan = plan_run(features_dir, labels_csv, out_dir, MilSettings.build(settings, **overrides), split_file, folds)
     if plan.finished:
