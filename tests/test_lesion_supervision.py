@@ -138,7 +138,8 @@ def test_the_run_records_the_annotations_and_refuses_a_run_made_without(planted)
     assert sorted(supervised.config["inputs"]["annotations"]) == ["slide_000", "slide_001"]
     assert "annotations" not in plain.config["inputs"]
     assert plain.settings.fingerprint() != supervised.settings.fingerprint()
-    assert plain.settings.fingerprint() == MilSettings(epochs=1).fingerprint()  # default: as before the option
+    # off (the default), the options stay out of the fingerprint: runs and study cells of before are kept
+    assert not {"annotations", "attention_weight"} & set(plain.settings.result_settings())
     train_mil(p / "features", p / "labels.csv", p / "run", epochs=1)
     with pytest.raises(HistotransferError, match=r"settings\.annotations"):
         train_mil(p / "features", p / "labels.csv", p / "run", epochs=1, annotations=p / "annotations")
