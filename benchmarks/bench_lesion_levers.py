@@ -19,8 +19,10 @@ Levers (``--levers``):
   so that every label x centre cell weighs the same.
 * ``loss-weights``: the same cell weights on each slide's loss instead of on the draw.
 * ``group-standardize``: features z-scored with their own centre's training statistics.
-* ``lesion-attention``: the lesion masks as instance labels, a binary cross-entropy on the attention scores
-  (any overlap = lesion) added to the loss (what a cohort with lesion annotations allows).
+* ``lesion-attention``: ``histotransfer train --annotations`` (``MilSettings.annotations``): the lesion masks of
+  the positive training slides as instance labels, a binary cross-entropy of each patch's attention score against
+  whether it touches the lesion, added to the slide's loss at ``--attention-weight`` (default 1); negative slides
+  get the slide loss only (what a cohort with lesion annotations allows).
 
 ``--cohorts unconfounded`` measures on cohorts with no prevalence difference between the centres instead, on
 which a lever must not lower the AUC. This is a measurement, not a test: it prints the numbers, whichever way
@@ -48,7 +50,9 @@ from histotransfer.features import extract_features
 from histotransfer.mil.bags import feature_stats, load_bags, patch_size_level0
 from histotransfer.mil.labels import feature_files
 from histotransfer.mil.models import AttentionMIL, predict
+from histotransfer.mil.settings import MilSettings
 from histotransfer.mil.splits import kfold_splits
+from histotransfer.mil.supervision import lesion_targets
 from histotransfer.mil.train import balance_weights, fit, seeded, selection_key, validation_scores
 from histotransfer.patches import tile_slides
 
@@ -59,7 +63,8 @@ COHORTS = {"confounded": 0.5, "unconfounded": 0.0}  # the demo generator's preva
 
 
 class Cohort:
-    """A generated two-centre cohort's bags, labels, centres and each patch's lesion fraction."""
+    """A generated two-centre cohort's bags, labels, centres, each patch's lesion fraction, and the attention
+    targets that ``--annotations`` derives from the positive slides' lesion masks."""
 
     def __init__(self, root: Path, seed: int, n: int, stain_shift: float, prevalence_shift: float,
                  lesion_radius: float, input_size: int):
@@ -79,12 +84,15 @@ class Cohort:
         self.overlap = [load_annotation(demo.lesion_masks[s]).patch_overlap(c, float(patch_size_level0(a) or 0))
                         for s, c, a in zip(bags.slide_ids, bags.coords, bags.attrs, strict=True)]
         self.dim = bags.dim
+        positive = self.frame.loc[self.frame["label"] == 1, "slide_id"]
+        self.lesion = lesion_targets({s: demo.lesion_masks[s] for s in positive}, bags.slide_ids, bags.coords,
+                                     [patch_size_level0(a) for a in bags.attrs], folder)
 
 
-def fit_custom(model: AttentionMIL, bags: list[torch.Tensor], y: np.ndarray, val: tuple[list[torch.Tensor],
-               np.ndarray], seed: int, loss_weights: np.ndarray | None, lesion: list[torch.Tensor] | None) -> None:
-    """``mil.train.fit``'s loop (Adam, one slide per step, epoch by validation AUC) with per-slide loss weights
-    and/or an attention loss against patch lesion labels; loads the kept epoch into ``model``."""
+def fit_weighted(model: AttentionMIL, bags: list[torch.Tensor], y: np.ndarray, val: tuple[list[torch.Tensor],
+                 np.ndarray], seed: int, loss_weights: np.ndarray) -> None:
+    """``mil.train.fit``'s loop (Adam, one slide per step, epoch by validation AUC) with per-slide loss weights;
+    loads the kept epoch into ``model``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     targets = [torch.tensor([int(v)]) for v in y]
@@ -92,12 +100,8 @@ def fit_custom(model: AttentionMIL, bags: list[torch.Tensor], y: np.ndarray, val
     for _ in range(EPOCHS):
         model.train()
         for i in rng.permutation(len(bags)):
-            logits, scores = model(bags[i])
-            loss = F.cross_entropy(logits, targets[i])
-            if loss_weights is not None:
-                loss = loss * float(loss_weights[i])
-            if lesion is not None:
-                loss = loss + F.binary_cross_entropy_with_logits(scores, lesion[i])
+            logits, _ = model(bags[i])
+            loss = F.cross_entropy(logits, targets[i]) * float(loss_weights[i])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -131,14 +135,17 @@ def train_fold(c: Cohort, lever: str, ids: dict[str, list[int]], seed: int
         if lever != "group-standardize":
             model.set_standardization(*feature_stats([bags[i] for i in train]))
         tr, va = ([bags[i] for i in train], c.y[train]), ([bags[i] for i in val], c.y[val])
-        if lever in ("default", "balance-groups", "group-standardize"):
-            result = fit(model, tr, va, EPOCHS, LR, seed, desc=lever,
-                         weights=cells if lever == "balance-groups" else None)
-            model.load_state_dict(result.state)
+        if lever == "loss-weights":
+            assert cells is not None
+            fit_weighted(model, *tr, va, seed, cells)
         else:
-            lesion = ([torch.as_tensor((c.overlap[i] > 0).astype(np.float32)) for i in train]
-                      if lever == "lesion-attention" else None)
-            fit_custom(model, *tr, va, seed, cells if lever == "loss-weights" else None, lesion)
+            ids = c.frame["slide_id"]
+            lesions = ([torch.from_numpy(c.lesion[ids[i]]) if ids[i] in c.lesion else None for i in train]
+                       if lever == "lesion-attention" else None)
+            result = fit(model, tr, va, EPOCHS, LR, seed, desc=lever,
+                         weights=cells if lever == "balance-groups" else None, lesions=lesions,
+                         attention_weight=MilSettings().attention_weight)
+            model.load_state_dict(result.state)
     return model, bags
 
 

@@ -5,8 +5,8 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_run": ".evaluate", "write_heatmaps": ".heatmap",
-    "annotation_files": ".evaluate", "describe_localisation": ".evaluate", "describe_scored": ".evaluate",
-    "load_annotations": ".evaluate",
+    "annotation_files": ".localisation", "describe_localisation": ".evaluate", "describe_scored": ".evaluate",
+    "load_annotations": ".localisation",
     "localisation_of_run": ".evaluate", "localisation_summary": ".evaluate", "run_splits": ".evaluate",
     "attention_overlay": ".heatmap", "heatmap_image": ".heatmap", "outline_lesion": ".heatmap",
     "attention_localisation": ".localisation", "cam_localisation": ".localisation", "cell_squares": ".localisation",

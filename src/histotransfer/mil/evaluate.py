@@ -12,11 +12,16 @@ import pandas as pd
 
 from .._io import file_sha256, output_folder, remove_stale_temps, write_csv, write_json
 from .._read import read_csv
-from ..annotations import GEOJSON_SUFFIXES, MASK_SUFFIXES, Annotation, load_annotation
+from ..annotations import Annotation
 from ..errors import FormatError, HistotransferError
 from .bags import load_bags, patch_size_level0
 from .labels import feature_files, read_labels
-from .localisation import DEFAULT_THRESHOLD, attention_localisation, cohort_localisation
+from .localisation import (
+    DEFAULT_THRESHOLD,
+    attention_localisation,
+    cohort_localisation,
+    load_annotations,
+)
 from .metrics import slide_metrics
 from .models import predict
 from .rundir import (
@@ -54,8 +59,8 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     also holds ``groups.all``: the metrics of each group and the mean within-group AUC, as ``train`` reports
     them per split, and the shortcut check adds the group-alone AUC.
 
-    With ``annotations_dir`` (lesion annotations, see :func:`annotation_files`; needs ``labels_csv``) the
-    attention of each positive slide that has an annotation is scored against it
+    With ``annotations_dir`` (lesion annotations, see :func:`~histotransfer.mil.localisation.annotation_files`;
+    needs ``labels_csv``) the attention of each positive slide that has an annotation is scored against it
     (:func:`~histotransfer.mil.localisation.attention_localisation`, lesion patch: at least ``threshold`` of
     its area is lesion): ``localisation.csv`` (one row per scored slide) and ``metrics.json["localisation"]``
     (:func:`localisation_summary`: cohort means and how many positive slides were scored).
@@ -170,36 +175,6 @@ def check_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise HistotransferError(f"lesion threshold {threshold}: pass the lesion fraction of a patch's area that "
                                  "makes it a lesion patch, in (0, 1] (default 0.5).")
-
-
-def annotation_files(annotations_dir: str | Path) -> dict[str, Path]:
-    """``slide_id -> file`` of the lesion annotations in a folder: ``<slide_id>.geojson`` (or ``.json``, QuPath
-    GeoJSON in level-0 pixels) or a mask image ``<slide_id>.png`` (``.tif``, ``.tiff``, ``.bmp``) with its
-    sidecar ``<slide_id>.png.json`` holding ``{"downsample": D}``. Sidecars and hidden files are skipped; two
-    annotations of one slide are an error."""
-    folder = Path(annotations_dir)
-    if not folder.is_dir():
-        raise HistotransferError(f"{folder}: no such annotations folder; pass the folder holding <slide_id>.geojson "
-                                 "or <slide_id>.png lesion annotations.")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        suffix = path.suffix.lower()
-        sidecar = suffix in GEOJSON_SUFFIXES and Path(path.stem).suffix.lower() in MASK_SUFFIXES
-        if path.name.startswith(".") or sidecar or suffix not in GEOJSON_SUFFIXES + MASK_SUFFIXES:
-            continue
-        if path.stem in found:
-            raise HistotransferError(f"{found[path.stem]} and {path}: two annotations of slide {path.stem}; keep one.")
-        found[path.stem] = path
-    if not found:
-        raise HistotransferError(f"{folder}: holds no lesion annotation (<slide_id> with "
-                                 f"{', '.join(GEOJSON_SUFFIXES + MASK_SUFFIXES)}); pass the annotations folder.")
-    return found
-
-
-def load_annotations(annotations_dir: str | Path, slide_ids: Sequence[str]) -> dict[str, Annotation]:
-    """The annotations of those of ``slide_ids`` that have one in ``annotations_dir`` (others are left out)."""
-    files = annotation_files(annotations_dir)
-    return {s: load_annotation(files[s]) for s in slide_ids if s in files}
 
 
 def attention_file_localisation(path: str | Path, annotation: Annotation,

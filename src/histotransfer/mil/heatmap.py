@@ -40,13 +40,12 @@ from .bags import check_bag
 from .evaluate import (
     LOCALISATION_FILE,
     POSITIVE,
-    annotation_files,
     check_threshold,
     describe_slide_localisation,
     localisation_frame,
     run_splits,
 )
-from .localisation import DEFAULT_THRESHOLD, attention_localisation
+from .localisation import DEFAULT_THRESHOLD, annotation_files, attention_localisation
 from .models import predict_bag
 from .rundir import (
     check_inputs,

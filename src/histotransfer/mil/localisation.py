@@ -22,13 +22,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from ..annotations import Annotation
+from ..annotations import GEOJSON_SUFFIXES, MASK_SUFFIXES, Annotation, load_annotation
+from ..errors import HistotransferError
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -144,3 +146,33 @@ def cohort_localisation(per_slide: Sequence[Mapping[str, Any]]) -> dict[str, dic
         present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         out[key] = {"mean": float(np.mean(present)) if present else None, "n": len(present)}
     return out
+
+
+def annotation_files(annotations_dir: str | Path) -> dict[str, Path]:
+    """``slide_id -> file`` of the lesion annotations in a folder: ``<slide_id>.geojson`` (or ``.json``, QuPath
+    GeoJSON in level-0 pixels) or a mask image ``<slide_id>.png`` (``.tif``, ``.tiff``, ``.bmp``) with its
+    sidecar ``<slide_id>.png.json`` holding ``{"downsample": D}``. Sidecars and hidden files are skipped; two
+    annotations of one slide are an error."""
+    folder = Path(annotations_dir)
+    if not folder.is_dir():
+        raise HistotransferError(f"{folder}: no such annotations folder; pass the folder holding <slide_id>.geojson "
+                                 "or <slide_id>.png lesion annotations.")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        sidecar = suffix in GEOJSON_SUFFIXES and Path(path.stem).suffix.lower() in MASK_SUFFIXES
+        if path.name.startswith(".") or sidecar or suffix not in GEOJSON_SUFFIXES + MASK_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise HistotransferError(f"{found[path.stem]} and {path}: two annotations of slide {path.stem}; keep one.")
+        found[path.stem] = path
+    if not found:
+        raise HistotransferError(f"{folder}: holds no lesion annotation (<slide_id> with "
+                                 f"{', '.join(GEOJSON_SUFFIXES + MASK_SUFFIXES)}); pass the annotations folder.")
+    return found
+
+
+def load_annotations(annotations_dir: str | Path, slide_ids: Sequence[str]) -> dict[str, Annotation]:
+    """The annotations of those of ``slide_ids`` that have one in ``annotations_dir`` (others are left out)."""
+    files = annotation_files(annotations_dir)
+    return {s: load_annotation(files[s]) for s in slide_ids if s in files}

@@ -8,7 +8,7 @@ finished run is recognised instantly and a bad input is refused before anything 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .labels import LabelTable, feature_files, read_labels
 from .rundir import DONE_FILE, guard
 from .settings import CV_BELOW_PATIENTS, DEFAULT_HIDDEN, STD_FLOOR_FRACTION, MilSettings
 from .splits import DEFAULT_FRACTIONS, kfold_splits, random_split, read_split_file, rule_split
+from .supervision import annotation_fingerprints, supervised_slides
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RunPlan:
     split_file: Path | None
     folds: int | None
     finished: bool = False
+    annotations: dict[str, Path] = field(default_factory=dict)  # lesion annotations supervising the attention
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -66,8 +68,12 @@ class RunPlan:
         config = {**self.config, "unreadable_slides": {**self.config["unreadable_slides"], **broken}}
         config["inputs"] = {**config["inputs"], "features": {s: fp for s, fp in config["inputs"]["features"].items()
                                                              if s not in broken}}
+        if "annotations" in config["inputs"]:
+            config["inputs"]["annotations"] = {s: fp for s, fp in config["inputs"]["annotations"].items()
+                                               if s not in broken}
         return replace(self, table=table, splits=splits, config=config,
-                       files={s: p for s, p in self.files.items() if s not in broken})
+                       files={s: p for s, p in self.files.items() if s not in broken},
+                       annotations={s: p for s, p in self.annotations.items() if s not in broken})
 
 
 def make_splits(table: LabelTable, settings: MilSettings, split_file: Path | None,
@@ -101,6 +107,14 @@ def _fingerprint_or_reason(path: Path) -> tuple[str | None, str]:
     except (HistotransferError, OSError, KeyError, ValueError) as exc:
         reason = one_line(exc)
         return None, reason if str(path) in reason else f"{path}: {reason}"
+
+
+def _loss(settings: MilSettings) -> str:
+    """The training loss in words, for the config."""
+    if settings.annotations is None:
+        return "cross_entropy"
+    return (f"cross_entropy + {settings.attention_weight:g} x binary cross-entropy of the attention scores against "
+            "the patches touching the lesion (annotated positive training slides)")
 
 
 def _encoder_of(paths: list[Path]) -> dict[str, Any]:
@@ -182,6 +196,11 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
     folds, why = choose_protocol(table, settings, split_path, folds)
     splits = make_splits(table, settings, split_path, folds)
     fingerprints = {sid: _fingerprint_or_reason(p) for sid, p in files.items()}
+    annotations: dict[str, Path] = {}
+    if settings.annotations is not None:  # recorded resolved, so that a run is the same from any folder
+        folder = settings.annotations.expanduser().resolve()
+        settings = MilSettings.build(settings, annotations=folder)
+        annotations = supervised_slides(folder, table, splits)
     s = settings
     config: dict[str, Any] = {
         "kind": "mil",
@@ -196,7 +215,7 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
         "model": {"name": s.model, "hidden": s.hidden or DEFAULT_HIDDEN, "dropout": s.dropout,
                   "standardize": s.standardize, "std_floor_fraction": STD_FLOOR_FRACTION if s.standardize else None},
         "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
-                     "loss": "cross_entropy", "steps": "one slide per step, shuffled each epoch",
+                     "loss": _loss(s), "steps": "one slide per step, shuffled each epoch",
                      "selection": f"best validation {s.select_by}, ties: lower validation loss",
                      "early_stopping": s.early_stopping},
         "split": ({"method": "file", "file": str(split_path.resolve())} if split_path is not None else
@@ -210,7 +229,9 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
         "unreadable_slides": {},
         "versions": {"histotransfer": __version__},
     }
-    plan = RunPlan(out, s, table, files, splits, config, split_path, folds)
+    if annotations:
+        config["inputs"]["annotations"] = annotation_fingerprints(annotations)
+    plan = RunPlan(out, s, table, files, splits, config, split_path, folds, annotations=annotations)
     unreadable = {sid: reason for sid, (fp, reason) in fingerprints.items() if fp is None}
     if unreadable:  # decided here, not when loading, so that a re-run plans (and compares) the same run
         for reason in unreadable.values():

@@ -3,6 +3,7 @@ folder's ``config.json``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -20,6 +21,9 @@ DEFAULT_HIDDEN = 256
 # std floor as a fraction of the median per-dimension std of the training patches: 30% was never more than 0.02
 # AUC from the best of raw, global and 1%/10%/30% floors on four bag sets (benchmarks/bench_standardize.py).
 STD_FLOOR_FRACTION = 0.30
+# Lesion annotations supervising the attention, at weight 1 beside the slide's cross-entropy, raised the
+# within-centre AUC of a confounded two-centre cohort from 0.73 to 0.78 (benchmarks/bench_lesion_levers.py).
+DEFAULT_ATTENTION_WEIGHT = 1.0
 # What each recipe means for the options it sets (an option given explicitly wins over its recipe).
 RECIPES: dict[str, dict[str, Any]] = {
     # Ours: features standardised with the training patches' statistics, the epoch with the best validation AUC.
@@ -69,6 +73,17 @@ class MilSettings(StageSettings):
         description="groups: each epoch draws the training slides so that every label x group cell of "
                     "--group-column weighs the same, so the group (e.g. a centre's stain) cannot stand in for the "
                     "label; no effect without --group-column")
+    annotations: Path | None = Field(
+        None, json_schema_extra=OMIT_DEFAULT,
+        description="folder of lesion annotations (<slide_id>.geojson or .png mask, as for evaluate): on each "
+                    "positive training slide that has one, the attention is trained as well to score the patches "
+                    "touching the lesion high (--attention-weight), so that it learns the lesion rather than what "
+                    "else tells the label apart (e.g. the centre); other slides get the slide loss only")
+    attention_weight: float = Field(
+        DEFAULT_ATTENTION_WEIGHT, gt=0, le=1000, json_schema_extra=OMIT_DEFAULT,
+        description="weight of the attention loss of --annotations (binary cross-entropy of each patch's raw "
+                    "attention score against whether it touches the lesion), added to the slide's loss; no effect "
+                    "without --annotations")
 
     @model_validator(mode="after")
     def _recipe_defaults(self) -> MilSettings:

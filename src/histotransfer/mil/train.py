@@ -8,13 +8,17 @@ With ``MilSettings.balance = "groups"`` and a group column, each epoch instead d
 weighted so that every label x group cell of the training split is drawn equally often on average
 (:func:`balance_weights`): the group (e.g. the centre) then tells nothing about the label in what the model sees,
 so it must learn the label from the tissue.
+
+With ``MilSettings.annotations`` the positive training slides that have a lesion annotation add
+:func:`attention_loss` to their slide loss: their attention learns to single out the lesion
+(:mod:`histotransfer.mil.supervision`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .._io import output_folder, remove_stale_temps, write_csv, write_json
 from .._read import read_csv
-from .bags import BagSet, feature_stats, load_bags
+from .bags import BagSet, feature_stats, load_bags, patch_size_level0
 from .metrics import METRIC_KEYS
 from .models import AttentionMIL, predict
 from .plan import RunPlan, plan_run
@@ -36,6 +40,7 @@ from .rundir import DONE_FILE, FitResult, guard, save_model, write_config, write
 from .settings import MilSettings
 from .shortcut import judge
 from .splits import SPLITS
+from .supervision import lesion_targets
 
 
 @contextmanager
@@ -52,17 +57,28 @@ def seeded(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
+def attention_loss(scores: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of raw attention scores (N,), taken as logits, against float targets (N,): 1 for
+    a patch touching the lesion, 0 elsewhere."""
+    return F.binary_cross_entropy_with_logits(scores, lesion)
+
+
 def train_epoch(model: AttentionMIL, bags: list[torch.Tensor], targets: list[torch.Tensor],
-                order: np.ndarray, optimizer: torch.optim.Optimizer) -> float:
+                order: np.ndarray, optimizer: torch.optim.Optimizer,
+                lesions: Sequence[torch.Tensor | None] | None = None, attention_weight: float = 1.0) -> float:
     """One pass over the slides in ``order``, one optimizer step per slide; returns the mean loss.
 
     ``bags`` are contiguous float32 (N_i, D) tensors and ``targets`` (1,) int64 tensors, prepared once so
-    the loop allocates nothing but the activations."""
+    the loop allocates nothing but the activations. ``lesions`` (one per slide, None for most) are patch targets
+    of :func:`attention_loss`, added to that slide's cross-entropy times ``attention_weight``."""
     model.train()
     total = 0.0
     for i in order:
-        logits, _ = model(bags[i])
+        logits, scores = model(bags[i])
         loss = F.cross_entropy(logits, targets[i])
+        lesion = None if lesions is None else lesions[i]
+        if lesion is not None:
+            loss = loss + attention_weight * attention_loss(scores, lesion)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -107,11 +123,13 @@ def selection_key(scores: dict[str, float | None], select_by: str) -> tuple[floa
 def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
         val: tuple[list[torch.Tensor], np.ndarray], epochs: int, lr: float, seed: int,
         early_stopping: int | None = None, desc: str = "training", select_by: str = "auc",
-        weights: np.ndarray | None = None) -> FitResult:
+        weights: np.ndarray | None = None, lesions: Sequence[torch.Tensor | None] | None = None,
+        attention_weight: float = 1.0) -> FitResult:
     """Train ``model`` and keep the epoch with the best validation ``select_by`` score (ties: lower loss).
 
     ``weights`` (one per training slide, e.g. :func:`balance_weights`) make each epoch draw its slides in
-    proportion to them (:func:`epoch_order`). Without validation slides the last epoch is kept; with one
+    proportion to them (:func:`epoch_order`). ``lesions`` (one per training slide, None where it has none)
+    supervise the attention (:func:`train_epoch`). Without validation slides the last epoch is kept; with one
     validation class, AUC selection falls back to the lowest loss."""
     train_bags, train_labels = train
     val_bags, val_labels = val
@@ -124,7 +142,7 @@ def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
     for epoch in bar:
         t0 = time.perf_counter()
         train_loss = train_epoch(model, train_bags, targets, epoch_order(len(train_bags), rng, weights),
-                                 optimizer)
+                                 optimizer, lesions, attention_weight)
         scores: dict[str, float | None] = {"loss": math.nan, "auc": None, "accuracy": None}
         if len(val_bags):
             scores = validation_scores(predict(model, val_bags)[0], val_labels)
@@ -152,6 +170,15 @@ def _split_arrays(bags: BagSet, split: pd.DataFrame, name: str) -> tuple[list[to
     return bags.subset(rows["slide_id"].tolist()).features, rows["label"].to_numpy(dtype=int)
 
 
+def _training_lesions(split: pd.DataFrame, lesions: Mapping[str, np.ndarray] | None
+                      ) -> list[torch.Tensor | None] | None:
+    """The attention targets of the training slides, in their order (None: no slide has any)."""
+    if not lesions:
+        return None
+    ids = split.loc[split["split"] == "train", "slide_id"]
+    return [torch.from_numpy(lesions[s]) if s in lesions else None for s in ids]
+
+
 def training_weights(split: pd.DataFrame, settings: MilSettings) -> np.ndarray | None:
     """The training slides' sampling weights that ``settings.balance`` asks for (None: a plain shuffle)."""
     if settings.balance != "groups" or settings.group_column is None:
@@ -160,10 +187,13 @@ def training_weights(split: pd.DataFrame, settings: MilSettings) -> np.ndarray |
     return balance_weights(rows["label"].to_numpy(dtype=int), rows[settings.group_column].astype(str).to_numpy())
 
 
-def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str, Any]) -> dict[str, Any]:
+def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str, Any],
+              lesions: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train one model on ``split`` (slide_id, patient_id, label, split) and write the run folder.
 
-    Returns the contents of its ``metrics.json``. A folder that already holds this finished run is left as it is."""
+    ``lesions`` (slide_id -> patch targets, :func:`~histotransfer.mil.supervision.lesion_targets`) supervise the
+    attention of those training slides. Returns the contents of its ``metrics.json``. A folder that already holds
+    this finished run is left as it is."""
     import json
 
     if guard(run_dir, config):
@@ -181,7 +211,8 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
             model.set_standardization(*feature_stats(train[0]))
         result = fit(model, train, _split_arrays(bags, split, "val"), s.epochs, s.lr, s.seed, s.early_stopping,
                      desc=f"training {run_dir.name}", select_by=s.select_by or "auc",
-                     weights=training_weights(split, s))
+                     weights=training_weights(split, s), lesions=_training_lesions(split, lesions),
+                     attention_weight=s.attention_weight)
     model.load_state_dict(result.state)
     classes = sorted(config["label_mapping"], key=config["label_mapping"].get)
     save_model(model, run_dir / "model.pt", classes, result.selected_epoch)
@@ -239,11 +270,13 @@ def train_planned(plan: RunPlan) -> Path:
     bags, broken = load_bags(plan.files, expect_encoder=plan.config["encoder"])
     if broken:
         plan = plan.without(broken)
+    lesions = lesion_targets(plan.annotations, bags.slide_ids, bags.coords,
+                             [patch_size_level0(a) for a in bags.attrs], Path(plan.config["features_dir"]))
     out_dir = output_folder(plan.out_dir)
     if plan.folds is None:
-        train_run(out_dir, bags, plan.splits[0], plan.config)
+        train_run(out_dir, bags, plan.splits[0], plan.config, lesions)
         return out_dir
-    per_fold = {run_dir.name: train_run(run_dir, bags, split, plan.fold_config(k))
+    per_fold = {run_dir.name: train_run(run_dir, bags, split, plan.fold_config(k), lesions)
                 for k, (run_dir, split) in enumerate(zip(plan.run_dirs, plan.splits))}
     folds_table = pd.concat([s[s["split"] == "test"].assign(fold=k) for k, s in enumerate(plan.splits)])
     write_csv(folds_table.drop(columns="split").sort_values("slide_id"), out_dir / "splits.csv")
@@ -265,9 +298,10 @@ def train_mil(features_dir: str | Path, labels_csv: str | Path, out_dir: str | P
     (:class:`MilSettings`). The protocol (``settings.protocol``, see :func:`~histotransfer.mil.plan.choose_protocol`)
     is a patient-level stratified 65/15/20 split (seeded), the user's ``split_file`` (slide_id,split), or
     ``folds``-fold patient-level cross-validation (``auto``, the default: for cohorts under 200 patients; ``folds``
-    given: always). Bad labels, splits, settings or feature files raise
-    HistotransferError before anything is written. Re-running with the same settings and inputs keeps finished
-    runs (and folds) and redoes the rest; another run in ``out_dir`` is refused.
+    given: always). With ``annotations`` (a folder of lesion annotations, see :mod:`~histotransfer.mil.supervision`)
+    the positive training slides that have one supervise the attention too. Bad labels, splits, settings,
+    annotations or feature files raise HistotransferError before anything is written. Re-running with the same
+    settings and inputs keeps finished runs (and folds) and redoes the rest; another run in ``out_dir`` is refused.
     """
     plan = plan_run(features_dir, labels_csv, out_dir, MilSettings.build(settings, **overrides), split_file, folds)
     if plan.finished:

@@ -200,6 +200,10 @@ class Checker:
             where = f"mil[{i}]" if isinstance(raw, list) else "mil"
             if isinstance(item, dict) and "seed" in item:
                 self.fail(f"{where}.seed", "set the seeds with the top-level 'seeds' list")
+            if isinstance(item, dict) and "annotations" in item:
+                self.fail(f"{where}.annotations", "a study does not train on lesion annotations (a dataset's "
+                                                  "annotations score the attention only); use `histotransfer train "
+                                                  "--annotations` for that")
             m = self.model(MilSection, item, where)
             if m is not None:
                 settings = MilSettings.model_validate(m.model_dump(exclude={"name"}, exclude_unset=True))
