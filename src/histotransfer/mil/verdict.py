@@ -119,6 +119,7 @@ def shortcut_verdict(model_auc: float, group: Mapping[str, Any] | None = None,
                        f"{model_auc:.3f}")
     if reasons:
         steps = [f"check the within-{group_name} AUC (the direct evidence)",
+                 "where lesion annotations exist, let them supervise the attention (train --annotations)",
                  f"train on stain-normalised features (--stain-norm macenko) or balance the {group_name}s in training",
                  f"collect slides of both classes in every {group_name}"]
         if test_auc is not None and any("test split" in r for r in reasons):
