@@ -38,8 +38,10 @@ def main() -> None:
     demo = make_demo_slides(tempfile.mkdtemp(prefix="cka-baseline-"), n_slides=1, seed=0, size=2048)
     rng = np.random.default_rng(0)
     with open_slide(demo.slides[0]) as slide:
-        patches = [slide.read_region((int(x), int(y)), 0, (256, 256))
-                   for x, y in rng.integers(256, 1536, size=(args.n_patches, 2))]
+        patches = [
+            slide.read_region((int(x), int(y)), 0, (256, 256))
+            for x, y in rng.integers(256, 1536, size=(args.n_patches, 2))
+        ]
     drawn = create_encoder(args.encoder, "random", random_seed=BASELINE_SEED)
     control, rescaled = baseline_encoder(drawn, BASELINE_SEED)
     prep = drawn.preprocessing

@@ -149,19 +149,29 @@ def decode_agreement(job: SlideJob, batch_size: int, device: torch.device) -> st
         return f"failed: {errors[0]}"
     gpu = torch.cat([b.pixels.cpu() for b in items])
     diff = (gpu.int() - cpu.int()).abs().float()
-    return (f"max difference {diff.max().item():.0f} levels, mean {diff.mean().item():.4f}; tiles decoded on "
-            f"{', '.join(sorted({b.decode for b in items}))}")
+    return (
+        f"max difference {diff.max().item():.0f} levels, mean {diff.mean().item():.4f}; tiles decoded on "
+        f"{', '.join(sorted({b.decode for b in items}))}"
+    )
 
 
-def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, input_size: int,
-               model: torch.nn.Module, batch_size: int, device: torch.device) -> np.ndarray:
+def clam_style(
+    slide_path: str,
+    coords: np.ndarray,
+    level: int,
+    read_size: int,
+    input_size: int,
+    model: torch.nn.Module,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """The baseline: read a patch, make it a tensor, batch, encode; one step after the other."""
     transform = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     out = []
     with openslide.OpenSlide(slide_path) as slide, torch.inference_mode():
         for start in range(0, len(coords), batch_size):
             batch = []
-            for x, y in coords[start:start + batch_size]:
+            for x, y in coords[start : start + batch_size]:
                 img = slide.read_region((int(x), int(y)), level, (read_size, read_size)).convert("RGB")
                 if read_size != input_size:
                     img = img.resize((input_size, input_size))
@@ -171,9 +181,21 @@ def clam_style(slide_path: str, coords: np.ndarray, level: int, read_size: int, 
     return np.concatenate(out)
 
 
-def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weights: str, truncate: int,
-                 batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device,
-                 decode_only: bool = False, precision: str = "fp32") -> None:
+def bench_config(
+    slide: str,
+    patches: Path,
+    patch_file: Path,
+    encoder: str,
+    weights: str,
+    truncate: int,
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    tmp: Path,
+    device: torch.device,
+    decode_only: bool = False,
+    precision: str = "fp32",
+) -> None:
     """Time extract (CPU and GPU decoding), the CLAM-style baseline, the encoder alone, the loader alone (CPU
     and GPU decoding) and the baseline's reading alone, interleaved (``decode_only``: no baseline). Ours runs
     at ``precision``; the baseline stays fp32, as CLAM's loop runs."""
@@ -206,24 +228,41 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
 
     def run_extract(n_workers: int, decode: str = "cpu") -> None:  # end to end, building the encoder included
         out = tmp / f"out{len(outs)}"
-        outs.append(extract_features(patches, out, encoder, weights, truncate, batch_size=batch_size,
-                                     workers=n_workers, device=device.type, decode=decode, precision=precision))
+        outs.append(
+            extract_features(
+                patches,
+                out,
+                encoder,
+                weights,
+                truncate,
+                batch_size=batch_size,
+                workers=n_workers,
+                device=device.type,
+                decode=decode,
+                precision=precision,
+            )
+        )
 
     baseline: list[np.ndarray] = []
 
     def run_baseline() -> None:  # end to end, building the encoder included
         base_model = create_encoder(encoder, weights, truncate).to(device)
-        baseline.append(clam_style(slide, coords, spec.patch_level, read_size, size, base_model, batch_size,
-                                   device))
+        baseline.append(clam_style(slide, coords, spec.patch_level, read_size, size, base_model, batch_size, device))
 
     def run_baseline_reading() -> None:
-        clam_style(slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size,
-                   torch.device("cpu"))
+        clam_style(
+            slide, coords, spec.patch_level, read_size, size, lambda x: x[:, :1, 0, 0], batch_size, torch.device("cpu")
+        )
 
     extract_key = f"extract, {workers} worker(s)"
-    steps = {extract_key: lambda: run_extract(workers),
-             "clam-style": run_baseline, "encoder": run_encoder, "loader": lambda: run_loader("cpu"),
-             "clam-style reading": run_baseline_reading, "loader, gpu decode": lambda: run_loader("gpu")}
+    steps = {
+        extract_key: lambda: run_extract(workers),
+        "clam-style": run_baseline,
+        "encoder": run_encoder,
+        "loader": lambda: run_loader("cpu"),
+        "clam-style reading": run_baseline_reading,
+        "loader, gpu decode": lambda: run_loader("gpu"),
+    }
     skipped = []
     if device.type == "cuda":
         steps[f"{extract_key}, gpu decode"] = lambda: run_extract(workers, "gpu")
@@ -242,21 +281,26 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
     ours = rate[extract_key]
 
-    print(f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
-          f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
-          f"threads, {os.cpu_count()} cores, encoder on {device_name(device)} in {precision}; median of {repeats}")
+    print(
+        f"\n{encoder} truncate {truncate} ({Path(weights).name} weights): {n} patches of {size} px from "
+        f"{Path(slide).name} level {spec.patch_level}; batch {batch_size}, {torch.get_num_threads()} torch "
+        f"threads, {os.cpu_count()} cores, encoder on {device_name(device)} in {precision}; median of {repeats}"
+    )
     for key in steps:
         if key.startswith("extract"):
             print(f"  {key + ' (ours)':32} {rate[key]:8.1f} patches/s")
     print(f"  {f'loader alone, {workers} worker(s)':32} {rate['loader']:8.1f} patches/s  (CPU decoding)")
-    print(f"  {'loader alone, gpu decode':32} {rate['loader, gpu decode']:8.1f} patches/s  (tiles decoded on "
-          f"{device_name(device)})")
+    print(
+        f"  {'loader alone, gpu decode':32} {rate['loader, gpu decode']:8.1f} patches/s  (tiles decoded on "
+        f"{device_name(device)})"
+    )
     print(f"  gpu-decode pixels vs the CPU loader's: {decode_agreement(job, batch_size, device)}")
     print(f"  {'encoder alone':32} {rate['encoder']:8.1f} patches/s")
-    print(f"  ratio loader / encoder             {rate['loader'] / rate['encoder']:6.2f}x  (CPU decoding; "
-          "target >= 3)")
-    print(f"  ratio loader gpu decode / encoder  {rate['loader, gpu decode'] / rate['encoder']:6.2f}x  "
-          f"(target >= 1.5 on a GPU)")
+    print(f"  ratio loader / encoder             {rate['loader'] / rate['encoder']:6.2f}x  (CPU decoding; target >= 3)")
+    print(
+        f"  ratio loader gpu decode / encoder  {rate['loader, gpu decode'] / rate['encoder']:6.2f}x  "
+        f"(target >= 1.5 on a GPU)"
+    )
     print(f"  ratio loader gpu / cpu decode      {rate['loader, gpu decode'] / rate['loader']:6.2f}x")
     if f"{extract_key}, gpu decode" in rate:
         print(f"  ratio extract gpu / cpu decode     {rate[f'{extract_key}, gpu decode'] / ours:6.2f}x")
@@ -270,8 +314,10 @@ def bench_config(slide: str, patches: Path, patch_file: Path, encoder: str, weig
     feats = read_feature_file(outs[0] / f"{ps.slide_id}.h5").features
     agree = float(np.abs(feats - baseline[-1]).max() / max(np.abs(baseline[-1]).max(), 1e-12))
     print(f"  {'clam-style baseline':32} {rate['clam-style']:8.1f} patches/s")
-    print(f"  encoder: {gflop:.2f} GFLOP/patch run, {gflop * rate['encoder']:.1f} GFLOP/s; the torchvision "
-          f"network: {gflop_network:.2f} GFLOP/patch")
+    print(
+        f"  encoder: {gflop:.2f} GFLOP/patch run, {gflop * rate['encoder']:.1f} GFLOP/s; the torchvision "
+        f"network: {gflop_network:.2f} GFLOP/patch"
+    )
     print(f"  {'clam-style reading alone':32} {rate['clam-style reading']:8.1f} patches/s")
     print(f"  {precision + ' matmul peak':32} {peak:8.1f} GFLOP/s")
     print(f"  features ours vs baseline: max difference {agree:.1e} of the largest value")
@@ -295,14 +341,17 @@ def default_weights(encoder: str, weights: str | None) -> str:
     except HistotransferError as exc:
         if not Path(weights).is_file():
             raise SystemExit(f"--weights {weights}: {exc}") from None
-        print(f"--weights {weights} does not fit {encoder} ({' '.join(str(exc).split())[:160]}); "
-              f"{encoder} runs with {Path(fallback).name} weights")
+        print(
+            f"--weights {weights} does not fit {encoder} ({' '.join(str(exc).split())[:160]}); "
+            f"{encoder} runs with {Path(fallback).name} weights"
+        )
         return fallback
     return weights
 
 
-def median_rates(steps: dict[str, Callable[[], object]], n: int,
-                 repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def median_rates(
+    steps: dict[str, Callable[[], object]], n: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Patches/s of each step (``n`` patches a run) by wall time and by this process's CPU time (all its
     threads), each the median of ``repeats`` interleaved runs.
 
@@ -316,12 +365,24 @@ def median_rates(steps: dict[str, Callable[[], object]], n: int,
             fn()
             wall[key].append(time.perf_counter() - w0)
             cpu[key].append(time.process_time() - c0)
-    return ({k: n / statistics.median(v) for k, v in wall.items()},
-            {k: n / statistics.median(v) for k, v in cpu.items()})
+    return (
+        {k: n / statistics.median(v) for k, v in wall.items()},
+        {k: n / statistics.median(v) for k, v in cpu.items()},
+    )
 
 
-def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: str, truncations: list[int],
-                      batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
+def bench_truncations(
+    patches: Path,
+    patch_file: Path,
+    encoder: str,
+    weights: str,
+    truncations: list[int],
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    tmp: Path,
+    device: torch.device,
+) -> None:
     """One extraction pass per truncation vs one pass for all of them, end to end and encoder alone."""
     ps = read_patch_file(patch_file)
     n, size = len(ps.coords), ps.spec.patch_size
@@ -332,8 +393,16 @@ def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: st
     def run_extract(truncate: int | list[int]) -> None:  # end to end, building the encoders included
         nonlocal runs
         runs += 1
-        out = extract_features(patches, tmp / f"out{runs}", encoder, weights, truncate, batch_size=batch_size,
-                               workers=workers, device=device.type)
+        out = extract_features(
+            patches,
+            tmp / f"out{runs}",
+            encoder,
+            weights,
+            truncate,
+            batch_size=batch_size,
+            workers=workers,
+            device=device.type,
+        )
         if isinstance(out, dict):
             together.update(out)
         else:
@@ -353,17 +422,24 @@ def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: st
     steps = {**separate, "one pass, all": functools.partial(run_extract, truncations)}
     rates: dict[str, dict[str, float]] = {}
     rates["extract"], rates["extract CPU"] = median_rates(steps, n, repeats)
-    enc_steps = {**{f"t{t} alone": functools.partial(run_encoder, encode[t]) for t in truncations},
-                 "one pass, all": functools.partial(run_encoder, encode_all.features)}
+    enc_steps = {
+        **{f"t{t} alone": functools.partial(run_encoder, encode[t]) for t in truncations},
+        "one pass, all": functools.partial(run_encoder, encode_all.features),
+    }
     rates["encoder"], rates["encoder CPU"] = median_rates(enc_steps, n, repeats)
-    same = all(together[t].name == last[t].name and
-               [p.read_bytes() for p in sorted(together[t].glob("*.h5"))]
-               == [p.read_bytes() for p in sorted(last[t].glob("*.h5"))] for t in truncations)
+    same = all(
+        together[t].name == last[t].name
+        and [p.read_bytes() for p in sorted(together[t].glob("*.h5"))]
+        == [p.read_bytes() for p in sorted(last[t].glob("*.h5"))]
+        for t in truncations
+    )
 
     names = ", ".join(map(str, truncations))
-    print(f"\n{encoder} truncations {names} ({Path(weights).name} weights): {n} patches of {size} px; batch "
-          f"{batch_size}, {torch.get_num_threads()} torch threads, encoder on {device_name(device)}; median of "
-          f"{repeats}")
+    print(
+        f"\n{encoder} truncations {names} ({Path(weights).name} weights): {n} patches of {size} px; batch "
+        f"{batch_size}, {torch.get_num_threads()} torch threads, encoder on {device_name(device)}; median of "
+        f"{repeats}"
+    )
     print(f"  {'patches/s (wall or CPU time)':32}" + "".join(f"{k:>13}" for k in rates))
     for key in steps:
         print(f"  {key:32}" + "".join(f"{r[key]:13.1f}" for r in rates.values()))
@@ -372,70 +448,128 @@ def bench_truncations(patches: Path, patch_file: Path, encoder: str, weights: st
         t_one = 1 / r["one pass, all"]
         full.append(t_one * r[f"t{truncations[0]} alone"])
         t_sum.append(t_one / sum(1 / r[k] for k in separate))
-    print(f"  {f'ratio one pass / t{truncations[0]} alone':32}" + "".join(f"{x:12.2f}x" for x in full)
-          + "  (time; target <= 1.15)")
+    print(
+        f"  {f'ratio one pass / t{truncations[0]} alone':32}"
+        + "".join(f"{x:12.2f}x" for x in full)
+        + "  (time; target <= 1.15)"
+    )
     print(f"  {f'ratio one pass / the {len(truncations)} passes':32}" + "".join(f"{x:12.2f}x" for x in t_sum))
     print(f"  one pass wrote the same bytes as the {len(truncations)} passes: {'yes' if same else 'NO'}")
 
 
-def bench_stain(n_slides: int, patch_size: int, magnification: float, encoder: str, weights: str, truncate: int,
-                batch_size: int, workers: int, repeats: int, tmp: Path, device: torch.device) -> None:
+def bench_stain(
+    n_slides: int,
+    patch_size: int,
+    magnification: float,
+    encoder: str,
+    weights: str,
+    truncate: int,
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    tmp: Path,
+    device: torch.device,
+) -> None:
     """Extraction without stain normalisation, with Reinhard and with Macenko (per-slide source estimates) on
     the same demo slides, interleaved; patches/s and the ratios to plain extraction."""
     demo = make_demo_slides(tmp / "demo", n_slides, seed=0, size=2048, mpp=0.5)
-    tiled = tile_slides(demo.slides, tmp / "tiles", magnification=magnification, patch_size=patch_size,
-                        stride=patch_size)
+    tiled = tile_slides(
+        demo.slides, tmp / "tiles", magnification=magnification, patch_size=patch_size, stride=patch_size
+    )
     n = sum(len(read_patch_file(p).coords) for p in tiled.patches.glob("*.h5"))
     reference = write_reference_patches(tiled.patches, tmp / "reference")
-    options = {"plain": {}, "reinhard": {"stain_norm": "reinhard", "stain_ref": str(reference)},
-               "macenko": {"stain_norm": "macenko", "stain_ref": str(reference)}}
+    options = {
+        "plain": {},
+        "reinhard": {"stain_norm": "reinhard", "stain_ref": str(reference)},
+        "macenko": {"stain_norm": "macenko", "stain_ref": str(reference)},
+    }
     runs = iter(range(1 << 30))
 
     def step(kw: dict[str, str]) -> Callable[[], object]:
-        return lambda: extract_features(tiled.patches, tmp / f"out{next(runs)}", encoder, weights, truncate,
-                                        batch_size=batch_size, workers=workers, device=device.type, **kw)
+        return lambda: extract_features(
+            tiled.patches,
+            tmp / f"out{next(runs)}",
+            encoder,
+            weights,
+            truncate,
+            batch_size=batch_size,
+            workers=workers,
+            device=device.type,
+            **kw,
+        )
 
     wall, cpu = median_rates({k: step(kw) for k, kw in options.items()}, n, repeats)
-    print(f"\nstain normalisation at extraction: {encoder} t{truncate}, {n_slides} slides, {n} patches of "
-          f"{patch_size} px, {workers} loader worker(s), {torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"\nstain normalisation at extraction: {encoder} t{truncate}, {n_slides} slides, {n} patches of "
+        f"{patch_size} px, {workers} loader worker(s), {torch.get_num_threads()} threads, median of {repeats}"
+    )
     for key in options:
-        print(f"  {key:9} {wall[key]:7.1f} patches/s (cpu {cpu[key]:7.1f})   plain / {key}: "
-              f"{wall['plain'] / wall[key]:.2f}x (cpu {cpu['plain'] / cpu[key]:.2f}x)")
+        print(
+            f"  {key:9} {wall[key]:7.1f} patches/s (cpu {cpu[key]:7.1f})   plain / {key}: "
+            f"{wall['plain'] / wall[key]:.2f}x (cpu {cpu['plain'] / cpu[key]:.2f}x)"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", default=str(CMU) if CMU.exists() else None)
-    ap.add_argument("--configs", default="densenet121:0,resnet18:2",
-                    help="comma-separated ENCODER:TRUNCATE (default densenet121:0,resnet18:2; none: skip)")
-    ap.add_argument("--multi", default="densenet121:0,1,2,3",
-                    help="ENCODER:T,T,..: separate passes per truncation vs one pass for all (default "
-                         "densenet121:0,1,2,3; none: skip)")
-    ap.add_argument("--stain", default="resnet18:2",
-                    help="ENCODER:TRUNCATE of the stain normalisation comparison (default resnet18:2; none: skip)")
+    ap.add_argument(
+        "--configs",
+        default="densenet121:0,resnet18:2",
+        help="comma-separated ENCODER:TRUNCATE (default densenet121:0,resnet18:2; none: skip)",
+    )
+    ap.add_argument(
+        "--multi",
+        default="densenet121:0,1,2,3",
+        help="ENCODER:T,T,..: separate passes per truncation vs one pass for all (default "
+        "densenet121:0,1,2,3; none: skip)",
+    )
+    ap.add_argument(
+        "--stain",
+        default="resnet18:2",
+        help="ENCODER:TRUNCATE of the stain normalisation comparison (default resnet18:2; none: skip)",
+    )
     ap.add_argument("--stain-slides", type=int, default=4, help="demo slides of the stain comparison (default 4)")
     ap.add_argument("--quick", action="store_true", help="32 patches, measured once")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with "
-                         "other programs, where threads waiting for each other make wall and CPU time erratic")
-    ap.add_argument("--weights", default=None,
-                    help="weights for every config they fit: a name (random, imagenet) for all, a file for the "
-                         "configs of its architecture, the others keeping their default (../shared DenseNet121 "
-                         "weights for densenet121, else random)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 gives steadier ratios on a machine shared with "
+        "other programs, where threads waiting for each other make wall and CPU time erratic",
+    )
+    ap.add_argument(
+        "--weights",
+        default=None,
+        help="weights for every config they fit: a name (random, imagenet) for all, a file for the "
+        "configs of its architecture, the others keeping their default (../shared DenseNet121 "
+        "weights for densenet121, else random)",
+    )
     ap.add_argument("--patch-size", type=int, default=224)
     ap.add_argument("--magnification", type=float, default=20.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="loader processes (default: extract's default)")
     ap.add_argument("--max-patches", type=int, default=128)
-    ap.add_argument("--stride", type=int, default=None,
-                    help="tiling stride in px (default: half the patch size); a small stride gives a small slide "
-                         "enough (overlapping) patches to time a GPU")
+    ap.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tiling stride in px (default: half the patch size); a small stride gives a small slide "
+        "enough (overlapping) patches to time a GPU",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where the encoders run, ours and the baseline's: cpu or cuda")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                    help="our encoder's precision (bf16/fp16: CUDA only), and the matmul peak it is compared with")
-    ap.add_argument("--decode-only", action="store_true",
-                    help="time only the encoder, the loader and extract with CPU and with GPU decoding")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="our encoder's precision (bf16/fp16: CUDA only), and the matmul peak it is compared with",
+    )
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="time only the encoder, the loader and extract with CPU and with GPU decoding",
+    )
     args = ap.parse_args()
     if args.quick:
         args.max_patches, args.repeats, args.stain_slides = 32, 1, 2
@@ -450,8 +584,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         slide = args.slide or str(make_demo_slides(tmp / "demo", 1, seed=0, size=4096, mpp=0.5).slides[0])
-        tiled = tile_slides([slide], tmp / "tiles", magnification=args.magnification, patch_size=args.patch_size,
-                            stride=args.stride or args.patch_size // 2)
+        tiled = tile_slides(
+            [slide],
+            tmp / "tiles",
+            magnification=args.magnification,
+            patch_size=args.patch_size,
+            stride=args.stride or args.patch_size // 2,
+        )
         if tiled.results[0].status != "ok":
             raise SystemExit(f"tiling {slide} gave no patches: {tiled.results[0].message}")
         tiled_file = next(tiled.patches.glob("*.h5"))
@@ -463,19 +602,50 @@ def main() -> None:
         workers = default_workers(device) if args.workers is None else args.workers
         for config in [] if args.configs == "none" else args.configs.split(","):
             encoder, truncate = config.split(":")
-            bench_config(slide, patches, patch_file, encoder, default_weights(encoder, args.weights),
-                         int(truncate), args.batch_size, workers, args.repeats, tmp / config.replace(":", "-"),
-                         device, args.decode_only, args.precision)
+            bench_config(
+                slide,
+                patches,
+                patch_file,
+                encoder,
+                default_weights(encoder, args.weights),
+                int(truncate),
+                args.batch_size,
+                workers,
+                args.repeats,
+                tmp / config.replace(":", "-"),
+                device,
+                args.decode_only,
+                args.precision,
+            )
         if args.multi != "none" and not args.decode_only:
             encoder, truncations = args.multi.split(":")
-            bench_truncations(patches, patch_file, encoder, default_weights(encoder, args.weights),
-                              [int(t) for t in truncations.split(",")], args.batch_size, workers, args.repeats,
-                              tmp / "multi", device)
+            bench_truncations(
+                patches,
+                patch_file,
+                encoder,
+                default_weights(encoder, args.weights),
+                [int(t) for t in truncations.split(",")],
+                args.batch_size,
+                workers,
+                args.repeats,
+                tmp / "multi",
+                device,
+            )
         if args.stain != "none" and not args.decode_only:
             encoder, truncate = args.stain.split(":")
-            bench_stain(args.stain_slides, args.patch_size, args.magnification, encoder,
-                        default_weights(encoder, args.weights), int(truncate), args.batch_size, workers,
-                        args.repeats, tmp / "stain", device)
+            bench_stain(
+                args.stain_slides,
+                args.patch_size,
+                args.magnification,
+                encoder,
+                default_weights(encoder, args.weights),
+                int(truncate),
+                args.batch_size,
+                workers,
+                args.repeats,
+                tmp / "stain",
+                device,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

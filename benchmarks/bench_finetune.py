@@ -80,8 +80,10 @@ def memory(patches: int, size: int) -> None:
     print(f"    + largest stage while recomputing:     {largest / GiB:7.2f} GiB")
     print(f"  weights + grads + Adam moments:          {state / GiB:7.2f} GiB")
     peak_plain, peak_ckpt = plain + state, kept + largest + state
-    print(f"  estimated peak: {peak_plain / GiB:.1f} GiB without, {peak_ckpt / GiB:.1f} GiB with checkpointing "
-          f"({peak_plain / peak_ckpt:.1f}x less); a 24 GB GPU holds 22.3 GiB")
+    print(
+        f"  estimated peak: {peak_plain / GiB:.1f} GiB without, {peak_ckpt / GiB:.1f} GiB with checkpointing "
+        f"({peak_plain / peak_ckpt:.1f}x less); a 24 GB GPU holds 22.3 GiB"
+    )
 
 
 def step_time(checkpointing: bool, patches: int, size: int, reps: int) -> float:
@@ -102,8 +104,9 @@ def step_time(checkpointing: bool, patches: int, size: int, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def cuda_step_result(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                     precision: str, reps: int) -> str:
+def cuda_step_result(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, precision: str, reps: int
+) -> str:
     """Peak GPU memory and median step time of ``reps`` end-to-end steps on one bag (after one warm-up)."""
     device = x.device
     target = torch.tensor([1], device=device)
@@ -120,8 +123,10 @@ def cuda_step_result(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x
         optimizer.step()
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return (f"peak {torch.cuda.max_memory_allocated(device) / GiB:6.2f} GiB allocated, step "
-            f"{statistics.median(times[1:]):.3f} s (median of {reps})")
+    return (
+        f"peak {torch.cuda.max_memory_allocated(device) / GiB:6.2f} GiB allocated, step "
+        f"{statistics.median(times[1:]):.3f} s (median of {reps})"
+    )
 
 
 def cuda_steps(patches: int, size: int, reps: int) -> None:
@@ -153,16 +158,22 @@ class Way:
 
 
 def ways(rank: int) -> list[Way]:
-    return [Way("full fine-tuning", False, "none"),
-            Way("full, per-stage checkpointing (quarters)", False, "stage"),
-            Way("full, per-block checkpointing", False, "block"),
-            Way(f"LoRA rank {rank}", True, "none"),
-            Way(f"LoRA rank {rank}, per-block checkpointing", True, "block")]
+    return [
+        Way("full fine-tuning", False, "none"),
+        Way("full, per-stage checkpointing (quarters)", False, "stage"),
+        Way("full, per-block checkpointing", False, "block"),
+        Way(f"LoRA rank {rank}", True, "none"),
+        Way(f"LoRA rank {rank}, per-block checkpointing", True, "block"),
+    ]
 
 
 def vit_model(encoder: Encoder, way: Way, rank: int) -> EndToEndMIL:
-    model = EndToEndMIL(encoder, AttentionMIL(encoder.feature_dim), checkpointing=way.recompute != "none",
-                        lora=Lora(rank) if way.lora else None)
+    model = EndToEndMIL(
+        encoder,
+        AttentionMIL(encoder.feature_dim),
+        checkpointing=way.recompute != "none",
+        lora=Lora(rank) if way.lora else None,
+    )
     return model.train()
 
 
@@ -199,21 +210,31 @@ def vit_memory(name: str, patches: int, size: int, rank: int) -> None:
         acts, attention = activation_bytes(model, x, way.recompute, tokens)
         state = 4 * n_all + 3 * 4 * n_train  # float32 weights; gradients and two Adam moments of trained ones
         rows.append((way.label, n_train, n_all, acts, state, attention))
-    print(f"{name} ({encoder_info(name)['architecture']}) + attention MIL, {patches} patches of {size} px ({tokens} "
-          f"tokens), fp32; memory estimated on the meta device, parameters exact:")
+    print(
+        f"{name} ({encoder_info(name)['architecture']}) + attention MIL, {patches} patches of {size} px ({tokens} "
+        f"tokens), fp32; memory estimated on the meta device, parameters exact:"
+    )
     widths = (21, 13, 17, 12, 9)
     header = ("trainable", "activations", "weights, grads,", "est. peak", "vs full")
     print(f"  {'':44}" + "".join(f"{h:>{w}}" for h, w in zip(header, widths)))
-    print(f"  {'':44}" + "".join(f"{h:>{w}}" for h, w in zip(("parameters", "(saved)", "Adam moments", "", ""),
-                                                               widths)))
+    print(
+        f"  {'':44}" + "".join(f"{h:>{w}}" for h, w in zip(("parameters", "(saved)", "Adam moments", "", ""), widths))
+    )
     full_peak = rows[0][3] + rows[0][4]
     for label, n_train, n_all, acts, state, _ in rows:
         peak = acts + state
-        cells = (f"{n_train / 1e6:.2f} M ({100 * n_train / n_all:.1f}%)", f"{acts / GiB:.2f} GiB",
-                 f"{state / GiB:.2f} GiB", f"{peak / GiB:.2f} GiB", f"{full_peak / peak:.1f}x")
+        cells = (
+            f"{n_train / 1e6:.2f} M ({100 * n_train / n_all:.1f}%)",
+            f"{acts / GiB:.2f} GiB",
+            f"{state / GiB:.2f} GiB",
+            f"{peak / GiB:.2f} GiB",
+            f"{full_peak / peak:.1f}x",
+        )
         print(f"  {label:44}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
-    print(f"  (left out: {rows[0][5] / GiB:.2f} GiB of attention matrices the meta device's math attention keeps "
-          "and fused GPU attention does not)")
+    print(
+        f"  (left out: {rows[0][5] / GiB:.2f} GiB of attention matrices the meta device's math attention keeps "
+        "and fused GPU attention does not)"
+    )
 
 
 def small_vit() -> Encoder:
@@ -252,8 +273,7 @@ def vit_step_times(patches: int, size: int, rank: int, reps: int) -> None:
 def vit_cuda_steps(name: str, patches: int, size: int, rank: int, reps: int) -> None:
     """Peak GPU memory and step time of ViT end-to-end steps, every way, fp32 and bf16, measured on the GPU."""
     device = torch.device("cuda")
-    print(f"{name} on {torch.cuda.get_device_name(device)}, {patches} patches of {size} px, torch "
-          f"{torch.__version__}:")
+    print(f"{name} on {torch.cuda.get_device_name(device)}, {patches} patches of {size} px, torch {torch.__version__}:")
     for precision in ("fp32", "bf16"):
         for way in ways(rank):
             torch.manual_seed(0)
@@ -290,9 +310,11 @@ def main() -> None:
         vit_cuda_steps(args.vit_encoder, args.vit_patches, args.vit_size, args.lora_rank, args.reps)
     plain = step_time(False, args.cpu_patches, args.cpu_size, args.reps)
     ckpt = step_time(True, args.cpu_patches, args.cpu_size, args.reps)
-    print(f"one step, resnet18, {args.cpu_patches} patches of {args.cpu_size} px on this CPU "
-          f"(median of {args.reps}): {plain:.3f} s without, {ckpt:.3f} s with checkpointing "
-          f"({ckpt / plain:.2f}x the time)")
+    print(
+        f"one step, resnet18, {args.cpu_patches} patches of {args.cpu_size} px on this CPU "
+        f"(median of {args.reps}): {plain:.3f} s without, {ckpt:.3f} s with checkpointing "
+        f"({ckpt / plain:.2f}x the time)"
+    )
     vit_step_times(args.vit_cpu_patches, args.vit_size, args.lora_rank, args.reps)
 
 

@@ -48,8 +48,7 @@ SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 4}
 
 
 def _timm_cfg(interpolation: str, norm: dict[str, Any]) -> T.Compose:
-    cfg = {"input_size": (3, 224, 224), "interpolation": interpolation, "crop_pct": 1.0, "crop_mode": "center",
-           **norm}
+    cfg = {"input_size": (3, 224, 224), "interpolation": interpolation, "crop_pct": 1.0, "crop_mode": "center", **norm}
     return create_transform(**resolve_data_config(cfg))
 
 
@@ -57,13 +56,21 @@ def _timm_cfg(interpolation: str, norm: dict[str, Any]) -> T.Compose:
 CARDS = {
     "uni": (lambda: T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(**IMAGENET)]), None),
     "uni2-h": (lambda: T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(**IMAGENET)]), None),
-    "virchow2": (lambda: _timm_cfg("bicubic", IMAGENET),
-                 lambda out: torch.cat([out[:, 0], out[:, 5:].mean(1)], dim=-1)),
+    "virchow2": (
+        lambda: _timm_cfg("bicubic", IMAGENET),
+        lambda out: torch.cat([out[:, 0], out[:, 5:].mean(1)], dim=-1),
+    ),
     "h-optimus-0": (lambda: _timm_cfg("bicubic", HOPTIMUS), None),
-    "prov-gigapath": (lambda: T.Compose([T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                                         T.Normalize(**IMAGENET)]), None),
-    "phikon-v2": (lambda: T.Compose([T.Resize(224, interpolation=BICUBIC), T.ToTensor(), T.Normalize(**IMAGENET)]),
-                  None),
+    "prov-gigapath": (
+        lambda: T.Compose(
+            [T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(), T.Normalize(**IMAGENET)]
+        ),
+        None,
+    ),
+    "phikon-v2": (
+        lambda: T.Compose([T.Resize(224, interpolation=BICUBIC), T.ToTensor(), T.Normalize(**IMAGENET)]),
+        None,
+    ),
 }
 
 
@@ -92,8 +99,9 @@ def checkpoint(name: str, folder: Path | None) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def compare(name: str, file: Path | None, patches: list[np.ndarray], device: torch.device, small: bool,
-            tmp: Path) -> str:
+def compare(
+    name: str, file: Path | None, patches: list[np.ndarray], device: torch.device, small: bool, tmp: Path
+) -> str:
     transform, embed = CARDS[name]
     if file is None:  # random weights: the card's network, saved and loaded by both paths
         reference = card_model(name, small)
@@ -107,7 +115,7 @@ def compare(name: str, file: Path | None, patches: list[np.ndarray], device: tor
         if not (file.parent / "phikon-v2" / "config.json").is_file():
             return f"skipped: put the card's folder (config.json, model.safetensors) in {file.parent / 'phikon-v2'}"
         reference = AutoModel.from_pretrained(file.parent / "phikon-v2").eval()
-        embed = (lambda out: out.last_hidden_state[:, 0])  # noqa: E731
+        embed = lambda out: out.last_hidden_state[:, 0]  # noqa: E731
     else:
         reference = card_model(name, small)
         reference.load_state_dict(load_state_dict_file(file), strict=True)
@@ -122,9 +130,11 @@ def compare(name: str, file: Path | None, patches: list[np.ndarray], device: tor
         out = reference(**card_input) if card_input else reference(card_x)
         theirs = (embed(out) if embed is not None else out).float()
     scale = float(theirs.abs().max())
-    return (f"input max |diff| {float((mine_x - card_x).abs().max()):.2e}; features max |diff| "
-            f"{float((mine - theirs).abs().max()):.3e} ({float((mine - theirs).abs().max()) / scale:.2e} of the "
-            f"largest feature), {tuple(mine.shape)}")
+    return (
+        f"input max |diff| {float((mine_x - card_x).abs().max()):.2e}; features max |diff| "
+        f"{float((mine - theirs).abs().max()):.3e} ({float((mine - theirs).abs().max()) / scale:.2e} of the "
+        f"largest feature), {tuple(mine.shape)}"
+    )
 
 
 def main() -> None:
@@ -140,10 +150,13 @@ def main() -> None:
     files = {name: checkpoint(name, folder) for name in CARDS}
     if not any(files.values()):
         small = not args.full_size
-        print(f"No checkpoint found{'' if args.weights_dir is None else ' in ' + str(args.weights_dir)}: running "
-              "on RANDOM weights"
-              + (" (scaled down: depth 4, width 96)" if small else "") + "; this checks architecture, loading and "
-              "pixels, not the published weights.")
+        print(
+            f"No checkpoint found{'' if args.weights_dir is None else ' in ' + str(args.weights_dir)}: running "
+            "on RANDOM weights"
+            + (" (scaled down: depth 4, width 96)" if small else "")
+            + "; this checks architecture, loading and "
+            "pixels, not the published weights."
+        )
         for name in CARDS:
             if small:
                 spec = registry.encoder_spec(name)
@@ -157,8 +170,11 @@ def main() -> None:
                 print(f"{name:14} no checkpoint in {args.weights_dir}")
                 continue
             torch.manual_seed(0)
-            print(f"{name:14} {'checkpoint ' + file.name if file else 'random weights'}: "
-                  f"{compare(name, file, patches, device, small, Path(tmp))}", flush=True)
+            print(
+                f"{name:14} {'checkpoint ' + file.name if file else 'random weights'}: "
+                f"{compare(name, file, patches, device, small, Path(tmp))}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

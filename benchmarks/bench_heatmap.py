@@ -35,8 +35,16 @@ from histotransfer.patches.tissue import tissue_mask
 from histotransfer.slide import open_slide
 
 
-def old_overlay(thumb: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray, values: np.ndarray,
-                patch_size: int, norm: Normalize, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def old_overlay(
+    thumb: np.ndarray,
+    dimensions: tuple[int, int],
+    coords: np.ndarray,
+    values: np.ndarray,
+    patch_size: int,
+    norm: Normalize,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> np.ndarray:
     """The previous overlay: one slice assignment per patch, colours through the colormap per pixel."""
     h, w = thumb.shape[:2]
     sx, sy = w / dimensions[0], h / dimensions[1]
@@ -46,8 +54,8 @@ def old_overlay(thumb: np.ndarray, dimensions: tuple[int, int], coords: np.ndarr
         c0, r0 = math.floor(x * sx), math.floor(y * sy)
         c1 = max(math.ceil((x + patch_size) * sx), c0 + 1)
         r1 = max(math.ceil((y + patch_size) * sy), r0 + 1)
-        total[max(r0, 0):r1, max(c0, 0):c1] += v
-        count[max(r0, 0):r1, max(c0, 0):c1] += 1
+        total[max(r0, 0) : r1, max(c0, 0) : c1] += v
+        count[max(r0, 0) : r1, max(c0, 0) : c1] += 1
     covered = count > 0
     colour = matplotlib.colormaps[cmap](norm(total[covered] / count[covered]))[:, :3] * 255
     out = thumb.astype(np.float64)
@@ -64,8 +72,9 @@ def old_save_png(image: np.ndarray, norm: Normalize, cmap: str, title: str, path
     ax.imshow(image)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.02,
-                 label="attention score (pre-softmax)")
+    fig.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.02, label="attention score (pre-softmax)"
+    )
     fig.savefig(path, format="png", bbox_inches="tight")
 
 
@@ -74,7 +83,7 @@ def tissue_grid(thumb: np.ndarray, dimensions: tuple[int, int], mpp: float, thum
     and their side in level-0 px."""
     scale = dimensions[0] / thumb.shape[1]
     mask = tissue_mask(thumb, mpp=mpp * scale)
-    rows, cols = np.mgrid[0:thumb.shape[0] - thumb_px + 1:thumb_px, 0:thumb.shape[1] - thumb_px + 1:thumb_px]
+    rows, cols = np.mgrid[0 : thumb.shape[0] - thumb_px + 1 : thumb_px, 0 : thumb.shape[1] - thumb_px + 1 : thumb_px]
     keep = mask[rows + thumb_px // 2, cols + thumb_px // 2]
     side = round(thumb_px * scale)
     corners = np.stack([cols[keep], rows[keep]], axis=1) * scale
@@ -133,15 +142,18 @@ def main() -> None:
         vrange = (float(score.min()), float(score.max()))
         norm = Normalize(*vrange)
         title = f"{slide_path.stem}: attention of {len(score)} patches"
-        print(f"slide {slide_path.name}: {dimensions[0]} x {dimensions[1]} px; thumbnail {thumb.shape[1]} x "
-              f"{thumb.shape[0]} px read in {read_s:.2f} s (not counted); {len(coords)} patches of {side} level-0 px")
-        check_same_overlay(attention_overlay(thumb, dimensions, coords, score, side, vrange),
-                           old_overlay(thumb, dimensions, coords, score, side, norm))
+        print(
+            f"slide {slide_path.name}: {dimensions[0]} x {dimensions[1]} px; thumbnail {thumb.shape[1]} x "
+            f"{thumb.shape[0]} px read in {read_s:.2f} s (not counted); {len(coords)} patches of {side} level-0 px"
+        )
+        check_same_overlay(
+            attention_overlay(thumb, dimensions, coords, score, side, vrange),
+            old_overlay(thumb, dimensions, coords, score, side, norm),
+        )
         out = Path(tmp)
 
         def old() -> None:
-            old_save_png(old_overlay(thumb, dimensions, coords, score, side, norm), norm, "jet", title,
-                         out / "old.png")
+            old_save_png(old_overlay(thumb, dimensions, coords, score, side, norm), norm, "jet", title, out / "old.png")
 
         def new() -> None:
             overlay = attention_overlay(thumb, dimensions, coords, score, side, vrange)
@@ -149,8 +161,9 @@ def main() -> None:
             write_png(heatmap_image(overlay, vrange, "jet", lines), out / "new.png")
 
         def geojson() -> None:
-            (out / "s.geojson").write_text(json.dumps(attention_geojson(coords, score, weight, side),
-                                                      separators=(",", ":")))
+            (out / "s.geojson").write_text(
+                json.dumps(attention_geojson(coords, score, weight, side), separators=(",", ":"))
+            )
 
         new()  # first call pays the colormap and PNG encoder set-up once
         old_t, new_t, geo_t = best_times(old, args.rounds), best_times(new, args.rounds), best_times(geojson, 1)
@@ -159,9 +172,12 @@ def main() -> None:
         print(f"{'PNG, arrays + cv2.imwrite (new)':34s}{new_t[0]:8.3f}{new_t[1]:8.3f}")
         print(f"{'GeoJSON (unchanged, both)':34s}{geo_t[0]:8.3f}{geo_t[1]:8.3f}")
         for k, clock in enumerate(("wall", "CPU")):
-            print(f"{clock}: PNG old / new {old_t[k] / new_t[k]:.1f}x; whole slide without the thumbnail read "
-                  f"{old_t[k] + geo_t[k]:.2f} s -> {new_t[k] + geo_t[k]:.2f} s, "
-                  f"{(old_t[k] + geo_t[k]) / (new_t[k] + geo_t[k]):.1f}x")
+            print(
+                f"{clock}: PNG old / new {old_t[k] / new_t[k]:.1f}x; whole slide without the thumbnail read "
+                f"{old_t[k] + geo_t[k]:.2f} s -> {new_t[k] + geo_t[k]:.2f} s, "
+                f"{(old_t[k] + geo_t[k]) / (new_t[k] + geo_t[k]):.1f}x"
+            )
+
 
 if __name__ == "__main__":
     main()

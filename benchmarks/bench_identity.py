@@ -79,8 +79,10 @@ def main() -> None:
         path = Path(tmp) / "slide.bin"
         t0 = time.perf_counter()
         write_random_file(path, size)
-        print(f"file: {size / 1e9:.2f} GB of random content in {path.parent} (written in "
-              f"{time.perf_counter() - t0:.1f} s)")
+        print(
+            f"file: {size / 1e9:.2f} GB of random content in {path.parent} (written in "
+            f"{time.perf_counter() - t0:.1f} s)"
+        )
         sample = SAMPLE_BLOCKS * SAMPLE_BYTES
         variants = {"old": (old_identity, 2 * HEAD_BYTES), "new": (new_identity, 2 * HEAD_BYTES + sample)}
         times: dict[tuple[str, bool], list[float]] = {(v, c): [] for v in variants for c in (True, False)}
@@ -94,8 +96,10 @@ def main() -> None:
         print(f"{'identity':10} {'bytes read':>11} {'cold ms':>9} {'warm ms':>9}")
         for name, (_, nbytes) in variants.items():
             print(f"{name:10} {nbytes / (1 << 20):>7.0f} MiB {med[name, True]:>9.2f} {med[name, False]:>9.2f}")
-        print(f"{'new / old':10} {'':>11} {med['new', True] / med['old', True]:>8.2f}x "
-              f"{med['new', False] / med['old', False]:>8.2f}x")
+        print(
+            f"{'new / old':10} {'':>11} {med['new', True] / med['old', True]:>8.2f}x "
+            f"{med['new', False] / med['old', False]:>8.2f}x"
+        )
         print(f"median of {args.repeats}, interleaved; cold = this file's pages dropped with posix_fadvise(DONTNEED)")
 
 

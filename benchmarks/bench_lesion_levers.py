@@ -66,13 +66,30 @@ class Cohort:
     """A generated two-centre cohort's bags, labels, centres, each patch's lesion fraction, and the attention
     targets that ``--annotations`` derives from the positive slides' lesion masks."""
 
-    def __init__(self, root: Path, seed: int, n: int, stain_shift: float, prevalence_shift: float,
-                 lesion_radius: float, input_size: int):
-        demo = make_demo_slides(root / "demo", n_slides=n, seed=seed, size=2048, centres=2, stain_shift=stain_shift,
-                                prevalence_shift=prevalence_shift, lesion_radius=lesion_radius)
+    def __init__(
+        self,
+        root: Path,
+        seed: int,
+        n: int,
+        stain_shift: float,
+        prevalence_shift: float,
+        lesion_radius: float,
+        input_size: int,
+    ):
+        demo = make_demo_slides(
+            root / "demo",
+            n_slides=n,
+            seed=seed,
+            size=2048,
+            centres=2,
+            stain_shift=stain_shift,
+            prevalence_shift=prevalence_shift,
+            lesion_radius=lesion_radius,
+        )
         run = tile_slides(demo.slides, root / "tiles", **TILING)
-        folder = extract_features(run.patches, None, "resnet18", "random", 2, input_size=input_size, device="cpu",
-                                  workers=0)
+        folder = extract_features(
+            run.patches, None, "resnet18", "random", 2, input_size=input_size, device="cpu", workers=0
+        )
         assert isinstance(folder, Path)
         labels = pd.read_csv(demo.labels_csv).merge(pd.read_csv(demo.centres_csv)[["slide_id", "centre"]])
         files = feature_files(folder)
@@ -81,16 +98,29 @@ class Cohort:
         self.features = bags.features
         self.y = self.frame["label"].to_numpy(dtype=int)
         self.centre = self.frame["centre"].to_numpy(dtype=str)
-        self.overlap = [load_annotation(demo.lesion_masks[s]).patch_overlap(c, float(patch_size_level0(a) or 0))
-                        for s, c, a in zip(bags.slide_ids, bags.coords, bags.attrs, strict=True)]
+        self.overlap = [
+            load_annotation(demo.lesion_masks[s]).patch_overlap(c, float(patch_size_level0(a) or 0))
+            for s, c, a in zip(bags.slide_ids, bags.coords, bags.attrs, strict=True)
+        ]
         self.dim = bags.dim
         positive = self.frame.loc[self.frame["label"] == 1, "slide_id"]
-        self.lesion = lesion_targets({s: demo.lesion_masks[s] for s in positive}, bags.slide_ids, bags.coords,
-                                     [patch_size_level0(a) for a in bags.attrs], folder)
+        self.lesion = lesion_targets(
+            {s: demo.lesion_masks[s] for s in positive},
+            bags.slide_ids,
+            bags.coords,
+            [patch_size_level0(a) for a in bags.attrs],
+            folder,
+        )
 
 
-def fit_weighted(model: AttentionMIL, bags: list[torch.Tensor], y: np.ndarray, val: tuple[list[torch.Tensor],
-                 np.ndarray], seed: int, loss_weights: np.ndarray) -> None:
+def fit_weighted(
+    model: AttentionMIL,
+    bags: list[torch.Tensor],
+    y: np.ndarray,
+    val: tuple[list[torch.Tensor], np.ndarray],
+    seed: int,
+    loss_weights: np.ndarray,
+) -> None:
     """``mil.train.fit``'s loop (Adam, one slide per step, epoch by validation AUC) with per-slide loss weights;
     loads the kept epoch into ``model``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0.0)
@@ -124,8 +154,7 @@ def group_standardized(c: Cohort, train: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def train_fold(c: Cohort, lever: str, ids: dict[str, list[int]], seed: int
-               ) -> tuple[AttentionMIL, list[torch.Tensor]]:
+def train_fold(c: Cohort, lever: str, ids: dict[str, list[int]], seed: int) -> tuple[AttentionMIL, list[torch.Tensor]]:
     """One fold's model trained with ``lever``, and the bags it reads (re-standardised for group-standardize)."""
     train, val = ids["train"], ids["val"]
     bags = group_standardized(c, train) if lever == "group-standardize" else c.features
@@ -140,19 +169,32 @@ def train_fold(c: Cohort, lever: str, ids: dict[str, list[int]], seed: int
             fit_weighted(model, *tr, va, seed, cells)
         else:
             ids = c.frame["slide_id"]
-            lesions = ([torch.from_numpy(c.lesion[ids[i]]) if ids[i] in c.lesion else None for i in train]
-                       if lever == "lesion-attention" else None)
-            result = fit(model, tr, va, EPOCHS, LR, seed, desc=lever,
-                         weights=cells if lever == "balance-groups" else None, lesions=lesions,
-                         attention_weight=MilSettings().attention_weight)
+            lesions = (
+                [torch.from_numpy(c.lesion[ids[i]]) if ids[i] in c.lesion else None for i in train]
+                if lever == "lesion-attention"
+                else None
+            )
+            result = fit(
+                model,
+                tr,
+                va,
+                EPOCHS,
+                LR,
+                seed,
+                desc=lever,
+                weights=cells if lever == "balance-groups" else None,
+                lesions=lesions,
+                attention_weight=MilSettings().attention_weight,
+            )
             model.load_state_dict(result.state)
     return model, bags
 
 
 def cross_validate(c: Cohort, lever: str, seed: int) -> dict[str, float]:
     """Out-of-fold probabilities and top patches of every slide; the scores the module docstring lists."""
-    splits = kfold_splits(c.frame[["slide_id", "patient_id", "label", "centre"]], ["0", "1"], FOLDS, seed,
-                          group_column="centre")
+    splits = kfold_splits(
+        c.frame[["slide_id", "patient_id", "label", "centre"]], ["0", "1"], FOLDS, seed, group_column="centre"
+    )
     pos = {s: i for i, s in enumerate(c.frame["slide_id"])}
     prob, hit = np.zeros(len(c.y)), np.zeros(len(c.y), dtype=bool)
     for split in splits:
@@ -162,11 +204,14 @@ def cross_validate(c: Cohort, lever: str, seed: int) -> dict[str, float]:
         for j, i in enumerate(ids["test"]):
             prob[i], hit[i] = probs[j, 1], c.overlap[i][int(np.argmax(scores[j]))] > 0
     positive = c.y == 1
-    return {"pooled_auc": float(roc_auc_score(c.y, prob)),
-            "within_auc": float(np.mean([roc_auc_score(c.y[c.centre == g], prob[c.centre == g])
-                                         for g in np.unique(c.centre)])),
-            "top_in_lesion": float(hit[positive].mean()),
-            "chance": float(np.mean([(c.overlap[i] > 0).mean() for i in np.flatnonzero(positive)]))}
+    return {
+        "pooled_auc": float(roc_auc_score(c.y, prob)),
+        "within_auc": float(
+            np.mean([roc_auc_score(c.y[c.centre == g], prob[c.centre == g]) for g in np.unique(c.centre)])
+        ),
+        "top_in_lesion": float(hit[positive].mean()),
+        "chance": float(np.mean([(c.overlap[i] > 0).mean() for i in np.flatnonzero(positive)])),
+    }
 
 
 def centre_only_auc(c: Cohort) -> float:
@@ -187,8 +232,13 @@ def main() -> None:
     parser.add_argument("--stain-shift", type=float, default=0.6, help="strength of the centres' stain difference")
     parser.add_argument("--lesion-radius", type=float, default=0.03, help="a lesion's size, fraction of the slide")
     parser.add_argument("--input-size", type=int, default=32, help="encoder input side")
-    parser.add_argument("--cohorts", nargs="+", choices=list(COHORTS), default=["confounded"],
-                        help="unconfounded: cohorts without a prevalence difference between the centres")
+    parser.add_argument(
+        "--cohorts",
+        nargs="+",
+        choices=list(COHORTS),
+        default=["confounded"],
+        help="unconfounded: cohorts without a prevalence difference between the centres",
+    )
     parser.add_argument("--work", type=Path, help="keep cohorts and features here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -198,14 +248,31 @@ def main() -> None:
         for name in args.cohorts:
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                c = Cohort(work / f"{name}-seed{seed}", seed, args.slides, args.stain_shift, COHORTS[name],
-                           args.lesion_radius, args.input_size)
-                print(f"{name} seed {seed}: {len(c.y)} slides, centre-only AUC {centre_only_auc(c):.3f}, "
-                      f"cohort ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                c = Cohort(
+                    work / f"{name}-seed{seed}",
+                    seed,
+                    args.slides,
+                    args.stain_shift,
+                    COHORTS[name],
+                    args.lesion_radius,
+                    args.input_size,
+                )
+                print(
+                    f"{name} seed {seed}: {len(c.y)} slides, centre-only AUC {centre_only_auc(c):.3f}, "
+                    f"cohort ready in {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
                 for lever in args.levers:
                     t0 = time.perf_counter()
-                    rows.append({"cohort": name, "seed": seed, "lever": lever, **cross_validate(c, lever, seed),
-                                 "seconds": round(time.perf_counter() - t0, 1)})
+                    rows.append(
+                        {
+                            "cohort": name,
+                            "seed": seed,
+                            "lever": lever,
+                            **cross_validate(c, lever, seed),
+                            "seconds": round(time.perf_counter() - t0, 1),
+                        }
+                    )
                     print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     table = pd.DataFrame(rows)
     columns = ["pooled_auc", "within_auc", "top_in_lesion", "chance"]
@@ -215,8 +282,10 @@ def main() -> None:
     for lever in args.levers[1:] if args.levers[0] == "default" else []:
         gain = table[table["lever"] == lever].set_index(["cohort", "seed"])[columns[:3]] - base
         for name, g in gain.groupby(level="cohort", sort=False):
-            print(f"{name}: {lever} - default: " + ", ".join(
-                f"{k} {g[k].mean():+.3f} (worst seed {g[k].min():+.3f})" for k in columns[:3]))
+            print(
+                f"{name}: {lever} - default: "
+                + ", ".join(f"{k} {g[k].mean():+.3f} (worst seed {g[k].min():+.3f})" for k in columns[:3])
+            )
 
 
 if __name__ == "__main__":

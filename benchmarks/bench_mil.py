@@ -104,12 +104,21 @@ class StepGemms:
 
 def measure_peak(n: int, d: int, h: int) -> float:
     """Best GFLOP/s, measured now, of the epoch's two big GEMM shapes and of a square GEMM."""
-    return max(gemm_gflops(n, d, h, repeat=3), gemm_gflops(h, n, d, transpose_a=True, repeat=3),
-               gemm_gflops(1024, 1024, 1024, repeat=3))
+    return max(
+        gemm_gflops(n, d, h, repeat=3),
+        gemm_gflops(h, n, d, transpose_a=True, repeat=3),
+        gemm_gflops(1024, 1024, 1024, repeat=3),
+    )
 
 
-def timed_epochs(steps: dict[str, Callable[[int], None]], n_slides: int, rounds: int, peak_every: int,
-                 shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[float]]:
+def timed_epochs(
+    steps: dict[str, Callable[[int], None]],
+    n_slides: int,
+    rounds: int,
+    peak_every: int,
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], list[float]]:
     """Per-step times (rounds, n_slides) of each ``steps[name](i)`` over shuffled epochs, the loops taking
     turns slide by slide, and matmul peaks measured every ``peak_every`` slides in between (so all of them
     see the same machine load)."""
@@ -130,9 +139,12 @@ def report(name: str, times: np.ndarray, peaks: list[float], flops: float) -> No
     bound = flops / (max(peaks) * 1e9)
     epochs = times.sum(axis=1)
     filtered = times.min(axis=0).sum()
-    print(f"{name}: epochs {', '.join(f'{t:.2f}' for t in epochs)} s; best epoch {epochs.min():.2f} s = "
-          f"{epochs.min() / bound:.2f}x the bound; per-slide best over rounds {filtered:.2f} s = "
-          f"{filtered / bound:.2f}x", flush=True)
+    print(
+        f"{name}: epochs {', '.join(f'{t:.2f}' for t in epochs)} s; best epoch {epochs.min():.2f} s = "
+        f"{epochs.min() / bound:.2f}x the bound; per-slide best over rounds {filtered:.2f} s = "
+        f"{filtered / bound:.2f}x",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -164,8 +176,10 @@ def main() -> None:
     train_epoch(model, bags, targets, rng.permutation(len(bags))[:5], opt)  # warm-up
     # train_epoch over one slide is one training step; summed over a shuffled epoch it is train_epoch.
     gemms = StepGemms(args.dim)
-    steps = {"histotransfer train_epoch": lambda i: train_epoch(model, bags, targets, [i], opt),
-             "the step's GEMMs alone   ": lambda i: gemms(bags[i])}
+    steps = {
+        "histotransfer train_epoch": lambda i: train_epoch(model, bags, targets, [i], opt),
+        "the step's GEMMs alone   ": lambda i: gemms(bags[i]),
+    }
     if not args.no_naive:
         naive = NaiveMIL(args.dim, model.feature_mean.clone(), model.feature_std.clone())
         naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
@@ -174,19 +188,27 @@ def main() -> None:
         steps["straightforward loop     "] = lambda i: naive_step(naive, naive_opt, bags[i], int(labels[i]))
     times, peaks = timed_epochs(steps, args.slides, args.rounds, peak_every, shape, rng)
     bound = flops / (max(peaks) * 1e9)
-    print(f"matmul peak: best {max(peaks):.1f} GFLOP/s, median {float(np.median(peaks)):.1f} over {len(peaks)} "
-          f"measurements -> FLOP-bound epoch {bound:.2f} s")
+    print(
+        f"matmul peak: best {max(peaks):.1f} GFLOP/s, median {float(np.median(peaks)):.1f} over {len(peaks)} "
+        f"measurements -> FLOP-bound epoch {bound:.2f} s"
+    )
     for name, t in times.items():
         report(name, t, peaks, flops)
     if not args.no_naive:
         ours, _, naive_t = times.values()
-        print(f"speed-up of train_epoch over the straightforward loop: best epoch "
-              f"{naive_t.sum(axis=1).min() / ours.sum(axis=1).min():.2f}x, per-slide best "
-              f"{naive_t.min(axis=0).sum() / ours.min(axis=0).sum():.2f}x")
-    print("The GEMMs-alone row is a floor for any implementation on this BLAS: the tall-skinny and small-K shapes "
-          "of the step run below the square-matrix peak.")
-    print(f"goal: train_epoch within 1.25x of the bound. Load average at the end {os.getloadavg()[0]:.1f}: other "
-          "work on the machine inflates every time (the per-slide best over rounds filters most of it).")
+        print(
+            f"speed-up of train_epoch over the straightforward loop: best epoch "
+            f"{naive_t.sum(axis=1).min() / ours.sum(axis=1).min():.2f}x, per-slide best "
+            f"{naive_t.min(axis=0).sum() / ours.min(axis=0).sum():.2f}x"
+        )
+    print(
+        "The GEMMs-alone row is a floor for any implementation on this BLAS: the tall-skinny and small-K shapes "
+        "of the step run below the square-matrix peak."
+    )
+    print(
+        f"goal: train_epoch within 1.25x of the bound. Load average at the end {os.getloadavg()[0]:.1f}: other "
+        "work on the machine inflates every time (the per-slide best over rounds filters most of it)."
+    )
 
 
 if __name__ == "__main__":

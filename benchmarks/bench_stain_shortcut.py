@@ -52,12 +52,20 @@ SCOPES = ("slide", "patch")
 TILING = {"magnification": 40, "patch_size": 128, "min_region_um2": 2000.0}
 
 
-def cohort(folder: Path, n: int, seed: int, stain_shift: float, prevalence_shift: float,
-           prefix: str) -> tuple[Path, Path]:
+def cohort(
+    folder: Path, n: int, seed: int, stain_shift: float, prevalence_shift: float, prefix: str
+) -> tuple[Path, Path]:
     """Demo slides of two centres (ids prefixed, so two cohorts never share a slide id), tiled; returns the
     patch folder and labels.csv with the centre column."""
-    demo = make_demo_slides(folder / "demo", n_slides=n, seed=seed, size=1024, centres=2,
-                            stain_shift=stain_shift, prevalence_shift=prevalence_shift)
+    demo = make_demo_slides(
+        folder / "demo",
+        n_slides=n,
+        seed=seed,
+        size=1024,
+        centres=2,
+        stain_shift=stain_shift,
+        prevalence_shift=prevalence_shift,
+    )
     (folder / "slides").mkdir(parents=True, exist_ok=True)
     slides = []
     for path in demo.slides:
@@ -86,16 +94,24 @@ def one_seed(root: Path, seed: int, shift: float, args: argparse.Namespace) -> l
         t0 = time.perf_counter()
         train_features = extract_features(train_patches, root / "train", "resnet18", "random", 2, **common)
         test_features = extract_features(test_patches, root / "test", "resnet18", "random", 2, **common)
-        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=args.epochs, seed=seed,
-                        group_column="centre")
+        run = train_mil(
+            train_features, train_labels, root / f"run-{name}", epochs=args.epochs, seed=seed, group_column="centre"
+        )
         result = evaluate_run(run, test_features, test_labels, root / f"eval-{name}", group_column="centre")
         shortcut = json.loads((run / "metrics.json").read_text())["shortcut"]
-        rows.append({"shift": shift, "seed": seed, "stain": method, "scope": scope,
-                     "train_colour_auc": shortcut["colour_auc"],
-                     "eval_auc": result["metrics"]["auc"],
-                     "eval_within_centre_auc": result["groups"]["mean_within_group_auc"],
-                     "eval_colour_auc": result["shortcut"]["colour_auc"],
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "shift": shift,
+                "seed": seed,
+                "stain": method,
+                "scope": scope,
+                "train_colour_auc": shortcut["colour_auc"],
+                "eval_auc": result["metrics"]["auc"],
+                "eval_within_centre_auc": result["groups"]["mean_within_group_auc"],
+                "eval_colour_auc": result["shortcut"]["colour_auc"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -104,13 +120,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slides", type=int, default=24, help="slides per cohort")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--stain-shift", type=float, nargs="+", default=[0.6, 0.3],
-                        help="strengths of the centres' stain difference, each measured in turn")
-    parser.add_argument("--input-size", type=int, default=128,
-                        help="encoder input side (32 with --scope slide: raw features lose the lesions' detail)")
+    parser.add_argument(
+        "--stain-shift",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.3],
+        help="strengths of the centres' stain difference, each measured in turn",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=128,
+        help="encoder input side (32 with --scope slide: raw features lose the lesions' detail)",
+    )
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES),
-                        help="where the normalisations estimate the source stain (default: both)")
+    parser.add_argument(
+        "--scope",
+        nargs="+",
+        choices=SCOPES,
+        default=list(SCOPES),
+        help="where the normalisations estimate the source stain (default: both)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -128,8 +158,10 @@ def main() -> None:
         for method in METHODS[1:]:
             for scope in args.scope:
                 gain = means.loc[(shift, method, scope)] - raw
-                print(f"stain shift {shift}: {method} per {scope} - none: evaluation AUC {gain['eval_auc']:+.3f}, "
-                      f"within-centre AUC {gain['eval_within_centre_auc']:+.3f}")
+                print(
+                    f"stain shift {shift}: {method} per {scope} - none: evaluation AUC {gain['eval_auc']:+.3f}, "
+                    f"within-centre AUC {gain['eval_within_centre_auc']:+.3f}"
+                )
 
 
 if __name__ == "__main__":

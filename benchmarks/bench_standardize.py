@@ -118,6 +118,7 @@ class PatchFeatures:
 
 # ---- candidates ------------------------------------------------------------------------------------------
 
+
 def apply_candidate(model: AttentionMIL, name: str, train_bags: list[torch.Tensor]) -> None:
     """Set ``model``'s standardisation to candidate ``name`` from the training bags' patches."""
     if name == "raw":
@@ -143,6 +144,7 @@ def test_auc(candidate: str, bags: BagSplits, seed: int) -> float:
 
 # ---- bag layouts and pools -------------------------------------------------------------------------------
 
+
 def layout(n_bags: int, size: tuple[float, float], rng: np.random.Generator) -> Layout:
     """Half the bags positive, sizes ~ N(mean, sd) (at least 4), 1-3 witnesses at random places."""
     labels = rng.permutation(np.arange(n_bags) % 2)
@@ -156,8 +158,9 @@ def layout(n_bags: int, size: tuple[float, float], rng: np.random.Generator) -> 
     return Layout(labels, witness)
 
 
-def draw_from_pools(lay: Layout, features: np.ndarray, witness_pool: np.ndarray, other_pool: np.ndarray,
-                    rng: np.random.Generator) -> list[np.ndarray]:
+def draw_from_pools(
+    lay: Layout, features: np.ndarray, witness_pool: np.ndarray, other_pool: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Each bag's rows of ``features``: witnesses from ``witness_pool``, the rest from ``other_pool``."""
     bags = []
     for mask in lay.witness:
@@ -172,14 +175,20 @@ def as_split(bags: list[np.ndarray], lay: Layout) -> Split:
     return [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)) for b in bags], lay.labels
 
 
-def pooled_splits(make: Callable[[Layout, bool], list[np.ndarray]], size: tuple[float, float],
-                  rng: np.random.Generator, n_test: int, n_train: int = N_TRAIN) -> BagSplits:
+def pooled_splits(
+    make: Callable[[Layout, bool], list[np.ndarray]],
+    size: tuple[float, float],
+    rng: np.random.Generator,
+    n_test: int,
+    n_train: int = N_TRAIN,
+) -> BagSplits:
     """Train/val bags from ``make(layout, False)`` (training pool), test bags from ``make(layout, True)``."""
     lays = [layout(n, size, rng) for n in (n_train, N_VAL, n_test)]
     return BagSplits(*(as_split(make(lay, test), lay) for lay, test in zip(lays, (False, False, True))))
 
 
 # ---- bag sets --------------------------------------------------------------------------------------------
+
 
 def digit_bags(seed: int, n_test: int) -> BagSplits:
     """MNIST-bags from the 8x8 digits; images split 50/50 (stratified) into training and test pools."""
@@ -266,12 +275,12 @@ def heavy_bags(seed: int, n_test: int) -> BagSplits:
 
 # ---- the slide's features (cached) -----------------------------------------------------------------------
 
+
 def slide_colours(slide: Path, patch_file: Path, coords: np.ndarray) -> np.ndarray:
     """Mean CIELAB colour (N, 3) of the patches at ``coords``."""
     spec = read_patch_file(patch_file).spec
     with open_slide(slide) as s, PatchReader(s, spec) as reader:
-        return np.stack([cv2.cvtColor(reader.read(x, y), cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(0)
-                         for x, y in coords])
+        return np.stack([cv2.cvtColor(reader.read(x, y), cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(0) for x, y in coords])
 
 
 def prepare_patch_features(slide: Path, weights: Path, cache: Path) -> Path:
@@ -357,16 +366,23 @@ def print_table(results: dict[str, np.ndarray]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="2 seeds per set and 100 test bags (about 1-2 minutes): a smoke run, too few seeds "
-                         "for a stable recommendation")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 seeds per set and 100 test bags (about 1-2 minutes): a smoke run, too few seeds "
+        "for a stable recommendation",
+    )
     ap.add_argument("--seeds", type=int, default=None, help="seeds per set (default 16, --quick 2)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     ap.add_argument("--slide", type=Path, default=CMU)
     ap.add_argument("--weights", type=Path, default=DENSENET, help="DenseNet121 ImageNet weights file")
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "histotransfer-bench-standardize",
-                    help="folder for the slide's tiles, features and colours, reused by later runs")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "histotransfer-bench-standardize",
+        help="folder for the slide's tiles, features and colours, reused by later runs",
+    )
     args = ap.parse_args()
     n_seeds = args.seeds or (2 if args.quick else 16)
     n_test = 100 if args.quick else N_TEST
@@ -378,8 +394,11 @@ def main() -> None:
         else:
             print(f"skipping the CNN sets: needs {args.slide} and {args.weights}")
             sets = [s for s in sets if not s.startswith("cnn")]
-    print(f"torch {torch.__version__}; {len(sets)} sets x {n_seeds} seeds x {len(CANDIDATES)} candidates, "
-          f"{N_TRAIN}/{N_VAL}/{n_test} train/val/test bags, {EPOCHS} epochs, {args.jobs} processes", flush=True)
+    print(
+        f"torch {torch.__version__}; {len(sets)} sets x {n_seeds} seeds x {len(CANDIDATES)} candidates, "
+        f"{N_TRAIN}/{N_VAL}/{n_test} train/val/test bags, {EPOCHS} epochs, {args.jobs} processes",
+        flush=True,
+    )
     t0 = time.perf_counter()
     results = {s: np.zeros((len(CANDIDATES), n_seeds)) for s in sets}
     with ProcessPoolExecutor(args.jobs, mp.get_context("spawn"), initializer=init_worker, initargs=(npz,)) as pool:
@@ -387,8 +406,12 @@ def main() -> None:
         for future in futures:
             bag_set, seed, aucs, seconds = future.result()
             results[bag_set][:, seed] = [aucs[c] for c in CANDIDATES]
-            print(f"{bag_set:<12} seed {seed:>2}: " + "  ".join(f"{c} {a:.3f}" for c, a in aucs.items())
-                  + f"  ({seconds:.0f} s)", flush=True)
+            print(
+                f"{bag_set:<12} seed {seed:>2}: "
+                + "  ".join(f"{c} {a:.3f}" for c, a in aucs.items())
+                + f"  ({seconds:.0f} s)",
+                flush=True,
+            )
     print_table(results)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 

@@ -17,13 +17,26 @@ import sys
 import time
 
 COMMANDS = [
-    ["--help"], ["--version"], ["tile", "--help"], ["extract", "--help"], ["train", "--help"], ["evaluate", "--help"],
-    ["heatmap", "--help"], ["finetune", "--help"], ["cka", "--help"], ["cam", "--help"], ["study", "--help"],
-    ["info", "--help"], ["demo", "--help"], ["encoders", "--help"],
+    ["--help"],
+    ["--version"],
+    ["tile", "--help"],
+    ["extract", "--help"],
+    ["train", "--help"],
+    ["evaluate", "--help"],
+    ["heatmap", "--help"],
+    ["finetune", "--help"],
+    ["cka", "--help"],
+    ["cam", "--help"],
+    ["study", "--help"],
+    ["info", "--help"],
+    ["demo", "--help"],
+    ["encoders", "--help"],
 ]
-TORCH_CHECK = ("import sys, runpy; sys.argv = ['histotransfer', *sys.argv[1:]]\n"
-               "try:\n    runpy.run_module('histotransfer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-               "print('torch' in sys.modules, file=sys.stderr)")
+TORCH_CHECK = (
+    "import sys, runpy; sys.argv = ['histotransfer', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('histotransfer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    "print('torch' in sys.modules, file=sys.stderr)"
+)
 
 
 def wall(cmd: list[str]) -> float:
@@ -52,8 +65,9 @@ def main() -> None:
         probe = subprocess.run([sys.executable, "-c", TORCH_CHECK, *extra], capture_output=True, text=True)
         torch_loaded = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "?"
         worst = max(worst, med - base)
-        print(f"{'histotransfer ' + ' '.join(extra):32} {med:9.3f} {med - base:+10.3f} {med / base:7.1f}  "
-              f"{torch_loaded}")
+        print(
+            f"{'histotransfer ' + ' '.join(extra):32} {med:9.3f} {med - base:+10.3f} {med / base:7.1f}  {torch_loaded}"
+        )
     print(f"largest excess over a bare interpreter: {worst:.3f} s (target: within 0.5 s)")
 
 

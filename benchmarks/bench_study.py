@@ -42,9 +42,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
         single = run([sys.executable, "-m", "histotransfer", "study", str(args.study), "--out", str(one)], cores)
-        ranked = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                      str(args.ranks), "-m", "histotransfer", "study", str(args.study), "--out", str(many)],
-                     max(1, cores // args.ranks))
+        ranked = run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(args.ranks),
+                "-m",
+                "histotransfer",
+                "study",
+                str(args.study),
+                "--out",
+                str(many),
+            ],
+            max(1, cores // args.ranks),
+        )
         print(f"study {args.study.name} on {cores} cores")
         print(f"  1 process:           {single:7.1f} s")
         print(f"  {args.ranks} torchrun ranks:    {ranked:7.1f} s   ({single / ranked:.2f}x the speed of 1 process)")
@@ -56,8 +70,10 @@ def main() -> None:
             a, b = pd.read_csv(csv), pd.read_csv(other)
             numeric = a.select_dtypes("number").columns
             gap = float((a[numeric] - b[numeric]).abs().max().max()) if a.shape == b.shape else float("nan")
-            print(f"  tables/{csv.name}: differs, largest numeric difference {gap:.2e} (threads per process "
-                  "differ, so float sums run in another order)")
+            print(
+                f"  tables/{csv.name}: differs, largest numeric difference {gap:.2e} (threads per process "
+                "differ, so float sums run in another order)"
+            )
 
 
 if __name__ == "__main__":

@@ -47,20 +47,31 @@ def bench_mask_and_coords(repeats: int = 7) -> None:
     rng = np.random.default_rng(0)
     for _ in range(6):
         cx, cy, ax, ay = rng.uniform(0.2, 0.8, 2).tolist() + rng.uniform(0.08, 0.25, 2).tolist()
-        cv2.ellipse(shape, (int(cx * n), int(cy * n)), (int(ax * n), int(ay * n)), float(rng.uniform(0, 180)),
-                    0, 360, 1, -1)
+        cv2.ellipse(
+            shape, (int(cx * n), int(cy * n)), (int(ax * n), int(ay * n)), float(rng.uniform(0, 180)), 0, 360, 1, -1
+        )
     lowres = render_tissue(shape.astype(bool), None, rng)
-    spec = PatchSpec(patch_size=512, patch_size_level0=1024, patch_level=1, downsample=2.0,
-                     target_magnification=20.0, mpp=mpp, min_tissue=0.5, stride=512)
+    spec = PatchSpec(
+        patch_size=512,
+        patch_size_level0=1024,
+        patch_level=1,
+        downsample=2.0,
+        target_magnification=20.0,
+        mpp=mpp,
+        min_tissue=0.5,
+        stride=512,
+    )
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         mask = tissue_mask(lowres, mpp=mask_mpp)
         coords, _ = patch_coords(mask, (side, side), spec)
         times.append(time.perf_counter() - t0)
-    print(f"mask + coords, {side} x {side} px slide ({n} x {n} px mask, {len(coords)} of "
-          f"{len(grid_coords((side, side), 1024, 1024))} patches kept): median {statistics.median(times):.4f} s "
-          f"(target < 0.1 s)")
+    print(
+        f"mask + coords, {side} x {side} px slide ({n} x {n} px mask, {len(coords)} of "
+        f"{len(grid_coords((side, side), 1024, 1024))} patches kept): median {statistics.median(times):.4f} s "
+        f"(target < 0.1 s)"
+    )
 
 
 def _rate(fn, coords: np.ndarray) -> float:
@@ -76,9 +87,14 @@ def _raw_decode_rate(path: Path, coords: np.ndarray, size: int) -> float:
         page = tf.pages[0]
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
-        needed = sorted({ty * across + tx for x, y in coords.tolist()
-                         for ty in range(y // th, (y + size - 1) // th + 1)
-                         for tx in range(x // tw, (x + size - 1) // tw + 1)})
+        needed = sorted(
+            {
+                ty * across + tx
+                for x, y in coords.tolist()
+                for ty in range(y // th, (y + size - 1) // th + 1)
+                for tx in range(x // tw, (x + size - 1) // tw + 1)
+            }
+        )
         offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
         colorspace = "RGB" if page.photometric == 2 else None
     fd = os.open(path, os.O_RDONLY)
@@ -101,20 +117,26 @@ def bench_patch_reads(path: Path, label: str, passes: int = 3) -> None:
                 assert reader.direct and reader.native
                 rates["ours"].append(_rate(reader.read, coords))
             osr = openslide.OpenSlide(str(path))
-            rates["openslide"].append(_rate(
-                lambda x, y, osr=osr: np.asarray(osr.read_region((x, y), level, (size, size)))[..., :3], coords))
+            rates["openslide"].append(
+                _rate(lambda x, y, osr=osr: np.asarray(osr.read_region((x, y), level, (size, size)))[..., :3], coords)
+            )
             osr.close()
             ts = tiffslide.TiffSlide(str(path))
-            rates["tiffslide"].append(_rate(
-                lambda x, y, ts=ts: ts.read_region((x, y), level, (size, size), as_array=True), coords))
+            rates["tiffslide"].append(
+                _rate(lambda x, y, ts=ts: ts.read_region((x, y), level, (size, size), as_array=True), coords)
+            )
             ts.close()
             rates["raw decode"].append(_raw_decode_rate(path, coords, size))
     best = {k: max(v) for k, v in rates.items()}
-    print(f"{label}: {len(coords)} patches of {size} px, patches/s (best of {passes}): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in best.items()))
-    print(f"  ratios: ours / openslide = {best['ours'] / best['openslide']:.2f}x (target >= 3x), "
-          f"ours / tiffslide = {best['ours'] / best['tiffslide']:.2f}x, "
-          f"ours / raw decode = {best['ours'] / best['raw decode']:.2f}")
+    print(
+        f"{label}: {len(coords)} patches of {size} px, patches/s (best of {passes}): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in best.items())
+    )
+    print(
+        f"  ratios: ours / openslide = {best['ours'] / best['openslide']:.2f}x (target >= 3x), "
+        f"ours / tiffslide = {best['ours'] / best['tiffslide']:.2f}x, "
+        f"ours / raw decode = {best['ours'] / best['raw decode']:.2f}"
+    )
 
 
 def main() -> None:
@@ -124,8 +146,9 @@ def main() -> None:
         side = 8192
         shape = np.zeros((side, side), np.uint8)
         cv2.circle(shape, (side // 2, side // 2), int(side * 0.48), 1, -1)
-        path = write_pyramidal_tiff(Path(tmp) / "synthetic.tif",
-                                    render_tissue(shape.astype(bool), None, np.random.default_rng(1)), mpp=0.5)
+        path = write_pyramidal_tiff(
+            Path(tmp) / "synthetic.tif", render_tissue(shape.astype(bool), None, np.random.default_rng(1)), mpp=0.5
+        )
         bench_patch_reads(path, f"synthetic 20x tiled TIFF {side} x {side}")
     if CMU.exists():
         bench_patch_reads(CMU, "Aperio SVS CMU-1-Small-Region (20x, 240 px tiles)", passes=6)

@@ -59,15 +59,18 @@ def main() -> None:
         for name, m in models.items():
             times[name].append(seconds(m, x))
 
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x 224 px, "
-          f"median of {args.repeats}")
+    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x 224 px, median of {args.repeats}")
     rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
     for name in ENCODERS:
-        print(f"{name:24} {rate[name]:9.2f} patches/s   {flops[name]:6.2f} GFLOP/patch   "
-              f"feature dim {models[name].feature_dim}")
+        print(
+            f"{name:24} {rate[name]:9.2f} patches/s   {flops[name]:6.2f} GFLOP/patch   "
+            f"feature dim {models[name].feature_dim}"
+        )
     vit, cnn = ENCODERS
-    print(f"ratio {cnn} / {vit}: {rate[cnn] / rate[vit]:.1f}x faster "
-          f"({flops[vit] / flops[cnn]:.1f}x fewer FLOPs per patch)")
+    print(
+        f"ratio {cnn} / {vit}: {rate[cnn] / rate[vit]:.1f}x faster "
+        f"({flops[vit] / flops[cnn]:.1f}x fewer FLOPs per patch)"
+    )
 
 
 if __name__ == "__main__":

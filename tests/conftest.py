@@ -26,9 +26,14 @@ def disk_and_bar(width: int, height: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def write_synthetic_slide(path: Path, size: tuple[int, int] = (2048, 2048), mpp: float | None = 0.25,
-                          tissue: np.ndarray | None = None, lesion: np.ndarray | None = None,
-                          seed: int = 0) -> Path:
+def write_synthetic_slide(
+    path: Path,
+    size: tuple[int, int] = (2048, 2048),
+    mpp: float | None = 0.25,
+    tissue: np.ndarray | None = None,
+    lesion: np.ndarray | None = None,
+    seed: int = 0,
+) -> Path:
     """A pyramidal tiled JPEG TIFF (levels halving down to 256 px) of H&E-like tissue where ``tissue`` is set.
 
     ``tissue`` defaults to ``disk_and_bar``; ``mpp=None`` writes a slide without resolution tags.
@@ -78,8 +83,19 @@ def one_thread() -> Iterator[None]:
 def torchrun_ranks(args: list[str], logs: Path, timeout: float = 120) -> tuple[int, list[str]]:
     """Run ``python <args>`` under ``torchrun --nproc-per-node 2`` (gloo, CPU); return torchrun's exit status and
     each rank's stderr (torchrun's own report of a failed job goes to its stderr, not to the ranks')."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--log-dir",
-           str(logs), "--redirects", "3", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     found = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}

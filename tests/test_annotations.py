@@ -73,17 +73,30 @@ def test_rasterisation_equals_pixel_centre_test_on_random_polygons_with_holes():
 
 
 def test_multipolygon_feature_collection_with_overlaps_and_holes(tmp_path):
-    collection = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-         "geometry": {"type": "MultiPolygon", "coordinates": [
-             SQUARE_WITH_HOLE["coordinates"],
-             [[[10, 0], [14, 0], [14, 4], [10, 4], [10, 0]]]]}},
-        {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},  # overlaps the second square
-         "geometry": {"type": "Polygon", "coordinates": [[[12, 2], [16, 2], [16, 4], [12, 4], [12, 2]]]}},
-        {"type": "Feature", "properties": {"classification": {"name": "Tissue"}},
-         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [20, 0], [20, 20], [0, 20], [0, 0]]]}},
-        {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [3, 3]}},
-    ]}
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tumor"}},
+                "geometry": {
+                    "type": "MultiPolygon",
+                    "coordinates": [SQUARE_WITH_HOLE["coordinates"], [[[10, 0], [14, 0], [14, 4], [10, 4], [10, 0]]]],
+                },
+            },
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tumor"}},  # overlaps the second square
+                "geometry": {"type": "Polygon", "coordinates": [[[12, 2], [16, 2], [16, 4], [12, 4], [12, 2]]]},
+            },
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tissue"}},
+                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [20, 0], [20, 20], [0, 20], [0, 0]]]},
+            },
+            {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [3, 3]}},
+        ],
+    }
     annotation = load_annotation(write_json(tmp_path / "qupath.geojson", collection), classes=["Tumor"])
     expected = np.zeros((10, 20), bool)
     expected[0:8, 0:8] = True
@@ -109,10 +122,12 @@ def test_patch_overlap_is_the_area_fraction_of_each_square():
     expected = [1.0, 0.5, 0.5, 0.25, 0.5, 0.0, 0.75 * 0.75]
     np.testing.assert_allclose(square.patch_overlap(coords, 100), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(square.patch_overlap(coords[-1:], 50), [1.0], rtol=0, atol=1e-12)
-    holed = PolygonAnnotation(shapely.Polygon([(0, 0), (200, 0), (200, 200), (0, 200)],
-                                              [[(50, 50), (150, 50), (150, 150), (50, 150)]]))
-    np.testing.assert_allclose(holed.patch_overlap(np.array([[0, 0], [50, 50], [100, 0]]), 100),
-                               [0.75, 0.0, 0.75], rtol=0, atol=1e-12)
+    holed = PolygonAnnotation(
+        shapely.Polygon([(0, 0), (200, 0), (200, 200), (0, 200)], [[(50, 50), (150, 50), (150, 150), (50, 150)]])
+    )
+    np.testing.assert_allclose(
+        holed.patch_overlap(np.array([[0, 0], [50, 50], [100, 0]]), 100), [0.75, 0.0, 0.75], rtol=0, atol=1e-12
+    )
 
 
 def test_mask_patch_overlap_counts_partial_mask_pixels_exactly():
@@ -129,8 +144,7 @@ def test_mask_and_polygon_overlaps_agree_on_pixel_aligned_shapes():
     polygon = PolygonAnnotation(geometry)
     mask = MaskAnnotation(polygon.rasterize((16, 16), 8), 8)
     coords = np.random.default_rng(1).uniform(-30, 130, (200, 2))
-    np.testing.assert_allclose(mask.patch_overlap(coords, 37.5), polygon.patch_overlap(coords, 37.5),
-                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(mask.patch_overlap(coords, 37.5), polygon.patch_overlap(coords, 37.5), rtol=0, atol=1e-9)
 
 
 def test_mask_file_with_sidecar_or_caller_downsample(tmp_path):
@@ -161,14 +175,17 @@ def test_colour_mask_ignores_its_alpha_channel(tmp_path):
     np.testing.assert_array_equal(load_annotation(path, downsample=2).mask, expected)
 
 
-@pytest.mark.parametrize("text", [
-    "{not json",
-    json.dumps({"answer": 42}),
-    json.dumps({"type": "FeatureCollection", "features": {"a": 1}}),
-    json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]}}),
-    json.dumps({"type": "Polygon", "coordinates": "abc"}),
-    json.dumps({"type": "Circle", "coordinates": [0, 0]}),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        json.dumps({"answer": 42}),
+        json.dumps({"type": "FeatureCollection", "features": {"a": 1}}),
+        json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]}}),
+        json.dumps({"type": "Polygon", "coordinates": "abc"}),
+        json.dumps({"type": "Circle", "coordinates": [0, 0]}),
+    ],
+)
 def test_malformed_geojson_is_an_error_naming_the_file(tmp_path, text):
     path = tmp_path / "broken.geojson"
     path.write_text(text)

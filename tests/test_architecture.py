@@ -113,7 +113,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
             elif state.get(nxt) is None:
                 visit(nxt, [*stack, nxt])
         state[node] = 2
@@ -127,17 +127,22 @@ def test_no_import_cycles():
 def test_no_private_name_is_imported_from_another_module():
     """A name with a leading underscore belongs to its module: another module that needs it gets it made public
     there, or takes the code along. Dunder names (``__version__``) are public."""
-    private = [f"{module} imports {name} from {target or 'histotransfer'}"
-               for module, target, names, _ in imports() for name in names
-               if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))]
+    private = [
+        f"{module} imports {name} from {target or 'histotransfer'}"
+        for module, target, names, _ in imports()
+        for name in names
+        if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    ]
     assert private == []
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], *([command, "--help"] for command in COMMANDS)])
 def test_help_and_version_do_not_import_torch(args):
-    code = ("import sys; from histotransfer.cli import main\n"
-            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    code = (
+        "import sys; from histotransfer.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -160,9 +165,11 @@ def test_no_export_is_named_like_a_submodule_of_its_package():
 
 def test_opening_a_slide_imports_neither_pandas_nor_tqdm_nor_torch(make_slide):
     path = make_slide("light", size=(256, 256))
-    code = ("import sys; from histotransfer.slide import open_slide\n"
-            f"open_slide({str(path)!r}).close()\n"
-            "heavy = sorted(m for m in ('pandas', 'tqdm', 'torch') if m in sys.modules)\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from histotransfer.slide import open_slide\n"
+        f"open_slide({str(path)!r}).close()\n"
+        "heavy = sorted(m for m in ('pandas', 'tqdm', 'torch') if m in sys.modules)\n"
+        "assert not heavy, heavy"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

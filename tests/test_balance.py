@@ -75,23 +75,36 @@ def cohort(root: Path, centres: bool) -> tuple[Path, Path]:
 def test_balance_groups_without_a_group_column_trains_the_very_same_model(tmp_path: Path) -> None:
     features, labels = cohort(tmp_path, centres=False)
     plain = train_mil(features, labels, tmp_path / "plain", epochs=3, seed=0, hidden=8, protocol="split")
-    balanced = train_mil(features, labels, tmp_path / "balanced", epochs=3, seed=0, hidden=8, balance="groups",
-                         protocol="split")
+    balanced = train_mil(
+        features, labels, tmp_path / "balanced", epochs=3, seed=0, hidden=8, balance="groups", protocol="split"
+    )
     for name in ("predictions.csv", "history.csv"):
         a, b = pd.read_csv(plain / name), pd.read_csv(balanced / name)
-        pd.testing.assert_frame_equal(a.drop(columns="seconds", errors="ignore"),
-                                      b.drop(columns="seconds", errors="ignore"))
+        pd.testing.assert_frame_equal(
+            a.drop(columns="seconds", errors="ignore"), b.drop(columns="seconds", errors="ignore")
+        )
 
 
 @pytest.mark.slow
 def test_balance_groups_with_a_group_column_changes_what_is_drawn(tmp_path: Path) -> None:
     features, labels = cohort(tmp_path, centres=True)
-    plain = train_mil(features, labels, tmp_path / "plain", epochs=2, seed=0, hidden=8, group_column="centre",
-                      protocol="split")
-    balanced = train_mil(features, labels, tmp_path / "balanced", epochs=2, seed=0, hidden=8, group_column="centre",
-                         balance="groups", protocol="split")
-    assert not np.allclose(pd.read_csv(plain / "history.csv")["train_loss"],
-                           pd.read_csv(balanced / "history.csv")["train_loss"])
+    plain = train_mil(
+        features, labels, tmp_path / "plain", epochs=2, seed=0, hidden=8, group_column="centre", protocol="split"
+    )
+    balanced = train_mil(
+        features,
+        labels,
+        tmp_path / "balanced",
+        epochs=2,
+        seed=0,
+        hidden=8,
+        group_column="centre",
+        balance="groups",
+        protocol="split",
+    )
+    assert not np.allclose(
+        pd.read_csv(plain / "history.csv")["train_loss"], pd.read_csv(balanced / "history.csv")["train_loss"]
+    )
     assert '"balance": "groups"' in (balanced / "config.json").read_text()
 
 

@@ -68,8 +68,9 @@ def test_grad_cam_of_a_linear_head_is_the_hand_computed_cam():
     assert got.feature_gap == pytest.approx(np.abs(stage.mean(axis=(2, 3)) - fixed[[3, 0]]).max(), abs=1e-6)
 
 
-def reference_grad_cam(encoder: Encoder, head: AttentionMIL, patches: torch.Tensor, slide_features: torch.Tensor,
-                       rows: list[int]) -> np.ndarray:
+def reference_grad_cam(
+    encoder: Encoder, head: AttentionMIL, patches: torch.Tensor, slide_features: torch.Tensor, rows: list[int]
+) -> np.ndarray:
     """The textbook implementation: a hook keeps the last stage's output, backprop runs through everything."""
     kept = {}
     hook = encoder.body[-1].register_forward_hook(lambda m, i, o: kept.update(out=o))
@@ -120,8 +121,8 @@ def planted_patches(rng: np.random.Generator) -> torch.Tensor:
     x = rng.normal(0.0, 0.2, (6, 3, 32, 32)).astype(np.float32)
     for q, (qy, qx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         y0, x0 = 16 * qy + 4, 16 * qx + 4
-        x[q, 0, y0:y0 + 8, x0:x0 + 8] += 2.0
-        x[q, 1, y0:y0 + 8, x0:x0 + 8] -= 2.0
+        x[q, 0, y0 : y0 + 8, x0 : x0 + 8] += 2.0
+        x[q, 1, y0 : y0 + 8, x0 : x0 + 8] -= 2.0
     return torch.from_numpy(x)
 
 
@@ -152,7 +153,7 @@ def test_planted_signal_puts_the_cam_maximum_in_its_quadrant():
     for q, (qy, qx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         y, x = np.unravel_index(np.argmax(got.maps[q]), got.grid)
         assert (y // 4, x // 4) == (qy, qx)
-        quadrant = got.maps[q, 4 * qy:4 * qy + 4, 4 * qx:4 * qx + 4]
+        quadrant = got.maps[q, 4 * qy : 4 * qy + 4, 4 * qx : 4 * qx + 4]
         assert quadrant.sum() > 0.9 * got.maps[q].sum()
         assert got.raw[q].min() < 0  # the constant channel counts against the class where there is no signal
 

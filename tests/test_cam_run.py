@@ -40,8 +40,9 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("cam_run")
     demo = make_demo_slides(root, n_slides=6, seed=0, size=1024, mpp=0.5)
     tiling = tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
-    features = extract_features(tiling.folder, root, "resnet18", "random", truncate=3, input_size=INPUT,
-                                batch_size=64, workers=0, device="cpu")
+    features = extract_features(
+        tiling.folder, root, "resnet18", "random", truncate=3, input_size=INPUT, batch_size=64, workers=0, device="cpu"
+    )
     labels = pd.read_csv(demo.labels_csv, dtype={"slide_id": str})
     pos = sorted(labels.loc[labels["label"] == 1, "slide_id"])
     neg = sorted(labels.loc[labels["label"] == 0, "slide_id"])
@@ -49,8 +50,16 @@ def study(tmp_path_factory):
     pd.DataFrame({"slide_id": list(split), "split": list(split.values())}).to_csv(root / "split.csv", index=False)
     run = train_mil(features, demo.labels_csv, root / "run", epochs=2, seed=0, split_file=root / "split.csv")
     cams = write_cams(run, root / "cam", top_k=TOP_K, device="cpu", annotations_dir=root / "lesion_masks")
-    yield {"root": root, "run": run, "cams": cams, "pos": pos, "neg": neg, "features": features,
-           "masks": root / "lesion_masks", "labels": demo.labels_csv}
+    yield {
+        "root": root,
+        "run": run,
+        "cams": cams,
+        "pos": pos,
+        "neg": neg,
+        "features": features,
+        "masks": root / "lesion_masks",
+        "labels": demo.labels_csv,
+    }
     torch.set_num_threads(threads)
 
 
@@ -88,8 +97,12 @@ def test_maps_equal_grad_cam_computed_directly_on_the_same_patches(study):
     patches = read_patch_file(bag.attrs["patch_file"])
     with open_slide(bag.attrs["slide_path"], mpp=patches.spec.mpp) as slide:
         reader = PatchReader(slide, patches.spec)
-        pixels = np.stack([cv2.resize(reader.read(int(x), int(y)), (INPUT, INPUT), interpolation=cv2.INTER_AREA)
-                           for x, y in bag.coords[top]])
+        pixels = np.stack(
+            [
+                cv2.resize(reader.read(int(x), int(y)), (INPUT, INPUT), interpolation=cv2.INTER_AREA)
+                for x, y in bag.coords[top]
+            ]
+        )
     encoder, head = run_encoder(run), load_run_model(run)
     x = encoder.preprocess(torch.from_numpy(pixels), torch.device("cpu"))
     direct = grad_cam(encoder, head, x, slide_features=bag.features, rows=top)
@@ -131,8 +144,9 @@ def test_cam_localisation_of_the_positive_slides_and_a_slide_without_annotation(
     shutil.copytree(study["masks"], partial)
     missing = study["pos"][1]
     (partial / f"{missing}.png").unlink()
-    again = write_cams(study["run"], shutil.copytree(out, tmp_path / "cam"), top_k=TOP_K, device="cpu",
-                       annotations_dir=partial)
+    again = write_cams(
+        study["run"], shutil.copytree(out, tmp_path / "cam"), top_k=TOP_K, device="cpu", annotations_dir=partial
+    )
     assert {r.status for r in again.results} == {"skipped"}
     loc = again.summary["localisation"]
     assert loc["n_positive"] == 3 and loc["n_scored"] == 2 and loc["unannotated"] == [missing]
@@ -149,8 +163,12 @@ def test_resume_skips_done_slides_and_redoes_a_removed_one(study, tmp_path):
     status = {r.slide_id: r.status for r in again.results}
     assert status.pop(redo) == "ok" and set(status.values()) == {"skipped"}
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if p.name in kept} == kept
-    np.testing.assert_allclose(read_cam_file(out / f"{redo}.h5")["cam"],
-                               read_cam_file(study["cams"].folder / f"{redo}.h5")["cam"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        read_cam_file(out / f"{redo}.h5")["cam"],
+        read_cam_file(study["cams"].folder / f"{redo}.h5")["cam"],
+        rtol=0,
+        atol=1e-7,
+    )
     with pytest.raises(HistotransferError, match=r"holds CAMs made differently .*top_k \(3 vs 2\)"):
         write_cams(study["run"], out, top_k=2, device="cpu")
 
@@ -159,8 +177,24 @@ def test_a_slide_replaced_by_another_image_is_refused(study, tmp_path, capsys):
     moved = shutil.copytree(study["root"] / "slides", tmp_path / "slides")
     impostor, other = study["pos"][0], study["neg"][0]
     shutil.copyfile(moved / f"{other}.tif", moved / f"{impostor}.tif")
-    code = main(["cam", "--run", str(study["run"]), "--out", str(tmp_path / "cam"), "--slides", str(moved),
-                 "--slide-ids", impostor, other, "--top-k", "2", "--device", "cpu"])
+    code = main(
+        [
+            "cam",
+            "--run",
+            str(study["run"]),
+            "--out",
+            str(tmp_path / "cam"),
+            "--slides",
+            str(moved),
+            "--slide-ids",
+            impostor,
+            other,
+            "--top-k",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and f"failed {impostor}" in err
     report = pd.read_csv(tmp_path / "cam" / "cams.csv", dtype={"slide_id": str}).set_index("slide_id")
@@ -187,10 +221,12 @@ def test_the_command_states_the_resolution_and_refuses_a_bad_run_in_one_line(stu
     out = capsys.readouterr().out
     assert f"{GRID}x{GRID} cells per patch ({INPUT} px input) = 8 um per cell" in out and "cam: 1 done" in out
 
-    for args, needle in ((["--run", str(tmp_path / "missing")], "no config.json"),
-                         (["--run", str(study["run"]), "--top-k", "0"], "--top-k"),
-                         (["--run", str(study["run"]), "--target-class", "2"], "--target-class"),
-                         (["--run", str(study["run"]), "--slide-ids", "nope"], "--slide-ids: nope")):
+    for args, needle in (
+        (["--run", str(tmp_path / "missing")], "no config.json"),
+        (["--run", str(study["run"]), "--top-k", "0"], "--top-k"),
+        (["--run", str(study["run"]), "--target-class", "2"], "--target-class"),
+        (["--run", str(study["run"]), "--slide-ids", "nope"], "--slide-ids: nope"),
+    ):
         code = main([*base[:1], "--out", str(tmp_path / "other"), *base[3:], *args])
         err = capsys.readouterr().err
         assert code == 2, args
@@ -199,8 +235,9 @@ def test_the_command_states_the_resolution_and_refuses_a_bad_run_in_one_line(stu
 
 
 def test_cams_of_a_finetuned_run_use_its_finetuned_encoder(study, tmp_path):
-    ft = finetune(study["run"], tmp_path / "ft", top_k=2, epochs=2, lr=1e-3, device="cpu", batch_slides=2,
-                  freeze_stages=0)
+    ft = finetune(
+        study["run"], tmp_path / "ft", top_k=2, epochs=2, lr=1e-3, device="cpu", batch_slides=2, freeze_stages=0
+    )
     assert json.loads((ft / "comparison.json").read_text())["selection"]["kept"] == "finetuned"
     sid = study["pos"][2]
     done = write_cams(ft, tmp_path / "cam", top_k=2, device="cpu", slide_ids=[sid])

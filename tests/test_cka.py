@@ -106,7 +106,7 @@ def test_streaming_equals_in_memory_over_batches():
     b1 = a1 + 0.5 * rng.normal(size=a1.shape)
     acc = StreamingCKA([("a1", "b1"), ("a2", "b1"), ("a1", "a2")])
     for s in range(0, 230, 32):
-        acc.update({"a1": a1[s:s + 32], "a2": a2[s:s + 32], "b1": b1[s:s + 32]})
+        acc.update({"a1": a1[s : s + 32], "a2": a2[s : s + 32], "b1": b1[s : s + 32]})
     out = acc.result()
     assert acc.n == 230
     assert out[("a1", "b1")] == pytest.approx(hsic_cka(a1, b1), abs=1e-6)
@@ -119,7 +119,7 @@ def test_streaming_identical_inputs_give_exactly_one():
     x = rng.normal(size=(50, 7)).astype(np.float32)
     acc = StreamingCKA([("x", "y")])
     for s in range(0, 50, 16):
-        acc.update({"x": x[s:s + 16], "y": x[s:s + 16].copy()})
+        acc.update({"x": x[s : s + 16], "y": x[s : s + 16].copy()})
     assert acc.result()[("x", "y")] == pytest.approx(1.0, abs=1e-12)
 
 

@@ -81,8 +81,19 @@ def test_untouched_stages_have_cka_one_and_match_reference(patches_dir, encoders
 
 def test_flatten_pooling_and_full_matrix(patches_dir, encoders, tmp_path):
     a, b = encoders
-    df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=24, pooling="flatten", full_matrix=True,
-                          batch_size=10, input_size=INPUT, seed=3, device="cpu")
+    df = compare_encoders(
+        a,
+        b,
+        patches_dir,
+        tmp_path,
+        n_patches=24,
+        pooling="flatten",
+        full_matrix=True,
+        batch_size=10,
+        input_size=INPUT,
+        seed=3,
+        device="cpu",
+    )
     used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
     maps_a = reference_maps(a, patches_dir, used)
     maps_b = reference_maps(b, patches_dir, used)
@@ -119,11 +130,22 @@ def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encode
     patches for the dimensions warns on the console and in cka.json."""
     a, b = encoders
     with pytest.warns(UserWarning, match="fewer than the dimensions of"):
-        df = compare_encoders(a, b, patches_dir, tmp_path, n_patches=60, batch_size=16, input_size=INPUT,
-                              estimator="debiased", device="cpu")
+        df = compare_encoders(
+            a,
+            b,
+            patches_dir,
+            tmp_path,
+            n_patches=60,
+            batch_size=16,
+            input_size=INPUT,
+            estimator="debiased",
+            device="cpu",
+        )
     used = pd.read_csv(tmp_path / "patches.csv", dtype={"slide_id": str})
-    means = [[m.mean(axis=(2, 3)) for m in reference_maps(e, patches_dir, used)]
-             for e in (a, b, *(create_encoder("resnet18", "random", 2, random_seed=seed) for seed in (1, 2, 3)))]
+    means = [
+        [m.mean(axis=(2, 3)) for m in reference_maps(e, patches_dir, used)]
+        for e in (a, b, *(create_encoder("resnet18", "random", 2, random_seed=seed) for seed in (1, 2, 3)))
+    ]
     for i, row in df.iterrows():
         assert row["cka"] == pytest.approx(linear_cka(means[0][i], means[1][i], debiased=True), abs=1e-6)
         draws = [linear_cka(means[0][i], means[k][i], debiased=True) for k in (2, 3, 4)]
@@ -138,10 +160,38 @@ def test_debiased_estimator_baseline_and_few_patches_warning(patches_dir, encode
 
 
 def cka_cmd(patches_dir, out, *extra: str) -> list[str]:
-    return ["-m", "histotransfer", "cka", "--encoder-a", "resnet18", "--weights-a", "random", "--truncate-a", "2",
-            "--encoder-b", "resnet18", "--weights-b", "random", "--truncate-b", "3", "--patches", str(patches_dir),
-            "--out", str(out), "--n-patches", "40", "--input-size", str(INPUT), "--batch-size", "4", "--workers",
-            "0", "--device", "cpu", *extra]
+    return [
+        "-m",
+        "histotransfer",
+        "cka",
+        "--encoder-a",
+        "resnet18",
+        "--weights-a",
+        "random",
+        "--truncate-a",
+        "2",
+        "--encoder-b",
+        "resnet18",
+        "--weights-b",
+        "random",
+        "--truncate-b",
+        "3",
+        "--patches",
+        str(patches_dir),
+        "--out",
+        str(out),
+        "--n-patches",
+        "40",
+        "--input-size",
+        str(INPUT),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -149,12 +199,25 @@ def test_cka_under_torchrun_shares_the_slides_and_gives_one_processs_numbers(pat
     """torchrun --nproc-per-node 2 (gloo, CPU): the ranks encode their share of the slides and rank 0 sums the
     rows in one process's order, so cka.csv and patches.csv are byte for byte those of one process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the same threads in both: float sums in the same order
-    alone = subprocess.run([sys.executable, *cka_cmd(patches_dir, tmp_path / "one")], env=env,
-                           capture_output=True, text=True, timeout=300)
+    alone = subprocess.run(
+        [sys.executable, *cka_cmd(patches_dir, tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *cka_cmd(patches_dir, tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *cka_cmd(patches_dir, tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("cka.csv", "patches.csv"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
@@ -174,27 +237,36 @@ def test_cka_command_passes_the_stain_scope_on(patches_dir, tmp_path):
     region = f"{first.spec.slide_path}@{x},{y},128,128"
     tags = {}
     for scope in ("patch", "slide"):
-        args = cka_cmd(patches_dir, tmp_path / scope, "--stain-norm", "reinhard", "--stain-ref", region,
-                       "--stain-scope", scope, "--no-baseline", "--n-patches", "8")[2:]
+        args = cka_cmd(
+            patches_dir,
+            tmp_path / scope,
+            "--stain-norm",
+            "reinhard",
+            "--stain-ref",
+            region,
+            "--stain-scope",
+            scope,
+            "--no-baseline",
+            "--n-patches",
+            "8",
+        )[2:]
         assert main(args) == 0
         tags[scope] = json.loads((tmp_path / scope / "cka.json").read_text())["stain_a"]
         assert tags[scope] == stain_normalizer("reinhard", region, scope).tag()
     assert tags["patch"] != tags["slide"]
 
 
-def test_asking_for_more_patches_than_the_tiling_holds_warns_and_says_so_in_cka_json(patches_dir, encoders,
-                                                                                     tmp_path):
+def test_asking_for_more_patches_than_the_tiling_holds_warns_and_says_so_in_cka_json(patches_dir, encoders, tmp_path):
     a, _ = encoders
     total = sum(len(read_patch_file(p).coords) for p in sorted(patches_dir.glob("*.h5")))
     with pytest.warns(UserWarning, match=f"asked for 100000 patches, the tiling holds only {total}"):
-        compare_encoders(a, a, patches_dir, tmp_path, n_patches=100000, input_size=INPUT, baseline=False,
-                         device="cpu")
+        compare_encoders(a, a, patches_dir, tmp_path, n_patches=100000, input_size=INPUT, baseline=False, device="cpu")
     record = json.loads((tmp_path / "cka.json").read_text())
     assert (record["n_patches_requested"], record["n_patches"]) == (100000, total)
     assert any(f"the tiling holds only {total}" in w for w in record["warnings"])
 
 
-FAILING_RANK = '''
+FAILING_RANK = """
 import datetime, sys
 import torch.distributed as dist
 from histotransfer.analysis import compare
@@ -221,18 +293,34 @@ except Exception as exc:
 dist.barrier()  # as the study does after each cell: every rank must get here
 print(f"rank {rank} passed the barrier", flush=True)
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("where", "failing"), [("encode", 1), ("write", 0)])
-def test_a_rank_that_fails_under_torchrun_fails_every_rank_and_leaves_none_waiting(patches_dir, tmp_path, where,
-                                                                                  failing):
+def test_a_rank_that_fails_under_torchrun_fails_every_rank_and_leaves_none_waiting(
+    patches_dir, tmp_path, where, failing
+):
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), where, str(patches_dir), str(tmp_path / "out")],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            where,
+            str(patches_dir),
+            str(tmp_path / "out"),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} raised:" in done.stdout and f"simulated failure on rank {failing}" in done.stdout
@@ -251,8 +339,11 @@ def test_a_slide_whose_stain_estimate_fails_in_one_loader_process_is_skipped(pat
     read = loader.read_patches
 
     def failing(reader, coords, size=None):
-        if len(coords) == len(sample) and np.array_equal(coords, sample) and reader.spec.slide_path == \
-                first.spec.slide_path:
+        if (
+            len(coords) == len(sample)
+            and np.array_equal(coords, sample)
+            and reader.spec.slide_path == first.spec.slide_path
+        ):
             raise OSError("a corrupt tile in the stain sample")
         return read(reader, coords, size)
 
@@ -261,9 +352,20 @@ def test_a_slide_whose_stain_estimate_fails_in_one_loader_process_is_skipped(pat
     encoder = create_encoder("resnet18", "random", 2)
     for workers in (0, 2):
         with pytest.warns(UserWarning, match="a corrupt tile in the stain sample"):
-            compare_encoders(encoder, encoder, patches_dir, tmp_path / f"w{workers}", n_patches=40, input_size=INPUT,
-                             baseline=False, device="cpu", stain_norm="reinhard", stain_scope="slide",
-                             stain_ref=f"{first.spec.slide_path}@{x},{y},128,128", workers=workers)
+            compare_encoders(
+                encoder,
+                encoder,
+                patches_dir,
+                tmp_path / f"w{workers}",
+                n_patches=40,
+                input_size=INPUT,
+                baseline=False,
+                device="cpu",
+                stain_norm="reinhard",
+                stain_scope="slide",
+                stain_ref=f"{first.spec.slide_path}@{x},{y},128,128",
+                workers=workers,
+            )
         used = pd.read_csv(tmp_path / f"w{workers}" / "patches.csv")
         assert first.slide_id not in set(used.slide_id) and len(used) > 2
     assert (tmp_path / "w0" / "cka.csv").read_text() == (tmp_path / "w2" / "cka.csv").read_text()

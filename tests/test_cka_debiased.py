@@ -148,11 +148,12 @@ def test_identity_and_rotated_scaled_copy_give_one(n, d):
     assert linear_cka(x, copy, debiased=True) == pytest.approx(1.0, abs=1e-9)
     acc = StreamingCKA([("x", "c")], debiased=True)
     for s in range(0, n, 7):
-        acc.update({"x": x[s:s + 7], "c": copy[s:s + 7]})
+        acc.update({"x": x[s : s + 7], "c": copy[s : s + 7]})
     assert acc.result()[("x", "c")] == pytest.approx(1.0, abs=1e-9)
     grams = {"x": centred_gram(x), "c": centred_gram(copy)}
     assert gram_cka(grams, [("x", "c"), ("x", "x")], debiased=True) == pytest.approx(
-        {("x", "c"): 1.0, ("x", "x"): 1.0}, abs=1e-9)
+        {("x", "c"): 1.0, ("x", "x"): 1.0}, abs=1e-9
+    )
 
 
 def test_side_without_structure_gives_zero_on_every_path():

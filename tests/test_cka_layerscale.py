@@ -31,9 +31,13 @@ SMALL = {"depth": 8, "embed_dim": 96, "num_heads": 4}
 @pytest.fixture
 def small_uni(monkeypatch):
     spec = registry.encoder_spec("uni")
-    monkeypatch.setitem(registry._REGISTRY, "uni", dataclasses.replace(
-        spec, build=partial(VIT_ENCODERS["uni"].build, **SMALL),
-        preprocessing=spec.preprocessing.at(64)))  # the card's bilinear resize, at a size that keeps the test fast
+    monkeypatch.setitem(
+        registry._REGISTRY,
+        "uni",
+        dataclasses.replace(
+            spec, build=partial(VIT_ENCODERS["uni"].build, **SMALL), preprocessing=spec.preprocessing.at(64)
+        ),
+    )  # the card's bilinear resize, at a size that keeps the test fast
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,7 @@ def test_random_layerscale_init_is_near_identity_and_the_control_is_not(small_un
 
 def test_cka_of_a_layerscale_vit_reports_a_baseline_band_below_frozen_vs_frozen(small_uni, patches_dir, tmp_path):
     a = create_encoder("uni", "random")
-    df = compare_encoders(a, a, patches_dir, tmp_path, n_patches=40, batch_size=20, device="cpu",
-                          estimator="debiased")
+    df = compare_encoders(a, a, patches_dir, tmp_path, n_patches=40, batch_size=20, device="cpu", estimator="debiased")
     assert list(df.columns) == ["stage", "cka", "baseline", "baseline_sd"]
     blocks = df.iloc[1:]  # the stem's class token is the same for every patch (a parameter): CKA 0 by definition
     assert df.loc[0, "cka"] == 0.0
@@ -85,10 +88,12 @@ def test_classifier_pooling_is_the_normed_class_token_and_mean_is_its_own_option
     default equals CKA computed on A's pooled features (the class token after the final norm)."""
     a = create_encoder("uni", "random")
     b = create_encoder("uni", "random", random_seed=5)
-    df = compare_encoders(a, b, patches_dir, tmp_path / "cls", n_patches=24, batch_size=24, device="cpu",
-                          baseline=False)
-    mean = compare_encoders(a, b, patches_dir, tmp_path / "mean", n_patches=24, batch_size=24, device="cpu",
-                            baseline=False, pooling="mean")
+    df = compare_encoders(
+        a, b, patches_dir, tmp_path / "cls", n_patches=24, batch_size=24, device="cpu", baseline=False
+    )
+    mean = compare_encoders(
+        a, b, patches_dir, tmp_path / "mean", n_patches=24, batch_size=24, device="cpu", baseline=False, pooling="mean"
+    )
     used = pd.read_csv(tmp_path / "cls" / "patches.csv", dtype={"slide_id": str})
     assert len(used) == 24
     jobs = sample_patches(patches_dir, 24)

@@ -29,8 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def table(n_patients: int, slides_per_patient: int = 1, positives: int | None = None) -> SimpleNamespace:
     """A label table of ``n_patients`` (half positive unless ``positives`` says how many)."""
     positives = n_patients // 2 if positives is None else positives
-    rows = [{"slide_id": f"p{p}_s{s}", "patient_id": f"p{p}", "label": int(p < positives)}
-            for p in range(n_patients) for s in range(slides_per_patient)]
+    rows = [
+        {"slide_id": f"p{p}_s{s}", "patient_id": f"p{p}", "label": int(p < positives)}
+        for p in range(n_patients)
+        for s in range(slides_per_patient)
+    ]
     return SimpleNamespace(frame=pd.DataFrame(rows))
 
 
@@ -43,7 +46,9 @@ def test_auto_cross_validates_below_the_stated_number_of_patients():
     assert choose_protocol(table(150, slides_per_patient=3), auto, None)[0] == 5
     # K-fold needs K + 2 patients per class: auto lowers K for a small class, and gives up below 4.
     assert choose_protocol(table(40, positives=5), auto, None) == (
-        3, "auto: 40 patients, fewer than 200; 3 folds, as the smaller class has 5 patients")
+        3,
+        "auto: 40 patients, fewer than 200; 3 folds, as the smaller class has 5 patients",
+    )
     assert choose_protocol(table(40, positives=3), auto, None)[0] is None
     # A given split, an explicit protocol or explicit folds decide instead of the size.
     assert choose_protocol(table(50), auto, Path("split.csv"))[0] is None
@@ -59,8 +64,15 @@ def centre_cohort() -> pd.DataFrame:
     rows = []
     for centre, n_pos in (("A", 38), ("B", 18)):
         for p in range(50):
-            rows += [{"slide_id": f"{centre}{p}_s{s}", "patient_id": f"{centre}{p}", "label": int(p < n_pos),
-                      "centre": centre} for s in range(1 + (p % 3 == 0))]
+            rows += [
+                {
+                    "slide_id": f"{centre}{p}_s{s}",
+                    "patient_id": f"{centre}{p}",
+                    "label": int(p < n_pos),
+                    "centre": centre,
+                }
+                for s in range(1 + (p % 3 == 0))
+            ]
     return pd.DataFrame(rows)
 
 
@@ -95,8 +107,26 @@ def make_cohort(folder: Path, n_slides: int, seed: int, centres: bool = False) -
 
 def test_a_small_cohort_is_cross_validated_by_default_with_a_pooled_out_of_fold_auc(tmp_path, capsys):
     features, labels = make_cohort(tmp_path, 30, seed=4, centres=True)
-    assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
-                 "--epochs", "2", "--hidden", "8", "--group-column", "centre"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "run"),
+                "--epochs",
+                "2",
+                "--hidden",
+                "8",
+                "--group-column",
+                "centre",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -115,7 +145,8 @@ def test_a_small_cohort_is_cross_validated_by_default_with_a_pooled_out_of_fold_
     oof = pd.read_csv(run / "predictions.csv")
     assert list(oof.columns) == ["slide_id", "patient_id", "centre", "label", "probability", "fold"]
     assert oof.set_index("slide_id")["probability"].to_dict() == pytest.approx(
-        folds.set_index("slide_id")["probability"].to_dict())
+        folds.set_index("slide_id")["probability"].to_dict()
+    )
     within = [roc_auc_score(part["label"], part["probability"]) for _, part in folds.groupby("centre")]
     assert metrics["pooled"]["groups"]["mean_within_group_auc"] == pytest.approx(np.mean(within))
     assert "protocol: 5-fold patient-level cross-validation (auto: 30 patients, fewer than 200)" in out
@@ -130,12 +161,29 @@ def test_single_split_stays_available_and_conflicting_options_are_one_line(tmp_p
     assert (run / "model.pt").is_file() and not (run / "fold_0").exists()
     assert json.loads((run / "config.json").read_text())["split"]["why"] == "--protocol split"
     pd.DataFrame({"slide_id": pd.read_csv(labels)["slide_id"], "split": ["train", "val", "test"] * 4}).to_csv(
-        tmp_path / "split.csv", index=False)
+        tmp_path / "split.csv", index=False
+    )
     with pytest.raises(HistotransferError, match="--split-file and cross-validation exclude each other"):
         train_mil(features, labels, tmp_path / "x", epochs=1, protocol="cv", split_file=tmp_path / "split.csv")
     capsys.readouterr()
-    assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "y"),
-                 "--protocol", "split", "--folds", "3"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "y"),
+                "--protocol",
+                "split",
+                "--folds",
+                "3",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--folds 3 with --protocol split" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
@@ -143,10 +191,17 @@ def test_single_split_stays_available_and_conflicting_options_are_one_line(tmp_p
 
 def write_square_annotation(path: Path, bag, side: int) -> None:
     """The bag's planted patches as lesion squares (QuPath GeoJSON, level-0 px)."""
-    features = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-                 "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + side, y], [x + side, y + side],
-                                                                  [x, y + side], [x, y]]]}}
-                for x, y in (tuple(int(v) for v in c) for c in bag.coords[bag.planted])]
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Tumor"}},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]],
+            },
+        }
+        for x, y in (tuple(int(v) for v in c) for c in bag.coords[bag.planted])
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 
@@ -155,10 +210,13 @@ def test_downstream_of_a_cross_validation_uses_fold_0_and_localisation_is_out_of
     bags = planted_bags(10, n_patches=(12, 20), dim=8, patch_size=side, seed=0)
     write_feature_folder(tmp_path / "features", bags, patch_size_level0=side)
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
-        tmp_path / "labels.csv", index=False)
+        tmp_path / "labels.csv", index=False
+    )
     run = train_mil(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", epochs=1)
     assert json.loads((run / "metrics.json").read_text())["protocol"] == {
-        "folds": 3, "why": "auto: 10 patients, fewer than 200; 3 folds, as the smaller class has 5 patients"}
+        "folds": 3,
+        "why": "auto: 10 patients, fewer than 200; 3 folds, as the smaller class has 5 patients",
+    }
     (tmp_path / "annotations").mkdir()
     for bag in bags:
         if bag.label:
@@ -172,9 +230,11 @@ def test_downstream_of_a_cross_validation_uses_fold_0_and_localisation_is_out_of
     # Every positive slide is scored once, by the attention of the fold that tested it.
     pooled = localisation_of_run(run, tmp_path / "annotations")
     assert pooled["n_scored"] == 5 and sorted(r["slide_id"] for r in pooled["slides"]) == [
-        b.slide_id for b in bags if b.label]
-    by_fold = {r["slide_id"]: r for d in fold_dirs(run) for r in localisation_of_run(d, tmp_path / "annotations")
-               ["slides"]}
+        b.slide_id for b in bags if b.label
+    ]
+    by_fold = {
+        r["slide_id"]: r for d in fold_dirs(run) for r in localisation_of_run(d, tmp_path / "annotations")["slides"]
+    }
     assert pooled["slides"] == [by_fold[r["slide_id"]] for r in pooled["slides"]]
     with pytest.raises(HistotransferError, match="scored on its test folds only"):
         localisation_of_run(run, tmp_path / "annotations", split=None)
@@ -191,15 +251,20 @@ def test_study_tables_show_the_pooled_auc_and_the_within_group_auc_beside_it(tmp
         rel = f"mil/multi/{enc.key}/seed{seed}/run"
         (tmp_path / rel).mkdir(parents=True)
         fold = {"test": {"auc": 0.9, "n_slides": 20}}
-        metrics = {"protocol": {"folds": 5, "why": "auto"}, "folds": {"fold_0": fold},
-                   "mean": {"test": {"auc": 0.75}}, "sd": {"test": {"auc": 0.1}},
-                   "pooled": {"test": {"auc": pooled, "n_slides": 100},
-                              "groups": {"mean_within_group_auc": within}}}
+        metrics = {
+            "protocol": {"folds": 5, "why": "auto"},
+            "folds": {"fold_0": fold},
+            "mean": {"test": {"auc": 0.75}},
+            "sd": {"test": {"auc": 0.1}},
+            "pooled": {"test": {"auc": pooled, "n_slides": 100}, "groups": {"mean_within_group_auc": within}},
+        }
         (tmp_path / rel / "metrics.json").write_text(json.dumps(metrics))
         records.append({"kind": "mil", "dataset": "multi", "encoder": enc.spec(), "seed": seed, "result": {"run": rel}})
     mil = mil_runs(tmp_path, records, {})
     assert mil[["auc", "n_slides", "protocol", "fold_auc_mean", "fold_auc_sd", "within_group_auc"]].values.tolist() == [
-        [0.70, 100, "5-fold CV", 0.75, 0.1, 0.50], [0.80, 100, "5-fold CV", 0.75, 0.1, 0.60]]
+        [0.70, 100, "5-fold CV", 0.75, 0.1, 0.50],
+        [0.80, 100, "5-fold CV", 0.75, 0.1, 0.60],
+    ]
     table = build_tables(mil, mil.iloc[0:0], [enc], [], ["multi"], {})["table1_architectures"]
     shown = display_table("table1_architectures", table, ["multi"])
     assert shown[["multi", "multi: within-group"]].values.tolist() == [["0.750 ± 0.071 (n=100)", "0.550 ± 0.071"]]

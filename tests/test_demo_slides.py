@@ -75,8 +75,10 @@ def test_lesions_sit_inside_tissue_with_a_different_look(small_demo_slides) -> N
 def test_lesion_radius_shrinks_the_lesions_and_the_default_set_is_unchanged(tmp_path):
     default = make_demo_slides(tmp_path / "default", n_slides=4, seed=2, size=1024)
     small = make_demo_slides(tmp_path / "small", n_slides=4, seed=2, size=1024, lesion_radius=0.05)
-    area = {name: sum(int((cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0).sum()) for p in demo.lesion_masks.values())
-            for name, demo in (("default", default), ("small", small))}
+    area = {
+        name: sum(int((cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0).sum()) for p in demo.lesion_masks.values())
+        for name, demo in (("default", default), ("small", small))
+    }
     assert 0 < area["small"] < area["default"] / 4
     assert "lesion_radius" not in json.loads((tmp_path / "default" / "demo_slides.json").read_text())
     assert json.loads((tmp_path / "small" / "demo_slides.json").read_text())["lesion_radius"] == 0.05

@@ -28,8 +28,10 @@ def _randomise_batchnorms(model: nn.Module, seed: int) -> None:
                 m.weight[3] = -1e-9
 
 
-@pytest.mark.parametrize("name,truncate", [("densenet121", 0), ("densenet121", 1), ("densenet121", 2),
-                                           ("densenet121", 3), ("densenet169", 0)])
+@pytest.mark.parametrize(
+    "name,truncate",
+    [("densenet121", 0), ("densenet121", 1), ("densenet121", 2), ("densenet121", 3), ("densenet169", 0)],
+)
 def test_equals_torchvision_forward(name, truncate, one_thread):
     encoder = create_encoder(name, weights="random", truncate=truncate).eval()
     _randomise_batchnorms(encoder, seed=truncate)

@@ -58,8 +58,17 @@ def test_feature_dims_of_every_truncation(name):
 
 
 # The HistoTransfer paper's Table I "ImageNet top-1" column.
-PAPER_TOP1 = {"resnet18": 69.76, "resnet34": 73.31, "resnet50": 76.13, "densenet121": 74.43, "densenet169": 75.6,
-              "efficientnet_b0": 76.3, "efficientnet_b1": 78.8, "efficientnet_b2": 79.8, "efficientnet_b3": 81.1}
+PAPER_TOP1 = {
+    "resnet18": 69.76,
+    "resnet34": 73.31,
+    "resnet50": 76.13,
+    "densenet121": 74.43,
+    "densenet169": 75.6,
+    "efficientnet_b0": 76.3,
+    "efficientnet_b1": 78.8,
+    "efficientnet_b2": 79.8,
+    "efficientnet_b3": 81.1,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_TOP1))
@@ -171,15 +180,23 @@ def test_bad_names_and_truncations():
         create_encoder("resnet18", "random", truncate=4)
     with pytest.raises(HistotransferError, match=r"truncate must be 0\.\.3"):
         encoder_id("resnet18", "random", -1, None, "fp32")
-    with pytest.raises(HistotransferError, match="'imagenet21k' for resnet18: expected one of imagenet, random or a "
-                                                 "path"):
+    with pytest.raises(
+        HistotransferError, match="'imagenet21k' for resnet18: expected one of imagenet, random or a path"
+    ):
         create_encoder("resnet18", "imagenet21k")
 
 
 def test_encoder_id_separates_every_setting(tmp_path):
     base = dict(name="resnet18", weights="random", truncate=0, input_size=224, precision="fp32")
-    variants = [base, {**base, "truncate": 1}, {**base, "input_size": None}, {**base, "input_size": 256},
-                {**base, "precision": "bf16"}, {**base, "name": "resnet34"}, {**base, "weights": "imagenet"}]
+    variants = [
+        base,
+        {**base, "truncate": 1},
+        {**base, "input_size": None},
+        {**base, "input_size": 256},
+        {**base, "precision": "bf16"},
+        {**base, "name": "resnet34"},
+        {**base, "weights": "imagenet"},
+    ]
     ids = [encoder_id(**v) for v in variants] + [encoder_id(**base, dtype="float16")]
     assert len(set(ids)) == len(ids)
     assert encoder_id(**base) == "resnet18-random-t0-s224-fp32"

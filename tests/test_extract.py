@@ -35,8 +35,9 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def grid_patch_file(patches_dir: Path, slide_path: Path, slide_id: str, n_side: int, step_fraction: float = 1.0,
-                    spec=None) -> Path:
+def grid_patch_file(
+    patches_dir: Path, slide_path: Path, slide_id: str, n_side: int, step_fraction: float = 1.0, spec=None
+) -> Path:
     """A patch file with an n_side x n_side grid of 32 px patches at 10x (level-0 footprint 128 px)."""
     if spec is None:
         with open_slide(slide_path) as slide:
@@ -105,8 +106,7 @@ def test_extract_writes_features_coords_attrs_and_report(demo, tmp_path):
         ps = read_patch_file(patches / f"{s.stem}.h5")
         assert bag.features.shape == (len(ps), 128) and bag.features.dtype == np.float32
         np.testing.assert_array_equal(bag.coords, ps.coords)
-        np.testing.assert_allclose(bag.features, reference_features(patches / f"{s.stem}.h5", 2),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bag.features, reference_features(patches / f"{s.stem}.h5", 2), rtol=1e-5, atol=1e-6)
         assert bag.attrs["encoder"] == "resnet18" and bag.attrs["truncate"] == 2
         assert bag.attrs["weights"] == "random" and bag.attrs["weights_sha256"] == ""
         assert bag.attrs["input_size"] == 32 and bag.attrs["stage"] == "layer2"
@@ -115,7 +115,9 @@ def test_extract_writes_features_coords_attrs_and_report(demo, tmp_path):
     report = pd.read_csv(folder / "extract.csv")
     assert list(report.columns) == ["slide_id", "slide_path", "status", "n_patches", "seconds", "message"]
     assert sorted(zip(report.slide_id, report.status, report.n_patches)) == [
-        ("demo_01", "ok", 36), ("demo_02", "ok", 49)]
+        ("demo_01", "ok", 36),
+        ("demo_02", "ok", 49),
+    ]
 
 
 def test_rerun_skips_finished_slides_and_reports_a_broken_one(demo, tmp_path):
@@ -138,14 +140,18 @@ def test_rerun_skips_finished_slides_and_reports_a_broken_one(demo, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in run.folder.glob("*.h5")}
 
     again = run_extraction(patches, tmp_path / "out", **ENCODER, workers=0)
-    assert {r.slide_id: r.status for r in again.results} == {"demo_01": "skipped", "demo_02": "skipped",
-                                                             "broken": "error"}
+    assert {r.slide_id: r.status for r in again.results} == {
+        "demo_01": "skipped",
+        "demo_02": "skipped",
+        "broken": "error",
+    }
     assert {p.name: p.stat().st_mtime_ns for p in again.folder.glob("*.h5")} == before
     report = pd.read_csv(again.folder / "extract.csv")
     assert sorted(report.slide_id) == ["broken", "demo_01", "demo_02"]
     slide_paths = dict(zip(report.slide_id, report.slide_path))
     assert {sid: Path(slide_paths[sid]).resolve() for sid in ("demo_01", "demo_02")} == {
-        s.stem: s.resolve() for s in slides[:2]}  # skipped rows name the slide too, as ok rows do
+        s.stem: s.resolve() for s in slides[:2]
+    }  # skipped rows name the slide too, as ok rows do
 
 
 def test_float16_resized_and_worker_processes(demo, tmp_path):
@@ -153,8 +159,7 @@ def test_float16_resized_and_worker_processes(demo, tmp_path):
     _, slides, patches = demo
     a = extract_features(patches, tmp_path / "a", **ENCODER, input_size=64, workers=0, batch_size=10)
     b = extract_features(patches, tmp_path / "b", **ENCODER, input_size=64, workers=2, batch_size=10)
-    h = extract_features(patches, tmp_path / "h", **ENCODER, input_size=64, workers=0, batch_size=10,
-                         dtype="float16")
+    h = extract_features(patches, tmp_path / "h", **ENCODER, input_size=64, workers=0, batch_size=10, dtype="float16")
     assert a.name == "resnet18-random-t2-s64-fp32" and h.name == "resnet18-random-t2-s64-fp32-f16"
     for s in slides:
         fa = read_feature_file(a / f"{s.stem}.h5")
@@ -171,8 +176,21 @@ def test_float16_resized_and_worker_processes(demo, tmp_path):
 def test_cli_extract_and_clear_errors(demo, tmp_path, capsys):
     _, _, patches = demo
     out = tmp_path / "out"
-    args = ["extract", "--patches", str(patches), "--out", str(out), "--encoder", "resnet18", "--weights",
-            "random", "--truncate", "3", "--workers", "0"]
+    args = [
+        "extract",
+        "--patches",
+        str(patches),
+        "--out",
+        str(out),
+        "--encoder",
+        "resnet18",
+        "--weights",
+        "random",
+        "--truncate",
+        "3",
+        "--workers",
+        "0",
+    ]
     assert main(args) == 0
     assert "extract: 2 done" in capsys.readouterr().out
     assert len(list((out / "features" / "resnet18-random-t3-native-fp32").glob("*.h5"))) == 2
@@ -205,8 +223,13 @@ def test_moved_slides_are_found_with_slides_dir(demo, tmp_path):
     moved.mkdir()
     patches = tmp_path / "patches"
     patches.mkdir()
-    grid_patch_file(patches, tmp_path / "gone" / slides[0].name, slides[0].stem, n_side=2,
-                    spec=read_patch_file(demo[2] / f"{slides[0].stem}.h5").spec)
+    grid_patch_file(
+        patches,
+        tmp_path / "gone" / slides[0].name,
+        slides[0].stem,
+        n_side=2,
+        spec=read_patch_file(demo[2] / f"{slides[0].stem}.h5").spec,
+    )
     (moved / slides[0].name).write_bytes(slides[0].read_bytes())
     run = run_extraction(patches, tmp_path / "a", **ENCODER, workers=0)
     assert run.results[0].status == "error" and "pass --slides" in run.results[0].message
@@ -253,8 +276,22 @@ def long_patches(demo, tmp_path_factory):
 
 
 def extract_cmd(patches: Path, out: Path, *options: str) -> list[str]:
-    return ["-m", "histotransfer", "extract", "--patches", str(patches), "--out", str(out), "--encoder",
-            "resnet18", "--weights", "random", "--batch-size", "8", *options]
+    return [
+        "-m",
+        "histotransfer",
+        "extract",
+        "--patches",
+        str(patches),
+        "--out",
+        str(out),
+        "--encoder",
+        "resnet18",
+        "--weights",
+        "random",
+        "--batch-size",
+        "8",
+        *options,
+    ]
 
 
 @pytest.mark.slow
@@ -282,8 +319,9 @@ def test_kill_9_mid_slide_then_resume_is_byte_identical(long_patches, tmp_path):
     # The same command again (in this process: the resume logic is the same code).
     resumed = run_extraction(long_patches, out, "resnet18", "random", input_size=64, batch_size=8, workers=1)
     assert {r.slide_id: r.status for r in resumed.results} == {"demo_01": "skipped", "demo_02": "ok"}
-    clean = extract_features(long_patches, tmp_path / "clean", "resnet18", "random", input_size=64, batch_size=8,
-                             workers=0)
+    clean = extract_features(
+        long_patches, tmp_path / "clean", "resnet18", "random", input_size=64, batch_size=8, workers=0
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["demo_01.h5", "demo_02.h5", "extract.csv", "features.json"]
     for name in ("demo_01.h5", "demo_02.h5"):
         assert (folder / name).read_bytes() == (clean / name).read_bytes()
@@ -298,13 +336,19 @@ def test_torchrun_two_processes_equal_one(demo, tmp_path):
     for p in patches.glob("*.h5"):
         (three / p.name).write_bytes(p.read_bytes())
     grid_patch_file(three, slides[0], "demo_03", n_side=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *extract_cmd(three, tmp_path / "dist", "--input-size", "64", "--workers", "0", "--device", "cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *extract_cmd(three, tmp_path / "dist", "--input-size", "64", "--workers", "0", "--device", "cpu"),
+    ]
     done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 0/2]" in done.stdout and "[rank 1/2]" in done.stdout
-    single = extract_features(three, tmp_path / "single", "resnet18", "random", input_size=64, batch_size=8,
-                              workers=0)
+    single = extract_features(three, tmp_path / "single", "resnet18", "random", input_size=64, batch_size=8, workers=0)
     dist_folder = tmp_path / "dist" / "features" / single.name
     assert sorted(p.name for p in dist_folder.iterdir()) == sorted(p.name for p in single.iterdir())
     for name in ("demo_01.h5", "demo_02.h5", "demo_03.h5"):
@@ -321,11 +365,12 @@ def test_under_torchrun_a_rank_failing_outside_a_slide_stops_both_with_its_one_l
     _root, _slides, patches = demo
     taken = tmp_path / "out" / "features" / "resnet18-random-t0-s64-fp32" / "extract.rank1.csv"
     taken.mkdir(parents=True)
-    code, errors = torchrun_ranks(extract_cmd(patches, tmp_path / "out", "--input-size", "64", "--workers", "0",
-                                              "--device", "cpu"), tmp_path / "logs")
+    code, errors = torchrun_ranks(
+        extract_cmd(patches, tmp_path / "out", "--input-size", "64", "--workers", "0", "--device", "cpu"),
+        tmp_path / "logs",
+    )
     assert code != 0
-    line = (f"histotransfer extract: error: rank 1: {taken}: is a folder, not a regular file; pass a regular input "
-            "file.")
+    line = f"histotransfer extract: error: rank 1: {taken}: is a folder, not a regular file; pass a regular input file."
     assert [e.strip() for e in errors] == [line, line]
 
 

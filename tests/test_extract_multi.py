@@ -56,8 +56,10 @@ def patches(tmp_path_factory) -> Path:
 def separate(patches, tmp_path_factory) -> dict[str, dict[int, Path]]:
     """One extraction pass per truncation (the reference), for both networks."""
     out = tmp_path_factory.mktemp("separate")
-    return {name: {t: extract_features(patches, out, name, truncate=t, **RUN) for t in ALL}
-            for name in ("resnet18", "densenet121")}
+    return {
+        name: {t: extract_features(patches, out, name, truncate=t, **RUN) for t in ALL}
+        for name in ("resnet18", "densenet121")
+    }
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -75,18 +77,19 @@ def test_one_pass_writes_the_bytes_of_one_pass_per_truncation(name, patches, sep
         ours, reference = file_bytes(folders[t]), file_bytes(separate[name][t])
         assert list(ours) == ["demo_01.h5", "demo_02.h5"]
         assert ours == reference
-        assert (json.loads((folders[t] / "features.json").read_text())
-                == json.loads((separate[name][t] / "features.json").read_text()))
+        assert json.loads((folders[t] / "features.json").read_text()) == json.loads(
+            (separate[name][t] / "features.json").read_text()
+        )
     bags = [read_feature_file(folders[t] / "demo_01.h5") for t in ALL]
     assert [b.attrs["truncate"] for b in bags] == ALL
-    assert [b.attrs["stage"] for b in bags] == ([f"layer{4 - t}" for t in ALL] if name == "resnet18"
-                                                else [f"denseblock{4 - t}" for t in ALL])
+    assert [b.attrs["stage"] for b in bags] == (
+        [f"layer{4 - t}" for t in ALL] if name == "resnet18" else [f"denseblock{4 - t}" for t in ALL]
+    )
 
 
 def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, monkeypatch):
     first = run_extraction(patches, tmp_path, "resnet18", truncate=[1, 3], **RUN)
-    assert {t: sorted(r.status for r in run.results) for t, run in first.items()} == {1: ["ok", "ok"],
-                                                                                     3: ["ok", "ok"]}
+    assert {t: sorted(r.status for r in run.results) for t, run in first.items()} == {1: ["ok", "ok"], 3: ["ok", "ok"]}
     (first[3].folder / "demo_02.h5").unlink()
     kept = {p: p.stat().st_mtime_ns for t in (1, 3) for p in first[t].folder.glob("*.h5")}
 
@@ -100,8 +103,12 @@ def test_resume_runs_only_the_missing_truncations(patches, separate, tmp_path, m
     monkeypatch.setattr(BatchEncoder, "features", recording)
     runs = run_extraction(patches, tmp_path, "resnet18", truncate=ALL, **RUN)
     status = {t: {r.slide_id: r.status for r in run.results} for t, run in runs.items()}
-    assert status == {0: {"demo_01": "ok", "demo_02": "ok"}, 1: {"demo_01": "skipped", "demo_02": "skipped"},
-                      2: {"demo_01": "ok", "demo_02": "ok"}, 3: {"demo_01": "skipped", "demo_02": "ok"}}
+    assert status == {
+        0: {"demo_01": "ok", "demo_02": "ok"},
+        1: {"demo_01": "skipped", "demo_02": "skipped"},
+        2: {"demo_01": "ok", "demo_02": "ok"},
+        3: {"demo_01": "skipped", "demo_02": "ok"},
+    }
     assert sorted(set(asked)) == [(0, 2), (0, 2, 3)]  # 9 patches of demo_01 in 3 batches, 4 of demo_02 in 1
     assert asked.count((0, 2)) == 3 and asked.count((0, 2, 3)) == 1
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
@@ -143,8 +150,12 @@ def test_return_types_and_truncation_values(patches, separate, tmp_path):
     single = extract_features(patches, tmp_path, "resnet18", truncate=2, **RUN)
     assert single == tmp_path / "features" / separate["resnet18"][2].name
     assert extract_features(patches, tmp_path, "resnet18", truncate=[2], **RUN) == {2: single}
-    run = run_extraction(patches, tmp_path, EncoderChoice(encoder="resnet18", weights="random", truncate=[2, 2]),
-                         **{k: v for k, v in RUN.items() if k != "weights"})
+    run = run_extraction(
+        patches,
+        tmp_path,
+        EncoderChoice(encoder="resnet18", weights="random", truncate=[2, 2]),
+        **{k: v for k, v in RUN.items() if k != "weights"},
+    )
     assert list(run) == [2] and {r.status for r in run[2].results} == {"skipped"}
     for bad in ([], -1, [0, -2], [1.5], "2"):
         with pytest.raises(HistotransferError, match="truncate: pass a truncation"):
@@ -155,8 +166,22 @@ def test_return_types_and_truncation_values(patches, separate, tmp_path):
 
 
 def test_cli_reports_each_truncation(patches, tmp_path, capsys):
-    args = ["extract", "--patches", str(patches), "--out", str(tmp_path), "--encoder", "resnet18", "--weights",
-            "random", "--input-size", "48", "--workers", "0", "--truncate"]
+    args = [
+        "extract",
+        "--patches",
+        str(patches),
+        "--out",
+        str(tmp_path),
+        "--encoder",
+        "resnet18",
+        "--weights",
+        "random",
+        "--input-size",
+        "48",
+        "--workers",
+        "0",
+        "--truncate",
+    ]
     assert main([*args, "3", "1"]) == 0
     out = capsys.readouterr().out
     for t in (1, 3):

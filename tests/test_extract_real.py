@@ -19,9 +19,12 @@ SLIDE = SHARED / "data" / "CMU-1-Small-Region.svs"
 WEIGHTS = SHARED / "weights" / "densenet121_imagenet_from_keras.safetensors"
 PATCH = 128
 
-pytestmark = [pytest.mark.skipif(not (SLIDE.exists() and WEIGHTS.exists()),
-                                 reason=f"real slide or weights not present under {SHARED}"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.skipif(
+        not (SLIDE.exists() and WEIGHTS.exists()), reason=f"real slide or weights not present under {SHARED}"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def openslide_pixels(coords: np.ndarray) -> np.ndarray:
@@ -29,8 +32,9 @@ def openslide_pixels(coords: np.ndarray) -> np.ndarray:
     import openslide
 
     with openslide.OpenSlide(str(SLIDE)) as slide:
-        return np.stack([np.asarray(slide.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB"))
-                         for x, y in coords])
+        return np.stack(
+            [np.asarray(slide.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB")) for x, y in coords]
+        )
 
 
 def torchvision_features(pixels: np.ndarray) -> dict[int, np.ndarray]:
@@ -56,15 +60,25 @@ def torchvision_features(pixels: np.ndarray) -> dict[int, np.ndarray]:
 
 def test_real_slide_real_weights_equal_torchvision(tmp_path):
     coords = np.array([[x, y] for x in (300, 900, 1500) for y in (600, 1800)], dtype=np.int64)
-    spec = PatchSpec(patch_size=PATCH, patch_size_level0=PATCH, patch_level=0, downsample=1.0,
-                     target_magnification=20.0, mpp=0.499, min_tissue=0.5, stride=PATCH, slide_path=str(SLIDE))
+    spec = PatchSpec(
+        patch_size=PATCH,
+        patch_size_level0=PATCH,
+        patch_level=0,
+        downsample=1.0,
+        target_magnification=20.0,
+        mpp=0.499,
+        min_tissue=0.5,
+        stride=PATCH,
+        slide_path=str(SLIDE),
+    )
     patches = tmp_path / "patches"
     write_patch_file(patches / "CMU-1-Small-Region.h5", coords, np.ones(len(coords), np.float32), spec)
     reference = torchvision_features(openslide_pixels(coords))
     assert [reference[k].shape[1] for k in range(4)] == [1024, 1024, 512, 256]
     for k in range(4):
-        folder = extract_features(patches, tmp_path, "densenet121", weights=str(WEIGHTS), truncate=k,
-                                  batch_size=4, workers=0)
+        folder = extract_features(
+            patches, tmp_path, "densenet121", weights=str(WEIGHTS), truncate=k, batch_size=4, workers=0
+        )
         bag = read_feature_file(folder / "CMU-1-Small-Region.h5")
         np.testing.assert_array_equal(bag.coords, coords)
         assert bag.attrs["weights_sha256"] == "ca75f26225affa081e005d8100cebdce175fb4cb12d37c0104b91ee64f29b622"

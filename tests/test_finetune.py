@@ -29,9 +29,20 @@ from histotransfer.mil.rundir import read_attention
 from histotransfer.patches.tiling import tile_slides
 from histotransfer.runtime import Ranks
 
-SPLIT = {"demo_01": "train", "demo_02": "train", "demo_05": "train", "demo_06": "train", "demo_08": "train",
-         "demo_10": "train", "demo_03": "val", "demo_09": "val", "demo_07": "val", "demo_12": "val",
-         "demo_04": "test", "demo_11": "test"}
+SPLIT = {
+    "demo_01": "train",
+    "demo_02": "train",
+    "demo_05": "train",
+    "demo_06": "train",
+    "demo_08": "train",
+    "demo_10": "train",
+    "demo_03": "val",
+    "demo_09": "val",
+    "demo_07": "val",
+    "demo_12": "val",
+    "demo_04": "test",
+    "demo_11": "test",
+}
 FT = dict(top_k=6, epochs=2, lr=1e-4, device="cpu", freeze_stages=1, batch_slides=2)
 
 
@@ -45,13 +56,13 @@ def study(tmp_path_factory):
     torch.manual_seed(0)
     full = create_encoder("resnet18", "random", 0)
     weights = save_encoder(full, root / "resnet18_seed0.pt")
-    features = extract_features(tiling.folder, root, "resnet18", str(weights), truncate=2,
-                                input_size=32, batch_size=64, workers=0, device="cpu")
+    features = extract_features(
+        tiling.folder, root, "resnet18", str(weights), truncate=2, input_size=32, batch_size=64, workers=0, device="cpu"
+    )
     split_file = root / "split.csv"
     pd.DataFrame({"slide_id": list(SPLIT), "split": list(SPLIT.values())}).to_csv(split_file, index=False)
     run = train_mil(features, demo.labels_csv, root / "run", epochs=3, seed=0, split_file=split_file)
-    return {"root": root, "run": run, "patches": tiling.patches, "slides": root / "slides",
-            "labels": demo.labels_csv}
+    return {"root": root, "run": run, "patches": tiling.patches, "slides": root / "slides", "labels": demo.labels_csv}
 
 
 def test_top_k_of_a_trained_run_are_the_highest_attention_scores(study):
@@ -74,8 +85,18 @@ def tuned(study):
 
 def test_finetune_end_to_end_writes_frozen_and_finetuned_side_by_side(study, tuned):
     out = tuned
-    for name in ("config.json", "splits.csv", "model.pt", "predictions.csv", "metrics.json", "history.csv",
-                 "roc.png", "encoder.pt", "comparison.json", "topk.csv"):
+    for name in (
+        "config.json",
+        "splits.csv",
+        "model.pt",
+        "predictions.csv",
+        "metrics.json",
+        "history.csv",
+        "roc.png",
+        "encoder.pt",
+        "comparison.json",
+        "topk.csv",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint.pt").exists()
     assert len(list((out / "attention").glob("*.h5"))) == len(SPLIT)
@@ -114,8 +135,7 @@ def test_finetune_end_to_end_writes_frozen_and_finetuned_side_by_side(study, tun
     assert load_run_model(out).in_dim == 128
 
     # frozen stages are untouched: their CKA is 1
-    cka = compare_encoders(study["run"], out, study["patches"], study["root"] / "cka", n_patches=30,
-                           device="cpu")
+    cka = compare_encoders(study["run"], out, study["patches"], study["root"] / "cka", n_patches=30, device="cpu")
     assert list(cka["stage"]) == ["stem", "layer1", "layer2"]
     assert cka["cka"].iloc[0] == pytest.approx(1.0, abs=1e-6)
     assert cka["cka"].iloc[1] == pytest.approx(1.0, abs=1e-6)
@@ -160,8 +180,10 @@ def _topk_bags(study, tmp_path, k: int = 3):
     splits = pd.read_csv(run / "splits.csv", dtype={"slide_id": str})
     topk = select_top_k(run, k=k, out_path=tmp_path / "topk.csv")
     slides, _ = topk_slides(topk, dict(zip(splits["slide_id"], splits["label"])), Path(config["features_dir"]))
-    return ([s for s in slides if SPLIT[s.job.slide_id] == "train"],
-            [s for s in slides if SPLIT[s.job.slide_id] == "val"])
+    return (
+        [s for s in slides if SPLIT[s.job.slide_id] == "train"],
+        [s for s in slides if SPLIT[s.job.slide_id] == "val"],
+    )
 
 
 def test_fine_tuning_that_hurts_keeps_the_frozen_start(study, tmp_path):
@@ -244,9 +266,33 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
     the two slides: the same model as one process taking two slides per step."""
     root, single = study["root"], tuned
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "histotransfer", "finetune", "--run-dir", str(study["run"]), "--out", str(root / "ft_ddp"), "--top-k", "6",
-           "--epochs", "2", "--lr", "1e-4", "--device", "cpu", "--freeze-stages", "1", "--batch-slides", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "histotransfer",
+        "finetune",
+        "--run-dir",
+        str(study["run"]),
+        "--out",
+        str(root / "ft_ddp"),
+        "--top-k",
+        "6",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--device",
+        "cpu",
+        "--freeze-stages",
+        "1",
+        "--batch-slides",
+        "2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(single / "model.pt", weights_only=True)["state_dict"]
@@ -269,12 +315,15 @@ def test_ddp_two_processes_equal_one_process_with_two_slides_per_step(study, tun
     assert config["settings"]["batch_slides"] == 2 == FT["batch_slides"]  # the same settings as one process
 
 
-@pytest.mark.parametrize("encoder, tiled, fed, expected", [
-    ("resnet18", 256, 256, None),   # a CNN fed at the tiled size: the default
-    ("resnet18", 256, 64, 64),      # resized
-    ("uni", 32, 32, 32),            # a ViT fed at its tiled size, not its own 224: must be said
-    ("uni", 512, 224, None),        # a ViT at its own size: the default
-])
+@pytest.mark.parametrize(
+    "encoder, tiled, fed, expected",
+    [
+        ("resnet18", 256, 256, None),  # a CNN fed at the tiled size: the default
+        ("resnet18", 256, 64, 64),  # resized
+        ("uni", 32, 32, 32),  # a ViT fed at its tiled size, not its own 224: must be said
+        ("uni", 512, 224, None),  # a ViT at its own size: the default
+    ],
+)
 def test_re_extraction_feeds_the_size_the_run_was_made_at(encoder, tiled, fed, expected):
     from types import SimpleNamespace
 

@@ -37,15 +37,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"depth": 8, "embed_dim": 96, "num_heads": 4}
 # The 8 demo slides of seed 0: patients 00 and 01, 02 positive (2, 1, 1 slides), 03, 04, 05 negative (2, 1, 1).
-PATIENT_SPLIT = {"patient_00": "train", "patient_03": "train", "patient_01": "val", "patient_04": "val",
-                 "patient_02": "test", "patient_05": "test"}
+PATIENT_SPLIT = {
+    "patient_00": "train",
+    "patient_03": "train",
+    "patient_01": "val",
+    "patient_04": "val",
+    "patient_02": "test",
+    "patient_05": "test",
+}
 
 
 def shrink(patcher: pytest.MonkeyPatch, name: str) -> None:
     """Registry entry ``name`` built scaled down (everything else as registered)."""
     spec = registry.encoder_spec(name)
-    patcher.setitem(registry._REGISTRY, name, dataclasses.replace(spec, build=partial(VIT_ENCODERS[name].build,
-                                                                                      **SMALL)))
+    patcher.setitem(
+        registry._REGISTRY, name, dataclasses.replace(spec, build=partial(VIT_ENCODERS[name].build, **SMALL))
+    )
 
 
 def noisy(name: str, truncate: int = 0, seed: int = 0):
@@ -95,8 +102,9 @@ def test_full_finetuning_moves_the_trained_stages_and_not_the_frozen_ones(small)
         if key.startswith(frozen):
             assert torch.equal(after[key], value), key
         else:  # blocks5-8, the final norm (pool) and the MIL head's weights
-            assert key.startswith(("encoder.body.blocks5-6.", "encoder.body.blocks7-8.", "encoder.pool.norm.",
-                                   "head.")), key
+            assert key.startswith(
+                ("encoder.body.blocks5-6.", "encoder.body.blocks7-8.", "encoder.pool.norm.", "head.")
+            ), key
             assert torch.equal(after[key], value) == key.startswith("head.feature_"), key  # head's buffers
 
 
@@ -122,10 +130,10 @@ def test_per_block_checkpointing_gives_the_same_gradients(small, monkeypatch, fr
     x = batch()
     backward(plain, x)
     backward(ckpt, x)
-    trained_blocks = [b for stage in list(ckpt.encoder.body)[max(ckpt.n_frozen, 1):] for b in stage]
+    trained_blocks = [b for stage in list(ckpt.encoder.body)[max(ckpt.n_frozen, 1) :] for b in stage]
     assert all(isinstance(b, Block) for b in trained_blocks)
     assert len(trained_blocks) == {0: 8, 2: 4, 1: 6}[freeze_stages]
-    assert units[-len(trained_blocks):] == trained_blocks  # one unit per block
+    assert units[-len(trained_blocks) :] == trained_blocks  # one unit per block
     assert len(units) == len(trained_blocks) + (freeze_stages == 0)  # + the stem, its own unit
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert (a.grad is None) == (b.grad is None) == (not a.requires_grad), name
@@ -133,14 +141,17 @@ def test_per_block_checkpointing_gives_the_same_gradients(small, monkeypatch, fr
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("name, lora, freeze_stages, expected", [
-    # 8 blocks x rank 4 x (qkv 96+288, proj 96+96, fc1 96+384, fc2 384+96)
-    ("uni", Lora(4), 0, 8 * 4 * (384 + 192 + 480 + 480)),
-    # 8 blocks x rank 2 x (qkv 96+288, fc2 384+96)
-    ("uni", Lora(2, alpha=8, targets=("qkv", "fc2")), 0, 8 * 2 * (384 + 480)),
-    # stem and blocks1-2 frozen: 6 blocks x rank 3 x (proj 96+96, packed SwiGLU fc1 96+512)
-    ("virchow2", Lora(3, targets=("fc1", "proj")), 1, 6 * 3 * (192 + 608)),
-])
+@pytest.mark.parametrize(
+    "name, lora, freeze_stages, expected",
+    [
+        # 8 blocks x rank 4 x (qkv 96+288, proj 96+96, fc1 96+384, fc2 384+96)
+        ("uni", Lora(4), 0, 8 * 4 * (384 + 192 + 480 + 480)),
+        # 8 blocks x rank 2 x (qkv 96+288, fc2 384+96)
+        ("uni", Lora(2, alpha=8, targets=("qkv", "fc2")), 0, 8 * 2 * (384 + 480)),
+        # stem and blocks1-2 frozen: 6 blocks x rank 3 x (proj 96+96, packed SwiGLU fc1 96+512)
+        ("virchow2", Lora(3, targets=("fc1", "proj")), 1, 6 * 3 * (192 + 608)),
+    ],
+)
 def test_lora_trains_only_its_matrices_and_the_head(small, name, lora, freeze_stages, expected):
     small(name)
     torch.manual_seed(0)
@@ -196,8 +207,9 @@ def test_lora_encoder_file_loads_strictly_and_gives_the_finetuned_features(small
     with torch.no_grad():
         torch.testing.assert_close(back(x), tuned, rtol=0, atol=1e-5)
     dropped = [k for k in saved if k.startswith(("blocks.6.", "blocks.7."))]
-    assert len(dropped) == 2 * 14 and all(torch.equal(saved[k], full.state_dict()[f"body.blocks7-8.{k[7:]}"])
-                                          for k in dropped)
+    assert len(dropped) == 2 * 14 and all(
+        torch.equal(saved[k], full.state_dict()[f"body.blocks7-8.{k[7:]}"]) for k in dropped
+    )
 
 
 @pytest.mark.parametrize("rank", [0, -1])
@@ -245,11 +257,22 @@ def vit_run(tmp_path_factory):
         tiling = tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=64)
         full = noisy("uni", seed=5)
         weights = save_encoder(full, root / "uni_small.pt")
-        features = extract_features(tiling.folder, root, "uni", str(weights), truncate=0, input_size=32,
-                                    batch_size=64, workers=0, device="cpu")
+        features = extract_features(
+            tiling.folder, root, "uni", str(weights), truncate=0, input_size=32, batch_size=64, workers=0, device="cpu"
+        )
         run = train_mil(features, demo.labels_csv, root / "run", epochs=2, seed=0, split_file=split_file)
-        out = finetune(run, root / "ft", top_k=4, epochs=1, lr=1e-2, device="cpu", freeze_stages=1,
-                       frozen_candidate=False, lora_rank=2, grad_checkpointing=True)
+        out = finetune(
+            run,
+            root / "ft",
+            top_k=4,
+            epochs=1,
+            lr=1e-2,
+            device="cpu",
+            freeze_stages=1,
+            frozen_candidate=False,
+            lora_rank=2,
+            grad_checkpointing=True,
+        )
         yield {"out": out, "weights": weights}
 
 
@@ -264,8 +287,9 @@ def test_finetune_with_lora_writes_a_merged_encoder_of_rank_r_updates(vit_run):
     after = torch.load(out / "encoder.pt", weights_only=True)
     assert after.keys() == before.keys()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
-    expected = sorted(f"blocks.{b}.{layer}.weight" for b in range(2, 8)
-                      for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    expected = sorted(
+        f"blocks.{b}.{layer}.weight" for b in range(2, 8) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
     assert changed == expected
     for key in changed:
         assert torch.linalg.matrix_rank(after[key] - before[key], atol=1e-6) <= 2, key

@@ -74,17 +74,20 @@ def pipeline(tmp_path_factory):
     try:
         root = tmp_path_factory.mktemp("formats_doc")
         demo = make_demo_slides(root / "demo", n_slides=8, seed=0, size=1024)
-        tiling = tile_slides(demo.slides, root / "tiles", magnification=10, patch_size=32, min_tissue=0.25,
-                            min_region_um2=0)
-        features = extract_features(tiling.folder, None, "resnet18", "random", 2, input_size=32, batch_size=64,
-                                    workers=0, device="cpu")
+        tiling = tile_slides(
+            demo.slides, root / "tiles", magnification=10, patch_size=32, min_tissue=0.25, min_region_um2=0
+        )
+        features = extract_features(
+            tiling.folder, None, "resnet18", "random", 2, input_size=32, batch_size=64, workers=0, device="cpu"
+        )
         labels = pd.read_csv(demo.labels_csv, dtype=str)
         labels["centre"] = ["A" if int(p.rsplit("_", 1)[1]) % 2 else "B" for p in labels["patient_id"]]
         labels.to_csv(root / "labels.csv", index=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run = train_mil(features, root / "labels.csv", root / "run", epochs=1, seed=0, group_column="centre",
-                            protocol="split")
+            run = train_mil(
+                features, root / "labels.csv", root / "run", epochs=1, seed=0, group_column="centre", protocol="split"
+            )
             evaluate_run(run, features, root / "labels.csv", annotations_dir=demo.labels_csv.parent / "lesion_masks")
     finally:
         torch.set_num_threads(threads)

@@ -63,8 +63,8 @@ def aperio_like_tile(rgb: np.ndarray) -> tuple[bytes, bytes]:
     full = imagecodecs.jpeg8_encode(rgb, level=85, colorspace="RGB", outcolorspace="RGB")
     tables, kept, i = [], [], 2
     while full[i + 1] != 0xDA:  # segments up to the start of scan
-        length = struct.unpack(">H", full[i + 2:i + 4])[0]
-        segment = bytearray(full[i:i + 2 + length])
+        length = struct.unpack(">H", full[i + 2 : i + 4])[0]
+        segment = bytearray(full[i : i + 2 + length])
         if segment[1] in (0xDB, 0xC4):  # DQT, DHT
             tables.append(bytes(segment))
         elif segment[1] == 0xC0:  # SOF0: component ids R, G, B -> 0, 1, 2
@@ -86,14 +86,26 @@ def aperio_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
     image = cv2.resize(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8), (700, 500), interpolation=cv2.INTER_CUBIC)
     padded = np.full((512, 768, 3), 255, np.uint8)
     padded[:500, :700] = image
-    pieces = [aperio_like_tile(np.ascontiguousarray(padded[y:y + 256, x:x + 256]))
-              for y in range(0, 512, 256) for x in range(0, 768, 256)]
+    pieces = [
+        aperio_like_tile(np.ascontiguousarray(padded[y : y + 256, x : x + 256]))
+        for y in range(0, 512, 256)
+        for x in range(0, 768, 256)
+    ]
     path = tmp_path_factory.mktemp("aperio_like") / "aperio_like.tif"
     with tifffile.TiffWriter(path) as tw:
-        tw.write(iter(tile for _, tile in pieces), shape=(500, 700, 3), dtype=np.uint8, tile=(256, 256),
-                 compression="jpeg", compressionargs={"outcolorspace": "RGB"}, photometric="rgb",
-                 jpegtables=pieces[0][0], metadata=None,
-                 resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+        tw.write(
+            iter(tile for _, tile in pieces),
+            shape=(500, 700, 3),
+            dtype=np.uint8,
+            tile=(256, 256),
+            compression="jpeg",
+            compressionargs={"outcolorspace": "RGB"},
+            photometric="rgb",
+            jpegtables=pieces[0][0],
+            metadata=None,
+            resolution=(1e4 / 0.25, 1e4 / 0.25),
+            resolutionunit="CENTIMETER",
+        )
     return path, image
 
 
@@ -105,8 +117,11 @@ def tiled_tiff(path: Path) -> TiledTiff:
 
 
 def decode_cpu(stream: bytes) -> np.ndarray:
-    return decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8),
-                       mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    return (
+        decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        .permute(1, 2, 0)
+        .numpy()
+    )
 
 
 def every_tile(tiles: TiledTiff, decode=decode_cpu):
@@ -154,7 +169,7 @@ def test_aperio_like_tiles_get_their_tables_and_the_rgb_marker(aperio_like: tupl
     for _, _, stream, ours, ref in decoded:
         assert stream.startswith(b"\xff\xd8" + ADOBE_RGB_MARKER) and stream.count(b"\xff\xd8") == 1
         np.testing.assert_array_equal(ours, ref)
-        unmarked = decode_cpu(stream.replace(ADOBE_RGB_MARKER, b""))[:ref.shape[0], :ref.shape[1]]
+        unmarked = decode_cpu(stream.replace(ADOBE_RGB_MARKER, b""))[: ref.shape[0], : ref.shape[1]]
         assert diff(unmarked, ref).mean() > 10  # taken for YCbCr: wrong colours
     # Right colours, not just agreement of two decoders: the whole level is the image up to JPEG loss.
     assert diff(tiles.read(0, 0, 0, 700, 500), image).mean() < 2
@@ -168,7 +183,7 @@ def test_cmu_tiles_decode_exactly_as_imagecodecs_and_need_the_marker(cmu_svs: Pa
     for *_, ours, ref in decoded:
         np.testing.assert_array_equal(ours, ref)
     _, _, stream, _, ref = decoded[60]
-    assert diff(decode_cpu(stream.replace(ADOBE_RGB_MARKER, b""))[:ref.shape[0], :ref.shape[1]], ref).mean() > 20
+    assert diff(decode_cpu(stream.replace(ADOBE_RGB_MARKER, b""))[: ref.shape[0], : ref.shape[1]], ref).mean() > 20
     tiles.close()
 
 
@@ -179,7 +194,7 @@ def test_cmu_tiles_decode_exactly_as_imagecodecs_and_need_the_marker(cmu_svs: Pa
 def test_resize_matrix_is_opencvs_resize(src: int, dst: int) -> None:
     rng = np.random.default_rng(src)
     image = cv2.GaussianBlur(rng.integers(0, 256, (src, src, 3), dtype=np.uint8), (3, 3), 0)
-    image[src // 3:src // 2] = 255  # a sharp edge
+    image[src // 3 : src // 2] = 255  # a sharp edge
     ref = cv2.resize(image, (dst, dst), interpolation=cv2.INTER_AREA if dst < src else cv2.INTER_LINEAR)
     w = resize_matrix(src, dst)
     np.testing.assert_allclose(w.sum(1), 1.0)
@@ -194,8 +209,9 @@ def test_resize_matrix_is_opencvs_resize(src: int, dst: int) -> None:
 # ---------------------------------------------------------------------------------------- assembled patches
 
 
-def reader_patches(path: Path, magnification: float, patch_size: int, corners: list[tuple[int, int]],
-                   input_size: int | None = None) -> np.ndarray:
+def reader_patches(
+    path: Path, magnification: float, patch_size: int, corners: list[tuple[int, int]], input_size: int | None = None
+) -> np.ndarray:
     with open_slide(path) as slide:
         reader = PatchReader(slide, tiling_spec(slide, magnification, patch_size))
         patches = [reader.read(x, y) for x, y in corners]
@@ -205,8 +221,14 @@ def reader_patches(path: Path, magnification: float, patch_size: int, corners: l
     return np.stack(patches)
 
 
-def tile_patches(path: Path, magnification: float, patch_size: int, corners: list[tuple[int, int]],
-                 input_size: int | None = None, device: torch.device = CPU) -> tuple[torch.Tensor, str]:
+def tile_patches(
+    path: Path,
+    magnification: float,
+    patch_size: int,
+    corners: list[tuple[int, int]],
+    input_size: int | None = None,
+    device: torch.device = CPU,
+) -> tuple[torch.Tensor, str]:
     with open_slide(path) as slide:
         source = TileSource.open(slide, tiling_spec(slide, magnification, patch_size))
         assert source is not None
@@ -215,15 +237,19 @@ def tile_patches(path: Path, magnification: float, patch_size: int, corners: lis
     return TileDecoder(device)(tiles)
 
 
-@pytest.mark.parametrize(("magnification", "patch_size", "input_size", "tolerance"), [
-    (20.0, 256, None, 0),  # level 1 read natively
-    (30.0, 128, None, RESIZE_TOLERANCE),  # level 0, 171 px resized to 128
-    (30.0, 128, 64, RESIZE_TOLERANCE),  # and then shrunk for the encoder
-    (30.0, 128, 200, RESIZE_TOLERANCE),  # or grown
-    (5.0, 100, None, RESIZE_TOLERANCE),  # level 2 (512 x 384), 200 px halved: most patches over a border
-])
-def test_assembled_patches_equal_patch_readers(demo_tiff: Path, magnification: float, patch_size: int,
-                                               input_size: int | None, tolerance: int) -> None:
+@pytest.mark.parametrize(
+    ("magnification", "patch_size", "input_size", "tolerance"),
+    [
+        (20.0, 256, None, 0),  # level 1 read natively
+        (30.0, 128, None, RESIZE_TOLERANCE),  # level 0, 171 px resized to 128
+        (30.0, 128, 64, RESIZE_TOLERANCE),  # and then shrunk for the encoder
+        (30.0, 128, 200, RESIZE_TOLERANCE),  # or grown
+        (5.0, 100, None, RESIZE_TOLERANCE),  # level 2 (512 x 384), 200 px halved: most patches over a border
+    ],
+)
+def test_assembled_patches_equal_patch_readers(
+    demo_tiff: Path, magnification: float, patch_size: int, input_size: int | None, tolerance: int
+) -> None:
     ours, where = tile_patches(demo_tiff, magnification, patch_size, CORNERS, input_size)
     ref = reader_patches(demo_tiff, magnification, patch_size, CORNERS, input_size)
     assert where == DECODED_IN_MAIN and ours.is_contiguous()
@@ -241,8 +267,16 @@ def test_assembled_cmu_patches_equal_patch_readers(cmu_svs: Path) -> None:
 def test_levels_that_are_not_jpeg_or_would_grow_have_no_tile_source(tmp_path: Path, demo_tiff: Path) -> None:
     lzw = tmp_path / "lzw.tif"
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    tifffile.imwrite(lzw, image, tile=(256, 256), compression="lzw", photometric="rgb", metadata=None,
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        lzw,
+        image,
+        tile=(256, 256),
+        compression="lzw",
+        photometric="rgb",
+        metadata=None,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(lzw) as slide:
         assert TileSource.open(slide, tiling_spec(slide, 20.0, 128)) is None
     with open_slide(demo_tiff) as slide:
@@ -265,13 +299,16 @@ def slide_jobs(demo_tiff: Path, tmp_path: Path) -> list[SlideJob]:
     png_corners = np.array([(x, y) for y in (0, 150) for x in (0, 100, 250, 400, 500)])
     with open_slide(png, mpp=0.25) as slide:
         png_spec = tiling_spec(slide, 20.0, 64)
-    return [SlideJob("demo", str(demo_tiff), tmp_path / "demo.h5", corners, spec),
-            SlideJob("part", str(png), tmp_path / "part.h5", png_corners, png_spec)]
+    return [
+        SlideJob("demo", str(demo_tiff), tmp_path / "demo.h5", corners, spec),
+        SlideJob("part", str(png), tmp_path / "part.h5", png_corners, png_spec),
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_loader_hands_tiles_over_for_jpeg_slides_and_pixels_for_others(demo_tiff: Path, tmp_path: Path,
-                                                                       workers: int) -> None:
+def test_loader_hands_tiles_over_for_jpeg_slides_and_pixels_for_others(
+    demo_tiff: Path, tmp_path: Path, workers: int
+) -> None:
     jobs = slide_jobs(demo_tiff, tmp_path)
     raw = list(PatchBatches(jobs, 4, decode="gpu"))
     assert [b.tiles is not None for b in raw] == [True] * 3 + [False] * 3
@@ -327,14 +364,17 @@ def write_patches(demo_tiff: Path, folder: Path) -> Path:
 
 def test_extraction_records_where_tiles_were_decoded(demo_tiff: Path, tmp_path: Path, monkeypatch) -> None:
     patches = write_patches(demo_tiff, tmp_path / "patches")
-    cpu = extract_features(patches, tmp_path / "out", "resnet18", "random", 3, batch_size=16, workers=0,
-                           device="cpu", decode="cpu")
+    cpu = extract_features(
+        patches, tmp_path / "out", "resnet18", "random", 3, batch_size=16, workers=0, device="cpu", decode="cpu"
+    )
     monkeypatch.setattr(extract_module, "resolve_decode", lambda setting, device: "gpu")  # the GPU path, on CPU
-    again = extract_module.run_extraction(patches, tmp_path / "out", "resnet18", "random", 3, batch_size=16,
-                                          workers=0, device="cpu", decode="gpu")
+    again = extract_module.run_extraction(
+        patches, tmp_path / "out", "resnet18", "random", 3, batch_size=16, workers=0, device="cpu", decode="gpu"
+    )
     assert again.folder == cpu and [r.status for r in again.results] == ["skipped"]  # decode is a runtime option
-    main = extract_features(patches, tmp_path / "main", "resnet18", "random", 3, batch_size=16, workers=0,
-                            device="cpu", decode="gpu")
+    main = extract_features(
+        patches, tmp_path / "main", "resnet18", "random", 3, batch_size=16, workers=0, device="cpu", decode="gpu"
+    )
     a, b = read_feature_file(cpu / "demo.h5"), read_feature_file(main / "demo.h5")
     assert (a.attrs["decode"], b.attrs["decode"]) == (DECODED_ON_CPU, DECODED_IN_MAIN)
     np.testing.assert_array_equal(a.features, b.features)  # native reads: the very same pixels
@@ -346,8 +386,12 @@ def test_extraction_records_where_tiles_were_decoded(demo_tiff: Path, tmp_path: 
 
 
 def decode_cuda(stream: bytes) -> np.ndarray:
-    return decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                       device="cuda").permute(1, 2, 0).cpu().numpy()
+    return (
+        decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), mode=ImageReadMode.RGB, device="cuda")
+        .permute(1, 2, 0)
+        .cpu()
+        .numpy()
+    )
 
 
 @needs_cuda
@@ -394,10 +438,8 @@ def test_gpu_decoded_cmu_patches_through_the_threaded_loader(cmu_svs: Path, tmp_
 @needs_cuda
 def test_gpu_extraction_gives_the_cpu_features_to_decoder_tolerance(demo_tiff: Path, tmp_path: Path) -> None:
     patches = write_patches(demo_tiff, tmp_path / "patches")
-    cpu = extract_features(patches, tmp_path / "cpu", "resnet18", "random", 2, workers=1, device="cuda",
-                           decode="cpu")
-    gpu = extract_features(patches, tmp_path / "gpu", "resnet18", "random", 2, workers=1, device="cuda",
-                           decode="auto")
+    cpu = extract_features(patches, tmp_path / "cpu", "resnet18", "random", 2, workers=1, device="cuda", decode="cpu")
+    gpu = extract_features(patches, tmp_path / "gpu", "resnet18", "random", 2, workers=1, device="cuda", decode="auto")
     a, b = read_feature_file(cpu / "demo.h5"), read_feature_file(gpu / "demo.h5")
     assert (a.attrs["decode"], b.attrs["decode"]) == (DECODED_ON_CPU, DECODED_ON_GPU)
     assert np.corrcoef(a.features.ravel(), b.features.ravel())[0, 1] > 0.999

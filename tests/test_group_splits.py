@@ -31,8 +31,10 @@ def centre_cohort(rng: np.random.Generator, min_patients: int) -> pd.DataFrame:
         prevalence = rng.uniform(0.1, 0.9)
         for p in range(int(rng.integers(min_patients, 15))):
             label = int(rng.random() < prevalence)
-            rows += [{"slide_id": f"c{c}p{p}s{s}", "patient_id": f"c{c}p{p}", "label": label, "centre": f"C{c}"}
-                     for s in range(int(rng.integers(1, 3)))]
+            rows += [
+                {"slide_id": f"c{c}p{p}s{s}", "patient_id": f"c{c}p{p}", "label": label, "centre": f"C{c}"}
+                for s in range(int(rng.integers(1, 3)))
+            ]
     return pd.DataFrame(rows)
 
 
@@ -124,11 +126,14 @@ def test_patient_with_slides_from_two_centres_stays_in_one_split() -> None:
     assert split.loc[split["patient_id"] == "shared", "split"].nunique() == 1
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda f: f.drop(columns="centre"), "group column 'centre' is not in the label table"),
-    (lambda f: f.assign(centre=f["centre"].where(f.index != 3)), "slide.*have no group"),
-    (lambda f: f.assign(centre=f["centre"].where(f.index != 3, " ")), "slide.*have no group"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.drop(columns="centre"), "group column 'centre' is not in the label table"),
+        (lambda f: f.assign(centre=f["centre"].where(f.index != 3)), "slide.*have no group"),
+        (lambda f: f.assign(centre=f["centre"].where(f.index != 3, " ")), "slide.*have no group"),
+    ],
+)
 def test_bad_group_columns_are_refused(change, message) -> None:
     frame = change(centre_cohort(np.random.default_rng(1), min_patients=5))
     with pytest.raises(HistotransferError, match=message):

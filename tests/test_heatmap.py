@@ -32,7 +32,8 @@ def run(tmp_path_factory):
     bags = planted_bags(10, n_patches=(12, 12), dim=8, patch_size=256, seed=0)
     write_feature_folder(root / "features", bags, patch_size_level0=256)
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
-        root / "labels.csv", index=False)
+        root / "labels.csv", index=False
+    )
     run = train_mil(root / "features", root / "labels.csv", root / "run", epochs=1, protocol="split")
     slides = root / "slides"
     slides.mkdir()
@@ -48,8 +49,9 @@ def check_geojson(path: Path, coords: np.ndarray, size: int, score: np.ndarray) 
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(coords)
     for feature, (x, y), s in zip(collection["features"], coords.tolist(), score.tolist()):
         assert feature["geometry"]["type"] == "Polygon"
-        assert feature["geometry"]["coordinates"] == [[[x, y], [x + size, y], [x + size, y + size], [x, y + size],
-                                                       [x, y]]]
+        assert feature["geometry"]["coordinates"] == [
+            [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+        ]
         assert feature["properties"]["objectType"] == "detection"
         assert feature["properties"]["measurements"]["attention_score"] == pytest.approx(s, rel=1e-6)
     ranks = [f["properties"]["measurements"]["attention_rank"] for f in collection["features"]]
@@ -59,8 +61,12 @@ def check_geojson(path: Path, coords: np.ndarray, size: int, score: np.ndarray) 
 def test_heatmaps_of_a_folder_of_slides(run, tmp_path):
     root, run_dir, bags = run
     written = write_heatmaps(run_dir, [root / "slides"], tmp_path, mpp=0.5, max_side=512)
-    assert sorted(p.name for p in written) == ["slide_000.geojson", "slide_000.png",
-                                               "slide_001.geojson", "slide_001.png"]
+    assert sorted(p.name for p in written) == [
+        "slide_000.geojson",
+        "slide_000.png",
+        "slide_001.geojson",
+        "slide_001.png",
+    ]
     for bag in bags[:2]:
         att = read_attention(run_dir / "attention" / f"{bag.slide_id}.h5")
         check_geojson(tmp_path / f"{bag.slide_id}.geojson", bag.coords, 256, att["score"])
@@ -76,19 +82,29 @@ def test_new_slides_from_a_features_folder_and_annotations(run, tmp_path):
     new.slide_id = "new_000"  # a slide the run never saw, other features and patch size
     shutil.copy(root / "slides" / "slide_000.png", tmp_path / "new_000.png")
     write_feature_folder(tmp_path / "new", [new])
-    written = write_heatmaps(run_dir, [tmp_path / "new_000.png"], tmp_path / "out", mpp=0.5,
-                             features_dir=tmp_path / "new", patch_size_level0=200, object_type="annotation")
+    written = write_heatmaps(
+        run_dir,
+        [tmp_path / "new_000.png"],
+        tmp_path / "out",
+        mpp=0.5,
+        features_dir=tmp_path / "new",
+        patch_size_level0=200,
+        object_type="annotation",
+    )
     assert len(written) == 2
     collection = json.loads((tmp_path / "out" / "new_000.geojson").read_text())
     assert {f["properties"]["objectType"] for f in collection["features"]} == {"annotation"}
     assert collection["features"][-1]["geometry"]["coordinates"][0][2] == (new.coords[-1] + 200).tolist()
 
 
-@pytest.mark.parametrize("change, message", [
-    ("encoder", "made by encoder"),  # same dimension, another encoder's attrs
-    ("dimension", "dimension 5, expected 8"),
-    ("replaced", "not the ones it saw"),  # a slide the run was trained on, its features replaced since
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("encoder", "made by encoder"),  # same dimension, another encoder's attrs
+        ("dimension", "dimension 5, expected 8"),
+        ("replaced", "not the ones it saw"),  # a slide the run was trained on, its features replaced since
+    ],
+)
 def test_features_that_are_not_the_runs_are_refused(run, tmp_path, change, message):
     root, run_dir, _bags = run
     other = planted_bags(1, n_patches=(12, 12), dim=5 if change == "dimension" else 8, patch_size=256, seed=9)[0]
@@ -107,8 +123,21 @@ def test_features_that_are_not_the_runs_are_refused(run, tmp_path, change, messa
 def test_missing_patch_size_is_reported_once_and_the_cli_fails(run, tmp_path, capsys):
     root, run_dir, bags = run
     write_feature_folder(tmp_path / "nosize", bags[:1])  # no patch_size_level0 attr
-    code = main(["heatmap", "--run", str(run_dir), "--slides", str(root / "slides" / "slide_000.png"),
-                 "--out", str(tmp_path / "out"), "--features", str(tmp_path / "nosize"), "--mpp", "0.5"])
+    code = main(
+        [
+            "heatmap",
+            "--run",
+            str(run_dir),
+            "--slides",
+            str(root / "slides" / "slide_000.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--features",
+            str(tmp_path / "nosize"),
+            "--mpp",
+            "0.5",
+        ]
+    )
     assert code == 1
     report = pd.read_csv(tmp_path / "out" / "heatmaps.csv")
     assert report["status"].tolist() == ["error"] and "--patch-size-level0" in report["message"][0]
@@ -116,8 +145,10 @@ def test_missing_patch_size_is_reported_once_and_the_cli_fails(run, tmp_path, ca
     assert out.count("not recorded in the attention, feature or patch file attrs") == 1
     assert "failed: slide_000" in out
     # A slide file that does not exist is that slide's error row, as in tiling.
-    assert main(["heatmap", "--run", str(run_dir), "--slides", str(tmp_path / "none.svs"), "--out",
-                 str(tmp_path / "out")]) == 1
+    assert (
+        main(["heatmap", "--run", str(run_dir), "--slides", str(tmp_path / "none.svs"), "--out", str(tmp_path / "out")])
+        == 1
+    )
     report = pd.read_csv(tmp_path / "out" / "heatmaps.csv").set_index("slide_id")
     assert report.loc["none", "status"] == "error"
 
@@ -125,9 +156,22 @@ def test_missing_patch_size_is_reported_once_and_the_cli_fails(run, tmp_path, ca
 def test_a_slide_without_attention_is_reported_once_and_the_others_are_drawn(run, tmp_path, capsys):
     root, run_dir, _ = run
     cv2.imwrite(str(tmp_path / "stranger.png"), np.full((64, 64, 3), 255, np.uint8))
-    code = main(["heatmap", "--run", str(run_dir), "--slides", str(tmp_path / "stranger.png"),
-                 str(root / "slides" / "slide_000.png"), "--out", str(tmp_path / "out"), "--mpp", "0.5",
-                 "--max-side", "256"])
+    code = main(
+        [
+            "heatmap",
+            "--run",
+            str(run_dir),
+            "--slides",
+            str(tmp_path / "stranger.png"),
+            str(root / "slides" / "slide_000.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--mpp",
+            "0.5",
+            "--max-side",
+            "256",
+        ]
+    )
     assert code == 1
     out = capsys.readouterr().out
     assert out.count("no attention for slide 'stranger'") == 1 and "histotransfer evaluate" in out
@@ -194,8 +238,7 @@ def test_cohort_scale_gives_one_colour_per_value_across_slides_and_slide_scale_d
     scores["a"][first], scores["b"][first] = 1.0, 1.0  # the same score on both slides
     scores["a"][(first + 1) % 12], scores["b"][(first + 1) % 12] = 2.0, 4.0
     for sid, s in scores.items():
-        write_attention(tmp_path / "att" / f"{sid}.h5", sid, coords, s, 0.5, 256,
-                        fingerprint=run_fingerprint(run_dir))
+        write_attention(tmp_path / "att" / f"{sid}.h5", sid, coords, s, 0.5, 256, fingerprint=run_fingerprint(run_dir))
         white_slide(tmp_path / "slides" / f"{sid}.png")
     kwargs = {"attention_dir": tmp_path / "att", "mpp": 0.5, "max_side": 512}
     write_heatmaps(run_dir, [tmp_path / "slides"], tmp_path / "cohort", **kwargs)
@@ -215,14 +258,27 @@ def test_patch_side_from_a_clam_patch_file(run, tmp_path, make_slide):
     _, run_dir, _ = run
     slide = make_slide("clam", size=(1024, 1024))  # levels 1024, 512, 256 px: level 1 is 2x downsampled
     coords = np.array([[0, 0], [400, 400]], np.int64)
-    write_attention(tmp_path / "att" / "clam.h5", "clam", coords, np.array([0.0, 1.0]), 0.5, None,
-                    fingerprint=run_fingerprint(run_dir))
+    write_attention(
+        tmp_path / "att" / "clam.h5",
+        "clam",
+        coords,
+        np.array([0.0, 1.0]),
+        0.5,
+        None,
+        fingerprint=run_fingerprint(run_dir),
+    )
     (tmp_path / "patches").mkdir()
     with h5py.File(tmp_path / "patches" / "clam.h5", "w") as f:
         dset = f.create_dataset("coords", data=coords)
         dset.attrs["patch_size"], dset.attrs["patch_level"] = 200, 1  # CLAM: 200 px read at level 1
-    written = write_heatmaps(run_dir, [slide], tmp_path / "out", attention_dir=tmp_path / "att",
-                             patches_dir=tmp_path / "patches", max_side=256)
+    written = write_heatmaps(
+        run_dir,
+        [slide],
+        tmp_path / "out",
+        attention_dir=tmp_path / "att",
+        patches_dir=tmp_path / "patches",
+        max_side=256,
+    )
     ring = json.loads(written[1].read_text())["features"][1]["geometry"]["coordinates"][0]
     assert ring[0] == [400, 400] and ring[2] == [800, 800]  # side 200 * 2 level-0 px
 
@@ -248,8 +304,10 @@ def test_attention_written_by_evaluate_draws_a_slide_the_run_never_saw(run, tmp_
 def test_a_bad_scale_or_value_is_refused(run, tmp_path, capsys):
     root, run_dir, _ = run
     base = ["heatmap", "--run", str(run_dir), "--slides", str(root / "slides"), "--out", str(tmp_path)]
-    for option, bad, allowed in (("--scale", "global", "'cohort', 'slide'"),
-                                 ("--value", "softmax", "'score', 'weight'")):
+    for option, bad, allowed in (
+        ("--scale", "global", "'cohort', 'slide'"),
+        ("--value", "softmax", "'score', 'weight'"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main([*base, option, bad])
         assert exc.value.code == 2
@@ -266,7 +324,13 @@ def test_patch_side_from_trident_attrs_on_the_feature_coords(run, tmp_path):
     write_feature_folder(tmp_path / "trident", bags[:1])  # no root attrs
     with h5py.File(tmp_path / "trident" / "slide_000.h5", "a") as f:
         f["coords"].attrs["patch_size"], f["coords"].attrs["patch_size_level0"] = 224, 256
-    written = write_heatmaps(run_dir, [root / "slides" / "slide_000.png"], tmp_path / "out", mpp=0.5,
-                             features_dir=tmp_path / "trident", max_side=256)
+    written = write_heatmaps(
+        run_dir,
+        [root / "slides" / "slide_000.png"],
+        tmp_path / "out",
+        mpp=0.5,
+        features_dir=tmp_path / "trident",
+        max_side=256,
+    )
     ring = json.loads(written[1].read_text())["features"][0]["geometry"]["coordinates"][0]
     assert ring[2] == [ring[0][0] + 256, ring[0][1] + 256]

@@ -34,7 +34,7 @@ def test_three_patches_on_white_have_their_exact_colours_and_the_rest_stays_whit
     out = attention_overlay(thumb, (900, 600), coords, values, 200, (-1.0, 2.0), "jet", 0.5)
     expected = np.full((60, 90, 3), 255.0)
     for (r0, c0), v in zip([(0, 0), (10, 30), (40, 60)], values):
-        expected[r0:r0 + 20, c0:c0 + 20] = blended(255, v, -1.0, 2.0)
+        expected[r0 : r0 + 20, c0 : c0 + 20] = blended(255, v, -1.0, 2.0)
     np.testing.assert_array_equal(out, expected.astype(np.uint8))
     assert len({tuple(out[r, c]) for r, c in ((5, 5), (15, 35), (45, 65))}) == 3
 

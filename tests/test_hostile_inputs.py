@@ -28,8 +28,20 @@ from histotransfer.finetune import save_encoder
 from histotransfer.patches import read_patch_file
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-EXTRACT = ["--encoder", "resnet18", "--weights", "random", "--truncate", "3", "--input-size", "32", "--workers", "0",
-           "--batch-size", "16"]
+EXTRACT = [
+    "--encoder",
+    "resnet18",
+    "--weights",
+    "random",
+    "--truncate",
+    "3",
+    "--input-size",
+    "32",
+    "--workers",
+    "0",
+    "--batch-size",
+    "16",
+]
 TILING = "10x_64px_0px_overlap"
 
 
@@ -38,8 +50,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative path -> digest)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def temporaries(folder: Path) -> list[Path]:
@@ -58,15 +73,50 @@ def cohort(tmp_path_factory):
     cut after layer1, and a 2-epoch MIL run on them."""
     root = tmp_path_factory.mktemp("hostile")
     demo = make_demo_slides(root / "demo", n_slides=8, seed=3, size=1024, mpp=0.5)
-    assert main(["tile", str(root / "demo" / "slides"), "--out", str(root / "tiles"), "--magnification", "10",
-                 "--patch-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "tile",
+                str(root / "demo" / "slides"),
+                "--out",
+                str(root / "tiles"),
+                "--magnification",
+                "10",
+                "--patch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     tiling = root / "tiles" / TILING
     assert main(["extract", "--patches", str(tiling), *EXTRACT]) == 0
     features = tiling / "features" / "resnet18-random-t3-s32-fp32"
-    assert main(["train", "--features", str(features), "--labels", str(demo.labels_csv), "--out", str(root / "run"),
-                 "--epochs", "2", "--protocol", "split"]) == 0
-    return {"root": root, "slides": root / "demo" / "slides", "labels": demo.labels_csv, "tiling": tiling,
-            "features": features, "run": root / "run"}
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--labels",
+                str(demo.labels_csv),
+                "--out",
+                str(root / "run"),
+                "--epochs",
+                "2",
+                "--protocol",
+                "split",
+            ]
+        )
+        == 0
+    )
+    return {
+        "root": root,
+        "slides": root / "demo" / "slides",
+        "labels": demo.labels_csv,
+        "tiling": tiling,
+        "features": features,
+        "run": root / "run",
+    }
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
@@ -121,8 +171,9 @@ def test_the_same_slide_given_twice_is_a_duplicate_row(cohort, tmp_path, capsys)
     original = next(cohort["slides"].glob("*.tif"))
     (folder / original.name).symlink_to(original)
     (folder / f"z_copy_{original.name}").symlink_to(original)
-    code, out_text, _ = run(capsys, "tile", folder, "--out", tmp_path / "out", "--magnification", "10",
-                            "--patch-size", "64")
+    code, out_text, _ = run(
+        capsys, "tile", folder, "--out", tmp_path / "out", "--magnification", "10", "--patch-size", "64"
+    )
     assert code == 0 and "1 duplicate" in out_text
     report = pd.read_csv(tmp_path / "out" / TILING / "tiling.csv", keep_default_na=False).set_index("slide_id")
     assert report.loc[f"z_copy_{original.stem}", "status"] == "duplicate"
@@ -141,8 +192,7 @@ def impostor_slides(cohort, folder: Path) -> Path:
 def test_slides_option_pointing_at_another_image_of_the_same_name_is_refused(cohort, tmp_path, capsys):
     impostors = impostor_slides(cohort, tmp_path / "impostors")
     out = tmp_path / "out"
-    code, _, _err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides",
-                       impostors)
+    code, _, _err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, *EXTRACT, "--slides", impostors)
     assert code == 1
     report = pd.read_csv(out / "features" / "resnet18-random-t3-s32-fp32" / "extract.csv", keep_default_na=False)
     assert set(report["status"]) == {"error"}
@@ -156,11 +206,43 @@ def test_later_stages_refuse_another_image_of_the_same_name(cohort, tmp_path, ca
     out = tmp_path / "out"
     args = {
         "heatmap": ["heatmap", "--run", cohort["run"], "--out", out],
-        "finetune": ["finetune", "--run", cohort["run"], "--out", out, "--epochs", "1", "--top-k", "2",
-                     "--device", "cpu", "--workers", "0"],
-        "cka": ["cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
-                "--truncate-b", "3", "--patches", cohort["tiling"], "--out", out, "--n-patches", "16",
-                "--no-baseline", "--device", "cpu", "--workers", "0"],
+        "finetune": [
+            "finetune",
+            "--run",
+            cohort["run"],
+            "--out",
+            out,
+            "--epochs",
+            "1",
+            "--top-k",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        "cka": [
+            "cka",
+            "--encoder-a",
+            cohort["run"],
+            "--encoder-b",
+            "resnet18",
+            "--weights-b",
+            "random",
+            "--truncate-b",
+            "3",
+            "--patches",
+            cohort["tiling"],
+            "--out",
+            out,
+            "--n-patches",
+            "16",
+            "--no-baseline",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
     }[command]
     before = digests(cohort["root"])
     code, _, err = run(capsys, *args, "--slides", impostors)
@@ -182,8 +264,24 @@ def test_non_finite_features_are_refused_at_extraction_and_in_mil(cohort, tmp_pa
         encoder.body.stem.conv1.weight[0, 0, 0, 0] = float("nan")
     weights = save_encoder(encoder, tmp_path / "nan.pt")
     out = tmp_path / "out"
-    code, _, err = run(capsys, "extract", "--patches", cohort["tiling"], "--out", out, "--encoder", "resnet18",
-                       "--weights", weights, "--truncate", "3", "--input-size", "32", "--workers", "0")
+    code, _, err = run(
+        capsys,
+        "extract",
+        "--patches",
+        cohort["tiling"],
+        "--out",
+        out,
+        "--encoder",
+        "resnet18",
+        "--weights",
+        weights,
+        "--truncate",
+        "3",
+        "--input-size",
+        "32",
+        "--workers",
+        "0",
+    )
     assert code == 1 and "the encoder gave NaN or inf features for patch row 0" in err
     assert not list(out.rglob("*.h5")) and temporaries(out) == []
     # A feature file with one NaN row: train and evaluate stop, naming the file and the row, writing nothing.
@@ -191,14 +289,25 @@ def test_non_finite_features_are_refused_at_extraction_and_in_mil(cohort, tmp_pa
     bad = sorted(features.glob("*.h5"))[2]
     with h5py.File(bad, "r+") as f:
         f["features"][5] = np.nan
-    code, _, err = run(capsys, "train", "--features", features, "--labels", cohort["labels"], "--out",
-                       tmp_path / "run", "--epochs", "1")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--features",
+        features,
+        "--labels",
+        cohort["labels"],
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+    )
     assert code == 2 and f"{bad}: row 5 (patch at" in err and "holds NaN or inf features" in err
     assert not (tmp_path / "run").exists()
     before = digests(cohort["run"])
     for labels in (["--labels", cohort["labels"]], []):
-        code, _, err = run(capsys, "evaluate", "--run", cohort["run"], "--features", features, "--out",
-                           tmp_path / "eval", *labels)
+        code, _, err = run(
+            capsys, "evaluate", "--run", cohort["run"], "--features", features, "--out", tmp_path / "eval", *labels
+        )
         assert code == 2 and "row 5" in err and not (tmp_path / "eval").exists()
     assert digests(cohort["run"]) == before
 
@@ -216,14 +325,25 @@ def test_evaluate_and_finetune_refuse_features_the_run_was_not_trained_on(cohort
     before = digests(run_copy)
     code, _, err = run(capsys, "evaluate", "--run", run_copy, "--features", features, "--out", tmp_path / "eval")
     assert code == 2 and "not the ones it saw" in err and victim.stem in err
-    code, _, err = run(capsys, "finetune", "--run", run_copy, "--out", tmp_path / "ft", "--epochs", "1",
-                       "--top-k", "2", "--device", "cpu")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--run",
+        run_copy,
+        "--out",
+        tmp_path / "ft",
+        "--epochs",
+        "1",
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "not the ones it saw" in err and victim.stem in err
     assert digests(run_copy) == before
 
 
-def test_a_second_extract_on_the_same_folder_keeps_the_first_ones_files_and_splits_the_slides(cohort, tmp_path,
-                                                                                               capsys):
+def test_a_second_extract_on_the_same_folder_keeps_the_first_ones_files_and_splits_the_slides(cohort, tmp_path, capsys):
     tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
     shutil.rmtree(tiling / "features")
     folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
@@ -254,8 +374,10 @@ def test_two_extract_processes_on_one_folder_do_each_slide_once(cohort, tmp_path
     tiling = copy_tree(cohort["tiling"], tmp_path / "tiling")
     shutil.rmtree(tiling / "features")
     cmd = [sys.executable, "-m", "histotransfer", "extract", "--patches", str(tiling), *EXTRACT, "--batch-size", "4"]
-    procs = [subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     folder = tiling / "features" / "resnet18-random-t3-s32-fp32"
@@ -277,8 +399,17 @@ def test_two_extract_processes_on_one_folder_do_each_slide_once(cohort, tmp_path
 
 
 def test_identical_runs_give_byte_identical_model_and_encoder_files(cohort, tmp_path, capsys):
-    args = ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--epochs", "2", "--protocol",
-            "split"]
+    args = [
+        "train",
+        "--features",
+        cohort["features"],
+        "--labels",
+        cohort["labels"],
+        "--epochs",
+        "2",
+        "--protocol",
+        "split",
+    ]
     assert run(capsys, *args, "--out", tmp_path / "a")[0] == 0
     assert (tmp_path / "a" / "model.pt").read_bytes() == (cohort["run"] / "model.pt").read_bytes()
     encoder = create_encoder("resnet18", "random", 1)
@@ -316,8 +447,11 @@ def test_symlink_loop_as_an_argument_is_one_line(tmp_path, capsys):
 def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     opts = ",".join([f"size={size}", *options])
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                                                capture_output=True).returncode == 0
+    return (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode
+        == 0
+    )
 
 
 def test_out_not_writable_is_one_line(cohort, tmp_path, capsys):
@@ -344,8 +478,25 @@ def test_disk_full_stops_with_one_line_leaves_no_partial_file_and_resumes(cohort
         pytest.skip("a small tmpfs mount is needed to fill a disk (root and mount permission)")
     try:
         out = small / "out"
-        args = ["extract", "--patches", cohort["tiling"], "--out", out, "--encoder", "resnet18", "--weights",
-                "random", "--truncate", "0", "--input-size", "32", "--workers", "0", "--dtype", "float32"]
+        args = [
+            "extract",
+            "--patches",
+            cohort["tiling"],
+            "--out",
+            out,
+            "--encoder",
+            "resnet18",
+            "--weights",
+            "random",
+            "--truncate",
+            "0",
+            "--input-size",
+            "32",
+            "--workers",
+            "0",
+            "--dtype",
+            "float32",
+        ]
         (small / "filler").write_bytes(b"\0" * 420_000)
         code, _, err = run(capsys, *args)
         assert code == 2 and "no space left on the device" in err and "re-run the same command" in err
@@ -363,21 +514,25 @@ def test_disk_full_stops_with_one_line_leaves_no_partial_file_and_resumes(cohort
         subprocess.run(["umount", str(small)], check=False)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--min-tissue", "0", "--min-tissue: Input should be greater than 0"),
-    ("--min-tissue", "1.5", "--min-tissue: Input should be less than or equal to 1"),
-    ("--magnification", "0", "--magnification: Input should be greater than 0"),
-    ("--magnification", "-5", "--magnification: Input should be greater than 0"),
-    ("--patch-size", "big", "--patch-size: Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--min-tissue", "0", "--min-tissue: Input should be greater than 0"),
+        ("--min-tissue", "1.5", "--min-tissue: Input should be less than or equal to 1"),
+        ("--magnification", "0", "--magnification: Input should be greater than 0"),
+        ("--magnification", "-5", "--magnification: Input should be greater than 0"),
+        ("--patch-size", "big", "--patch-size: Input should be a valid integer"),
+    ],
+)
 def test_tiling_options_are_checked_at_the_door(cohort, tmp_path, capsys, option, value, message):
     code, _, err = run(capsys, "tile", cohort["slides"], "--out", tmp_path / "out", option, value)
     assert code == 2 and message in err and not (tmp_path / "out").exists()
 
 
 def test_a_patch_larger_than_the_slide_is_an_error_row_not_no_tissue(cohort, tmp_path, capsys):
-    code, _, err = run(capsys, "tile", cohort["slides"], "--out", tmp_path / "out", "--magnification", "10",
-                       "--patch-size", "1024")
+    code, _, err = run(
+        capsys, "tile", cohort["slides"], "--out", tmp_path / "out", "--magnification", "10", "--patch-size", "1024"
+    )
     assert code == 1 and "more than the slide's 1024 x 1024; choose a smaller --patch-size" in err
     report = pd.read_csv(tmp_path / "out" / "10x_1024px_0px_overlap" / "tiling.csv")
     assert set(report["status"]) == {"error"}
@@ -387,16 +542,30 @@ def test_labels_files_are_checked_at_the_door_and_the_positive_class_is_said(coh
     ids = sorted(p.stem for p in cohort["features"].glob("*.h5"))
     semicolons = tmp_path / "semi.csv"
     semicolons.write_text("slide_id;label\n" + "".join(f"{s};{i % 2}\n" for i, s in enumerate(ids)))
-    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", semicolons, "--out",
-                       tmp_path / "r1")
+    code, _, err = run(
+        capsys, "train", "--features", cohort["features"], "--labels", semicolons, "--out", tmp_path / "r1"
+    )
     assert code == 2 and "separated by semicolons, not commas" in err and not (tmp_path / "r1").exists()
     cased = tmp_path / "cased.csv"
-    cased.write_text("slide_id,label\n" + "".join(f"{s},{['Tumor', 'tumor', 'normal'][i % 3]}\n"
-                                                   for i, s in enumerate(ids)))
+    cased.write_text(
+        "slide_id,label\n" + "".join(f"{s},{['Tumor', 'tumor', 'normal'][i % 3]}\n" for i, s in enumerate(ids))
+    )
     code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cased, "--out", tmp_path / "r2")
     assert code == 2 and "'Tumor' and 'tumor' differ only by case" in err
-    code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
-                            "--out", cohort["run"], "--epochs", "2", "--protocol", "split")
+    code, out_text, _ = run(
+        capsys,
+        "train",
+        "--features",
+        cohort["features"],
+        "--labels",
+        cohort["labels"],
+        "--out",
+        cohort["run"],
+        "--epochs",
+        "2",
+        "--protocol",
+        "split",
+    )
     assert code == 0 and "positive class: '1'" in out_text and "already trained" in out_text
     assert json.loads((cohort["run"] / "metrics.json").read_text())["positive_class"] == "1"
 
@@ -406,8 +575,10 @@ def test_study_check_catches_what_train_would_refuse_about_labels(cohort, tmp_pa
     ids = sorted(p.stem for p in cohort["slides"].glob("*.tif"))
     labels.write_text("slide_id,label\n" + "".join(f"{s},{'abc'[i % 3]}\n" for i, s in enumerate(ids)))
     study = tmp_path / "study.yaml"
-    study.write_text(f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {labels}}}\n"
-                     "encoders:\n  - {name: resnet18, weights: random}\n")
+    study.write_text(
+        f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {labels}}}\n"
+        "encoders:\n  - {name: resnet18, weights: random}\n"
+    )
     code, _, err = run(capsys, "study", study, "--check")
     assert code == 2 and "datasets[0].labels: " in err and "holds 3 classes" in err
 
@@ -443,11 +614,16 @@ def _one_line_error(err: str, command: str) -> bool:
     return err.count(f"histotransfer {command}: error:") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("failure", [
-    RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
-                 "write failed"),
-    OSError(28, "No space left on device"),
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
+            "write failed"
+        ),
+        OSError(28, "No space left on device"),
+    ],
+)
 def test_a_failed_model_write_is_one_line_and_leaves_no_model(cohort, tmp_path, capsys, monkeypatch, failure):
     def failing_save(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 partial")
@@ -455,8 +631,9 @@ def test_a_failed_model_write_is_one_line_and_leaves_no_model(cohort, tmp_path, 
 
     monkeypatch.setattr(torch, "save", failing_save)
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out,
-                       "--epochs", "1")
+    code, _, err = run(
+        capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out, "--epochs", "1"
+    )
     assert code == 2 and _one_line_error(err, "train") and str(out / "model.pt") in err
     expected = "could not write the file (" if isinstance(failure, RuntimeError) else "no space left on the device"
     assert expected in err and "Traceback" not in err
@@ -485,8 +662,20 @@ def test_a_run_counts_as_finished_only_when_its_model_loads(cohort, tmp_path, ca
     code, _, err = run(capsys, "info", run_copy, "--check")
     assert code == 1 and "model.pt is missing or does not load" in err
     assert not _outputs_exist({"run": "run"}, tmp_path)  # the study redoes the cell
-    code, out_text, _ = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
-                            "--out", run_copy, "--epochs", "2", "--protocol", "split")
+    code, out_text, _ = run(
+        capsys,
+        "train",
+        "--features",
+        cohort["features"],
+        "--labels",
+        cohort["labels"],
+        "--out",
+        run_copy,
+        "--epochs",
+        "2",
+        "--protocol",
+        "split",
+    )
     assert code == 0 and "kept (done before)" not in out_text and "train: done" in out_text
     assert model.read_bytes() == (cohort["run"] / "model.pt").read_bytes()  # redone, the same model
     assert _outputs_exist({"run": "run"}, tmp_path)
@@ -508,8 +697,16 @@ def test_a_damaged_checkpoint_on_resume_is_one_line_saying_to_remove_it(cohort, 
     elif kind == "pickled object":
         torch.save({"epoch": 1, "model": argparse.Namespace(a=1)}, checkpoint)
     else:
-        state = {"epoch": 1, "model": {"w": torch.zeros(3)}, "optimizer": {}, "scaler": {}, "best_state": None,
-                 "best_key": None, "best_epoch": 1, "history": []}
+        state = {
+            "epoch": 1,
+            "model": {"w": torch.zeros(3)},
+            "optimizer": {},
+            "scaler": {},
+            "best_state": None,
+            "best_key": None,
+            "best_epoch": 1,
+            "history": [],
+        }
         torch.save(state, checkpoint)
         if kind == "cut short":
             _truncate(checkpoint)
@@ -536,8 +733,9 @@ def test_train_refuses_a_feature_folder_mixing_two_tilings(cohort, tmp_path, cap
     mixed = copy_tree(cohort["features"], tmp_path / "mixed")
     intruder = sorted(mixed.glob("*.h5"))[-1]
     shutil.copy(out / "10x_32px_0px_overlap" / "features" / "resnet18-random-t3-s32-fp32" / intruder.name, intruder)
-    code, _, err = run(capsys, "train", "--features", mixed, "--labels", cohort["labels"], "--out", tmp_path / "run",
-                       "--epochs", "1")
+    code, _, err = run(
+        capsys, "train", "--features", mixed, "--labels", cohort["labels"], "--out", tmp_path / "run", "--epochs", "1"
+    )
     assert code == 2 and _one_line_error(err, "train")
     assert f"{intruder}: features of tiling '10x_32px_0px_overlap'" in err and f"of tiling '{TILING}'" in err
     assert not (tmp_path / "run").exists()
@@ -575,9 +773,31 @@ def test_cka_removes_scratch_folders_of_dead_processes_and_keeps_live_ones(cohor
         for folder in (dead, live):
             folder.mkdir()
             (folder / "maps.npy").write_bytes(b"\0" * 1024)
-        code = run(capsys, "cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
-                   "--truncate-b", "3", "--patches", cohort["tiling"], "--out", out, "--n-patches", "16",
-                   "--no-baseline", "--device", "cpu", "--workers", "0", "--pooling", "flatten")[0]
+        code = run(
+            capsys,
+            "cka",
+            "--encoder-a",
+            cohort["run"],
+            "--encoder-b",
+            "resnet18",
+            "--weights-b",
+            "random",
+            "--truncate-b",
+            "3",
+            "--patches",
+            cohort["tiling"],
+            "--out",
+            out,
+            "--n-patches",
+            "16",
+            "--no-baseline",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--pooling",
+            "flatten",
+        )[0]
         assert code == 0 and not dead.exists() and (live / "maps.npy").is_file()
         assert sorted(p.name for p in out.rglob(".cka-maps-*")) == [live.name]
     finally:
@@ -624,13 +844,30 @@ def test_a_slide_edited_in_the_middle_with_its_size_unchanged_is_detected(tmp_pa
 def second_run(cohort):
     """Another run on the same features (another seed): its model, and so its fingerprint, differ."""
     out = cohort["root"] / "run_seed1"
-    assert main(["train", "--features", str(cohort["features"]), "--labels", str(cohort["labels"]), "--out",
-                 str(out), "--epochs", "1", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(cohort["features"]),
+                "--labels",
+                str(cohort["labels"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_evaluate_into_a_folder_of_another_run_is_refused_and_its_attention_is_never_taken_for_ours(
-        cohort, second_run, tmp_path, capsys):
+    cohort, second_run, tmp_path, capsys
+):
     from histotransfer.mil import run_fingerprint
 
     shared = tmp_path / "eval"
@@ -647,15 +884,26 @@ def test_evaluate_into_a_folder_of_another_run_is_refused_and_its_attention_is_n
     assert digests(shared) == before
     assert run(capsys, "evaluate", "--run", cohort["run"], *evaluate)[0] == 0  # its own run may write again
     # heatmap --attention: the first run's attention is not painted as the second's
-    code, _, _ = run(capsys, "heatmap", "--run", second_run, "--slides", cohort["slides"], "--out",
-                     tmp_path / "maps", "--attention", shared / "attention")
+    code, _, _ = run(
+        capsys,
+        "heatmap",
+        "--run",
+        second_run,
+        "--slides",
+        cohort["slides"],
+        "--out",
+        tmp_path / "maps",
+        "--attention",
+        shared / "attention",
+    )
     report = pd.read_csv(tmp_path / "maps" / "heatmaps.csv", keep_default_na=False)
     assert code == 1 and set(report["status"]) == {"error"} and not list((tmp_path / "maps").glob("*.png"))
     assert all("was made by run" in m and "not by this run" in m for m in report["message"])
 
 
-def test_heatmap_into_a_folder_of_another_run_is_refused_and_its_report_names_the_run(cohort, second_run, tmp_path,
-                                                                                      capsys):
+def test_heatmap_into_a_folder_of_another_run_is_refused_and_its_report_names_the_run(
+    cohort, second_run, tmp_path, capsys
+):
     from histotransfer.mil import run_fingerprint
 
     out = tmp_path / "maps"
@@ -708,10 +956,37 @@ def test_slide_ids_spelt_like_missing_values_stay_slides_through_finetune(cohort
     tiling = tmp_path / "tiles" / "5x_64px_0px_overlap"
     assert run(capsys, "extract", "--patches", tiling, *EXTRACT)[0] == 0
     features = tiling / "features" / "resnet18-random-t3-s32-fp32"
-    assert run(capsys, "train", "--features", features, "--labels", tmp_path / "labels.csv", "--out",
-               tmp_path / "run", "--epochs", "1")[0] == 0
-    code, _, _ = run(capsys, "finetune", "--run", tmp_path / "run", "--out", tmp_path / "ft", "--epochs", "1",
-                     "--top-k", "1", "--device", "cpu", "--workers", "0")
+    assert (
+        run(
+            capsys,
+            "train",
+            "--features",
+            features,
+            "--labels",
+            tmp_path / "labels.csv",
+            "--out",
+            tmp_path / "run",
+            "--epochs",
+            "1",
+        )[0]
+        == 0
+    )
+    code, _, _ = run(
+        capsys,
+        "finetune",
+        "--run",
+        tmp_path / "run",
+        "--out",
+        tmp_path / "ft",
+        "--epochs",
+        "1",
+        "--top-k",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    )
     assert code == 0
     splits = pd.read_csv(tmp_path / "ft" / "splits.csv", dtype=str, keep_default_na=False)
     assert sorted(splits["slide_id"]) == sorted(names.values())
@@ -743,33 +1018,77 @@ def test_labels_and_split_files_in_utf16_are_read_and_latin1_is_one_line(cohort,
     split = tmp_path / "split.csv"  # UTF-8 with a byte-order mark (Excel's "CSV UTF-8")
     ids = sorted(labels["slide_id"])
     split.write_text((cohort["run"] / "splits.csv").read_text(), encoding="utf-8-sig")
-    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", excel, "--split-file", split,
-                       "--out", tmp_path / "run", "--epochs", "1")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--features",
+        cohort["features"],
+        "--labels",
+        excel,
+        "--split-file",
+        split,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+    )
     assert code == 0, err
     written = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str, keep_default_na=False)
     given = pd.read_csv(cohort["run"] / "splits.csv", dtype=str, keep_default_na=False)
     assert sorted(zip(written["slide_id"], written["split"])) == sorted(zip(given["slide_id"], given["split"]))
     latin = tmp_path / "labels.csv"
-    latin.write_bytes(("slide_id,label\n" + "".join(f"{s},{['tumeur maligné', 'bénin'][i % 2]}\n"
-                                                     for i, s in enumerate(ids))).encode("latin-1"))
-    for args in (["train", "--features", cohort["features"], "--labels", latin, "--out", tmp_path / "r2"],
-                 ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--split-file", latin,
-                  "--out", tmp_path / "r2"]):
+    latin.write_bytes(
+        ("slide_id,label\n" + "".join(f"{s},{['tumeur maligné', 'bénin'][i % 2]}\n" for i, s in enumerate(ids))).encode(
+            "latin-1"
+        )
+    )
+    for args in (
+        ["train", "--features", cohort["features"], "--labels", latin, "--out", tmp_path / "r2"],
+        [
+            "train",
+            "--features",
+            cohort["features"],
+            "--labels",
+            cohort["labels"],
+            "--split-file",
+            latin,
+            "--out",
+            tmp_path / "r2",
+        ],
+    ):
         code, _, err = run(capsys, *args)
         assert code == 2 and "labels.csv is not UTF-8 (looks like Latin-1" in err and str(latin) in err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r2").exists()
 
 
-@pytest.mark.parametrize("seed, message", [("-1", "--seed: Input should be greater than or equal to 0"),
-                                           ("4294967296", "--seed: Input should be less than or equal to 4294967295")])
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        ("-1", "--seed: Input should be greater than or equal to 0"),
+        ("4294967296", "--seed: Input should be less than or equal to 4294967295"),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "finetune", "cka", "demo"])
 def test_seeds_numpy_cannot_take_are_refused_at_the_door(cohort, tmp_path, capsys, command, seed, message):
     out = tmp_path / "out"
     args = {
         "train": ["train", "--features", cohort["features"], "--labels", cohort["labels"], "--out", out],
         "finetune": ["finetune", "--run", cohort["run"], "--out", out, "--device", "cpu"],
-        "cka": ["cka", "--encoder-a", cohort["run"], "--encoder-b", "resnet18", "--weights-b", "random",
-                "--patches", cohort["tiling"], "--out", out, "--device", "cpu"],
+        "cka": [
+            "cka",
+            "--encoder-a",
+            cohort["run"],
+            "--encoder-b",
+            "resnet18",
+            "--weights-b",
+            "random",
+            "--patches",
+            cohort["tiling"],
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
         "demo": ["demo", "--out", out],
     }[command]
     code, _, err = run(capsys, *args, "--seed", seed)
@@ -778,23 +1097,38 @@ def test_seeds_numpy_cannot_take_are_refused_at_the_door(cohort, tmp_path, capsy
 
 def test_study_check_refuses_a_negative_seed(cohort, tmp_path, capsys):
     study = tmp_path / "study.yaml"
-    study.write_text(f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
-                     "encoders:\n  - {name: resnet18, weights: random}\nseeds: [0, -1]\n")
+    study.write_text(
+        f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+        "encoders:\n  - {name: resnet18, weights: random}\nseeds: [0, -1]\n"
+    )
     code, _, err = run(capsys, "study", study, "--check")
     assert code == 2 and "seeds: expected a non-empty list of distinct integers from 0 to 4294967295" in err
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--max-side", "0", "--max-side: Input should be greater than or equal to 64"),
-    ("--max-side", "1", "--max-side: Input should be greater than or equal to 64"),
-    ("--max-side", "-5", "--max-side: Input should be greater than or equal to 64"),
-    ("--patch-size-level0", "-5", "--patch-size-level0: Input should be greater than or equal to 1"),
-    ("--patch-size-level0", "0", "--patch-size-level0: Input should be greater than or equal to 1"),
-    ("--mpp", "-0.5", "--mpp: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max-side", "0", "--max-side: Input should be greater than or equal to 64"),
+        ("--max-side", "1", "--max-side: Input should be greater than or equal to 64"),
+        ("--max-side", "-5", "--max-side: Input should be greater than or equal to 64"),
+        ("--patch-size-level0", "-5", "--patch-size-level0: Input should be greater than or equal to 1"),
+        ("--patch-size-level0", "0", "--patch-size-level0: Input should be greater than or equal to 1"),
+        ("--mpp", "-0.5", "--mpp: Input should be greater than 0"),
+    ],
+)
 def test_heatmap_sizes_are_checked_at_the_door(cohort, tmp_path, capsys, option, value, message):
-    code, _, err = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"], "--out",
-                       tmp_path / "out", option, value)
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        "--run",
+        cohort["run"],
+        "--slides",
+        cohort["slides"],
+        "--out",
+        tmp_path / "out",
+        option,
+        value,
+    )
     assert code == 2 and message in err and not (tmp_path / "out").exists()
 
 
@@ -837,16 +1171,28 @@ def test_a_nan_annotation_vertex_names_the_annotation_file(cohort, tmp_path, cap
     annotations.mkdir()
     bad = annotations / f"{sid}.geojson"
     bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 0], [100, 100], [0, 100], [0, 0]]]}')
-    code, _, _ = run(capsys, "heatmap", "--run", cohort["run"], "--slides", cohort["slides"] / f"{sid}.tif",
-                     "--out", tmp_path / "out", "--annotations", annotations)
+    code, _, _ = run(
+        capsys,
+        "heatmap",
+        "--run",
+        cohort["run"],
+        "--slides",
+        cohort["slides"] / f"{sid}.tif",
+        "--out",
+        tmp_path / "out",
+        "--annotations",
+        annotations,
+    )
     report = pd.read_csv(tmp_path / "out" / "heatmaps.csv", dtype=str, keep_default_na=False)
     assert code == 1 and list(report["status"]) == ["error"]
     assert f"{bad}: a Polygon vertex is NaN or infinite; fix or re-export this annotation file" in report["message"][0]
 
 
 def _study_text(cohort) -> str:
-    return (f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
-            "encoders:\n  - {name: resnet18, weights: random}\n")
+    return (
+        f"datasets:\n  - {{name: d, slides: {cohort['slides']}, labels: {cohort['labels']}}}\n"
+        "encoders:\n  - {name: resnet18, weights: random}\n"
+    )
 
 
 def test_yaml_aliases_in_a_study_file_are_refused_before_they_expand(cohort, tmp_path, capsys):
@@ -860,7 +1206,8 @@ def test_yaml_aliases_in_a_study_file_are_refused_before_they_expand(cohort, tmp
     assert len(err.strip().splitlines()) == 1
     bomb = tmp_path / "bomb.yaml"  # each level nine times the one before
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
-        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)
+    ]
     bomb.write_text("\n".join(levels) + "\n" + _study_text(cohort))
     code, _, err = run(capsys, "study", bomb, "--check")
     assert code == 2 and "line 2 uses the YAML alias *a0" in err
@@ -870,8 +1217,13 @@ def test_a_named_pipe_given_as_a_slide_is_refused_not_waited_on(cohort, tmp_path
     pipe = tmp_path / "pipe.svs"
     os.mkfifo(pipe)
     cmd = [sys.executable, "-m", "histotransfer", "tile", str(pipe), "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, env={**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cmd,
+        env={**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and f"{pipe}: is a named pipe, not a regular file" in done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -886,8 +1238,18 @@ def test_named_pipes_among_slides_labels_study_and_annotations_are_refused(cohor
     os.mkfifo(pipe)
     code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", pipe, "--out", tmp_path / "r")
     assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular label file" in err
-    code, _, err = run(capsys, "train", "--features", cohort["features"], "--labels", cohort["labels"],
-                       "--split-file", pipe, "--out", tmp_path / "r")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--features",
+        cohort["features"],
+        "--labels",
+        cohort["labels"],
+        "--split-file",
+        pipe,
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and f"{pipe}: is a named pipe, not a regular file; pass a regular split file" in err
     os.mkfifo(tmp_path / "study.yaml")
     code, _, err = run(capsys, "study", tmp_path / "study.yaml", "--check")

@@ -32,8 +32,16 @@ from histotransfer.study import runner, work
 
 CMU_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 # Patient-level split of the 8 demo slides (demo_06/07 and demo_02/05 share a patient), both classes in each.
-SPLIT = {"demo_06": "train", "demo_07": "train", "demo_02": "train", "demo_05": "train",
-         "demo_03": "val", "demo_04": "val", "demo_01": "test", "demo_08": "test"}
+SPLIT = {
+    "demo_06": "train",
+    "demo_07": "train",
+    "demo_02": "train",
+    "demo_05": "train",
+    "demo_03": "val",
+    "demo_04": "val",
+    "demo_01": "test",
+    "demo_08": "test",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,9 @@ def built(tmp_path_factory):
     broken.write_bytes(b"not a slide")
     tiling = tile_slides([*demo.slides, blank, broken], root / "tiles", magnification=10, patch_size=64)
     torch.manual_seed(0)
-    features = extract_features(tiling.folder, None, "resnet18", "random", truncate=2, input_size=32,
-                                batch_size=64, workers=0, device="cpu")
+    features = extract_features(
+        tiling.folder, None, "resnet18", "random", truncate=2, input_size=32, batch_size=64, workers=0, device="cpu"
+    )
     split_file = root / "split.csv"
     pd.DataFrame({"slide_id": list(SPLIT), "split": list(SPLIT.values())}).to_csv(split_file, index=False)
     run = train_mil(features, demo.labels_csv, root / "run", epochs=2, seed=0, split_file=split_file)
@@ -66,8 +75,17 @@ def built(tmp_path_factory):
     shutil.copy(root / "slides" / "demo_07.tif", root / "slides" / "demo_08.tif")
     tile_slides([root / "slides" / "demo_08.tif"], root / "tiles", magnification=10, patch_size=64)
     torch.set_num_threads(threads)
-    return {"root": root, "tiling": tiling.folder, "patches": tiling.patches, "features": features, "run": run,
-            "cv": cv, "ft": ft, "old_patch_file": old, "slides": root / "slides"}
+    return {
+        "root": root,
+        "tiling": tiling.folder,
+        "patches": tiling.patches,
+        "features": features,
+        "run": run,
+        "cv": cv,
+        "ft": ft,
+        "old_patch_file": old,
+        "slides": root / "slides",
+    }
 
 
 def n_rows(path: Path, name: str = "coords") -> int:
@@ -90,7 +108,10 @@ def test_slide_is_described_with_its_pyramid_mpp_size_and_the_identity_tiling_re
     assert d["kind"] == "slide" and d["backend"] == "openslide"
     assert d["dimensions"] == [1024, 1024]
     assert [(lv["dimensions"], lv["downsample"]) for lv in d["levels"]] == [
-        ([1024, 1024], 1.0), ([512, 512], 2.0), ([256, 256], 4.0)]
+        ([1024, 1024], 1.0),
+        ([512, 512], 2.0),
+        ([256, 256], 4.0),
+    ]
     assert d["mpp"] == pytest.approx(0.5) and d["file_size"] == path.stat().st_size
     assert d["identity"] == json.loads(attr(built["patches"] / "demo_01.h5", "slide_identity"))
 
@@ -114,8 +135,15 @@ def test_patch_file_reports_count_spec_tiling_slide_and_the_fingerprint_extracti
     d = describe(path)
     assert d["kind"] == "patch file" and d["layout"] == "histotransfer.patches v2"
     assert d["slide_id"] == "demo_01" and d["patches"] == n_rows(path)
-    assert d["spec"] == {"patch_size": 64, "patch_size_level0": 128, "patch_level": 1, "magnification": 10.0,
-                         "mpp": 0.5, "stride": 64, "min_tissue": 0.5}
+    assert d["spec"] == {
+        "patch_size": 64,
+        "patch_size_level0": 128,
+        "patch_level": 1,
+        "magnification": 10.0,
+        "mpp": 0.5,
+        "stride": 64,
+        "min_tissue": 0.5,
+    }
     assert d["tiling"] == "10x_64px_0px_overlap" and d["tiling_settings"]["patch_size"] == 64
     assert d["slide_path"] == str(built["slides"] / "demo_01.tif") and d["slide_exists"] is True
     assert d["slide_identity"] == json.loads(attr(path, "slide_identity"))
@@ -132,10 +160,13 @@ def test_check_flags_a_patch_file_whose_slide_file_was_replaced(built):
     assert main(["info", str(built["old_patch_file"])]) == 0
 
 
-@pytest.mark.parametrize("layout, attrs", [
-    ("CLAM", {"patch_size": 256, "patch_level": 0, "level_dim": [1024, 1024]}),
-    ("TRIDENT", {"patch_size": 256, "patch_size_level0": 512, "target_magnification": 20.0}),
-])
+@pytest.mark.parametrize(
+    "layout, attrs",
+    [
+        ("CLAM", {"patch_size": 256, "patch_level": 0, "level_dim": [1024, 1024]}),
+        ("TRIDENT", {"patch_size": 256, "patch_size_level0": 512, "target_magnification": 20.0}),
+    ],
+)
 def test_clam_and_trident_patch_files_are_told_apart_by_their_coords_attrs(tmp_path, layout, attrs):
     path = tmp_path / "s1.h5"
     with h5py.File(path, "w") as f:
@@ -155,8 +186,12 @@ def test_tiling_reports_patch_counts_of_the_files_statuses_of_tiling_csv_and_its
     counts = [n_rows(p) for p in files]
     assert d["kind"] == "tiling" and d["tiling"] == "10x_64px_0px_overlap" and d["settings"]["magnification"] == 10
     assert d["slides"] == len(files) == 8
-    assert d["patches_per_slide"] == {"min": min(counts), "median": float(np.median(counts)), "max": max(counts),
-                                      "total": sum(counts)}
+    assert d["patches_per_slide"] == {
+        "min": min(counts),
+        "median": float(np.median(counts)),
+        "max": max(counts),
+        "total": sum(counts),
+    }
     report = pd.read_csv(built["tiling"] / "tiling.csv", keep_default_na=False)
     assert d["statuses"] == dict(Counter(report["status"]))
     assert d["statuses"] == {"ok": 8, "no_tissue": 1, "error": 1}
@@ -183,7 +218,11 @@ def test_feature_file_reports_encoder_shape_provenance_and_a_fingerprint_matchin
         shape = f["features"].shape
     assert d["kind"] == "feature file" and d["layout"] == "histotransfer.features v2"
     assert (d["encoder"], d["encoder_id"], d["stage"], d["truncate"]) == (
-        "resnet18", built["features"].name, "layer2", 2)
+        "resnet18",
+        built["features"].name,
+        "layer2",
+        2,
+    )
     assert d["weights"] == {"label": "random", "sha256": None}
     assert (d["input_size"], d["precision"], d["dtype"]) == (32, "fp32", "float32")
     assert (d["patches"], d["feature_dim"]) == shape == (n_rows(built["patches"] / "demo_01.h5"), 128)
@@ -242,15 +281,23 @@ def test_mil_run_reports_settings_split_and_the_metrics_of_metrics_json(built):
     metrics = json.loads((run / "metrics.json").read_text())
     assert d["kind"] == "MIL run" and d["finished"] is True
     assert {k: d["settings"][k] for k in ("recipe", "epochs", "lr", "seed")} == {
-        "recipe": "histotransfer", "epochs": 2, "lr": 1e-3, "seed": 0}
+        "recipe": "histotransfer",
+        "epochs": 2,
+        "lr": 1e-3,
+        "seed": 0,
+    }
     assert d["encoder"] == built["features"].name and d["positive_class"] == "1"
     assert d["split"] == {"method": "file", **Counter(SPLIT.values())}
     for split in ("train", "val", "test"):
-        assert d["metrics"][split] == {k: metrics[split][k] for k in ("auc", "auc_ci_low", "auc_ci_high",
-                                                                     "n_slides")}
+        assert d["metrics"][split] == {k: metrics[split][k] for k in ("auc", "auc_ci_low", "auc_ci_high", "n_slides")}
     assert d["trained_on"] == {"feature_files": 8, "unreadable": 0}
     assert describe(run, check=True)["inputs_check"] == {
-        "features_dir": str(built["features"]), "checked": 8, "unchanged": 8, "changed": [], "missing": []}
+        "features_dir": str(built["features"]),
+        "checked": 8,
+        "unchanged": 8,
+        "changed": [],
+        "missing": [],
+    }
 
 
 def test_check_flags_feature_files_replaced_or_gone_since_training(built, tmp_path):
@@ -266,7 +313,12 @@ def test_check_flags_feature_files_replaced_or_gone_since_training(built, tmp_pa
         w.write(rows * 2)
     (features / "demo_03.h5").unlink()
     assert describe(run, check=True)["inputs_check"] == {
-        "features_dir": str(features), "checked": 8, "unchanged": 6, "changed": ["demo_02"], "missing": ["demo_03"]}
+        "features_dir": str(features),
+        "checked": 8,
+        "unchanged": 6,
+        "changed": ["demo_02"],
+        "missing": ["demo_03"],
+    }
     assert main(["info", "--check", str(run)]) == 1 and main(["info", "--check", str(built["run"])]) == 0
 
 
@@ -274,8 +326,10 @@ def test_cross_validation_run_reports_the_mean_and_sd_over_folds(built):
     d = describe(built["cv"])
     metrics = json.loads((built["cv"] / "metrics.json").read_text())
     assert d["kind"] == "cross-validation run" and d["split"] == {"method": "k-fold", "fold_0": 4, "fold_1": 4}
-    assert d["auc_over_folds"]["test"] == {"auc_mean": metrics["mean"]["test"]["auc"],
-                                           "auc_sd": metrics["sd"]["test"]["auc"]}
+    assert d["auc_over_folds"]["test"] == {
+        "auc_mean": metrics["mean"]["test"]["auc"],
+        "auc_sd": metrics["sd"]["test"]["auc"],
+    }
     assert d["fold_test_metrics"]["fold_1"]["auc"] == metrics["folds"]["fold_1"]["test"]["auc"]
     assert d["pooled_out_of_fold"]["auc"] == metrics["pooled"]["test"]["auc"]
     fold = describe(built["cv"] / "fold_0")
@@ -287,8 +341,9 @@ def test_finetuned_run_reports_its_source_run_and_frozen_vs_finetuned_auc(built)
     comparison = json.loads((built["ft"] / "comparison.json").read_text())
     assert d["kind"] == "fine-tuned run" and d["source_run"] == str(built["run"].resolve())
     assert d["settings"]["top_k"] == 4 and "device" not in d["settings"]
-    assert d["comparison"] == {s: {"frozen_auc": v["frozen_auc"], "finetuned_auc": v["finetuned_auc"]}
-                               for s, v in comparison["splits"].items()}
+    assert d["comparison"] == {
+        s: {"frozen_auc": v["frozen_auc"], "finetuned_auc": v["finetuned_auc"]} for s, v in comparison["splits"].items()
+    }
     assert d["metrics"]["test"]["auc"] == json.loads((built["ft"] / "metrics.json").read_text())["test"]["auc"]
 
 
@@ -297,6 +352,7 @@ def test_finetuned_run_reports_its_source_run_and_frozen_vs_finetuned_auc(built)
 
 def _stand_in(kind: str, fail: set[str]):
     """A study stage that writes what the real one returns (the runner and its cells.csv are real)."""
+
     def work(cell, ctx, folder):
         if cell.key in fail:
             raise HistotransferError(f"cannot do {cell.key}: broken on purpose")
@@ -309,6 +365,7 @@ def _stand_in(kind: str, fail: set[str]):
         (folder / "run").mkdir(exist_ok=True)
         (folder / "run" / "metrics.json").write_text(json.dumps({"test": {"auc": 0.7, "n_slides": 2}}))
         return {"run": f"{cell.key}/run"}, ""
+
     return work
 
 
@@ -318,18 +375,29 @@ def test_study_reports_cells_by_kind_and_status_failed_cells_and_the_report(tmp_
         (tmp_path / "slides" / f"s{i}.tif").write_bytes(b"")
     (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(4)))
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "info study", "datasets": [{"name": "a", "slides": "slides", "labels": "labels.csv"}],
-        "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 1]}], "seeds": [0]}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "info study",
+                "datasets": [{"name": "a", "slides": "slides", "labels": "labels.csv"}],
+                "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 1]}],
+                "seeds": [0],
+            }
+        )
+    )
     fail = {"extract/a/resnet18-random"}
     for kind in ("tile", "extract", "mil"):
         monkeypatch.setitem(work.WORK, kind, _stand_in(kind, fail))
     out = tmp_path / "out"
     failed = {"extract/a/resnet18-random": "cannot do extract/a/resnet18-random: broken on purpose"}
-    blocked = {f"mil/a/resnet18-random-t{t}/histotransfer/seed0": "needs extract/a/resnet18-random, which failed"
-               for t in (0, 1)}
-    for expected, listed in (({"done": 1, "failed": 1, "blocked": 2}, (failed, blocked)),
-                             ({"cached": 1, "done": 3}, ({}, {}))):
+    blocked = {
+        f"mil/a/resnet18-random-t{t}/histotransfer/seed0": "needs extract/a/resnet18-random, which failed"
+        for t in (0, 1)
+    }
+    for expected, listed in (
+        ({"done": 1, "failed": 1, "blocked": 2}, (failed, blocked)),
+        ({"cached": 1, "done": 3}, ({}, {})),
+    ):
         runner.execute(runner.load_study(study), out, progress=False)
         fail.clear()
         d = describe(out)
@@ -361,23 +429,37 @@ def test_text_output_aligns_one_field_a_line(built, capsys):
 
 
 def test_render_relabels_field_names_but_not_data_keys():
-    text = render({"kind": "thing", "path": "/p", "slide_id": "s1", "long_field": None, "ok": True,
-                   "per_slide": Keyed({"demo_01": 3, "demo_10": [1, 2]}), "spec": {"patch_size": 64, "mpp": 0.5},
-                   "failed": Keyed()})
-    assert text == ("thing: /p\n"
-                    "  slide id    s1\n"
-                    "  long field  -\n"
-                    "  ok          yes\n"
-                    "  per slide   demo_01=3, demo_10=[1, 2]\n"
-                    "  spec        patch_size=64, mpp=0.5\n"
-                    "  failed      none")
+    text = render(
+        {
+            "kind": "thing",
+            "path": "/p",
+            "slide_id": "s1",
+            "long_field": None,
+            "ok": True,
+            "per_slide": Keyed({"demo_01": 3, "demo_10": [1, 2]}),
+            "spec": {"patch_size": 64, "mpp": 0.5},
+            "failed": Keyed(),
+        }
+    )
+    assert text == (
+        "thing: /p\n"
+        "  slide id    s1\n"
+        "  long field  -\n"
+        "  ok          yes\n"
+        "  per slide   demo_01=3, demo_10=[1, 2]\n"
+        "  spec        patch_size=64, mpp=0.5\n"
+        "  failed      none"
+    )
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("missing.h5", "no such file or folder"),
-    ("labels.csv", "not a file `histotransfer info` describes"),
-    ("lesion_masks", "not a folder `histotransfer info` describes"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("missing.h5", "no such file or folder"),
+        ("labels.csv", "not a file `histotransfer info` describes"),
+        ("lesion_masks", "not a folder `histotransfer info` describes"),
+    ],
+)
 def test_unknown_path_is_a_one_line_error_with_exit_2(built, capsys, name, expected):
     assert main(["info", str(built["root"] / name)]) == 2
     err = capsys.readouterr().err
@@ -386,8 +468,10 @@ def test_unknown_path_is_a_one_line_error_with_exit_2(built, capsys, name, expec
 
 def test_info_imports_no_torch(built):
     paths = [built["run"], built["ft"], built["features"] / "demo_01.h5", built["features"], built["tiling"]]
-    code = ("import sys; from histotransfer.cli import build_parser; build_parser('info'); "
-            "from histotransfer.info import describe; "
-            f"[describe(p, check=True) for p in {[str(p) for p in paths]!r}]; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from histotransfer.cli import build_parser; build_parser('info'); "
+        "from histotransfer.info import describe; "
+        f"[describe(p, check=True) for p in {[str(p) for p in paths]!r}]; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -33,11 +33,14 @@ def rows(ids, labels, header="slide_id,label") -> str:
 IDS = [f"slide_{i:03d}" for i in range(6)]
 
 
-@pytest.mark.parametrize(("values", "classes", "expected"), [
-    (["0", "1", "1", "0", "1", "0"], ["0", "1"], [0, 1, 1, 0, 1, 0]),
-    (["True", "false", "TRUE", "False", "true", "false"], ["false", "true"], [1, 0, 1, 0, 1, 0]),
-    (["tumor", "normal", "tumor", "normal", "normal", "tumor"], ["normal", "tumor"], [1, 0, 1, 0, 0, 1]),
-])
+@pytest.mark.parametrize(
+    ("values", "classes", "expected"),
+    [
+        (["0", "1", "1", "0", "1", "0"], ["0", "1"], [0, 1, 1, 0, 1, 0]),
+        (["True", "false", "TRUE", "False", "true", "false"], ["false", "true"], [1, 0, 1, 0, 1, 0]),
+        (["tumor", "normal", "tumor", "normal", "normal", "tumor"], ["normal", "tumor"], [1, 0, 1, 0, 0, 1]),
+    ],
+)
 def test_label_spellings_map_to_classes(tmp_path, features, values, classes, expected):
     table = read_labels(write(tmp_path, rows(IDS, values)), features)
     assert table.classes == classes
@@ -57,10 +60,14 @@ def test_patient_column_and_unlabelled_slides_are_ignored_with_a_warning(tmp_pat
 BAD = {
     "empty file": ("", "is empty"),
     "header only": ("slide_id,label\n", "no rows"),
-    "semicolons": ("slide_id;label\n" + "".join(f"{s};{i % 2}\n" for i, s in enumerate(IDS)),
-                   "separated by semicolons.*columns slide_id,label"),
-    "classes differing by case": (rows(IDS, ["Tumor", "tumor", "normal", "Tumor", "normal", "normal"]),
-                                  "'Tumor' and 'tumor' differ only by case"),
+    "semicolons": (
+        "slide_id;label\n" + "".join(f"{s};{i % 2}\n" for i, s in enumerate(IDS)),
+        "separated by semicolons.*columns slide_id,label",
+    ),
+    "classes differing by case": (
+        rows(IDS, ["Tumor", "tumor", "normal", "Tumor", "normal", "normal"]),
+        "'Tumor' and 'tumor' differ only by case",
+    ),
     "missing label column": ("slide_id\n" + "\n".join(IDS) + "\n", "missing column"),
     "duplicate slide": (rows(IDS + IDS[:1], [0, 1, 0, 1, 0, 1, 0]), "duplicate slide_id.*slide_000"),
     "missing feature file": (rows([*IDS, "slide_999"], [0, 1, 0, 1, 0, 1, 1]), "no feature file.*slide_999"),

@@ -59,7 +59,8 @@ def test_an_annotated_slide_adds_the_weighted_attention_loss_to_its_cross_entrop
     assert plain == pytest.approx(cross_entropy, rel=1e-6)
     # the unannotated slide (None) gets its cross-entropy only
     assert train_epoch(model, bags, targets, np.array([1]), optimizer, [lesion, None]) == pytest.approx(
-        train_epoch(model, bags, targets, np.array([1]), optimizer), rel=1e-7)
+        train_epoch(model, bags, targets, np.array([1]), optimizer), rel=1e-7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,13 @@ def demo_features(small_demo_slides, tmp_path_factory):
     folder = extract_features(run.patches, None, "resnet18", "random", 2, input_size=32, device="cpu", workers=0)
     labels = pd.read_csv(demo.labels_csv)
     pd.DataFrame({"slide_id": labels["slide_id"], "split": "train"}).to_csv(root / "split.csv", index=False)
-    return {"root": root, "features": folder, "labels": demo.labels_csv, "split": root / "split.csv",
-            "annotations": next(iter(demo.lesion_masks.values())).parent}
+    return {
+        "root": root,
+        "features": folder,
+        "labels": demo.labels_csv,
+        "split": root / "split.csv",
+        "annotations": next(iter(demo.lesion_masks.values())).parent,
+    }
 
 
 def lesion_attention_mass(run, annotations, slide_ids) -> float:
@@ -83,8 +89,12 @@ def lesion_attention_mass(run, annotations, slide_ids) -> float:
     masses = []
     for sid in slide_ids:
         att = read_attention(run / "attention" / f"{sid}.h5")
-        touching = load_annotation(annotations / f"{sid}.png").patch_overlap(
-            att["coords"], float(att["attrs"]["patch_size_level0"])) > 0
+        touching = (
+            load_annotation(annotations / f"{sid}.png").patch_overlap(
+                att["coords"], float(att["attrs"]["patch_size_level0"])
+            )
+            > 0
+        )
         w = np.exp(att["score"] - att["score"].max())
         masses.append(float(w[touching].sum() / w.sum()))
     return float(np.mean(masses))
@@ -98,8 +108,9 @@ def test_annotations_move_the_attention_onto_the_lesion(demo_features):
     assert len(positives) == 2
     runs = {}
     for name, extra in (("plain", {}), ("supervised", {"annotations": d["annotations"]})):
-        runs[name] = train_mil(d["features"], d["labels"], d["root"] / name, split_file=d["split"], epochs=5,
-                               seed=0, **extra)
+        runs[name] = train_mil(
+            d["features"], d["labels"], d["root"] / name, split_file=d["split"], epochs=5, seed=0, **extra
+        )
     plain = lesion_attention_mass(runs["plain"], d["annotations"], positives)
     supervised = lesion_attention_mass(runs["supervised"], d["annotations"], positives)
     # the demo's lesions are large and unconfounded, so even the plain run attends to them (about 0.79); the
@@ -115,22 +126,27 @@ def planted(tmp_path):
     bags = planted_bags(10, n_patches=(12, 20), dim=8, patch_size=SIDE, seed=0)
     write_feature_folder(tmp_path / "features", bags, patch_size_level0=SIDE)
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
-        tmp_path / "labels.csv", index=False)
+        tmp_path / "labels.csv", index=False
+    )
     (tmp_path / "annotations").mkdir()
     for bag in bags[:2]:
         x, y = (int(v) for v in bag.coords[bag.planted[0]])
         square = [[x, y], [x + SIDE, y], [x + SIDE, y + SIDE], [x, y + SIDE], [x, y]]
         (tmp_path / "annotations" / f"{bag.slide_id}.geojson").write_text(
-            json.dumps({"type": "Polygon", "coordinates": [square]}))
+            json.dumps({"type": "Polygon", "coordinates": [square]})
+        )
     return tmp_path
 
 
 def test_the_run_records_the_annotations_and_refuses_a_run_made_without(planted):
     p = planted
     plain = plan_run(p / "features", p / "labels.csv", p / "run", MilSettings(epochs=1))
-    supervised = plan_run(p / "features", p / "labels.csv", p / "run", MilSettings(epochs=1, annotations=p /
-                                                                                   "annotations",
-                                                                                   attention_weight=0.5))
+    supervised = plan_run(
+        p / "features",
+        p / "labels.csv",
+        p / "run",
+        MilSettings(epochs=1, annotations=p / "annotations", attention_weight=0.5),
+    )
     assert plain.folds is not None  # ten patients: cross-validation
     assert plain.config["settings"]["annotations"] is None
     assert supervised.config["settings"]["annotations"] == str((p / "annotations").resolve())
@@ -147,16 +163,30 @@ def test_the_run_records_the_annotations_and_refuses_a_run_made_without(planted)
     for fold in sorted(run.glob("fold_*")):
         assert json.loads((fold / "config.json").read_text())["settings"]["annotations"] is not None
     # changed annotation content is a different run
-    (p / "annotations" / "slide_001.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [
-        [[1, 1], [9, 1], [9, 9], [1, 9], [1, 1]]]}))
+    (p / "annotations" / "slide_001.geojson").write_text(
+        json.dumps({"type": "Polygon", "coordinates": [[[1, 1], [9, 1], [9, 9], [1, 9], [1, 1]]]})
+    )
     with pytest.raises(HistotransferError, match=r"inputs\.annotations"):
         train_mil(p / "features", p / "labels.csv", p / "supervised", epochs=1, annotations=p / "annotations")
 
 
 def test_a_missing_annotation_folder_is_one_line_naming_it(planted, capsys):
     missing = planted / "nowhere"
-    code = main(["train", "--features", str(planted / "features"), "--labels", str(planted / "labels.csv"),
-                 "--out", str(planted / "run"), "--annotations", str(missing), "--epochs", "1"])
+    code = main(
+        [
+            "train",
+            "--features",
+            str(planted / "features"),
+            "--labels",
+            str(planted / "labels.csv"),
+            "--out",
+            str(planted / "run"),
+            "--annotations",
+            str(missing),
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and str(missing) in err and "Traceback" not in err
@@ -165,12 +195,17 @@ def test_a_missing_annotation_folder_is_one_line_naming_it(planted, capsys):
 
 def test_an_annotation_of_no_labelled_slide_is_warned_once(planted):
     for name in ("slide_999", "other"):
-        (planted / "annotations" / f"{name}.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [
-            [[0, 0], [1, 0], [1, 1], [0, 0]]]}))
+        (planted / "annotations" / f"{name}.geojson").write_text(
+            json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]})
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = plan_run(planted / "features", planted / "labels.csv", planted / "run",
-                        MilSettings(epochs=1, annotations=planted / "annotations"))
+        plan = plan_run(
+            planted / "features",
+            planted / "labels.csv",
+            planted / "run",
+            MilSettings(epochs=1, annotations=planted / "annotations"),
+        )
     messages = [str(w.message) for w in caught if "match no labelled slide" in str(w.message)]
     assert len(messages) == 1 and "other" in messages[0] and "slide_999" in messages[0]
     assert sorted(plan.annotations) == ["slide_000", "slide_001"]
@@ -179,11 +214,13 @@ def test_an_annotation_of_no_labelled_slide_is_warned_once(planted):
 def test_annotations_of_no_positive_training_slide_are_refused(planted):
     for path in (planted / "annotations").iterdir():
         path.unlink()
-    (planted / "annotations" / "slide_009.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [
-        [[0, 0], [SIDE, 0], [SIDE, SIDE], [0, SIDE], [0, 0]]]}))  # slide_009 is negative
+    (planted / "annotations" / "slide_009.geojson").write_text(
+        json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [SIDE, 0], [SIDE, SIDE], [0, SIDE], [0, 0]]]})
+    )  # slide_009 is negative
     with pytest.raises(HistotransferError, match="none of its 1 annotation") as info:
-        train_mil(planted / "features", planted / "labels.csv", planted / "run", epochs=1,
-                  annotations=planted / "annotations")
+        train_mil(
+            planted / "features", planted / "labels.csv", planted / "run", epochs=1, annotations=planted / "annotations"
+        )
     assert "\n" not in str(info.value) and str((planted / "annotations").resolve()) in str(info.value)
     assert not (planted / "run").exists()
 

@@ -97,8 +97,7 @@ def test_attention_localisation_rejects_bad_input():
 def test_cam_localisation_pointing_game_and_mass():
     # Patches of side 4 at x = 0 and x = 10 with 2 x 2 CAMs (cells of side 2); lesion: level-0 [0, 3] x [0, 4].
     lesion = PolygonAnnotation(shapely.box(0, 0, 3, 4))
-    maps = np.array([[[3.0, 1.0], [2.0, 0.0]],
-                     [[1.0, 0.0], [0.0, 0.0]]])
+    maps = np.array([[[3.0, 1.0], [2.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
     got = cam_localisation(maps, np.array([[0, 0], [10, 0]]), 4, lesion)
     # cell lesion fractions: patch 0 [[1, 0.5], [1, 0.5]], patch 1 all 0
     assert got == {
@@ -113,9 +112,13 @@ def test_cam_localisation_pointing_game_and_mass():
 
 def test_pointing_misses_and_maps_without_evidence():
     lesion = MaskAnnotation(np.array([[False, True], [False, False]]), 4)  # level-0 [4, 8) x [0, 4)
-    maps = np.array([[[5.0, 1.0], [0.0, 0.0]],   # peak at (2, 2): outside -> miss
-                     [[0.0, 0.0], [0.0, 0.0]],   # no positive cell: does not play
-                     [[1.0, 1.0], [0.0, 0.0]]])  # tie: first cell, (2, 2) again -> miss
+    maps = np.array(
+        [
+            [[5.0, 1.0], [0.0, 0.0]],  # peak at (2, 2): outside -> miss
+            [[0.0, 0.0], [0.0, 0.0]],  # no positive cell: does not play
+            [[1.0, 1.0], [0.0, 0.0]],
+        ]
+    )  # tie: first cell, (2, 2) again -> miss
     got = cam_localisation(maps, np.zeros((3, 2)), 8, lesion)
     assert got["pointing_game"] == 0.0 and got["n_pointing"] == 2
     assert got["pointing_chance"] == 0.25  # one cell of four centred in the lesion, in both playing patches

@@ -29,8 +29,18 @@ from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 SIDE = 256  # patch side in level-0 px
 SHIFT = 64  # each lesion square is its planted patch moved right by this: 0.75 of it, 0.25 of the next patch
 MASK_SLIDE, MASK_DOWNSAMPLE = "slide_001", 32
-SPLIT = {"slide_000": "test", "slide_001": "test", "slide_002": "train", "slide_003": "train", "slide_004": "val",
-         "slide_005": "train", "slide_006": "train", "slide_007": "val", "slide_008": "test", "slide_009": "train"}
+SPLIT = {
+    "slide_000": "test",
+    "slide_001": "test",
+    "slide_002": "train",
+    "slide_003": "train",
+    "slide_004": "val",
+    "slide_005": "train",
+    "slide_006": "train",
+    "slide_007": "val",
+    "slide_008": "test",
+    "slide_009": "train",
+}
 
 
 def lesion_squares(bag) -> list[tuple[int, int]]:
@@ -39,9 +49,17 @@ def lesion_squares(bag) -> list[tuple[int, int]]:
 
 
 def write_geojson(path, squares) -> None:
-    features = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-                 "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + SIDE, y], [x + SIDE, y + SIDE],
-                                                                  [x, y + SIDE], [x, y]]]}} for x, y in squares]
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Tumor"}},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x, y], [x + SIDE, y], [x + SIDE, y + SIDE], [x, y + SIDE], [x, y]]],
+            },
+        }
+        for x, y in squares
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 
@@ -50,7 +68,7 @@ def write_mask(path, squares, shape) -> None:
     mask = np.zeros(shape, np.uint8)
     d = MASK_DOWNSAMPLE
     for x, y in squares:
-        mask[y // d:(y + SIDE) // d, x // d:(x + SIDE) // d] = 255
+        mask[y // d : (y + SIDE) // d, x // d : (x + SIDE) // d] = 255
     cv2.imwrite(str(path), mask)
     path.with_name(path.name + ".json").write_text(json.dumps({"downsample": d}))
 
@@ -63,10 +81,10 @@ def study(tmp_path_factory):
     bags = planted_bags(10, n_patches=(12, 20), dim=8, patch_size=SIDE, seed=0)
     write_feature_folder(root / "features", bags, patch_size_level0=SIDE)
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags]}).to_csv(
-        root / "labels.csv", index=False)
+        root / "labels.csv", index=False
+    )
     pd.DataFrame({"slide_id": list(SPLIT), "split": list(SPLIT.values())}).to_csv(root / "split.csv", index=False)
-    run = train_mil(root / "features", root / "labels.csv", root / "run", epochs=1,
-                    split_file=root / "split.csv")
+    run = train_mil(root / "features", root / "labels.csv", root / "run", epochs=1, split_file=root / "split.csv")
     annotations = root / "annotations"
     annotations.mkdir()
     for bag in bags:
@@ -126,8 +144,9 @@ def test_annotation_folder_lists_geojson_and_masks_but_not_sidecars(study, tmp_p
 
 def test_evaluate_scores_the_attention_of_annotated_positive_slides(study, tmp_path):
     root = study["root"]
-    result = evaluate_run(study["run"], root / "features", root / "labels.csv", tmp_path,
-                          annotations_dir=study["annotations"])
+    result = evaluate_run(
+        study["run"], root / "features", root / "labels.csv", tmp_path, annotations_dir=study["annotations"]
+    )
     positives = [s for s, b in study["bags"].items() if b.label]
     files = annotation_files(study["annotations"])
     expected = expected_rows(tmp_path / "attention", files, positives)
@@ -155,8 +174,21 @@ def test_a_positive_slide_without_annotation_is_not_scored_and_the_count_says_so
     partial = tmp_path / "annotations"
     shutil.copytree(study["annotations"], partial)
     (partial / "slide_002.geojson").unlink()
-    code = main(["evaluate", "--run", str(study["run"]), "--features", str(root / "features"), "--labels",
-                 str(root / "labels.csv"), "--out", str(tmp_path / "ev"), "--annotations", str(partial)])
+    code = main(
+        [
+            "evaluate",
+            "--run",
+            str(study["run"]),
+            "--features",
+            str(root / "features"),
+            "--labels",
+            str(root / "labels.csv"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--annotations",
+            str(partial),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "scored 4 of 5 positive slide(s) (1 without annotation: slide_002)" in out
@@ -177,8 +209,14 @@ def test_annotations_need_labels_and_a_valid_threshold(study, tmp_path):
     with pytest.raises(HistotransferError, match="needs --labels"):
         evaluate_run(study["run"], root / "features", None, tmp_path, annotations_dir=study["annotations"])
     with pytest.raises(HistotransferError, match="lesion threshold 0"):
-        evaluate_run(study["run"], root / "features", root / "labels.csv", tmp_path,
-                     annotations_dir=study["annotations"], threshold=0)
+        evaluate_run(
+            study["run"],
+            root / "features",
+            root / "labels.csv",
+            tmp_path,
+            annotations_dir=study["annotations"],
+            threshold=0,
+        )
     assert not (tmp_path / "attention").exists()
 
 
@@ -186,8 +224,11 @@ def test_localisation_of_a_run_for_the_study(study):
     files = annotation_files(study["annotations"])
     test = localisation_of_run(study["run"], study["annotations"])
     assert test["split"] == "test" and test["n_positive"] == 2 and test["n_scored"] == 2
-    check_rows(pd.DataFrame(test["slides"]), expected_rows(study["run"] / "attention", files,
-                                                           ["slide_000", "slide_001"]), study["bags"])
+    check_rows(
+        pd.DataFrame(test["slides"]),
+        expected_rows(study["run"] / "attention", files, ["slide_000", "slide_001"]),
+        study["bags"],
+    )
     every = localisation_of_run(study["run"], study["annotations"], split=None)
     assert every["split"] == "all" and every["n_positive"] == 5 and every["n_scored"] == 5
     assert {r["slide_id"]: r["split"] for r in every["slides"]} == {s: SPLIT[s] for s in files}
@@ -204,8 +245,23 @@ def test_heatmap_outlines_the_lesion_and_scores_positive_slides(study, tmp_path,
     for sid in ("slide_003", "slide_007"):  # a positive and a negative slide of the run
         cv2.imwrite(str(slides / f"{sid}.png"), rng.integers(120, 255, (1280, 1280, 3), dtype=np.uint8))
     write_heatmaps(study["run"], [slides], tmp_path / "plain", mpp=0.5, max_side=640)
-    code = main(["heatmap", "--run", str(study["run"]), "--slides", str(slides), "--out", str(tmp_path / "hm"),
-                 "--mpp", "0.5", "--max-side", "640", "--annotations", str(study["annotations"])])
+    code = main(
+        [
+            "heatmap",
+            "--run",
+            str(study["run"]),
+            "--slides",
+            str(slides),
+            "--out",
+            str(tmp_path / "hm"),
+            "--mpp",
+            "0.5",
+            "--max-side",
+            "640",
+            "--annotations",
+            str(study["annotations"]),
+        ]
+    )
     assert code == 0
     assert "scored 1 of 2 slide(s)" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "hm" / "localisation.csv", dtype={"slide_id": str})
@@ -222,21 +278,38 @@ def test_localisation_lines_name_the_scored_slides_and_the_cohort_means():
     from histotransfer.analysis import describe_cam_localisation
     from histotransfer.mil import describe_localisation
 
-    summary = {"n_scored": 2, "n_positive": 3, "unannotated": ["s9"], "threshold": 0.5, "n_with_lesion_patch": 1,
-               "cohort": {"top_patch_touches": {"mean": 1.0}, "touching_share": {"mean": 0.375},
-                          "top_patch_overlap": {"mean": 0.4}, "mean_overlap": {"mean": 0.1},
-                          "attention_overlap": {"mean": 0.3}, "auc_touching": {"mean": 0.9},
-                          "top_patch_hit": {"mean": 0.5}, "attention_mass": {"mean": 0.25}, "auc": None,
-                          "lesion_patch_share": {"mean": 0.125}, "pointing_game": {"mean": 1.0},
-                          "pointing_chance": {"mean": 0.2}, "cam_mass": {"mean": 0.75},
-                          "lesion_area_share": {"mean": 0.1}}}
+    summary = {
+        "n_scored": 2,
+        "n_positive": 3,
+        "unannotated": ["s9"],
+        "threshold": 0.5,
+        "n_with_lesion_patch": 1,
+        "cohort": {
+            "top_patch_touches": {"mean": 1.0},
+            "touching_share": {"mean": 0.375},
+            "top_patch_overlap": {"mean": 0.4},
+            "mean_overlap": {"mean": 0.1},
+            "attention_overlap": {"mean": 0.3},
+            "auc_touching": {"mean": 0.9},
+            "top_patch_hit": {"mean": 0.5},
+            "attention_mass": {"mean": 0.25},
+            "auc": None,
+            "lesion_patch_share": {"mean": 0.125},
+            "pointing_game": {"mean": 1.0},
+            "pointing_chance": {"mean": 0.2},
+            "cam_mass": {"mean": 0.75},
+            "lesion_area_share": {"mean": 0.1},
+        },
+    }
     head = "scored 2 of 3 positive slide(s) (1 without annotation: s9)"
     assert describe_localisation(summary) == (
         f"{head}: top patch touches the lesion 1.000 (random patch 0.375), its lesion share 0.400 (random patch "
         "0.100), attention-weighted lesion share 0.300 (uniform 0.100), patch AUC touching vs not 0.900 (chance "
         "0.5); lesion patches (>= 0.5 lesion, on 1 slide(s)): top patch on one 0.500 (random patch 0.125), "
-        "attention mass on them 0.250 (uniform 0.125), patch AUC n/a")
-    assert describe_cam_localisation(summary) == (f"{head}: pointing game 1.000 (random cell 0.200), CAM mass on "
-                                                  "lesion 0.750 (uniform 0.100)")
+        "attention mass on them 0.250 (uniform 0.125), patch AUC n/a"
+    )
+    assert describe_cam_localisation(summary) == (
+        f"{head}: pointing game 1.000 (random cell 0.200), CAM mass on lesion 0.750 (uniform 0.100)"
+    )
     none = {**summary, "n_scored": 0, "unannotated": []}
     assert describe_localisation(none) == describe_cam_localisation(none) == "scored 0 of 3 positive slide(s)"

@@ -44,8 +44,13 @@ def test_forward_shapes_and_folded_standardisation_match_the_definition(variant)
 def test_histotransfer_layer_sizes_are_the_papers():
     model = AttentionMIL(512)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("weight")}
-    assert shapes == {"fc1.weight": (256, 512), "fc2.weight": (64, 256), "attention_v.weight": (32, 64),
-                      "attention_w.weight": (1, 32), "classifier.weight": (2, 64)}
+    assert shapes == {
+        "fc1.weight": (256, 512),
+        "fc2.weight": (64, 256),
+        "attention_v.weight": (32, 64),
+        "attention_w.weight": (1, 32),
+        "classifier.weight": (2, 64),
+    }
 
 
 def test_without_standardisation_the_network_is_the_plain_one():

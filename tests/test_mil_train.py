@@ -27,8 +27,14 @@ from histotransfer.mil.synthetic import planted_bags, write_feature_folder
 from histotransfer.mil.train import fit, selection_key
 
 # input_size as an array attr, as some tools store it: it must come back as a JSON list.
-ENCODER = {"encoder": "densenet121", "encoder_id": "densenet121-imagenet-t2", "truncate": 2, "weights": "imagenet",
-           "weights_sha256": "ab" * 32, "input_size": [224, 224]}
+ENCODER = {
+    "encoder": "densenet121",
+    "encoder_id": "densenet121-imagenet-t2",
+    "truncate": 2,
+    "weights": "imagenet",
+    "weights_sha256": "ab" * 32,
+    "input_size": [224, 224],
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,8 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_cohort(folder: Path, n_slides: int, seed: int, **kw) -> tuple[Path, Path, list]:
     bags = planted_bags(n_slides, seed=seed, **kw)
     write_feature_folder(folder / "features", bags, **ENCODER, patch_size_level0=256)
-    pd.DataFrame({"slide_id": [b.slide_id for b in bags],
-                  "label": ["tumor" if b.label else "normal" for b in bags]}).to_csv(folder / "labels.csv", index=False)
+    pd.DataFrame(
+        {"slide_id": [b.slide_id for b in bags], "label": ["tumor" if b.label else "normal" for b in bags]}
+    ).to_csv(folder / "labels.csv", index=False)
     return folder / "features", folder / "labels.csv", bags
 
 
@@ -69,8 +76,16 @@ def test_planted_signal_is_learned_and_attended(trained):
 
 def test_run_folder_contents(trained):
     root, run, bags = trained
-    assert {p.name for p in run.iterdir()} >= {"config.json", "splits.csv", "model.pt", "predictions.csv",
-                                                "metrics.json", "history.csv", "roc.png", "attention"}
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json",
+        "splits.csv",
+        "model.pt",
+        "predictions.csv",
+        "metrics.json",
+        "history.csv",
+        "roc.png",
+        "attention",
+    }
     config = json.loads((run / "config.json").read_text())
     assert config["features_dir"] == str((root / "features").resolve())
     assert config["labels"] == str((root / "labels.csv").resolve())
@@ -168,23 +183,28 @@ def test_evaluate_refuses_features_of_another_encoder(trained, tmp_path):
 
 def test_same_seed_gives_identical_predictions_and_finished_runs_are_kept(tmp_path):
     features, labels, _ = make_cohort(tmp_path, 24, seed=1, n_patches=(5, 10), dim=8)
-    a = train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
-                  protocol="split")
-    b = train_mil(features, labels, tmp_path / "b", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
-                  protocol="split")
+    a = train_mil(
+        features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2, protocol="split"
+    )
+    b = train_mil(
+        features, labels, tmp_path / "b", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2, protocol="split"
+    )
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
     assert (a / "history.csv").read_text().split("seconds")[0] == (b / "history.csv").read_text().split("seconds")[0]
-    c = train_mil(features, labels, tmp_path / "c", model="gated", epochs=4, seed=8, hidden=16, dropout=0.2,
-                  protocol="split")
+    c = train_mil(
+        features, labels, tmp_path / "c", model="gated", epochs=4, seed=8, hidden=16, dropout=0.2, protocol="split"
+    )
     assert (a / "predictions.csv").read_bytes() != (c / "predictions.csv").read_bytes()
     # Re-running a finished run keeps it; other settings into the same folder are refused.
     stamp = (a / "model.pt").stat().st_mtime_ns
-    train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2,
-              protocol="split")
+    train_mil(
+        features, labels, tmp_path / "a", model="gated", epochs=4, seed=7, hidden=16, dropout=0.2, protocol="split"
+    )
     assert (a / "model.pt").stat().st_mtime_ns == stamp
     with pytest.raises(HistotransferError, match=r"made differently \(differs in: seed \(7 vs 9\)"):
-        train_mil(features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2,
-                  protocol="split")
+        train_mil(
+            features, labels, tmp_path / "a", model="gated", epochs=4, seed=9, hidden=16, dropout=0.2, protocol="split"
+        )
 
 
 def test_no_standardize_feeds_raw_features(tmp_path):
@@ -218,7 +238,11 @@ def test_k_fold_writes_fold_runs_and_a_summary(tmp_path):
     assert sorted(tested["slide_id"]) == sorted(pd.read_csv(labels)["slide_id"])
     assert pd.read_csv(out / "splits.csv")["fold"].value_counts().sum() == 24
     assert json.loads((out / "fold_1" / "config.json").read_text())["split"] == {
-        "method": "k-fold", "folds": 3, "why": "3 folds asked for", "fold": 1}
+        "method": "k-fold",
+        "folds": 3,
+        "why": "3 folds asked for",
+        "fold": 1,
+    }
     (out / "fold_1" / "metrics.json").unlink()  # fold 1 unfinished: redone, folds 0 and 2 kept
     (out / "metrics.json").unlink()
     train_mil(features, labels, tmp_path / "cv", epochs=2, folds=3)
@@ -246,8 +270,28 @@ def test_unreadable_feature_file_is_skipped_and_recorded(tmp_path):
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
     features, labels, _ = make_cohort(tmp_path, 20, seed=5, n_patches=(5, 10), dim=8)
-    assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
-                 "--epochs", "2", "--model", "gated", "--hidden", "8", "--protocol", "split"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "run"),
+                "--epochs",
+                "2",
+                "--model",
+                "gated",
+                "--hidden",
+                "8",
+                "--protocol",
+                "split",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in ("val", "test"):  # small splits say their size and that their AUC is unstable
@@ -257,13 +301,24 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     one = mil_cli._fmt({"n_slides": 1, "auc": None, "accuracy": 1.0})
     assert one.endswith("(only 1 slide: too few for a stable AUC)")
     assert small_split_warnings({"test": {"n_slides": 1}})[0].startswith("the test split has 1 slide: its AUC")
-    assert main(["evaluate", "--run", str(tmp_path / "run"), "--features", str(features),
-                 "--labels", str(labels)]) == 0
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--features", str(features), "--labels", str(labels)]) == 0
     out = capsys.readouterr().out
     assert "predicted 20 slide(s)" in out and "n=20\n" in out  # 20 slides: no warning
     assert (tmp_path / "run" / "evaluation" / "metrics.json").is_file()
-    assert main(["train", "--features", str(features), "--labels", str(tmp_path / "missing.csv"),
-                 "--out", str(tmp_path / "run2")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--labels",
+                str(tmp_path / "missing.csv"),
+                "--out",
+                str(tmp_path / "run2"),
+            ]
+        )
+        == 2
+    )
     assert "no such label file" in capsys.readouterr().err
 
 
@@ -290,18 +345,27 @@ def test_group_column_stratifies_the_split_and_reports_metrics_per_group(tmp_pat
         train_mil(features, labels, tmp_path / "other", epochs=1, group_column="site", protocol="split")
 
     split[["slide_id", "split"]].to_csv(tmp_path / "split.csv", index=False)  # a split file keeps the group column
-    from_file = train_mil(features, labels, tmp_path / "from_file", epochs=3, seed=0, group_column="centre",
-                          split_file=tmp_path / "split.csv")
+    from_file = train_mil(
+        features,
+        labels,
+        tmp_path / "from_file",
+        epochs=3,
+        seed=0,
+        group_column="centre",
+        split_file=tmp_path / "split.csv",
+    )
     assert json.loads((from_file / "metrics.json").read_text())["groups"] == metrics["groups"]
 
 
 def test_a_finished_run_is_kept_without_loading_torch(trained):
     """Nothing to do is answered at once: re-running `train` on a finished run never imports torch."""
     root, run, _ = trained
-    code = ("import sys\nfrom histotransfer.cli import main\n"
-            f"assert main(['train', '--features', {str(root / 'features')!r}, '--labels', "
-            f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15', '--protocol', 'split']) == 0\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys\nfrom histotransfer.cli import main\n"
+        f"assert main(['train', '--features', {str(root / 'features')!r}, '--labels', "
+        f"{str(root / 'labels.csv')!r}, '--out', {str(run)!r}, '--epochs', '15', '--protocol', 'split']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already trained with these settings and inputs; kept as it is" in done.stdout
@@ -334,6 +398,22 @@ def test_cli_train_with_a_split_file_without_test_slides_says_so(tmp_path, capsy
     pd.DataFrame({"slide_id": [b.slide_id for b in bags], "split": splits}).to_csv(tmp_path / "split.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the small or one-class val split is warned about; not this test's subject
-        assert main(["train", "--features", str(features), "--labels", str(labels), "--out", str(tmp_path / "run"),
-                     "--epochs", "1", "--split-file", str(tmp_path / "split.csv")]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--features",
+                    str(features),
+                    "--labels",
+                    str(labels),
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--epochs",
+                    "1",
+                    "--split-file",
+                    str(tmp_path / "split.csv"),
+                ]
+            )
+            == 0
+        )
     assert "test  no slides in this split" in capsys.readouterr().out

@@ -51,8 +51,9 @@ def cohort(tmp_path_factory):
     """12 slides of two centres; every positive patient at the first centre (a colour shortcut), lesions in
     the positives; tiled, a reference patch, and labels with the centre and a further column."""
     root = tmp_path_factory.mktemp("multicentre")
-    demo = make_demo_slides(root / "demo", n_slides=12, seed=3, size=1024, centres=2, stain_shift=0.6,
-                            prevalence_shift=1.0)
+    demo = make_demo_slides(
+        root / "demo", n_slides=12, seed=3, size=1024, centres=2, stain_shift=0.6, prevalence_shift=1.0
+    )
     patches = tile_slides(demo.slides, root / "tiles", **TILING).patches
     labels = pd.read_csv(demo.labels_csv).merge(pd.read_csv(demo.centres_csv)[["slide_id", "centre"]])
     labels["scanner"] = [f"s{i % 2}" for i in range(len(labels))]
@@ -62,8 +63,14 @@ def cohort(tmp_path_factory):
     with open_slide(demo.slides[0]) as slide:
         reference = slide.read_region((int(x), int(y)), 0, (256, 256))
     cv2.imwrite(str(root / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
-    return {"root": root, "demo": demo, "patches": patches, "labels": root / "labels.csv",
-            "reference": root / "reference.png", "region": f"{demo.slides[0]}@{x},{y},256,256"}
+    return {
+        "root": root,
+        "demo": demo,
+        "patches": patches,
+        "labels": root / "labels.csv",
+        "reference": root / "reference.png",
+        "region": f"{demo.slides[0]}@{x},{y},256,256",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +79,30 @@ def extracted(cohort):
     root = cohort["root"]
     common = {"input_size": INPUT, "device": "cpu", "workers": 0, "batch_size": 32}
     raw = extract_features(cohort["patches"], root, *ENCODER, **common)
-    macenko = extract_features(cohort["patches"], root, *ENCODER, stain_norm="macenko",
-                               stain_ref=str(cohort["reference"]), **common)
-    runs = {name: train_mil(folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre",
-                            protocol="split")
-            for name, folder in (("raw", raw), ("macenko", macenko))}
+    macenko = extract_features(
+        cohort["patches"], root, *ENCODER, stain_norm="macenko", stain_ref=str(cohort["reference"]), **common
+    )
+    runs = {
+        name: train_mil(
+            folder, cohort["labels"], root / f"run-{name}", epochs=2, seed=0, group_column="centre", protocol="split"
+        )
+        for name, folder in (("raw", raw), ("macenko", macenko))
+    }
     return {"raw": raw, "macenko": macenko, "runs": runs}
 
 
 def centre_cohort(root: Path, n_slides: int, seed: int, prevalence_shift: float, prefix: str) -> tuple[Path, Path]:
     """Demo slides of two centres (stain shift 0.6) under ids with ``prefix`` (two cohorts never share a slide
     id), tiled; returns the patch folder and labels with the centre."""
-    demo = make_demo_slides(root / "demo", n_slides=n_slides, seed=seed, size=1024, centres=2, stain_shift=0.6,
-                            prevalence_shift=prevalence_shift)
+    demo = make_demo_slides(
+        root / "demo",
+        n_slides=n_slides,
+        seed=seed,
+        size=1024,
+        centres=2,
+        stain_shift=0.6,
+        prevalence_shift=prevalence_shift,
+    )
     (root / "slides").mkdir()
     slides = [root / "slides" / f"{prefix}{path.name}" for path in demo.slides]
     for link, path in zip(slides, demo.slides, strict=True):
@@ -104,8 +122,12 @@ def shortcut_cohorts(tmp_path_factory):
     root = tmp_path_factory.mktemp("shortcut")
     train = centre_cohort(root / "train", 24, 0, 1.0, "train_")
     evaluation = centre_cohort(root / "eval", 24, 1000, 0.0, "eval_")
-    return {"root": root, "train": train, "eval": evaluation,
-            "reference": write_reference_patches(train[0], root / "reference")}
+    return {
+        "root": root,
+        "train": train,
+        "eval": evaluation,
+        "reference": write_reference_patches(train[0], root / "reference"),
+    }
 
 
 def features_by_hand(cohort, slide_id: str, normalizer: StainNormalizer | None) -> np.ndarray:
@@ -115,8 +137,7 @@ def features_by_hand(cohort, slide_id: str, normalizer: StainNormalizer | None) 
     with open_slide(patches.spec.slide_path) as slide:
         reader = PatchReader(slide, patches.spec)
         pixels = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT) for x, y in patches.coords])
-        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT)
-                           for x, y in source_sample(patches.coords)])
+        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT) for x, y in source_sample(patches.coords)])
     batch = torch.from_numpy(pixels)
     if normalizer is not None:
         batch = normalizer(batch, normalizer.fit_source(sample) if normalizer.per_slide else None)
@@ -131,8 +152,7 @@ def test_normalised_extraction_equals_features_computed_by_hand(cohort, extracte
     patches = read_patch_file(cohort["patches"] / "demo_02.h5")
     with open_slide(patches.spec.slide_path) as slide:
         reader = PatchReader(slide, patches.spec)
-        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT)
-                           for x, y in source_sample(patches.coords)])
+        sample = np.stack([resize_patch(reader.read(int(x), int(y)), INPUT) for x, y in source_sample(patches.coords)])
     with h5py.File(extracted["macenko"] / "demo_02.h5", "r") as f, h5py.File(extracted["raw"] / "demo_02.h5") as g:
         normalised, raw = f["features"][()], g["features"][()]
         assert f.attrs["stain_tag"] == normalizer.tag()
@@ -150,8 +170,16 @@ def test_a_fitted_target_json_or_slide_region_is_the_same_reference(cohort, extr
     assert main(["stain-fit", "--method", "macenko", "--ref", str(cohort["reference"]), "--out", str(target)]) == 0
     assert StainNormalizer.fit("macenko", cohort["reference"]).tag() in capsys.readouterr().out
     # The same target from a JSON file (or a moved reference) is the same extraction: every slide is kept.
-    again = extract_features(cohort["patches"], cohort["root"], *ENCODER, input_size=INPUT, device="cpu",
-                             workers=0, stain_norm="macenko", stain_ref=str(target))
+    again = extract_features(
+        cohort["patches"],
+        cohort["root"],
+        *ENCODER,
+        input_size=INPUT,
+        device="cpu",
+        workers=0,
+        stain_norm="macenko",
+        stain_ref=str(target),
+    )
     assert again == extracted["macenko"]
     report = pd.read_csv(again / "extract.csv")
     assert set(report["status"]) == {"skipped"}
@@ -161,15 +189,17 @@ def test_a_fitted_target_json_or_slide_region_is_the_same_reference(cohort, extr
         pixels = slide.read_region((x, y), 0, (256, 256))
     from histotransfer.stain import fit_reference
 
-    assert fit_reference("reinhard", cohort["region"]).to_dict() == \
-        StainNormalizer.fit("reinhard", pixels).to_dict()
+    assert fit_reference("reinhard", cohort["region"]).to_dict() == StainNormalizer.fit("reinhard", pixels).to_dict()
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"stain_norm": "macenko"}, "stain_norm macenko needs stain_ref"),
-    ({"stain_ref": "ref.png"}, "stain_ref is given but stain_norm is none"),
-    ({"stain_norm": "vahadane", "stain_ref": "ref.png"}, "'vahadane' is not one of none, macenko, reinhard"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"stain_norm": "macenko"}, "stain_norm macenko needs stain_ref"),
+        ({"stain_ref": "ref.png"}, "stain_ref is given but stain_norm is none"),
+        ({"stain_norm": "vahadane", "stain_ref": "ref.png"}, "'vahadane' is not one of none, macenko, reinhard"),
+    ],
+)
 def test_bad_stain_options_are_refused(overrides, message):
     from histotransfer.analysis.settings import CkaSettings
 
@@ -194,8 +224,15 @@ def test_a_run_and_features_of_another_normalisation_are_refused(cohort, extract
     with pytest.raises(HistotransferError, match=r"stain normalisation macenko-.*but these slides' .* with none"):
         evaluate_run(extracted["runs"]["raw"], extracted["macenko"], out_dir=tmp_path / "eval")
     with pytest.raises(HistotransferError, match="a run folder brings its own normalisation"):
-        compare_encoders(extracted["runs"]["macenko"], extracted["runs"]["macenko"], cohort["patches"],
-                         tmp_path / "cka", n_patches=4, stain_norm="reinhard", stain_ref=str(cohort["reference"]))
+        compare_encoders(
+            extracted["runs"]["macenko"],
+            extracted["runs"]["macenko"],
+            cohort["patches"],
+            tmp_path / "cka",
+            n_patches=4,
+            stain_norm="reinhard",
+            stain_ref=str(cohort["reference"]),
+        )
 
 
 def test_patch_files_record_the_colour_statistics_of_the_thumbnail_tissue(cohort):
@@ -225,11 +262,30 @@ def test_shortcut_check_flags_colour_that_gives_the_centre_away(cohort, extracte
     assert shortcut["model_auc"] == metrics["test"]["auc"]
     # Every centre in every split; predictions keep the centre.
     split = pd.read_csv(run / "splits.csv")
-    assert {(s, c) for s, c in zip(split["split"], split["centre"])} == {(s, c) for s in SPLITS
-                                                                           for c in ("centre_1", "centre_2")}
+    assert {(s, c) for s, c in zip(split["split"], split["centre"])} == {
+        (s, c) for s in SPLITS for c in ("centre_1", "centre_2")
+    }
     assert "centre" in pd.read_csv(run / "predictions.csv").columns
-    assert main(["train", "--features", str(extracted["raw"]), "--labels", str(cohort["labels"]), "--out", str(run),
-                 "--epochs", "2", "--group-column", "centre", "--protocol", "split"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(extracted["raw"]),
+                "--labels",
+                str(cohort["labels"]),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--group-column",
+                "centre",
+                "--protocol",
+                "split",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean within-centre AUC: val" in out and "shortcut check: colour alone AUC" in out
     assert "centre alone AUC 1.000" in out and "Warning: the model's AUC" in out
@@ -243,13 +299,22 @@ def test_per_slide_macenko_gives_back_the_within_centre_ranking_raw_features_los
     root, reference = shortcut_cohorts["root"], shortcut_cohorts["reference"]
     (train_patches, train_labels), (eval_patches, eval_labels) = shortcut_cohorts["train"], shortcut_cohorts["eval"]
     within = {}
-    for name, stain in (("raw", {}), ("macenko", {"stain_norm": "macenko", "stain_ref": str(reference),
-                                                   "stain_scope": "slide"})):
+    for name, stain in (
+        ("raw", {}),
+        ("macenko", {"stain_norm": "macenko", "stain_ref": str(reference), "stain_scope": "slide"}),
+    ):
         common = {"input_size": 32, "device": "cpu", "workers": 0, "batch_size": 64, **stain}
         train_features = extract_features(train_patches, root / "train", *ENCODER, **common)
         eval_features = extract_features(eval_patches, root / "eval", *ENCODER, **common)
-        run = train_mil(train_features, train_labels, root / f"run-{name}", epochs=20, seed=0, group_column="centre",
-                        protocol="split")
+        run = train_mil(
+            train_features,
+            train_labels,
+            root / f"run-{name}",
+            epochs=20,
+            seed=0,
+            group_column="centre",
+            protocol="split",
+        )
         result = evaluate_run(run, eval_features, eval_labels, root / f"eval-{name}", group_column="centre")
         within[name] = result["groups"]["mean_within_group_auc"]
     shortcut = json.loads((root / "run-raw" / "metrics.json").read_text())["shortcut"]
@@ -259,16 +324,33 @@ def test_per_slide_macenko_gives_back_the_within_centre_ranking_raw_features_los
 
 def test_evaluate_reports_per_group_metrics_and_keeps_the_label_columns(cohort, extracted, tmp_path, capsys):
     run = extracted["runs"]["macenko"]
-    assert main(["evaluate", "--run", str(run), "--features", str(extracted["macenko"]), "--labels",
-                 str(cohort["labels"]), "--group-column", "centre", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--features",
+                str(extracted["macenko"]),
+                "--labels",
+                str(cohort["labels"]),
+                "--group-column",
+                "centre",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean within-centre AUC" in out and "shortcut check: colour alone AUC" in out
     predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert {"centre", "scanner"} <= set(predictions.columns)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for centre, part in predictions.groupby("centre"):
-        assert metrics["groups"]["all"]["per_group"][centre] == slide_metrics(part["label"], part["probability"],
-                                                                              seed=0)
+        assert metrics["groups"]["all"]["per_group"][centre] == slide_metrics(
+            part["label"], part["probability"], seed=0
+        )
     assert metrics["shortcut"]["model_auc"] == metrics["all"]["auc"]
     with pytest.raises(HistotransferError, match="has no column 'site'"):
         evaluate_run(run, extracted["macenko"], cohort["labels"], tmp_path / "e2", group_column="site")
@@ -295,12 +377,23 @@ def test_later_stages_see_the_runs_normalised_pixels(cohort, extracted, tmp_path
     tag = StainNormalizer.fit("macenko", cohort["reference"], scope="slide").tag()
     # CKA: the run's encoder with its normalisation equals the same encoder by name with the same options.
     spec = {"name": ENCODER[0], "weights": ENCODER[1], "truncate": ENCODER[2]}
-    same = compare_encoders(run, spec, cohort["patches"], tmp_path / "cka", n_patches=24, baseline=False,
-                            input_size=INPUT, device="cpu", stain_norm="macenko", stain_ref=str(cohort["reference"]))
+    same = compare_encoders(
+        run,
+        spec,
+        cohort["patches"],
+        tmp_path / "cka",
+        n_patches=24,
+        baseline=False,
+        input_size=INPUT,
+        device="cpu",
+        stain_norm="macenko",
+        stain_ref=str(cohort["reference"]),
+    )
     assert np.allclose(same["cka"], 1.0, atol=1e-6)
     assert json.loads((tmp_path / "cka" / "cka.json").read_text())["stain_a"] == tag
-    other = compare_encoders(run, spec, cohort["patches"], tmp_path / "cka_raw", n_patches=24, baseline=False,
-                             input_size=INPUT, device="cpu")
+    other = compare_encoders(
+        run, spec, cohort["patches"], tmp_path / "cka_raw", n_patches=24, baseline=False, input_size=INPUT, device="cpu"
+    )
     assert other["cka"].iloc[0] < 0.999
     # CKA estimates each slide's source stain on the patches extraction estimated it on, not on its own sample.
     for job in sample_patches(cohort["patches"], 24, seed=0):
@@ -319,12 +412,24 @@ def test_later_stages_see_the_runs_normalised_pixels(cohort, extracted, tmp_path
 def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     study = {
         "name": "multicentre",
-        "datasets": [{"name": "mc", "slides": [str(p) for p in cohort["demo"].slides], "labels": str(cohort["labels"]),
-                      "group_column": "centre", **TILING}],
+        "datasets": [
+            {
+                "name": "mc",
+                "slides": [str(p) for p in cohort["demo"].slides],
+                "labels": str(cohort["labels"]),
+                "group_column": "centre",
+                **TILING,
+            }
+        ],
         "encoders": [{"name": ENCODER[0], "weights": ENCODER[1], "truncations": [ENCODER[2]]}],
         "seeds": [0],
-        "extract": {"input_size": 32, "workers": 0, "device": "cpu", "stain_norm": ["none", "macenko"],
-                    "stain_ref": str(cohort["reference"])},
+        "extract": {
+            "input_size": 32,
+            "workers": 0,
+            "device": "cpu",
+            "stain_norm": ["none", "macenko"],
+            "stain_ref": str(cohort["reference"]),
+        },
         "mil": {"epochs": 2},
     }
     path = tmp_path / "study.yaml"
@@ -334,8 +439,15 @@ def test_study_with_a_stain_axis_and_a_group_column(cohort, tmp_path):
     pair = {"a": {"name": "resnet18", "weights": "random"}, "b": {"name": "resnet34", "weights": "random"}}
     for scope in ("patch", "slide"):  # the study's CKA normalises the pixels as its extraction did
         scoped = tmp_path / f"{scope}.yaml"
-        scoped.write_text(yaml.safe_dump({**study, "extract": {**study["extract"], "stain_scope": scope},
-                                          "cka": {"n_patches": 16, "pairs": [pair]}}))
+        scoped.write_text(
+            yaml.safe_dump(
+                {
+                    **study,
+                    "extract": {**study["extract"], "stain_scope": scope},
+                    "cka": {"n_patches": 16, "pairs": [pair]},
+                }
+            )
+        )
         settings = cka_settings(load_study(scoped), 0, "macenko")
         assert (settings.stain_norm, settings.stain_scope) == ("macenko", scope)
     report = run_study(path, tmp_path / "out")

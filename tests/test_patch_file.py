@@ -14,8 +14,17 @@ from histotransfer.patches.geometry import resolve_spec
 from histotransfer.patches.patch_file import PatchSpec, read_patch_file, write_patch_file
 from histotransfer.slide import open_slide
 
-SPEC = PatchSpec(patch_size=256, patch_size_level0=512, patch_level=1, downsample=2.0, target_magnification=20.0,
-                 mpp=0.25, min_tissue=0.5, stride=256, slide_path="/data/s.tif")
+SPEC = PatchSpec(
+    patch_size=256,
+    patch_size_level0=512,
+    patch_level=1,
+    downsample=2.0,
+    target_magnification=20.0,
+    mpp=0.25,
+    min_tissue=0.5,
+    stride=256,
+    slide_path="/data/s.tif",
+)
 
 
 def test_round_trip_and_clam_readable_attrs(tmp_path: Path) -> None:
@@ -62,8 +71,14 @@ def test_trident_file_is_read_and_its_level_chosen(tmp_path: Path, make_slide) -
     path = tmp_path / "trident.h5"
     with h5py.File(path, "w") as f:
         d = f.create_dataset("coords", data=np.array([[0, 0], [1024, 1024]], np.int64))
-        d.attrs.update(patch_size=256, patch_size_level0=1024, target_magnification=10.0,
-                       level0_magnification=40.0, overlap=0, name="trident")
+        d.attrs.update(
+            patch_size=256,
+            patch_size_level0=1024,
+            target_magnification=10.0,
+            level0_magnification=40.0,
+            overlap=0,
+            name="trident",
+        )
     got = read_patch_file(path)
     with open_slide(make_slide(size=(2048, 2048))) as slide:
         spec = resolve_spec(got.spec, slide)

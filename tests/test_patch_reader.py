@@ -49,7 +49,7 @@ def test_native_level_read_matches_openslide(make_slide) -> None:
             patch = reader.read(x, y)
             assert patch.shape == (256, 256, 3)
             _assert_close(patch, _openslide_rgb(path, (x, y), 1, (256, 256)))
-        assert (reader.read(1800, 1400)[(1536 - 1400) // 2:] == 255).all()  # beyond the slide: white
+        assert (reader.read(1800, 1400)[(1536 - 1400) // 2 :] == 255).all()  # beyond the slide: white
 
 
 def test_off_level_read_is_resized_from_the_level_above(make_slide) -> None:

@@ -32,8 +32,13 @@ BICUBIC = T.InterpolationMode.BICUBIC
 
 def _card_cfg(interpolation: str, **norm: tuple[float, ...]) -> dict:
     """A Hugging Face Hub config.json's ``pretrained_cfg`` as the timm-hub cards publish it."""
-    return {"input_size": (3, 224, 224), "interpolation": interpolation, "crop_pct": 1.0, "crop_mode": "center",
-            **(norm or IMAGENET)}
+    return {
+        "input_size": (3, 224, 224),
+        "interpolation": interpolation,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        **(norm or IMAGENET),
+    }
 
 
 def _timm_card(cfg: dict) -> T.Compose:
@@ -54,11 +59,13 @@ CARDS = {
     # Virchow2: timm transform of the hub pretrained_cfg (bicubic, crop_pct 1.0).
     "virchow2": lambda: _timm_card(_card_cfg("bicubic")),
     # H-optimus-0: timm transform of the hub pretrained_cfg, Bioptimus' mean and std.
-    "h-optimus-0": lambda: _timm_card(_card_cfg("bicubic", mean=(0.707223, 0.578729, 0.703617),
-                                                std=(0.211883, 0.230117, 0.177517))),
+    "h-optimus-0": lambda: _timm_card(
+        _card_cfg("bicubic", mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))
+    ),
     # Prov-GigaPath README: Resize(256, bicubic), CenterCrop(224).
-    "prov-gigapath": lambda: T.Compose([T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                                        T.Normalize(**IMAGENET)]),
+    "prov-gigapath": lambda: T.Compose(
+        [T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(), T.Normalize(**IMAGENET)]
+    ),
     # Phikon-v2: its image processor's bicubic resize to 224 with ImageNet statistics.
     "phikon-v2": lambda: T.Compose([T.Resize(224, interpolation=BICUBIC), T.ToTensor(), T.Normalize(**IMAGENET)]),
     "vit_base_patch16_224": lambda: _imagenet_vit("vit_base_patch16_224"),
@@ -131,10 +138,13 @@ def test_the_record_is_in_the_extraction_fingerprint():
     vit, cnn = EncoderChoice.build(encoder="uni", weights="random"), EncoderChoice.build(encoder="resnet18")
     uni = encoder_spec("uni").preprocessing
     old_way = uni.__class__(input_size=224)
-    assert settings_fingerprint(vit, s, 224, described, None, uni) != settings_fingerprint(vit, s, 224, described,
-                                                                                            None, old_way)
     assert settings_fingerprint(vit, s, 224, described, None, uni) != settings_fingerprint(
-        vit, s, 224, described, None, encoder_spec("prov-gigapath").preprocessing)
+        vit, s, 224, described, None, old_way
+    )
+    assert settings_fingerprint(vit, s, 224, described, None, uni) != settings_fingerprint(
+        vit, s, 224, described, None, encoder_spec("prov-gigapath").preprocessing
+    )
     resnet = encoder_spec("resnet18").preprocessing.at(224)
-    assert settings_fingerprint(cnn, s, 224, described, None, resnet) == settings_fingerprint(cnn, s, 224, described,
-                                                                                               None)
+    assert settings_fingerprint(cnn, s, 224, described, None, resnet) == settings_fingerprint(
+        cnn, s, 224, described, None
+    )

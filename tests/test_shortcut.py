@@ -83,9 +83,14 @@ def test_group_auc_is_the_centre_only_auc_without_leakage() -> None:
     assert exact["per_group"] == {"A": {"n": 50, "n_positive": 38}, "B": {"n": 50, "n_positive": 18}}
     rng = np.random.default_rng(0)
     for prevalence in ((0.76, 0.36), (0.5, 0.3), (0.2, 0.9)):
-        draws = [group_shortcut_auc(centres, np.r_[rng.random(50) < prevalence[0],
-                                                   rng.random(50) < prevalence[1]].astype(int),
-                                    permutations=1)["auc"] for _ in range(200)]
+        draws = [
+            group_shortcut_auc(
+                centres,
+                np.r_[rng.random(50) < prevalence[0], rng.random(50) < prevalence[1]].astype(int),
+                permutations=1,
+            )["auc"]
+            for _ in range(200)
+        ]
         high, low = max(prevalence), min(prevalence)
         assert np.mean(draws) == pytest.approx(centre_only_auc(50, round(50 * high), 50, round(50 * low)), abs=0.02)
 
@@ -98,8 +103,11 @@ def test_group_auc_of_three_groups_equals_a_hand_computed_value() -> None:
     assert result["auc"] == pytest.approx(8.5 / 9)
     # Two groups: the indicator's AUC with the better sign, whichever group is the positive one.
     counts = np.array([[3, 1]]), np.array([[1, 3]])
-    assert ordered_group_auc(*counts)[0] == ordered_group_auc(counts[0][:, ::-1], counts[1][:, ::-1])[0] == \
-        pytest.approx(centre_only_auc(4, 3, 4, 1))
+    assert (
+        ordered_group_auc(*counts)[0]
+        == ordered_group_auc(counts[0][:, ::-1], counts[1][:, ::-1])[0]
+        == pytest.approx(centre_only_auc(4, 3, 4, 1))
+    )
 
 
 def test_a_group_that_is_the_patient_is_not_beyond_chance() -> None:
@@ -128,14 +136,17 @@ def test_repeats_and_folds_follow_the_cohort() -> None:
     assert colour_shortcut_auc(stats, labels, folds=PredefinedSplit([0, 1] * 6))["folds"] == 2
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 1, 1, 1]), "1 slide.*smaller class"),
-    (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 0, 0, 0]), "both classes"),
-    (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 1, 2, 1]), "0/1"),
-    (lambda: colour_shortcut_auc(np.full((4, 2), np.nan), [0, 1, 0, 1]), "must be finite"),
-    (lambda: colour_shortcut_auc(np.zeros((3, 2)), [0, 1, 0, 1]), "one row per label"),
-    (lambda: group_shortcut_auc(["a", None, "b", "b"], [0, 1, 0, 1]), "missing group"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 1, 1, 1]), "1 slide.*smaller class"),
+        (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 0, 0, 0]), "both classes"),
+        (lambda: colour_shortcut_auc(np.zeros((4, 2)), [0, 1, 2, 1]), "0/1"),
+        (lambda: colour_shortcut_auc(np.full((4, 2), np.nan), [0, 1, 0, 1]), "must be finite"),
+        (lambda: colour_shortcut_auc(np.zeros((3, 2)), [0, 1, 0, 1]), "one row per label"),
+        (lambda: group_shortcut_auc(["a", None, "b", "b"], [0, 1, 0, 1]), "missing group"),
+    ],
+)
 def test_bad_inputs_are_refused(call, message) -> None:
     with pytest.raises(HistotransferError, match=message):
         call()
@@ -154,7 +165,8 @@ def test_colour_stats_of_a_two_tone_tissue_region() -> None:
     half = np.log(4) / 2
     for channel in ("od_r", "od_g", "od_b"):
         assert [stats[f"{channel}_{s}"] for s in ("mean", "std", "p10", "p50", "p90")] == pytest.approx(
-            [half, half, 0, half, 2 * half], rel=1e-6)
+            [half, half, 0, half, 2 * half], rel=1e-6
+        )
     haematoxylin = np.log(4) * HED_FROM_RGB[:, 0].sum()  # grey's OD (ln 4, ln 4, ln 4) unmixed
     assert stats["haematoxylin_mean"] == pytest.approx(haematoxylin / 2, rel=1e-6)
     assert stats["haematoxylin_p90"] == pytest.approx(haematoxylin, rel=1e-6)
@@ -321,9 +333,16 @@ def test_run_shortcut_judges_a_runs_predictions_by_their_groups() -> None:
     same check on other (pooled) predictions that read the tissue does not."""
     labels, centres, rng = confounded_cohort(1)
     ids = [f"s{i:03d}" for i in range(len(labels))]
-    predictions = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels, "centre": centres,
-                                "split": rng.choice(["train", "val", "test"], len(ids), p=[0.5, 0.2, 0.3]),
-                                "probability": (centres == "A") * 0.5 + rng.uniform(0, 0.5, len(ids))})
+    predictions = pd.DataFrame(
+        {
+            "slide_id": ids,
+            "patient_id": ids,
+            "label": labels,
+            "centre": centres,
+            "split": rng.choice(["train", "val", "test"], len(ids), p=[0.5, 0.2, 0.3]),
+            "probability": (centres == "A") * 0.5 + rng.uniform(0, 0.5, len(ids)),
+        }
+    )
     base = rng.uniform(0.05, 0.5, len(COLOUR_STAT_NAMES))
     stats = {s: base + 0.1 * (c == "A") + rng.normal(0, 0.003, len(base)) for s, c in zip(ids, centres)}
     test = predictions[predictions["split"] == "test"]
@@ -331,7 +350,8 @@ def test_run_shortcut_judges_a_runs_predictions_by_their_groups() -> None:
     for column, name in (("centre", "centre"), (None, "colour batch")):
         check = run_shortcut(predictions, stats, model_auc, column, seed=0)
         assert check["group_name"] == name and check["group_auc"] == pytest.approx(
-            group_shortcut_auc(centres, labels)["auc"])
+            group_shortcut_auc(centres, labels)["auc"]
+        )
         assert set(check["splits"]) == {"train", "val", "test"} and check["within"]["n_groups"] == 2
         assert check["warning"] and f"within-{name} AUC" in check["verdict"]
         reading = predictions.assign(probability=labels + rng.normal(0, 0.5, len(ids)))

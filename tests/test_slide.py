@@ -16,8 +16,9 @@ from histotransfer.slide import SlideEntry, list_slides, open_slide, slide_id_of
 from histotransfer.slide.backends import OpenSlideSlide, TiffSlideSlide
 
 
-@pytest.mark.parametrize("name, expected", [("a.svs", "a"), ("b.ome.tiff", "b"), ("c.OME.TIF", "c"),
-                                            ("d.e.tif", "d.e"), ("f", "f")])
+@pytest.mark.parametrize(
+    "name, expected", [("a.svs", "a"), ("b.ome.tiff", "b"), ("c.OME.TIF", "c"), ("d.e.tif", "d.e"), ("f", "f")]
+)
 def test_slide_id_is_file_name_without_extension(name: str, expected: str) -> None:
     assert slide_id_of(Path("/x") / name) == expected
 
@@ -39,9 +40,13 @@ def test_openslide_and_tiffslide_read_identical_pixels_and_white_outside(make_sl
     path = make_slide("s2", size=(1024, 1024))
     with OpenSlideSlide(path) as a, TiffSlideSlide(path) as b:
         assert (a.dimensions, a.level_dimensions, a.mpp) == (b.dimensions, b.level_dimensions, b.mpp)
-        for loc, level, size in [((0, 0), 0, (1024, 1024)), ((-64, -32), 0, (200, 100)),
-                                 ((900, 1000), 0, (300, 50)), ((512, 256), 1, (300, 300)),
-                                 ((-40, 1000), 2, (80, 80))]:
+        for loc, level, size in [
+            ((0, 0), 0, (1024, 1024)),
+            ((-64, -32), 0, (200, 100)),
+            ((900, 1000), 0, (300, 50)),
+            ((512, 256), 1, (300, 300)),
+            ((-40, 1000), 2, (80, 80)),
+        ]:
             ra, rb = a.read_region(loc, level, size), b.read_region(loc, level, size)
             assert ra.shape == (size[1], size[0], 3) and ra.dtype == np.uint8
             np.testing.assert_array_equal(ra, rb)
@@ -65,8 +70,9 @@ def test_mpp_override_and_pickling(make_slide) -> None:
         assert slide.mpp == 0.5 and slide.magnification == pytest.approx(20.0)
         clone = pickle.loads(pickle.dumps(slide))
         assert (clone.path, clone.mpp, clone.dimensions) == (slide.path, 0.5, slide.dimensions)
-        np.testing.assert_array_equal(clone.read_region((10, 20), 0, (64, 64)),
-                                      slide.read_region((10, 20), 0, (64, 64)))
+        np.testing.assert_array_equal(
+            clone.read_region((10, 20), 0, (64, 64)), slide.read_region((10, 20), 0, (64, 64))
+        )
         clone.close()
 
 

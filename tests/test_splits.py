@@ -86,8 +86,13 @@ def test_kfold_test_folds_partition_patients_and_never_leak():
 
 
 def test_sixteen_slides_get_both_classes_in_val_and_test():
-    frame = pd.DataFrame({"slide_id": [f"s{i:02d}" for i in range(16)],
-                          "patient_id": [f"s{i:02d}" for i in range(16)], "label": [0, 1] * 8})
+    frame = pd.DataFrame(
+        {
+            "slide_id": [f"s{i:02d}" for i in range(16)],
+            "patient_id": [f"s{i:02d}" for i in range(16)],
+            "label": [0, 1] * 8,
+        }
+    )
     for seed in range(50):
         split = random_split(frame, CLASSES, seed=seed)
         counts = split.groupby(["split", "label"]).size()
@@ -95,8 +100,9 @@ def test_sixteen_slides_get_both_classes_in_val_and_test():
 
 
 def test_fractions_follow_the_paper_on_a_larger_cohort():
-    frame = pd.DataFrame({"slide_id": [f"s{i}" for i in range(200)], "patient_id": [f"s{i}" for i in range(200)],
-                          "label": [0, 1] * 100})
+    frame = pd.DataFrame(
+        {"slide_id": [f"s{i}" for i in range(200)], "patient_id": [f"s{i}" for i in range(200)], "label": [0, 1] * 100}
+    )
     sizes = random_split(frame, CLASSES, seed=3)["split"].value_counts()
     assert sizes["train"] == 130 and sizes["val"] == 30 and sizes["test"] == 40
 
@@ -111,8 +117,13 @@ def test_too_few_patients_of_a_class_is_a_clear_error():
 def cohort(tmp_path: Path) -> tuple[Path, Path, pd.DataFrame]:
     bags = planted_bags(12, n_patches=(5, 8), dim=4, seed=2)
     write_feature_folder(tmp_path / "features", bags)
-    frame = pd.DataFrame({"slide_id": [b.slide_id for b in bags], "label": [b.label for b in bags],
-                          "patient_id": [f"p{i // 2}" for i in range(12)]})
+    frame = pd.DataFrame(
+        {
+            "slide_id": [b.slide_id for b in bags],
+            "label": [b.label for b in bags],
+            "patient_id": [f"p{i // 2}" for i in range(12)],
+        }
+    )
     frame.to_csv(tmp_path / "labels.csv", index=False)
     return tmp_path / "features", tmp_path / "labels.csv", frame
 
@@ -129,14 +140,22 @@ def test_user_split_file_is_obeyed_exactly(tmp_path, cohort):
     assert dict(zip(predicted["slide_id"], predicted["split"])) == dict(zip(split["slide_id"], split["split"]))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda s: s.assign(split=s["split"].where(s["slide_id"] != "slide_001", "test")), "more than one split"),
-    (lambda s: s.assign(split=s["split"].replace("val", "valid")), "unknown split name.*'valid'"),
-    (lambda s: s.iloc[1:], "slide_000.*have no split"),
-    (lambda s: pd.concat([s, pd.DataFrame({"slide_id": ["ghost"], "split": ["train"]})]), "ghost.*not in the label"),
-    (lambda s: s.assign(split=np.where(s["slide_id"].isin(["slide_000", "slide_001"]), "train", "test")),
-     "train split must hold slides of both classes"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.assign(split=s["split"].where(s["slide_id"] != "slide_001", "test")), "more than one split"),
+        (lambda s: s.assign(split=s["split"].replace("val", "valid")), "unknown split name.*'valid'"),
+        (lambda s: s.iloc[1:], "slide_000.*have no split"),
+        (
+            lambda s: pd.concat([s, pd.DataFrame({"slide_id": ["ghost"], "split": ["train"]})]),
+            "ghost.*not in the label",
+        ),
+        (
+            lambda s: s.assign(split=np.where(s["slide_id"].isin(["slide_000", "slide_001"]), "train", "test")),
+            "train split must hold slides of both classes",
+        ),
+    ],
+)
 def test_bad_split_files_are_refused(tmp_path, cohort, change, message):
     _, _, frame = cohort
     base = frame.assign(split=np.where(np.arange(12) < 8, "train", np.where(np.arange(12) < 10, "val", "test")))
@@ -156,8 +175,11 @@ def test_split_with_one_class_in_val_warns(tmp_path, cohort):
 
 
 def test_camelyon16_rule_puts_test_slides_in_test_and_draws_validation_from_training():
-    ids = [f"normal_{i:03d}" for i in range(1, 13)] + [f"tumor_{i:03d}" for i in range(1, 9)] + \
-        [f"test_{i:03d}" for i in range(1, 7)]
+    ids = (
+        [f"normal_{i:03d}" for i in range(1, 13)]
+        + [f"tumor_{i:03d}" for i in range(1, 9)]
+        + [f"test_{i:03d}" for i in range(1, 7)]
+    )
     labels = [0] * 12 + [1] * 8 + [0, 1, 0, 1, 0, 1]
     frame = pd.DataFrame({"slide_id": ids, "patient_id": ids, "label": labels})
     split = rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0).set_index("slide_id")["split"]
@@ -169,7 +191,8 @@ def test_camelyon16_rule_puts_test_slides_in_test_and_draws_validation_from_trai
     val = train_val[train_val == "val"].index
     assert sum(s.startswith("normal") for s in val) == 2 and sum(s.startswith("tumor") for s in val) == 1
     assert rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0).equals(
-        rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0))
+        rule_split(frame, ["normal", "tumor"], "camelyon16", seed=0)
+    )
     with pytest.raises(HistotransferError, match="no slide id matches"):
         rule_split(frame[~frame["slide_id"].str.startswith("test_")], ["normal", "tumor"], "camelyon16")
     with pytest.raises(HistotransferError, match="unknown"):

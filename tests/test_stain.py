@@ -26,14 +26,15 @@ def he_image(seed: int, size: int = 384, lesion: bool = True) -> np.ndarray:
     tissue = np.ones((size, size), bool)
     region = np.zeros_like(tissue)
     if lesion:
-        region[size // 2:, : size // 2] = True
+        region[size // 2 :, : size // 2] = True
     return render_tissue(tissue, region, np.random.default_rng(seed))
 
 
 def crops(image: np.ndarray, size: int = PATCH) -> np.ndarray:
     h, w = image.shape[:2]
-    return np.stack([image[y:y + size, x:x + size] for y in range(0, h - size + 1, size)
-                     for x in range(0, w - size + 1, size)])
+    return np.stack(
+        [image[y : y + size, x : x + size] for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
+    )
 
 
 def torchstain_reference(method: str, reference: np.ndarray, patches: np.ndarray) -> np.ndarray:
@@ -77,8 +78,10 @@ def test_macenko_fit_equals_torchstains_on_a_reference_and_a_slide_sized_sample(
     fitted = StainNormalizer.fit("macenko", tinted).target
     theirs = NumpyMacenkoNormalizer()
     theirs.fit(tinted, Io=240, alpha=1, beta=0.15)
-    assert fitted == {"stain_matrix": np.round(theirs.HERef, 6).tolist(),
-                      "max_concentrations": np.round(theirs.maxCRef, 6).tolist()}
+    assert fitted == {
+        "stain_matrix": np.round(theirs.HERef, 6).tolist(),
+        "max_concentrations": np.round(theirs.maxCRef, 6).tolist(),
+    }
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
@@ -135,8 +138,12 @@ def test_dict_round_trip_through_json_gives_identical_outputs(method: str) -> No
 
 def test_tag_changes_with_reference_method_and_settings() -> None:
     a, b = he_image(seed=8, size=256), he_image(seed=9, size=256)
-    tags = {StainNormalizer.fit("macenko", a).tag(), StainNormalizer.fit("macenko", b).tag(),
-            StainNormalizer.fit("reinhard", a).tag(), StainNormalizer.fit("macenko", a, alpha=2).tag()}
+    tags = {
+        StainNormalizer.fit("macenko", a).tag(),
+        StainNormalizer.fit("macenko", b).tag(),
+        StainNormalizer.fit("reinhard", a).tag(),
+        StainNormalizer.fit("macenko", a, alpha=2).tag(),
+    }
     assert len(tags) == 4
     assert StainNormalizer.fit("macenko", a.copy()).tag() == StainNormalizer.fit("macenko", a).tag()
 
@@ -153,12 +160,15 @@ def test_reference_file_array_and_patch_list_agree(tmp_path: Path) -> None:
     assert StainNormalizer.fit("reinhard", halves).to_dict() == StainNormalizer.fit("reinhard", image).to_dict()
 
 
-@pytest.mark.parametrize(("reference", "message"), [
-    (np.full((64, 64, 3), 245, np.uint8), "only 0 stained pixels"),
-    (np.zeros((64, 64), np.uint8), r"uint8 RGB\(A\) array"),
-    ([], "list of reference patches is empty"),
-    ("missing.png", "missing.png: not a readable image"),
-])
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (np.full((64, 64, 3), 245, np.uint8), "only 0 stained pixels"),
+        (np.zeros((64, 64), np.uint8), r"uint8 RGB\(A\) array"),
+        ([], "list of reference patches is empty"),
+        ("missing.png", "missing.png: not a readable image"),
+    ],
+)
 def test_bad_references_are_refused(reference: object, message: str) -> None:
     with pytest.raises(HistotransferError, match=message):
         StainNormalizer.fit("macenko", reference)  # type: ignore[arg-type]
@@ -192,8 +202,13 @@ def test_hed_jitter_is_seeded_and_varies_per_patch() -> None:
     assert not torch.equal(a1[0], a1[1])  # each patch its own draw
     assert not torch.equal(HedJitter(0.1, 0.1, seed=6)(batch), a1)
     assert HedJitter(0.1, 0.2, seed=5).describe() == {
-        "name": "hed_jitter", "sigma": 0.1, "bias": 0.2, "seed": 5, "units": "natural-log optical density",
-        "stain_vectors": "Ruifrok-Johnston H, E, DAB"}
+        "name": "hed_jitter",
+        "sigma": 0.1,
+        "bias": 0.2,
+        "seed": 5,
+        "units": "natural-log optical density",
+        "stain_vectors": "Ruifrok-Johnston H, E, DAB",
+    }
 
 
 def test_hed_jitter_scales_haematoxylin_as_drawn() -> None:

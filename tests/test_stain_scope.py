@@ -36,7 +36,7 @@ def slide_image(seed: int, size: int = 512) -> np.ndarray:
 
 def tiles(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
-    return np.stack([image[y:y + PATCH, x:x + PATCH] for y in range(0, h, PATCH) for x in range(0, w, PATCH)])
+    return np.stack([image[y : y + PATCH, x : x + PATCH] for y in range(0, h, PATCH) for x in range(0, w, PATCH)])
 
 
 def mean_od(patches: np.ndarray) -> np.ndarray:
@@ -178,15 +178,17 @@ def test_the_scope_is_recorded_only_where_it_changes_the_result(slide) -> None:
 def _cohort(root, seed: int, prevalence_shift: float, prefix: str) -> tuple:
     """12 demo slides of two centres (haematoxylin and eosin shifted by 0.3 either way), ids prefixed, tiled;
     the patch folder and labels with the centre."""
-    demo = make_demo_slides(root / "demo", n_slides=12, seed=seed, size=1024, centres=2, stain_shift=0.3,
-                            prevalence_shift=prevalence_shift)
+    demo = make_demo_slides(
+        root / "demo", n_slides=12, seed=seed, size=1024, centres=2, stain_shift=0.3, prevalence_shift=prevalence_shift
+    )
     (root / "slides").mkdir(parents=True)
     slides = []
     for path in demo.slides:
         slides.append(root / "slides" / f"{prefix}{path.name}")
         slides[-1].symlink_to(path)
-    patches = tile_slides(slides, root / "tiles", magnification=40, patch_size=128, min_region_um2=2000.0,
-                          workers=1).patches
+    patches = tile_slides(
+        slides, root / "tiles", magnification=40, patch_size=128, min_region_um2=2000.0, workers=1
+    ).patches
     labels = pd.read_csv(demo.labels_csv).merge(pd.read_csv(demo.centres_csv)[["slide_id", "centre"]])
     labels[["slide_id", "patient_id"]] = prefix + labels[["slide_id", "patient_id"]]
     labels.to_csv(root / "labels.csv", index=False)

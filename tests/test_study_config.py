@@ -36,8 +36,10 @@ def base_study(root: Path) -> dict:
     return {
         "name": "t",
         "datasets": [make_dataset(root)],
-        "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 2]},
-                     {"name": "densenet121", "weights": "random"}],
+        "encoders": [
+            {"name": "resnet18", "weights": "random", "truncations": [0, 2]},
+            {"name": "densenet121", "weights": "random"},
+        ],
         "seeds": [0, 1],
         "mil": {"epochs": 2, "lr": "1e-3"},
         "finetune": {"encoders": [{"name": "resnet18", "truncation": 2}], "epochs": 1},
@@ -57,8 +59,11 @@ def test_valid_study_expands_slides_and_fills_defaults(tmp_path):
     assert [p.name for p in ds.slides] == ["s0.svs", "s1.svs", "s2.svs", "s3.svs"]
     assert ds.labels == (tmp_path / "ds" / "labels.csv").resolve()
     assert (ds.tile.magnification, ds.tile.patch_size, ds.tile.min_tissue) == (20.0, 512, 0.5)
-    assert study.encoders == (EncoderConfig("resnet18", "random", 0), EncoderConfig("resnet18", "random", 2),
-                              EncoderConfig("densenet121", "random", 0))
+    assert study.encoders == (
+        EncoderConfig("resnet18", "random", 0),
+        EncoderConfig("resnet18", "random", 2),
+        EncoderConfig("densenet121", "random", 0),
+    )
     assert study.mil[0].settings.lr == pytest.approx(1e-3) and study.mil[0].settings.epochs == 2
     assert study.finetune_encoders == (EncoderConfig("resnet18", "random", 2),)
     assert study.finetune_seeds == (0, 1) and study.cka.n_patches == 16

@@ -57,8 +57,13 @@ def test_killed_study_resumes_without_recomputing_finished_cells(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = tmp_path / "first_run.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "histotransfer", "study", str(study), "--out", str(out)],
-                                stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "histotransfer", "study", str(study), "--out", str(out)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("mil/demo/*/*/seed*/done.json")):
@@ -87,20 +92,24 @@ def test_killed_study_resumes_without_recomputing_finished_cells(tmp_path):
     t4 = pd.read_csv(out / "tables" / "table4_truncation.csv")
     assert list(t4["truncate"]) == [2, 3]
     for row in t4.itertuples():
-        aucs = [json.loads((out / f"mil/demo/resnet18-random-t{row.truncate}/histotransfer/seed{s}/run/metrics.json")
-                           .read_text())["test"]["auc"] for s in (0, 1)]
+        aucs = [
+            json.loads(
+                (out / f"mil/demo/resnet18-random-t{row.truncate}/histotransfer/seed{s}/run/metrics.json").read_text()
+            )["test"]["auc"]
+            for s in (0, 1)
+        ]
         aucs = [a for a in aucs if a is not None]
         assert row.demo_auc_mean == pytest.approx(np.mean(aucs), abs=1e-9)
     t3 = pd.read_csv(out / "tables" / "table3_finetuning.csv")
-    tuned = json.loads((out / "finetune/demo/resnet18-random-t3/histotransfer/seed0/run/metrics.json")
-                       .read_text())["test"]["auc"]
+    tuned = json.loads((out / "finetune/demo/resnet18-random-t3/histotransfer/seed0/run/metrics.json").read_text())[
+        "test"
+    ]["auc"]
     assert t3.loc[0, "demo_finetuned_auc_mean"] == pytest.approx(tuned, abs=1e-9)
     cka = pd.read_csv(out / "tables" / "cka_stages.csv")
     assert len(cka) >= 2 and cka["cka"].between(-1e-6, 1 + 1e-6).all()
     html = report.read_text()
     assert html.count("data:image/png;base64,") == 2  # CKA and truncation; no full-depth encoder for top-1
-    for name in ("table1_architectures", "table2_histopathology_encoders", "table3_finetuning",
-                 "table4_truncation"):
+    for name in ("table1_architectures", "table2_histopathology_encoders", "table3_finetuning", "table4_truncation"):
         assert (out / "tables" / f"{name}.csv").is_file() and (out / "tables" / f"{name}.md").is_file()
 
 
@@ -114,14 +123,33 @@ def test_study_under_torchrun_with_two_processes_writes_the_same_tables(tmp_path
     alone = [sys.executable, "-m", "histotransfer", "study", str(study), "--out", str(tmp_path / "one")]
     assert subprocess.run(alone, env=env, capture_output=True, timeout=600).returncode == 0
     single = tmp_path / "one" / "report.html"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "histotransfer", "study", str(study), "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "histotransfer",
+        "study",
+        str(study),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("runs_mil", "runs_finetune", "cka_stages", "table1_architectures", "table3_finetuning",
-                 "table4_truncation"):
-        assert (tmp_path / "two" / "tables" / f"{name}.csv").read_bytes() == \
-            (single.parent / "tables" / f"{name}.csv").read_bytes(), name
+    for name in (
+        "runs_mil",
+        "runs_finetune",
+        "cka_stages",
+        "table1_architectures",
+        "table3_finetuning",
+        "table4_truncation",
+    ):
+        assert (tmp_path / "two" / "tables" / f"{name}.csv").read_bytes() == (
+            single.parent / "tables" / f"{name}.csv"
+        ).read_bytes(), name
     cells = pd.read_csv(tmp_path / "two" / "cells.csv")
     assert set(cells["status"]) == {"done"} and len(cells) == 9
     assert done.stdout.count("study: done in") == 1  # one summary, from rank 0

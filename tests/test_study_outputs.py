@@ -36,8 +36,15 @@ SEEDS = [0, 1, 2]
 
 def write_metrics(run: Path, auc: float | None, n_slides: int) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    test = {"auc": auc, "auc_ci_low": None, "auc_ci_high": None, "accuracy": 0.5, "balanced_accuracy": 0.5,
-            "f1": 0.5, "n_slides": n_slides}
+    test = {
+        "auc": auc,
+        "auc_ci_low": None,
+        "auc_ci_high": None,
+        "accuracy": 0.5,
+        "balanced_accuracy": 0.5,
+        "f1": 0.5,
+        "n_slides": n_slides,
+    }
     (run / "metrics.json").write_text(json.dumps({"train": dict(test, n_slides=30), "val": test, "test": test}))
 
 
@@ -54,20 +61,40 @@ def synthetic_study(out: Path) -> list[dict]:
                 rel = f"mil/{ds}/{enc.key}/seed{seed}/run"
                 auc = None if (enc == CIGA and ds == "alpha" and seed == 2) else float(rng.uniform(0.5, 1.0))
                 write_metrics(out / rel, auc, 12 if ds == "alpha" else 9)
-                records.append({"kind": "mil", "dataset": ds, "encoder": enc.spec(), "seed": seed,
-                                "result": {"run": rel}})
+                records.append(
+                    {"kind": "mil", "dataset": ds, "encoder": enc.spec(), "seed": seed, "result": {"run": rel}}
+                )
         for seed in SEEDS[:2]:
             rel = f"finetune/{ds}/{R18[1].key}/seed{seed}/run"
             write_metrics(out / rel, float(rng.uniform(0.5, 1.0)), 12 if ds == "alpha" else 9)
-            records.append({"kind": "finetune", "dataset": ds, "encoder": R18[1].spec(), "seed": seed,
-                            "result": {"run": rel, "frozen_run": f"mil/{ds}/{R18[1].key}/seed{seed}/run"}})
+            records.append(
+                {
+                    "kind": "finetune",
+                    "dataset": ds,
+                    "encoder": R18[1].spec(),
+                    "seed": seed,
+                    "result": {"run": rel, "frozen_run": f"mil/{ds}/{R18[1].key}/seed{seed}/run"},
+                }
+            )
             csv = out / f"cka/{ds}/{R18[1].key}/seed{seed}/cka/cka.csv"
             csv.parent.mkdir(parents=True)
-            pd.DataFrame({"stage": ["stem", "layer1", "layer2", "layer3"],
-                          "cka": [1.0, 0.99, 0.9 - 0.1 * seed, 0.7], "baseline": [0.5, 0.4, 0.3, 0.2],
-                          "baseline_sd": [0.05, 0.04, 0.03, 0.02]}).to_csv(csv, index=False)
-            records.append({"kind": "cka", "dataset": ds, "encoder": R18[1].spec(), "seed": seed,
-                            "result": {"csv": str(csv.relative_to(out)), "comparison": "r18 frozen vs fine-tuned"}})
+            pd.DataFrame(
+                {
+                    "stage": ["stem", "layer1", "layer2", "layer3"],
+                    "cka": [1.0, 0.99, 0.9 - 0.1 * seed, 0.7],
+                    "baseline": [0.5, 0.4, 0.3, 0.2],
+                    "baseline_sd": [0.05, 0.04, 0.03, 0.02],
+                }
+            ).to_csv(csv, index=False)
+            records.append(
+                {
+                    "kind": "cka",
+                    "dataset": ds,
+                    "encoder": R18[1].spec(),
+                    "seed": seed,
+                    "result": {"csv": str(csv.relative_to(out)), "comparison": "r18 frozen vs fine-tuned"},
+                }
+            )
     return records
 
 
@@ -81,8 +108,6 @@ def file_aucs(out: Path, ds: str, enc: EncoderConfig, kind: str = "mil") -> list
             if auc is not None:
                 aucs.append(auc)
     return aucs
-
-
 
 
 @pytest.fixture()
@@ -165,9 +190,17 @@ def test_markdown_and_csv_files(built):
     md = (out / "tables" / "table1_architectures.md").read_text()
     assert f"| densenet121 | imagenet | 74.4 | none |  | {t1.loc[1, 'alpha']} | – |" in md
     t3 = display_table("table3_finetuning", tables["table3_finetuning"], DATASETS)
-    assert list(t3.columns) == ["Encoder", "Weights", "Truncation", "Stain", "MIL recipe", "alpha: frozen",
-                                "alpha: fine-tuned",
-                                "beta: frozen", "beta: fine-tuned"]
+    assert list(t3.columns) == [
+        "Encoder",
+        "Weights",
+        "Truncation",
+        "Stain",
+        "MIL recipe",
+        "alpha: frozen",
+        "alpha: fine-tuned",
+        "beta: frozen",
+        "beta: fine-tuned",
+    ]
     assert pd.read_csv(out / "tables" / "runs_mil.csv")["auc"].notna().sum() == 26
 
 
@@ -202,17 +235,31 @@ def report(built):
     out, records, mil, ft, tables = built
     shown = write_tables(out / "tables", tables, DATASETS, {"runs_mil": mil, "runs_finetune": ft})
     figures = draw_figures(out / "figures", mil, cka_stages(out, records))
-    cells = [{"kind": r["kind"], "key": str(Path(r["result"].get("run") or r["result"]["csv"]).parent),
-              "status": "done", "seconds": 1.5, "message": ""} for r in records]
+    cells = [
+        {
+            "kind": r["kind"],
+            "key": str(Path(r["result"].get("run") or r["result"]["csv"]).parent),
+            "status": "done",
+            "seconds": 1.5,
+            "message": "",
+        }
+        for r in records
+    ]
     for c in cells:
         c["folder"] = c["key"]
-    cells.append({"kind": "extract", "key": "extract/beta/densenet121-imagenet-t0", "folder":
-                  "extract/beta/densenet121-imagenet-t0", "status": "failed", "seconds": 0.1,
-                  "message": "slide <b>x</b> unreadable"})
+    cells.append(
+        {
+            "kind": "extract",
+            "key": "extract/beta/densenet121-imagenet-t0",
+            "folder": "extract/beta/densenet121-imagenet-t0",
+            "status": "failed",
+            "seconds": 0.1,
+            "message": "slide <b>x</b> unreadable",
+        }
+    )
     (out / cells[-1]["folder"]).mkdir(parents=True)
     (out / cells[-1]["folder"] / "error.log").write_text("Traceback ...")
-    path = write_report(out / "report.html", "Synthetic <study>", out / "study.yaml", STUDY_TEXT, shown, figures,
-                        cells)
+    path = write_report(out / "report.html", "Synthetic <study>", out / "study.yaml", STUDY_TEXT, shown, figures, cells)
     return path, figures, cells
 
 
@@ -242,7 +289,7 @@ def test_report_is_self_contained_with_figures_tables_and_links(report):
     for src, fig in zip(page.images, figures):
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
-        assert base64.b64decode(src[len(prefix):]) == fig.path.read_bytes()
+        assert base64.b64decode(src[len(prefix) :]) == fig.path.read_bytes()
     assert "http://" not in text and "https://" not in text and "<link" not in text
     assert page.tables == 4 + 2  # Tables I-IV, the cells, the versions
     for href in page.links:  # every link is relative and points at a file or folder of the study
@@ -258,10 +305,8 @@ def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if found := shutil.which(name):
             return found
-    if os.environ.get("HISTOTRANSFER_TEST_INSTALL_CHROMIUM") == "1" and shutil.which("apt-get") \
-            and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, capture_output=True,
-                       timeout=900)
+    if os.environ.get("HISTOTRANSFER_TEST_INSTALL_CHROMIUM") == "1" and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, capture_output=True, timeout=900)
         return shutil.which("chromium")
     return None
 
@@ -280,14 +325,27 @@ window.addEventListener("load", () => {
 def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium; or set "
-                    "HISTOTRANSFER_TEST_INSTALL_CHROMIUM=1 to let this test install it as root)")
+        pytest.skip(
+            "chromium is not installed (apt-get install -y chromium; or set "
+            "HISTOTRANSFER_TEST_INSTALL_CHROMIUM=1 to let this test install it as root)"
+        )
     path, _, _ = report
     probed = path.with_name("probed.html")
     probed.write_text(path.read_text().replace("</body>", PROBE + "</body>"))
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--window-size=1280,3000"]
+    common = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--window-size=1280,3000",
+    ]
     dom = subprocess.run([*common, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>(probe[^<]*)</title>", dom.stdout)
     assert title, f"page did not load: {dom.stderr[-2000:]}"
@@ -303,22 +361,32 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_table2_pairs_each_histopathology_encoder_with_the_imagenet_encoder_of_its_architecture():
     from histotransfer.study.tables import histopathology_pairs
 
-    info = {"resnet18": {"family": "imagenet", "architecture": "resnet18"},
-            "densenet121": {"family": "imagenet", "architecture": "densenet121"},
-            "ciga-simclr-resnet18": {"family": "histopathology", "architecture": "resnet18"},
-            "mormont-mtl-densenet121": {"family": "histopathology", "architecture": "densenet121"},
-            "vit_large_patch16_224": {"family": "imagenet", "architecture": "ViT-L/16"},
-            "phikon-v2": {"family": "histopathology", "architecture": "ViT-L/16 (DINOv2)"},
-            "virchow2": {"family": "histopathology", "architecture": "ViT-H/14, 4 registers, SwiGLU"}}
+    info = {
+        "resnet18": {"family": "imagenet", "architecture": "resnet18"},
+        "densenet121": {"family": "imagenet", "architecture": "densenet121"},
+        "ciga-simclr-resnet18": {"family": "histopathology", "architecture": "resnet18"},
+        "mormont-mtl-densenet121": {"family": "histopathology", "architecture": "densenet121"},
+        "vit_large_patch16_224": {"family": "imagenet", "architecture": "ViT-L/16"},
+        "phikon-v2": {"family": "histopathology", "architecture": "ViT-L/16 (DINOv2)"},
+        "virchow2": {"family": "histopathology", "architecture": "ViT-H/14, 4 registers, SwiGLU"},
+    }
     r18, d121 = EncoderConfig("resnet18", "imagenet", 0), EncoderConfig("densenet121", "imagenet", 0)
     vitl = EncoderConfig("vit_large_patch16_224", "imagenet", 0)
     ciga = EncoderConfig("ciga-simclr-resnet18", "pretrained", 0)
     mormont = EncoderConfig("mormont-mtl-densenet121", "pretrained", 0)
     phikon, virchow = EncoderConfig("phikon-v2", "pretrained", 0), EncoderConfig("virchow2", "pretrained", 0)
-    rows = histopathology_pairs([r18, d121, vitl, EncoderConfig("resnet18", "imagenet", 2), ciga, mormont, phikon,
-                                 virchow], info)
-    assert rows == [(r18, "ImageNet"), (ciga, "histopathology"), (d121, "ImageNet"), (mormont, "histopathology"),
-                    (vitl, "ImageNet"), (phikon, "histopathology"), (virchow, "histopathology")]
+    rows = histopathology_pairs(
+        [r18, d121, vitl, EncoderConfig("resnet18", "imagenet", 2), ciga, mormont, phikon, virchow], info
+    )
+    assert rows == [
+        (r18, "ImageNet"),
+        (ciga, "histopathology"),
+        (d121, "ImageNet"),
+        (mormont, "histopathology"),
+        (vitl, "ImageNet"),
+        (phikon, "histopathology"),
+        (virchow, "histopathology"),
+    ]
 
 
 def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path):
@@ -330,19 +398,53 @@ def test_table5_means_the_localisation_of_each_configuration_over_seeds(tmp_path
     for seed, (touch, share, hit, auc) in scores.items():
         rel = f"mil/alpha/{R18[2].key}/histotransfer/seed{seed}/localisation.json"
         (tmp_path / rel).parent.mkdir(parents=True)
-        cohort = {"top_patch_touches": {"mean": touch, "n": 4}, "touching_share": {"mean": share, "n": 4},
-                  "top_patch_hit": {"mean": hit, "n": 4}, "auc_touching": {"mean": auc, "n": 4 if auc else 0}}
+        cohort = {
+            "top_patch_touches": {"mean": touch, "n": 4},
+            "touching_share": {"mean": share, "n": 4},
+            "top_patch_hit": {"mean": hit, "n": 4},
+            "auc_touching": {"mean": auc, "n": 4 if auc else 0},
+        }
         (tmp_path / rel).write_text(json.dumps({"n_scored": 4 + seed, "cohort": cohort}))
-        records.append({"kind": "mil", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
-                        "recipe": "histotransfer", "stain": "none", "seed": seed, "result": {"localisation": rel}})
+        records.append(
+            {
+                "kind": "mil",
+                "dataset": "alpha",
+                "config": R18[2].key,
+                "encoder": R18[2].spec(),
+                "recipe": "histotransfer",
+                "stain": "none",
+                "seed": seed,
+                "result": {"localisation": rel},
+            }
+        )
     cam = f"cam/alpha/{R18[2].key}/histotransfer/seed1/cam/cam.json"
     (tmp_path / cam).parent.mkdir(parents=True)
-    (tmp_path / cam).write_text(json.dumps({"localisation": {"cohort": {"pointing_game": {"mean": 0.75},
-                                                                          "pointing_chance": {"mean": 0.25},
-                                                                          "cam_mass": {"mean": 0.3}}},
-                                            "resolution": {"um_per_cell": 16.0}}))
-    records.append({"kind": "cam", "dataset": "alpha", "config": R18[2].key, "encoder": R18[2].spec(),
-                    "recipe": "histotransfer", "stain": "none", "seed": 1, "result": {"cams": cam}})
+    (tmp_path / cam).write_text(
+        json.dumps(
+            {
+                "localisation": {
+                    "cohort": {
+                        "pointing_game": {"mean": 0.75},
+                        "pointing_chance": {"mean": 0.25},
+                        "cam_mass": {"mean": 0.3},
+                    }
+                },
+                "resolution": {"um_per_cell": 16.0},
+            }
+        )
+    )
+    records.append(
+        {
+            "kind": "cam",
+            "dataset": "alpha",
+            "config": R18[2].key,
+            "encoder": R18[2].spec(),
+            "recipe": "histotransfer",
+            "stain": "none",
+            "seed": 1,
+            "result": {"cams": cam},
+        }
+    )
     runs = localisation_runs(tmp_path, records, INFO)
     assert runs["seed"].tolist() == [0, 1] and runs["pointing_game"].isna().tolist() == [True, False]
     table = localisation_table(runs, ["alpha"])

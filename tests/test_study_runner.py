@@ -31,8 +31,9 @@ def make_dataset(root: Path, name: str) -> dict:
 def write_study(root: Path, **changes) -> Path:
     study = {
         "name": "cache test",
-        "datasets": [make_dataset(root, "a") if not (root / "a").exists() else
-                     {"name": "a", "slides": "a", "labels": "a.csv"}],
+        "datasets": [
+            make_dataset(root, "a") if not (root / "a").exists() else {"name": "a", "slides": "a", "labels": "a.csv"}
+        ],
         "encoders": [{"name": "resnet18", "weights": "random", "truncations": [0, 1]}],
         "seeds": [0, 1],
         "mil": {"epochs": 2},
@@ -78,8 +79,10 @@ def stages(monkeypatch):
                 return result, ""
             (folder / "cka").mkdir()
             pd.DataFrame({"stage": ["stem", "layer1", "layer2"], "cka": [1.0, 0.9, 0.8]}).to_csv(
-                folder / "cka" / "cka.csv", index=False)
+                folder / "cka" / "cka.csv", index=False
+            )
             return {"csv": f"{cell.key}/cka/cka.csv", "comparison": "frozen vs fine-tuned"}, ""
+
         return work
 
     for kind in ("tile", "extract", "mil", "finetune", "cka"):
@@ -129,16 +132,30 @@ def test_changed_setting_redoes_only_its_cells(tmp_path, stages):
     assert after["tile/a/done.json"] == before["tile/a/done.json"]
     assert after["extract/a/resnet18-random/done.json"] == before["extract/a/resnet18-random/done.json"]
     calls.clear()
-    runner.execute(runner.load_study(write_study(tmp_path, mil={"epochs": 3}, seeds=[0, 1, 2],
-                                                 encoders=[{"name": "resnet18", "weights": "random",
-                                                            "truncations": [0, 1, 3]}])), out, progress=False)
+    runner.execute(
+        runner.load_study(
+            write_study(
+                tmp_path,
+                mil={"epochs": 3},
+                seeds=[0, 1, 2],
+                encoders=[{"name": "resnet18", "weights": "random", "truncations": [0, 1, 3]}],
+            )
+        ),
+        out,
+        progress=False,
+    )
     # the network's extraction cell takes the added truncation (the stage computes only what is missing); the
     # runs of the other truncations stay
-    assert sorted(calls) == sorted(["extract/a/resnet18-random", "mil/a/resnet18-random-t0/histotransfer/seed2",
-                                    "mil/a/resnet18-random-t1/histotransfer/seed2",
-                                    "mil/a/resnet18-random-t3/histotransfer/seed0",
-                                    "mil/a/resnet18-random-t3/histotransfer/seed1",
-                                    "mil/a/resnet18-random-t3/histotransfer/seed2"])
+    assert sorted(calls) == sorted(
+        [
+            "extract/a/resnet18-random",
+            "mil/a/resnet18-random-t0/histotransfer/seed2",
+            "mil/a/resnet18-random-t1/histotransfer/seed2",
+            "mil/a/resnet18-random-t3/histotransfer/seed0",
+            "mil/a/resnet18-random-t3/histotransfer/seed1",
+            "mil/a/resnet18-random-t3/histotransfer/seed2",
+        ]
+    )
 
 
 def test_editing_labels_retrains_but_does_not_retile(tmp_path, stages):
@@ -164,8 +181,10 @@ def test_failed_cell_is_recorded_dependents_blocked_rest_done_then_retried(tmp_p
     assert "broken on purpose" in by_key["mil/a/resnet18-random-t1/histotransfer/seed0"]["message"]
     for key in ("finetune/a/resnet18-random-t1/histotransfer/seed0", "cka/a/resnet18-random-t1/seed0"):
         assert by_key[key]["status"] == "blocked"
-    assert by_key["finetune/a/resnet18-random-t1/histotransfer/seed0"]["message"] == \
-        "needs mil/a/resnet18-random-t1/histotransfer/seed0, which failed"
+    assert (
+        by_key["finetune/a/resnet18-random-t1/histotransfer/seed0"]["message"]
+        == "needs mil/a/resnet18-random-t1/histotransfer/seed0, which failed"
+    )
     assert statuses(records) == {"done": 5, "failed": 1, "blocked": 2}
     failed = json.loads((out / "mil/a/resnet18-random-t1/histotransfer/seed0/failed.json").read_text())
     assert "broken on purpose" in failed["reason"]
@@ -207,11 +226,14 @@ def test_under_torchrun_the_rank_that_finds_the_folder_locked_stops_both_with_it
     instead of dying with "Connection closed by peer" and a traceback."""
     out = tmp_path / "out"
     with runner._lock(out):
-        code, errors = torchrun_ranks(["-m", "histotransfer", "study", str(write_study(tmp_path)), "--out",
-                                       str(out)], tmp_path / "logs")
+        code, errors = torchrun_ranks(
+            ["-m", "histotransfer", "study", str(write_study(tmp_path)), "--out", str(out)], tmp_path / "logs"
+        )
     assert code != 0
-    line = (f"histotransfer study: error: rank 0: {out}: another study is running in this folder; wait for it "
-            "to finish or choose another --out")
+    line = (
+        f"histotransfer study: error: rank 0: {out}: another study is running in this folder; wait for it "
+        "to finish or choose another --out"
+    )
     assert [e.strip() for e in errors] == [line, line]
 
 

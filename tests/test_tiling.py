@@ -35,7 +35,7 @@ from histotransfer.slide.backends import OpenSlideSlide, TiffSlideSlide
 def _true_fractions(truth: np.ndarray, coords: np.ndarray, footprint: int) -> np.ndarray:
     table = cv2.integral(truth.astype(np.uint8), sdepth=cv2.CV_64F)
     x, y = coords[:, 0], coords[:, 1]
-    area = (table[y + footprint, x + footprint] - table[y, x + footprint] - table[y + footprint, x] + table[y, x])
+    area = table[y + footprint, x + footprint] - table[y, x + footprint] - table[y + footprint, x] + table[y, x]
     return area / footprint**2
 
 
@@ -64,7 +64,7 @@ def test_known_tissue_at_20x_from_40x(make_slide, tmp_path: Path) -> None:
     np.testing.assert_allclose(got.tissue_fraction, _true_fractions(truth, got.coords, footprint), atol=tol)
     covered = np.zeros_like(truth)
     for x, y in got.coords.tolist():
-        covered[y:y + footprint, x:x + footprint] = True
+        covered[y : y + footprint, x : x + footprint] = True
     assert (covered & truth).sum() / truth.sum() > 0.8
 
     assert set(np.unique(cv2.imread(str(folder / "masks" / "geo.png"), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
@@ -137,16 +137,18 @@ def test_workers_give_the_same_outputs(make_slide, tmp_path: Path) -> None:
     slides = [make_slide(f"w{i}", size=(1024, 1024), seed=i) for i in range(3)]
     one = tile_slides(slides, tmp_path / "one", patch_size=128)
     two = tile_slides(slides, tmp_path / "two", patch_size=128, workers=2)
-    assert [(r.slide_id, r.status, r.n_patches) for r in one.results] == \
-        [(r.slide_id, r.status, r.n_patches) for r in two.results]
+    assert [(r.slide_id, r.status, r.n_patches) for r in one.results] == [
+        (r.slide_id, r.status, r.n_patches) for r in two.results
+    ]
     for s in slides:
         a = read_patch_file(one.patches / f"{s.stem}.h5")
         b = read_patch_file(two.patches / f"{s.stem}.h5")
         np.testing.assert_array_equal(a.coords, b.coords)
 
 
-def test_real_svs_tiles_identically_through_openslide_and_tiffslide(cmu_svs: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_svs_tiles_identically_through_openslide_and_tiffslide(
+    cmu_svs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with OpenSlideSlide(cmu_svs) as a, TiffSlideSlide(cmu_svs) as b:
         results = []
         for slide in (a, b):
@@ -209,15 +211,14 @@ def _edge_slide(make_slide, name: str, x0: int, y0: int, x1: int, y1: int) -> tu
 def _covered(coords: np.ndarray, truth: np.ndarray, footprint: int) -> float:
     covered = np.zeros_like(truth)
     for x, y in coords.tolist():
-        covered[y:y + footprint, x:x + footprint] = True
+        covered[y : y + footprint, x : x + footprint] = True
     return float((covered & truth).sum() / truth.sum())
 
 
 def test_tissue_grid_covers_tissue_at_the_right_and_bottom_edges(make_slide, tmp_path: Path) -> None:
     path, truth = _edge_slide(make_slide, "edge", 1008, 608, 2000, 1600)
     origin = read_patch_file(tile_slides([path], tmp_path / "out", patch_size=256).patches / "edge.h5")
-    centred = read_patch_file(tile_slides([path], tmp_path / "out", patch_size=256, grid="tissue").patches
-                              / "edge.h5")
+    centred = read_patch_file(tile_slides([path], tmp_path / "out", patch_size=256, grid="tissue").patches / "edge.h5")
     # the origin grid stops at 7 * 256 = 1792 and 6 * 256 = 1536: the last 208 and 64 px are never covered
     assert origin.coords[:, 0].max() + 256 <= 1792 and origin.coords[:, 1].max() + 256 <= 1536
     assert _covered(origin.coords, truth, 256) < 0.75
@@ -265,8 +266,10 @@ def test_mask_and_thumbnail_show_the_excluded_ink(tmp_path: Path) -> None:
     on_ink = [masks[1][round(150 + t * 100), round(50 + t * 400)] for t in np.linspace(0.1, 0.9, 9)]
     assert on_ink == [MASK_EXCLUDED] * 9 and masks[0][200, 250] == MASK_TISSUE
     assert (masks[0][masks[1] == MASK_EXCLUDED] == MASK_TISSUE).mean() > 0.98  # what was excluded was 'tissue'
-    red = [np.all(cv2.imread(str(run.folder / "thumbnails" / "pen.png"))[..., ::-1] == EXCLUDED_COLOUR, axis=-1)
-           for run in (plain, pen)]
+    red = [
+        np.all(cv2.imread(str(run.folder / "thumbnails" / "pen.png"))[..., ::-1] == EXCLUDED_COLOUR, axis=-1)
+        for run in (plain, pen)
+    ]
     assert not red[0].any() and red[1].sum() > 500
     kept = read_patch_file(pen.patches / "pen.h5")
     assert len(kept) < len(read_patch_file(plain.patches / "pen.h5"))
@@ -307,18 +310,21 @@ def test_patch_files_recorded_before_the_options_still_count_as_done(make_slide,
         settings = json.loads(f.attrs["tiling_settings"])
         f.attrs["tiling_settings"] = json.dumps({k: v for k, v in settings.items() if k not in OPTIONS})
     assert [r.status for r in tile_slides([path], tmp_path / "out", patch_size=128).results] == ["skipped"]
-    assert [r.status for r in tile_slides([path], tmp_path / "out", patch_size=128, grid="tissue").results] == \
-        ["ok"]
+    assert [r.status for r in tile_slides([path], tmp_path / "out", patch_size=128, grid="tissue").results] == ["ok"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--threshold", "300"], "--threshold: Input should be less than or equal to 255 (got '300')"),
-    (["--threshold", "-1"], "--threshold: Input should be greater than or equal to 0"),
-    (["--min-region-um2", "-5"], "--min-region-um2: Input should be greater than or equal to 0"),
-    (["--min-hole-um2", "inf"], "--min-hole-um2: Input should be a finite number"),
-])
-def test_bad_option_values_are_refused_naming_the_option(args: list[str], message: str, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "300"], "--threshold: Input should be less than or equal to 255 (got '300')"),
+        (["--threshold", "-1"], "--threshold: Input should be greater than or equal to 0"),
+        (["--min-region-um2", "-5"], "--min-region-um2: Input should be greater than or equal to 0"),
+        (["--min-hole-um2", "inf"], "--min-hole-um2: Input should be a finite number"),
+    ],
+)
+def test_bad_option_values_are_refused_naming_the_option(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["tile", str(tmp_path), "--out", str(tmp_path / "out"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -334,8 +340,9 @@ def test_bad_grid_is_refused_naming_the_option(tmp_path: Path, capsys: pytest.Ca
         TileSettings.build(threshold=256)
 
 
-def test_a_patch_file_without_colour_statistics_is_tiled_again_with_the_same_patches(make_slide,
-                                                                                    tmp_path: Path) -> None:
+def test_a_patch_file_without_colour_statistics_is_tiled_again_with_the_same_patches(
+    make_slide, tmp_path: Path
+) -> None:
     path = make_slide("old", size=(1024, 1024))
     first = tile_slides([path], tmp_path / "out", patch_size=128)
     before = read_patch_file(first.patches / "old.h5")

@@ -38,8 +38,15 @@ def test_batch_with_bad_slides_tiles_the_good_ones_and_reports_the_rest(make_sli
     report = pd.read_csv(out / "tiling.csv", keep_default_na=False).set_index("slide_id")
     assert sorted(report.index) == ["blank", "corrupt", "good1", "good2", "missing", "nompp", "text"]
     status = report.status.to_dict()
-    assert status == {"good1": "ok", "good2": "ok", "blank": "no_tissue", "corrupt": "error", "missing": "error",
-                      "nompp": "error", "text": "error"}
+    assert status == {
+        "good1": "ok",
+        "good2": "ok",
+        "blank": "no_tissue",
+        "corrupt": "error",
+        "missing": "error",
+        "nompp": "error",
+        "text": "error",
+    }
     for sid in ("corrupt", "missing", "nompp", "text"):
         message = report.loc[sid, "message"]
         assert report.loc[sid, "slide_path"] in message and "\n" not in message
@@ -59,10 +66,13 @@ def _temp_files(folder: Path) -> list[Path]:
 def test_killed_run_resumes_to_the_same_outputs(make_slide, tmp_path: Path) -> None:
     slides = [make_slide(f"k{i}", size=(2048, 2048), seed=i) for i in range(8)]
     out, reference = tmp_path / "out", tmp_path / "reference"
-    code = ("import sys; from histotransfer.patches import tile_slides; "
-            "tile_slides(sys.argv[2:], sys.argv[1], patch_size=128)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out), *map(str, slides)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import sys; from histotransfer.patches import tile_slides; "
+        "tile_slides(sys.argv[2:], sys.argv[1], patch_size=128)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out), *map(str, slides)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # Kill as soon as the first patch file (or its temporary, often mid-write) appears.
     deadline = time.monotonic() + 120
     patches = out / "20x_128px_0px_overlap" / "patches"
@@ -85,7 +95,8 @@ def test_killed_run_resumes_to_the_same_outputs(make_slide, tmp_path: Path) -> N
         np.testing.assert_array_equal(a.coords, b.coords)
         np.testing.assert_array_equal(a.tissue_fraction, b.tissue_fraction)
         for sub in ("masks", "thumbnails"):
-            np.testing.assert_array_equal(cv2.imread(str(out / sub / f"{s.stem}.png")),
-                                          cv2.imread(str(reference / sub / f"{s.stem}.png")))
+            np.testing.assert_array_equal(
+                cv2.imread(str(out / sub / f"{s.stem}.png")), cv2.imread(str(reference / sub / f"{s.stem}.png"))
+            )
     report = pd.read_csv(out / "tiling.csv")
     assert sorted(report.slide_id) == sorted(s.stem for s in slides) and set(report.status) <= {"ok", "skipped"}

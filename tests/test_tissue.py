@@ -100,8 +100,10 @@ def _components(mask: np.ndarray) -> tuple[list[float], list[float]]:
     """Outline areas (px) of a mask's regions and of its holes."""
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     parents = hierarchy[0][:, 3] if contours else []
-    return ([cv2.contourArea(c) for c, p in zip(contours, parents, strict=True) if p < 0],
-            [cv2.contourArea(c) for c, p in zip(contours, parents, strict=True) if p >= 0])
+    return (
+        [cv2.contourArea(c) for c, p in zip(contours, parents, strict=True) if p < 0],
+        [cv2.contourArea(c) for c, p in zip(contours, parents, strict=True) if p >= 0],
+    )
 
 
 def test_area_options_are_square_microns_at_the_masks_resolution() -> None:
@@ -151,9 +153,11 @@ def test_given_threshold_is_used_as_given_and_otsu_is_floored() -> None:
 
 
 PEN_MPP, PEN_SIZE, MASK_MPP = 4.0, 1536, 8.0
-INK = {"blue": ((40, 80, 170), 0.85, 60, [(100, 150), (450, 450), (750, 550)]),
-       "green": ((40, 140, 80), 0.85, 60, [(1450, 1450), (1200, 1150), (1000, 1050)]),
-       "black": ((25, 22, 30), 0.9, 25, [(150, 1350), (600, 950), (1000, 750)])}
+INK = {
+    "blue": ((40, 80, 170), 0.85, 60, [(100, 150), (450, 450), (750, 550)]),
+    "green": ((40, 140, 80), 0.85, 60, [(1450, 1450), (1200, 1150), (1000, 1050)]),
+    "black": ((25, 22, 30), 0.9, 25, [(150, 1350), (600, 950), (1000, 750)]),
+}
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"depth": 8, "embed_dim": 96, "num_heads": 4}
 # Model cards (as tests/test_vit_encoders.py): timm architecture, keyword arguments, prefix tokens, pooling.
 CARDS = {
-    "uni": ("vit_large_patch16_224", {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
-                                      "dynamic_img_size": True}, 1, "cls"),
-    "virchow2": ("vit_huge_patch14_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "reg_tokens": 4,
-                                          "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
-                                          "mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}, 5, "cls+mean"),
+    "uni": (
+        "vit_large_patch16_224",
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        1,
+        "cls",
+    ),
+    "virchow2": (
+        "vit_huge_patch14_224",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+        },
+        5,
+        "cls+mean",
+    ),
 }
 UNI_MEAN, UNI_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -59,8 +76,9 @@ UNI_MEAN, UNI_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def shrink(patcher: pytest.MonkeyPatch, name: str) -> None:
     """Registry entry ``name`` built scaled down (everything else as registered)."""
     spec = registry.encoder_spec(name)
-    patcher.setitem(registry._REGISTRY, name, dataclasses.replace(spec, build=partial(VIT_ENCODERS[name].build,
-                                                                                      **SMALL)))
+    patcher.setitem(
+        registry._REGISTRY, name, dataclasses.replace(spec, build=partial(VIT_ENCODERS[name].build, **SMALL))
+    )
 
 
 @pytest.fixture
@@ -92,8 +110,9 @@ def card_pooling(name: str, tokens: torch.Tensor) -> torch.Tensor:
 
 def after_block(model: nn.Module, x: torch.Tensor, blocks: int, norm: bool = True) -> torch.Tensor:
     """Tokens (B, N, C) after the first ``blocks`` blocks (with the final norm), by timm's forward_intermediates."""
-    (patches, prefix), = model.forward_intermediates(x, indices=[blocks - 1], norm=norm, output_fmt="NLC",
-                                                     intermediates_only=True, return_prefix_tokens=True)
+    ((patches, prefix),) = model.forward_intermediates(
+        x, indices=[blocks - 1], norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    )
     return torch.cat([prefix, patches], dim=1)
 
 
@@ -149,23 +168,35 @@ def test_a_record_rebuilds_the_same_encoder(small, tmp_path):
             for other in (again, run):
                 assert other.state_dict().keys() == enc.state_dict().keys()
                 assert torch.equal(other(x), enc(x)) and other.stage_names == enc.stage_names
-    with pytest.raises(HistotransferError, match=r"holds only its first 4 blocks; build it with "
-                                                 r"create_encoder\('uni', weights, blocks=5\)"):
+    with pytest.raises(
+        HistotransferError,
+        match=r"holds only its first 4 blocks; build it with "
+        r"create_encoder\('uni', weights, blocks=5\)",
+    ):
         create_encoder("uni", str(path), truncate=2).with_blocks(5)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: EncoderChoice.build(encoder="uni", blocks=4, truncate=1), "blocks 4 sets the depth by itself: drop "
-                                                                        "truncate 1"),
-    (lambda: EncoderChoice.build(encoder="uni", blocks=4, truncate=[0, 1]), r"drop truncate \[0, 1\]"),
-    (lambda: EncoderChoice.build(encoder="uni", blocks=True), "pass a number of blocks"),
-    (lambda: create_encoder("uni", "random", truncate=2, blocks=5), "truncate=2 with blocks=5: blocks sets the "
-                                                                    "depth of uni by itself; pass blocks alone"),
-    (lambda: create_encoder("uni", "random", blocks=9), r"blocks=9 is out of range for uni: pass 1\.\.8"),
-    (lambda: create_encoder("resnet18", "random", blocks=2), "blocks=2 applies to transformer encoders .*not "
-                                                             "resnet18; use truncate for it"),
-    (lambda: encoder_id("densenet121", "random", 0, None, "fp32", blocks=3), "not densenet121; use truncate"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: EncoderChoice.build(encoder="uni", blocks=4, truncate=1),
+            "blocks 4 sets the depth by itself: drop truncate 1",
+        ),
+        (lambda: EncoderChoice.build(encoder="uni", blocks=4, truncate=[0, 1]), r"drop truncate \[0, 1\]"),
+        (lambda: EncoderChoice.build(encoder="uni", blocks=True), "pass a number of blocks"),
+        (
+            lambda: create_encoder("uni", "random", truncate=2, blocks=5),
+            "truncate=2 with blocks=5: blocks sets the depth of uni by itself; pass blocks alone",
+        ),
+        (lambda: create_encoder("uni", "random", blocks=9), r"blocks=9 is out of range for uni: pass 1\.\.8"),
+        (
+            lambda: create_encoder("resnet18", "random", blocks=2),
+            "blocks=2 applies to transformer encoders .*not resnet18; use truncate for it",
+        ),
+        (lambda: encoder_id("densenet121", "random", 0, None, "fp32", blocks=3), "not densenet121; use truncate"),
+    ],
+)
 def test_blocks_with_a_truncation_or_on_a_cnn_is_refused(make, message, small):
     small("uni")
     with pytest.raises(HistotransferError, match=message):
@@ -181,7 +212,8 @@ def test_encoder_ids_and_fingerprints(small, tmp_path):
     assert encoder_info("uni")["transformer_blocks"] == 8 and encoder_info("resnet18")["transformer_blocks"] is None
     before = {"encoder": "uni", "weights": None, "truncate": 1}
     assert EncoderChoice.build(encoder="uni", truncate=1).fingerprint() == json_fingerprint(
-        {"stage": "encoder", "settings": before})
+        {"stage": "encoder", "settings": before}
+    )
     assert EncoderChoice.build(encoder="uni", blocks=5).result_settings() == {**before, "truncate": 0, "blocks": 5}
 
 
@@ -197,12 +229,28 @@ def extracted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patcher:
         shrink(patcher, "uni")
         demo = make_demo_slides(root / "demo", n_slides=4, seed=0, size=1024)
-        tiling = tile_slides(demo.slides, root / "tiles", magnification=20, patch_size=64, min_tissue=0.25,
-                             min_region_um2=0)
+        tiling = tile_slides(
+            demo.slides, root / "tiles", magnification=20, patch_size=64, min_tissue=0.25, min_region_um2=0
+        )
         weights = root / "uni_small.bin"
         model = noisy_checkpoint("uni", weights, seed=7)
-        base = ["extract", "--patches", str(tiling.folder), "--out", str(root / "out"), "--encoder", "uni",
-                "--weights", str(weights), "--input-size", "32", "--workers", "0", "--device", "cpu"]
+        base = [
+            "extract",
+            "--patches",
+            str(tiling.folder),
+            "--out",
+            str(root / "out"),
+            "--encoder",
+            "uni",
+            "--weights",
+            str(weights),
+            "--input-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
         codes = {depth: main([*base, *depth.split()]) for depth in ("--blocks 6", "--truncate 1", "--blocks 5")}
         split = root / "split.csv"
         split.write_text("slide_id,split\ndemo_01,train\ndemo_02,train\ndemo_03,val\ndemo_04,test\n")
@@ -210,8 +258,17 @@ def extracted(tmp_path_factory):
         with warnings.catch_warnings():  # val and test hold one class each
             warnings.simplefilter("ignore")
             run = train_mil(folders["b5"], demo.labels_csv, root / "run", epochs=1, seed=0, split_file=split)
-        yield {"root": root, "tiling": tiling.folder, "weights": weights, "model": model, "codes": codes,
-               "folders": folders, "labels": demo.labels_csv, "run": run, "base": base}
+        yield {
+            "root": root,
+            "tiling": tiling.folder,
+            "weights": weights,
+            "model": model,
+            "codes": codes,
+            "folders": folders,
+            "labels": demo.labels_csv,
+            "run": run,
+            "base": base,
+        }
 
 
 def _pixels(patch_file: Path, coords: np.ndarray | None = None) -> torch.Tensor:
@@ -220,9 +277,12 @@ def _pixels(patch_file: Path, coords: np.ndarray | None = None) -> torch.Tensor:
     ps = read_patch_file(patch_file)
     with open_slide(ps.spec.slide_path) as slide:
         reader = PatchReader(slide, ps.spec)
-        pixels = np.stack([np.asarray(Image.fromarray(reader.read(int(x), int(y))).resize((32, 32),
-                                                                                          Image.Resampling.BILINEAR))
-                           for x, y in (ps.coords if coords is None else coords)])
+        pixels = np.stack(
+            [
+                np.asarray(Image.fromarray(reader.read(int(x), int(y))).resize((32, 32), Image.Resampling.BILINEAR))
+                for x, y in (ps.coords if coords is None else coords)
+            ]
+        )
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(UNI_MEAN).view(1, 3, 1, 1)) / torch.tensor(UNI_STD).view(1, 3, 1, 1)
 
@@ -261,8 +321,26 @@ def test_cli_blocks_refusals_and_a_rerun_skips(extracted, capsys):
     assert main([*base, "--blocks", "5", "--truncate", "0", "1"]) == 2
     assert "drop truncate [0, 1]" in capsys.readouterr().err
     out = extracted["root"] / "cnn"
-    assert main(["extract", "--patches", str(extracted["tiling"]), "--out", str(out), "--encoder", "resnet18",
-                 "--weights", "random", "--blocks", "2", "--workers", "0"]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--patches",
+                str(extracted["tiling"]),
+                "--out",
+                str(out),
+                "--encoder",
+                "resnet18",
+                "--weights",
+                "random",
+                "--blocks",
+                "2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "applies to transformer encoders" in capsys.readouterr().err and not (out / "features").exists()
 
 
@@ -285,16 +363,31 @@ def test_cka_per_block_compares_every_block(extracted):
     root = extracted["root"]
     other = root / "other.bin"
     ref_b = noisy_checkpoint("uni", other, seed=8)
-    df = compare_encoders(extracted["run"], {"name": "uni", "weights": str(other), "blocks": 3},
-                          extracted["tiling"], root / "cka", n_patches=24, per_block=True, full_matrix=True,
-                          baseline=False, input_size=32, workers=0, device="cpu", pooling="mean")
+    df = compare_encoders(
+        extracted["run"],
+        {"name": "uni", "weights": str(other), "blocks": 3},
+        extracted["tiling"],
+        root / "cka",
+        n_patches=24,
+        per_block=True,
+        full_matrix=True,
+        baseline=False,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        pooling="mean",
+    )
     assert list(df["stage"]) == ["stem", "block1", "block2", "block3"]
     matrix = pd.read_csv(root / "cka" / "cka_matrix.csv", index_col="stage")
     assert list(matrix.index) == ["stem", *(f"block{i}" for i in range(1, 6))]
     assert list(matrix.columns) == ["stem", "block1", "block2", "block3"]
     used = pd.read_csv(root / "cka" / "patches.csv", dtype={"slide_id": str})
-    x = torch.cat([_pixels(extracted["tiling"] / "patches" / f"{sid}.h5", group[["x", "y"]].to_numpy())
-                   for sid, group in used.groupby("slide_id", sort=False)])
+    x = torch.cat(
+        [
+            _pixels(extracted["tiling"] / "patches" / f"{sid}.h5", group[["x", "y"]].to_numpy())
+            for sid, group in used.groupby("slide_id", sort=False)
+        ]
+    )
     with torch.no_grad():
         means_a = [after_block(extracted["model"], x, b, norm=False).mean(1) for b in range(1, 6)]
         means_b = [after_block(ref_b, x, b, norm=False).mean(1) for b in range(1, 4)]
@@ -315,8 +408,7 @@ def test_finetuning_a_blocks_run_keeps_its_depth(extracted):
     before = torch.load(extracted["weights"], weights_only=True)
     after = torch.load(out / "encoder.pt", weights_only=True)
     assert after.keys() == before.keys()
-    changed = {int(k.split(".")[1]) for k in before
-               if k.startswith("blocks.") and not torch.equal(before[k], after[k])}
+    changed = {int(k.split(".")[1]) for k in before if k.startswith("blocks.") and not torch.equal(before[k], after[k])}
     assert changed == {0, 1, 2, 3, 4}
     config = json.loads((out / "config.json").read_text())
     folder = Path(config["features_dir"])
@@ -338,12 +430,23 @@ def _study(root: Path, encoders: list[dict]) -> Path:
     for i in range(4):
         (slides / f"s{i}.svs").write_bytes(b"")
     (root / "labels.csv").write_text("slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(4)))
-    study = {"name": "t", "datasets": [{"name": "ds", "slides": "slides", "labels": "labels.csv"}],
-             "encoders": encoders, "mil": {"epochs": 1},
-             "finetune": {"encoders": [{"name": "uni", "weights": "random", "blocks": 5}], "epochs": 1},
-             "cka": {"pairs": [{"a": {"name": "uni", "weights": "random", "blocks": 5},
-                                "b": {"name": "uni", "weights": "random", "truncation": 1}}],
-                     "finetuned": False, "per_block": True}}
+    study = {
+        "name": "t",
+        "datasets": [{"name": "ds", "slides": "slides", "labels": "labels.csv"}],
+        "encoders": encoders,
+        "mil": {"epochs": 1},
+        "finetune": {"encoders": [{"name": "uni", "weights": "random", "blocks": 5}], "epochs": 1},
+        "cka": {
+            "pairs": [
+                {
+                    "a": {"name": "uni", "weights": "random", "blocks": 5},
+                    "b": {"name": "uni", "weights": "random", "truncation": 1},
+                }
+            ],
+            "finetuned": False,
+            "per_block": True,
+        },
+    }
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -351,28 +454,50 @@ def _study(root: Path, encoders: list[dict]) -> Path:
 
 def test_study_entry_with_blocks_is_its_own_configuration_and_extraction(small, tmp_path):
     small("uni")
-    study = load_study(_study(tmp_path, [{"name": "uni", "weights": "random", "blocks": 5},
-                                         {"name": "uni", "weights": "random", "truncations": [0, 1]}]))
+    study = load_study(
+        _study(
+            tmp_path,
+            [
+                {"name": "uni", "weights": "random", "blocks": 5},
+                {"name": "uni", "weights": "random", "truncations": [0, 1]},
+            ],
+        )
+    )
     assert [c.key for c in study.encoders] == ["uni-random-b5", "uni-random-t0", "uni-random-t1"]
     assert study.finetune_encoders[0].key == "uni-random-b5" and study.cka is not None and study.cka.per_block
     assert study.encoders[1].spec() == {"name": "uni", "weights": "random", "truncate": 0}  # as before blocks
     cells = {c.key: c for c in plan(study)}
-    assert cells["extract/ds/uni-random-b5"].settings["encoder"] == {"name": "uni", "weights": "random",
-                                                                      "truncate": 0, "blocks": 5}
+    assert cells["extract/ds/uni-random-b5"].settings["encoder"] == {
+        "name": "uni",
+        "weights": "random",
+        "truncate": 0,
+        "blocks": 5,
+    }
     assert cells["extract/ds/uni-random"].settings["encoder"]["truncate"] == [0, 1]
     assert cells["mil/ds/uni-random-b5/histotransfer/seed0"].deps[0].key == "extract/ds/uni-random-b5"
     assert "finetune/ds/uni-random-b5/histotransfer/seed0" in cells
     assert cells["cka/ds/pair-uni-random-b5--uni-random-t1"].settings["a"]["blocks"] == 5
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "resnet18", "weights": "random", "blocks": 2}, r"encoders\[0\]\.blocks: blocks applies to transformer "
-                                                              "encoders, not resnet18; use truncations for it"),
-    ({"name": "uni", "weights": "random", "blocks": 9}, r"encoders\[0\]\.blocks: uni has 8 blocks: pass blocks "
-                                                         r"1\.\.8"),
-    ({"name": "uni", "weights": "random", "blocks": 5, "truncations": [1]},
-     r"encoders\[0\]\.truncations: blocks sets the depth of uni by itself: drop truncations"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"name": "resnet18", "weights": "random", "blocks": 2},
+            r"encoders\[0\]\.blocks: blocks applies to transformer "
+            "encoders, not resnet18; use truncations for it",
+        ),
+        (
+            {"name": "uni", "weights": "random", "blocks": 9},
+            r"encoders\[0\]\.blocks: uni has 8 blocks: pass blocks "
+            r"1\.\.8",
+        ),
+        (
+            {"name": "uni", "weights": "random", "blocks": 5, "truncations": [1]},
+            r"encoders\[0\]\.truncations: blocks sets the depth of uni by itself: drop truncations",
+        ),
+    ],
+)
 def test_study_entry_with_bad_blocks_is_named(entry, message, small, tmp_path):
     small("uni")
     with pytest.raises(HistotransferError, match=message):

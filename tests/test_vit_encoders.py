@@ -33,27 +33,74 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # name: (timm architecture, model-card keyword arguments, pooling, published with timm's ImageNet head).
 CARDS = {
     # MahmoodLab/UNI README, manual loading.
-    "uni": ("vit_large_patch16_224", {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
-                                      "dynamic_img_size": True}, "cls", False),
+    "uni": (
+        "vit_large_patch16_224",
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        "cls",
+        False,
+    ),
     # MahmoodLab/UNI2-h model card, timm_kwargs.
-    "uni2-h": ("vit_giant_patch14_224", {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
-                                         "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
-                                         "num_classes": 0, "no_embed_class": True, "mlp_layer": SwiGLUPacked,
-                                         "act_layer": nn.SiLU, "reg_tokens": 8, "dynamic_img_size": True},
-               "cls", False),
+    "uni2-h": (
+        "vit_giant_patch14_224",
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        "cls",
+        False,
+    ),
     # paige-ai/Virchow2: config.json model_args plus the card's mlp_layer / act_layer.
-    "virchow2": ("vit_huge_patch14_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "reg_tokens": 4,
-                                          "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
-                                          "mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}, "cls+mean", False),
+    "virchow2": (
+        "vit_huge_patch14_224",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+        },
+        "cls+mean",
+        False,
+    ),
     # bioptimus/H-optimus-0: config.json architecture, card's create_model arguments.
-    "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "num_classes": 0,
-                                                      "global_pool": "token", "dynamic_img_size": False},
-                    "cls", False),
+    "h-optimus-0": (
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token", "dynamic_img_size": False},
+        "cls",
+        False,
+    ),
     # prov-gigapath/prov-gigapath: config.json.
-    "prov-gigapath": ("vit_giant_patch14_dinov2", {"img_size": 224, "in_chans": 3, "patch_size": 16,
-                                                   "embed_dim": 1536, "depth": 40, "num_heads": 24,
-                                                   "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
-                      "cls", False),
+    "prov-gigapath": (
+        "vit_giant_patch14_dinov2",
+        {
+            "img_size": 224,
+            "in_chans": 3,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.33334,
+            "num_classes": 0,
+        },
+        "cls",
+        False,
+    ),
     # timm's own ImageNet checkpoints (with their 1000-class head).
     "vit_base_patch16_224": ("vit_base_patch16_224", {}, "cls", True),
     "vit_large_patch16_224": ("vit_large_patch16_224", {}, "cls", True),
@@ -126,8 +173,9 @@ def test_published_timm_layout_matches_full_size(name):
     assert _ours_on_meta(name) == published
 
 
-def _dinov2_state(hidden: int, layers: int, patch: int = 16, grid: int = 14, device: str = "cpu",
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+def _dinov2_state(
+    hidden: int, layers: int, patch: int = 16, grid: int = 14, device: str = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A transformers Dinov2Model state dict (modeling_dinov2.py names; GELU MLP of 4x width)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -137,21 +185,33 @@ def _dinov2_state(hidden: int, layers: int, patch: int = 16, grid: int = 14, dev
         return base + scale * torch.randn(shape, generator=g)
 
     c = hidden
-    sd = {"embeddings.cls_token": t(1, 1, c), "embeddings.mask_token": t(1, c),
-          "embeddings.position_embeddings": t(1, grid * grid + 1, c),
-          "embeddings.patch_embeddings.projection.weight": t(c, 3, patch, patch, scale=0.02),
-          "embeddings.patch_embeddings.projection.bias": t(c),
-          "layernorm.weight": t(c, base=1.0), "layernorm.bias": t(c)}
+    sd = {
+        "embeddings.cls_token": t(1, 1, c),
+        "embeddings.mask_token": t(1, c),
+        "embeddings.position_embeddings": t(1, grid * grid + 1, c),
+        "embeddings.patch_embeddings.projection.weight": t(c, 3, patch, patch, scale=0.02),
+        "embeddings.patch_embeddings.projection.bias": t(c),
+        "layernorm.weight": t(c, base=1.0),
+        "layernorm.bias": t(c),
+    }
     for i in range(layers):
         p = f"encoder.layer.{i}."
         for n in ("query", "key", "value"):
             sd |= {f"{p}attention.attention.{n}.weight": t(c, c), f"{p}attention.attention.{n}.bias": t(c)}
-        sd |= {f"{p}attention.output.dense.weight": t(c, c), f"{p}attention.output.dense.bias": t(c),
-               f"{p}norm1.weight": t(c, base=1.0), f"{p}norm1.bias": t(c),
-               f"{p}norm2.weight": t(c, base=1.0), f"{p}norm2.bias": t(c),
-               f"{p}layer_scale1.lambda1": t(c, scale=0.5), f"{p}layer_scale2.lambda1": t(c, scale=0.5),
-               f"{p}mlp.fc1.weight": t(4 * c, c), f"{p}mlp.fc1.bias": t(4 * c),
-               f"{p}mlp.fc2.weight": t(c, 4 * c), f"{p}mlp.fc2.bias": t(c)}
+        sd |= {
+            f"{p}attention.output.dense.weight": t(c, c),
+            f"{p}attention.output.dense.bias": t(c),
+            f"{p}norm1.weight": t(c, base=1.0),
+            f"{p}norm1.bias": t(c),
+            f"{p}norm2.weight": t(c, base=1.0),
+            f"{p}norm2.bias": t(c),
+            f"{p}layer_scale1.lambda1": t(c, scale=0.5),
+            f"{p}layer_scale2.lambda1": t(c, scale=0.5),
+            f"{p}mlp.fc1.weight": t(4 * c, c),
+            f"{p}mlp.fc1.bias": t(4 * c),
+            f"{p}mlp.fc2.weight": t(c, 4 * c),
+            f"{p}mlp.fc2.bias": t(c),
+        }
     return sd
 
 
@@ -203,8 +263,9 @@ def test_published_checkpoint_loads_strictly_and_pools_as_the_card(name, small, 
             assert out.shape == (2, enc.feature_dim)
             assert enc.feature_dim == 96 * (2 if CARDS[name][2] == "cls+mean" else 1)
             last = SMALL["depth"] * (4 - truncate) // 4 - 1
-            (patches, prefix_tokens), = ref.forward_intermediates(
-                x, indices=[last], norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+            ((patches, prefix_tokens),) = ref.forward_intermediates(
+                x, indices=[last], norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+            )
             assert prefix_tokens.shape[1] == prefix
             expected = _card_pooling(name, torch.cat([prefix_tokens, patches], dim=1), prefix)
             assert torch.allclose(out, expected, atol=1e-5), (truncate, (out - expected).abs().max())
@@ -217,8 +278,16 @@ def test_published_checkpoint_loads_strictly_and_pools_as_the_card(name, small, 
 def _dinov2_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -> list[torch.Tensor]:
     """transformers' Dinov2Model forward written out with torch functions: the hidden state after each layer."""
     c = sd["layernorm.weight"].numel()
-    patches = F.conv2d(x, sd["embeddings.patch_embeddings.projection.weight"],
-                       sd["embeddings.patch_embeddings.projection.bias"], stride=16).flatten(2).transpose(1, 2)
+    patches = (
+        F.conv2d(
+            x,
+            sd["embeddings.patch_embeddings.projection.weight"],
+            sd["embeddings.patch_embeddings.projection.bias"],
+            stride=16,
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     h = torch.cat([sd["embeddings.cls_token"].expand(x.shape[0], -1, -1), patches], 1)
     h = h + sd["embeddings.position_embeddings"]
     b, n, _ = h.shape
@@ -230,8 +299,10 @@ def _dinov2_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) ->
             return F.linear(y, sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"])  # noqa: B023
 
         y = F.layer_norm(h, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
-        q, k, v = (lin(y, f"attention.attention.{m}").view(b, n, heads, c // heads).transpose(1, 2)
-                   for m in ("query", "key", "value"))
+        q, k, v = (
+            lin(y, f"attention.attention.{m}").view(b, n, heads, c // heads).transpose(1, 2)
+            for m in ("query", "key", "value")
+        )
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // heads), dim=-1) @ v
         h = h + lin(attn.transpose(1, 2).reshape(b, n, c), "attention.output.dense") * sd[p + "layer_scale1.lambda1"]
         y = F.layer_norm(h, (c,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
@@ -263,8 +334,11 @@ def test_dinov2_checkpoint_missing_a_projection_is_refused(small, tmp_path):
     del sd["encoder.layer.3.attention.attention.value.weight"]
     path = tmp_path / "model.safetensors"
     save_file(sd, path)
-    with pytest.raises(HistotransferError, match=r"does not fit a timm ViT-L/16 \(DINOv2\): 1 missing key\(s\): "
-                                                 r"blocks\.3\.attn\.qkv\.weight\. Pass weights"):
+    with pytest.raises(
+        HistotransferError,
+        match=r"does not fit a timm ViT-L/16 \(DINOv2\): 1 missing key\(s\): "
+        r"blocks\.3\.attn\.qkv\.weight\. Pass weights",
+    ):
         create_encoder("phikon-v2", weights=str(path))
 
 
@@ -294,18 +368,22 @@ def test_blocks_encoder_keeps_exact_depth(small, tmp_path):
         assert torch.equal(six(x), quarter_cut(x))
         five = vit_blocks_encoder("uni", str(path), 5)
         assert five.stage_names == ["stem", "blocks1-2", "blocks3-4", "blocks5-5"] and five.truncate == 1
-        (_, prefix), = ref.forward_intermediates(x, indices=[4], norm=True, output_fmt="NLC",
-                                                 intermediates_only=True, return_prefix_tokens=True)
+        ((_, prefix),) = ref.forward_intermediates(
+            x, indices=[4], norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
         assert torch.allclose(five(x), prefix[:, 0], atol=1e-5)
         assert five.weights_sha256 == quarter_cut.weights_sha256
 
 
-@pytest.mark.parametrize("name, blocks, message", [
-    ("resnet18", 2, "applies to transformer encoders"),
-    ("uni", 0, r"out of range for uni: pass 1\.\.24"),
-    ("uni", 25, r"out of range for uni: pass 1\.\.24"),
-    ("uni", True, "out of range"),
-])
+@pytest.mark.parametrize(
+    "name, blocks, message",
+    [
+        ("resnet18", 2, "applies to transformer encoders"),
+        ("uni", 0, r"out of range for uni: pass 1\.\.24"),
+        ("uni", 25, r"out of range for uni: pass 1\.\.24"),
+        ("uni", True, "out of range"),
+    ],
+)
 def test_blocks_encoder_refuses_bad_requests(name, blocks, message):
     with pytest.raises(HistotransferError, match=message):
         vit_blocks_encoder(name, "random", blocks)
@@ -317,8 +395,11 @@ def test_blocks_encoder_refuses_bad_requests(name, blocks, message):
 def test_gated_checkpoint_is_never_fetched(monkeypatch, tmp_path):
     monkeypatch.setenv("HISTOTRANSFER_WEIGHTS", str(tmp_path))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
-    with pytest.raises(HistotransferError, match=r"'uni-pytorch_model\.bin'.*MahmoodLab/UNI \(file pytorch_model"
-                                                 r"\.bin; save it as uni-pytorch_model\.bin\) gated on Hugging Face"):
+    with pytest.raises(
+        HistotransferError,
+        match=r"'uni-pytorch_model\.bin'.*MahmoodLab/UNI \(file pytorch_model"
+        r"\.bin; save it as uni-pytorch_model\.bin\) gated on Hugging Face",
+    ):
         create_encoder("uni")
 
 

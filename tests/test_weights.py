@@ -54,8 +54,12 @@ def test_safetensors_and_pth_round_trip(tmp_path, r18_state):
 def test_ciga_lightning_layout(tmp_path, r18_state):
     """Ciga et al.'s checkpoint: ``state_dict`` of ``model.resnet.*`` keys with a 2-layer projection head."""
     sd = {f"model.resnet.{k}": v for k, v in r18_state.items() if not k.startswith("fc.")}
-    sd |= {"model.resnet.fc.1.weight": torch.zeros(512, 512), "model.resnet.fc.1.bias": torch.zeros(512),
-           "model.resnet.fc.3.weight": torch.zeros(128, 512), "model.resnet.fc.3.bias": torch.zeros(128)}
+    sd |= {
+        "model.resnet.fc.1.weight": torch.zeros(512, 512),
+        "model.resnet.fc.1.bias": torch.zeros(512),
+        "model.resnet.fc.3.weight": torch.zeros(128, 512),
+        "model.resnet.fc.3.bias": torch.zeros(128),
+    }
     ckpt = {"epoch": 1000, "global_step": 5, "state_dict": sd, "optimizer_states": [{"lr": 0.1}]}
     path = tmp_path / "tenpercent_resnet18.ckpt"
     torch.save(ckpt, path)
@@ -84,8 +88,9 @@ def test_mormont_multitask_layouts(tmp_path):
     assert set(loaded) == {k for k in dn if not k.startswith("classifier.")}
     enc = create_encoder("mormont-mtl-densenet121", weights=str(path), truncate=3)
     assert torch.equal(enc.body.stem.conv0.weight, dn["features.conv0.weight"])
-    assert torch.equal(enc.body.denseblock1.denseblock1.denselayer6.conv2.weight,
-                       dn["features.denseblock1.denselayer6.conv2.weight"])
+    assert torch.equal(
+        enc.body.denseblock1.denseblock1.denselayer6.conv2.weight, dn["features.denseblock1.denselayer6.conv2.weight"]
+    )
 
 
 def test_features_only_and_legacy_densenet_keys(tmp_path):
@@ -179,8 +184,9 @@ def test_histopathology_encoder_names_its_published_file(tmp_path, monkeypatch, 
     with pytest.raises(HistotransferError, match=r"tenpercent_resnet18\.ckpt.*ozanciga/self-supervised-histopathology"):
         create_encoder("ciga-simclr-resnet18")
     # Found by name in the weights folder.
-    torch.save({"state_dict": {f"model.resnet.{k}": v for k, v in r18_state.items()}},
-               tmp_path / "tenpercent_resnet18.ckpt")
+    torch.save(
+        {"state_dict": {f"model.resnet.{k}": v for k, v in r18_state.items()}}, tmp_path / "tenpercent_resnet18.ckpt"
+    )
     enc = create_encoder("ciga-simclr-resnet18")
     assert enc.weights_source == str(tmp_path / "tenpercent_resnet18.ckpt")
     _assert_encoder_has(enc, r18_state)
@@ -214,6 +220,7 @@ def test_real_densenet121_weights_load_exactly():
     enc = create_encoder("densenet121", weights=str(SHARED_DENSENET), truncate=1)
     ref = tvm.densenet121()
     ref.load_state_dict(load_state_dict_file(SHARED_DENSENET), strict=False)
-    assert torch.equal(enc.body.denseblock3.denseblock3.denselayer24.conv2.weight,
-                       ref.features.denseblock3.denselayer24.conv2.weight)
+    assert torch.equal(
+        enc.body.denseblock3.denseblock3.denselayer24.conv2.weight, ref.features.denseblock3.denselayer24.conv2.weight
+    )
     assert enc.weights_sha256 == "ca75f26225affa081e005d8100cebdce175fb4cb12d37c0104b91ee64f29b622"

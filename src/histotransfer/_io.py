@@ -253,8 +253,9 @@ def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise HistotransferError(f"{option} {path}: cannot write there ({os_error_text(exc)}); choose a folder "
-                                 "you can write to.") from exc
+        raise HistotransferError(
+            f"{option} {path}: cannot write there ({os_error_text(exc)}); choose a folder you can write to."
+        ) from exc
     return path
 
 
@@ -295,8 +296,11 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, HistotransferError):
         return str(exc)
     if isinstance(exc, OSError):
-        fix = ("free some space and re-run the same command: finished files are kept and the run resumes"
-               if disk_full(exc) else "fix the path or its permissions and re-run the same command")
+        fix = (
+            "free some space and re-run the same command: finished files are kept and the run resumes"
+            if disk_full(exc)
+            else "fix the path or its permissions and re-run the same command"
+        )
         return f"{os_error_text(exc)}; {fix}."
     return f"{type(exc).__name__}: {one_line(exc)}"
 

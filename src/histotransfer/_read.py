@@ -33,10 +33,20 @@ if TYPE_CHECKING:
 # Columns holding identifiers, whatever the file: never numbers, never missing values.
 ID_COLUMNS = frozenset({"slide_id", "patient_id", "case_id", "group"})
 # Byte-order marks, longest first (a UTF-32 LE mark starts with the UTF-16 LE one).
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-_KINDS = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
-          stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_KINDS = {
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISDIR: "a folder",
+}
 
 
 def special_file(path: str | os.PathLike[str]) -> str | None:
@@ -67,15 +77,18 @@ def decode_text(data: bytes, path: str | os.PathLike[str]) -> tuple[str, str]:
             try:
                 return data.decode(encoding), encoding
             except UnicodeDecodeError as exc:
-                raise HistotransferError(f"{path}: starts with a {encoding.upper()} byte-order mark but is not "
-                                         f"valid {encoding.upper()} (byte {exc.start}); save it again as UTF-8."
-                                         ) from exc
+                raise HistotransferError(
+                    f"{path}: starts with a {encoding.upper()} byte-order mark but is not "
+                    f"valid {encoding.upper()} (byte {exc.start}); save it again as UTF-8."
+                ) from exc
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as exc:
-        raise HistotransferError(f"{Path(path).name} is not UTF-8 (looks like {_guess_encoding(data)}; byte "
-                                 f"0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8 (in Excel: "
-                                 f"'CSV UTF-8'). File: {path}") from exc
+        raise HistotransferError(
+            f"{Path(path).name} is not UTF-8 (looks like {_guess_encoding(data)}; byte "
+            f"0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8 (in Excel: "
+            f"'CSV UTF-8'). File: {path}"
+        ) from exc
 
 
 def _guess_encoding(data: bytes) -> str:
@@ -104,8 +117,15 @@ def _read_decoded(path: str | os.PathLike[str], kind: str) -> tuple[str, str]:
     return decode_text(data, path)
 
 
-def read_csv(path: str | os.PathLike[str], ids: Iterable[str] = (), *, text: bool = False, missing: bool = True,
-             kind: str = "input", **options: Any) -> pd.DataFrame:
+def read_csv(
+    path: str | os.PathLike[str],
+    ids: Iterable[str] = (),
+    *,
+    text: bool = False,
+    missing: bool = True,
+    kind: str = "input",
+    **options: Any,
+) -> pd.DataFrame:
     """A CSV file as a table whose id columns (:data:`ID_COLUMNS`, columns ending in ``_id`` and ``ids``) are
     text, never missing values. The other columns are parsed as usual (numbers; empty cells and pandas' NA
     spellings as missing values), without missing values with ``missing=False``, or kept as text with ``text``.
@@ -127,8 +147,9 @@ def read_csv(path: str | os.PathLike[str], ids: Iterable[str] = (), *, text: boo
     named = set(ids)
     id_cols = [c for c in header.columns if c in ID_COLUMNS or c in named or str(c).endswith("_id")]
     na_values = {c: sorted(STR_NA_VALUES) for c in header.columns if c not in id_cols} if missing else None
-    return pd.read_csv(io.StringIO(content), dtype=dict.fromkeys(id_cols, str), keep_default_na=False,
-                       na_values=na_values, **options)
+    return pd.read_csv(
+        io.StringIO(content), dtype=dict.fromkeys(id_cols, str), keep_default_na=False, na_values=na_values, **options
+    )
 
 
 class _AliasFound(Exception):
@@ -157,6 +178,7 @@ def read_yaml(path: str | os.PathLike[str], kind: str = "study") -> tuple[str, A
     except _AliasFound as exc:
         raise HistotransferError(
             f"{path}: line {exc.line} uses the YAML alias *{exc.name}; anchors and aliases (&name, *name) are "
-            f"refused in {kind} files (nested aliases expand to gigabytes); write the values out in full.") from None
+            f"refused in {kind} files (nested aliases expand to gigabytes); write the values out in full."
+        ) from None
     except yaml.YAMLError as exc:
         raise HistotransferError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc

@@ -188,8 +188,9 @@ class MaskAnnotation(Annotation):
         return np.clip(area / patch_size_level0**2, 0.0, 1.0)
 
 
-def load_annotation(path: str | os.PathLike[str], downsample: float | None = None,
-                    classes: Sequence[str] | None = None) -> Annotation:
+def load_annotation(
+    path: str | os.PathLike[str], downsample: float | None = None, classes: Sequence[str] | None = None
+) -> Annotation:
     """The lesion annotation in ``path``: a GeoJSON file (level-0 px) or a binary mask image.
 
     ``downsample`` (level-0 px per mask pixel) is for masks only; without it the mask's sidecar JSON gives it.
@@ -240,8 +241,10 @@ def _features(data: Any, path: Path) -> list[dict[str, Any]]:
     elif isinstance(data, dict) and isinstance(data.get("type"), str):
         items = [{"type": "Feature", "geometry": data}]
     else:
-        raise FormatError(f"{path}: not GeoJSON (no FeatureCollection, Feature or geometry at the top level); "
-                          "export the annotations as GeoJSON.")
+        raise FormatError(
+            f"{path}: not GeoJSON (no FeatureCollection, Feature or geometry at the top level); "
+            "export the annotations as GeoJSON."
+        )
     if not isinstance(items, list) or not all(isinstance(f, dict) and f.get("type") == "Feature" for f in items):
         raise FormatError(f"{path}: its features must be a list of GeoJSON Feature objects; re-export the file.")
     return items
@@ -303,15 +306,20 @@ def mask_downsample(path: Path, downsample: float | None) -> float:
             downsample = json.loads(sidecar.read_text())["downsample"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FormatError(f'{sidecar}: expected {{"downsample": D}} ({exc!r}); fix the file.') from None
-    if not isinstance(downsample, (int, float)) or isinstance(downsample, bool) or not (
-            math.isfinite(downsample) and downsample > 0):
-        raise HistotransferError(f"{path}: downsample {downsample!r} must be a positive number of level-0 "
-                                 "pixels per mask pixel.")
+    if (
+        not isinstance(downsample, (int, float))
+        or isinstance(downsample, bool)
+        or not (math.isfinite(downsample) and downsample > 0)
+    ):
+        raise HistotransferError(
+            f"{path}: downsample {downsample!r} must be a positive number of level-0 pixels per mask pixel."
+        )
     return float(downsample)
 
 
-def demo_lesion_annotations(demo_dir: str | os.PathLike[str],
-                            slide_ids: Iterable[str] | None = None) -> dict[str, MaskAnnotation]:
+def demo_lesion_annotations(
+    demo_dir: str | os.PathLike[str], slide_ids: Iterable[str] | None = None
+) -> dict[str, MaskAnnotation]:
     """The true lesion masks of generated demo slides (``demo_dir/lesion_masks/<slide_id>.png``), by slide id.
 
     Negative slides' masks are empty. The masks carry no sidecar: their downsample is the demo's constant.

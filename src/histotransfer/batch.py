@@ -81,8 +81,10 @@ class BatchReport:
         deadline = time.monotonic() + REPORT_LOCK_WAIT
         while not lock.acquire():
             if time.monotonic() > deadline:
-                raise HistotransferError(f"{self.path}: locked by {lock.owner} for over {REPORT_LOCK_WAIT:.0f} s; "
-                                         f"if no process is writing it, delete {lock.path}.")
+                raise HistotransferError(
+                    f"{self.path}: locked by {lock.owner} for over {REPORT_LOCK_WAIT:.0f} s; "
+                    f"if no process is writing it, delete {lock.path}."
+                )
             time.sleep(0.02)
         try:
             self.rows = {**self._read(), result.slide_id: result}
@@ -122,8 +124,9 @@ def run_batch(
 STATUS_ORDER = ("ok", "skipped", "no_tissue", "duplicate", "busy", "error")
 
 
-def summarize(results: list[SlideResult], stage: str, seconds: float | None = None,
-              outputs: str | os.PathLike[str] | None = None) -> str:
+def summarize(
+    results: list[SlideResult], stage: str, seconds: float | None = None, outputs: str | os.PathLike[str] | None = None
+) -> str:
     """A batch in one line (counts per status, wall time, where the outputs are), then one line per failure."""
     counts: dict[str, int] = {}
     for r in results:
@@ -140,8 +143,14 @@ def summarize(results: list[SlideResult], stage: str, seconds: float | None = No
     return "\n".join(lines)
 
 
-def print_summary(results: list[SlideResult], stage: str, seconds: float, outputs: str | os.PathLike[str],
-                  report: str | os.PathLike[str] | None = None, prefix: str = "") -> int:
+def print_summary(
+    results: list[SlideResult],
+    stage: str,
+    seconds: float,
+    outputs: str | os.PathLike[str],
+    report: str | os.PathLike[str] | None = None,
+    prefix: str = "",
+) -> int:
     """Print :func:`summarize` (to stderr when a slide failed) and return the command's exit code."""
     failed = any(r.status == "error" for r in results)
     text = prefix + summarize(results, stage, seconds, outputs)

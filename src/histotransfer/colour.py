@@ -33,11 +33,14 @@ def slide_colour_stats(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     and the 10th, 50th and 90th percentiles over the tissue pixels.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
-        raise HistotransferError(f"thumbnail: expected a uint8 RGB(A) image (H, W, 3|4), got {rgb.dtype} "
-                                 f"{tuple(rgb.shape)}.")
+        raise HistotransferError(
+            f"thumbnail: expected a uint8 RGB(A) image (H, W, 3|4), got {rgb.dtype} {tuple(rgb.shape)}."
+        )
     if mask.shape != rgb.shape[:2]:
-        raise HistotransferError(f"tissue mask of shape {tuple(mask.shape)} does not match the thumbnail "
-                                 f"{tuple(rgb.shape[:2])}; compute the mask on the same thumbnail.")
+        raise HistotransferError(
+            f"tissue mask of shape {tuple(mask.shape)} does not match the thumbnail "
+            f"{tuple(rgb.shape[:2])}; compute the mask on the same thumbnail."
+        )
     od = optical_density(rgb[..., :3][mask.astype(bool)]).astype(np.float64)
     if len(od) == 0:
         raise HistotransferError("tissue mask is empty: this slide has no tissue pixels to measure.")

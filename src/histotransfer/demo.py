@@ -34,9 +34,13 @@ class DemoSettings(StageSettings):
 
     stage: ClassVar[str] = "demo"
 
-    n_slides: int = Field(16, ge=MIN_SLIDES, le=1000,
-                          description=f"number of demo slides, half with lesions (at least {MIN_SLIDES}: a "
-                                      "patient-level train/val/test split needs three patients of each class)")
+    n_slides: int = Field(
+        16,
+        ge=MIN_SLIDES,
+        le=1000,
+        description=f"number of demo slides, half with lesions (at least {MIN_SLIDES}: a "
+        "patient-level train/val/test split needs three patients of each class)",
+    )
     seed: Seed = Field(0, description="seed of the demo slides and weights")
 
 
@@ -74,8 +78,10 @@ def _cv_summary(metrics: dict) -> str:
     mean, sd = metrics["mean"]["test"]["auc"], metrics["sd"]["test"]["auc"]
     folds = ", ".join("n/a" if a is None else f"{a:.3f}" for a in metrics["fold_test_auc"])
     over = "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
-    return (f"{metrics['protocol']['folds']} folds ({metrics['protocol']['why']}), test AUC per fold {folds}; mean ± "
-            f"sd {over}; pooled out of fold {_auc(metrics['pooled'], 'test')}")
+    return (
+        f"{metrics['protocol']['folds']} folds ({metrics['protocol']['why']}), test AUC per fold {folds}; mean ± "
+        f"sd {over}; pooled out of fold {_auc(metrics['pooled'], 'test')}"
+    )
 
 
 def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
@@ -98,36 +104,48 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
         tiling = tile_slides(demo.slides, out / "tiles", magnification=20.0, patch_size=PATCH_SIZE)
         print("   " + summarize(tiling.results, "tiling", outputs=tiling.folder))
 
-    with _Stage(f"3/8 features: {ENCODER} truncated by {TRUNCATE}, {INPUT_SIZE} px input, weights: random init "
-                "(fixed seed; the demo downloads nothing)", tiling.folder / "features"):
-        features_dir = extract_features(tiling.folder, None, ENCODER, weights="random", truncate=TRUNCATE,
-                                        input_size=INPUT_SIZE, workers=0)
+    with _Stage(
+        f"3/8 features: {ENCODER} truncated by {TRUNCATE}, {INPUT_SIZE} px input, weights: random init "
+        "(fixed seed; the demo downloads nothing)",
+        tiling.folder / "features",
+    ):
+        features_dir = extract_features(
+            tiling.folder, None, ENCODER, weights="random", truncate=TRUNCATE, input_size=INPUT_SIZE, workers=0
+        )
 
-    with _Stage("4/8 attention MIL: patient-level cross-validation (the protocol of cohorts under 200 patients), "
-                "20 epochs", out / "mil"):
+    with _Stage(
+        "4/8 attention MIL: patient-level cross-validation (the protocol of cohorts under 200 patients), 20 epochs",
+        out / "mil",
+    ):
         cv = train_mil(features_dir, demo.labels_csv, out / "mil", seed=seed)
         metrics = json.loads((cv / "metrics.json").read_text())
         print(f"   {_cv_summary(metrics)}")
         lesions = next(iter(demo.lesion_masks.values())).parent
-        print("   attention on the positive slides' lesions, out of fold: "
-              f"{describe_localisation(localisation_of_run(cv, lesions))}")
+        print(
+            "   attention on the positive slides' lesions, out of fold: "
+            f"{describe_localisation(localisation_of_run(cv, lesions))}"
+        )
         run = model_run(cv)  # the next stages apply one model: fold 0's, on its own test split
 
-    with _Stage(f"5/8 attention heatmaps (PNG + QuPath GeoJSON) of the test slides of {run.name}, lesions outlined",
-                out / "heatmaps"):
+    with _Stage(
+        f"5/8 attention heatmaps (PNG + QuPath GeoJSON) of the test slides of {run.name}, lesions outlined",
+        out / "heatmaps",
+    ):
         split = read_csv(run / "splits.csv", missing=False)
         test_ids = set(split.loc[split["split"] == "test", "slide_id"])
         slides = [s for s in demo.slides if s.stem in test_ids][:4]
         write_heatmaps(run, slides, out / "heatmaps", annotations_dir=lesions)
 
     positive = _cam_slide(split)
-    with _Stage(f"6/8 Grad-CAM inside the top-{CAM_TOP_K} attended patches of positive slide {positive}",
-                out / "cam"):
-        cams = write_cams(run, out / "cam", top_k=CAM_TOP_K, device="cpu", annotations_dir=lesions,
-                          slide_ids=[positive])
+    with _Stage(f"6/8 Grad-CAM inside the top-{CAM_TOP_K} attended patches of positive slide {positive}", out / "cam"):
+        cams = write_cams(
+            run, out / "cam", top_k=CAM_TOP_K, device="cpu", annotations_dir=lesions, slide_ids=[positive]
+        )
         res = cams.summary["resolution"]
-        print(f"   {res['grid'][0]}x{res['grid'][1]} cells at {res['stage']}, {res['um_per_cell']:.3g} um per cell; "
-              f"{describe_cam_localisation(cams.summary['localisation'])}")
+        print(
+            f"   {res['grid'][0]}x{res['grid'][1]} cells at {res['stage']}, {res['um_per_cell']:.3g} um per cell; "
+            f"{describe_cam_localisation(cams.summary['localisation'])}"
+        )
         print(f"   figure: {cams.folder / (positive + '_cam.png')}")
 
     with _Stage("7/8 fine-tuning on the top-16 attended patches per slide (2 epochs, lr 1e-5)", out / "finetune"):
@@ -144,11 +162,14 @@ def run_demo(out_dir: str | Path, n_slides: int = 16, seed: int = 0) -> Path:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on generated demo slides",
-                       description="Generate small synthetic pyramidal TIFF slides (half with lesions) and run every "
-                                   "stage on them: tiling, features, attention MIL (with its lesion localisation), "
-                                   "heatmaps, Grad-CAM, fine-tuning, CKA. "
-                                   "Runs offline on a CPU in a few minutes; prints what each stage did.")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on generated demo slides",
+        description="Generate small synthetic pyramidal TIFF slides (half with lesions) and run every "
+        "stage on them: tiling, features, attention MIL (with its lesion localisation), "
+        "heatmaps, Grad-CAM, fine-tuning, CKA. "
+        "Runs offline on a CPU in a few minutes; prints what each stage did.",
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     add_options(p, DemoSettings)
     p.set_defaults(func=_run)

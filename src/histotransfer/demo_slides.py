@@ -58,8 +58,14 @@ class DemoSlides:
     centres_csv: Path | None = None
 
 
-def write_pyramidal_tiff(path: str | os.PathLike[str], rgb: np.ndarray, mpp: float | None, tile: int = 256,
-                         min_side: int = 256, quality: int = 90) -> Path:
+def write_pyramidal_tiff(
+    path: str | os.PathLike[str],
+    rgb: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    min_side: int = 256,
+    quality: int = 90,
+) -> Path:
     """Write ``rgb`` as a tiled JPEG TIFF pyramid (each level half the previous) atomically.
 
     Levels are successive top-level pages (the layout OpenSlide's generic-tiff reader expects), the reduced
@@ -76,8 +82,16 @@ def write_pyramidal_tiff(path: str | os.PathLike[str], rgb: np.ndarray, mpp: flo
             if mpp is not None:
                 ppcm = 1e4 / (mpp * rgb.shape[1] / level.shape[1])
                 extra = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
-            tw.write(level, tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
-                     photometric="rgb", subfiletype=1 if i else 0, metadata=None, **extra)
+            tw.write(
+                level,
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                **extra,
+            )
     return path
 
 
@@ -102,8 +116,8 @@ def render_tissue(tissue: np.ndarray, lesion: np.ndarray | None, rng: np.random.
     img[~tissue] = BACKGROUND
     grain = rng.integers(0, 10, (256, w, 3), dtype=np.uint8)
     for y in range(0, h, 256):
-        band = img[y:y + 256]
-        cv2.subtract(band, grain[:len(band)], dst=band)
+        band = img[y : y + 256]
+        cv2.subtract(band, grain[: len(band)], dst=band)
     return img
 
 
@@ -121,16 +135,23 @@ def _smooth_colour(colour: tuple[int, int, int], shape: tuple[int, int], rng: np
     return cv2.resize(np.clip(coarse, 0, 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _draw_nuclei(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, spacing: int,
-                 radius: tuple[int, int], colour: tuple[int, int, int]) -> None:
+def _draw_nuclei(
+    img: np.ndarray,
+    region: np.ndarray,
+    rng: np.random.Generator,
+    spacing: int,
+    radius: tuple[int, int],
+    colour: tuple[int, int, int],
+) -> None:
     h, w = region.shape
     n = int(h * w / spacing**2)
     xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
     keep = region[ys, xs]
     radii = rng.integers(radius[0], radius[1] + 1, n)
     colours = np.clip(np.asarray(colour) + rng.integers(-18, 19, (n, 3)), 0, 255)
-    for x, y, r, c in zip(xs[keep].tolist(), ys[keep].tolist(), radii[keep].tolist(), colours[keep].tolist(),
-                          strict=True):
+    for x, y, r, c in zip(
+        xs[keep].tolist(), ys[keep].tolist(), radii[keep].tolist(), colours[keep].tolist(), strict=True
+    ):
         cv2.circle(img, (x, y), r, c, -1, cv2.LINE_AA)
 
 
@@ -159,8 +180,9 @@ def _tissue_shape(size: int, rng: np.random.Generator) -> np.ndarray:
 def _lesion_shape(tissue: np.ndarray, rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
     """``n`` small ellipses centred well inside the tissue (picked on a coarse distance map)."""
     ds = LESION_MASK_DOWNSAMPLE
-    small = cv2.resize(tissue.astype(np.uint8), (tissue.shape[1] // ds, tissue.shape[0] // ds),
-                       interpolation=cv2.INTER_NEAREST)
+    small = cv2.resize(
+        tissue.astype(np.uint8), (tissue.shape[1] // ds, tissue.shape[0] // ds), interpolation=cv2.INTER_NEAREST
+    )
     dist = cv2.distanceTransform(small, cv2.DIST_L2, 5) * ds
     ys, xs = np.nonzero(dist > radius * 1.1)
     if len(ys) == 0:
@@ -168,8 +190,16 @@ def _lesion_shape(tissue: np.ndarray, rng: np.random.Generator, n: int, radius: 
     mask = np.zeros(tissue.shape, np.uint8)
     for i in rng.choice(len(ys), size=n, replace=len(ys) < n):
         axes = tuple(int(v) for v in radius * rng.uniform(0.7, 1.0, 2))
-        cv2.ellipse(mask, (int(xs[i] * ds + ds // 2), int(ys[i] * ds + ds // 2)), axes,
-                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        cv2.ellipse(
+            mask,
+            (int(xs[i] * ds + ds // 2), int(ys[i] * ds + ds // 2)),
+            axes,
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            1,
+            -1,
+        )
     return mask.astype(bool) & tissue
 
 
@@ -199,13 +229,14 @@ def centre_stain_shift(rgb: np.ndarray, centre: int, centres: int, strength: flo
     lut = optical_density(np.arange(256, dtype=np.uint8))
     out = np.empty_like(rgb)
     for y in range(0, rgb.shape[0], 512):
-        od = cv2.transform(lut[rgb[y:y + 512]], mix.T.astype(np.float32))  # each pixel's OD row times mix
-        out[y:y + 512] = np.clip(np.rint(256 * np.exp(-od) - 1), 0, 255)
+        od = cv2.transform(lut[rgb[y : y + 512]], mix.T.astype(np.float32))  # each pixel's OD row times mix
+        out[y : y + 512] = np.clip(np.rint(256 * np.exp(-od) - 1), 0, 255)
     return out
 
 
-def _centre_of_patients(assignment: list[tuple[str, str, int]], centres: int, prevalence_shift: float,
-                        seed: int) -> dict[str, int]:
+def _centre_of_patients(
+    assignment: list[tuple[str, str, int]], centres: int, prevalence_shift: float, seed: int
+) -> dict[str, int]:
     """Deal each class's patients (shuffled) to centres in proportion to ``1 -/+ prevalence_shift * t``:
     positives lean to the first centres, negatives to the last."""
     rng = np.random.default_rng([seed, CENTRE_STREAM])
@@ -228,13 +259,23 @@ def _check_options(centres: int, stain_shift: float, prevalence_shift: float, le
     if not 0 <= prevalence_shift <= 1:
         raise HistotransferError(f"prevalence_shift={prevalence_shift}: use a value in [0, 1].")
     if not 0 < lesion_radius <= 0.25:
-        raise HistotransferError(f"lesion_radius={lesion_radius}: use a value in (0, 0.25] (a fraction of the "
-                                 f"slide's side; the default is {LESION_RADIUS}).")
+        raise HistotransferError(
+            f"lesion_radius={lesion_radius}: use a value in (0, 0.25] (a fraction of the "
+            f"slide's side; the default is {LESION_RADIUS})."
+        )
 
 
-def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: int = 0,
-                     size: int = 4096, mpp: float = 0.25, centres: int = 1, stain_shift: float = 0.3,
-                     prevalence_shift: float = 0.0, lesion_radius: float = LESION_RADIUS) -> DemoSlides:
+def make_demo_slides(
+    out_dir: str | os.PathLike[str],
+    n_slides: int = 16,
+    seed: int = 0,
+    size: int = 4096,
+    mpp: float = 0.25,
+    centres: int = 1,
+    stain_shift: float = 0.3,
+    prevalence_shift: float = 0.0,
+    lesion_radius: float = LESION_RADIUS,
+) -> DemoSlides:
     """Generate ``n_slides`` demo slides (``size`` px square at ``mpp``, 40x by default) under ``out_dir``.
 
     Writes ``slides/<slide_id>.tif``, ``labels.csv`` (slide_id, patient_id, label) and
@@ -264,8 +305,7 @@ def make_demo_slides(out_dir: str | os.PathLike[str], n_slides: int = 16, seed: 
         params["lesion_radius"] = lesion_radius
     outputs = [*slides, *masks.values(), labels_csv, *([centres_csv] if centres_csv else [])]
     result = DemoSlides(slides, labels_csv, masks, centres_csv)
-    if (manifest.exists() and json.loads(manifest.read_text()) == params
-            and all(p.exists() for p in outputs)):
+    if manifest.exists() and json.loads(manifest.read_text()) == params and all(p.exists() for p in outputs):
         _write_sidecars(masks)
         return result
     manifest.unlink(missing_ok=True)  # written again last, once the new set is complete

@@ -44,7 +44,7 @@ def torchrun_local_rank() -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" is CUDA when available, else CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
+    """ "auto" is CUDA when available, else CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

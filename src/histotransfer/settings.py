@@ -81,8 +81,11 @@ class StageSettings(BaseModel):
     def differences(self, other: dict[str, Any]) -> list[str]:
         """``field (recorded vs now)`` for every result field on which a recorded dict differs from these."""
         mine = self.result_settings()
-        return [f"{k} ({other.get(k)!r} vs {mine.get(k)!r})" for k in sorted(set(mine) | set(other))
-                if k not in self.runtime_fields() and other.get(k) != mine.get(k)]
+        return [
+            f"{k} ({other.get(k)!r} vs {mine.get(k)!r})"
+            for k in sorted(set(mine) | set(other))
+            if k not in self.runtime_fields() and other.get(k) != mine.get(k)
+        ]
 
 
 def _marked(field: FieldInfo, mark: str) -> bool:
@@ -104,8 +107,9 @@ def _loc(loc: Sequence[int | str], style: str) -> str:
     return out
 
 
-def describe_errors(exc: ValidationError, model: type[BaseModel] | None = None, style: str = "key",
-                    prefix: str = "") -> str:
+def describe_errors(
+    exc: ValidationError, model: type[BaseModel] | None = None, style: str = "key", prefix: str = ""
+) -> str:
     """All problems of a ValidationError, one per line, each with its option or key path and, for a misspelt
     key, the closest valid spelling."""
     lines = []
@@ -132,7 +136,7 @@ def _message(err: ErrorDetails) -> str:
         close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
         return f"{value!r} is not one of {', '.join(choices)}" + (f" (did you mean '{close[0]}'?)" if close else "")
     msg = str(err["msg"])
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
 
 
 def _siblings(model: type[BaseModel] | None, loc: Sequence[int | str]) -> list[str]:
@@ -175,8 +179,9 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type[StageSettings], skip: Iterable[str] = (),
-                required: Iterable[str] = ()) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls: type[StageSettings], skip: Iterable[str] = (), required: Iterable[str] = ()
+) -> None:
     """Add one command-line option per field of ``cls`` (``--patch-size`` for ``patch_size``).
 
     Options that are not given stay absent from the parsed namespace, so :func:`from_args` passes only what

@@ -79,8 +79,9 @@ def last_stage_maps(encoder: Encoder, patches: Tensor, batch_size: int) -> Tenso
         return torch.cat([encoder.body(chunk).float() for chunk in patches.split(batch_size)])
 
 
-def _slide_bag(feats: Tensor, slide_features: Tensor | np.ndarray | None,
-               rows: Sequence[int] | np.ndarray | None) -> tuple[Tensor, float | None]:
+def _slide_bag(
+    feats: Tensor, slide_features: Tensor | np.ndarray | None, rows: Sequence[int] | np.ndarray | None
+) -> tuple[Tensor, float | None]:
     """The bag the head sees: the slide's feature rows with ``rows`` replaced by ``feats`` (or ``feats``)."""
     if slide_features is None:
         if rows is not None:
@@ -100,9 +101,15 @@ def _slide_bag(feats: Tensor, slide_features: Tensor | np.ndarray | None,
     return fixed.index_copy(0, index, feats), gap
 
 
-def grad_cam(encoder: Encoder, head: AttentionMIL, patches: Tensor,
-             slide_features: Tensor | np.ndarray | None = None, rows: Sequence[int] | np.ndarray | None = None,
-             target_class: int = POSITIVE_CLASS, batch_size: int = 16) -> CamResult:
+def grad_cam(
+    encoder: Encoder,
+    head: AttentionMIL,
+    patches: Tensor,
+    slide_features: Tensor | np.ndarray | None = None,
+    rows: Sequence[int] | np.ndarray | None = None,
+    target_class: int = POSITIVE_CLASS,
+    batch_size: int = 16,
+) -> CamResult:
     """Grad-CAM of the slide's ``target_class`` logit for each of a batch of patches.
 
     ``patches``: ImageNet-normalised float (B, 3, H, W) on the device of ``encoder`` and ``head``.

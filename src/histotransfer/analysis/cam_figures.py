@@ -51,18 +51,25 @@ def cam_figure(pixels: np.ndarray, maps: np.ndarray, scores: np.ndarray, lines: 
     tiles = []
     for i in range(k):
         image = cv2.resize(pixels[i], (tile, tile), interpolation=cv2.INTER_CUBIC)
-        corners, values, cell = _cell_layout(maps[i:i + 1], np.zeros((1, 2)), float(tile))
+        corners, values, cell = _cell_layout(maps[i : i + 1], np.zeros((1, 2)), float(tile))
         painted = attention_overlay(image, (tile, tile), corners, values, cell, vrange, CMAP)
         tiles.append(_label_tile(painted, f"#{i + 1} score {scores[i]:.3g}"))
     blank = np.full_like(tiles[0], 255)
     columns = min(k, FIGURE_COLUMNS)
     tiles += [blank] * (-len(tiles) % columns)
-    rows = [np.hstack(tiles[r:r + columns]) for r in range(0, len(tiles), columns)]
+    rows = [np.hstack(tiles[r : r + columns]) for r in range(0, len(tiles), columns)]
     return heatmap_image(np.vstack(rows), vrange, CMAP, lines)
 
 
-def slide_figure(thumb: np.ndarray, dimensions: tuple[int, int], maps: np.ndarray, coords: np.ndarray,
-                 side: float, lines: Sequence[str], annotation: Annotation | None = None) -> np.ndarray:
+def slide_figure(
+    thumb: np.ndarray,
+    dimensions: tuple[int, int],
+    maps: np.ndarray,
+    coords: np.ndarray,
+    side: float,
+    lines: Sequence[str],
+    annotation: Annotation | None = None,
+) -> np.ndarray:
     """The slide thumbnail with every CAM cell painted at its level-0 place (colour range as
     :func:`cam_figure`), each top-k patch framed in white and the lesion, if annotated, outlined in black."""
     vrange = _cam_range(maps)
@@ -70,8 +77,13 @@ def slide_figure(thumb: np.ndarray, dimensions: tuple[int, int], maps: np.ndarra
     image = attention_overlay(thumb, dimensions, corners, values, cell, vrange, CMAP)
     sx, sy = image.shape[1] / dimensions[0], image.shape[0] / dimensions[1]
     for x, y in np.asarray(coords, np.float64):
-        cv2.rectangle(image, (int(x * sx), int(y * sy)), (math.ceil((x + side) * sx), math.ceil((y + side) * sy)),
-                      (255, 255, 255), 1)
+        cv2.rectangle(
+            image,
+            (int(x * sx), int(y * sy)),
+            (math.ceil((x + side) * sx), math.ceil((y + side) * sy)),
+            (255, 255, 255),
+            1,
+        )
     if annotation is not None:
         image = outline_lesion(image, annotation, dimensions)
     return heatmap_image(image, vrange, CMAP, lines)
@@ -80,22 +92,43 @@ def slide_figure(thumb: np.ndarray, dimensions: tuple[int, int], maps: np.ndarra
 def figure_lines(record: dict[str, Any], k: int) -> list[str]:
     h, w = record["grid"]
     um = "n/a" if record["um_per_cell"] is None else f"{record['um_per_cell']:.3g} um"
-    return [f"{record['slide_id']}: top {k} of {record['n_patches']} patches by attention",
-            f"Grad-CAM of the {record['target_class_name']!r} logit at {record['stage']}: {h}x{w} cells of {um}"]
+    return [
+        f"{record['slide_id']}: top {k} of {record['n_patches']} patches by attention",
+        f"Grad-CAM of the {record['target_class_name']!r} logit at {record['stage']}: {h}x{w} cells of {um}",
+    ]
 
 
 def localisation_caption(scores: dict[str, Any]) -> str:
     def num(key: str) -> str:
         return "n/a" if scores[key] is None else f"{scores[key]:.3f}"
 
-    return (f"lesion: pointing game {num('pointing_game')} (random cell {num('pointing_chance')}) over "
-            f"{scores['n_pointing']} patch(es), CAM mass {num('cam_mass')} (uniform {num('lesion_area_share')})")
+    return (
+        f"lesion: pointing game {num('pointing_game')} (random cell {num('pointing_chance')}) over "
+        f"{scores['n_pointing']} patch(es), CAM mass {num('cam_mass')} (uniform {num('lesion_area_share')})"
+    )
 
 
-def write_figures(out: Path, slide_id: str, result: CamResult, record: dict[str, Any], thumb: np.ndarray,
-                      lines: list[str], annotation: Annotation | None) -> None:
+def write_figures(
+    out: Path,
+    slide_id: str,
+    result: CamResult,
+    record: dict[str, Any],
+    thumb: np.ndarray,
+    lines: list[str],
+    annotation: Annotation | None,
+) -> None:
     """``<slide_id>_cam.png`` (the patches and their maps) and ``<slide_id>_slide.png`` (the cells over the
     thumbnail)."""
     write_png(cam_figure(record["pixels"], result.maps, record["score"], lines), out / f"{slide_id}_cam.png")
-    write_png(slide_figure(thumb, record["dimensions"], result.maps, record["coords"],
-                           float(record["patch_size_level0"]), lines, annotation), out / f"{slide_id}_slide.png")
+    write_png(
+        slide_figure(
+            thumb,
+            record["dimensions"],
+            result.maps,
+            record["coords"],
+            float(record["patch_size_level0"]),
+            lines,
+            annotation,
+        ),
+        out / f"{slide_id}_slide.png",
+    )

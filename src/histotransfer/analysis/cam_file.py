@@ -44,9 +44,14 @@ def cam_file_done(path: Path, fingerprint: str) -> bool:
 
 def write_cam_file(path: Path, result: CamResult, record: dict[str, Any], fingerprint: str) -> None:
     """``<slide_id>.h5``: the maps, their patches and how they were made (docs/formats.md)."""
-    arrays = {"cam": result.maps, "raw": result.raw, "coords": np.asarray(record["coords"], np.int64),
-              "rank": np.arange(1, len(result.maps) + 1, dtype=np.int64),
-              "row": np.asarray(record["rows"], np.int64), "score": np.asarray(record["score"], np.float32)}
+    arrays = {
+        "cam": result.maps,
+        "raw": result.raw,
+        "coords": np.asarray(record["coords"], np.int64),
+        "rank": np.arange(1, len(result.maps) + 1, dtype=np.int64),
+        "row": np.asarray(record["rows"], np.int64),
+        "score": np.asarray(record["score"], np.float32),
+    }
     skip = {"coords", "rows", "score", "pixels", "dimensions"}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         stamp(f, CAM_FORMAT)

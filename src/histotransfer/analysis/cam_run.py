@@ -46,8 +46,21 @@ SUMMARY_FILE = "cam.json"
 
 REPORT_FILE = "cams.csv"
 
-CAM_COLUMNS = ["split", "label", "stage", "grid", "um_per_cell", "logit", "feature_gap", "annotated",
-               "pointing_game", "pointing_chance", "n_pointing", "cam_mass", "lesion_area_share"]
+CAM_COLUMNS = [
+    "split",
+    "label",
+    "stage",
+    "grid",
+    "um_per_cell",
+    "logit",
+    "feature_gap",
+    "annotated",
+    "pointing_game",
+    "pointing_chance",
+    "n_pointing",
+    "cam_mass",
+    "lesion_area_share",
+]
 
 DONE_MESSAGE = "done before with the same settings and run"
 
@@ -74,8 +87,10 @@ class _CamReport(BatchReport):
         if self.path.exists():
             table = read_csv(self.path)
             columns = [c for c in CAM_COLUMNS if c in table.columns]
-            self.extra = {str(r["slide_id"]): {c: None if pd.isna(r[c]) else r[c] for c in columns}
-                          for r in table.to_dict("records")}
+            self.extra = {
+                str(r["slide_id"]): {c: None if pd.isna(r[c]) else r[c] for c in columns}
+                for r in table.to_dict("records")
+            }
         return rows
 
     def update_with(self, result: SlideResult, extra: dict[str, Any]) -> None:
@@ -83,8 +98,9 @@ class _CamReport(BatchReport):
         self.update(result)
 
     def _write(self) -> None:
-        rows = [{**asdict(r), **{c: self.extra.get(r.slide_id, {}).get(c) for c in CAM_COLUMNS}}
-                for r in self.rows.values()]
+        rows = [
+            {**asdict(r), **{c: self.extra.get(r.slide_id, {}).get(c) for c in CAM_COLUMNS}} for r in self.rows.values()
+        ]
         write_csv(pd.DataFrame(rows, columns=REPORT_COLUMNS + CAM_COLUMNS), self.path)
 
 
@@ -97,8 +113,10 @@ def _slide_ids(run_dir: Path, slide_ids: Sequence[str] | None) -> list[str]:
         return have
     unknown = [s for s in slide_ids if s not in have]
     if unknown:
-        raise HistotransferError(f"--slide-ids: {', '.join(unknown[:5])} not among the run's slides "
-                                 f"({', '.join(have[:5])}{', ...' if len(have) > 5 else ''}).")
+        raise HistotransferError(
+            f"--slide-ids: {', '.join(unknown[:5])} not among the run's slides "
+            f"({', '.join(have[:5])}{', ...' if len(have) > 5 else ''})."
+        )
     return list(dict.fromkeys(slide_ids))
 
 
@@ -125,8 +143,10 @@ def _guard(out: Path, run: LoadedRun, s: CamSettings) -> None:
     if old.get("run_fingerprint") != run.fingerprint:
         diffs.insert(0, f"run ({old.get('run')} vs {run.run_dir.resolve()}, or its model or encoder changed)")
     if diffs:
-        raise HistotransferError(f"{out}: holds CAMs made differently (differs in: {'; '.join(diffs)}); choose "
-                                 "another --out or delete that folder.")
+        raise HistotransferError(
+            f"{out}: holds CAMs made differently (differs in: {'; '.join(diffs)}); choose "
+            "another --out or delete that folder."
+        )
 
 
 def _cam_fingerprint(run: LoadedRun, s: CamSettings, slide_id: str) -> str:
@@ -135,28 +155,45 @@ def _cam_fingerprint(run: LoadedRun, s: CamSettings, slide_id: str) -> str:
     return json_fingerprint({"settings": s.result_settings(), "run": run.fingerprint, "features": features})
 
 
-def _localise(run: LoadedRun, slide_id: str, maps: np.ndarray, coords: np.ndarray, side: float,
-              annotation: Annotation | None) -> dict[str, Any] | None:
+def _localise(
+    run: LoadedRun, slide_id: str, maps: np.ndarray, coords: np.ndarray, side: float, annotation: Annotation | None
+) -> dict[str, Any] | None:
     """CAM localisation of a positive annotated slide (None for the others: not scored)."""
     if annotation is None or run.labels.get(slide_id) != POSITIVE_CLASS:
         return None
     return cam_localisation(maps, coords, side, annotation)
 
 
-def _extra(run: LoadedRun, slide_id: str, cam: dict[str, Any], scores: dict[str, Any] | None,
-           annotated: bool) -> dict[str, Any]:
+def _extra(
+    run: LoadedRun, slide_id: str, cam: dict[str, Any], scores: dict[str, Any] | None, annotated: bool
+) -> dict[str, Any]:
     """A slide's CAM columns of ``cams.csv``."""
     attrs = cam["attrs"]
     grid = [int(v) for v in np.asarray(attrs["grid"]).reshape(-1)]
-    return {"split": run.splits.get(slide_id), "label": run.labels.get(slide_id), "stage": attrs["stage"],
-            "grid": f"{grid[0]}x{grid[1]}", "um_per_cell": attrs.get("um_per_cell"), "logit": attrs["logit"],
-            "feature_gap": attrs["feature_gap"], "annotated": annotated,
-            **{k: (scores or {}).get(k) for k in ("pointing_game", "pointing_chance", "n_pointing", "cam_mass",
-                                                  "lesion_area_share")}}
+    return {
+        "split": run.splits.get(slide_id),
+        "label": run.labels.get(slide_id),
+        "stage": attrs["stage"],
+        "grid": f"{grid[0]}x{grid[1]}",
+        "um_per_cell": attrs.get("um_per_cell"),
+        "logit": attrs["logit"],
+        "feature_gap": attrs["feature_gap"],
+        "annotated": annotated,
+        **{
+            k: (scores or {}).get(k)
+            for k in ("pointing_game", "pointing_chance", "n_pointing", "cam_mass", "lesion_area_share")
+        },
+    }
 
 
-def _slide_work(run: LoadedRun, s: CamSettings, out: Path, slide_id: str, index: dict[str, Path] | None,
-                annotation_paths: dict[str, Path]) -> tuple[SlideResult, dict[str, Any], dict[str, Any] | None]:
+def _slide_work(
+    run: LoadedRun,
+    s: CamSettings,
+    out: Path,
+    slide_id: str,
+    index: dict[str, Path] | None,
+    annotation_paths: dict[str, Path],
+) -> tuple[SlideResult, dict[str, Any], dict[str, Any] | None]:
     """Compute (or reuse) one slide's CAMs; its report row, its CAM columns and its localisation scores."""
     t0 = time.perf_counter()
     path = out / f"{slide_id}.h5"
@@ -173,16 +210,21 @@ def _slide_work(run: LoadedRun, s: CamSettings, out: Path, slide_id: str, index:
         write_cam_file(path, result, record, fingerprint)
         status, message = "ok", ""
     cam = read_cam_file(path)
-    scores = _localise(run, slide_id, cam["cam"], cam["coords"], float(cam["attrs"]["patch_size_level0"]),
-                       annotation)
+    scores = _localise(run, slide_id, cam["cam"], cam["coords"], float(cam["attrs"]["patch_size_level0"]), annotation)
     slide_path = _recorded_slide_path(run.run_dir, slide_id, index)
     row = SlideResult(slide_id, slide_path, status, len(cam["cam"]), round(time.perf_counter() - t0, 3), message)
     return row, _extra(run, slide_id, cam, scores, annotation is not None), scores
 
 
-def _run_slides(run: LoadedRun, s: CamSettings, out: Path, slide_ids: list[str], index: dict[str, Path] | None,
-                annotation_paths: dict[str, Path], report: _CamReport
-                ) -> tuple[list[SlideResult], dict[str, dict[str, Any]]]:
+def _run_slides(
+    run: LoadedRun,
+    s: CamSettings,
+    out: Path,
+    slide_ids: list[str],
+    index: dict[str, Path] | None,
+    annotation_paths: dict[str, Path],
+    report: _CamReport,
+) -> tuple[list[SlideResult], dict[str, dict[str, Any]]]:
     """Every slide in turn: a slide that fails is reported and skipped, except when the encoder does not
     reproduce the run's features (then no slide can be explained: the command stops)."""
     results, scored = [], {}
@@ -211,24 +253,37 @@ def _resolution(out: Path, results: list[SlideResult]) -> dict[str, Any]:
         return {}
     um = [float(a["um_per_cell"]) for a in attrs if a.get("um_per_cell") is not None]
     first = attrs[0]
-    return {"stage": first["stage"], "grid": [int(v) for v in np.asarray(first["grid"]).reshape(-1)],
-            "input_size": int(first["input_size"]), "patch_size_level0": int(first["patch_size_level0"]),
-            "um_per_cell": float(np.median(um)) if um else None,
-            "um_per_cell_range": [min(um), max(um)] if um else None}
+    return {
+        "stage": first["stage"],
+        "grid": [int(v) for v in np.asarray(first["grid"]).reshape(-1)],
+        "input_size": int(first["input_size"]),
+        "patch_size_level0": int(first["patch_size_level0"]),
+        "um_per_cell": float(np.median(um)) if um else None,
+        "um_per_cell_range": [min(um), max(um)] if um else None,
+    }
 
 
 def cam_localisation_summary(scored: dict[str, dict[str, Any]], positives: Sequence[str]) -> dict[str, Any]:
     """Cohort view of per-slide CAM localisation: ``n_positive`` (positive slides with CAMs), ``n_scored``,
     ``unannotated`` (positive slides without annotation, not scored) and ``cohort`` (each score's
     ``{"mean", "n"}`` over the scored slides, e.g. ``pointing_game``, ``cam_mass``, ``lesion_area_share``)."""
-    return {"n_positive": len(positives), "n_scored": len(scored),
-            "unannotated": sorted(set(positives) - set(scored)),
-            "cohort": cohort_localisation([{"slide_id": k, **v} for k, v in sorted(scored.items())])}
+    return {
+        "n_positive": len(positives),
+        "n_scored": len(scored),
+        "unannotated": sorted(set(positives) - set(scored)),
+        "cohort": cohort_localisation([{"slide_id": k, **v} for k, v in sorted(scored.items())]),
+    }
 
 
-def write_cams(run_dir: str | Path, out_dir: str | Path, settings: CamSettings | None = None,
-               slides: Any = None, annotations_dir: str | Path | None = None,
-               slide_ids: Sequence[str] | None = None, **overrides: Any) -> CamRun:
+def write_cams(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    settings: CamSettings | None = None,
+    slides: Any = None,
+    annotations_dir: str | Path | None = None,
+    slide_ids: Sequence[str] | None = None,
+    **overrides: Any,
+) -> CamRun:
     """Grad-CAM of each slide's ``top_k`` most-attended patches for a ``train`` or ``finetune`` run.
 
     ``settings`` (or keyword overrides such as ``top_k=8, device="cpu"``) say how (:class:`CamSettings`);
@@ -250,19 +305,29 @@ def write_cams(run_dir: str | Path, out_dir: str | Path, settings: CamSettings |
     _guard(out, run, s)
     out = output_folder(out)
     remove_stale_temps(out)
-    claim = {"format": CAM_FORMAT[0], "format_version": CAM_FORMAT[1], "run": str(run_dir.resolve()),
-             "run_fingerprint": run.fingerprint, "run_kind": run.config.get("kind", "train"),
-             "encoder": run.config.get("encoder"), "settings": s.record(),
-             "target_class_name": run.classes[s.target_class]}
+    claim = {
+        "format": CAM_FORMAT[0],
+        "format_version": CAM_FORMAT[1],
+        "run": str(run_dir.resolve()),
+        "run_fingerprint": run.fingerprint,
+        "run_kind": run.config.get("kind", "train"),
+        "encoder": run.config.get("encoder"),
+        "settings": s.record(),
+        "target_class_name": run.classes[s.target_class],
+    }
     write_json(claim, out / SUMMARY_FILE)
     t0 = time.perf_counter()
     results, scored = _run_slides(run, s, out, ids, index, annotation_paths, _CamReport(out / REPORT_FILE))
     done = [r.slide_id for r in results if r.status in ("ok", "skipped")]
     positives = [sid for sid in done if run.labels.get(sid) == POSITIVE_CLASS]
-    summary = {**claim, "resolution": _resolution(out, results), "seconds": round(time.perf_counter() - t0, 3),
-               "slides": {r.slide_id: r.status for r in results},
-               "annotations": None if annotations_dir is None else str(Path(annotations_dir).resolve()),
-               "localisation": None if annotations_dir is None else cam_localisation_summary(scored, positives)}
+    summary = {
+        **claim,
+        "resolution": _resolution(out, results),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "slides": {r.slide_id: r.status for r in results},
+        "annotations": None if annotations_dir is None else str(Path(annotations_dir).resolve()),
+        "localisation": None if annotations_dir is None else cam_localisation_summary(scored, positives),
+    }
     write_json(summary, out / SUMMARY_FILE)
     return CamRun(out, results, summary)
 
@@ -281,16 +346,22 @@ def describe_resolution(summary: dict[str, Any]) -> str:
         size = f"{um:.3g} um per cell (median; {spread[0]:.3g}-{spread[1]:.3g} across slides)"
     else:
         size = f"{um:.3g} um per cell"
-    return (f"Grad-CAM of the {summary['target_class_name']!r} logit at {res['stage']}: {h}x{w} cells per patch "
-            f"({res['input_size']} px input) = {size}")
+    return (
+        f"Grad-CAM of the {summary['target_class_name']!r} logit at {res['stage']}: {h}x{w} cells per patch "
+        f"({res['input_size']} px input) = {size}"
+    )
 
 
 def describe_cam_localisation(summary: dict[str, Any]) -> str:
     """A CAM localisation summary in one line: how many positive slides were scored, then the cohort means."""
-    return describe_scored(summary, lambda mean: (
-        f"pointing game {mean('pointing_game')} (random cell {mean('pointing_chance')}), CAM mass on lesion "
-        f"{mean('cam_mass')} "
-        f"(uniform {mean('lesion_area_share')})"))
+    return describe_scored(
+        summary,
+        lambda mean: (
+            f"pointing game {mean('pointing_game')} (random cell {mean('pointing_chance')}), CAM mass on lesion "
+            f"{mean('cam_mass')} "
+            f"(uniform {mean('lesion_area_share')})"
+        ),
+    )
 
 
 def cam_summary_text(run: CamRun) -> str:

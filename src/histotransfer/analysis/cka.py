@@ -111,7 +111,8 @@ def debiased_cka_from_hsic(cross: float, self_x: float, self_y: float) -> float:
     if abs(value) > 1.0 + _ROUNDING:
         raise HistotransferError(
             f"debiased CKA came out as {value!r}, outside the [-1, 1] that exact arithmetic allows: float64 lost "
-            "the precision; centre the inputs (e.g. pass centred_gram matrices) or remove large offsets first.")
+            "the precision; centre the inputs (e.g. pass centred_gram matrices) or remove large offsets first."
+        )
     return float(np.clip(value, -1.0, 1.0))
 
 
@@ -144,8 +145,9 @@ class _RowSums:
         """The sums of one block of rows of x (b, d1) and y (b, d2)."""
         a = np.einsum("ij,ij->i", x, x)
         b = np.einsum("ij,ij->i", y, y)
-        return cls(x.T @ y, x.sum(axis=0), y.sum(axis=0), float(a.sum()), float(b.sum()), a @ y, b @ x,
-                   float(a @ b), len(x))
+        return cls(
+            x.T @ y, x.sum(axis=0), y.sum(axis=0), float(a.sum()), float(b.sum()), a @ y, b @ x, float(a @ b), len(x)
+        )
 
     def __iadd__(self, other: _RowSums) -> Self:
         self.xty += other.xty
@@ -188,8 +190,13 @@ class _HollowGram:
     def debiased_hsic(self, other: _HollowGram) -> float:
         """HSIC_1(K, L): tr(K~ L~) = <K, L> - diag(K) . diag(L) and 1^T K~ L~ 1 = (K~ 1) . (L~ 1) by symmetry."""
         tr_kl = float(np.vdot(self.k, other.k) - self.diag @ other.diag)
-        return _hsic1(tr_kl, float(self.row_sums.sum()), float(other.row_sums.sum()),
-                      float(self.row_sums @ other.row_sums), len(self.k))
+        return _hsic1(
+            tr_kl,
+            float(self.row_sums.sum()),
+            float(other.row_sums.sum()),
+            float(self.row_sums @ other.row_sums),
+            len(self.k),
+        )
 
 
 def _debiased_cka_grams(k: np.ndarray, l_: np.ndarray) -> float:
@@ -198,8 +205,9 @@ def _debiased_cka_grams(k: np.ndarray, l_: np.ndarray) -> float:
 
 
 def _debiased_cka_features(x: np.ndarray, y: np.ndarray) -> float:
-    return debiased_cka_from_hsic(_RowSums.of(x, y).debiased_hsic(), _RowSums.of(x, x).debiased_hsic(),
-                                  _RowSums.of(y, y).debiased_hsic())
+    return debiased_cka_from_hsic(
+        _RowSums.of(x, y).debiased_hsic(), _RowSums.of(x, x).debiased_hsic(), _RowSums.of(y, y).debiased_hsic()
+    )
 
 
 def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
@@ -281,8 +289,10 @@ class StreamingCKA:
         _check_samples(self.n, self.debiased, "StreamingCKA")
         if self.debiased:
             selfs = {a: self._sums[(a, b)].debiased_hsic() for (a, b) in self._sums if a == b}
-            return {(a, b): debiased_cka_from_hsic(self._sums[(a, b)].debiased_hsic(), selfs[a], selfs[b])
-                    for a, b in self.pairs}
+            return {
+                (a, b): debiased_cka_from_hsic(self._sums[(a, b)].debiased_hsic(), selfs[a], selfs[b])
+                for a, b in self.pairs
+            }
         norms = {a: float(np.linalg.norm(self._centred(a, a))) for (a, b) in self._sums if a == b}
         out = {}
         for a, b in self.pairs:
@@ -291,8 +301,9 @@ class StreamingCKA:
         return out
 
 
-def gram_cka(grams: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]],
-             debiased: bool = False) -> dict[tuple[str, str], float]:
+def gram_cka(
+    grams: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]], debiased: bool = False
+) -> dict[tuple[str, str], float]:
     """CKA for each pair of named n x n float64 Gram matrices.
 
     Biased: ``grams`` must be centred (:func:`centred_gram`), CKA = <K, L> / (||K|| ||L||). Debiased: centred or
@@ -307,8 +318,7 @@ def gram_cka(grams: dict[str, np.ndarray], pairs: Iterable[tuple[str, str]],
         _check_samples(len(k), True, "gram_cka")
     hollow = {name: _HollowGram.of(k) for name, k in grams.items()}
     selfs = {name: h.debiased_hsic(h) for name, h in hollow.items()}
-    return {(a, b): debiased_cka_from_hsic(hollow[a].debiased_hsic(hollow[b]), selfs[a], selfs[b])
-            for a, b in pairs}
+    return {(a, b): debiased_cka_from_hsic(hollow[a].debiased_hsic(hollow[b]), selfs[a], selfs[b]) for a, b in pairs}
 
 
 def centred_gram(x: np.ndarray, chunk_bytes: int = 256 << 20) -> np.ndarray:
@@ -320,6 +330,6 @@ def centred_gram(x: np.ndarray, chunk_bytes: int = 256 << 20) -> np.ndarray:
     step = max(1, chunk_bytes // (8 * n))
     gram = np.zeros((n, n))
     for start in range(0, d, step):
-        block = centre_columns(np.asarray(x[:, start:start + step], dtype=np.float64))
+        block = centre_columns(np.asarray(x[:, start : start + step], dtype=np.float64))
         gram += block @ block.T
     return gram

@@ -47,8 +47,18 @@ def sample_patches(patches_dir: str | Path, n_patches: int, seed: int = 0, slide
             slide_path = locate_slide(ps.slide_id, ps.spec.slide_path, index, path)
             with open_slide(slide_path, mpp=ps.spec.mpp) as slide:
                 check_identity(slide, ps.identity, str(path))
-            jobs.append(SlideJob(ps.slide_id, str(slide_path), path, ps.coords[rows], ps.spec, ps.fingerprint,
-                                 ps.identity, source_sample(ps.coords)))
+            jobs.append(
+                SlideJob(
+                    ps.slide_id,
+                    str(slide_path),
+                    path,
+                    ps.coords[rows],
+                    ps.spec,
+                    ps.fingerprint,
+                    ps.identity,
+                    source_sample(ps.coords),
+                )
+            )
     return jobs
 
 
@@ -60,8 +70,9 @@ def _pool(maps: list[torch.Tensor], pooling: str, model: Encoder) -> list[np.nda
         return [m.float().flatten(1).cpu().numpy() for m in maps]
     if pooling == "classifier":
         return [model.pool(m).double().cpu().numpy() for m in maps]
-    return [(m.float().mean(dim=(2, 3)) if m.dim() == 4 else m.float().mean(dim=1)).double().cpu().numpy()
-            for m in maps]
+    return [
+        (m.float().mean(dim=(2, 3)) if m.dim() == 4 else m.float().mean(dim=1)).double().cpu().numpy() for m in maps
+    ]
 
 
 class FlattenStore:
@@ -76,14 +87,16 @@ class FlattenStore:
         for key, rows in batch.items():
             if key not in self.arrays:
                 self.arrays[key] = np.lib.format.open_memmap(
-                    self.folder / f"{len(self.arrays)}.npy", mode="w+", dtype=np.float32,
-                    shape=(self.n, rows.shape[1]))
-            self.arrays[key][self.row:self.row + len(rows)] = rows
+                    self.folder / f"{len(self.arrays)}.npy", mode="w+", dtype=np.float32, shape=(self.n, rows.shape[1])
+                )
+            self.arrays[key][self.row : self.row + len(rows)] = rows
         self.row += len(next(iter(batch.values())))
 
     def result(self) -> dict[tuple[str, str], float]:
-        grams = {k: centred_gram(a[: self.row]) for k, a in tqdm(self.arrays.items(), desc="Gram matrices",
-                                                                  unit="map", dynamic_ncols=True)}
+        grams = {
+            k: centred_gram(a[: self.row])
+            for k, a in tqdm(self.arrays.items(), desc="Gram matrices", unit="map", dynamic_ncols=True)
+        }
         return gram_cka(grams, self.pairs, debiased=self.debiased)
 
 
@@ -106,8 +119,15 @@ def _prepared(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(np.stack([prepare_patch(p, prep) for p in pixels.numpy()]))
 
 
-def encode_patches(models: list[CkaModel], jobs: list[SlideJob], job_ids: list[int], s: CkaSettings, dev: torch.device,
-            add: Callable[[PooledBatch], None], progress: bool = True) -> None:
+def encode_patches(
+    models: list[CkaModel],
+    jobs: list[SlideJob],
+    job_ids: list[int],
+    s: CkaSettings,
+    dev: torch.device,
+    add: Callable[[PooledBatch], None],
+    progress: bool = True,
+) -> None:
     """Run every encoder on the patches of ``jobs[job_ids]`` (each with its own preprocessing record and stain
     normalisation) and hand each batch's pooled rows to ``add``, in reading order; a slide that cannot be read
     is warned about and skipped. Encoders of one record share pixels prepared by the loader; otherwise the
@@ -119,8 +139,9 @@ def encode_patches(models: list[CkaModel], jobs: list[SlideJob], job_ids: list[i
     loader = patch_loader(dataset, s.workers, pin_memory=dev.type == "cuda")
     failed: set[int] = set()
     sources: dict[int, dict[str, SlideStain]] = {}  # per slide, its source estimates by normaliser tag
-    bar = tqdm(total=sum(len(j.coords) for j in chosen), desc="CKA", unit="patch", dynamic_ncols=True,
-               disable=not progress)
+    bar = tqdm(
+        total=sum(len(j.coords) for j in chosen), desc="CKA", unit="patch", dynamic_ncols=True, disable=not progress
+    )
     with torch.inference_mode(), precision_context(dev, "fp32"), bar:
         for item in loader:
             if item.error:
@@ -129,7 +150,7 @@ def encode_patches(models: list[CkaModel], jobs: list[SlideJob], job_ids: list[i
                     failed.add(item.job)
                 continue
             if item.job in failed:  # a loader process failed this slide (its stain estimate, say) after another
-                continue            # had read some of its batches
+                continue  # had read some of its batches
             if item.sources is not None:
                 sources[item.job] = item.sources
                 continue

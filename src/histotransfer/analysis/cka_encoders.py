@@ -35,8 +35,13 @@ class ResolvedEncoder:
 EncoderLike: TypeAlias = ResolvedEncoder | Encoder | str | Path | Mapping[str, Any]
 
 
-def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int = 0,
-                    stain: StainNormalizer | None = None, blocks: int | None = None) -> ResolvedEncoder:
+def resolve_encoder(
+    spec: EncoderLike,
+    weights: str | None = None,
+    truncate: int = 0,
+    stain: StainNormalizer | None = None,
+    blocks: int | None = None,
+) -> ResolvedEncoder:
     """Turn an encoder spec into an :class:`Encoder` and the stain normalisation of its pixels.
 
     ``spec`` is an Encoder; a mapping ``{"name", "weights", "truncate"}`` (and ``"blocks"`` for an exact number
@@ -76,9 +81,11 @@ def resolve_encoder(spec: EncoderLike, weights: str | None = None, truncate: int
             raise HistotransferError(
                 f"{run_dir}: its features were made with stain normalisation {stain_tag(recorded)}, not "
                 f"{stain_tag(stain)}; a run folder brings its own normalisation: drop --stain-norm/--stain-ref, or "
-                "compare encoders given by name.")
-        return ResolvedEncoder(encoder, f"{run_dir.name} ({encoder.name}, {encoder.depth_tag})",
-                               int(size) if size else None, recorded)
+                "compare encoders given by name."
+            )
+        return ResolvedEncoder(
+            encoder, f"{run_dir.name} ({encoder.name}, {encoder.depth_tag})", int(size) if size else None, recorded
+        )
     name = str(spec)
     enc = create_encoder(name, weights, truncate, blocks=blocks)
     return ResolvedEncoder(enc, f"{name} ({_weights_name(enc)}, {enc.depth_tag})", stain=stain)

@@ -20,20 +20,26 @@ def plot_bars(df: pd.DataFrame, path: Path, title: str) -> None:
     ax = fig.add_subplot()
     bars = ax.bar(range(len(df)), df["cka"], color="#4C72B0")
     for bar, value in zip(bars, df["cka"]):
-        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", va="bottom",
-                fontsize=8)
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
     low = float(df["cka"].min())
     if "baseline" in df:
         sd = df["baseline_sd"].fillna(0.0)
-        ax.fill_between(range(len(df)), df["baseline"] - sd, df["baseline"] + sd, color="0.6", alpha=0.35, lw=0,
-                        label="baseline: mean ± sd")
-        ax.plot(range(len(df)), df["baseline"], color="0.4", linestyle="--", marker="x",
-                label="A vs random init (baseline)")
+        ax.fill_between(
+            range(len(df)),
+            df["baseline"] - sd,
+            df["baseline"] + sd,
+            color="0.6",
+            alpha=0.35,
+            lw=0,
+            label="baseline: mean ± sd",
+        )
+        ax.plot(
+            range(len(df)), df["baseline"], color="0.4", linestyle="--", marker="x", label="A vs random init (baseline)"
+        )
         ax.legend(fontsize=7, loc="lower left")
         low = min(low, float((df["baseline"] - sd).min()))
     ax.set_xticks(range(len(df)), df["stage"], rotation=20, ha="right")
-    ax.set(ylim=(min(0.0, low), 1.1),
-           ylabel="linear CKA", title=title)
+    ax.set(ylim=(min(0.0, low), 1.1), ylabel="linear CKA", title=title)
     ax.title.set_fontsize(9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

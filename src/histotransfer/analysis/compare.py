@@ -89,9 +89,16 @@ def _from_lead() -> pd.DataFrame:
     return box[0]
 
 
-def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir: str | Path, out_dir: str | Path,
-                     settings: CkaSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
-                     **overrides: Any) -> pd.DataFrame:
+def compare_encoders(
+    encoder_a: EncoderLike,
+    encoder_b: EncoderLike,
+    patches_dir: str | Path,
+    out_dir: str | Path,
+    settings: CkaSettings | None = None,
+    slides: Any = None,
+    ranks: Ranks | None = None,
+    **overrides: Any,
+) -> pd.DataFrame:
     """Linear CKA between the same stages of two encoders on patches sampled from ``patches_dir``.
 
     Encoders are given as :class:`Encoder` objects or specs (see :func:`resolve_encoder`; a
@@ -119,8 +126,14 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
     jobs = sample_patches(patches_dir, s.n_patches, s.seed, slides)  # checks the slides before any file is made
     out = output_folder(out_dir)
     n_total = sum(len(j.coords) for j in jobs)
-    shortfall = ([f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
-                  f"{n_total} (see cka.json)"] if n_total < s.n_patches else [])
+    shortfall = (
+        [
+            f"{patches_dir}: asked for {s.n_patches} patches, the tiling holds only {n_total}; CKA uses "
+            f"{n_total} (see cka.json)"
+        ]
+        if n_total < s.n_patches
+        else []
+    )
     for text in shortfall:  # said before the encoding starts, and kept with the other warnings in cka.json
         warnings.warn(text, stacklevel=2)
 
@@ -152,17 +165,30 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             local: list[PooledBatch] | str = []
             try:
                 batches: list[PooledBatch] = []
-                encode_patches(models, jobs, sorted(mine), s, dev, lambda b: batches.append(as_float32(b)),
-                        progress=ranks.rank == 0)
+                encode_patches(
+                    models,
+                    jobs,
+                    sorted(mine),
+                    s,
+                    dev,
+                    lambda b: batches.append(as_float32(b)),
+                    progress=ranks.rank == 0,
+                )
                 local = batches
             except Exception as exc:  # every rank still joins the gather, so that none is left waiting
                 local = f"rank {ranks.rank}: {one_line(exc)}"
             parts: list[Any] = [None] * ranks.world if ranks.rank == 0 else []
             dist.gather_object(local, parts if ranks.rank == 0 else None, dst=0)
             failures = [p for p in parts if isinstance(p, str)]
-            gathered = sorted((replace(b, rows={k: v.astype(np.float64) for k, v in b.rows.items()})
-                               for part in parts if not isinstance(part, str) for b in part),
-                              key=lambda b: (b.job, b.start))
+            gathered = sorted(
+                (
+                    replace(b, rows={k: v.astype(np.float64) for k, v in b.rows.items()})
+                    for part in parts
+                    if not isinstance(part, str)
+                    for b in part
+                ),
+                key=lambda b: (b.job, b.start),
+            )
         if ranks.rank != 0:  # flatten pooling keeps its maps on disk: rank 0 compares alone
             return _from_lead()
         try:
@@ -173,14 +199,17 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             remove_stale_temp_folders(out, MAPS_PREFIX)
             with temp_folder(out, MAPS_PREFIX) as tmp:
                 debiased = s.estimator == "debiased"
-                acc = (StreamingCKA(pairs, debiased=debiased) if s.pooling != "flatten"
-                       else FlattenStore(tmp, n_total, pairs, debiased))
+                acc = (
+                    StreamingCKA(pairs, debiased=debiased)
+                    if s.pooling != "flatten"
+                    else FlattenStore(tmp, n_total, pairs, debiased)
+                )
 
                 def add(batch: PooledBatch) -> None:
                     acc.update(batch.rows)
                     widths.update(batch.widths)
                     job = jobs[batch.job]
-                    coords = job.coords[batch.start:batch.start + batch.n]
+                    coords = job.coords[batch.start : batch.start + batch.n]
                     used.extend((job.slide_id, int(cx), int(cy)) for cx, cy in coords)
 
                 if sharded:
@@ -191,18 +220,23 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
                 if len(used) < 2:
                     raise HistotransferError(f"{patches_dir}: fewer than 2 patches could be read; see the warnings.")
                 values = acc.result()
-            df = pd.DataFrame({
-                "stage": [sa if sa == sb else f"{sa} | {sb}"
-                          for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)],
-                "cka": [values[p] for p in zip(names_a, names_b)],
-            })
+            df = pd.DataFrame(
+                {
+                    "stage": [
+                        sa if sa == sb else f"{sa} | {sb}"
+                        for sa, sb in zip(a.encoder.stage_names, b.encoder.stage_names)
+                    ],
+                    "cka": [values[p] for p in zip(names_a, names_b)],
+                }
+            )
             if s.baseline:
                 # the stages the table has (an encoder B of fewer stages than A shortens it)
                 draws = np.array([[values[p] for p in zip(names_a, names)][: len(df)] for names in names_r])
                 df["baseline"] = draws.mean(axis=0)
                 df["baseline_sd"] = draws.std(axis=0, ddof=1) if len(draws) > 1 else np.nan
-            warnings_ = few_patches_warnings(len(used), {n.split(":", 1)[1]: w for n, w in widths.items()
-                                                         if n.startswith(("a:", "b:"))}, s.estimator)
+            warnings_ = few_patches_warnings(
+                len(used), {n.split(":", 1)[1]: w for n, w in widths.items() if n.startswith(("a:", "b:"))}, s.estimator
+            )
             for text in warnings_:
                 warnings.warn(text, stacklevel=2)
             write_csv(df, out / "cka.csv")
@@ -212,21 +246,35 @@ def compare_encoders(encoder_a: EncoderLike, encoder_b: EncoderLike, patches_dir
             baseline = None
             if s.baseline:
                 seeds = f"seeds {BASELINE_SEED}-{BASELINE_SEED + s.baseline_draws - 1}"
-                baseline = (f"random initialisation of encoder A, mean and sd over {s.baseline_draws} draws ({seeds})"
-                            + (", LayerScale gains set to 1 (timm's initialisation without LayerScale)"
-                               if layerscale else ""))
-            record = {"encoder_a": a.label, "encoder_b": b.label, "settings": s.record(), "input_size": input_size,
-                      "estimator": s.estimator, "baseline": baseline,
-                      "warnings": shortfall + warnings_,
-                      "n_patches_requested": s.n_patches, "n_patches": len(used),
-                      "patches_dir": str(Path(patches_dir).resolve()),
-                      "patches": {j.slide_id: j.fingerprint for j in jobs},
-                      "weights_sha256_a": a.encoder.weights_sha256, "weights_sha256_b": b.encoder.weights_sha256,
-                      "stain_a": stain_tag(a.stain), "stain_b": stain_tag(b.stain),
-                      "preprocessing_a": prep_a.describe(), "preprocessing_b": prep_b.describe()}
+                baseline = (
+                    f"random initialisation of encoder A, mean and sd over {s.baseline_draws} draws ({seeds})"
+                    + (", LayerScale gains set to 1 (timm's initialisation without LayerScale)" if layerscale else "")
+                )
+            record = {
+                "encoder_a": a.label,
+                "encoder_b": b.label,
+                "settings": s.record(),
+                "input_size": input_size,
+                "estimator": s.estimator,
+                "baseline": baseline,
+                "warnings": shortfall + warnings_,
+                "n_patches_requested": s.n_patches,
+                "n_patches": len(used),
+                "patches_dir": str(Path(patches_dir).resolve()),
+                "patches": {j.slide_id: j.fingerprint for j in jobs},
+                "weights_sha256_a": a.encoder.weights_sha256,
+                "weights_sha256_b": b.encoder.weights_sha256,
+                "stain_a": stain_tag(a.stain),
+                "stain_b": stain_tag(b.stain),
+                "preprocessing_a": prep_a.describe(),
+                "preprocessing_b": prep_b.describe(),
+            }
             if s.full_matrix:
-                matrix = pd.DataFrame([[values[(x, y)] for y in names_b] for x in names_a],
-                                      index=a.encoder.stage_names, columns=b.encoder.stage_names)
+                matrix = pd.DataFrame(
+                    [[values[(x, y)] for y in names_b] for x in names_a],
+                    index=a.encoder.stage_names,
+                    columns=b.encoder.stage_names,
+                )
                 with atomic_path(out / "cka_matrix.csv") as tmp_csv:
                     matrix.rename_axis("stage").to_csv(tmp_csv)
                 plot_matrix(matrix, out / "cka_matrix.png", a.label, b.label)
@@ -248,12 +296,16 @@ def few_patches_warnings(n: int, widths: dict[str, int], estimator: str) -> list
         return []
     shown = ", ".join(f"{stage} ({d})" for stage, d in list(thin.items())[:4])
     if estimator == "debiased":
-        return [f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
-                "the debiased estimator is not inflated by this, but it is noisy with few patches per dimension: "
-                "use more patches, and read CKA against the random-initialisation baseline."]
-    return [f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
-            "with few patches per dimension CKA is inflated for any pair of representations: use estimator "
-            "debiased, or more patches, and read CKA against the baseline."]
+        return [
+            f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
+            "the debiased estimator is not inflated by this, but it is noisy with few patches per dimension: "
+            "use more patches, and read CKA against the random-initialisation baseline."
+        ]
+    return [
+        f"CKA on {n} patches, fewer than the dimensions of {len(thin)} stage representation(s): {shown}; "
+        "with few patches per dimension CKA is inflated for any pair of representations: use estimator "
+        "debiased, or more patches, and read CKA against the baseline."
+    ]
 
 
 def cka_summary(df: pd.DataFrame) -> str:
@@ -263,6 +315,8 @@ def cka_summary(df: pd.DataFrame) -> str:
     base = "baseline" in df
     head = f"  {'stage':<{width}}  cka     " + ("baseline (random init, mean ± sd)" if base else "")
     sds = df["baseline_sd"] if base else df["cka"]
-    rows = [f"  {s:<{width}}  {v:.4f}" + (f"  {b:.4f} ± {sd:.4f}" if base else "")
-            for s, v, b, sd in zip(df["stage"], df["cka"], df["baseline"] if base else df["cka"], sds)]
+    rows = [
+        f"  {s:<{width}}  {v:.4f}" + (f"  {b:.4f} ± {sd:.4f}" if base else "")
+        for s, v, b, sd in zip(df["stage"], df["cka"], df["baseline"] if base else df["cka"], sds)
+    ]
     return "\n".join([head, *rows])

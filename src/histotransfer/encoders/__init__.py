@@ -9,12 +9,27 @@ every lookup exported here comes from, so they always see every encoder.
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "Encoder": ".build", "describe_encoder": ".build", "RANDOM_INIT_SEED": ".build",
-    "create_encoder": ".zoo", "create_encoders": ".zoo", "encoder_id": ".zoo", "encoder_info": ".zoo",
-    "encoder_spec": ".zoo", "list_encoders": ".zoo", "resolve_weights": ".zoo", "weights_top1": ".zoo",
-    "BlockCuts": ".registry", "Checkpoint": ".registry", "EncoderSpec": ".registry", "HubFile": ".registry",
-    "Preprocessing": ".registry", "Stage": ".registry", "WeightsOption": ".registry", "register": ".registry",
-    "is_file_label": ".weights", "load_state_dict_file": ".weights",
+    "Encoder": ".build",
+    "describe_encoder": ".build",
+    "RANDOM_INIT_SEED": ".build",
+    "create_encoder": ".zoo",
+    "create_encoders": ".zoo",
+    "encoder_id": ".zoo",
+    "encoder_info": ".zoo",
+    "encoder_spec": ".zoo",
+    "list_encoders": ".zoo",
+    "resolve_weights": ".zoo",
+    "weights_top1": ".zoo",
+    "BlockCuts": ".registry",
+    "Checkpoint": ".registry",
+    "EncoderSpec": ".registry",
+    "HubFile": ".registry",
+    "Preprocessing": ".registry",
+    "Stage": ".registry",
+    "WeightsOption": ".registry",
+    "register": ".registry",
+    "is_file_label": ".weights",
+    "load_state_dict_file": ".weights",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

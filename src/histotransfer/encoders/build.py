@@ -42,9 +42,18 @@ class Encoder(nn.Module):
     the stages left out entirely; ``blocks`` (transformers only, else None) the exact number of blocks kept.
     """
 
-    def __init__(self, name: str, stages: list[Stage], truncate: int, weights_source: str,
-                 weights_sha256: str | None, preprocessing: Preprocessing | None = None,
-                 pool: nn.Module | None = None, weights_label: str = "", blocks: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        stages: list[Stage],
+        truncate: int,
+        weights_source: str,
+        weights_sha256: str | None,
+        preprocessing: Preprocessing | None = None,
+        pool: nn.Module | None = None,
+        weights_label: str = "",
+        blocks: int | None = None,
+    ):
         super().__init__()
         self.body = nn.Sequential(OrderedDict((s.name, s.module) for s in stages))
         self.pool = pool if pool is not None else GlobalAvgPool()
@@ -110,13 +119,19 @@ def check_blocks(name: str, truncate: int | Sequence[int], blocks: int) -> int:
     implied = cuts.truncation(name, blocks)
     for t in [truncate] if isinstance(truncate, int) else truncate:
         if t not in (0, implied):
-            raise HistotransferError(f"truncate={t!r} with blocks={blocks}: blocks sets the depth of {name} by "
-                                     "itself; pass blocks alone.")
+            raise HistotransferError(
+                f"truncate={t!r} with blocks={blocks}: blocks sets the depth of {name} by itself; pass blocks alone."
+            )
     return implied
 
 
-def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
-                   random_seed: int = RANDOM_INIT_SEED, blocks: int | None = None) -> Encoder:
+def create_encoder(
+    name: str,
+    weights: str | None = None,
+    truncate: int = 0,
+    random_seed: int = RANDOM_INIT_SEED,
+    blocks: int | None = None,
+) -> Encoder:
     """Build encoder ``name`` with ``weights`` (None: its default; a named option, "random" or a checkpoint
     path), cut by ``truncate``, or for a transformer after exactly its first ``blocks`` blocks.
 
@@ -128,8 +143,13 @@ def create_encoder(name: str, weights: str | None = None, truncate: int = 0,
     return create_encoders(name, weights, [truncate], random_seed, blocks)[truncate]
 
 
-def create_encoders(name: str, weights: str | None = None, truncations: Sequence[int] = (0,),
-                    random_seed: int = RANDOM_INIT_SEED, blocks: int | None = None) -> dict[int, Encoder]:
+def create_encoders(
+    name: str,
+    weights: str | None = None,
+    truncations: Sequence[int] = (0,),
+    random_seed: int = RANDOM_INIT_SEED,
+    blocks: int | None = None,
+) -> dict[int, Encoder]:
     """Encoder ``name`` with ``weights`` cut by each of ``truncations``, as :func:`create_encoder` builds it.
 
     The network is built and its weights loaded once: the encoders share its modules (each keeps its own
@@ -175,8 +195,16 @@ def check_extraction_settings(precision: str, dtype: str, input_size: int | None
         raise HistotransferError(f"input size {input_size!r}: pass an integer of at least 16 pixels (or none).")
 
 
-def encoder_id(name: str, weights: str | None, truncate: int, input_size: int | None, precision: str,
-               dtype: str = "float32", extra: tuple[str, ...] = (), blocks: int | None = None) -> str:
+def encoder_id(
+    name: str,
+    weights: str | None,
+    truncate: int,
+    input_size: int | None,
+    precision: str,
+    dtype: str = "float32",
+    extra: tuple[str, ...] = (),
+    blocks: int | None = None,
+) -> str:
     """Folder name for features made with these settings; different settings never share one.
 
     Weights are named by their option (``imagenet``, ``imagenet-v2``, ``random``) or, for a checkpoint file,
@@ -192,8 +220,7 @@ def encoder_id(name: str, weights: str | None, truncate: int, input_size: int | 
         check_blocks(name, truncate, blocks)
     check_extraction_settings(precision, dtype, input_size)
     label = resolve_weights(name, weights).label
-    parts = [name, label, _depth_tag(truncate, blocks), f"s{input_size}" if input_size else "native", precision,
-             *extra]
+    parts = [name, label, _depth_tag(truncate, blocks), f"s{input_size}" if input_size else "native", precision, *extra]
     if dtype != "float32":
         parts.append("f16")
     return "-".join(parts)
@@ -202,9 +229,15 @@ def encoder_id(name: str, weights: str | None, truncate: int, input_size: int | 
 def describe_encoder(encoder: Encoder) -> dict[str, Any]:
     """How an encoder's features are made, as recorded in feature files and run configs (``blocks`` only for
     an exact number of transformer blocks, so that other records read as before it existed)."""
-    described = {"encoder": encoder.name, "truncate": encoder.truncate, "weights": encoder.weights_source,
-                 "weights_label": encoder.weights_label, "weights_sha256": encoder.weights_sha256 or "",
-                 "feature_dim": encoder.feature_dim, "stage": encoder.stage_names[-1]}
+    described = {
+        "encoder": encoder.name,
+        "truncate": encoder.truncate,
+        "weights": encoder.weights_source,
+        "weights_label": encoder.weights_label,
+        "weights_sha256": encoder.weights_sha256 or "",
+        "feature_dim": encoder.feature_dim,
+        "stage": encoder.stage_names[-1],
+    }
     if encoder.blocks is not None:
         described["blocks"] = encoder.blocks
     return described

@@ -31,8 +31,12 @@ from torch import nn
 from .registry import Checkpoint, Stage, WeightsOption, register
 
 # The HistoTransfer paper's Table I ImageNet top-1 of the EfficientNet weights it used (original TensorFlow).
-PAPER_EFFICIENTNET_TOP1 = {"efficientnet_b0": 76.3, "efficientnet_b1": 78.8, "efficientnet_b2": 79.8,
-                           "efficientnet_b3": 81.1}
+PAPER_EFFICIENTNET_TOP1 = {
+    "efficientnet_b0": 76.3,
+    "efficientnet_b1": 78.8,
+    "efficientnet_b2": 79.8,
+    "efficientnet_b3": 81.1,
+}
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -99,11 +103,24 @@ def _top1(weights: tvm.WeightsEnum) -> float:
 
 def torchvision_weights(enum: type[tvm.WeightsEnum], paper_top1: float | None = None) -> list[WeightsOption]:
     """``imagenet`` (V1, the paper's) and, where torchvision has them, ``imagenet-v2`` weights of an enum."""
-    options = [WeightsOption("imagenet", f"torchvision {enum.IMAGENET1K_V1}", torchvision=enum.IMAGENET1K_V1,
-                             imagenet_top1=_top1(enum.IMAGENET1K_V1), paper_top1=paper_top1)]
+    options = [
+        WeightsOption(
+            "imagenet",
+            f"torchvision {enum.IMAGENET1K_V1}",
+            torchvision=enum.IMAGENET1K_V1,
+            imagenet_top1=_top1(enum.IMAGENET1K_V1),
+            paper_top1=paper_top1,
+        )
+    ]
     if hasattr(enum, "IMAGENET1K_V2"):
-        options.append(WeightsOption("imagenet-v2", f"torchvision {enum.IMAGENET1K_V2}",
-                                     torchvision=enum.IMAGENET1K_V2, imagenet_top1=_top1(enum.IMAGENET1K_V2)))
+        options.append(
+            WeightsOption(
+                "imagenet-v2",
+                f"torchvision {enum.IMAGENET1K_V2}",
+                torchvision=enum.IMAGENET1K_V2,
+                imagenet_top1=_top1(enum.IMAGENET1K_V2),
+            )
+        )
     return options
 
 
@@ -118,9 +135,13 @@ for _name, _builder, _stages, _enum in [
     ("efficientnet_b2", tvm.efficientnet_b2, efficientnet_stages, tvm.EfficientNet_B2_Weights),
     ("efficientnet_b3", tvm.efficientnet_b3, efficientnet_stages, tvm.EfficientNet_B3_Weights),
 ]:
-    register(_name, stages=_stages, architecture=_name,
-             weights=torchvision_weights(_enum, PAPER_EFFICIENTNET_TOP1.get(_name)),
-             reference="torchvision.models")(_builder)
+    register(
+        _name,
+        stages=_stages,
+        architecture=_name,
+        weights=torchvision_weights(_enum, PAPER_EFFICIENTNET_TOP1.get(_name)),
+        reference="torchvision.models",
+    )(_builder)
 
 CIGA = Checkpoint(
     "tenpercent_resnet18.ckpt",
@@ -150,5 +171,11 @@ for _name, _builder, _stages, _arch, _ckpt in [
     ("mormont-mtl-resnet50", tvm.resnet50, resnet_stages, "resnet50", MORMONT_RESNET50),
     ("mormont-mtl-densenet121", tvm.densenet121, densenet_stages, "densenet121", MORMONT_DENSENET121),
 ]:
-    register(_name, stages=_stages, architecture=_arch, family="histopathology", weights=_published(_ckpt),
-             reference=_ckpt.reference)(_builder)
+    register(
+        _name,
+        stages=_stages,
+        architecture=_arch,
+        family="histopathology",
+        weights=_published(_ckpt),
+        reference=_ckpt.reference,
+    )(_builder)

@@ -61,8 +61,11 @@ class Preprocessing:
             return replace(self, input_size=None, resize_size=None)
         if size == self.input_size:
             return self
-        resize = None if self.resize_size is None or self.input_size is None else \
-            round(size * self.resize_size / self.input_size)
+        resize = (
+            None
+            if self.resize_size is None or self.input_size is None
+            else round(size * self.resize_size / self.input_size)
+        )
         return replace(self, input_size=size, resize_size=resize)
 
     def normalise(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -78,10 +81,15 @@ class Preprocessing:
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values, recorded in every feature file (``crop`` is the centre crop's side)."""
-        return {"scale": "rgb / 255", "mean": list(self.mean), "std": list(self.std),
-                "input_size": self.input_size, "interpolation": self.interpolation,
-                "resize_size": self.resize_size or self.input_size,
-                "crop": self.input_size if self.resize_size is not None else None}
+        return {
+            "scale": "rgb / 255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": self.input_size,
+            "interpolation": self.interpolation,
+            "resize_size": self.resize_size or self.input_size,
+            "crop": self.input_size if self.resize_size is not None else None,
+        }
 
     def summary(self) -> str:
         """One line, as a transform reads: e.g. ``Resize(256, bicubic) -> CenterCrop(224) -> Normalize(...)``."""
@@ -91,8 +99,11 @@ class Preprocessing:
             if self.resize_size is not None:
                 steps.append(f"CenterCrop({self.input_size})")
         else:
-            steps.append("tiled size (OpenCV area when an input size is given)" if self.interpolation == "area"
-                         else f"tiled size ({self.interpolation} when an input size is given)")
+            steps.append(
+                "tiled size (OpenCV area when an input size is given)"
+                if self.interpolation == "area"
+                else f"tiled size ({self.interpolation} when an input size is given)"
+            )
         rgb = ", ".join(f"{v:.4g}" for v in self.mean), ", ".join(f"{v:.4g}" for v in self.std)
         steps.append(f"Normalize(mean=({rgb[0]}), std=({rgb[1]}))")
         return " -> ".join(steps)
@@ -224,8 +235,19 @@ def register(
         default = default_weights or (weights[0].name if weights else RANDOM)
         if default != RANDOM and default not in options:
             raise ValueError(f"encoder '{name}': default weights '{default}' are not among its weights")
-        _REGISTRY[name] = EncoderSpec(name, build, stages, architecture or build.__name__, family, options,
-                                      default, preprocessing or Preprocessing(), pool, reference, cuts)
+        _REGISTRY[name] = EncoderSpec(
+            name,
+            build,
+            stages,
+            architecture or build.__name__,
+            family,
+            options,
+            default,
+            preprocessing or Preprocessing(),
+            pool,
+            reference,
+            cuts,
+        )
         return build
 
     return add
@@ -293,7 +315,8 @@ def encoder_info(name: str) -> dict[str, Any]:
         "stage_names": [s.name for s in stages],
         "feature_dims": [pooled_width(pools[k], stages[n - k].channels) for k in range(n)],
         "n_params": sum(p.numel() for s in stages for p in s.module.parameters()),
-        "transformer_blocks": sum(1 for s in stages[1:] for _ in s.module.children()) if spec.cuts is not None
+        "transformer_blocks": sum(1 for s in stages[1:] for _ in s.module.children())
+        if spec.cuts is not None
         else None,
         "default_weights": spec.default_weights,
         "weights": {w.name: weights_info(w) for w in spec.weights.values()},

@@ -153,8 +153,9 @@ def quarter_bounds(depth: int, blocks: int | None = None) -> list[tuple[int, int
     return [(start, min(start + quarter, n)) for start in range(0, n, quarter)]
 
 
-def block_stages(blocks: Sequence[nn.Module], width: int, keep: int | None = None,
-                 depth: int | None = None) -> list[Stage]:
+def block_stages(
+    blocks: Sequence[nn.Module], width: int, keep: int | None = None, depth: int | None = None
+) -> list[Stage]:
     """The quarter-depth stages of ``blocks`` (all of them, or the first ``keep``), named by block range;
     ``depth`` is the network's whole depth when ``blocks`` are only its first ones."""
     stages = []
@@ -220,11 +221,22 @@ def keep_blocks(encoder: Encoder, blocks: int) -> Encoder:
     depth, width = _checked_layout(encoder.name, blocks)
     held = _held_blocks(encoder)
     if blocks > len(held):
-        raise HistotransferError(f"blocks={blocks}: this {encoder.name} encoder holds only its first {len(held)} "
-                                 f"blocks; build it with create_encoder({encoder.name!r}, weights, blocks={blocks}).")
+        raise HistotransferError(
+            f"blocks={blocks}: this {encoder.name} encoder holds only its first {len(held)} "
+            f"blocks; build it with create_encoder({encoder.name!r}, weights, blocks={blocks})."
+        )
     stages = [Stage("stem", encoder.body[0], width), *block_stages(held, width, blocks, depth)]
-    return Encoder(encoder.name, stages, N_STAGES - (len(stages) - 1), encoder.weights_source,
-                   encoder.weights_sha256, encoder.preprocessing, encoder.pool, encoder.weights_label, blocks).eval()
+    return Encoder(
+        encoder.name,
+        stages,
+        N_STAGES - (len(stages) - 1),
+        encoder.weights_source,
+        encoder.weights_sha256,
+        encoder.preprocessing,
+        encoder.pool,
+        encoder.weights_label,
+        blocks,
+    ).eval()
 
 
 def block_by_block(encoder: Encoder) -> Encoder:
@@ -233,15 +245,30 @@ def block_by_block(encoder: Encoder) -> Encoder:
     block)."""
     layout = _layout(encoder.name)
     if layout is None:
-        raise HistotransferError(f"comparing block by block applies to transformer encoders "
-                                 f"({', '.join(VIT_ENCODERS)}), not {encoder.name}; drop per_block to compare "
-                                 "its stages.")
+        raise HistotransferError(
+            f"comparing block by block applies to transformer encoders "
+            f"({', '.join(VIT_ENCODERS)}), not {encoder.name}; drop per_block to compare "
+            "its stages."
+        )
     width = layout[1]
-    stages = [Stage("stem", encoder.body[0], width),
-              *(Stage(f"block{i + 1}", nn.Sequential(OrderedDict([(str(i), block)])), width)
-                for i, block in enumerate(_held_blocks(encoder)))]
-    return Encoder(encoder.name, stages, encoder.truncate, encoder.weights_source, encoder.weights_sha256,
-                   encoder.preprocessing, encoder.pool, encoder.weights_label, encoder.blocks).eval()
+    stages = [
+        Stage("stem", encoder.body[0], width),
+        *(
+            Stage(f"block{i + 1}", nn.Sequential(OrderedDict([(str(i), block)])), width)
+            for i, block in enumerate(_held_blocks(encoder))
+        ),
+    ]
+    return Encoder(
+        encoder.name,
+        stages,
+        encoder.truncate,
+        encoder.weights_source,
+        encoder.weights_sha256,
+        encoder.preprocessing,
+        encoder.pool,
+        encoder.weights_label,
+        encoder.blocks,
+    ).eval()
 
 
 VIT_CUTS = BlockCuts(blocks_truncation, keep_blocks, block_by_block)
@@ -254,16 +281,19 @@ def vit_blocks_encoder(name: str, weights: str | None, blocks: int) -> Encoder:
 
 
 def _gated(repo: str, licence: str) -> str:
-    return (f"gated on Hugging Face: log in and accept the access conditions of {repo} ({licence} licence) "
-            "before downloading; histotransfer never fetches it")
+    return (
+        f"gated on Hugging Face: log in and accept the access conditions of {repo} ({licence} licence) "
+        "before downloading; histotransfer never fetches it"
+    )
 
 
 def _published(encoder: str, repo: str, filename: str, reference: str, access: str = "") -> WeightsOption:
     """The ``pretrained`` option of a checkpoint published on the Hugging Face Hub as ``repo``/``filename``,
     looked up in the weights folder as ``<encoder>-<filename>``."""
     local = f"{encoder}-{filename}"
-    checkpoint = Checkpoint(local, f"https://huggingface.co/{repo} (file {filename}; save it as {local})",
-                            reference, access)
+    checkpoint = Checkpoint(
+        local, f"https://huggingface.co/{repo} (file {filename}; save it as {local})", reference, access
+    )
     return WeightsOption("pretrained", f"published checkpoint {repo}/{filename}", checkpoint=checkpoint)
 
 
@@ -274,109 +304,213 @@ def _timm_imagenet(tag: str, top1: float) -> tuple[WeightsOption, Preprocessing]
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no Hugging Face Hub weights tagged {tag}")
-    option = WeightsOption("imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"),
-                           imagenet_top1=top1)
+    option = WeightsOption(
+        "imagenet", f"timm {tag}", hub=HubFile(cfg.hf_hub_id, "model.safetensors"), imagenet_top1=top1
+    )
     rgb = tuple[float, float, float]
     size = cfg.input_size[-1]
     resize = math.floor(size / cfg.crop_pct) if cfg.crop_pct is not None and cfg.crop_pct < 1 else None
-    return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), size, cfg.interpolation,
-                                 resize)
+    return option, Preprocessing(cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), size, cfg.interpolation, resize)
 
 
 VIT_ENCODERS: dict[str, ViTConfig] = {}
 
 
-def _register(name: str, config: ViTConfig, *, weights: WeightsOption, architecture: str, family: str,
-              preprocessing: Preprocessing, reference: str) -> None:
+def _register(
+    name: str,
+    config: ViTConfig,
+    *,
+    weights: WeightsOption,
+    architecture: str,
+    family: str,
+    preprocessing: Preprocessing,
+    reference: str,
+) -> None:
     VIT_ENCODERS[name] = config
-    register(name, stages=vit_stages, weights=[weights], architecture=architecture, family=family,
-             preprocessing=preprocessing, pool=token_pool(config.pooling), reference=reference,
-             cuts=VIT_CUTS)(config.build)
+    register(
+        name,
+        stages=vit_stages,
+        weights=[weights],
+        architecture=architecture,
+        family=family,
+        preprocessing=preprocessing,
+        pool=token_pool(config.pooling),
+        reference=reference,
+        cuts=VIT_CUTS,
+    )(config.build)
 
 
-def _at_224(mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
-            interpolation: str = "bicubic", resize: int | None = None) -> Preprocessing:
+def _at_224(
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
+    resize: int | None = None,
+) -> Preprocessing:
     """The card's transform: PIL resize with ``interpolation`` to 224 px, or to ``resize`` then a centre crop."""
     return Preprocessing(mean, std, 224, interpolation, resize)
 
 
-UNI_REF = ("Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024; "
-           "configuration: huggingface.co/MahmoodLab/UNI model card and github.com/mahmoodlab/UNI "
-           "uni/get_encoder/get_encoder.py")
+UNI_REF = (
+    "Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024; "
+    "configuration: huggingface.co/MahmoodLab/UNI model card and github.com/mahmoodlab/UNI "
+    "uni/get_encoder/get_encoder.py"
+)
 _register(
     "uni",
-    ViTConfig("vit_large_patch16_224", {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
-                                        "dynamic_img_size": True}),
-    weights=_published("uni", "MahmoodLab/UNI", "pytorch_model.bin", UNI_REF,
-                       _gated("MahmoodLab/UNI", "CC-BY-NC-ND-4.0")),
-    architecture="ViT-L/16", family="histopathology", preprocessing=_at_224(interpolation="bilinear"),
+    ViTConfig(
+        "vit_large_patch16_224",
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+    ),
+    weights=_published(
+        "uni", "MahmoodLab/UNI", "pytorch_model.bin", UNI_REF, _gated("MahmoodLab/UNI", "CC-BY-NC-ND-4.0")
+    ),
+    architecture="ViT-L/16",
+    family="histopathology",
+    preprocessing=_at_224(interpolation="bilinear"),
     reference=UNI_REF,
 )
 
-UNI2_REF = ("MahmoodLab UNI2-h; configuration: huggingface.co/MahmoodLab/UNI2-h model card (timm_kwargs) and "
-            "github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py")
+UNI2_REF = (
+    "MahmoodLab UNI2-h; configuration: huggingface.co/MahmoodLab/UNI2-h model card (timm_kwargs) and "
+    "github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py"
+)
 _register(
     "uni2-h",
-    ViTConfig("vit_giant_patch14_224", {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
-                                        "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
-                                        "num_classes": 0, "no_embed_class": True, "mlp_layer": SwiGLUPacked,
-                                        "act_layer": nn.SiLU, "reg_tokens": 8, "dynamic_img_size": True}),
-    weights=_published("uni2-h", "MahmoodLab/UNI2-h", "pytorch_model.bin", UNI2_REF,
-                       _gated("MahmoodLab/UNI2-h", "CC-BY-NC-ND-4.0")),
-    architecture="ViT-H/14, 8 registers, SwiGLU", family="histopathology",
-    preprocessing=_at_224(interpolation="bilinear"), reference=UNI2_REF,
+    ViTConfig(
+        "vit_giant_patch14_224",
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+    ),
+    weights=_published(
+        "uni2-h", "MahmoodLab/UNI2-h", "pytorch_model.bin", UNI2_REF, _gated("MahmoodLab/UNI2-h", "CC-BY-NC-ND-4.0")
+    ),
+    architecture="ViT-H/14, 8 registers, SwiGLU",
+    family="histopathology",
+    preprocessing=_at_224(interpolation="bilinear"),
+    reference=UNI2_REF,
 )
 
-VIRCHOW2_REF = ("Zimmermann et al., Virchow2: scaling self-supervised mixed magnification models in pathology, "
-                "arXiv:2408.00738; configuration: huggingface.co/paige-ai/Virchow2 model card and config.json "
-                "(class token ++ mean of patch tokens after the 4 registers)")
+VIRCHOW2_REF = (
+    "Zimmermann et al., Virchow2: scaling self-supervised mixed magnification models in pathology, "
+    "arXiv:2408.00738; configuration: huggingface.co/paige-ai/Virchow2 model card and config.json "
+    "(class token ++ mean of patch tokens after the 4 registers)"
+)
 _register(
     "virchow2",
-    ViTConfig("vit_huge_patch14_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "reg_tokens": 4,
-                                       "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
-                                       "mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}, CLASS_AND_MEAN),
-    weights=_published("virchow2", "paige-ai/Virchow2", "pytorch_model.bin", VIRCHOW2_REF,
-                       _gated("paige-ai/Virchow2", "CC-BY-NC-ND-4.0")),
-    architecture="ViT-H/14, 4 registers, SwiGLU", family="histopathology", preprocessing=_at_224(),
+    ViTConfig(
+        "vit_huge_patch14_224",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": nn.SiLU,
+        },
+        CLASS_AND_MEAN,
+    ),
+    weights=_published(
+        "virchow2",
+        "paige-ai/Virchow2",
+        "pytorch_model.bin",
+        VIRCHOW2_REF,
+        _gated("paige-ai/Virchow2", "CC-BY-NC-ND-4.0"),
+    ),
+    architecture="ViT-H/14, 4 registers, SwiGLU",
+    family="histopathology",
+    preprocessing=_at_224(),
     reference=VIRCHOW2_REF,
 )
 
-HOPTIMUS_REF = ("Saillard et al., H-optimus-0, Bioptimus 2024; configuration: huggingface.co/bioptimus/"
-                "H-optimus-0 model card and config.json (timm vit_giant_patch14_reg4_dinov2)")
+HOPTIMUS_REF = (
+    "Saillard et al., H-optimus-0, Bioptimus 2024; configuration: huggingface.co/bioptimus/"
+    "H-optimus-0 model card and config.json (timm vit_giant_patch14_reg4_dinov2)"
+)
 _register(
     "h-optimus-0",
-    ViTConfig("vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "num_classes": 0,
-                                                "global_pool": "token", "dynamic_img_size": False}),
-    weights=_published("h-optimus-0", "bioptimus/H-optimus-0", "pytorch_model.bin", HOPTIMUS_REF,
-                       _gated("bioptimus/H-optimus-0", "Apache-2.0")),
-    architecture="ViT-g/14, 4 registers, SwiGLU", family="histopathology",
-    preprocessing=_at_224(HOPTIMUS_MEAN, HOPTIMUS_STD), reference=HOPTIMUS_REF,
+    ViTConfig(
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token", "dynamic_img_size": False},
+    ),
+    weights=_published(
+        "h-optimus-0",
+        "bioptimus/H-optimus-0",
+        "pytorch_model.bin",
+        HOPTIMUS_REF,
+        _gated("bioptimus/H-optimus-0", "Apache-2.0"),
+    ),
+    architecture="ViT-g/14, 4 registers, SwiGLU",
+    family="histopathology",
+    preprocessing=_at_224(HOPTIMUS_MEAN, HOPTIMUS_STD),
+    reference=HOPTIMUS_REF,
 )
 
-GIGAPATH_REF = ("Xu et al., A whole-slide foundation model for digital pathology from real-world data, Nature 2024; "
-                "configuration: huggingface.co/prov-gigapath/prov-gigapath config.json (timm "
-                "vit_giant_patch14_dinov2 with patch_size 16) and github.com/prov-gigapath/prov-gigapath README "
-                "(tile encoder transform)")
+GIGAPATH_REF = (
+    "Xu et al., A whole-slide foundation model for digital pathology from real-world data, Nature 2024; "
+    "configuration: huggingface.co/prov-gigapath/prov-gigapath config.json (timm "
+    "vit_giant_patch14_dinov2 with patch_size 16) and github.com/prov-gigapath/prov-gigapath README "
+    "(tile encoder transform)"
+)
 _register(
     "prov-gigapath",
-    ViTConfig("vit_giant_patch14_dinov2", {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536,
-                                           "depth": 40, "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334,
-                                           "num_classes": 0}),
-    weights=_published("prov-gigapath", "prov-gigapath/prov-gigapath", "pytorch_model.bin", GIGAPATH_REF,
-                       _gated("prov-gigapath/prov-gigapath", "Apache-2.0")),
-    architecture="ViT-g/16, SwiGLU", family="histopathology", preprocessing=_at_224(resize=256),
+    ViTConfig(
+        "vit_giant_patch14_dinov2",
+        {
+            "img_size": 224,
+            "in_chans": 3,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.33334,
+            "num_classes": 0,
+        },
+    ),
+    weights=_published(
+        "prov-gigapath",
+        "prov-gigapath/prov-gigapath",
+        "pytorch_model.bin",
+        GIGAPATH_REF,
+        _gated("prov-gigapath/prov-gigapath", "Apache-2.0"),
+    ),
+    architecture="ViT-g/16, SwiGLU",
+    family="histopathology",
+    preprocessing=_at_224(resize=256),
     reference=GIGAPATH_REF,
 )
 
-PHIKON2_REF = ("Filiot et al., Phikon-v2, a large and public feature extractor for biomarker prediction, "
-               "arXiv:2409.09173; configuration: huggingface.co/owkin/phikon-v2 (transformers Dinov2Model "
-               "ViT-L/16, output last_hidden_state[:, 0])")
+PHIKON2_REF = (
+    "Filiot et al., Phikon-v2, a large and public feature extractor for biomarker prediction, "
+    "arXiv:2409.09173; configuration: huggingface.co/owkin/phikon-v2 (transformers Dinov2Model "
+    "ViT-L/16, output last_hidden_state[:, 0])"
+)
 _register(
     "phikon-v2",
-    ViTConfig("vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0,
-                                        "dynamic_img_size": True}),
+    ViTConfig(
+        "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True}
+    ),
     weights=_published("phikon-v2", "owkin/phikon-v2", "model.safetensors", PHIKON2_REF),
-    architecture="ViT-L/16 (DINOv2)", family="histopathology", preprocessing=_at_224(), reference=PHIKON2_REF,
+    architecture="ViT-L/16 (DINOv2)",
+    family="histopathology",
+    preprocessing=_at_224(),
+    reference=PHIKON2_REF,
 )
 
 # ImageNet top-1 of exactly these weights: timm's evaluation of them (results/results-imagenet.csv).
@@ -385,6 +519,12 @@ for _name, _arch, _tag, _top1 in [
     ("vit_large_patch16_224", "ViT-L/16", "vit_large_patch16_224.augreg_in21k_ft_in1k", 85.834),
 ]:
     _option, _preprocessing = _timm_imagenet(_tag, _top1)
-    _register(_name, ViTConfig(_name, {"num_classes": 0}), weights=_option, architecture=_arch, family="imagenet",
-              preprocessing=_preprocessing,
-              reference=f"Dosovitskiy et al., ICLR 2021; Steiner et al., TMLR 2022; timm {_tag} (pretrained_cfg)")
+    _register(
+        _name,
+        ViTConfig(_name, {"num_classes": 0}),
+        weights=_option,
+        architecture=_arch,
+        family="imagenet",
+        preprocessing=_preprocessing,
+        reference=f"Dosovitskiy et al., ICLR 2021; Steiner et al., TMLR 2022; timm {_tag} (pretrained_cfg)",
+    )

@@ -42,9 +42,7 @@ HEAD_ROOTS = frozenset({"fc", "classifier", "head", "heads"})
 # Top-level module names of the torchvision architectures in the registry. A prefix shared by every key is a
 # training wrapper (``module.``, ``model.resnet.``, ...) to strip, unless it is one of these names, or
 # stripping it leaves keys that start with these names (``features.features.*`` of a multi-task DenseNet).
-TORCHVISION_ROOTS = frozenset(
-    {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "features", "fc", "classifier"}
-)
+TORCHVISION_ROOTS = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "features", "fc", "classifier"})
 
 # torchvision's pre-0.4 DenseNet checkpoints name layers ``norm.1`` instead of ``norm1``; torchvision's own
 # loader renames them with this pattern, and so do we.
@@ -358,8 +356,7 @@ def resolve_weights(name: str, weights: str | Path | None) -> WeightsChoice:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         names = ", ".join([*spec.weights, RANDOM])
         raise HistotransferError(
-            f"weights '{text}' for {name}: expected one of {names} or a path to a "
-            f"{'/'.join(CHECKPOINT_SUFFIXES)} file."
+            f"weights '{text}' for {name}: expected one of {names} or a path to a {'/'.join(CHECKPOINT_SUFFIXES)} file."
         )
     if not path.is_file():
         raise HistotransferError(f"weights file {path} not found; pass an existing checkpoint file.")

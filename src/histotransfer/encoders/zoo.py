@@ -9,5 +9,13 @@ from .build import create_encoder, create_encoders, encoder_id
 from .registry import encoder_info, encoder_spec, list_encoders, weights_top1
 from .weights import resolve_weights
 
-__all__ = ["create_encoder", "create_encoders", "encoder_id", "encoder_info", "encoder_spec", "list_encoders",
-           "resolve_weights", "weights_top1"]
+__all__ = [
+    "create_encoder",
+    "create_encoders",
+    "encoder_id",
+    "encoder_info",
+    "encoder_spec",
+    "list_encoders",
+    "resolve_weights",
+    "weights_top1",
+]

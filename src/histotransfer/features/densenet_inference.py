@@ -56,8 +56,7 @@ class NormReLUConv(nn.Module):
     lo: Tensor  # buffers, registered in __init__
     hi: Tensor
 
-    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, pool: bool = False,
-                 after: nn.BatchNorm2d | None = None):
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, pool: bool = False, after: nn.BatchNorm2d | None = None):
         super().__init__()
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
             raise ValueError("only a plain 1x1 convolution can take a BatchNorm + ReLU in front of it")
@@ -116,8 +115,7 @@ class DenseBlock(nn.Module):
 
     def __init__(self, block: _DenseBlock, transition: _Transition | None, norm: nn.Module | None = None):
         super().__init__()
-        self.transition = (NormReLUConv(transition.norm, transition.conv, pool=True)
-                           if transition is not None else None)
+        self.transition = NormReLUConv(transition.norm, transition.conv, pool=True) if transition is not None else None
         self.layers = nn.ModuleList(DenseLayer(layer) for layer in block.values())
         self.norm = copy.deepcopy(norm)
         last = cast(DenseLayer, self.layers[-1])
@@ -127,15 +125,16 @@ class DenseBlock(nn.Module):
         if self.transition is not None:
             x = self.transition(x)
         n, c, h, w = x.shape
-        buffer = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
-                             memory_format=torch.channels_last)
+        buffer = torch.empty(
+            (n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
         buffer[:, :c].copy_(x)
         # One scratch for every layer's clamped input: fresh large tensors cost page faults, which on a
         # small CPU machine take as long as the clamp itself.
         scratch = torch.empty(buffer.numel(), dtype=x.dtype, device=x.device)
         for layer in self.layers:
             new = layer(buffer, scratch)
-            buffer[:, layer.in_channels: layer.in_channels + new.shape[1]].copy_(new)
+            buffer[:, layer.in_channels : layer.in_channels + new.shape[1]].copy_(new)
         return buffer if self.norm is None else torch.relu_(self.norm(buffer))
 
 

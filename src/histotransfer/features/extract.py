@@ -120,9 +120,16 @@ def _n_rows(path: Path) -> int:
 
 
 def _versions() -> str:
-    return json.dumps({"histotransfer": __version__, "python": platform.python_version(),
-                       "torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "numpy": np.__version__, "h5py": h5py.__version__})
+    return json.dumps(
+        {
+            "histotransfer": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "h5py": h5py.__version__,
+        }
+    )
 
 
 def inference_stages(model: Encoder) -> nn.Sequential:
@@ -172,8 +179,9 @@ class StageTaps(nn.Module):
         return out
 
 
-def normalise_pixels(pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device,
-                     source: SlideStain | None = None) -> torch.Tensor:
+def normalise_pixels(
+    pixels: torch.Tensor, stain: StainNormalizer | None, device: torch.device, source: SlideStain | None = None
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) pixels of one slide on ``device``, stain-normalised there when ``stain`` is given
     (a per-slide ``stain`` with the slide's ``source`` estimate). The normalisation runs in IEEE float32 on
     every device (no TF32, no autocast), as on the CPU."""
@@ -193,8 +201,13 @@ class BatchEncoder:
     ``stain``, each batch is stain-normalised on the encoder's device before the encoder's own preprocessing.
     """
 
-    def __init__(self, encoders: Encoder | Sequence[Encoder], device: torch.device, precision: str,
-                 stain: StainNormalizer | None = None):
+    def __init__(
+        self,
+        encoders: Encoder | Sequence[Encoder],
+        device: torch.device,
+        precision: str,
+        stain: StainNormalizer | None = None,
+    ):
         encoders = [encoders] if isinstance(encoders, Encoder) else sorted(encoders, key=lambda e: e.truncate)
         deepest = encoders[0]
         self.truncations = [e.truncate for e in encoders]
@@ -202,8 +215,14 @@ class BatchEncoder:
         self.preprocess = deepest.preprocess
         pools = {len(e.body) - 1: e.pool for e in encoders}
         # Module.to takes memory_format (it parses Tensor.to's arguments); torch's overloads leave it out.
-        self.model = StageTaps(inference_stages(deepest), pools).eval().to(device,  # type: ignore[call-overload]
-                                                                           memory_format=torch.channels_last)
+        self.model = (
+            StageTaps(inference_stages(deepest), pools)
+            .eval()
+            .to(
+                device,  # type: ignore[call-overload]
+                memory_format=torch.channels_last,
+            )
+        )
         self.device = device
         self.precision = precision
         self.stain = stain
@@ -216,12 +235,17 @@ class BatchEncoder:
         if self.stain is None:
             return pixels
         step = self._step(pixels.shape[1], pixels.shape[2], len(pixels))
-        return torch.cat([normalise_pixels(pixels[i:i + step], self.stain, self.device, source)
-                          for i in range(0, len(pixels), step)])
+        return torch.cat(
+            [
+                normalise_pixels(pixels[i : i + step], self.stain, self.device, source)
+                for i in range(0, len(pixels), step)
+            ]
+        )
 
     @torch.inference_mode()
-    def features(self, pixels: torch.Tensor, truncations: Sequence[int] | None = None,
-                 source: SlideStain | None = None) -> dict[int, np.ndarray]:
+    def features(
+        self, pixels: torch.Tensor, truncations: Sequence[int] | None = None, source: SlideStain | None = None
+    ) -> dict[int, np.ndarray]:
         """The features of ``truncations`` (default: every one this encoder was built with) of one slide's
         pixels (``source``: the slide's stain estimate, for a per-slide normalisation)."""
         truncations = self.truncations if truncations is None else truncations
@@ -229,23 +253,29 @@ class BatchEncoder:
         x = self.preprocess(self._normalised(pixels, source), self.device)
         step = self._step(x.shape[2], x.shape[3], len(x))
         with precision_context(self.device, self.precision):
-            parts = [self.model(x[i:i + step], taps) for i in range(0, len(x), step)]
-        return {t: torch.cat([part[k] for part in parts]).float().cpu().numpy()
-                for t, k in zip(truncations, taps)}
+            parts = [self.model(x[i : i + step], taps) for i in range(0, len(x), step)]
+        return {t: torch.cat([part[k] for part in parts]).float().cpu().numpy() for t, k in zip(truncations, taps)}
 
     def __call__(self, pixels: torch.Tensor, source: SlideStain | None = None) -> np.ndarray:
         """The features of the deepest truncation (the encoder's, when built from one)."""
         return self.features(pixels, self.truncations[:1], source)[self.truncations[0]]
 
 
-def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, decode: str,
-                 source: SlideStain | None) -> dict[str, Any]:
+def _slide_attrs(
+    base: dict[str, Any], job: SlideJob, input_size: int | None, decode: str, source: SlideStain | None
+) -> dict[str, Any]:
     """The attrs of one slide's feature file: the output's, plus where its patches come from, where its
     tiles were decoded and, under per-slide normalisation, the slide's source stain estimate."""
-    attrs = dict(base, slide_path=job.slide_path, patch_file=str(job.patch_file.resolve()),
-                 patch_size=int(job.spec.patch_size), patches_fingerprint=job.fingerprint,
-                 slide_identity=canonical_json(job.identity), input_size=int(input_size or job.spec.patch_size),
-                 decode=decode)
+    attrs = dict(
+        base,
+        slide_path=job.slide_path,
+        patch_file=str(job.patch_file.resolve()),
+        patch_size=int(job.spec.patch_size),
+        patches_fingerprint=job.fingerprint,
+        slide_identity=canonical_json(job.identity),
+        input_size=int(input_size or job.spec.patch_size),
+        decode=decode,
+    )
     if job.spec.patch_size_level0 is not None:
         attrs["patch_size_level0"] = int(job.spec.patch_size_level0)
     if source is not None:
@@ -253,8 +283,15 @@ def _slide_attrs(base: dict[str, Any], job: SlideJob, input_size: int | None, de
     return attrs
 
 
-def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size: int, prep: Preprocessing,
-             workers: int, stain: StainNormalizer | None) -> Iterable[PatchBatch]:
+def _batches(
+    jobs: list[SlideJob],
+    device: torch.device,
+    decode: str,
+    batch_size: int,
+    prep: Preprocessing,
+    workers: int,
+    stain: StainNormalizer | None,
+) -> Iterable[PatchBatch]:
     """The slides' batches, read by ``workers`` processes (each slide's source stain estimate first, under a
     per-slide ``stain``); with ``decode`` "gpu", JPEG tiles are decoded on ``device`` in this process, a batch
     ahead of the encoder."""
@@ -263,8 +300,17 @@ def _batches(jobs: list[SlideJob], device: torch.device, decode: str, batch_size
     return DecodedBatches(loader, TileDecoder(device)) if decode == "gpu" else loader
 
 
-def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: BatchEncoder, dtype: str,
-                 batch_size: int, prep: Preprocessing, workers: int, decode: str, bar: tqdm) -> None:
+def _encode_jobs(
+    jobs: list[SlideJob],
+    wanted: list[list[_Output]],
+    encode: BatchEncoder,
+    dtype: str,
+    batch_size: int,
+    prep: Preprocessing,
+    workers: int,
+    decode: str,
+    bar: tqdm,
+) -> None:
     """Run every patch of ``jobs`` through the encoder, streaming each slide into the files of the outputs
     (truncations) it is ``wanted`` for; the network runs only as deep as the slide's deepest wanted output.
 
@@ -286,8 +332,16 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
         elif writer is not None:
             writer.discard()
         pending[j].remove(out)
-        out.add(SlideResult(job.slide_id, job.slide_path, status, len(job.coords) if status == "ok" else 0,
-                            round(time.perf_counter() - started.get(j, time.perf_counter()), 3), message))
+        out.add(
+            SlideResult(
+                job.slide_id,
+                job.slide_path,
+                status,
+                len(job.coords) if status == "ok" else 0,
+                round(time.perf_counter() - started.get(j, time.perf_counter()), 3),
+                message,
+            )
+        )
 
     try:
         with torch.inference_mode():
@@ -315,18 +369,23 @@ def _encode_jobs(jobs: list[SlideJob], wanted: list[list[_Output]], encode: Batc
                     bad = first_non_finite(rows)
                     if bad is not None:
                         x, y = job.coords[item.start + bad]
-                        message = (f"{job.slide_path}: the encoder gave NaN or inf features for patch row "
-                                   f"{item.start + bad} at ({x}, {y}); nothing was written for this slide "
-                                   "(check the weights file and --precision)")
+                        message = (
+                            f"{job.slide_path}: the encoder gave NaN or inf features for patch row "
+                            f"{item.start + bad} at ({x}, {y}); nothing was written for this slide "
+                            "(check the weights file and --precision)"
+                        )
                         tqdm.write(f"error: {message}")
                         finish(j, out, "error", message)
                         continue
                     key = (j, out.truncate)
                     if key not in writers:
-                        writers[key] = FeatureWriter(out.folder / f"{job.slide_id}.h5", job.coords,
-                                                     out.encoder.feature_dim, dtype,
-                                                     _slide_attrs(out.attrs, job, prep.input_size, item.decode,
-                                                                  sources.get(j))).open()
+                        writers[key] = FeatureWriter(
+                            out.folder / f"{job.slide_id}.h5",
+                            job.coords,
+                            out.encoder.feature_dim,
+                            dtype,
+                            _slide_attrs(out.attrs, job, prep.input_size, item.decode, sources.get(j)),
+                        ).open()
                     writers[key].write(rows)
                     if writers[key].complete:
                         source = sources.get(j)
@@ -347,9 +406,10 @@ def _unchanged(source: SlideStain) -> str:
 def _merge_reports(folder: Path, world: int) -> None:
     """Rank 0, after the barrier: fold each rank's report into ``extract.csv`` (this run's rows win)."""
     final = BatchReport(folder / REPORT_NAME)
-    parts = sorted(folder.glob("extract.rank*.csv"),
-                   key=lambda p: (int(p.stem.removeprefix("extract.rank")) < world,
-                                  int(p.stem.removeprefix("extract.rank"))))
+    parts = sorted(
+        folder.glob("extract.rank*.csv"),
+        key=lambda p: (int(p.stem.removeprefix("extract.rank")) < world, int(p.stem.removeprefix("extract.rank"))),
+    )
     for part in parts:
         final.rows.update(BatchReport(part).rows)
     write_csv(final.frame(), final.path)
@@ -384,8 +444,12 @@ def _done(out: Path, settings_fp: str, patches_fp: str, weights_sha: str) -> boo
         done = read_feature_attrs(out)
     except (FormatError, OSError):
         return False
-    return (done.get("settings_fingerprint") == settings_fp and done.get("patches_fingerprint") == patches_fp
-            and str(done.get("weights_sha256", "")) == weights_sha and bool(done.get("fingerprint")))
+    return (
+        done.get("settings_fingerprint") == settings_fp
+        and done.get("patches_fingerprint") == patches_fp
+        and str(done.get("weights_sha256", "")) == weights_sha
+        and bool(done.get("fingerprint"))
+    )
 
 
 def _job(sid: str, patch_file: Path, index: dict[str, Path] | None) -> SlideJob:
@@ -394,8 +458,16 @@ def _job(sid: str, patch_file: Path, index: dict[str, Path] | None) -> SlideJob:
     path = locate_slide(sid, patches.spec.slide_path, index, patch_file)
     with open_slide(path, mpp=patches.spec.mpp) as slide:
         check_identity(slide, patches.identity, str(patch_file))
-    return SlideJob(sid, str(path), patch_file, patches.coords, patches.spec, patches.fingerprint, patches.identity,
-                    source_sample(patches.coords))
+    return SlideJob(
+        sid,
+        str(path),
+        patch_file,
+        patches.coords,
+        patches.spec,
+        patches.fingerprint,
+        patches.identity,
+        source_sample(patches.coords),
+    )
 
 
 def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
@@ -403,20 +475,33 @@ def features_root(tiling: TilingFolder, out_dir: str | Path | None) -> Path:
     if out_dir is not None:
         return output_folder(out_dir) / "features"
     if tiling.root is None:
-        raise HistotransferError(f"{tiling.patches}: a folder of patch files without its tiling folder; pass --out "
-                                 "to say where the features go.")
+        raise HistotransferError(
+            f"{tiling.patches}: a folder of patch files without its tiling folder; pass --out "
+            "to say where the features go."
+        )
     return output_folder(tiling.root) / "features"
 
 
-def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
-                   weights: str | None = None, truncate: int | list[int] = 0,
-                   settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
-                   blocks: int | None = None, **overrides: Any) -> ExtractionRun | dict[int, ExtractionRun]:
+def run_extraction(
+    patches: str | Path,
+    out_dir: str | Path | None,
+    encoder: str | EncoderChoice,
+    weights: str | None = None,
+    truncate: int | list[int] = 0,
+    settings: ExtractSettings | None = None,
+    slides: Any = None,
+    ranks: Ranks | None = None,
+    blocks: int | None = None,
+    **overrides: Any,
+) -> ExtractionRun | dict[int, ExtractionRun]:
     """:func:`extract_features`, returning this process's per-slide results (for the CLI): one
     :class:`ExtractionRun`, or for a list of truncations one per truncation, by truncation. ``ranks``: the
     processes sharing the work (default: the torchrun job this process is in; ``Ranks()``: this one alone)."""
-    choice = encoder if isinstance(encoder, EncoderChoice) else EncoderChoice.build(
-        encoder=encoder, weights=weights, truncate=truncate, blocks=blocks)
+    choice = (
+        encoder
+        if isinstance(encoder, EncoderChoice)
+        else EncoderChoice.build(encoder=encoder, weights=weights, truncate=truncate, blocks=blocks)
+    )
     s = ExtractSettings.build(settings, **overrides)
     dev = resolve_device(s.device)
     with joined(ranks, dev) as ranks:
@@ -426,16 +511,22 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         files = {p.stem: p for p in tiling.files}
         if not files:
             raise HistotransferError(f"{tiling.patches}: holds no patch files (*.h5); run `histotransfer tile` first.")
-        encoders = create_encoders(choice.encoder, choice.weights, choice.truncations,  # fails before any output
-                                   blocks=choice.blocks)
+        encoders = create_encoders(
+            choice.encoder,
+            choice.weights,
+            choice.truncations,  # fails before any output
+            blocks=choice.blocks,
+        )
         stain = stain_normalizer(s.stain_norm, s.stain_ref, s.stain_scope)  # fitted once, before any output
         first = encoders[choice.truncations[0]]
         input_size = s.input_size if s.input_size is not None else first.preprocessing.input_size
         index = slide_index(slides)
         root = features_root(tiling, out_dir)
         report_name = REPORT_NAME if not ranks.distributed else f"extract.rank{ranks.rank}.csv"
-        outputs = [_output(root, one, encoders[t], s, input_size, tiling, report_name, stain)
-                   for t, one in zip(choice.truncations, choice.each())]
+        outputs = [
+            _output(root, one, encoders[t], s, input_size, tiling, report_name, stain)
+            for t, one in zip(choice.truncations, choice.each())
+        ]
         if ranks.rank == 0:
             for out in outputs:
                 _claim_folder(out.folder, out.record)
@@ -443,8 +534,7 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         mine = shard({sid: _n_rows(p) for sid, p in files.items()}, ranks.world)[ranks.rank]
         todo = _plan(mine, files, outputs)
         if todo:
-            _extract_todo(todo, files, index, outputs, s, first.preprocessing.at(input_size), ranks, dev, decode,
-                          stain)
+            _extract_todo(todo, files, index, outputs, s, first.preprocessing.at(input_size), ranks, dev, decode, stain)
         ranks.barrier()
         if ranks.distributed and ranks.rank == 0:
             for out in outputs:
@@ -453,31 +543,72 @@ def run_extraction(patches: str | Path, out_dir: str | Path | None, encoder: str
         return runs if isinstance(choice.truncate, list) else runs[outputs[0].truncate]
 
 
-def _output(root: Path, choice: EncoderChoice, encoder: Encoder, s: ExtractSettings, input_size: int | None,
-            tiling: TilingFolder, report_name: str, stain: StainNormalizer | None) -> _Output:
+def _output(
+    root: Path,
+    choice: EncoderChoice,
+    encoder: Encoder,
+    s: ExtractSettings,
+    input_size: int | None,
+    tiling: TilingFolder,
+    report_name: str,
+    stain: StainNormalizer | None,
+) -> _Output:
     """The feature folder of one truncation (``choice`` of that truncation alone, ``encoder`` its encoder),
     created, with what identifies it and its report."""
-    eid = encoder_id(choice.encoder, choice.weights, encoder.truncate, input_size, s.precision, s.dtype,
-                     extra=(stain.tag(),) if stain is not None else (), blocks=encoder.blocks)
+    eid = encoder_id(
+        choice.encoder,
+        choice.weights,
+        encoder.truncate,
+        input_size,
+        s.precision,
+        s.dtype,
+        extra=(stain.tag(),) if stain is not None else (),
+        blocks=encoder.blocks,
+    )
     folder = root / eid
     folder.mkdir(parents=True, exist_ok=True)
     described = describe_encoder(encoder)
     prep = encoder.preprocessing.at(input_size)
     settings_fp = settings_fingerprint(choice, s, input_size, described, stain, prep)
-    attrs = {"encoder_id": eid, **described, "settings": canonical_json(s.result_settings()),
-             "settings_fingerprint": settings_fp, "precision": s.precision, "dtype": s.dtype,
-             "tiling": tiling.name or "", "preprocessing": canonical_json(prep.describe()),
-             "versions": _versions(), **stain_attrs(stain)}
-    record = {"encoder_id": eid, "tiling": tiling.name, "patches": str(tiling.patches.resolve()),
-              "encoder": described, "settings": s.record(), "input_size": input_size,
-              **({"stain": stain.to_dict()} if stain is not None else {})}
-    return _Output(encoder, folder, settings_fp, attrs, record,
-                   BatchReport(folder / report_name, shared=report_name == REPORT_NAME))
+    attrs = {
+        "encoder_id": eid,
+        **described,
+        "settings": canonical_json(s.result_settings()),
+        "settings_fingerprint": settings_fp,
+        "precision": s.precision,
+        "dtype": s.dtype,
+        "tiling": tiling.name or "",
+        "preprocessing": canonical_json(prep.describe()),
+        "versions": _versions(),
+        **stain_attrs(stain),
+    }
+    record = {
+        "encoder_id": eid,
+        "tiling": tiling.name,
+        "patches": str(tiling.patches.resolve()),
+        "encoder": described,
+        "settings": s.record(),
+        "input_size": input_size,
+        **({"stain": stain.to_dict()} if stain is not None else {}),
+    }
+    return _Output(
+        encoder,
+        folder,
+        settings_fp,
+        attrs,
+        record,
+        BatchReport(folder / report_name, shared=report_name == REPORT_NAME),
+    )
 
 
-def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: int | None,
-                         described: dict[str, Any], stain: StainNormalizer | None,
-                         prep: Preprocessing | None = None) -> str:
+def settings_fingerprint(
+    choice: EncoderChoice,
+    s: ExtractSettings,
+    input_size: int | None,
+    described: dict[str, Any],
+    stain: StainNormalizer | None,
+    prep: Preprocessing | None = None,
+) -> str:
     """What a finished feature file must have been made with to be kept. Weights count by what was loaded
     (their label and sha256), not by how they were spelled (the default, ``imagenet``, a relative or absolute
     path); the stain reference counts by the target fitted on it (and the scope it is applied with), not by its
@@ -488,8 +619,12 @@ def settings_fingerprint(choice: EncoderChoice, s: ExtractSettings, input_size: 
     their fingerprint is the one of before."""
     extract = {k: v for k, v in s.result_settings().items() if k != "stain_ref"}
     encoder = {**choice.result_settings(), "weights": described["weights_label"]}
-    record = {"encoder": encoder, "extract": extract, "input_size": input_size,
-              "weights_sha256": described["weights_sha256"]}
+    record = {
+        "encoder": encoder,
+        "extract": extract,
+        "input_size": input_size,
+        "weights_sha256": described["weights_sha256"],
+    }
     if stain is not None:
         record["stain"] = stain.to_dict()
     if prep is not None and (prep.interpolation != "area" or prep.resize_size is not None):
@@ -523,15 +658,22 @@ def _plan(mine: list[str], files: dict[str, Path], outputs: list[_Output]) -> di
             continue
         for out in outputs:
             if out not in needed:
-                out.add(SlideResult(sid, patches.spec.slide_path or str(files[sid]), "skipped", len(patches.coords),
-                                    0.0, DONE_MESSAGE))
+                out.add(
+                    SlideResult(
+                        sid,
+                        patches.spec.slide_path or str(files[sid]),
+                        "skipped",
+                        len(patches.coords),
+                        0.0,
+                        DONE_MESSAGE,
+                    )
+                )
         if needed:
             todo[sid] = needed
     return todo
 
 
-def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
-                  locks: list[ItemLock]) -> list[_Output]:
+def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output], locks: list[ItemLock]) -> list[_Output]:
     """Take the slide's lock in each needed output's folder; the outputs whose lock another process holds get
     a ``busy`` row in this process's results (not in the shared report, where the other process records its
     own row). Returns the outputs locked."""
@@ -542,14 +684,24 @@ def _lock_outputs(sid: str, files: dict[str, Path], needed: list[_Output],
             locks.append(lock)
             locked.append(out)
         else:
-            out.results.append(SlideResult(sid, str(files[sid]), "busy", 0, 0.0,
-                                           f"being extracted by {lock.owner} (lock {lock.path})"))
+            out.results.append(
+                SlideResult(sid, str(files[sid]), "busy", 0, 0.0, f"being extracted by {lock.owner} (lock {lock.path})")
+            )
     return locked
 
 
-def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index: dict[str, Path] | None,
-                  outputs: list[_Output], s: ExtractSettings, prep: Preprocessing, ranks: Ranks,
-                  dev: torch.device, decode: str, stain: StainNormalizer | None = None) -> None:
+def _extract_todo(
+    todo: dict[str, list[_Output]],
+    files: dict[str, Path],
+    index: dict[str, Path] | None,
+    outputs: list[_Output],
+    s: ExtractSettings,
+    prep: Preprocessing,
+    ranks: Ranks,
+    dev: torch.device,
+    decode: str,
+    stain: StainNormalizer | None = None,
+) -> None:
     """Extract the slides in ``todo`` for the outputs each needs, a window of locked slides at a time;
     ``decode`` says where JPEG tiles are decoded."""
     needed = {out.truncate for outs in todo.values() for out in outs}
@@ -559,14 +711,15 @@ def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index:
     desc = f"extract {names[0]}" + (f" +{len(names) - 1} truncations" if len(names) > 1 else "")
     desc += f" [rank {ranks.rank}/{ranks.world}]" if ranks.distributed else ""
     sids = list(todo)
-    bar = tqdm(total=sum(_n_rows(files[sid]) for sid in sids), desc=desc, unit="patch", dynamic_ncols=True,
-               smoothing=0.1)
+    bar = tqdm(
+        total=sum(_n_rows(files[sid]) for sid in sids), desc=desc, unit="patch", dynamic_ncols=True, smoothing=0.1
+    )
     try:
         for start in range(0, len(sids), LOCK_WINDOW):
             locks: list[ItemLock] = []
             jobs: list[SlideJob] = []
             wanted: list[list[_Output]] = []
-            for sid in sids[start:start + LOCK_WINDOW]:
+            for sid in sids[start : start + LOCK_WINDOW]:
                 locked = _lock_outputs(sid, files, todo[sid], locks)
                 checked = _checked_job(sid, files, index, locked) if locked else None
                 if checked is None:
@@ -585,8 +738,9 @@ def _extract_todo(todo: dict[str, list[_Output]], files: dict[str, Path], index:
         bar.close()
 
 
-def _checked_job(sid: str, files: dict[str, Path], index: dict[str, Path] | None,
-                 locked: list[_Output]) -> tuple[SlideJob, list[_Output]] | None:
+def _checked_job(
+    sid: str, files: dict[str, Path], index: dict[str, Path] | None, locked: list[_Output]
+) -> tuple[SlideJob, list[_Output]] | None:
     """The slide's reading job and the locked outputs still to fill, or None (rows given) when there is
     nothing to read: every output done by another process meanwhile, no patches, or a broken slide."""
     t0 = time.perf_counter()
@@ -600,8 +754,9 @@ def _checked_job(sid: str, files: dict[str, Path], index: dict[str, Path] | None
     left = []
     for out in locked:
         if out.done(sid, job.fingerprint):
-            out.add(SlideResult(sid, job.slide_path, "skipped", len(job.coords), 0.0,
-                                "done by another process meanwhile"))
+            out.add(
+                SlideResult(sid, job.slide_path, "skipped", len(job.coords), 0.0, "done by another process meanwhile")
+            )
         elif len(job.coords) == 0:
             out.add(SlideResult(sid, job.slide_path, "no_tissue", 0, 0.0, "patch file holds no patches"))
         else:
@@ -609,10 +764,18 @@ def _checked_job(sid: str, files: dict[str, Path], index: dict[str, Path] | None
     return (job, left) if left else None
 
 
-def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: str | EncoderChoice,
-                     weights: str | None = None, truncate: int | list[int] = 0,
-                     settings: ExtractSettings | None = None, slides: Any = None, ranks: Ranks | None = None,
-                     blocks: int | None = None, **overrides: Any) -> Path | dict[int, Path]:
+def extract_features(
+    patches: str | Path,
+    out_dir: str | Path | None,
+    encoder: str | EncoderChoice,
+    weights: str | None = None,
+    truncate: int | list[int] = 0,
+    settings: ExtractSettings | None = None,
+    slides: Any = None,
+    ranks: Ranks | None = None,
+    blocks: int | None = None,
+    **overrides: Any,
+) -> Path | dict[int, Path]:
     """Extract features of every slide of a tiling into ``<features root>/<encoder_id>/``; return that folder.
 
     ``patches`` is a tiling folder, its ``patches`` folder, an output folder holding one tiling, or a folder of
@@ -632,8 +795,7 @@ def extract_features(patches: str | Path, out_dir: str | Path | None, encoder: s
     ``blocks`` (transformer encoders, instead of ``truncate``) keeps exactly the encoder's first ``blocks``
     blocks; its folder names the depth ``b<blocks>`` (``t<truncate>`` otherwise).
     """
-    runs = run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, blocks,
-                          **overrides)
+    runs = run_extraction(patches, out_dir, encoder, weights, truncate, settings, slides, ranks, blocks, **overrides)
     if isinstance(runs, dict):
         return {t: run.folder for t, run in runs.items()}
     return runs.folder

@@ -58,8 +58,19 @@ _REEXTRACT = "re-run extraction for this slide"
 
 
 # The attrs of a feature file that say how its features were made (absent in CLAM/TRIDENT files).
-ENCODER_KEYS = ("encoder", "encoder_id", "truncate", "blocks", "weights", "weights_label", "weights_sha256",
-                "input_size", "settings_fingerprint", "stain_tag", "stain_target")
+ENCODER_KEYS = (
+    "encoder",
+    "encoder_id",
+    "truncate",
+    "blocks",
+    "weights",
+    "weights_label",
+    "weights_sha256",
+    "input_size",
+    "settings_fingerprint",
+    "stain_tag",
+    "stain_target",
+)
 
 
 def encoder_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -101,15 +112,15 @@ def read_feature_file(path: str | Path) -> FeatureBag:
     if coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
     if feats.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(feats) != len(coords):
-        raise FormatError(
-            f"{path}: expected features (N, D) and coords (N, 2), got {feats.shape} and {coords.shape}."
-        )
+        raise FormatError(f"{path}: expected features (N, D) and coords (N, 2), got {feats.shape} and {coords.shape}.")
     if len(feats) == 0:
         raise FormatError(f"{path}: holds no patches; re-tile the slide or drop it from the labels.")
     bad = first_non_finite(feats)
     if bad is not None:
-        raise NonFiniteFeatures(f"{path}: row {bad} (patch at {tuple(int(v) for v in coords[bad])}) holds NaN or inf "
-                          "features; re-extract this slide.")
+        raise NonFiniteFeatures(
+            f"{path}: row {bad} (patch at {tuple(int(v) for v in coords[bad])}) holds NaN or inf "
+            "features; re-extract this slide."
+        )
     fingerprint = str(attrs.get("fingerprint") or rows_fingerprint(coords, stored.reshape(feats.shape)))
     return FeatureBag(path.stem, feats, coords, attrs, fingerprint)
 
@@ -128,8 +139,14 @@ class FeatureWriter:
     inputs give a byte-identical file.
     """
 
-    def __init__(self, path: str | Path, coords: np.ndarray, dim: int, dtype: str = "float32",
-                 attrs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        coords: np.ndarray,
+        dim: int,
+        dtype: str = "float32",
+        attrs: dict[str, Any] | None = None,
+    ):
         self.path = Path(path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.dim = int(dim)
@@ -150,8 +167,9 @@ class FeatureWriter:
             for key, value in self.attrs.items():
                 f.attrs[key] = value
             f.create_dataset("coords", data=self.coords, track_times=False)
-            self._features = f.create_dataset("features", shape=(len(self.coords), self.dim), dtype=self.dtype,
-                                              track_times=False)
+            self._features = f.create_dataset(
+                "features", shape=(len(self.coords), self.dim), dtype=self.dtype, track_times=False
+            )
             self._stack = stack.pop_all()
         return self
 
@@ -162,10 +180,12 @@ class FeatureWriter:
         rows = np.asarray(rows)
         end = self.rows_written + len(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim or end > len(self.coords):
-            raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit ({len(self.coords)}, {self.dim}) "
-                             f"after {self.rows_written} rows")
+            raise ValueError(
+                f"{self.path}: rows of shape {rows.shape} do not fit ({len(self.coords)}, {self.dim}) "
+                f"after {self.rows_written} rows"
+            )
         rows = np.ascontiguousarray(rows.astype(self.dtype, copy=False))
-        self._features[self.rows_written:end] = rows
+        self._features[self.rows_written : end] = rows
         self._hash.update(rows.tobytes())
         self.rows_written = end
 

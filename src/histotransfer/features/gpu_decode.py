@@ -42,8 +42,9 @@ from .batches import DECODED_IN_MAIN, DECODED_ON_GPU, EncodedTiles, PatchBatch
 
 # torchvision 0.29 marks its JPEG codec deprecated in favour of TorchCodec, which has no batched nvJPEG decode of
 # in-memory streams yet; the codec works, so its warning (raised on every call) is silenced here, by message.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 # Largest difference (grey levels) allowed between nvJPEG's and libjpeg-turbo's decode of the same tile.
 GPU_JPEG_TOLERANCE = 3
@@ -114,10 +115,19 @@ class TileSource:
                     grid[b, r, c] = slots[index]
         grid[grid < 0] = len(streams)
         bounds = np.cumsum([0] + [len(s) for s in streams], dtype=np.int64)
-        return EncodedTiles(np.frombuffer(bytearray(b"".join(streams)), np.uint8), bounds, origins, grid,
-                            (lv.tile_w, lv.tile_h), (lv.width, lv.height), n, self.patch_size,
-                            out_size or self.patch_size, self.tiles.jpeg_colorspace(self.level) == "RGB",
-                            str(self.tiles.path))
+        return EncodedTiles(
+            np.frombuffer(bytearray(b"".join(streams)), np.uint8),
+            bounds,
+            origins,
+            grid,
+            (lv.tile_w, lv.tile_h),
+            (lv.width, lv.height),
+            n,
+            self.patch_size,
+            out_size or self.patch_size,
+            self.tiles.jpeg_colorspace(self.level) == "RGB",
+            str(self.tiles.path),
+        )
 
     def close(self) -> None:
         self.tiles.close()
@@ -217,9 +227,12 @@ class TileDecoder:
         mean = (on_device.int() - on_cpu.int()).abs().float().mean().item()
         if mean <= RGB_CHECK_MEAN:
             return True
-        warnings.warn(f"the JPEG decoder on {self.device} takes RGB-coded tiles (Aperio) for YCbCr (mean "
-                      f"difference {mean:.1f} levels from libjpeg-turbo): they are decoded on the CPU; "
-                      "--decode cpu decodes them in the loader processes instead", stacklevel=2)
+        warnings.warn(
+            f"the JPEG decoder on {self.device} takes RGB-coded tiles (Aperio) for YCbCr (mean "
+            f"difference {mean:.1f} levels from libjpeg-turbo): they are decoded on the CPU; "
+            "--decode cpu decodes them in the loader processes instead",
+            stacklevel=2,
+        )
         return False
 
     def _assemble(self, tiles: EncodedTiles, images: list[torch.Tensor]) -> torch.Tensor:
@@ -237,7 +250,6 @@ class TileDecoder:
         batch = torch.arange(len(grid), device=self.device)[:, None, None]
         which = grid[batch, row[:, :, None], col[:, None, :]]
         return stack[which, y[:, :, None], x[:, None, :]]
-
 
 
 @lru_cache(maxsize=16)
@@ -262,8 +274,9 @@ def _fit(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, (0, w - image.shape[2], 0, h - image.shape[1]), value=255)
 
 
-def _axis(start: torch.Tensor, first: torch.Tensor, size: int, tile: int, outside: int,
-          n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _axis(
+    start: torch.Tensor, first: torch.Tensor, size: int, tile: int, outside: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Along one axis, for each patch (B,) and each of its n pixels: the tile's place from the patch's first
     covered tile (``outside`` beyond the level) and the offset in that tile, both (B, n).
 

@@ -83,7 +83,7 @@ def prepare_patch(patch: np.ndarray, prep: Preprocessing) -> np.ndarray:
         out = np.array(Image.fromarray(patch).resize((side, side), _PIL_METHODS[prep.interpolation]))
     if side != size:  # torchvision's CenterCrop offsets
         top = round((side - size) / 2.0)
-        out = out[top:top + size, top:top + size]
+        out = out[top : top + size, top : top + size]
     return np.ascontiguousarray(out)
 
 
@@ -114,8 +114,14 @@ class PatchBatches(Dataset):
     decodes on the CPU.
     """
 
-    def __init__(self, jobs: list[SlideJob], batch_size: int, input_size: Preprocessing | int | None = None,
-                 decode: str = "cpu", stains: Sequence[StainNormalizer | None] = ()):
+    def __init__(
+        self,
+        jobs: list[SlideJob],
+        batch_size: int,
+        input_size: Preprocessing | int | None = None,
+        decode: str = "cpu",
+        stains: Sequence[StainNormalizer | None] = (),
+    ):
         self.jobs = jobs
         self.prep = as_preprocessing(input_size)
         self.input_size = self.prep.input_size
@@ -198,6 +204,13 @@ def default_workers(device: torch.device) -> int:
 def patch_loader(dataset: PatchBatches, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader yielding the dataset's batches in order, read ahead by ``workers`` processes."""
     # With batch_size=None collate_fn gets one item at a time; torch's stub types it as taking a list.
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                      collate_fn=_identity,  # type: ignore[arg-type]
-                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_identity,  # type: ignore[arg-type]
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )

@@ -15,14 +15,19 @@ StainScope = Literal["slide", "patch"]
 # The scope every normalisation had before the option existed: recorded settings leave it out, so those
 # results keep their fingerprints.
 LEGACY_STAIN_SCOPE = "patch"
-STAIN_REF_HELP = ("stain reference: a patch image, a folder of patch images (fitted as one set), a slide region "
-                  "SLIDE@x,y,w,h (level-0 pixels), or a fitted target .json (histotransfer stain-fit)")
+STAIN_REF_HELP = (
+    "stain reference: a patch image, a folder of patch images (fitted as one set), a slide region "
+    "SLIDE@x,y,w,h (level-0 pixels), or a fitted target .json (histotransfer stain-fit)"
+)
 
 
 def stain_norm_field() -> Any:
     """The ``stain_norm`` option, defined once for every stage that reads pixels (extraction, CKA)."""
-    return Field("none", description="normalise patch colour to the reference before the encoder: none, macenko "
-                                     "or reinhard", json_schema_extra=OMIT_DEFAULT)
+    return Field(
+        "none",
+        description="normalise patch colour to the reference before the encoder: none, macenko or reinhard",
+        json_schema_extra=OMIT_DEFAULT,
+    )
 
 
 def stain_ref_field() -> Any:
@@ -32,9 +37,12 @@ def stain_ref_field() -> Any:
 
 def stain_scope_field() -> Any:
     """The ``stain_scope`` option: where the source stain is estimated (see :class:`StainOptions`)."""
-    return Field("slide", description="where the source stain is estimated: slide (once per slide, so the "
-                                      "patches of a slide keep their colour differences) or patch (each patch on "
-                                      "its own, which evens those out too)")
+    return Field(
+        "slide",
+        description="where the source stain is estimated: slide (once per slide, so the "
+        "patches of a slide keep their colour differences) or patch (each patch on "
+        "its own, which evens those out too)",
+    )
 
 
 class StainOptions:
@@ -67,11 +75,14 @@ class StainOptions:
 def check_stain_options(method: str, reference: str | None) -> None:
     """A method needs a reference; a reference without a method would be recorded but have no effect."""
     if method != "none" and reference is None:
-        raise ValueError(f"stain_norm {method} needs stain_ref: a patch image, a folder of them, SLIDE@x,y,w,h or "
-                         "a fitted target .json")
+        raise ValueError(
+            f"stain_norm {method} needs stain_ref: a patch image, a folder of them, SLIDE@x,y,w,h or "
+            "a fitted target .json"
+        )
     if method == "none" and reference is not None:
-        raise ValueError("stain_ref is given but stain_norm is none: set stain_norm to macenko or reinhard, or "
-                         "drop stain_ref")
+        raise ValueError(
+            "stain_ref is given but stain_norm is none: set stain_norm to macenko or reinhard, or drop stain_ref"
+        )
 
 
 class EncoderChoice(StageSettings):
@@ -82,15 +93,24 @@ class EncoderChoice(StageSettings):
     stage: ClassVar[str] = "encoder"
 
     encoder: str = Field(min_length=1, description="encoder name (see `histotransfer encoders`)")
-    weights: str | None = Field(None, description="named weights (imagenet, imagenet-v2, pretrained, ...), random, "
-                                                  "or a .safetensors/.pth/.pt checkpoint file (default: the "
-                                                  "encoder's default weights)")
-    truncate: int | list[int] = Field(0, description="drop the last K stages (0-3); several values (e.g. 0 1 2 3) "
-                                                     "extract each truncation, in one pass over the patches")
-    blocks: int | None = Field(None, ge=1,
-                               description="transformer encoders: keep exactly their first N blocks (instead of "
-                                           "--truncate's quarters of the depth)",
-                               json_schema_extra=OMIT_DEFAULT)
+    weights: str | None = Field(
+        None,
+        description="named weights (imagenet, imagenet-v2, pretrained, ...), random, "
+        "or a .safetensors/.pth/.pt checkpoint file (default: the "
+        "encoder's default weights)",
+    )
+    truncate: int | list[int] = Field(
+        0,
+        description="drop the last K stages (0-3); several values (e.g. 0 1 2 3) "
+        "extract each truncation, in one pass over the patches",
+    )
+    blocks: int | None = Field(
+        None,
+        ge=1,
+        description="transformer encoders: keep exactly their first N blocks (instead of "
+        "--truncate's quarters of the depth)",
+        json_schema_extra=OMIT_DEFAULT,
+    )
 
     @field_validator("truncate", mode="before")
     @classmethod
@@ -118,8 +138,9 @@ class EncoderChoice(StageSettings):
     def _one_depth(self) -> Self:
         """``blocks`` sets the depth by itself: a truncation beside it would contradict it or say nothing."""
         if self.blocks is not None and self.truncate != 0:
-            raise ValueError(f"blocks {self.blocks} sets the depth by itself: drop truncate {self.truncate!r} (or "
-                             "blocks)")
+            raise ValueError(
+                f"blocks {self.blocks} sets the depth by itself: drop truncate {self.truncate!r} (or blocks)"
+            )
         return self
 
     @property
@@ -147,23 +168,36 @@ class ExtractSettings(StainOptions, StageSettings):
 
     stage: ClassVar[str] = "extract"
 
-    input_size: int | None = Field(None, ge=16, le=8192, description="resize patches to N pixels (default: the "
-                                                                     "encoder's input size if it has one, else "
-                                                                     "the tiled patch size)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 (IEEE float32 on every device) "
-                                                                           "or bf16/fp16 autocast on a GPU")
+    input_size: int | None = Field(
+        None,
+        ge=16,
+        le=8192,
+        description="resize patches to N pixels (default: the "
+        "encoder's input size if it has one, else "
+        "the tiled patch size)",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32 (IEEE float32 on every device) or bf16/fp16 autocast on a GPU"
+    )
     dtype: Literal["float32", "float16"] = Field("float32", description="stored feature type")
     batch_size: int = Field(64, ge=1, le=65536, description="patches per batch", json_schema_extra=RUNTIME)
-    workers: int | None = Field(None, ge=0, le=256, description="patch-reading processes (default: automatic; "
-                                                                "0 reads in the main process)",
-                                json_schema_extra=RUNTIME)
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description="patch-reading processes (default: automatic; 0 reads in the main process)",
+        json_schema_extra=RUNTIME,
+    )
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N", json_schema_extra=RUNTIME)
-    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where JPEG tiles are decoded: gpu (nvJPEG "
-                                                                      "beside a CUDA encoder), cpu (the loader "
-                                                                      "processes), or auto (gpu when the encoder "
-                                                                      "runs on CUDA); slides that are not "
-                                                                      "JPEG-tiled are decoded on the CPU",
-                                                  json_schema_extra=RUNTIME)
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="where JPEG tiles are decoded: gpu (nvJPEG "
+        "beside a CUDA encoder), cpu (the loader "
+        "processes), or auto (gpu when the encoder "
+        "runs on CUDA); slides that are not "
+        "JPEG-tiled are decoded on the CPU",
+        json_schema_extra=RUNTIME,
+    )
     stain_norm: StainMethod = stain_norm_field()
     stain_ref: str | None = stain_ref_field()
     stain_scope: StainScope = stain_scope_field()

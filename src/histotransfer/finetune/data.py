@@ -34,26 +34,40 @@ class TopKSlide:
     feature_file: Path
 
 
-def _topk_slide(slide_id: str, rows: pd.DataFrame, label: int, features_dir: Path,
-                index: dict[str, Path] | None, trained_on: dict[str, str]) -> TopKSlide:
+def _topk_slide(
+    slide_id: str,
+    rows: pd.DataFrame,
+    label: int,
+    features_dir: Path,
+    index: dict[str, Path] | None,
+    trained_on: dict[str, str],
+) -> TopKSlide:
     """One slide's reading job, after checking that its feature file is the one the run was trained on, that
     its patch file is the one the features were made from, and that the slide file is the one tiled."""
     feature_file = features_dir / f"{slide_id}.h5"
     if not feature_file.is_file():
-        raise HistotransferError(f"{feature_file}: feature file of {slide_id} not found; the run's features "
-                                 "folder must be where training found it.")
+        raise HistotransferError(
+            f"{feature_file}: feature file of {slide_id} not found; the run's features "
+            "folder must be where training found it."
+        )
     attrs = read_feature_attrs(feature_file)
     if trained_on.get(slide_id) and attrs.get("fingerprint") != trained_on[slide_id]:
-        raise ProvenanceError(f"{feature_file}: not the feature file the run was trained on (it was re-extracted "
-                              "or replaced since); re-train the run first.")
+        raise ProvenanceError(
+            f"{feature_file}: not the feature file the run was trained on (it was re-extracted "
+            "or replaced since); re-train the run first."
+        )
     patch_file = attrs.get("patch_file")
     if not patch_file or not Path(patch_file).is_file():
-        raise HistotransferError(f"{feature_file}: names patch file {patch_file}, which does not exist; "
-                                 "keep the tiling output where extraction read it.")
+        raise HistotransferError(
+            f"{feature_file}: names patch file {patch_file}, which does not exist; "
+            "keep the tiling output where extraction read it."
+        )
     patches = read_patch_file(patch_file)
     if attrs.get("patches_fingerprint") and attrs["patches_fingerprint"] != patches.fingerprint:
-        raise ProvenanceError(f"{patch_file}: the slide was re-tiled since its features were extracted; "
-                              "re-extract and re-train before fine-tuning.")
+        raise ProvenanceError(
+            f"{patch_file}: the slide was re-tiled since its features were extracted; "
+            "re-extract and re-train before fine-tuning."
+        )
     spec = patches.spec
     path = locate_slide(slide_id, attrs.get("slide_path") or spec.slide_path, index, feature_file)
     with open_slide(path, mpp=spec.mpp) as slide:
@@ -64,8 +78,13 @@ def _topk_slide(slide_id: str, rows: pd.DataFrame, label: int, features_dir: Pat
     return TopKSlide(job, label, feature_file)
 
 
-def topk_slides(topk: pd.DataFrame, labels: dict[str, int], features_dir: Path, slides: SlidesArg = None,
-                trained_on: dict[str, str] | None = None) -> tuple[list[TopKSlide], dict[str, str]]:
+def topk_slides(
+    topk: pd.DataFrame,
+    labels: dict[str, int],
+    features_dir: Path,
+    slides: SlidesArg = None,
+    trained_on: dict[str, str] | None = None,
+) -> tuple[list[TopKSlide], dict[str, str]]:
     """Reading jobs for the slides of a top-k table, and the slides that cannot be read (id -> reason).
 
     The patch spec comes from the patch file named in each slide's feature attrs, the slide file from
@@ -76,8 +95,7 @@ def topk_slides(topk: pd.DataFrame, labels: dict[str, int], features_dir: Path, 
     out, broken = [], {}
     for slide_id, rows in topk.groupby("slide_id", sort=True):
         try:
-            out.append(_topk_slide(str(slide_id), rows, int(labels[slide_id]), features_dir, index,
-                                   trained_on or {}))
+            out.append(_topk_slide(str(slide_id), rows, int(labels[slide_id]), features_dir, index, trained_on or {}))
         except ProvenanceError:
             raise
         except (HistotransferError, OSError) as exc:
@@ -90,11 +108,23 @@ def _identity(item: PatchBatch) -> PatchBatch:
     return item
 
 
-def bag_loader(slides: list[TopKSlide], order: Sequence[int] | np.ndarray, input_size: Preprocessing, workers: int,
-               pin_memory: bool) -> DataLoader:
+def bag_loader(
+    slides: list[TopKSlide],
+    order: Sequence[int] | np.ndarray,
+    input_size: Preprocessing,
+    workers: int,
+    pin_memory: bool,
+) -> DataLoader:
     """Yields one PatchBatch per slide (all its top-k pixels, prepared as the encoder's ``input_size`` record
     says) in ``order``, read ahead by ``workers``."""
     k = max(len(s.job.coords) for s in slides)
     dataset = PatchBatches([s.job for s in slides], k, input_size)
-    return DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_identity,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=list(order),
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+    )

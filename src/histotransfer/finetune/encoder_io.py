@@ -49,8 +49,12 @@ def encoder_from_attrs(attrs: dict[str, Any], source: str | Path, local_dir: Pat
             "extracted by histotransfer can be fine-tuned or compared."
         )
     weights = weights_argument(attrs, source)
-    if (weights != attrs.get("weights_label") and not Path(weights).is_file() and local_dir is not None
-            and (local_dir / ENCODER_FILE).is_file()):
+    if (
+        weights != attrs.get("weights_label")
+        and not Path(weights).is_file()
+        and local_dir is not None
+        and (local_dir / ENCODER_FILE).is_file()
+    ):
         weights = str(local_dir / ENCODER_FILE)
     encoder = create_encoder(str(attrs["encoder"]), weights, int(attrs["truncate"]))
     expected = attrs.get("weights_sha256") or ""
@@ -88,8 +92,10 @@ def torchvision_state_dict(encoder: Encoder, base: Encoder | None = None) -> dic
     if base is None:
         base = encoder
     if base.name != encoder.name or base.truncate != 0:
-        raise HistotransferError(f"saving {encoder.name} truncated by {encoder.truncate}: pass the untruncated "
-                                 f"{encoder.name} it was cut from as base, to supply the dropped stages.")
+        raise HistotransferError(
+            f"saving {encoder.name} truncated by {encoder.truncate}: pass the untruncated "
+            f"{encoder.name} it was cut from as base, to supply the dropped stages."
+        )
     spec = encoder_spec(encoder.name)
     with torch.device("meta"):
         network = spec.build()
@@ -102,9 +108,11 @@ def torchvision_state_dict(encoder: Encoder, base: Encoder | None = None) -> dic
     state.update(encoder.state_dict())
     foreign = [k for k in state if k not in to_tv]
     if foreign:
-        raise HistotransferError(f"saving {encoder.name}: {len(foreign)} tensor(s) are not its network's (e.g. "
-                                 f"{foreign[0]}); merge low-rank adaptation layers into the weights first "
-                                 "(histotransfer.finetune.model.merge_lora).")
+        raise HistotransferError(
+            f"saving {encoder.name}: {len(foreign)} tensor(s) are not its network's (e.g. "
+            f"{foreign[0]}); merge low-rank adaptation layers into the weights first "
+            "(histotransfer.finetune.model.merge_lora)."
+        )
     return {to_tv[k]: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 

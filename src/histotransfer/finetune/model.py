@@ -46,14 +46,14 @@ class Lora:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise HistotransferError(f"lora rank {self.rank!r}: pass a positive integer (e.g. 8), or no rank "
-                                     "for full fine-tuning.")
+            raise HistotransferError(
+                f"lora rank {self.rank!r}: pass a positive integer (e.g. 8), or no rank for full fine-tuning."
+            )
         if self.alpha is not None and (not isinstance(self.alpha, int) or self.alpha < 1):
             raise HistotransferError(f"lora alpha {self.alpha!r}: pass a positive integer (or none: the rank).")
         unknown = [t for t in self.targets if t not in LORA_LAYERS]
         if unknown or not self.targets:
-            raise HistotransferError(f"lora targets {list(self.targets)!r}: choose among "
-                                     f"{', '.join(LORA_LAYERS)}.")
+            raise HistotransferError(f"lora targets {list(self.targets)!r}: choose among {', '.join(LORA_LAYERS)}.")
 
     @property
     def alpha_or_rank(self) -> int:
@@ -72,8 +72,12 @@ def lora_layer_names(encoder: Encoder, targets: Sequence[str], skip_stages: int 
     """Names (in ``encoder``) of the linear layers of ``targets`` in its stages after the first ``skip_stages``."""
     suffixes = tuple("." + LORA_LAYERS[t] for t in targets)
     stages = list(encoder.body.named_children())[skip_stages:]
-    return [f"body.{stage_name}.{name}" for stage_name, stage in stages for name, m in stage.named_modules()
-            if isinstance(m, nn.Linear) and ("." + name).endswith(suffixes)]
+    return [
+        f"body.{stage_name}.{name}"
+        for stage_name, stage in stages
+        for name, m in stage.named_modules()
+        if isinstance(m, nn.Linear) and ("." + name).endswith(suffixes)
+    ]
 
 
 def adapted_layers(encoder: Encoder, lora: Lora, skip_stages: int = 0) -> list[str]:
@@ -83,11 +87,15 @@ def adapted_layers(encoder: Encoder, lora: Lora, skip_stages: int = 0) -> list[s
     if names:
         return names
     if lora_layer_names(encoder, lora.targets):
-        raise HistotransferError(f"lora: every stage of {encoder.name} with {', '.join(lora.targets)} layers is "
-                                 "frozen; freeze fewer stages (--freeze-stages).")
-    raise HistotransferError(f"lora: {encoder.name} has no transformer block layers "
-                             f"({', '.join(LORA_LAYERS[t] for t in lora.targets)}); low-rank adaptation applies "
-                             "to the transformer encoders: drop --lora-rank to fine-tune it fully.")
+        raise HistotransferError(
+            f"lora: every stage of {encoder.name} with {', '.join(lora.targets)} layers is "
+            "frozen; freeze fewer stages (--freeze-stages)."
+        )
+    raise HistotransferError(
+        f"lora: {encoder.name} has no transformer block layers "
+        f"({', '.join(LORA_LAYERS[t] for t in lora.targets)}); low-rank adaptation applies "
+        "to the transformer encoders: drop --lora-rank to fine-tune it fully."
+    )
 
 
 def check_lora(name: str, truncate: int, freeze_stages: int, lora: Lora) -> None:
@@ -104,8 +112,7 @@ def add_lora(encoder: Encoder, lora: Lora, skip_stages: int = 0) -> list[str]:
     names = adapted_layers(encoder, lora, skip_stages)
     from peft import LoraConfig, inject_adapter_in_model  # imports transformers: seconds, so only when used
 
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha_or_rank, target_modules=names, lora_dropout=0.0,
-                        bias="none")
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha_or_rank, target_modules=names, lora_dropout=0.0, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora.seed)  # the same initial matrices in every process (resume, DDP ranks)
         inject_adapter_in_model(config, encoder)
@@ -150,8 +157,14 @@ class EndToEndMIL(nn.Module):
     weights stay fixed; ``lora_layers`` names the adapted layers.
     """
 
-    def __init__(self, encoder: Encoder, head: AttentionMIL, freeze_stages: int = 0, checkpointing: bool = False,
-                 lora: Lora | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: AttentionMIL,
+        freeze_stages: int = 0,
+        checkpointing: bool = False,
+        lora: Lora | None = None,
+    ):
         super().__init__()
         n_stages = len(encoder.stage_names) - 1
         if not 0 <= freeze_stages <= n_stages:

@@ -92,8 +92,13 @@ def _extraction_size(attrs: dict[str, Any], slide: TopKSlide) -> int | None:
 
 
 @torch.no_grad()
-def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: Preprocessing, device: torch.device,
-                     stain: StainNormalizer | None = None) -> float:
+def check_reproduces(
+    model: EndToEndMIL,
+    slide: TopKSlide,
+    input_size: Preprocessing,
+    device: torch.device,
+    stain: StainNormalizer | None = None,
+) -> float:
     """Relative max difference between the run's stored features of a few of ``slide``'s patches and the
     rebuilt encoder's (on pixels normalised with ``stain``, the run's, per slide with the slide's recorded source
     estimate); raises when it is beyond float rounding (other weights, slides, input size or stain
@@ -122,8 +127,17 @@ def check_reproduces(model: EndToEndMIL, slide: TopKSlide, input_size: Preproces
     return err
 
 
-def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[TopKSlide], run_config: dict,
-                 s: FinetuneSettings, input_size: Preprocessing, device: torch.device, ranks: Ranks) -> None:
+def _train_phase(
+    run_dir: Path,
+    out: Path,
+    train: list[TopKSlide],
+    val: list[TopKSlide],
+    run_config: dict,
+    s: FinetuneSettings,
+    input_size: Preprocessing,
+    device: torch.device,
+    ranks: Ranks,
+) -> None:
     """Train and write ``encoder.pt``, ``model.pt`` and ``history.csv`` (the last marks the phase done)."""
     source = run_dir / "config.json"
     # An encoder of an exact number of blocks trains as a view of the quarter stages holding them (``network``,
@@ -143,8 +157,9 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
             merge_lora(encoder)  # encoder.pt holds the network's own layers, the low-rank updates folded in
         base = encoder_from_attrs({**run_config["encoder"], "truncate": 0}, source)
         save_encoder(network, out / ENCODER_FILE, base)
-        reloaded = create_encoder(encoder.name, str(out / ENCODER_FILE), encoder.truncate,
-                                  blocks=encoder.blocks).state_dict()
+        reloaded = create_encoder(
+            encoder.name, str(out / ENCODER_FILE), encoder.truncate, blocks=encoder.blocks
+        ).state_dict()
         if any(not torch.equal(v, reloaded[k]) for k, v in encoder.state_dict().items()):
             raise HistotransferError(f"{out / ENCODER_FILE}: does not load back as the fine-tuned encoder.")
         classes = read_checkpoint(run_dir)["classes"]
@@ -157,13 +172,16 @@ def _train_phase(run_dir: Path, out: Path, train: list[TopKSlide], val: list[Top
 def _patches_dir(slides: list[TopKSlide]) -> Path:
     folders = {s.job.patch_file.resolve().parent for s in slides}
     if len(folders) != 1:
-        raise HistotransferError(f"the run's patch files lie in several folders ({', '.join(map(str, folders))}); "
-                                 "re-extraction needs them in one patch folder.")
+        raise HistotransferError(
+            f"the run's patch files lie in several folders ({', '.join(map(str, folders))}); "
+            "re-extraction needs them in one patch folder."
+        )
     return folders.pop()
 
 
-def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.DataFrame, config: dict,
-                    unreadable: dict[str, str]) -> dict[str, Any]:
+def _evaluate_phase(
+    run_dir: Path, out: Path, features_dir: Path, splits: pd.DataFrame, config: dict, unreadable: dict[str, str]
+) -> dict[str, Any]:
     """Predict every slide of the split from its re-extracted features; write the run files."""
     head = load_run_model(out)
     files = feature_files(features_dir)
@@ -173,20 +191,37 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
     kept = splits[splits["slide_id"].isin(bags.slide_ids)]
     selected = int(read_checkpoint(out)["selected_epoch"])
     selection = selection_record(read_csv(out / "history.csv"))
-    what = (f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}" if selected else
-            f"{config['encoder'].get('encoder', '')} + attention MIL, frozen start kept (no epoch beat it)")
-    config = {**config, "unreadable_slides": unreadable,
-              "inputs": {**config["inputs"], "features": dict(zip(bags.slide_ids, bags.fingerprints))}}
+    what = (
+        f"fine-tuned {config['encoder'].get('encoder', '')} + attention MIL, epoch {selected}"
+        if selected
+        else f"{config['encoder'].get('encoder', '')} + attention MIL, frozen start kept (no epoch beat it)"
+    )
+    config = {
+        **config,
+        "unreadable_slides": unreadable,
+        "inputs": {**config["inputs"], "features": dict(zip(bags.slide_ids, bags.fingerprints))},
+    }
     write_config(config, out)
     group = (read_config(run_dir).get("settings") or {}).get("group_column")
-    metrics = write_run_outputs(out, head, bags, kept, config["seed"], what, config["positive_class"],
-                                group if group in kept.columns else None)
+    metrics = write_run_outputs(
+        out, head, bags, kept, config["seed"], what, config["positive_class"], group if group in kept.columns else None
+    )
     frozen = json.loads((run_dir / "metrics.json").read_text())
     comparison = {
-        "frozen_run": str(run_dir.resolve()), "finetuned_run": str(out.resolve()), "selected_epoch": selected,
-        "selection": selection, "positive_class": config["positive_class"],
-        "splits": {name: {"frozen_auc": frozen.get(name, {}).get("auc"), "finetuned_auc": metrics[name]["auc"],
-                          "frozen": frozen.get(name), "finetuned": metrics[name]} for name in SPLITS},
+        "frozen_run": str(run_dir.resolve()),
+        "finetuned_run": str(out.resolve()),
+        "selected_epoch": selected,
+        "selection": selection,
+        "positive_class": config["positive_class"],
+        "splits": {
+            name: {
+                "frozen_auc": frozen.get(name, {}).get("auc"),
+                "finetuned_auc": metrics[name]["auc"],
+                "frozen": frozen.get(name),
+                "finetuned": metrics[name],
+            }
+            for name in SPLITS
+        },
     }
     write_json(comparison, out / DONE_FILE)
     return comparison
@@ -194,8 +229,11 @@ def _evaluate_phase(run_dir: Path, out: Path, features_dir: Path, splits: pd.Dat
 
 def _source_fingerprint(run_dir: Path) -> dict[str, Any]:
     """What identifies the frozen run being fine-tuned: its config's inputs and its model file."""
-    return {"run": str(run_dir.resolve()), "model_sha256": file_sha256(run_dir / "model.pt"),
-            "inputs": read_config(run_dir).get("inputs")}
+    return {
+        "run": str(run_dir.resolve()),
+        "model_sha256": file_sha256(run_dir / "model.pt"),
+        "inputs": read_config(run_dir).get("inputs"),
+    }
 
 
 def _guard(out: Path, request: dict[str, Any]) -> bool:
@@ -205,13 +243,21 @@ def _guard(out: Path, request: dict[str, Any]) -> bool:
     old = read_config(out).get("finetune") or {}
     diff = config_differences({"finetune": old}, {"finetune": request})
     if diff:
-        raise HistotransferError(f"{out}: holds a fine-tuning made differently (differs in: {'; '.join(diff)}); "
-                                 "choose another --out or delete that folder.")
+        raise HistotransferError(
+            f"{out}: holds a fine-tuning made differently (differs in: {'; '.join(diff)}); "
+            "choose another --out or delete that folder."
+        )
     return run_finished(out, DONE_FILE)
 
 
-def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
-             settings: FinetuneSettings | None = None, ranks: Ranks | None = None, **overrides: Any) -> Path:
+def finetune(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    slides: SlidesArg = None,
+    settings: FinetuneSettings | None = None,
+    ranks: Ranks | None = None,
+    **overrides: Any,
+) -> Path:
     """Fine-tune the encoder of MIL run ``run_dir`` end to end on its top-k patches; write ``out_dir``.
 
     ``settings`` (or keyword overrides such as ``top_k=64, epochs=20, lr=1e-5``) say how
@@ -232,34 +278,62 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
             raise HistotransferError(f"{run_dir}: not a finished training run (no metrics.json); pass a `train` run.")
         enc = run_config.get("encoder") or {}
         if "encoder" not in enc or "truncate" not in enc:
-            raise HistotransferError(f"{run_dir / 'config.json'}: the run's features do not record their encoder; "
-                                     "only runs on features extracted by histotransfer can be fine-tuned.")
+            raise HistotransferError(
+                f"{run_dir / 'config.json'}: the run's features do not record their encoder; "
+                "only runs on features extracted by histotransfer can be fine-tuned."
+            )
         n_stages = encoder_info(enc["encoder"])["n_stages"] - int(enc["truncate"])
         if s.freeze_stages > n_stages:
-            raise HistotransferError(f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
-                                     f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}.")
+            raise HistotransferError(
+                f"freeze_stages={s.freeze_stages}: the run's encoder ({enc['encoder']}, truncate "
+                f"{enc['truncate']}) has {n_stages} stages after the stem; pass 0..{n_stages}."
+            )
         lora = lora_of(s)
         if lora is not None:
             check_lora(enc["encoder"], int(enc["truncate"]), s.freeze_stages, lora)
         features_dir = Path(run_config["features_dir"])
-        check_inputs(run_config, {sid: feature_fingerprint(features_dir / f"{sid}.h5")
-                                  for sid in (run_config.get("inputs") or {}).get("features") or {}}, features_dir)
+        check_inputs(
+            run_config,
+            {
+                sid: feature_fingerprint(features_dir / f"{sid}.h5")
+                for sid in (run_config.get("inputs") or {}).get("features") or {}
+            },
+            features_dir,
+        )
         splits = read_splits(run_dir)
         stain = recorded_normalizer(enc, run_dir / "config.json")
         request = {**s.result_settings(), "source": _source_fingerprint(run_dir)}
-        config = {**run_config, "kind": "finetune", "seed": s.seed, "settings": s.record(), "finetune": request,
-                  "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
-                               "loss": "cross_entropy", "batchnorm": "eval mode (running statistics fixed)",
-                               "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
-                               "selection": ("best val AUC on top-k bags among the frozen start (epoch 0) and every "
-                                             "epoch" if s.frozen_candidate else "best val AUC on top-k bags among "
-                                             "the fine-tuned epochs") + ", ties: lower val loss, then earlier epoch",
-                               "freeze_stages": s.freeze_stages, "stain_augment": augmentation_record(s),
-                               "stain_normalization": None if stain is None else stain.tag()},
-                  "versions": {"histotransfer": __version__, "torch": torch.__version__}}
+        config = {
+            **run_config,
+            "kind": "finetune",
+            "seed": s.seed,
+            "settings": s.record(),
+            "finetune": request,
+            "training": {
+                "epochs": s.epochs,
+                "lr": s.lr,
+                "optimizer": "Adam",
+                "weight_decay": 0.0,
+                "loss": "cross_entropy",
+                "batchnorm": "eval mode (running statistics fixed)",
+                "steps": f"{s.batch_slides} slide(s) per step, top {s.top_k} patches each, shuffled",
+                "selection": (
+                    "best val AUC on top-k bags among the frozen start (epoch 0) and every epoch"
+                    if s.frozen_candidate
+                    else "best val AUC on top-k bags among the fine-tuned epochs"
+                )
+                + ", ties: lower val loss, then earlier epoch",
+                "freeze_stages": s.freeze_stages,
+                "stain_augment": augmentation_record(s),
+                "stain_normalization": None if stain is None else stain.tag(),
+            },
+            "versions": {"histotransfer": __version__, "torch": torch.__version__},
+        }
         if s.batch_slides % ranks.world:
-            raise HistotransferError(f"--batch-slides {s.batch_slides} counts the slides of one step over all "
-                                     f"{ranks.world} processes: pass a multiple of {ranks.world}.")
+            raise HistotransferError(
+                f"--batch-slides {s.batch_slides} counts the slides of one step over all "
+                f"{ranks.world} processes: pass a multiple of {ranks.world}."
+            )
         if _guard(out, request):
             if ranks.rank == 0:
                 tqdm.write(f"{out}: already fine-tuned with these settings; kept as it is")
@@ -267,8 +341,7 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         # Every slide is checked (its files and identity) before anything is written: a refused call leaves no
         # half-started fine-tuning behind.
         resumed = (out / "topk.csv").is_file()
-        topk = (read_csv(out / "topk.csv") if resumed
-                else select_top_k(run_dir, s.top_k, save=False))
+        topk = read_csv(out / "topk.csv") if resumed else select_top_k(run_dir, s.top_k, save=False)
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
         trained_on = (run_config.get("inputs") or {}).get("features") or {}
         chosen, unreadable = topk_slides(topk, labels, features_dir, slides, trained_on)
@@ -280,8 +353,10 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         if ranks.rank == 0:
             output_folder(out)
             if not lock.acquire():
-                raise HistotransferError(f"{out}: another fine-tuning is writing into this folder ({lock.owner}); "
-                                         "wait for it to finish, or choose another --out")
+                raise HistotransferError(
+                    f"{out}: another fine-tuning is writing into this folder ({lock.owner}); "
+                    "wait for it to finish, or choose another --out"
+                )
             remove_stale_temps(out)
             write_config(config, out)
             write_csv(splits, out / "splits.csv")
@@ -293,21 +368,39 @@ def finetune(run_dir: str | Path, out_dir: str | Path, slides: SlidesArg = None,
         input_size = _input_prep(run_config["encoder"])
         if not all((out / f).is_file() for f in (ENCODER_FILE, "model.pt", "history.csv")):
             _train_phase(run_dir, out, train, val, run_config, s, input_size, dev, ranks)
-        stain_options = ({} if stain is None else
-                         {"stain_norm": stain.method, "stain_ref": str((out / STAIN_FILE).resolve()),
-                          "stain_scope": stain.scope})
+        stain_options = (
+            {}
+            if stain is None
+            else {
+                "stain_norm": stain.method,
+                "stain_ref": str((out / STAIN_FILE).resolve()),
+                "stain_scope": stain.scope,
+            }
+        )
         blocks = run_config["encoder"].get("blocks")  # sets the depth by itself: truncate 0 beside it
-        folder = extract_features(_patches_dir(chosen), out, run_config["encoder"]["encoder"],
-                                  str((out / ENCODER_FILE).resolve()),
-                                  0 if blocks is not None else int(run_config["encoder"]["truncate"]),
-                                  input_size=_extraction_size(run_config["encoder"], train[0]),
-                                  batch_size=s.extract_batch_size, workers=s.workers,
-                                  device=s.device, precision=s.precision, slides=slides, ranks=ranks,
-                                  blocks=blocks, **stain_options)
+        folder = extract_features(
+            _patches_dir(chosen),
+            out,
+            run_config["encoder"]["encoder"],
+            str((out / ENCODER_FILE).resolve()),
+            0 if blocks is not None else int(run_config["encoder"]["truncate"]),
+            input_size=_extraction_size(run_config["encoder"], train[0]),
+            batch_size=s.extract_batch_size,
+            workers=s.workers,
+            device=s.device,
+            precision=s.precision,
+            slides=slides,
+            ranks=ranks,
+            blocks=blocks,
+            **stain_options,
+        )
         if ranks.rank == 0:
             first = next(iter(feature_files(folder).values()))
-            config = {**config, "features_dir": str(folder.resolve()),
-                      "encoder": encoder_attrs(read_feature_attrs(first))}
+            config = {
+                **config,
+                "features_dir": str(folder.resolve()),
+                "encoder": encoder_attrs(read_feature_attrs(first)),
+            }
             _evaluate_phase(run_dir, out, folder, splits, config, unreadable)
         ranks.barrier()
         return out

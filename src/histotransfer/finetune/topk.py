@@ -45,13 +45,16 @@ def read_attention_scores(path: Path, fingerprint: str | None = None) -> tuple[n
         check(f, ATTENTION, path, needs=("coords", "score"))
         recorded = f.attrs.get("run_fingerprint")
         if fingerprint is not None and recorded is not None and recorded != fingerprint:
-            raise ProvenanceError(f"{path}: made by another run ({short(str(recorded))}) than this one's model "
-                                  f"({short(fingerprint)}); re-train the run.")
+            raise ProvenanceError(
+                f"{path}: made by another run ({short(str(recorded))}) than this one's model "
+                f"({short(fingerprint)}); re-train the run."
+            )
         coords = np.asarray(f["coords"][()], dtype=np.int64)
         score = np.asarray(f["score"][()], dtype=np.float64).reshape(-1)
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(score) or len(score) == 0:
-        raise FormatError(f"{path}: expected coords (N, 2) and score (N,) with N >= 1, "
-                          f"got {coords.shape}, {score.shape}.")
+        raise FormatError(
+            f"{path}: expected coords (N, 2) and score (N,) with N >= 1, got {coords.shape}, {score.shape}."
+        )
     if not np.isfinite(score).all():
         raise FormatError(f"{path}: attention scores contain NaN or inf; the run's model diverged, retrain it.")
     return coords, score
@@ -91,10 +94,18 @@ def select_top_k(
     for slide_id, split in zip(chosen["slide_id"], chosen["split"]):
         coords, score = read_attention_scores(run_dir / "attention" / f"{slide_id}.h5", fingerprint)
         idx = top_k_indices(score, k)
-        parts.append(pd.DataFrame({
-            "slide_id": slide_id, "split": split, "rank": np.arange(1, len(idx) + 1),
-            "x": coords[idx, 0], "y": coords[idx, 1], "score": score[idx],
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "slide_id": slide_id,
+                    "split": split,
+                    "rank": np.arange(1, len(idx) + 1),
+                    "x": coords[idx, 0],
+                    "y": coords[idx, 1],
+                    "score": score[idx],
+                }
+            )
+        )
     df = pd.concat(parts, ignore_index=True)[TOPK_COLUMNS]
     if save:
         write_csv(df, run_dir / "topk.csv" if out_path is None else out_path)

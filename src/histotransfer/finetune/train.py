@@ -82,8 +82,10 @@ def augmentation_record(cfg: FinetuneSettings) -> dict[str, Any] | None:
     if cfg.stain_augment != "hed":
         return None
     record = HedJitter(*cfg.hed_strength).describe()
-    record["seed"] = (f"per slide and epoch: numpy SeedSequence([{cfg.seed}, epoch, slide index in the sorted "
-                      "training slides]); training batches only")
+    record["seed"] = (
+        f"per slide and epoch: numpy SeedSequence([{cfg.seed}, epoch, slide index in the sorted "
+        "training slides]); training batches only"
+    )
     return record
 
 
@@ -95,9 +97,14 @@ def slide_sources(slides: list[TopKSlide], stain: StainNormalizer | None) -> lis
     return [recorded_source(read_feature_attrs(s.feature_file), s.feature_file) for s in slides]
 
 
-def _inputs(model: EndToEndMIL, items: list[PatchBatch], device: torch.device, stain: StainNormalizer | None = None,
-            sources: list[SlideStain | None] | None = None,
-            augment: Augment | None = None) -> tuple[torch.Tensor, list[int]]:
+def _inputs(
+    model: EndToEndMIL,
+    items: list[PatchBatch],
+    device: torch.device,
+    stain: StainNormalizer | None = None,
+    sources: list[SlideStain | None] | None = None,
+    augment: Augment | None = None,
+) -> tuple[torch.Tensor, list[int]]:
     """The preprocessed batch of some slides' top-k pixels: stain-normalised (the run's normalisation, with
     each slide's ``sources`` estimate when per slide), then jittered for training."""
     parts = []
@@ -116,15 +123,22 @@ def rank_share(order: np.ndarray, ranks: Ranks) -> np.ndarray:
         return order
     total = math.ceil(len(order) / ranks.world) * ranks.world
     padded = np.resize(order, total)
-    return padded[ranks.rank::ranks.world]
+    return padded[ranks.rank :: ranks.world]
 
 
 @torch.no_grad()
-def predict_topk(model: EndToEndMIL, slides: list[TopKSlide], cfg: FinetuneSettings, input_size: Preprocessing,
-                 device: torch.device, ranks: Ranks, stain: StainNormalizer | None = None) -> np.ndarray:
+def predict_topk(
+    model: EndToEndMIL,
+    slides: list[TopKSlide],
+    cfg: FinetuneSettings,
+    input_size: Preprocessing,
+    device: torch.device,
+    ranks: Ranks,
+    stain: StainNormalizer | None = None,
+) -> np.ndarray:
     """Class probabilities (n, n_classes) of each slide's top-k bag, in eval mode (split across ranks)."""
     model.eval()
-    mine = list(range(len(slides)))[ranks.rank::ranks.world]
+    mine = list(range(len(slides)))[ranks.rank :: ranks.world]
     out: dict[int, np.ndarray] = {}
     if mine:
         sources = slide_sources(slides, stain)
@@ -161,8 +175,9 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "best_state", "best_key", "best_epoch", "history")
 
 
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> dict[str, Any]:
+def _resume(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> dict[str, Any]:
     """Load ``checkpoint.pt`` into the model, optimizer and scaler; a file that is cut short, corrupt, holds
     pickled objects or another model's state is one line saying to remove it (training then restarts)."""
     try:
@@ -175,9 +190,10 @@ def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         scaler.load_state_dict(ckpt["scaler"])
         int(ckpt["epoch"])
     except Exception as exc:  # torch reports a damaged archive as any of several error types
-        raise HistotransferError(f"{path}: not a readable checkpoint of this fine-tuning ({one_line(exc)[:200]}); "
-                                 "delete it, or move it aside, and re-run the same command to restart training."
-                                 ) from exc
+        raise HistotransferError(
+            f"{path}: not a readable checkpoint of this fine-tuning ({one_line(exc)[:200]}); "
+            "delete it, or move it aside, and re-run the same command to restart training."
+        ) from exc
     return ckpt
 
 
@@ -203,11 +219,15 @@ def selection_record(history: pd.DataFrame) -> dict[str, Any]:
         best = max(tuned, key=lambda r: (_selection_key(_value(r.val_auc), r.val_loss), -r.epoch))
     else:
         best = tuned[-1]
-    return {"kept": "frozen" if selected == 0 else "finetuned", "selected_epoch": selected,
-            "frozen_val_auc": _value(start["val_auc"].iloc[0]) if len(start) else None,
-            "frozen_val_loss": _value(start["val_loss"].iloc[0]) if len(start) else None,
-            "best_finetuned_epoch": int(best.epoch), "best_finetuned_val_auc": _value(best.val_auc),
-            "best_finetuned_val_loss": _value(best.val_loss)}
+    return {
+        "kept": "frozen" if selected == 0 else "finetuned",
+        "selected_epoch": selected,
+        "frozen_val_auc": _value(start["val_auc"].iloc[0]) if len(start) else None,
+        "frozen_val_loss": _value(start["val_loss"].iloc[0]) if len(start) else None,
+        "best_finetuned_epoch": int(best.epoch),
+        "best_finetuned_val_auc": _value(best.val_auc),
+        "best_finetuned_val_loss": _value(best.val_loss),
+    }
 
 
 def describe_selection(record: dict[str, Any]) -> str:
@@ -218,18 +238,29 @@ def describe_selection(record: dict[str, Any]) -> str:
     def auc(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    scores = (f"val AUC on top-k bags: frozen start {auc(record['frozen_val_auc'])}, best fine-tuned epoch "
-              f"{record['best_finetuned_epoch']} {auc(record['best_finetuned_val_auc'])}")
+    scores = (
+        f"val AUC on top-k bags: frozen start {auc(record['frozen_val_auc'])}, best fine-tuned epoch "
+        f"{record['best_finetuned_epoch']} {auc(record['best_finetuned_val_auc'])}"
+    )
     if record["kept"] == "frozen":
-        return (f"fine-tuning did not beat the frozen start ({scores}): the frozen encoder and head are kept; "
-                "try a lower --lr, more --top-k or more epochs")
+        return (
+            f"fine-tuning did not beat the frozen start ({scores}): the frozen encoder and head are kept; "
+            "try a lower --lr, more --top-k or more epochs"
+        )
     return f"kept fine-tuned epoch {record['selected_epoch']} ({scores})"
 
 
-def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSlide], cfg: FinetuneSettings,
-                   input_size: Preprocessing,
-                   device: torch.device, ranks: Ranks, checkpoint_path: Path,
-                   stain: StainNormalizer | None = None) -> FitResult:
+def fit_end_to_end(
+    model: EndToEndMIL,
+    train: list[TopKSlide],
+    val: list[TopKSlide],
+    cfg: FinetuneSettings,
+    input_size: Preprocessing,
+    device: torch.device,
+    ranks: Ranks,
+    checkpoint_path: Path,
+    stain: StainNormalizer | None = None,
+) -> FitResult:
     """Train ``model`` (already on ``device``) and return the epoch with the best val AUC on top-k bags
     (ties: lower val loss, then the earlier epoch; without validation slides, the last epoch). Epoch 0 is the
     model before fine-tuning, evaluated the same way and a candidate like every epoch: when no epoch beats it,
@@ -241,8 +272,9 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     net: torch.nn.Module = model
     if ranks.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     val_labels = np.array([s.label for s in val], dtype=int)
     train_sources = slide_sources(train, stain)
     rows: list[dict[str, Any]] = []
@@ -257,15 +289,22 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         if ranks.rank == 0:
             tqdm.write(f"{checkpoint_path}: resuming after epoch {ckpt['epoch']}")
     elif len(val):
-        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain),
-                                        val_labels)
-        rows.append({"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
-                     "val_auc": math.nan if val_auc is None else val_auc, "seconds": 0.0})
+        val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain), val_labels)
+        rows.append(
+            {
+                "epoch": 0,
+                "train_loss": math.nan,
+                "val_loss": val_loss,
+                "val_auc": math.nan if val_auc is None else val_auc,
+                "seconds": 0.0,
+            }
+        )
         if cfg.frozen_candidate:
             best_key, best_state = _selection_key(val_auc, val_loss), _cpu_state(model)
 
-    bar = tqdm(range(start, cfg.epochs + 1), desc="fine-tuning", unit="epoch", dynamic_ncols=True,
-               disable=ranks.rank != 0)
+    bar = tqdm(
+        range(start, cfg.epochs + 1), desc="fine-tuning", unit="epoch", dynamic_ncols=True, disable=ranks.rank != 0
+    )
     for epoch in bar:
         t0 = time.perf_counter()
         order = rank_share(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)), ranks)
@@ -273,8 +312,14 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         model.train()
         total, count = 0.0, 0
         per_rank = max(1, cfg.batch_slides // ranks.world)  # batch_slides counts the slides of all ranks
-        steps = tqdm(total=math.ceil(len(order) / per_rank), desc=f"epoch {epoch}/{cfg.epochs}",
-                     unit="step", dynamic_ncols=True, leave=False, disable=ranks.rank != 0)
+        steps = tqdm(
+            total=math.ceil(len(order) / per_rank),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            disable=ranks.rank != 0,
+        )
         augment = hed_augment(cfg, epoch, device)
         with torch.random.fork_rng(devices=[]), steps:
             torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -295,18 +340,34 @@ def fit_end_to_end(model: EndToEndMIL, train: list[TopKSlide], val: list[TopKSli
         train_loss = _mean_across_ranks(total, count, ranks, device)
         val_loss, val_auc = math.nan, None
         if len(val):
-            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain),
-                                        val_labels)
+            val_loss, val_auc = _loss_auc(predict_topk(model, val, cfg, input_size, device, ranks, stain), val_labels)
         key = _selection_key(val_auc, val_loss) if len(val) else (epoch,)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_state = key, epoch, _cpu_state(model)
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                     "val_auc": math.nan if val_auc is None else val_auc, "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_auc": math.nan if val_auc is None else val_auc,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auc="-" if val_auc is None else f"{val_auc:.3f}")
         if ranks.rank == 0:
-            write_torch({"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "best_state": best_state, "best_key": list(best_key),
-                         "best_epoch": best_epoch, "history": rows}, checkpoint_path)
+            write_torch(
+                {
+                    "epoch": epoch,
+                    "model": _cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best_state": best_state,
+                    "best_key": list(best_key),
+                    "best_epoch": best_epoch,
+                    "history": rows,
+                },
+                checkpoint_path,
+            )
         ranks.barrier()
     history = pd.DataFrame(rows)
     history["selected"] = history["epoch"] == best_epoch

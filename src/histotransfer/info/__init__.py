@@ -11,10 +11,18 @@ files (to tell whether features are stale). Nothing here imports torch.
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "describe": ".paths", "failed_checks": ".paths", "render": ".text", "Keyed": ".records",
-    "describe_slide": ".files", "describe_patch_file": ".files", "describe_feature_file": ".files",
-    "describe_attention_file": ".files", "describe_tiling": ".folders", "describe_feature_folder": ".folders",
-    "describe_run": ".runs", "describe_study": ".runs",
+    "describe": ".paths",
+    "failed_checks": ".paths",
+    "render": ".text",
+    "Keyed": ".records",
+    "describe_slide": ".files",
+    "describe_patch_file": ".files",
+    "describe_feature_file": ".files",
+    "describe_attention_file": ".files",
+    "describe_tiling": ".folders",
+    "describe_feature_folder": ".folders",
+    "describe_run": ".runs",
+    "describe_study": ".runs",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

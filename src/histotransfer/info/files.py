@@ -53,12 +53,22 @@ def describe_slide(path: Path) -> dict[str, Any]:
         except HistotransferError:
             raise first from None
     with slide:
-        levels = [{"level": i, "dimensions": list(d), "downsample": round(ds, 6)}
-                  for i, (d, ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))]
-        return {"kind": "slide", "path": str(path), "backend": slide.backend, "vendor": slide.vendor,
-                "dimensions": list(slide.dimensions), "levels": levels, "mpp": slide.native_mpp,
-                "objective_power": _objective_power(path, slide.backend), "file_size": path.stat().st_size,
-                "identity": slide_identity(slide)}
+        levels = [
+            {"level": i, "dimensions": list(d), "downsample": round(ds, 6)}
+            for i, (d, ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
+        ]
+        return {
+            "kind": "slide",
+            "path": str(path),
+            "backend": slide.backend,
+            "vendor": slide.vendor,
+            "dimensions": list(slide.dimensions),
+            "levels": levels,
+            "mpp": slide.native_mpp,
+            "objective_power": _objective_power(path, slide.backend),
+            "file_size": path.stat().st_size,
+            "identity": slide_identity(slide),
+        }
 
 
 def _slide_check(slide_path: str | None, mpp: float | None, recorded: dict[str, Any] | None) -> dict[str, Any]:
@@ -80,14 +90,27 @@ def describe_patch_file(path: Path, check: bool = False) -> dict[str, Any]:
     patches = read_patch_file(path)
     spec = patches.spec
     slide_path = spec.slide_path or ""
-    out: dict[str, Any] = {"kind": "patch file", "path": str(path), "layout": layout, "slide_id": patches.slide_id,
-           "patches": len(patches),
-           "spec": {"patch_size": spec.patch_size, "patch_size_level0": spec.patch_size_level0,
-                    "patch_level": spec.patch_level, "magnification": spec.target_magnification, "mpp": spec.mpp,
-                    "stride": spec.stride, "min_tissue": spec.min_tissue},
-           "tiling": patches.tiling, "tiling_settings": patches.tiling_settings,
-           "slide_path": spec.slide_path, "slide_exists": bool(slide_path) and Path(slide_path).is_file(),
-           "slide_identity": patches.identity}
+    out: dict[str, Any] = {
+        "kind": "patch file",
+        "path": str(path),
+        "layout": layout,
+        "slide_id": patches.slide_id,
+        "patches": len(patches),
+        "spec": {
+            "patch_size": spec.patch_size,
+            "patch_size_level0": spec.patch_size_level0,
+            "patch_level": spec.patch_level,
+            "magnification": spec.target_magnification,
+            "mpp": spec.mpp,
+            "stride": spec.stride,
+            "min_tissue": spec.min_tissue,
+        },
+        "tiling": patches.tiling,
+        "tiling_settings": patches.tiling_settings,
+        "slide_path": spec.slide_path,
+        "slide_exists": bool(slide_path) and Path(slide_path).is_file(),
+        "slide_identity": patches.identity,
+    }
     if check:
         out.update(_slide_check(spec.slide_path, spec.mpp, patches.identity))
     out["fingerprint"] = patches.fingerprint
@@ -105,7 +128,7 @@ def _scan_features(f: h5py.File) -> tuple[int, int | None, str]:
     digest = hashlib.sha256(np.ascontiguousarray(coords).tobytes())
     n, bad, first = n_rows(dset), 0, None
     for start in range(0, n, ROWS_PER_READ):
-        rows = dset[0, start:start + ROWS_PER_READ] if dset.ndim == 3 else dset[start:start + ROWS_PER_READ]
+        rows = dset[0, start : start + ROWS_PER_READ] if dset.ndim == 3 else dset[start : start + ROWS_PER_READ]
         digest.update(np.ascontiguousarray(rows).tobytes())
         finite = np.isfinite(rows).all(axis=1)
         bad += int((~finite).sum())
@@ -138,18 +161,29 @@ def describe_feature_file(path: Path) -> dict[str, Any]:
     if patch_file is not None and attrs.get("patches_fingerprint"):
         stale = read_patch_file(patch_file).fingerprint != attrs["patches_fingerprint"]
     sha = attrs.get("weights_sha256")
-    return {"kind": "feature file", "path": str(path), "layout": layout, "slide_id": path.stem,
-            "encoder": attrs.get("encoder"), "encoder_id": attrs.get("encoder_id"), "stage": attrs.get("stage"),
-            "truncate": attrs.get("truncate"), **({"blocks": attrs["blocks"]} if "blocks" in attrs else {}),
-            "weights": {"label": attrs.get("weights_label", attrs.get("weights")),
-                        "sha256": sha[:12] if sha else None},
-            "input_size": attrs.get("input_size"), "precision": attrs.get("precision"), "dtype": dtype,
-            "feature_dim": dim, "patches": rows,
-            "non_finite": {"rows": bad, "first_row": first},
-            "patch_file": str(patch_file) if patch_file else attrs.get("patch_file"),
-            "patch_file_exists": patch_file is not None, "stale": stale,
-            "fingerprint": recorded or digest,
-            "fingerprint_matches_contents": (recorded == digest) if recorded else None}
+    return {
+        "kind": "feature file",
+        "path": str(path),
+        "layout": layout,
+        "slide_id": path.stem,
+        "encoder": attrs.get("encoder"),
+        "encoder_id": attrs.get("encoder_id"),
+        "stage": attrs.get("stage"),
+        "truncate": attrs.get("truncate"),
+        **({"blocks": attrs["blocks"]} if "blocks" in attrs else {}),
+        "weights": {"label": attrs.get("weights_label", attrs.get("weights")), "sha256": sha[:12] if sha else None},
+        "input_size": attrs.get("input_size"),
+        "precision": attrs.get("precision"),
+        "dtype": dtype,
+        "feature_dim": dim,
+        "patches": rows,
+        "non_finite": {"rows": bad, "first_row": first},
+        "patch_file": str(patch_file) if patch_file else attrs.get("patch_file"),
+        "patch_file_exists": patch_file is not None,
+        "stale": stale,
+        "fingerprint": recorded or digest,
+        "fingerprint_matches_contents": (recorded == digest) if recorded else None,
+    }
 
 
 def describe_attention_file(path: Path) -> dict[str, Any]:
@@ -157,9 +191,14 @@ def describe_attention_file(path: Path) -> dict[str, Any]:
     with open_h5_file(path) as f:
         attrs = h5_attrs(f)
         score = np.asarray(f["score"][()], dtype=np.float64)
-    return {"kind": "attention file", "path": str(path), "layout": layout_of(attrs, {}),
-            "slide_id": attrs.get("slide_id", path.stem), "patches": len(score),
-            "probability": attrs.get("probability"),
-            "score_range": [float(score.min()), float(score.max())] if len(score) else None,
-            "patch_size_level0": attrs.get("patch_size_level0"),
-            "features_fingerprint": attrs.get("features_fingerprint")}
+    return {
+        "kind": "attention file",
+        "path": str(path),
+        "layout": layout_of(attrs, {}),
+        "slide_id": attrs.get("slide_id", path.stem),
+        "patches": len(score),
+        "probability": attrs.get("probability"),
+        "score_range": [float(score.min()), float(score.max())] if len(score) else None,
+        "patch_size_level0": attrs.get("patch_size_level0"),
+        "features_fingerprint": attrs.get("features_fingerprint"),
+    }

@@ -27,8 +27,11 @@ def _feature_folders(root: Path | None) -> Keyed:
     base = root / "features" if root is not None else None
     if base is None or not base.is_dir():
         return Keyed()
-    return Keyed((d.name, {"slides": len(h5_files(d))}) for d in sorted(base.iterdir())
-                 if d.is_dir() and ((d / FEATURES_RECORD).is_file() or h5_files(d)))
+    return Keyed(
+        (d.name, {"slides": len(h5_files(d))})
+        for d in sorted(base.iterdir())
+        if d.is_dir() and ((d / FEATURES_RECORD).is_file() or h5_files(d))
+    )
 
 
 def describe_tiling(path: Path) -> dict[str, Any]:
@@ -40,16 +43,26 @@ def describe_tiling(path: Path) -> dict[str, Any]:
         with open_h5_file(p) as f:
             counts.append(n_rows(f["coords"]))
     statuses, failed = status_counts(tiling.root / REPORT_FILE) if tiling.root else (None, None)
-    return {"kind": "tiling" if tiling.root is not None else "patch folder",
-            "path": str(tiling.root or tiling.patches), "tiling": tiling.name, "settings": tiling.settings,
-            "patch_folder": str(tiling.patches), "slides": len(counts), "patches_per_slide": spread(counts),
-            "statuses": statuses, "failed": failed, "feature_folders": _feature_folders(tiling.root)}
+    return {
+        "kind": "tiling" if tiling.root is not None else "patch folder",
+        "path": str(tiling.root or tiling.patches),
+        "tiling": tiling.name,
+        "settings": tiling.settings,
+        "patch_folder": str(tiling.patches),
+        "slides": len(counts),
+        "patches_per_slide": spread(counts),
+        "statuses": statuses,
+        "failed": failed,
+        "feature_folders": _feature_folders(tiling.root),
+    }
 
 
 def _patch_folder_of(folder: Path, record: dict[str, Any] | None) -> Path | None:
     """The patches a feature folder was extracted from: its ``features.json``, else its tiling's folder."""
-    for candidate in (Path(record["patches"]) if record and record.get("patches") else None,
-                      folder.parent.parent / "patches"):
+    for candidate in (
+        Path(record["patches"]) if record and record.get("patches") else None,
+        folder.parent.parent / "patches",
+    ):
         if candidate is not None and candidate.is_dir():
             return candidate
     return None
@@ -80,9 +93,17 @@ def describe_feature_folder(path: Path) -> dict[str, Any]:
     statuses, failed = status_counts(path / EXTRACT_REPORT)
     patches = _patch_folder_of(path, record)
     tiled = {p.stem for p in h5_files(patches)} if patches is not None else None
-    return {"kind": "feature folder", "path": str(path),
-            "encoder_id": (record or {}).get("encoder_id"), "tiling": (record or {}).get("tiling"),
-            "encoder": (record or {}).get("encoder"), "files": len(files), "feature_dim": dim,
-            "statuses": statuses, "failed": failed, "patch_folder": str(patches) if patches else None,
-            "not_extracted": sorted(tiled - {p.stem for p in files}) if tiled is not None else None,
-            "stale": _stale_files(files, patches) if patches is not None else None}
+    return {
+        "kind": "feature folder",
+        "path": str(path),
+        "encoder_id": (record or {}).get("encoder_id"),
+        "tiling": (record or {}).get("tiling"),
+        "encoder": (record or {}).get("encoder"),
+        "files": len(files),
+        "feature_dim": dim,
+        "statuses": statuses,
+        "failed": failed,
+        "patch_folder": str(patches) if patches else None,
+        "not_extracted": sorted(tiled - {p.stem for p in files}) if tiled is not None else None,
+        "stale": _stale_files(files, patches) if patches is not None else None,
+    }

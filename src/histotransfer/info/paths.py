@@ -17,8 +17,19 @@ from .records import EXTRACT_REPORT, FEATURES_RECORD, WHAT, open_h5_file, plain
 from .runs import describe_run, describe_study
 
 # Records that name the folder they lie in: ``info FILE`` describes that folder.
-FOLDER_RECORDS = frozenset({"config.json", "metrics.json", "comparison.json", FEATURES_RECORD, EXTRACT_REPORT,
-                            SETTINGS_FILE, REPORT_FILE, "cells.csv", "study.yaml"})
+FOLDER_RECORDS = frozenset(
+    {
+        "config.json",
+        "metrics.json",
+        "comparison.json",
+        FEATURES_RECORD,
+        EXTRACT_REPORT,
+        SETTINGS_FILE,
+        REPORT_FILE,
+        "cells.csv",
+        "study.yaml",
+    }
+)
 
 
 def _h5_kind(path: Path) -> str:
@@ -32,8 +43,9 @@ def _h5_kind(path: Path) -> str:
         return "features"
     if "coords" in datasets:
         return "patches"
-    raise HistotransferError(f"{path}: an HDF5 file without 'coords' or 'features' (not a patch or feature "
-                             f"file); {WHAT}.")
+    raise HistotransferError(
+        f"{path}: an HDF5 file without 'coords' or 'features' (not a patch or feature file); {WHAT}."
+    )
 
 
 def _describe_file(path: Path, check: bool) -> dict[str, Any]:
@@ -92,13 +104,19 @@ def failed_checks(description: dict[str, Any]) -> list[str]:
     files changed or missing since training. Empty when every check passed (or none could be made)."""
     found = []
     if description.get("slide_matches") is False:
-        found.append(f"{description['path']}: the slide file is not the one tiled "
-                     f"({'; '.join(description.get('slide_differences') or [])})")
+        found.append(
+            f"{description['path']}: the slide file is not the one tiled "
+            f"({'; '.join(description.get('slide_differences') or [])})"
+        )
     inputs = description.get("inputs_check") or {}
     if inputs.get("changed") or inputs.get("missing"):
-        found.append(f"{description['path']}: feature files changed ({len(inputs['changed'])}) or missing "
-                     f"({len(inputs['missing'])}) since training, in {inputs['features_dir']}")
+        found.append(
+            f"{description['path']}: feature files changed ({len(inputs['changed'])}) or missing "
+            f"({len(inputs['missing'])}) since training, in {inputs['features_dir']}"
+        )
     if description.get("model_loads") is False:
-        found.append(f"{description['path']}: metrics.json is written but model.pt is missing or does not load; "
-                     "re-run the command that made the run (it redoes it)")
+        found.append(
+            f"{description['path']}: metrics.json is written but model.pt is missing or does not load; "
+            "re-run the command that made the run (it redoes it)"
+        )
     return found

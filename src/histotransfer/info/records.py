@@ -20,8 +20,10 @@ FEATURES_RECORD = "features.json"
 
 EXTRACT_REPORT = "extract.csv"
 
-WHAT = ("pass a slide, a patch, feature or attention file (.h5), a tiling or patches folder, a feature folder, "
-        "a run folder or a study folder")
+WHAT = (
+    "pass a slide, a patch, feature or attention file (.h5), a tiling or patches folder, a feature folder, "
+    "a run folder or a study folder"
+)
 
 
 class Keyed(dict):

@@ -37,8 +37,11 @@ def _split_counts(run: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 def _split_metrics(metrics: dict[str, Any]) -> Keyed:
     """AUC, its 95% CI and the number of slides per split, as ``metrics.json`` holds them."""
-    return Keyed((s, {k: metrics[s].get(k) for k in ("auc", "auc_ci_low", "auc_ci_high", "n_slides")})
-                 for s in SPLIT_ORDER if isinstance(metrics.get(s), dict))
+    return Keyed(
+        (s, {k: metrics[s].get(k) for k in ("auc", "auc_ci_low", "auc_ci_high", "n_slides")})
+        for s in SPLIT_ORDER
+        if isinstance(metrics.get(s), dict)
+    )
 
 
 def _cv_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -46,9 +49,13 @@ def _cv_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     out-of-fold predictions."""
     mean, sd = metrics.get("mean") or {}, metrics.get("sd") or {}
     out: dict[str, Any] = {
-        "auc_over_folds": Keyed((s, {"auc_mean": mean[s].get("auc"), "auc_sd": (sd.get(s) or {}).get("auc")})
-                                for s in SPLIT_ORDER if s in mean),
-        "fold_test_metrics": Keyed((k, _split_metrics(m).get("test")) for k, m in (metrics.get("folds") or {}).items())}
+        "auc_over_folds": Keyed(
+            (s, {"auc_mean": mean[s].get("auc"), "auc_sd": (sd.get(s) or {}).get("auc")})
+            for s in SPLIT_ORDER
+            if s in mean
+        ),
+        "fold_test_metrics": Keyed((k, _split_metrics(m).get("test")) for k, m in (metrics.get("folds") or {}).items()),
+    }
     if metrics.get("pooled"):
         out["pooled_out_of_fold"] = _split_metrics(metrics["pooled"]).get("test")
     return out
@@ -65,9 +72,13 @@ def _inputs_check(config: dict[str, Any]) -> dict[str, Any]:
             missing.append(sid)
         elif feature_fingerprint(path) != fingerprint:
             changed.append(sid)
-    return {"features_dir": str(folder), "checked": len(recorded),
-            "unchanged": len(recorded) - len(missing) - len(changed), "changed": sorted(changed),
-            "missing": sorted(missing)}
+    return {
+        "features_dir": str(folder),
+        "checked": len(recorded),
+        "unchanged": len(recorded) - len(missing) - len(changed),
+        "changed": sorted(changed),
+        "missing": sorted(missing),
+    }
 
 
 def _run_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,14 +99,22 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
         kind = "cross-validation run" if folds else "MIL run"
     encoder = config.get("encoder") or {}
     out: dict[str, Any] = {
-        "kind": kind, "path": str(path), "finished": run_finished(path), "settings": _run_settings(config),
+        "kind": kind,
+        "path": str(path),
+        "finished": run_finished(path),
+        "settings": _run_settings(config),
         "encoder": encoder.get("encoder_id") or "not recorded (CLAM/TRIDENT features)",
-        "features_dir": config.get("features_dir"), "labels": config.get("labels"),
-        "positive_class": config.get("positive_class"), "split": _split_counts(path, config)}
+        "features_dir": config.get("features_dir"),
+        "labels": config.get("labels"),
+        "positive_class": config.get("positive_class"),
+        "split": _split_counts(path, config),
+    }
     if metrics is not None:
         out.update(_cv_metrics(metrics) if folds else {"metrics": _split_metrics(metrics)})
-    out["trained_on"] = {"feature_files": len((config.get("inputs") or {}).get("features") or {}),
-                         "unreadable": len(config.get("unreadable_slides") or {})}
+    out["trained_on"] = {
+        "feature_files": len((config.get("inputs") or {}).get("features") or {}),
+        "unreadable": len(config.get("unreadable_slides") or {}),
+    }
     if check:
         out["inputs_check"] = _inputs_check(config)
         if metrics is not None:  # metrics written, yet unfinished: the model file is missing or does not load
@@ -103,16 +122,21 @@ def describe_run(path: Path, check: bool = False) -> dict[str, Any]:
     if config.get("kind") == "finetune":
         out["source_run"] = ((config.get("finetune") or {}).get("source") or {}).get("run")
         comparison = read_json(path / "comparison.json") or {}
-        out["comparison"] = Keyed((s, {"frozen_auc": v.get("frozen_auc"), "finetuned_auc": v.get("finetuned_auc")})
-                                  for s, v in (comparison.get("splits") or {}).items())
+        out["comparison"] = Keyed(
+            (s, {"frozen_auc": v.get("frozen_auc"), "finetuned_auc": v.get("finetuned_auc")})
+            for s, v in (comparison.get("splits") or {}).items()
+        )
     return out
 
 
 def describe_study(path: Path) -> dict[str, Any]:
     """Name, cells by kind and status, failed and blocked cells with their reason, and the report of a study."""
     spec = read_yaml(path / "study.yaml")[1] if (path / "study.yaml").is_file() else None
-    out: dict[str, Any] = {"kind": "study", "path": str(path),
-                           "name": spec.get("name") if isinstance(spec, dict) else None}
+    out: dict[str, Any] = {
+        "kind": "study",
+        "path": str(path),
+        "name": spec.get("name") if isinstance(spec, dict) else None,
+    }
     cells_csv = path / "cells.csv"
     if cells_csv.is_file():
         df = read_csv(cells_csv, text=True)
@@ -122,9 +146,15 @@ def describe_study(path: Path) -> dict[str, Any]:
             counts = Counter(group["status"])
             by_kind[kind] = {s: counts[s] for s in order if counts[s]}
         totals = Counter(df["status"])
-        out.update({"cells": len(df), "statuses": Keyed((s, totals[s]) for s in order), "by_kind": by_kind,
-                    "failed": Keyed(df.loc[df["status"] == "failed", ["key", "message"]].itertuples(index=False)),
-                    "blocked": Keyed(df.loc[df["status"] == "blocked", ["key", "message"]].itertuples(index=False))})
+        out.update(
+            {
+                "cells": len(df),
+                "statuses": Keyed((s, totals[s]) for s in order),
+                "by_kind": by_kind,
+                "failed": Keyed(df.loc[df["status"] == "failed", ["key", "message"]].itertuples(index=False)),
+                "blocked": Keyed(df.loc[df["status"] == "blocked", ["key", "message"]].itertuples(index=False)),
+            }
+        )
     else:
         out["cells"] = "none run yet (no cells.csv)"
     report = path / "report.html"

@@ -1,5 +1,4 @@
-"""A description printed as aligned text: one line per field, nested fields indented, data keys as they are.
-"""
+"""A description printed as aligned text: one line per field, nested fields indented, data keys as they are."""
 
 from __future__ import annotations
 
@@ -27,8 +26,9 @@ def _scalar(value: Any) -> str:
 def _flat(value: Any) -> bool:
     """Whether a value reads well on one line: scalars, lists of scalars, short dicts of those."""
     if isinstance(value, dict):
-        return (not value or all(_flat(v) and not isinstance(v, dict) for v in value.values())) \
-            and len(_scalar(value)) <= 96
+        return (not value or all(_flat(v) and not isinstance(v, dict) for v in value.values())) and len(
+            _scalar(value)
+        ) <= 96
     if isinstance(value, list):
         return all(not isinstance(v, (dict, list)) for v in value)
     return True

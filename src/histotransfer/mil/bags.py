@@ -33,13 +33,18 @@ class BagSet:
     def subset(self, slide_ids: list[str]) -> BagSet:
         pos = {s: i for i, s in enumerate(self.slide_ids)}
         idx = [pos[s] for s in slide_ids]
-        return BagSet([self.slide_ids[i] for i in idx], [self.features[i] for i in idx],
-                      [self.coords[i] for i in idx], [self.attrs[i] for i in idx],
-                      [self.fingerprints[i] for i in idx])
+        return BagSet(
+            [self.slide_ids[i] for i in idx],
+            [self.features[i] for i in idx],
+            [self.coords[i] for i in idx],
+            [self.attrs[i] for i in idx],
+            [self.fingerprints[i] for i in idx],
+        )
 
 
-def load_bags(files: dict[str, Path], expect_dim: int | None = None,
-              expect_encoder: dict[str, Any] | None = None) -> tuple[BagSet, dict[str, str]]:
+def load_bags(
+    files: dict[str, Path], expect_dim: int | None = None, expect_encoder: dict[str, Any] | None = None
+) -> tuple[BagSet, dict[str, str]]:
     """Read the feature files ``slide_id -> path``; an unreadable file is skipped and returned in the
     second value (``slide_id -> reason``) with a warning. A file holding NaN or inf features is an error (it
     names the slide and its first bad row), as is a mismatch of the feature dimension or of the encoder attrs

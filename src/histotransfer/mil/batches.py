@@ -54,8 +54,9 @@ def _best_clustering(x: np.ndarray, seed: int) -> tuple[np.ndarray, float | None
     return (best[1] if best[0] >= MIN_SILHOUETTE else np.zeros(len(x), int)), best[0]
 
 
-def infer_colour_batches(stats: np.ndarray, labels: Sequence[int] | np.ndarray, slide_ids: Sequence[str],
-                         seed: int = 0) -> dict[str, Any]:
+def infer_colour_batches(
+    stats: np.ndarray, labels: Sequence[int] | np.ndarray, slide_ids: Sequence[str], seed: int = 0
+) -> dict[str, Any]:
     """Staining batches of slides from their colour statistics (n_slides, n_stats) and 0/1 ``labels``.
 
     Returns ``n_batches`` (1 when the colour forms no distinct clusters), ``silhouette`` (of the best k tried;
@@ -76,13 +77,22 @@ def infer_colour_batches(stats: np.ndarray, labels: Sequence[int] | np.ndarray, 
         pos, neg = int(y[inside].sum()), int((1 - y[inside]).sum())
         rest_pos, rest_neg = int(y[~inside].sum()), int((1 - y[~inside]).sum())
         p = float(fisher_exact([[pos, neg], [rest_pos, rest_neg]])[1]) if k > 1 else 1.0
-        out[name] = {"n": pos + neg, "n_positive": pos, "prevalence": pos / (pos + neg), "fisher_p": p,
-                     "differs": bool(p * k < ALPHA)}
-    return {"n_batches": k, "silhouette": silhouette,
-            "criterion": f"k-means on the colour statistics (optical density), k = 2..min({MAX_BATCHES}, n/5) "
-                         "with every cluster at least max(3, 5% of slides); best mean silhouette kept if >= "
-                         f"{MIN_SILHOUETTE}, else one batch",
-            "batches": out, "batch_of": dict(zip(map(str, slide_ids), batch.tolist()))}
+        out[name] = {
+            "n": pos + neg,
+            "n_positive": pos,
+            "prevalence": pos / (pos + neg),
+            "fisher_p": p,
+            "differs": bool(p * k < ALPHA),
+        }
+    return {
+        "n_batches": k,
+        "silhouette": silhouette,
+        "criterion": f"k-means on the colour statistics (optical density), k = 2..min({MAX_BATCHES}, n/5) "
+        "with every cluster at least max(3, 5% of slides); best mean silhouette kept if >= "
+        f"{MIN_SILHOUETTE}, else one batch",
+        "batches": out,
+        "batch_of": dict(zip(map(str, slide_ids), batch.tolist())),
+    }
 
 
 def describe_batches(result: dict[str, Any]) -> str:
@@ -91,8 +101,12 @@ def describe_batches(result: dict[str, Any]) -> str:
         best = result["silhouette"]
         sil = "" if best is None else f" (best silhouette {best:.2f} < {MIN_SILHOUETTE})"
         return f"slide colour forms no distinct staining batches{sil}"
-    parts = [f"{name} {b['n']} slides, {b['prevalence']:.0%} positive"
-             + (f" (differs from the rest, Fisher p={b['fisher_p']:.2g})" if b["differs"] else "")
-             for name, b in result["batches"].items()]
-    return (f"{result['n_batches']} staining batches inferred from slide colour (silhouette "
-            f"{result['silhouette']:.2f}): " + "; ".join(parts))
+    parts = [
+        f"{name} {b['n']} slides, {b['prevalence']:.0%} positive"
+        + (f" (differs from the rest, Fisher p={b['fisher_p']:.2g})" if b["differs"] else "")
+        for name, b in result["batches"].items()
+    ]
+    return (
+        f"{result['n_batches']} staining batches inferred from slide colour (silhouette "
+        f"{result['silhouette']:.2f}): " + "; ".join(parts)
+    )

@@ -19,83 +19,147 @@ def _fmt(m: dict) -> str:
     small = f" (only {n} slide{'' if n == 1 else 's'}: too few for a stable AUC)" if n < SMALL_SPLIT else ""
     if m.get("auc") is None:
         return f"AUC n/a (one class), accuracy {m['accuracy']:.3f}, n={n}{small}"
-    return (f"AUC {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), "
-            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}, n={n}{small}")
+    return (
+        f"AUC {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), "
+        f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}, n={n}{small}"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train an attention-MIL slide classifier on a folder of feature files",
+        "train",
+        help="train an attention-MIL slide classifier on a folder of feature files",
         description="Train attention MIL on features/<encoder_id>/<slide_id>.h5 (ours, CLAM's or TRIDENT's) "
-                    "with a patient-level split, or with patient-level K-fold cross-validation (RUN/fold_<k>/ runs, "
-                    "out-of-fold predictions and a summary metrics.json; the default below 200 patients, see "
-                    "--protocol); writes a run folder (config.json, model.pt, predictions, metrics, attention). "
-                    "Re-running with the same settings and inputs keeps a finished run.")
+        "with a patient-level split, or with patient-level K-fold cross-validation (RUN/fold_<k>/ runs, "
+        "out-of-fold predictions and a summary metrics.json; the default below 200 patients, see "
+        "--protocol); writes a run folder (config.json, model.pt, predictions, metrics, attention). "
+        "Re-running with the same settings and inputs keeps a finished run.",
+    )
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
-    p.add_argument("--labels", required=True, type=Path,
-                   help="CSV: slide_id,label[,patient_id,...] (further columns such as centre are kept)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        type=Path,
+        help="CSV: slide_id,label[,patient_id,...] (further columns such as centre are kept)",
+    )
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     add_options(p, MilSettings)
-    p.add_argument("--split-file", type=Path, default=None,
-                   help="CSV slide_id,split (train/val/test) to use instead of the 65/15/20 patient split")
+    p.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        help="CSV slide_id,split (train/val/test) to use instead of the 65/15/20 patient split",
+    )
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
-        "evaluate", help="predict slides with a trained MIL run (metrics when labels are given)",
+        "evaluate",
+        help="predict slides with a trained MIL run (metrics when labels are given)",
         description="Apply a run's model to a folder of feature files: predictions.csv, attention/, "
-                    "evaluation.json and, with --labels, metrics.json (slide-level AUC with 95% CI, accuracy, "
-                    "balanced accuracy, F1).")
+        "evaluation.json and, with --labels, metrics.json (slide-level AUC with 95% CI, accuracy, "
+        "balanced accuracy, F1).",
+    )
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--features", required=True, type=Path, help="folder of <slide_id>.h5 feature files")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="CSV slide_id,label[,patient_id,...] of those slides (further columns are kept in "
-                        "predictions.csv)")
-    p.add_argument("--group-column", default=None, metavar="COLUMN",
-                   help="a column of --labels (e.g. centre): metrics per group and the mean within-group AUC")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV slide_id,label[,patient_id,...] of those slides (further columns are kept in predictions.csv)",
+    )
+    p.add_argument(
+        "--group-column",
+        default=None,
+        metavar="COLUMN",
+        help="a column of --labels (e.g. centre): metrics per group and the mean within-group AUC",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
-    _annotation_options(p, "score the attention of each positive slide that has one (needs --labels): "
-                           "localisation.csv and the localisation key of metrics.json")
+    _annotation_options(
+        p,
+        "score the attention of each positive slide that has one (needs --labels): "
+        "localisation.csv and the localisation key of metrics.json",
+    )
     p.set_defaults(func=_evaluate)
 
     p = subparsers.add_parser(
-        "heatmap", help="attention heatmaps (PNG) and QuPath GeoJSON of slides",
+        "heatmap",
+        help="attention heatmaps (PNG) and QuPath GeoJSON of slides",
         description="For each slide: <slide_id>.png (attention over the thumbnail, with a legend strip stating "
-                    "the value, the scale and its range) and <slide_id>.geojson (one square per patch in level-0 "
-                    "pixels with the attention as measurements; import in QuPath with File > Import objects). "
-                    "The attention is the run's (RUN/attention), what `histotransfer evaluate` wrote "
-                    "(RUN/evaluation/attention or --attention), or computed from --features.")
+        "the value, the scale and its range) and <slide_id>.geojson (one square per patch in level-0 "
+        "pixels with the attention as measurements; import in QuPath with File > Import objects). "
+        "The attention is the run's (RUN/attention), what `histotransfer evaluate` wrote "
+        "(RUN/evaluation/attention or --attention), or computed from --features.",
+    )
     p.add_argument("--run", required=True, type=Path, help="run folder written by `histotransfer train`")
     p.add_argument("--slides", required=True, nargs="+", type=Path, help="slide files or folders of slides")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--attention", type=Path, default=None, metavar="DIR",
-                   help="folder of <slide_id>.h5 attention files written by `histotransfer evaluate --out` "
-                        "(default: RUN/attention, then RUN/evaluation/attention)")
-    p.add_argument("--features", type=Path, default=None,
-                   help="feature folder of slides to run through the model instead (default: stored attention)")
-    p.add_argument("--patches", type=Path, default=None,
-                   help="folder of <slide_id>.h5 patch files (ours, CLAM's or TRIDENT's) that record the patch "
-                        "side when the attention and feature files do not")
-    p.add_argument("--value", default="score", choices=("score", "weight"),
-                   help="score: raw pre-softmax attention, the same for the same tissue in any slide; weight: "
-                        "softmax weight x number of patches (1 = uniform) (default: %(default)s)")
-    p.add_argument("--scale", default="cohort", choices=("cohort", "slide"),
-                   help="cohort: one colour range for all slides of this call, so colours compare across "
-                        "slides; slide: each slide's own range (default: %(default)s)")
-    p.add_argument("--object-type", default="detection", choices=("detection", "annotation"),
-                   help="QuPath object type of the patch squares (default: %(default)s)")
+    p.add_argument(
+        "--attention",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of <slide_id>.h5 attention files written by `histotransfer evaluate --out` "
+        "(default: RUN/attention, then RUN/evaluation/attention)",
+    )
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="feature folder of slides to run through the model instead (default: stored attention)",
+    )
+    p.add_argument(
+        "--patches",
+        type=Path,
+        default=None,
+        help="folder of <slide_id>.h5 patch files (ours, CLAM's or TRIDENT's) that record the patch "
+        "side when the attention and feature files do not",
+    )
+    p.add_argument(
+        "--value",
+        default="score",
+        choices=("score", "weight"),
+        help="score: raw pre-softmax attention, the same for the same tissue in any slide; weight: "
+        "softmax weight x number of patches (1 = uniform) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--scale",
+        default="cohort",
+        choices=("cohort", "slide"),
+        help="cohort: one colour range for all slides of this call, so colours compare across "
+        "slides; slide: each slide's own range (default: %(default)s)",
+    )
+    p.add_argument(
+        "--object-type",
+        default="detection",
+        choices=("detection", "annotation"),
+        help="QuPath object type of the patch squares (default: %(default)s)",
+    )
     add_options(p, HeatmapSettings)
-    _annotation_options(p, "outline each annotated slide's lesion and score the attention of the positive ones "
-                           "(by the run's split; slides it never saw: an annotation holding a lesion) in the "
-                           "legend and localisation.csv")
+    _annotation_options(
+        p,
+        "outline each annotated slide's lesion and score the attention of the positive ones "
+        "(by the run's split; slides it never saw: an annotation holding a lesion) in the "
+        "legend and localisation.csv",
+    )
     p.set_defaults(func=_heatmap)
 
 
 def _annotation_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
-                   help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
-                        f"<slide_id>.png mask with <slide_id>.png.json holding {{\"downsample\": D}}: {what}")
-    p.add_argument("--lesion-threshold", type=float, default=0.5, metavar="X",
-                   help="lesion fraction of a patch's area that makes it a lesion patch (default: %(default)s)")
+    p.add_argument(
+        "--annotations",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of lesion annotations, <slide_id>.geojson (QuPath, level-0 pixels) or a "
+        f'<slide_id>.png mask with <slide_id>.png.json holding {{"downsample": D}}: {what}',
+    )
+    p.add_argument(
+        "--lesion-threshold",
+        type=float,
+        default=0.5,
+        metavar="X",
+        help="lesion fraction of a patch's area that makes it a lesion patch (default: %(default)s)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -126,8 +190,9 @@ def _train(args: argparse.Namespace) -> int:
         _print_cv(metrics, column)
     if metrics.get("shortcut"):
         print(f"shortcut check: {describe_shortcut(metrics['shortcut'])}")
-    print(f"train: {'kept (done before)' if kept else 'done'} in {time.perf_counter() - t0:.1f} s; run in "
-          f"{plan.out_dir}")
+    print(
+        f"train: {'kept (done before)' if kept else 'done'} in {time.perf_counter() - t0:.1f} s; run in {plan.out_dir}"
+    )
     return 0
 
 
@@ -146,14 +211,18 @@ def _print_cv(metrics: dict, column: str | None) -> None:
     print(f"protocol: {protocol['folds']}-fold patient-level cross-validation ({protocol['why']})")
     print("test AUC per fold: " + ", ".join(_auc(a) for a in metrics["fold_test_auc"]))
     for name in ("val", "test"):
-        print(f"{name:5s} AUC over {protocol['folds']} folds: mean ± sd "
-              f"{_mean_sd(metrics['mean'][name]['auc'], metrics['sd'][name]['auc'])}")
+        print(
+            f"{name:5s} AUC over {protocol['folds']} folds: mean ± sd "
+            f"{_mean_sd(metrics['mean'][name]['auc'], metrics['sd'][name]['auc'])}"
+        )
     print(f"test  pooled out-of-fold: {_fmt(metrics['pooled']['test'])}")
     if column is not None and "groups" in metrics["pooled"]:
         within = metrics["pooled"]["groups"]["mean_within_group_auc"]
         over = (metrics.get("mean_within_group_auc") or {}).get("test")
-        print(f"mean within-{column} test AUC: pooled out-of-fold {_auc(within)} (pooled over {column}s "
-              f"{_auc(metrics['pooled']['test']['auc'])}), mean over folds {_auc(over)}")
+        print(
+            f"mean within-{column} test AUC: pooled out-of-fold {_auc(within)} (pooled over {column}s "
+            f"{_auc(metrics['pooled']['test']['auc'])}), mean over folds {_auc(over)}"
+        )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -161,14 +230,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .shortcut import describe_shortcut
 
     t0 = time.perf_counter()
-    result = evaluate_run(args.run, args.features, args.labels, args.out, annotations_dir=args.annotations,
-                          threshold=args.lesion_threshold, group_column=args.group_column)
+    result = evaluate_run(
+        args.run,
+        args.features,
+        args.labels,
+        args.out,
+        annotations_dir=args.annotations,
+        threshold=args.lesion_threshold,
+        group_column=args.group_column,
+    )
     print(f"predicted {len(result['predictions'])} slide(s); positive class {result['positive_class']!r}")
     if result["metrics"] is not None:
         print(_fmt(result["metrics"]))
     if result["groups"] is not None:
-        print(f"mean within-{args.group_column} AUC {_auc(result['groups']['mean_within_group_auc'])} "
-              f"({result['groups']['groups_with_auc']} group(s) with both classes)")
+        print(
+            f"mean within-{args.group_column} AUC {_auc(result['groups']['mean_within_group_auc'])} "
+            f"({result['groups']['groups_with_auc']} group(s) with both classes)"
+        )
     if result["shortcut"] is not None:
         print(f"shortcut check: {describe_shortcut(result['shortcut'])}")
     if result["localisation"] is not None:
@@ -184,8 +262,10 @@ def _print_heatmap_localisation(path: Path, n_slides: int) -> None:
     from .evaluate import describe_slide_localisation
 
     table = read_csv(path)
-    print(f"attention localisation: scored {len(table)} of {n_slides} slide(s) (the others: no annotation, or "
-          f"not positive); {path}")
+    print(
+        f"attention localisation: scored {len(table)} of {n_slides} slide(s) (the others: no annotation, or "
+        f"not positive); {path}"
+    )
     for row in table.to_dict("records"):
         print(f"  {row['slide_id']}: lesion: {describe_slide_localisation(row)}")
 
@@ -197,10 +277,22 @@ def _heatmap(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     sizes = from_args(HeatmapSettings, args)
-    write_heatmaps(args.run, args.slides, args.out, features_dir=args.features, attention_dir=args.attention,
-                   patches_dir=args.patches, patch_size_level0=sizes.patch_size_level0, mpp=sizes.mpp,
-                   max_side=sizes.max_side, object_type=args.object_type, scale=args.scale, value=args.value,
-                   annotations_dir=args.annotations, threshold=args.lesion_threshold)
+    write_heatmaps(
+        args.run,
+        args.slides,
+        args.out,
+        features_dir=args.features,
+        attention_dir=args.attention,
+        patches_dir=args.patches,
+        patch_size_level0=sizes.patch_size_level0,
+        mpp=sizes.mpp,
+        max_side=sizes.max_side,
+        object_type=args.object_type,
+        scale=args.scale,
+        value=args.value,
+        annotations_dir=args.annotations,
+        threshold=args.lesion_threshold,
+    )
     ids = {e.slide_id for e in list_slides(args.slides)}
     rows = [r for r in BatchReport(args.out / "heatmaps.csv").rows.values() if r.slide_id in ids]
     counts = Counter(r.status for r in rows)

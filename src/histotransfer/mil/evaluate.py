@@ -45,9 +45,15 @@ LOCALISATION_FILE = "localisation.csv"
 EVALUATION_FILE = "evaluation.json"
 
 
-def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str | Path | None = None,
-                 out_dir: str | Path | None = None, annotations_dir: str | Path | None = None,
-                 threshold: float = DEFAULT_THRESHOLD, group_column: str | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path,
+    features_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    annotations_dir: str | Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    group_column: str | None = None,
+) -> dict[str, Any]:
     """Predict every slide of ``features_dir`` (or, with ``labels_csv``, every labelled slide) with the run's
     model; write ``predictions.csv``, ``attention/<slide_id>.h5``, ``evaluation.json`` (what was evaluated,
     with the fingerprints of its inputs) and, with labels, ``metrics.json`` (``{"all": {...},
@@ -76,13 +82,16 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if out_dir.exists() and not out_dir.is_dir():
         raise HistotransferError(f"--out {out_dir}: is an existing file, not a folder; choose a folder.")
     if group_column is not None and labels_csv is None:
-        raise HistotransferError(f"--group-column {group_column}: groups are columns of the label file; pass "
-                                 "--labels too.")
+        raise HistotransferError(
+            f"--group-column {group_column}: groups are columns of the label file; pass --labels too."
+        )
     if annotations_dir is not None:
         check_threshold(threshold)
         if labels_csv is None:
-            raise HistotransferError(f"--annotations {annotations_dir}: localisation is scored on the positive "
-                                     "slides, so it needs --labels; pass the label file of these slides.")
+            raise HistotransferError(
+                f"--annotations {annotations_dir}: localisation is scored on the positive "
+                "slides, so it needs --labels; pass the label file of these slides."
+            )
     config = read_config(run_dir)
     classes = read_checkpoint(run_dir)["classes"]
     model = load_run_model(run_dir)
@@ -93,8 +102,10 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
         table = read_labels(labels_csv, features_dir, classes=classes)
         frame, extra = table.frame, table.extra
         if group_column is not None and group_column not in extra:
-            raise HistotransferError(f"{labels_csv}: has no column {group_column!r} for --group-column (its extra "
-                                     f"columns: {', '.join(extra) or 'none'}).")
+            raise HistotransferError(
+                f"{labels_csv}: has no column {group_column!r} for --group-column (its extra "
+                f"columns: {', '.join(extra) or 'none'})."
+            )
         files = {s: files[s] for s in frame["slide_id"]}
     bags, broken = load_bags(files, expect_dim=model.in_dim, expect_encoder=config["encoder"])
     if not bags.slide_ids:
@@ -113,8 +124,9 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     out_dir = output_folder(out_dir)
     remove_stale_temps(out_dir)
     for sid, coords, attrs, prob, score in zip(bags.slide_ids, bags.coords, bags.attrs, probs[:, 1], scores):
-        write_attention(out_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
-                        attrs, fingerprint)
+        write_attention(
+            out_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs), attrs, fingerprint
+        )
     predictions = pd.DataFrame({"slide_id": bags.slide_ids, "probability": probs[:, 1]})
     metrics = None
     localisation = None
@@ -128,13 +140,20 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     if frame is not None:
         predictions = frame[["slide_id", "patient_id", "label", *extra]].merge(predictions, on="slide_id")
         seed = config["seed"]
-        metrics = {"all": slide_metrics(predictions["label"], predictions["probability"], seed=seed),
-                   "positive_class": positive}
+        metrics = {
+            "all": slide_metrics(predictions["label"], predictions["probability"], seed=seed),
+            "positive_class": positive,
+        }
         if group_column is not None:
             groups = group_metrics(predictions, group_column, seed)
             metrics["groups"] = {"all": groups}
-        shortcut = run_shortcut(predictions, slide_colour_stats_of(dict(zip(bags.slide_ids, bags.attrs))),
-                                metrics["all"]["auc"], group_column, seed)
+        shortcut = run_shortcut(
+            predictions,
+            slide_colour_stats_of(dict(zip(bags.slide_ids, bags.attrs))),
+            metrics["all"]["auc"],
+            group_column,
+            seed,
+        )
         metrics["shortcut"] = shortcut
         if localisation is not None:
             metrics["localisation"] = localisation
@@ -142,21 +161,35 @@ def evaluate_run(run_dir: str | Path, features_dir: str | Path, labels_csv: str 
     predictions["predicted"] = [classes[int(p > 0.5)] for p in predictions["probability"]]
     write_csv(predictions, out_dir / "predictions.csv")
     if broken:
-        write_csv(pd.DataFrame({"slide_id": list(broken), "message": list(broken.values())}),
-                  out_dir / "unreadable.csv")
-    write_json({"run": str(run_dir.resolve()), "run_fingerprint": fingerprint,
-                "features_dir": str(Path(features_dir).resolve()),
-                "labels": None if labels_csv is None else str(Path(labels_csv).resolve()),
-                "labels_sha256": None if labels_csv is None else file_sha256(labels_csv),
-                "features": dict(zip(bags.slide_ids, bags.fingerprints)), "positive_class": positive},
-               out_dir / EVALUATION_FILE)
-    return {"out_dir": out_dir, "predictions": predictions, "positive_class": positive,
-            "metrics": None if metrics is None else metrics["all"], "localisation": localisation,
-            "groups": groups, "shortcut": shortcut}
+        write_csv(
+            pd.DataFrame({"slide_id": list(broken), "message": list(broken.values())}), out_dir / "unreadable.csv"
+        )
+    write_json(
+        {
+            "run": str(run_dir.resolve()),
+            "run_fingerprint": fingerprint,
+            "features_dir": str(Path(features_dir).resolve()),
+            "labels": None if labels_csv is None else str(Path(labels_csv).resolve()),
+            "labels_sha256": None if labels_csv is None else file_sha256(labels_csv),
+            "features": dict(zip(bags.slide_ids, bags.fingerprints)),
+            "positive_class": positive,
+        },
+        out_dir / EVALUATION_FILE,
+    )
+    return {
+        "out_dir": out_dir,
+        "predictions": predictions,
+        "positive_class": positive,
+        "metrics": None if metrics is None else metrics["all"],
+        "localisation": localisation,
+        "groups": groups,
+        "shortcut": shortcut,
+    }
 
 
-def _positive_annotations(annotations_dir: str | Path, frame: pd.DataFrame, bags: Any, features_dir: str | Path
-                          ) -> tuple[list[str], dict[str, Annotation]]:
+def _positive_annotations(
+    annotations_dir: str | Path, frame: pd.DataFrame, bags: Any, features_dir: str | Path
+) -> tuple[list[str], dict[str, Annotation]]:
     """The positive slides among ``bags`` and the annotations of those that have one, checked to be scorable
     (their feature files record the patch side) before anything is written."""
     positives = [s for s in frame.loc[frame["label"] == POSITIVE, "slide_id"] if s in set(bags.slide_ids)]
@@ -164,42 +197,74 @@ def _positive_annotations(annotations_dir: str | Path, frame: pd.DataFrame, bags
     sizes = dict(zip(bags.slide_ids, (patch_size_level0(a) for a in bags.attrs)))
     unsized = [s for s in annotations if sizes[s] is None]
     if unsized:
-        raise HistotransferError(f"{features_dir}: the feature files of {', '.join(unsized[:5])} record no patch side "
-                                 "(patch_size_level0), so their patches cannot be laid on the annotations; extract "
-                                 "them with histotransfer.")
+        raise HistotransferError(
+            f"{features_dir}: the feature files of {', '.join(unsized[:5])} record no patch side "
+            "(patch_size_level0), so their patches cannot be laid on the annotations; extract "
+            "them with histotransfer."
+        )
     return positives, annotations
 
 
 def check_threshold(threshold: float) -> None:
     """Refuse a lesion-patch threshold outside (0, 1]."""
     if not 0 < threshold <= 1:
-        raise HistotransferError(f"lesion threshold {threshold}: pass the lesion fraction of a patch's area that "
-                                 "makes it a lesion patch, in (0, 1] (default 0.5).")
+        raise HistotransferError(
+            f"lesion threshold {threshold}: pass the lesion fraction of a patch's area that "
+            "makes it a lesion patch, in (0, 1] (default 0.5)."
+        )
 
 
-def attention_file_localisation(path: str | Path, annotation: Annotation,
-                                threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def attention_file_localisation(
+    path: str | Path, annotation: Annotation, threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, Any]:
     """:func:`~histotransfer.mil.localisation.attention_localisation` of a stored attention file: its raw
     scores against the lesion fraction of its patches (squares of the recorded ``patch_size_level0``)."""
     att = read_attention(path)
     size = att["attrs"].get("patch_size_level0")
     if size is None:
-        raise FormatError(f"{path}: records no patch side (patch_size_level0), so its patches cannot be laid on "
-                          "the annotation; extract the features with histotransfer and re-run.")
+        raise FormatError(
+            f"{path}: records no patch side (patch_size_level0), so its patches cannot be laid on "
+            "the annotation; extract the features with histotransfer and re-run."
+        )
     return attention_localisation(att["score"], annotation.patch_overlap(att["coords"], float(size)), threshold)
 
 
-def attention_localisation_rows(attention_dir: Path, slide_ids: Sequence[str], annotations: Mapping[str, Annotation],
-                                threshold: float = DEFAULT_THRESHOLD) -> list[dict[str, Any]]:
+def attention_localisation_rows(
+    attention_dir: Path,
+    slide_ids: Sequence[str],
+    annotations: Mapping[str, Annotation],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[dict[str, Any]]:
     """One localisation row (``slide_id``, the scores, ``annotation``: its file) per slide of ``slide_ids`` that
     has an annotation, from ``attention_dir/<slide_id>.h5``."""
-    return [{"slide_id": s, **attention_file_localisation(attention_dir / f"{s}.h5", annotations[s], threshold),
-             "annotation": str(annotations[s].source)} for s in slide_ids if s in annotations]
+    return [
+        {
+            "slide_id": s,
+            **attention_file_localisation(attention_dir / f"{s}.h5", annotations[s], threshold),
+            "annotation": str(annotations[s].source),
+        }
+        for s in slide_ids
+        if s in annotations
+    ]
 
 
-LOCALISATION_COLUMNS = ["slide_id", "top_patch_overlap", "mean_overlap", "attention_overlap", "top_patch_touches",
-                        "touching_share", "auc_touching", "top_patch_hit", "attention_mass", "lesion_patch_share",
-                        "auc", "n_patches", "n_touching", "n_lesion_patches", "annotation"]
+LOCALISATION_COLUMNS = [
+    "slide_id",
+    "top_patch_overlap",
+    "mean_overlap",
+    "attention_overlap",
+    "top_patch_touches",
+    "touching_share",
+    "auc_touching",
+    "top_patch_hit",
+    "attention_mass",
+    "lesion_patch_share",
+    "auc",
+    "n_patches",
+    "n_touching",
+    "n_lesion_patches",
+    "annotation",
+]
 
 
 def localisation_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -208,35 +273,45 @@ def localisation_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows), columns=list(dict.fromkeys(columns)))
 
 
-def localisation_summary(rows: Sequence[Mapping[str, Any]], positives: Sequence[str],
-                         threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def localisation_summary(
+    rows: Sequence[Mapping[str, Any]], positives: Sequence[str], threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, Any]:
     """The cohort view of per-slide localisation ``rows`` of some ``positives``: ``cohort`` (each numeric key's
     ``{"mean", "n"}`` over the scored slides), ``n_positive``, ``n_scored``, ``unannotated`` (positive slides
     not scored: no annotation), the lesion-patch ``threshold`` and ``n_with_lesion_patch`` (scored slides with
     at least one patch at the threshold: the others' lesion-patch scores are 0 whatever the attention)."""
     scored = {r["slide_id"] for r in rows}
-    return {"n_positive": len(positives), "n_scored": len(scored),
-            "unannotated": sorted(set(positives) - scored), "threshold": threshold,
-            "n_with_lesion_patch": sum(int(r["n_lesion_patches"]) > 0 for r in rows),
-            "cohort": cohort_localisation(rows)}
+    return {
+        "n_positive": len(positives),
+        "n_scored": len(scored),
+        "unannotated": sorted(set(positives) - scored),
+        "threshold": threshold,
+        "n_with_lesion_patch": sum(int(r["n_lesion_patches"]) > 0 for r in rows),
+        "cohort": cohort_localisation(rows),
+    }
 
 
 def run_splits(run_dir: str | Path) -> pd.DataFrame:
     """A run folder's ``splits.csv`` (slide_id, label as class index, split), slide ids as text."""
     path = Path(run_dir) / "splits.csv"
     if not path.is_file():
-        raise HistotransferError(f"{path}: not found; pass a run folder written by `histotransfer train` or "
-                                 "`finetune` (for cross-validation, one of its fold_<k> folders).")
+        raise HistotransferError(
+            f"{path}: not found; pass a run folder written by `histotransfer train` or "
+            "`finetune` (for cross-validation, one of its fold_<k> folders)."
+        )
     splits = read_csv(path, missing=False)
     missing = {"slide_id", "label", "split"} - set(splits.columns)
     if missing:
-        raise FormatError(f"{path}: missing column(s) {', '.join(sorted(missing))}; for cross-validation pass one "
-                          "of the run's fold_<k> folders.")
+        raise FormatError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))}; for cross-validation pass one "
+            "of the run's fold_<k> folders."
+        )
     return splits
 
 
-def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split: str | None = "test",
-                        threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def localisation_of_run(
+    run_dir: str | Path, annotations_dir: str | Path, split: str | None = "test", threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, Any]:
     """How well a run's attention (``RUN/attention``) localises the lesions of its positive slides.
 
     Scores each positive slide of ``split`` (default ``test``: the slides the model never fitted; None: every
@@ -253,8 +328,10 @@ def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split:
         raise HistotransferError(f"split {split!r}: use one of {', '.join(SPLITS)}, or None for every split.")
     folds = fold_dirs(run_dir)
     if folds and split != "test":
-        raise HistotransferError(f"{run_dir}: a cross-validation run is scored on its test folds only; pass "
-                                 "split='test', or one of its fold_<k> folders.")
+        raise HistotransferError(
+            f"{run_dir}: a cross-validation run is scored on its test folds only; pass "
+            "split='test', or one of its fold_<k> folders."
+        )
     rows: list[dict[str, Any]] = []
     positives: list[str] = []
     for source in folds or [run_dir]:
@@ -263,12 +340,18 @@ def localisation_of_run(run_dir: str | Path, annotations_dir: str | Path, split:
         ids = sorted(chosen.loc[chosen["label"].astype(int) == POSITIVE, "slide_id"])
         split_of = dict(zip(splits["slide_id"], splits["split"]))
         annotations = load_annotations(annotations_dir, ids)
-        rows += [{"slide_id": r["slide_id"], "split": split_of[r["slide_id"]], **r}
-                 for r in attention_localisation_rows(source / "attention", ids, annotations, threshold)]
+        rows += [
+            {"slide_id": r["slide_id"], "split": split_of[r["slide_id"]], **r}
+            for r in attention_localisation_rows(source / "attention", ids, annotations, threshold)
+        ]
         positives += ids
     rows.sort(key=lambda r: r["slide_id"])
-    return {"run": str(run_dir.resolve()), "split": split or "all",
-            **localisation_summary(rows, sorted(positives), threshold), "slides": rows}
+    return {
+        "run": str(run_dir.resolve()),
+        "split": split or "all",
+        **localisation_summary(rows, sorted(positives), threshold),
+        "slides": rows,
+    }
 
 
 def describe_scored(summary: Mapping[str, Any], measures: Callable[[Callable[[str], str]], str]) -> str:
@@ -276,9 +359,11 @@ def describe_scored(summary: Mapping[str, Any], measures: Callable[[Callable[[st
     then ``measures(mean)``, where ``mean(key)`` formats the cohort mean of ``key``."""
     cohort = summary["cohort"]
     missing = summary["unannotated"]
-    head = (f"scored {summary['n_scored']} of {summary['n_positive']} positive slide(s)"
-            + (f" ({len(missing)} without annotation: {', '.join(missing[:5])}"
-               f"{', ...' if len(missing) > 5 else ''})" if missing else ""))
+    head = f"scored {summary['n_scored']} of {summary['n_positive']} positive slide(s)" + (
+        f" ({len(missing)} without annotation: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+        if missing
+        else ""
+    )
     if not summary["n_scored"]:
         return head
 
@@ -293,14 +378,18 @@ def describe_localisation(summary: Mapping[str, Any]) -> str:
     """An attention localisation summary in one line (:func:`describe_scored`), each score beside its chance
     level: first by lesion share, then by lesion patch (with how many slides have one)."""
     with_patch = summary.get("n_with_lesion_patch")
-    return describe_scored(summary, lambda mean: (
-        f"top patch touches the lesion {mean('top_patch_touches')} (random patch {mean('touching_share')}), "
-        f"its lesion share {mean('top_patch_overlap')} (random patch {mean('mean_overlap')}), attention-weighted "
-        f"lesion share {mean('attention_overlap')} (uniform {mean('mean_overlap')}), patch AUC touching vs not "
-        f"{mean('auc_touching')} (chance 0.5); lesion patches (>= {summary.get('threshold', DEFAULT_THRESHOLD):g} "
-        f"lesion{'' if with_patch is None else f', on {with_patch} slide(s)'}): top patch on one "
-        f"{mean('top_patch_hit')} (random patch {mean('lesion_patch_share')}), attention mass on them "
-        f"{mean('attention_mass')} (uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}"))
+    return describe_scored(
+        summary,
+        lambda mean: (
+            f"top patch touches the lesion {mean('top_patch_touches')} (random patch {mean('touching_share')}), "
+            f"its lesion share {mean('top_patch_overlap')} (random patch {mean('mean_overlap')}), attention-weighted "
+            f"lesion share {mean('attention_overlap')} (uniform {mean('mean_overlap')}), patch AUC touching vs not "
+            f"{mean('auc_touching')} (chance 0.5); lesion patches (>= {summary.get('threshold', DEFAULT_THRESHOLD):g} "
+            f"lesion{'' if with_patch is None else f', on {with_patch} slide(s)'}): top patch on one "
+            f"{mean('top_patch_hit')} (random patch {mean('lesion_patch_share')}), attention mass on them "
+            f"{mean('attention_mass')} (uniform {mean('lesion_patch_share')}), patch AUC {mean('auc')}"
+        ),
+    )
 
 
 def describe_slide_localisation(scores: Mapping[str, Any]) -> str:
@@ -311,6 +400,8 @@ def describe_slide_localisation(scores: Mapping[str, Any]) -> str:
         value = scores.get(key)
         return "n/a" if value is None or pd.isna(value) else f"{float(value):.3f}"
 
-    return (f"top patch {'on' if scores['top_patch_touches'] else 'off'} it (random {num('touching_share')}), "
-            f"its share {num('top_patch_overlap')} (random {num('mean_overlap')}), attention-weighted share "
-            f"{num('attention_overlap')}, patch AUC {num('auc_touching')}")
+    return (
+        f"top patch {'on' if scores['top_patch_touches'] else 'off'} it (random {num('touching_share')}), "
+        f"its share {num('top_patch_overlap')} (random {num('mean_overlap')}), attention-weighted share "
+        f"{num('attention_overlap')}, patch AUC {num('auc_touching')}"
+    )

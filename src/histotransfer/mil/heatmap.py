@@ -62,8 +62,7 @@ OBJECT_TYPES = ("detection", "annotation")
 REPORT_FILE = "heatmaps.csv"
 SCALES = ("cohort", "slide")
 VALUES = ("score", "weight")
-VALUE_LABELS = {"score": "attention score (pre-softmax)",
-                "weight": "attention weight x patches (1 = uniform)"}
+VALUE_LABELS = {"score": "attention score (pre-softmax)", "weight": "attention weight x patches (1 = uniform)"}
 # Patch values are painted as integers in units of 1 / FIXED_ONE of the colour range: sums of overlapping
 # squares are then exact (float cumulative sums are not) up to 2**17 squares over one pixel, and 2**28 steps
 # are far finer than any colormap.
@@ -102,8 +101,10 @@ def patch_side_level0(attrs: Mapping[str, Any], level_downsamples: Sequence[floa
     if size is None or level is None:
         return None
     if not 0 <= int(level) < len(level_downsamples):
-        raise HistotransferError(f"the patch file reads level {level} but the slide has {len(level_downsamples)} "
-                                 "level(s); check that the patch file belongs to this slide.")
+        raise HistotransferError(
+            f"the patch file reads level {level} but the slide has {len(level_downsamples)} "
+            "level(s); check that the patch file belongs to this slide."
+        )
     return round(float(size) * level_downsamples[int(level)])
 
 
@@ -117,11 +118,18 @@ def attention_dirs(run_dir: Path, attention_dir: Path | None = None) -> list[Pat
     """Where a run's attention files are looked for, in order: ``attention_dir``, ``RUN/attention`` (the
     run's slides), ``RUN/evaluation/attention`` (what ``histotransfer evaluate`` wrote by default)."""
     return ([Path(attention_dir)] if attention_dir is not None else []) + [
-        run_dir / "attention", run_dir / "evaluation" / "attention"]
+        run_dir / "attention",
+        run_dir / "evaluation" / "attention",
+    ]
 
 
-def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = None,
-                    attention_dir: Path | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+def slide_attention(
+    run_dir: Path,
+    slide_id: str,
+    features_dir: Path | None = None,
+    attention_dir: Path | None = None,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
     """Coords, raw scores and softmax weights of one slide, the patch side in level-0 px its files record
     (``patch_size_level0``, or None) and ``size_files``: HDF5 files whose attrs may record it otherwise.
 
@@ -139,8 +147,8 @@ def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = No
         raise HistotransferError(
             f"no attention for slide {slide_id!r}: none of {looked}, {path} exists; run `histotransfer evaluate` "
             "on its features (or pass --attention DIR, or --features with the folder holding its feature file)."
-            if features_dir is None else
-            f"no feature file {path} for slide {slide_id!r}; pass --features with the folder holding it."
+            if features_dir is None
+            else f"no feature file {path} for slide {slide_id!r}; pass --features with the folder holding it."
         )
     bag = read_feature_file(path)
     model, config = load_run_model(run_dir), read_config(run_dir)
@@ -149,9 +157,15 @@ def slide_attention(run_dir: Path, slide_id: str, features_dir: Path | None = No
     _, score = predict_bag(model, bag.features)
     s = score.astype(np.float64)
     weight = np.exp(s - s.max())
-    return {"coords": bag.coords, "score": score, "weight": (weight / weight.sum()).astype(np.float32),
-            "patch_size_level0": None, "size_files": _size_files(path),
-            "identity": parse_identity(bag.attrs.get("slide_identity")), "source": str(path)}
+    return {
+        "coords": bag.coords,
+        "score": score,
+        "weight": (weight / weight.sum()).astype(np.float32),
+        "patch_size_level0": None,
+        "size_files": _size_files(path),
+        "identity": parse_identity(bag.attrs.get("slide_identity")),
+        "source": str(path),
+    }
 
 
 def _stored_attention(run_dir: Path, folder: Path, slide_id: str, fingerprint: str | None) -> dict[str, Any]:
@@ -162,12 +176,18 @@ def _stored_attention(run_dir: Path, folder: Path, slide_id: str, fingerprint: s
     if folder == run_dir / "attention":
         feature_file = Path(read_config(run_dir)["features_dir"]) / f"{slide_id}.h5"
         files = _size_files(feature_file) if feature_file.is_file() else []
-    return {**att, "patch_size_level0": None if size is None else int(size), "size_files": files,
-            "identity": parse_identity(attrs.get("slide_identity")), "source": str(folder / f"{slide_id}.h5")}
+    return {
+        **att,
+        "patch_size_level0": None if size is None else int(size),
+        "size_files": files,
+        "identity": parse_identity(attrs.get("slide_identity")),
+        "source": str(folder / f"{slide_id}.h5"),
+    }
 
 
-def resolve_patch_side(att: Mapping[str, Any], level_downsamples: Sequence[float],
-                       patch_file: Path | None = None) -> int:
+def resolve_patch_side(
+    att: Mapping[str, Any], level_downsamples: Sequence[float], patch_file: Path | None = None
+) -> int:
     """The patch side in level-0 px: from the attention file, else the first of ``att["size_files"]`` and
     ``patch_file`` whose attrs record it (ours, CLAM or TRIDENT); an error when none does."""
     if att.get("patch_size_level0"):
@@ -216,8 +236,12 @@ def _fixed_point(values: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     return np.rint(np.nan_to_num(frac, nan=0.5) * FIXED_ONE).astype(np.int64)
 
 
-def _summed_squares(shape: tuple[int, int], rows: tuple[np.ndarray, np.ndarray],
-                    cols: tuple[np.ndarray, np.ndarray], weights: np.ndarray) -> np.ndarray:
+def _summed_squares(
+    shape: tuple[int, int],
+    rows: tuple[np.ndarray, np.ndarray],
+    cols: tuple[np.ndarray, np.ndarray],
+    weights: np.ndarray,
+) -> np.ndarray:
     """Per pixel, the sum of the integer ``weights`` of the rectangles [r0, r1) x [c0, c1) covering it: corner
     increments of a difference image (``np.bincount``) summed by its integral image (``cv2.integral``),
     O(patches + pixels) however they overlap. Float64 holding integers, exact while sums stay below 2**53."""
@@ -226,7 +250,7 @@ def _summed_squares(shape: tuple[int, int], rows: tuple[np.ndarray, np.ndarray],
     flat = np.concatenate([r0 * (w + 1) + c0, r0 * (w + 1) + c1, r1 * (w + 1) + c0, r1 * (w + 1) + c1])
     corner = np.concatenate([weights, -weights, -weights, weights]).astype(np.float64)
     diff = np.bincount(flat, corner, minlength=(h + 1) * (w + 1)).reshape(h + 1, w + 1)
-    return cv2.integral(diff, sdepth=cv2.CV_64F)[1:h + 1, 1:w + 1]
+    return cv2.integral(diff, sdepth=cv2.CV_64F)[1 : h + 1, 1 : w + 1]
 
 
 def _blend_table(lut: np.ndarray, alpha: float) -> np.ndarray:
@@ -240,9 +264,16 @@ def _blend_table(lut: np.ndarray, alpha: float) -> np.ndarray:
     return table
 
 
-def attention_overlay(thumb: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray, values: np.ndarray,
-                      patch_size: int, vrange: tuple[float, float], cmap: str = "jet",
-                      alpha: float = 0.5) -> np.ndarray:
+def attention_overlay(
+    thumb: np.ndarray,
+    dimensions: tuple[int, int],
+    coords: np.ndarray,
+    values: np.ndarray,
+    patch_size: int,
+    vrange: tuple[float, float],
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> np.ndarray:
     """``thumb`` (RGB uint8) with each patch square painted in the colour of its value within ``vrange``.
 
     A square covers the thumbnail pixels its level-0 extent touches (at least one); where squares overlap
@@ -282,8 +313,16 @@ def _caption(lines: Sequence[str], length: int, scale: float, thickness: int) ->
     canvas = np.full((line_h * len(lines), length, 3), 255, np.uint8)
     for i, text in enumerate(lines):
         tw, _ = _text_size(text, scale, thickness)
-        cv2.putText(canvas, text, ((length - tw) // 2, (i + 1) * line_h - max(2, round(4 * scale))),
-                    cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            text,
+            ((length - tw) // 2, (i + 1) * line_h - max(2, round(4 * scale))),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            thickness,
+            cv2.LINE_AA,
+        )
     return cv2.rotate(canvas, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
@@ -310,17 +349,16 @@ def legend_strip(height: int, vrange: tuple[float, float], cmap: str, lines: Seq
     lut = colormap_lut(cmap)
     frac = (bottom - 1 - np.arange(top, bottom)) / max(bottom - 1 - top, 1)
     bar = lut[np.minimum((frac * len(lut)).astype(np.int64), len(lut) - 1)]
-    strip[top:bottom, margin:margin + bar_w] = np.rint(bar).astype(np.uint8)[:, None, :]
+    strip[top:bottom, margin : margin + bar_w] = np.rint(bar).astype(np.uint8)[:, None, :]
     x_text = margin + bar_w + gap
     for k, text in enumerate(labels):
         y = round(bottom - 1 - (bottom - 1 - top) * k / 4)
         cv2.line(strip, (margin + bar_w, y), (margin + bar_w + gap // 2, y), (0, 0, 0), thickness)
         th = _text_size(text, scale, thickness)[1]
         baseline = min(max(y + th // 2, th), height - 1)
-        cv2.putText(strip, text, (x_text, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness,
-                    cv2.LINE_AA)
+        cv2.putText(strip, text, (x_text, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
     x_cap = x_text + label_w + gap
-    strip[top:bottom, x_cap:x_cap + caption.shape[1]] = caption
+    strip[top:bottom, x_cap : x_cap + caption.shape[1]] = caption
     return strip
 
 
@@ -329,8 +367,9 @@ def heatmap_image(overlay: np.ndarray, vrange: tuple[float, float], cmap: str, l
     return np.hstack([overlay, legend_strip(overlay.shape[0], vrange, cmap, lines)])
 
 
-def outline_lesion(image: np.ndarray, annotation: Annotation, dimensions: tuple[int, int],
-                   colour: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+def outline_lesion(
+    image: np.ndarray, annotation: Annotation, dimensions: tuple[int, int], colour: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
     """``image`` (an RGB thumbnail of a slide of level-0 ``dimensions``) with the lesion's outline drawn on it:
     the annotation rasterised at the thumbnail's scale, its contours traced by OpenCV."""
     h, w = image.shape[:2]
@@ -352,8 +391,9 @@ def scored_slide(slide_id: str, annotation: Annotation, labels: Mapping[str, int
     return labels[slide_id] == POSITIVE if slide_id in labels else not annotation.is_empty
 
 
-def attention_geojson(coords: np.ndarray, score: np.ndarray, weight: np.ndarray, patch_size: int,
-                      object_type: str = "detection") -> dict[str, Any]:
+def attention_geojson(
+    coords: np.ndarray, score: np.ndarray, weight: np.ndarray, patch_size: int, object_type: str = "detection"
+) -> dict[str, Any]:
     """A GeoJSON FeatureCollection: one square Polygon per patch (level-0 px) with its attention as QuPath
     ``measurements`` (``attention_score`` raw, ``attention_weight`` softmax, ``attention_rank`` 1 = top)."""
     if object_type not in OBJECT_TYPES:
@@ -363,16 +403,18 @@ def attention_geojson(coords: np.ndarray, score: np.ndarray, weight: np.ndarray,
     features = []
     for i, ((x, y), s, w) in enumerate(zip(np.asarray(coords).tolist(), score.tolist(), weight.tolist())):
         x1, y1 = x + patch_size, y + patch_size
-        features.append({
-            "type": "Feature",
-            "id": f"patch-{i}",
-            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
-            "properties": {
-                "objectType": object_type,
-                "name": f"patch {i}",
-                "measurements": {"attention_score": s, "attention_weight": w, "attention_rank": int(rank[i])},
-            },
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"patch-{i}",
+                "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+                "properties": {
+                    "objectType": object_type,
+                    "name": f"patch {i}",
+                    "measurements": {"attention_score": s, "attention_weight": w, "attention_rank": int(rank[i])},
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -393,8 +435,9 @@ def _check_choice(option: str, given: str, allowed: Sequence[str]) -> None:
         raise HistotransferError(f"{option} {given}: use one of {', '.join(allowed)}.")
 
 
-def _load_all(run_dir: Path, slide_ids: Sequence[str], features_dir: Path | None,
-              attention_dir: Path | None, fingerprint: str) -> dict[str, dict[str, Any] | Exception]:
+def _load_all(
+    run_dir: Path, slide_ids: Sequence[str], features_dir: Path | None, attention_dir: Path | None, fingerprint: str
+) -> dict[str, dict[str, Any] | Exception]:
     """Each slide's attention, or the error that stopped it (reported once, when the slide's turn comes)."""
     loaded: dict[str, dict[str, Any] | Exception] = {}
     for slide_id in slide_ids:
@@ -405,12 +448,24 @@ def _load_all(run_dir: Path, slide_ids: Sequence[str], features_dir: Path | None
     return loaded
 
 
-def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: str | Path, *,
-                   features_dir: str | Path | None = None, attention_dir: str | Path | None = None,
-                   patches_dir: str | Path | None = None, patch_size_level0: int | None = None,
-                   mpp: float | None = None, max_side: int = 2048, object_type: str = "detection",
-                   scale: str = "cohort", value: str = "score", cmap: str = "jet",
-                   annotations_dir: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
+def write_heatmaps(
+    run_dir: str | Path,
+    slides: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    features_dir: str | Path | None = None,
+    attention_dir: str | Path | None = None,
+    patches_dir: str | Path | None = None,
+    patch_size_level0: int | None = None,
+    mpp: float | None = None,
+    max_side: int = 2048,
+    object_type: str = "detection",
+    scale: str = "cohort",
+    value: str = "score",
+    cmap: str = "jet",
+    annotations_dir: str | Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[Path]:
     """Write ``<slide_id>.png`` (attention over the thumbnail, with a legend strip) and ``<slide_id>.geojson``
     (patch squares in level-0 px with attention measurements) for each slide file (or folder of slides).
 
@@ -445,8 +500,13 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
         labels = dict(zip(splits["slide_id"], splits["label"].astype(int)))
     localised: list[dict[str, Any]] = []
     items = [(e.slide_id, str(e.path)) for e in entries]
-    loaded = _load_all(run_dir, [sid for sid, _ in items], None if features_dir is None else Path(features_dir),
-                       None if attention_dir is None else Path(attention_dir), fingerprint)
+    loaded = _load_all(
+        run_dir,
+        [sid for sid, _ in items],
+        None if features_dir is None else Path(features_dir),
+        None if attention_dir is None else Path(attention_dir),
+        fingerprint,
+    )
     values = {sid: heatmap_values(a["score"], a["weight"], value) for sid, a in loaded.items() if isinstance(a, dict)}
     cohort = value_range(list(values.values()))
     output_folder(out_dir)
@@ -464,14 +524,15 @@ def write_heatmaps(run_dir: str | Path, slides: Sequence[str | Path], out_dir: s
             thumb, dimensions = slide.thumbnail(max_side), slide.dimensions
         vrange = cohort if scale == "cohort" else value_range([values[slide_id]])
         overlay = attention_overlay(thumb, dimensions, att["coords"], values[slide_id], size, vrange, cmap)
-        lines = [f"{slide_id}: {len(att['score'])} patches",
-                 f"{VALUE_LABELS[value]}, {scale} scale {vrange[0]:.3g} to {vrange[1]:.3g}"]
+        lines = [
+            f"{slide_id}: {len(att['score'])} patches",
+            f"{VALUE_LABELS[value]}, {scale} scale {vrange[0]:.3g} to {vrange[1]:.3g}",
+        ]
         if slide_id in annotation_paths:
             annotation = load_annotation(annotation_paths[slide_id])
             overlay = outline_lesion(overlay, annotation, dimensions)
             if scored_slide(slide_id, annotation, labels):
-                scores = attention_localisation(att["score"], annotation.patch_overlap(att["coords"], size),
-                                                threshold)
+                scores = attention_localisation(att["score"], annotation.patch_overlap(att["coords"], size), threshold)
                 localised.append({"slide_id": slide_id, **scores, "annotation": str(annotation.source)})
                 lines.append(localisation_caption(scores))
         png, geo = out_dir / f"{slide_id}.png", out_dir / f"{slide_id}.geojson"

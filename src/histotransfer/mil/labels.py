@@ -83,7 +83,8 @@ def read_user_csv(path: Path, kind: str, header: str) -> pd.DataFrame:
             if sep in header:
                 raise HistotransferError(
                     f"{path}: its header {header!r} is separated by {name}, not commas; save the file as a "
-                    f"comma-separated CSV (columns {header.replace(sep, ',')}).")
+                    f"comma-separated CSV (columns {header.replace(sep, ',')})."
+                )
     return df
 
 
@@ -103,8 +104,9 @@ def _normalise(values: pd.Series, path: Path) -> tuple[list[str], pd.Series]:
     clashes = [spellings for spellings in by_lower.values() if len(spellings) > 1]
     if clashes:
         shown = "; ".join(" and ".join(map(repr, c)) for c in clashes)
-        raise HistotransferError(f"{path}: label(s) {shown} differ only by case or spacing; write each class "
-                                 "the same way on every row.")
+        raise HistotransferError(
+            f"{path}: label(s) {shown} differ only by case or spacing; write each class the same way on every row."
+        )
     return names, values
 
 
@@ -156,9 +158,7 @@ def parse_labels(labels_csv: str | Path, classes: list[str] | None = None) -> La
             raise HistotransferError(f"{path}: empty '{col}' on line(s) {', '.join(str(i + 2) for i in empty[:5])}.")
     dup = df["slide_id"][df["slide_id"].duplicated()].unique()
     if len(dup):
-        raise HistotransferError(
-            f"{path}: duplicate slide_id(s) {', '.join(dup[:5])}; each slide must appear once."
-        )
+        raise HistotransferError(f"{path}: duplicate slide_id(s) {', '.join(dup[:5])}; each slide must appear once.")
     fixed_classes = classes is not None
     classes, idx = _class_index(df["label"], path, classes)
     if not fixed_classes and idx.nunique() < 2:
@@ -166,10 +166,19 @@ def parse_labels(labels_csv: str | Path, classes: list[str] | None = None) -> La
             f"{path}: every slide has label {df['label'].iloc[0]!r}; training needs slides of two classes."
         )
     extra = [c for c in df.columns if c not in ("slide_id", "label", "patient_id")]
-    frame = pd.DataFrame({
-        "slide_id": df["slide_id"], "patient_id": df["patient_id"],
-        "label": idx.astype(int), "label_name": df["label"], **{c: df[c] for c in extra},
-    }).sort_values("slide_id", kind="stable").reset_index(drop=True)
+    frame = (
+        pd.DataFrame(
+            {
+                "slide_id": df["slide_id"],
+                "patient_id": df["patient_id"],
+                "label": idx.astype(int),
+                "label_name": df["label"],
+                **{c: df[c] for c in extra},
+            }
+        )
+        .sort_values("slide_id", kind="stable")
+        .reset_index(drop=True)
+    )
     return LabelTable(frame, classes, path, extra=extra)
 
 
@@ -191,6 +200,7 @@ def read_labels(labels_csv: str | Path, features_dir: str | Path, classes: list[
         more = f" and {len(table.ignored) - 10} more" if len(table.ignored) > 10 else ""
         warnings.warn(
             f"{len(table.ignored)} slide(s) in {features_dir} have no label in {table.path} and are ignored: "
-            f"{', '.join(table.ignored[:10])}{more}", stacklevel=2,
+            f"{', '.join(table.ignored[:10])}{more}",
+            stacklevel=2,
         )
     return table

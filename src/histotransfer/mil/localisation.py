@@ -40,8 +40,9 @@ def _auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(positive, scores)) if positive.any() and not positive.all() else None
 
 
-def attention_localisation(scores: np.ndarray, overlap: np.ndarray,
-                           threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def attention_localisation(
+    scores: np.ndarray, overlap: np.ndarray, threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, Any]:
     """Localisation of one slide's attention, from raw scores (N,) and lesion area fractions (N,) in [0, 1].
 
     The top patch is the highest-scored one (the first in order on ties); attention is the softmax of the
@@ -57,8 +58,7 @@ def attention_localisation(scores: np.ndarray, overlap: np.ndarray,
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     overlap = np.asarray(overlap, dtype=np.float64).reshape(-1)
     if len(scores) == 0 or scores.shape != overlap.shape:
-        raise ValueError(f"scores and overlap must be two (N,) arrays with N >= 1, got {scores.shape}, "
-                         f"{overlap.shape}")
+        raise ValueError(f"scores and overlap must be two (N,) arrays with N >= 1, got {scores.shape}, {overlap.shape}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     weights = softmax(scores)
@@ -93,8 +93,9 @@ def cell_squares(patch_coords: np.ndarray, patch_size_level0: float, grid: tuple
     return xy + offsets[None]
 
 
-def cam_localisation(cam_maps: np.ndarray, patch_coords: np.ndarray, patch_size_level0: float,
-                     annotation: Annotation) -> dict[str, Any]:
+def cam_localisation(
+    cam_maps: np.ndarray, patch_coords: np.ndarray, patch_size_level0: float, annotation: Annotation
+) -> dict[str, Any]:
     """Localisation of Grad-CAM maps (B, h, w) (ReLU'd) of patches at ``patch_coords`` (B, 2) level-0.
 
     Each map's cells are laid evenly over its patch's level-0 square. Pointing game: a patch's hit is the
@@ -155,8 +156,10 @@ def annotation_files(annotations_dir: str | Path) -> dict[str, Path]:
     annotations of one slide are an error."""
     folder = Path(annotations_dir)
     if not folder.is_dir():
-        raise HistotransferError(f"{folder}: no such annotations folder; pass the folder holding <slide_id>.geojson "
-                                 "or <slide_id>.png lesion annotations.")
+        raise HistotransferError(
+            f"{folder}: no such annotations folder; pass the folder holding <slide_id>.geojson "
+            "or <slide_id>.png lesion annotations."
+        )
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         suffix = path.suffix.lower()
@@ -167,8 +170,10 @@ def annotation_files(annotations_dir: str | Path) -> dict[str, Path]:
             raise HistotransferError(f"{found[path.stem]} and {path}: two annotations of slide {path.stem}; keep one.")
         found[path.stem] = path
     if not found:
-        raise HistotransferError(f"{folder}: holds no lesion annotation (<slide_id> with "
-                                 f"{', '.join(GEOJSON_SUFFIXES + MASK_SUFFIXES)}); pass the annotations folder.")
+        raise HistotransferError(
+            f"{folder}: holds no lesion annotation (<slide_id> with "
+            f"{', '.join(GEOJSON_SUFFIXES + MASK_SUFFIXES)}); pass the annotations folder."
+        )
     return found
 
 

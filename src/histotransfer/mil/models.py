@@ -36,8 +36,14 @@ class AttentionMIL(nn.Module):
     feature_mean: Tensor  # buffers, registered in __init__
     feature_std: Tensor
 
-    def __init__(self, in_dim: int, n_classes: int = 2, variant: str = "histotransfer",
-                 hidden: int | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        variant: str = "histotransfer",
+        hidden: int | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown MIL model {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -59,12 +65,18 @@ class AttentionMIL(nn.Module):
     @property
     def config(self) -> dict:
         """Constructor arguments, enough to rebuild the module before loading its state dict."""
-        return {"in_dim": self.in_dim, "n_classes": self.n_classes, "variant": self.variant,
-                "hidden": self.hidden, "dropout": self.dropout}
+        return {
+            "in_dim": self.in_dim,
+            "n_classes": self.n_classes,
+            "variant": self.variant,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+        }
 
     @torch.no_grad()
-    def set_standardization(self, mean: Tensor | np.ndarray, std: Tensor | np.ndarray,
-                            floor: float | None = None) -> float:
+    def set_standardization(
+        self, mean: Tensor | np.ndarray, std: Tensor | np.ndarray, floor: float | None = None
+    ) -> float:
         """Store the per-dimension mean and std (clamped below at ``floor``; default: ``STD_FLOOR_FRACTION``
         of the median positive std) applied to every bag. Returns the floor used."""
         mean = torch.as_tensor(mean, dtype=torch.float64)

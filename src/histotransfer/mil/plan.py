@@ -54,8 +54,9 @@ class RunPlan:
 
     def without(self, broken: dict[str, str]) -> RunPlan:
         """The plan without slides whose feature file could not be read (recorded in the config)."""
-        table = replace(self.table, frame=self.table.frame[~self.table.frame["slide_id"].isin(broken)]
-                        .reset_index(drop=True))
+        table = replace(
+            self.table, frame=self.table.frame[~self.table.frame["slide_id"].isin(broken)].reset_index(drop=True)
+        )
         if self.split_file is None:
             splits = make_splits(table, self.settings, None, self.folds)
         else:
@@ -66,18 +67,27 @@ class RunPlan:
                     "one class; re-extract their features or change the split."
                 )
         config = {**self.config, "unreadable_slides": {**self.config["unreadable_slides"], **broken}}
-        config["inputs"] = {**config["inputs"], "features": {s: fp for s, fp in config["inputs"]["features"].items()
-                                                             if s not in broken}}
+        config["inputs"] = {
+            **config["inputs"],
+            "features": {s: fp for s, fp in config["inputs"]["features"].items() if s not in broken},
+        }
         if "annotations" in config["inputs"]:
-            config["inputs"]["annotations"] = {s: fp for s, fp in config["inputs"]["annotations"].items()
-                                               if s not in broken}
-        return replace(self, table=table, splits=splits, config=config,
-                       files={s: p for s, p in self.files.items() if s not in broken},
-                       annotations={s: p for s, p in self.annotations.items() if s not in broken})
+            config["inputs"]["annotations"] = {
+                s: fp for s, fp in config["inputs"]["annotations"].items() if s not in broken
+            }
+        return replace(
+            self,
+            table=table,
+            splits=splits,
+            config=config,
+            files={s: p for s, p in self.files.items() if s not in broken},
+            annotations={s: p for s, p in self.annotations.items() if s not in broken},
+        )
 
 
-def make_splits(table: LabelTable, settings: MilSettings, split_file: Path | None,
-                folds: int | None) -> list[pd.DataFrame]:
+def make_splits(
+    table: LabelTable, settings: MilSettings, split_file: Path | None, folds: int | None
+) -> list[pd.DataFrame]:
     """The run's split(s): the user's file, k folds, a named official split, or the seeded patient-level
     random split (stratified by group too with ``group_column``)."""
     seed, group = settings.seed, settings.group_column
@@ -113,8 +123,10 @@ def _loss(settings: MilSettings) -> str:
     """The training loss in words, for the config."""
     if settings.annotations is None:
         return "cross_entropy"
-    return (f"cross_entropy + {settings.attention_weight:g} x binary cross-entropy of the attention scores against "
-            "the patches touching the lesion (annotated positive training slides)")
+    return (
+        f"cross_entropy + {settings.attention_weight:g} x binary cross-entropy of the attention scores against "
+        "the patches touching the lesion (annotated positive training slides)"
+    )
 
 
 def _encoder_of(paths: list[Path]) -> dict[str, Any]:
@@ -130,20 +142,31 @@ def _encoder_of(paths: list[Path]) -> dict[str, Any]:
 def _check_options(split_file: Path | None, folds: int | None, settings: MilSettings) -> None:
     explicit = "folds" in settings.model_fields_set
     cv = folds is not None or settings.protocol == "cv" or (settings.protocol == "auto" and explicit)
-    given = [name for name, on in (("--split-file", split_file is not None), ("cross-validation", cv),
-                                   ("--split-rule", settings.split_rule is not None)) if on]
+    given = [
+        name
+        for name, on in (
+            ("--split-file", split_file is not None),
+            ("cross-validation", cv),
+            ("--split-rule", settings.split_rule is not None),
+        )
+        if on
+    ]
     if len(given) > 1:
-        raise HistotransferError(f"{' and '.join(given)} exclude each other; pass one (--protocol split keeps a "
-                                 "single split).")
+        raise HistotransferError(
+            f"{' and '.join(given)} exclude each other; pass one (--protocol split keeps a single split)."
+        )
     if folds is not None and folds < 2:
         raise HistotransferError(f"--folds {folds}: cross-validation needs at least 2 folds.")
     if settings.protocol == "split" and explicit:
-        raise HistotransferError(f"--folds {settings.folds} with --protocol split: folds are for cross-validation; "
-                                 "pass --protocol cv (or auto), or drop --folds.")
+        raise HistotransferError(
+            f"--folds {settings.folds} with --protocol split: folds are for cross-validation; "
+            "pass --protocol cv (or auto), or drop --folds."
+        )
 
 
-def choose_protocol(table: LabelTable, settings: MilSettings, split_file: Path | None,
-                    folds: int | None = None) -> tuple[int | None, str]:
+def choose_protocol(
+    table: LabelTable, settings: MilSettings, split_file: Path | None, folds: int | None = None
+) -> tuple[int | None, str]:
     """The number of cross-validation folds (None: one train/val/test split) and why, in words.
 
     ``cv`` (or ``folds`` given) always cross-validates with the folds asked for. ``auto`` cross-validates a cohort
@@ -167,14 +190,22 @@ def choose_protocol(table: LabelTable, settings: MilSettings, split_file: Path |
     smaller = int(frame.groupby("label")["patient_id"].nunique().min())
     k = min(settings.folds, smaller - 2)
     if k < 2:
-        return None, (f"auto: {n_patients} patients, fewer than {CV_BELOW_PATIENTS}, but the smaller class has "
-                      f"{smaller}; cross-validation needs 4")
+        return None, (
+            f"auto: {n_patients} patients, fewer than {CV_BELOW_PATIENTS}, but the smaller class has "
+            f"{smaller}; cross-validation needs 4"
+        )
     lowered = f"; {k} folds, as the smaller class has {smaller} patients" if k < settings.folds else ""
     return k, f"auto: {n_patients} patients, fewer than {CV_BELOW_PATIENTS}{lowered}"
 
 
-def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Path, settings: MilSettings,
-             split_file: str | Path | None = None, folds: int | None = None) -> RunPlan:
+def plan_run(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    settings: MilSettings,
+    split_file: str | Path | None = None,
+    folds: int | None = None,
+) -> RunPlan:
     """Validate the inputs and build the run's config; ``finished`` when ``out_dir`` already holds this run.
 
     Whether the run is one split or k-fold cross-validation is :func:`choose_protocol`'s answer (recorded with
@@ -191,8 +222,10 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
     all_files = feature_files(features_dir)
     files = {s: all_files[s] for s in table.frame["slide_id"]}
     if settings.group_column is not None and settings.group_column not in table.extra:
-        raise HistotransferError(f"{labels_csv}: has no column {settings.group_column!r} for --group-column "
-                                 f"(its extra columns: {', '.join(table.extra) or 'none'}).")
+        raise HistotransferError(
+            f"{labels_csv}: has no column {settings.group_column!r} for --group-column "
+            f"(its extra columns: {', '.join(table.extra) or 'none'})."
+        )
     folds, why = choose_protocol(table, settings, split_path, folds)
     splits = make_splits(table, settings, split_path, folds)
     fingerprints = {sid: _fingerprint_or_reason(p) for sid, p in files.items()}
@@ -212,19 +245,37 @@ def plan_run(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Pa
         "positive_class": table.positive_class,
         "label_columns": table.extra,
         "seed": s.seed,
-        "model": {"name": s.model, "hidden": s.hidden or DEFAULT_HIDDEN, "dropout": s.dropout,
-                  "standardize": s.standardize, "std_floor_fraction": STD_FLOOR_FRACTION if s.standardize else None},
-        "training": {"epochs": s.epochs, "lr": s.lr, "optimizer": "Adam", "weight_decay": 0.0,
-                     "loss": _loss(s), "steps": "one slide per step, shuffled each epoch",
-                     "selection": f"best validation {s.select_by}, ties: lower validation loss",
-                     "early_stopping": s.early_stopping},
-        "split": ({"method": "file", "file": str(split_path.resolve())} if split_path is not None else
-                  {"method": "k-fold", "folds": folds, "why": why} if folds is not None else
-                  {"method": "rule", "rule": s.split_rule} if s.split_rule is not None else
-                  {"method": "random", "fractions": DEFAULT_FRACTIONS, "why": why}),
-        "inputs": {"features": {sid: fp for sid, (fp, _) in fingerprints.items()},
-                   "labels_sha256": file_sha256(labels_csv),
-                   "split_file_sha256": file_sha256(split_path) if split_path is not None else None},
+        "model": {
+            "name": s.model,
+            "hidden": s.hidden or DEFAULT_HIDDEN,
+            "dropout": s.dropout,
+            "standardize": s.standardize,
+            "std_floor_fraction": STD_FLOOR_FRACTION if s.standardize else None,
+        },
+        "training": {
+            "epochs": s.epochs,
+            "lr": s.lr,
+            "optimizer": "Adam",
+            "weight_decay": 0.0,
+            "loss": _loss(s),
+            "steps": "one slide per step, shuffled each epoch",
+            "selection": f"best validation {s.select_by}, ties: lower validation loss",
+            "early_stopping": s.early_stopping,
+        },
+        "split": (
+            {"method": "file", "file": str(split_path.resolve())}
+            if split_path is not None
+            else {"method": "k-fold", "folds": folds, "why": why}
+            if folds is not None
+            else {"method": "rule", "rule": s.split_rule}
+            if s.split_rule is not None
+            else {"method": "random", "fractions": DEFAULT_FRACTIONS, "why": why}
+        ),
+        "inputs": {
+            "features": {sid: fp for sid, (fp, _) in fingerprints.items()},
+            "labels_sha256": file_sha256(labels_csv),
+            "split_file_sha256": file_sha256(split_path) if split_path is not None else None,
+        },
         "ignored_slides": table.ignored,
         "unreadable_slides": {},
         "versions": {"histotransfer": __version__},

@@ -53,15 +53,18 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/config.json``, checked to be a run folder of this version."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise HistotransferError(f"{run_dir}: no config.json, not a run folder; pass a folder `histotransfer train` "
-                                 "or `finetune` wrote.")
+        raise HistotransferError(
+            f"{run_dir}: no config.json, not a run folder; pass a folder `histotransfer train` or `finetune` wrote."
+        )
     try:
         config = json.loads(path.read_text())
     except ValueError as exc:
         raise FormatError(f"{path}: not readable JSON ({exc}); re-run the command that made it.") from exc
     if config.get("format") != RUN_FORMAT[0] or config.get("format_version") != RUN_FORMAT[1]:
-        raise FormatError(f"{path}: a run folder of another histotransfer version (layout "
-                          f"{config.get('format_version')}, this version reads {RUN_FORMAT[1]}); re-train it.")
+        raise FormatError(
+            f"{path}: a run folder of another histotransfer version (layout "
+            f"{config.get('format_version')}, this version reads {RUN_FORMAT[1]}); re-train it."
+        )
     return config
 
 
@@ -101,12 +104,15 @@ def guard(run_dir: Path, config: dict[str, Any], done_file: str = DONE_FILE) -> 
     try:
         old = read_config(run_dir)
     except FormatError as exc:
-        raise HistotransferError(f"{run_dir}: holds a run this version cannot read ({exc}); choose another --out "
-                                 "or delete that folder.") from exc
+        raise HistotransferError(
+            f"{run_dir}: holds a run this version cannot read ({exc}); choose another --out or delete that folder."
+        ) from exc
     diff = config_differences(old, config)
     if diff:
-        raise HistotransferError(f"{run_dir}: holds a run made differently (differs in: {'; '.join(diff)}); "
-                                 "choose another --out or delete that folder.")
+        raise HistotransferError(
+            f"{run_dir}: holds a run made differently (differs in: {'; '.join(diff)}); "
+            "choose another --out or delete that folder."
+        )
     return run_finished(run_dir, done_file)
 
 
@@ -141,8 +147,10 @@ def check_inputs(config: dict[str, Any], fingerprints: dict[str, str | None], so
     changed = sorted(s for s, fp in fingerprints.items() if s in recorded and recorded[s] != fp)
     missing = sorted(s for s, fp in fingerprints.items() if s in recorded and fp is None)
     if missing:
-        raise ProvenanceError(f"{source}: the feature files of {len(missing)} slide(s) the run was trained on are "
-                              f"missing or unreadable ({', '.join(missing[:5])}); restore them or re-train the run.")
+        raise ProvenanceError(
+            f"{source}: the feature files of {len(missing)} slide(s) the run was trained on are "
+            f"missing or unreadable ({', '.join(missing[:5])}); restore them or re-train the run."
+        )
     if changed:
         shown = ", ".join(f"{s} ({short(recorded[s])} vs {short(fingerprints[s])})" for s in changed[:3])
         raise ProvenanceError(
@@ -156,8 +164,11 @@ def save_model(model: AttentionMIL, path: Path, classes: list[str], selected_epo
     """Write ``model.pt``: a plain dict of tensors and JSON-like values, loadable with ``weights_only=True``
     (byte-identical for identical models)."""
     payload = {
-        "format": MODEL_FORMAT[0], "format_version": MODEL_FORMAT[1],
-        "config": model.config, "classes": list(classes), "selected_epoch": int(selected_epoch),
+        "format": MODEL_FORMAT[0],
+        "format_version": MODEL_FORMAT[1],
+        "config": model.config,
+        "classes": list(classes),
+        "selected_epoch": int(selected_epoch),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
     write_torch(payload, path)
@@ -181,8 +192,10 @@ def model_run(run_dir: str | Path) -> Path:
         return Path(run_dir)
     from tqdm.auto import tqdm
 
-    tqdm.write(f"{run_dir}: a {len(folds)}-fold cross-validation; using the model of {folds[0].name} (pass "
-               f"{Path(run_dir) / 'fold_<k>'} for another fold)")
+    tqdm.write(
+        f"{run_dir}: a {len(folds)}-fold cross-validation; using the model of {folds[0].name} (pass "
+        f"{Path(run_dir) / 'fold_<k>'} for another fold)"
+    )
     return folds[0]
 
 
@@ -193,8 +206,11 @@ def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / "model.pt"
     if not path.is_file():
-        hint = (" it holds cross-validation folds: pass one of its fold_<k> folders"
-                if any(run_dir.glob("fold_*")) else " train one with `histotransfer train`")
+        hint = (
+            " it holds cross-validation folds: pass one of its fold_<k> folders"
+            if any(run_dir.glob("fold_*"))
+            else " train one with `histotransfer train`"
+        )
         raise HistotransferError(f"{run_dir}: no model.pt, not a finished MIL run folder;{hint}.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -226,8 +242,9 @@ def run_fingerprint(run_dir: str | Path) -> str:
     from .._io import file_sha256
 
     run_dir = Path(run_dir)
-    return json_fingerprint({"model_sha256": file_sha256(run_dir / "model.pt"),
-                             "encoder": read_config(run_dir).get("encoder")})
+    return json_fingerprint(
+        {"model_sha256": file_sha256(run_dir / "model.pt"), "encoder": read_config(run_dir).get("encoder")}
+    )
 
 
 def check_run_folder(out: Path, fingerprint: str, run_dir: Path, record: str, what: str) -> None:
@@ -257,9 +274,16 @@ def check_run_folder(out: Path, fingerprint: str, run_dir: Path, record: str, wh
         )
 
 
-def write_attention(path: Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,
-                    probability: float, patch_size_level0: int | None, feature_attrs: dict[str, Any] | None = None,
-                    fingerprint: str | None = None) -> None:
+def write_attention(
+    path: Path,
+    slide_id: str,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    probability: float,
+    patch_size_level0: int | None,
+    feature_attrs: dict[str, Any] | None = None,
+    fingerprint: str | None = None,
+) -> None:
     """Write ``attention/<slide_id>.h5``: coords, raw scores and their softmax weights, with the slide identity
     and the feature file fingerprint they come from (so heatmaps and CAMs can check the slide they draw on) and
     the fingerprint of the run that made them (:func:`run_fingerprint`, so no reader takes them for another
@@ -296,8 +320,10 @@ def read_attention(path: str | Path, fingerprint: str | None = None, own: bool =
     recorded = out["attrs"].get("run_fingerprint")
     if fingerprint is not None and recorded != fingerprint and not (own and recorded is None):
         made_by = "records no run" if recorded is None else f"was made by run {short(str(recorded))}"
-        raise ProvenanceError(f"{path}: {made_by}, not by this run ({short(fingerprint)}); re-run `histotransfer "
-                              "evaluate` for this run into its own --out and pass that folder.")
+        raise ProvenanceError(
+            f"{path}: {made_by}, not by this run ({short(fingerprint)}); re-run `histotransfer "
+            "evaluate` for this run into its own --out and pass that folder."
+        )
     return out
 
 
@@ -328,8 +354,16 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
     write_json({"format": RUN_FORMAT[0], "format_version": RUN_FORMAT[1], **config}, run_dir / "config.json")
 
 
-def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.DataFrame, seed: int,
-                      title: str, positive_class: str, group_column: str | None = None) -> dict[str, Any]:
+def write_run_outputs(
+    run_dir: Path,
+    model: AttentionMIL,
+    bags: Any,
+    split: pd.DataFrame,
+    seed: int,
+    title: str,
+    positive_class: str,
+    group_column: str | None = None,
+) -> dict[str, Any]:
     """Predict every slide of ``split`` with the trained ``model`` and write the run's evaluation files:
     ``attention/<slide_id>.h5``, ``predictions.csv``, ``roc.png`` (titled ``title``) and, last, as the mark
     of a finished run, ``metrics.json``. Returns what metrics.json holds: the metrics per split
@@ -352,8 +386,9 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
     probs, scores = predict(model, subset.features)
     fingerprint = run_fingerprint(run_dir)
     for sid, coords, attrs, prob, score in zip(subset.slide_ids, subset.coords, subset.attrs, probs[:, 1], scores):
-        write_attention(run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs),
-                        attrs, fingerprint)
+        write_attention(
+            run_dir / "attention" / f"{sid}.h5", sid, coords, score, prob, patch_size_level0(attrs), attrs, fingerprint
+        )
     cols = [c for c in ("slide_id", "patient_id", group_column, "split", "label") if c and c in ordered.columns]
     predictions = ordered[cols].assign(probability=probs[:, 1])
     write_csv(predictions, run_dir / "predictions.csv")
@@ -366,27 +401,41 @@ def write_run_outputs(run_dir: Path, model: AttentionMIL, bags: Any, split: pd.D
     plot_roc(curves, run_dir / "roc.png", title)
     extra: dict[str, Any] = {"positive_class": positive_class, "warnings": small_split_warnings(metrics)}
     if group_column is not None:
-        extra["groups"] = {name: group_metrics(predictions[predictions["split"] == name], group_column, seed)
-                           for name in SPLITS}
-    extra["shortcut"] = run_shortcut(predictions, slide_colour_stats_of(dict(zip(subset.slide_ids, subset.attrs))),
-                                     metrics["test"]["auc"], group_column, seed)
+        extra["groups"] = {
+            name: group_metrics(predictions[predictions["split"] == name], group_column, seed) for name in SPLITS
+        }
+    extra["shortcut"] = run_shortcut(
+        predictions,
+        slide_colour_stats_of(dict(zip(subset.slide_ids, subset.attrs))),
+        metrics["test"]["auc"],
+        group_column,
+        seed,
+    )
     write_json({**metrics, **extra}, run_dir / DONE_FILE)
     return {**metrics, **extra}
 
 
 def small_split_warnings(metrics: dict[str, Any]) -> list[str]:
     """A sentence for each of the val/test splits too small for a stable AUC (stated, not hidden)."""
-    return [f"the {name} split has {m['n_slides']} slide{'' if m['n_slides'] == 1 else 's'}: its AUC and "
-            f"confidence interval rest on too few slides to compare encoders (aim for at least {SMALL_SPLIT})"
-            for name, m in metrics.items() if name in ("val", "test") and 0 < (m.get("n_slides") or 0) < SMALL_SPLIT]
+    return [
+        f"the {name} split has {m['n_slides']} slide{'' if m['n_slides'] == 1 else 's'}: its AUC and "
+        f"confidence interval rest on too few slides to compare encoders (aim for at least {SMALL_SPLIT})"
+        for name, m in metrics.items()
+        if name in ("val", "test") and 0 < (m.get("n_slides") or 0) < SMALL_SPLIT
+    ]
 
 
 def group_metrics(predictions: pd.DataFrame, group_column: str, seed: int) -> dict[str, Any]:
     """Metrics of each group of one split and the mean AUC within groups (None when no group has two classes)."""
     from .metrics import slide_metrics
 
-    per = {str(g): slide_metrics(part["label"], part["probability"], seed=seed)
-           for g, part in predictions.groupby(group_column, sort=True)}
+    per = {
+        str(g): slide_metrics(part["label"], part["probability"], seed=seed)
+        for g, part in predictions.groupby(group_column, sort=True)
+    }
     aucs = [m["auc"] for m in per.values() if m["auc"] is not None]
-    return {"per_group": per, "mean_within_group_auc": float(np.mean(aucs)) if aucs else None,
-            "groups_with_auc": len(aucs)}
+    return {
+        "per_group": per,
+        "mean_within_group_auc": float(np.mean(aucs)) if aucs else None,
+        "groups_with_auc": len(aucs),
+    }

@@ -39,51 +39,75 @@ class MilSettings(StageSettings):
     stage: ClassVar[str] = "mil"
 
     recipe: Literal["histotransfer", "paper"] = Field(
-        "histotransfer", description="histotransfer: standardised features, selection on validation AUC; paper: "
-                                     "raw features, selection on validation accuracy (as the paper's code)")
+        "histotransfer",
+        description="histotransfer: standardised features, selection on validation AUC; paper: "
+        "raw features, selection on validation accuracy (as the paper's code)",
+    )
     model: Literal["histotransfer", "gated"] = Field(
-        "histotransfer", description="histotransfer: the paper's network; gated: Ilse et al.'s gated attention")
+        "histotransfer", description="histotransfer: the paper's network; gated: Ilse et al.'s gated attention"
+    )
     epochs: int = Field(20, ge=1, le=100000, description="training epochs (the paper: 20)")
     lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate")
-    standardize: bool | None = Field(None, description="z-score features with training-split statistics "
-                                                       "(default: as the recipe says)")
+    standardize: bool | None = Field(
+        None, description="z-score features with training-split statistics (default: as the recipe says)"
+    )
     select_by: Literal["auc", "accuracy", "loss"] | None = Field(
-        None, description="validation metric that picks the kept epoch (default: as the recipe says); ties: "
-                          "lower validation loss")
-    early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without a better "
-                                                               "validation score")
+        None,
+        description="validation metric that picks the kept epoch (default: as the recipe says); ties: "
+        "lower validation loss",
+    )
+    early_stopping: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better validation score"
+    )
     hidden: int | None = Field(None, ge=1, le=65536, description="width of the first layer (default: 256)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
     seed: Seed = Field(0, description="seeds the split and the training")
     split_rule: Literal["camelyon16"] | None = Field(
-        None, description="a dataset's official split by slide id (camelyon16: test_NNN slides are the test "
-                          "split, validation drawn from the training slides) instead of the 65/15/20 split")
+        None,
+        description="a dataset's official split by slide id (camelyon16: test_NNN slides are the test "
+        "split, validation drawn from the training slides) instead of the 65/15/20 split",
+    )
     protocol: Literal["auto", "split", "cv"] = Field(
-        "auto", description="split: one patient-level train/val/test split; cv: patient-level K-fold "
-                            f"cross-validation (--folds); auto: cv for cohorts of fewer than {CV_BELOW_PATIENTS} "
-                            "patients or when --folds is given, else split (a split file or rule: split)")
-    folds: int = Field(DEFAULT_FOLDS, ge=2, le=1000,
-                       description="K of the cross-validation (auto lowers it when a class has fewer than K + 2 "
-                                   "patients)")
+        "auto",
+        description="split: one patient-level train/val/test split; cv: patient-level K-fold "
+        f"cross-validation (--folds); auto: cv for cohorts of fewer than {CV_BELOW_PATIENTS} "
+        "patients or when --folds is given, else split (a split file or rule: split)",
+    )
+    folds: int = Field(
+        DEFAULT_FOLDS,
+        ge=2,
+        le=1000,
+        description="K of the cross-validation (auto lowers it when a class has fewer than K + 2 patients)",
+    )
     group_column: str | None = Field(
-        None, description="a column of the labels file (e.g. centre): splits are stratified by group and label, "
-                          "and metrics are reported per group with the mean within-group AUC")
+        None,
+        description="a column of the labels file (e.g. centre): splits are stratified by group and label, "
+        "and metrics are reported per group with the mean within-group AUC",
+    )
     balance: Literal["none", "groups"] = Field(
-        "none", json_schema_extra=OMIT_DEFAULT,
+        "none",
+        json_schema_extra=OMIT_DEFAULT,
         description="groups: each epoch draws the training slides so that every label x group cell of "
-                    "--group-column weighs the same, so the group (e.g. a centre's stain) cannot stand in for the "
-                    "label; no effect without --group-column")
+        "--group-column weighs the same, so the group (e.g. a centre's stain) cannot stand in for the "
+        "label; no effect without --group-column",
+    )
     annotations: Path | None = Field(
-        None, json_schema_extra=OMIT_DEFAULT,
+        None,
+        json_schema_extra=OMIT_DEFAULT,
         description="folder of lesion annotations (<slide_id>.geojson or .png mask, as for evaluate): on each "
-                    "positive training slide that has one, the attention is trained as well to score the patches "
-                    "touching the lesion high (--attention-weight), so that it learns the lesion rather than what "
-                    "else tells the label apart (e.g. the centre); other slides get the slide loss only")
+        "positive training slide that has one, the attention is trained as well to score the patches "
+        "touching the lesion high (--attention-weight), so that it learns the lesion rather than what "
+        "else tells the label apart (e.g. the centre); other slides get the slide loss only",
+    )
     attention_weight: float = Field(
-        DEFAULT_ATTENTION_WEIGHT, gt=0, le=1000, json_schema_extra=OMIT_DEFAULT,
+        DEFAULT_ATTENTION_WEIGHT,
+        gt=0,
+        le=1000,
+        json_schema_extra=OMIT_DEFAULT,
         description="weight of the attention loss of --annotations (binary cross-entropy of each patch's raw "
-                    "attention score against whether it touches the lesion), added to the slide's loss; no effect "
-                    "without --annotations")
+        "attention score against whether it touches the lesion), added to the slide's loss; no effect "
+        "without --annotations",
+    )
 
     @model_validator(mode="after")
     def _recipe_defaults(self) -> MilSettings:
@@ -101,7 +125,10 @@ class HeatmapSettings(StageSettings):
     stage: ClassVar[str] = "heatmap"
 
     max_side: int = Field(2048, ge=64, le=16384, description="thumbnail size: its longest side in pixels")
-    patch_size_level0: int | None = Field(None, ge=1, le=1_000_000,
-                                          description="patch side in level-0 pixels (default: from the attention, "
-                                                      "feature or patch file attrs)")
+    patch_size_level0: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="patch side in level-0 pixels (default: from the attention, feature or patch file attrs)",
+    )
     mpp: float | None = Field(None, gt=0, le=1000, description="level-0 microns per pixel for slides without it")

@@ -73,8 +73,9 @@ def _minority(y: np.ndarray, patients: np.ndarray | None) -> int:
     return min(len(set(patients[y == c])) for c in (0, 1))
 
 
-def _splits(y: np.ndarray, folds: Folds, repeats: int | None, seed: int,
-            patients: np.ndarray | None = None) -> tuple[Splits, int, int]:
+def _splits(
+    y: np.ndarray, folds: Folds, repeats: int | None, seed: int, patients: np.ndarray | None = None
+) -> tuple[Splits, int, int]:
     """The cross-validation's (train, test) index pairs, its number of folds and of repeats."""
     x = np.zeros((len(y), 1))
     if not isinstance(folds, (int, np.integer)):
@@ -90,12 +91,18 @@ def _splits(y: np.ndarray, folds: Folds, repeats: int | None, seed: int,
     r = default_repeats(len(y)) if repeats is None else repeats
     if patients is None:
         return RepeatedStratifiedKFold(n_splits=k, n_repeats=r, random_state=seed).split(x, y), k, r
-    return (pair for i in range(r)
-            for pair in StratifiedGroupKFold(k, shuffle=True, random_state=seed + i).split(x, y, patients)), k, r
+    return (
+        (
+            pair
+            for i in range(r)
+            for pair in StratifiedGroupKFold(k, shuffle=True, random_state=seed + i).split(x, y, patients)
+        ),
+        k,
+        r,
+    )
 
 
-def _out_of_fold(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], y: np.ndarray,
-                 splits: Splits) -> np.ndarray:
+def _out_of_fold(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], y: np.ndarray, splits: Splits) -> np.ndarray:
     """Each slide's positive-class score averaged over the folds that tested it. A fold whose training part
     holds one class (possible when whole patients are dealt) scores its test slides by that training share."""
     total, times = np.zeros(len(y)), np.zeros(len(y))
@@ -104,16 +111,23 @@ def _out_of_fold(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], y: np.
         total[test] += np.full(len(test), y[train].mean()) if one_class else predict(train, test)
         times[test] += 1
     if (times == 0).any():
-        raise HistotransferError("shortcut check: the cross-validation left some slides untested; use folds that "
-                                 "test every slide.")
+        raise HistotransferError(
+            "shortcut check: the cross-validation left some slides untested; use folds that test every slide."
+        )
     return total / times
 
 
 def _result(y: np.ndarray, scores: np.ndarray, k: int, r: int) -> dict[str, Any]:
     n1 = int(y.sum())
     n0 = len(y) - n1
-    return {"auc": float(roc_auc_score(y, scores)), "n": len(y), "n_positive": n1, "folds": k, "repeats": r,
-            "null_sd": null_auc_sd(n0, n1)}
+    return {
+        "auc": float(roc_auc_score(y, scores)),
+        "n": len(y),
+        "n_positive": n1,
+        "folds": k,
+        "repeats": r,
+        "null_sd": null_auc_sd(n0, n1),
+    }
 
 
 def null_auc_sd(n_negative: int, n_positive: int) -> float:
@@ -129,14 +143,20 @@ def _patients(patients: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray
         return None
     p = np.asarray(patients, dtype=object)
     if p.shape != (n,) or pd.isna(p).any():
-        raise HistotransferError(f"shortcut check: {len(p)} patients for {n} labels, or a missing one; give one "
-                                 "patient per slide.")
+        raise HistotransferError(
+            f"shortcut check: {len(p)} patients for {n} labels, or a missing one; give one patient per slide."
+        )
     return p.astype(str)
 
 
-def colour_shortcut_auc(stats: np.ndarray, labels: Sequence[int] | np.ndarray, seed: int = 0, folds: Folds = 5,
-                        repeats: int | None = None, patients: Sequence[Any] | np.ndarray | None = None
-                        ) -> dict[str, Any]:
+def colour_shortcut_auc(
+    stats: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    seed: int = 0,
+    folds: Folds = 5,
+    repeats: int | None = None,
+    patients: Sequence[Any] | np.ndarray | None = None,
+) -> dict[str, Any]:
     """Out-of-fold AUC that colour statistics (n_slides, n_stats) alone reach for the 0/1 ``labels``.
 
     Logistic regression on standardised statistics, stratified ``folds`` (fewer if the smaller class has
@@ -147,8 +167,9 @@ def colour_shortcut_auc(stats: np.ndarray, labels: Sequence[int] | np.ndarray, s
     x = np.asarray(stats, dtype=np.float64)
     y = _binary_labels(labels)
     if x.ndim != 2 or len(x) != len(y) or not np.isfinite(x).all():
-        raise HistotransferError(f"shortcut check: colour statistics of shape {x.shape} must be finite, one row "
-                                 f"per label ({len(y)}).")
+        raise HistotransferError(
+            f"shortcut check: colour statistics of shape {x.shape} must be finite, one row per label ({len(y)})."
+        )
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     splits, k, r = _splits(y, folds, repeats, seed, _patients(patients, len(y)))
 
@@ -178,9 +199,13 @@ def _counts(codes: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return pos, np.bincount(flat, minlength=size).reshape(-1, k) - pos
 
 
-def group_shortcut_auc(groups: Sequence[Any] | np.ndarray, labels: Sequence[int] | np.ndarray, seed: int = 0,
-                       patients: Sequence[Any] | np.ndarray | None = None,
-                       permutations: int = DEFAULT_PERMUTATIONS) -> dict[str, Any]:
+def group_shortcut_auc(
+    groups: Sequence[Any] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    seed: int = 0,
+    patients: Sequence[Any] | np.ndarray | None = None,
+    permutations: int = DEFAULT_PERMUTATIONS,
+) -> dict[str, Any]:
     """AUC that group membership (e.g. the centre) alone reaches for the 0/1 ``labels``, with a permutation null.
 
     Each slide is scored by its group only: the AUC of the best ordering of the groups (``ordered_group_auc``;
@@ -197,8 +222,9 @@ def group_shortcut_auc(groups: Sequence[Any] | np.ndarray, labels: Sequence[int]
     g = np.asarray(groups, dtype=object)
     y = _binary_labels(labels)
     if len(g) != len(y) or pd.isna(g).any():
-        raise HistotransferError(f"shortcut check: {len(g)} groups for {len(y)} labels, or a missing group; give "
-                                 "one group per slide.")
+        raise HistotransferError(
+            f"shortcut check: {len(g)} groups for {len(y)} labels, or a missing group; give one group per slide."
+        )
     codes, names = pd.factorize(g.astype(str), sort=True)
     k = len(names)
     pos, neg = _counts(codes[None, :], y, k)
@@ -209,11 +235,19 @@ def group_shortcut_auc(groups: Sequence[Any] | np.ndarray, labels: Sequence[int]
     first = np.unique(unit_of, return_index=True)[1]
     dealt = np.random.default_rng(seed).permuted(np.tile(codes[first], (permutations, 1)), axis=1)
     null = ordered_group_auc(*_counts(dealt[:, unit_of], y, k))
-    return {"auc": auc, "n": len(y), "n_positive": int(y.sum()), "n_groups": k,
-            "per_group": {str(name): {"n": int(pos[0, i] + neg[0, i]), "n_positive": int(pos[0, i])}
-                          for i, name in enumerate(names)},
-            "null_mean": float(null.mean()), "null_p95": float(np.percentile(null, 95)),
-            "p_value": float((1 + np.sum(null >= auc - 1e-12)) / (1 + permutations)), "permutations": permutations}
+    return {
+        "auc": auc,
+        "n": len(y),
+        "n_positive": int(y.sum()),
+        "n_groups": k,
+        "per_group": {
+            str(name): {"n": int(pos[0, i] + neg[0, i]), "n_positive": int(pos[0, i])} for i, name in enumerate(names)
+        },
+        "null_mean": float(null.mean()),
+        "null_p95": float(np.percentile(null, 95)),
+        "p_value": float((1 + np.sum(null >= auc - 1e-12)) / (1 + permutations)),
+        "permutations": permutations,
+    }
 
 
 def slide_colour_stats_of(attrs: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray | None]:
@@ -241,15 +275,22 @@ def _split_groups(predictions: pd.DataFrame, group_of: pd.Series, seed: int) -> 
         return None
 
     def check(part: pd.DataFrame) -> dict[str, Any]:
-        return _check(lambda: group_shortcut_auc(group_of.loc[part["slide_id"]].to_numpy(),
-                                                 part["label"].to_numpy(int), seed, part["patient_id"].to_numpy()))
+        return _check(
+            lambda: group_shortcut_auc(
+                group_of.loc[part["slide_id"]].to_numpy(),
+                part["label"].to_numpy(int),
+                seed,
+                part["patient_id"].to_numpy(),
+            )
+        )
 
     grouped = predictions[predictions["slide_id"].isin(group_of.index)]
     return {name: check(grouped[grouped["split"] == name]) for name in SPLITS}
 
 
-def _groups(slides: pd.DataFrame, known: Mapping[str, np.ndarray], group_column: str | None,
-            seed: int) -> tuple[pd.Series | None, dict[str, Any] | None]:
+def _groups(
+    slides: pd.DataFrame, known: Mapping[str, np.ndarray], group_column: str | None, seed: int
+) -> tuple[pd.Series | None, dict[str, Any] | None]:
     """slide_id -> group (the column's, or inferred staining batches when there is no column and the colour
     forms distinct batches; None otherwise) and the inferred batches (None with a column)."""
     if group_column is not None:
@@ -263,8 +304,13 @@ def _groups(slides: pd.DataFrame, known: Mapping[str, np.ndarray], group_column:
     return pd.Series(batches["batch_of"]), batches
 
 
-def judge(check: Mapping[str, Any], scored: pd.DataFrame, model_auc: float | None, seed: int = 0,
-          splits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def judge(
+    check: Mapping[str, Any],
+    scored: pd.DataFrame,
+    model_auc: float | None,
+    seed: int = 0,
+    splits: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A shortcut ``check`` (what ``run_shortcut`` returns) judged against a model's ``scored`` slides
     (``slide_id``, ``label``, ``probability``, and the group column when the check has one) and its pooled
     ``model_auc``: the check with ``model_auc``, ``within`` (the model's ``within_group_auc`` by the check's
@@ -279,14 +325,26 @@ def judge(check: Mapping[str, Any], scored: pd.DataFrame, model_auc: float | Non
     within = None if group_of is None else scored_within(scored, group_of, seed)
     judged: dict[str, Any] = {"warning": False, "reasons": [], "verdict": None}
     if model_auc is not None:
-        judged = shortcut_verdict(model_auc, check.get("group"), within, check.get("colour_auc"),
-                                  ((splits or {}).get("test") or None), check.get("group_name") or "group",
-                                  check["margin"])
+        judged = shortcut_verdict(
+            model_auc,
+            check.get("group"),
+            within,
+            check.get("colour_auc"),
+            ((splits or {}).get("test") or None),
+            check.get("group_name") or "group",
+            check["margin"],
+        )
     return {**check, "model_auc": model_auc, "within": within, "splits": splits, **judged}
 
 
-def run_shortcut(predictions: pd.DataFrame, stats: Mapping[str, np.ndarray | None], model_auc: float | None,
-                 group_column: str | None = None, seed: int = 0, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
+def run_shortcut(
+    predictions: pd.DataFrame,
+    stats: Mapping[str, np.ndarray | None],
+    model_auc: float | None,
+    group_column: str | None = None,
+    seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
+) -> dict[str, Any]:
     """The shortcut check of a run's labelled, predicted slides (``slide_id``, ``patient_id``, ``label``,
     ``probability``, with ``split`` the run's split, and with ``group_column`` the group), as
     ``metrics.json["shortcut"]`` holds it.
@@ -301,27 +359,49 @@ def run_shortcut(predictions: pd.DataFrame, stats: Mapping[str, np.ndarray | Non
     known = {s: v for s in predictions["slide_id"] if (v := stats.get(s)) is not None}
     have = list(known)
     part = predictions.set_index("slide_id").loc[have]
-    colour: dict[str, Any] = {"auc": None, "skipped": "no slide records colour statistics (patch files of other "
-                                                      "tools, or tiled before they were recorded: re-tile)"}
+    colour: dict[str, Any] = {
+        "auc": None,
+        "skipped": "no slide records colour statistics (patch files of other "
+        "tools, or tiled before they were recorded: re-tile)",
+    }
     if have:
-        colour = _check(lambda: colour_shortcut_auc(np.stack(list(known.values())),
-                                                    part["label"].to_numpy(int), seed,
-                                                    patients=part["patient_id"].to_numpy()))
+        colour = _check(
+            lambda: colour_shortcut_auc(
+                np.stack(list(known.values())),
+                part["label"].to_numpy(int),
+                seed,
+                patients=part["patient_id"].to_numpy(),
+            )
+        )
     group_of, batches = _groups(predictions, known, group_column, seed)
     group = None
     if group_of is not None:
         grouped = predictions[predictions["slide_id"].isin(group_of.index)]
-        group = _check(lambda: group_shortcut_auc(group_of.loc[grouped["slide_id"]].to_numpy(),
-                                                  grouped["label"].to_numpy(int), seed,
-                                                  grouped["patient_id"].to_numpy()))
+        group = _check(
+            lambda: group_shortcut_auc(
+                group_of.loc[grouped["slide_id"]].to_numpy(),
+                grouped["label"].to_numpy(int),
+                seed,
+                grouped["patient_id"].to_numpy(),
+            )
+        )
     source = "column" if group_column is not None else ("colour batches" if group_of is not None else None)
-    check = {"colour_auc": colour.get("auc"), "group_auc": None if group is None else group.get("auc"),
-             "group_p_value": None if group is None else group.get("p_value"), "group_source": source,
-             "group_name": group_column or ("colour batch" if group_of is not None else None),
-             "n": len(have), "n_without_stats": len(predictions) - len(have), "margin": margin,
-             "colour": colour, "group": group, "group_column": group_column, "batches": batches,
-             "basis": "label-only checks over every labelled slide of the run (colour: out of fold, patient-level "
-                      "folds; group: permutation null over patients); the model is judged on its test slides"}
+    check = {
+        "colour_auc": colour.get("auc"),
+        "group_auc": None if group is None else group.get("auc"),
+        "group_p_value": None if group is None else group.get("p_value"),
+        "group_source": source,
+        "group_name": group_column or ("colour batch" if group_of is not None else None),
+        "n": len(have),
+        "n_without_stats": len(predictions) - len(have),
+        "margin": margin,
+        "colour": colour,
+        "group": group,
+        "group_column": group_column,
+        "batches": batches,
+        "basis": "label-only checks over every labelled slide of the run (colour: out of fold, patient-level "
+        "folds; group: permutation null over patients); the model is judged on its test slides",
+    }
     scored = predictions[predictions["split"] == "test"] if "split" in predictions.columns else predictions
     splits = None if group_of is None else _split_groups(predictions, group_of, seed)
     return judge(check, scored, model_auc, seed, splits)
@@ -338,22 +418,27 @@ def describe_shortcut(shortcut: Mapping[str, Any]) -> str:
         why = (shortcut.get("colour") or {}).get("skipped", "")
         text = f"colour alone: not computed ({why}; {shortcut['n_without_stats']} slide(s) without colour statistics)"
     else:
-        text = (f"colour alone AUC {shortcut['colour_auc']:.3f} (n={shortcut['n']}"
-                + (f", {shortcut['n_without_stats']} without colour statistics" if shortcut["n_without_stats"] else "")
-                + ")")
+        text = (
+            f"colour alone AUC {shortcut['colour_auc']:.3f} (n={shortcut['n']}"
+            + (f", {shortcut['n_without_stats']} without colour statistics" if shortcut["n_without_stats"] else "")
+            + ")"
+        )
     name = shortcut.get("group_name") or "group"
     if shortcut.get("group_auc") is not None:
         text += f", {name} alone AUC {shortcut['group_auc']:.3f} (permutation p={shortcut['group_p_value']:.2g})"
     within = shortcut.get("within") or {}
     if within.get("mean") is not None:
-        text += (f", model within-{name} AUC {within['mean']:.3f} (95% CI {within['ci_low']:.3f}-"
-                 f"{within['ci_high']:.3f})")
+        text += (
+            f", model within-{name} AUC {within['mean']:.3f} (95% CI {within['ci_low']:.3f}-{within['ci_high']:.3f})"
+        )
     lines = [text]
     if shortcut.get("batches"):
         lines.append(describe_batches(shortcut["batches"]))
     if shortcut.get("splits"):
-        lines.append(f"{name} alone AUC per split: "
-                     + ", ".join(f"{s} {_auc_text(r.get('auc'))}" for s, r in shortcut["splits"].items()))
+        lines.append(
+            f"{name} alone AUC per split: "
+            + ", ".join(f"{s} {_auc_text(r.get('auc'))}" for s, r in shortcut["splits"].items())
+        )
     if shortcut.get("verdict"):
         lines.append(shortcut["verdict"])
     return "\n  ".join(lines)

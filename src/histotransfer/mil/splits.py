@@ -49,21 +49,28 @@ def _patients(frame: pd.DataFrame, group_column: str | None = None) -> pd.DataFr
 
 def _tokens(patients: pd.DataFrame) -> dict[str, frozenset]:
     """Per patient, what a split should cover: its classes and its groups."""
-    return {p: frozenset({("class", c) for c in row.classes} | {("group", g) for g in row.groups})
-            for p, row in patients.iterrows()}
+    return {
+        p: frozenset({("class", c) for c in row.classes} | {("group", g) for g in row.groups})
+        for p, row in patients.iterrows()
+    }
 
 
 def _check_groups(frame: pd.DataFrame, group_column: str | None) -> None:
     if group_column is None:
         return
     if group_column not in frame.columns:
-        raise HistotransferError(f"group column {group_column!r} is not in the label table (columns: "
-                                 f"{', '.join(map(str, frame.columns))}); add it or drop the group option.")
+        raise HistotransferError(
+            f"group column {group_column!r} is not in the label table (columns: "
+            f"{', '.join(map(str, frame.columns))}); add it or drop the group option."
+        )
     if frame[group_column].isna().any() or (frame[group_column].astype(str).str.strip() == "").any():
-        missing = frame.loc[frame[group_column].isna() | (frame[group_column].astype(str).str.strip() == ""),
-                            "slide_id"]
-        raise HistotransferError(f"group column {group_column!r}: slide(s) {', '.join(map(str, missing[:5]))} "
-                                 "have no group; fill it in for every slide.")
+        missing = frame.loc[
+            frame[group_column].isna() | (frame[group_column].astype(str).str.strip() == ""), "slide_id"
+        ]
+        raise HistotransferError(
+            f"group column {group_column!r}: slide(s) {', '.join(map(str, missing[:5]))} "
+            "have no group; fill it in for every slide."
+        )
 
 
 def _largest_remainder(n: int, fractions: list[float]) -> list[int]:
@@ -90,7 +97,7 @@ def _deal(patients: pd.DataFrame, fractions: dict[str, float], rng: np.random.Ge
         ids = list(group.index[rng.permutation(len(group))])
         start = 0
         for name, count in zip(names, _largest_remainder(len(ids), [fractions[n] for n in names])):
-            assign.update({p: name for p in ids[start:start + count]})
+            assign.update({p: name for p in ids[start : start + count]})
             start += count
     order = [n for n in _COVER_ORDER if n in names and fractions[n] > 0]
     _cover(assign, patients["classes"].to_dict(), order, rng)
@@ -99,8 +106,7 @@ def _deal(patients: pd.DataFrame, fractions: dict[str, float], rng: np.random.Ge
     return assign
 
 
-def _cover(assign: dict[str, str], pclasses: dict[str, frozenset], splits: list[str],
-           rng: np.random.Generator) -> None:
+def _cover(assign: dict[str, str], pclasses: dict[str, frozenset], splits: list[str], rng: np.random.Generator) -> None:
     """Move single patients into splits that miss a class, only from splits that keep all their classes.
 
     Donors are taken from the largest split first, and single-class patients before mixed ones. The
@@ -128,10 +134,7 @@ def _cover(assign: dict[str, str], pclasses: dict[str, frozenset], splits: list[
 
 def _missing(split: pd.DataFrame, names: list[str], n_classes: int) -> dict[str, list[int]]:
     """Classes (of ``0..n_classes-1``) absent from each split name in ``names``."""
-    return {
-        s: [c for c in range(n_classes) if c not in set(split.loc[split["split"] == s, "label"])]
-        for s in names
-    }
+    return {s: [c for c in range(n_classes) if c not in set(split.loc[split["split"] == s, "label"])] for s in names}
 
 
 def _too_small(frame: pd.DataFrame, classes: list[str], needed: int, what: str) -> HistotransferError:
@@ -160,8 +163,13 @@ def _columns(group_column: str | None) -> list[str]:
     return ["slide_id", "patient_id", "label", *([group_column] if group_column else [])]
 
 
-def random_split(frame: pd.DataFrame, classes: list[str], seed: int = 0,
-                 fractions: dict[str, float] | None = None, group_column: str | None = None) -> pd.DataFrame:
+def random_split(
+    frame: pd.DataFrame,
+    classes: list[str],
+    seed: int = 0,
+    fractions: dict[str, float] | None = None,
+    group_column: str | None = None,
+) -> pd.DataFrame:
     """Patient-level stratified split of ``frame`` (slide_id, patient_id, label) into train/val/test.
 
     Fractions (default 65/15/20) are of patients within each stratum. Each split gets every class whenever
@@ -212,8 +220,13 @@ def _spread_groups(fold_of: dict[str, int], patients: pd.DataFrame, folds: int) 
             for g in sorted(share):
                 if count[k][g] >= share[g]:
                     continue
-                pairs = ((p, q) for p in ordered if g in groups[p] and spare(p)
-                         for q in ordered if fold_of[q] == k and classes[q] == classes[p] and spare(q))
+                pairs = (
+                    (p, q)
+                    for p in ordered
+                    if g in groups[p] and spare(p)
+                    for q in ordered
+                    if fold_of[q] == k and classes[q] == classes[p] and spare(q)
+                )
                 pair = next(pairs, None)
                 if pair is not None:
                     p, q = pair
@@ -223,8 +236,14 @@ def _spread_groups(fold_of: dict[str, int], patients: pd.DataFrame, folds: int) 
                     changed = True
 
 
-def kfold_splits(frame: pd.DataFrame, classes: list[str], folds: int, seed: int = 0,
-                 val_fraction: float = KFOLD_VAL_FRACTION, group_column: str | None = None) -> list[pd.DataFrame]:
+def kfold_splits(
+    frame: pd.DataFrame,
+    classes: list[str],
+    folds: int,
+    seed: int = 0,
+    val_fraction: float = KFOLD_VAL_FRACTION,
+    group_column: str | None = None,
+) -> list[pd.DataFrame]:
     """Patient-level stratified k-fold: fold k's patients are the test split, the rest are split into
     train/val (``val_fraction`` of them, stratified). Test folds partition the patients. With
     ``group_column`` (kept in the output), every group reaches every split when the data allow it."""
@@ -262,8 +281,14 @@ SPLIT_RULES = {
 }
 
 
-def rule_split(frame: pd.DataFrame, classes: list[str], rule: str, seed: int = 0,
-               val_fraction: float = KFOLD_VAL_FRACTION, group_column: str | None = None) -> pd.DataFrame:
+def rule_split(
+    frame: pd.DataFrame,
+    classes: list[str],
+    rule: str,
+    seed: int = 0,
+    val_fraction: float = KFOLD_VAL_FRACTION,
+    group_column: str | None = None,
+) -> pd.DataFrame:
     """A dataset's official split (``SPLIT_RULES``): its test slides are the test split; validation is drawn
     from the training slides (``val_fraction`` of their patients, stratified, seeded, patient-level)."""
     if rule not in SPLIT_RULES:
@@ -272,8 +297,10 @@ def rule_split(frame: pd.DataFrame, classes: list[str], rule: str, seed: int = 0
     is_test = frame["slide_id"].map(lambda sid: bool(SPLIT_RULES[rule].match(str(sid))))
     if not is_test.any() or is_test.all():
         which = "no" if not is_test.any() else "every"
-        raise HistotransferError(f"split rule {rule!r}: {which} slide id matches its test naming "
-                                 f"({SPLIT_RULES[rule].pattern}); check the slide ids or use another split.")
+        raise HistotransferError(
+            f"split rule {rule!r}: {which} slide id matches its test naming "
+            f"({SPLIT_RULES[rule].pattern}); check the slide ids or use another split."
+        )
     test_patients = set(frame.loc[is_test, "patient_id"])
     patients = _patients(frame, group_column)
     rest = patients.loc[[p for p in patients.index if p not in test_patients]]

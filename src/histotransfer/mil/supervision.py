@@ -37,16 +37,21 @@ def supervised_slides(annotations_dir: Path, table: LabelTable, splits: Sequence
     unknown = sorted(set(files) - labelled)
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        warnings.warn(f"{annotations_dir}: {len(unknown)} annotation(s) match no labelled slide with features and "
-                      f"are not used: {shown}", stacklevel=2)
+        warnings.warn(
+            f"{annotations_dir}: {len(unknown)} annotation(s) match no labelled slide with features and "
+            f"are not used: {shown}",
+            stacklevel=2,
+        )
     positive = table.mapping[table.positive_class]
-    training = set().union(*(set(s.loc[(s["split"] == "train") & (s["label"] == positive), "slide_id"])
-                             for s in splits))
+    training = set().union(
+        *(set(s.loc[(s["split"] == "train") & (s["label"] == positive), "slide_id"]) for s in splits)
+    )
     if not training & set(files):
         raise HistotransferError(
             f"--annotations {annotations_dir}: none of its {len(files)} annotation(s) is of a positive training "
             f"slide (label {table.positive_class!r}); name them <slide_id>.geojson or <slide_id>.png after the "
-            "slides of the label file.")
+            "slides of the label file."
+        )
     frame = table.frame
     return {s: files[s] for s in frame.loc[frame["label"] == positive, "slide_id"] if s in files}
 
@@ -64,8 +69,13 @@ def annotation_fingerprints(files: Mapping[str, Path]) -> dict[str, str]:
     return out
 
 
-def lesion_targets(files: Mapping[str, Path], slide_ids: Sequence[str], coords: Sequence[np.ndarray],
-                   patch_sizes: Sequence[int | None], where: Path) -> dict[str, np.ndarray]:
+def lesion_targets(
+    files: Mapping[str, Path],
+    slide_ids: Sequence[str],
+    coords: Sequence[np.ndarray],
+    patch_sizes: Sequence[int | None],
+    where: Path,
+) -> dict[str, np.ndarray]:
     """The attention target of each patch, float32 1 where it touches the lesion and 0 elsewhere, of every slide
     of ``slide_ids`` that ``files`` annotates (``coords``: level-0 top-left corners, ``patch_sizes``: the patch
     side in level-0 pixels, None where the feature file records none, which is refused naming ``where``)."""
@@ -74,7 +84,9 @@ def lesion_targets(files: Mapping[str, Path], slide_ids: Sequence[str], coords: 
         if sid not in files:
             continue
         if size is None:
-            raise HistotransferError(f"{where}: the feature file of {sid} records no patch side (patch_size_level0), "
-                                     "so its patches cannot be laid on its annotation; extract it with histotransfer.")
+            raise HistotransferError(
+                f"{where}: the feature file of {sid} records no patch side (patch_size_level0), "
+                "so its patches cannot be laid on its annotation; extract it with histotransfer."
+            )
         out[sid] = (load_annotation(files[sid]).patch_overlap(xy, float(size)) > 0).astype(np.float32)
     return out

@@ -25,9 +25,17 @@ class SyntheticBag:
     planted: np.ndarray  # indices of the planted instances (empty for negatives)
 
 
-def planted_bags(n_slides: int, n_patches: tuple[int, int] = (20, 40), dim: int = 16, n_planted: int = 3,
-                 shift: float = 3.0, scale: float = 1.0, positive_fraction: float = 0.5, patch_size: int = 256,
-                 seed: int = 0) -> list[SyntheticBag]:
+def planted_bags(
+    n_slides: int,
+    n_patches: tuple[int, int] = (20, 40),
+    dim: int = 16,
+    n_planted: int = 3,
+    shift: float = 3.0,
+    scale: float = 1.0,
+    positive_fraction: float = 0.5,
+    patch_size: int = 256,
+    seed: int = 0,
+) -> list[SyntheticBag]:
     """``n_slides`` bags named ``slide_000``..., the first ``positive_fraction`` of them positive (label 1).
 
     Features are ``scale * (noise + shift * direction)`` for planted instances, ``scale * noise`` otherwise.
@@ -45,8 +53,9 @@ def planted_bags(n_slides: int, n_patches: tuple[int, int] = (20, 40), dim: int 
         x[planted] += shift * direction
         side = int(np.ceil(np.sqrt(n)))
         grid = np.stack([np.arange(n) % side, np.arange(n) // side], axis=1) * patch_size
-        bags.append(SyntheticBag(f"slide_{i:03d}", label, (scale * x).astype(np.float32),
-                                 grid.astype(np.int64), planted))
+        bags.append(
+            SyntheticBag(f"slide_{i:03d}", label, (scale * x).astype(np.float32), grid.astype(np.int64), planted)
+        )
     return bags
 
 

@@ -63,9 +63,15 @@ def attention_loss(scores: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(scores, lesion)
 
 
-def train_epoch(model: AttentionMIL, bags: list[torch.Tensor], targets: list[torch.Tensor],
-                order: np.ndarray, optimizer: torch.optim.Optimizer,
-                lesions: Sequence[torch.Tensor | None] | None = None, attention_weight: float = 1.0) -> float:
+def train_epoch(
+    model: AttentionMIL,
+    bags: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    order: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    lesions: Sequence[torch.Tensor | None] | None = None,
+    attention_weight: float = 1.0,
+) -> float:
     """One pass over the slides in ``order``, one optimizer step per slide; returns the mean loss.
 
     ``bags`` are contiguous float32 (N_i, D) tensors and ``targets`` (1,) int64 tensors, prepared once so
@@ -120,11 +126,20 @@ def selection_key(scores: dict[str, float | None], select_by: str) -> tuple[floa
     return (-1.0 if value is None else float(value), -loss)
 
 
-def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
-        val: tuple[list[torch.Tensor], np.ndarray], epochs: int, lr: float, seed: int,
-        early_stopping: int | None = None, desc: str = "training", select_by: str = "auc",
-        weights: np.ndarray | None = None, lesions: Sequence[torch.Tensor | None] | None = None,
-        attention_weight: float = 1.0) -> FitResult:
+def fit(
+    model: AttentionMIL,
+    train: tuple[list[torch.Tensor], np.ndarray],
+    val: tuple[list[torch.Tensor], np.ndarray],
+    epochs: int,
+    lr: float,
+    seed: int,
+    early_stopping: int | None = None,
+    desc: str = "training",
+    select_by: str = "auc",
+    weights: np.ndarray | None = None,
+    lesions: Sequence[torch.Tensor | None] | None = None,
+    attention_weight: float = 1.0,
+) -> FitResult:
     """Train ``model`` and keep the epoch with the best validation ``select_by`` score (ties: lower loss).
 
     ``weights`` (one per training slide, e.g. :func:`balance_weights`) make each epoch draw its slides in
@@ -141,8 +156,9 @@ def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = train_epoch(model, train_bags, targets, epoch_order(len(train_bags), rng, weights),
-                                 optimizer, lesions, attention_weight)
+        train_loss = train_epoch(
+            model, train_bags, targets, epoch_order(len(train_bags), rng, weights), optimizer, lesions, attention_weight
+        )
         scores: dict[str, float | None] = {"loss": math.nan, "auc": None, "accuracy": None}
         if len(val_bags):
             scores = validation_scores(predict(model, val_bags)[0], val_labels)
@@ -152,10 +168,16 @@ def fit(model: AttentionMIL, train: tuple[list[torch.Tensor], np.ndarray],
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": scores["loss"],
-                     "val_auc": math.nan if scores["auc"] is None else scores["auc"],
-                     "val_accuracy": math.nan if scores["accuracy"] is None else scores["accuracy"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": scores["loss"],
+                "val_auc": math.nan if scores["auc"] is None else scores["auc"],
+                "val_accuracy": math.nan if scores["accuracy"] is None else scores["accuracy"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auc="-" if scores["auc"] is None else f"{scores['auc']:.3f}")
         if early_stopping and len(val_bags) and since_best >= early_stopping:
             break
@@ -170,8 +192,9 @@ def _split_arrays(bags: BagSet, split: pd.DataFrame, name: str) -> tuple[list[to
     return bags.subset(rows["slide_id"].tolist()).features, rows["label"].to_numpy(dtype=int)
 
 
-def _training_lesions(split: pd.DataFrame, lesions: Mapping[str, np.ndarray] | None
-                      ) -> list[torch.Tensor | None] | None:
+def _training_lesions(
+    split: pd.DataFrame, lesions: Mapping[str, np.ndarray] | None
+) -> list[torch.Tensor | None] | None:
     """The attention targets of the training slides, in their order (None: no slide has any)."""
     if not lesions:
         return None
@@ -187,8 +210,13 @@ def training_weights(split: pd.DataFrame, settings: MilSettings) -> np.ndarray |
     return balance_weights(rows["label"].to_numpy(dtype=int), rows[settings.group_column].astype(str).to_numpy())
 
 
-def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str, Any],
-              lesions: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+def train_run(
+    run_dir: Path,
+    bags: BagSet,
+    split: pd.DataFrame,
+    config: dict[str, Any],
+    lesions: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Train one model on ``split`` (slide_id, patient_id, label, split) and write the run folder.
 
     ``lesions`` (slide_id -> patch targets, :func:`~histotransfer.mil.supervision.lesion_targets`) supervise the
@@ -209,17 +237,34 @@ def train_run(run_dir: Path, bags: BagSet, split: pd.DataFrame, config: dict[str
         train = _split_arrays(bags, split, "train")
         if s.standardize:
             model.set_standardization(*feature_stats(train[0]))
-        result = fit(model, train, _split_arrays(bags, split, "val"), s.epochs, s.lr, s.seed, s.early_stopping,
-                     desc=f"training {run_dir.name}", select_by=s.select_by or "auc",
-                     weights=training_weights(split, s), lesions=_training_lesions(split, lesions),
-                     attention_weight=s.attention_weight)
+        result = fit(
+            model,
+            train,
+            _split_arrays(bags, split, "val"),
+            s.epochs,
+            s.lr,
+            s.seed,
+            s.early_stopping,
+            desc=f"training {run_dir.name}",
+            select_by=s.select_by or "auc",
+            weights=training_weights(split, s),
+            lesions=_training_lesions(split, lesions),
+            attention_weight=s.attention_weight,
+        )
     model.load_state_dict(result.state)
     classes = sorted(config["label_mapping"], key=config["label_mapping"].get)
     save_model(model, run_dir / "model.pt", classes, result.selected_epoch)
     write_csv(result.history, run_dir / "history.csv")
-    return write_run_outputs(run_dir, model, bags, split, s.seed,
-                             f"{s.model} attention MIL, epoch {result.selected_epoch}", config["positive_class"],
-                             s.group_column)
+    return write_run_outputs(
+        run_dir,
+        model,
+        bags,
+        split,
+        s.seed,
+        f"{s.model} attention MIL, epoch {result.selected_epoch}",
+        config["positive_class"],
+        s.group_column,
+    )
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -230,13 +275,16 @@ def _mean(values: list[float | None]) -> float | None:
 def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
     """Every slide's prediction by the fold that tested it (each fold's ``predictions.csv``, test rows), with its
     ``fold``, sorted by slide."""
-    parts = [read_csv(d / "predictions.csv")
-             .query("split == 'test'").drop(columns="split").assign(fold=k) for k, d in enumerate(run_dirs)]
+    parts = [
+        read_csv(d / "predictions.csv").query("split == 'test'").drop(columns="split").assign(fold=k)
+        for k, d in enumerate(run_dirs)
+    ]
     return pd.concat(parts, ignore_index=True).sort_values("slide_id", ignore_index=True)
 
 
-def _fold_summary(per_fold: dict[str, dict[str, Any]], oof: pd.DataFrame, seed: int,
-                  group_column: str | None, split: dict[str, Any]) -> dict[str, Any]:
+def _fold_summary(
+    per_fold: dict[str, dict[str, Any]], oof: pd.DataFrame, seed: int, group_column: str | None, split: dict[str, Any]
+) -> dict[str, Any]:
     """Per-fold metrics plus their mean and sample sd over folds (None where no fold has a value), the test AUC
     of each fold, the metrics of the pooled out-of-fold predictions ``oof`` (one prediction per slide, by the
     fold that tested it; per group too with ``group_column``), the mean within-group AUC over folds (with a group
@@ -244,8 +292,12 @@ def _fold_summary(per_fold: dict[str, dict[str, Any]], oof: pd.DataFrame, seed: 
     from .metrics import slide_metrics
     from .rundir import group_metrics
 
-    summary: dict[str, Any] = {"protocol": {"folds": split["folds"], "why": split.get("why")},
-                               "folds": per_fold, "mean": {}, "sd": {}}
+    summary: dict[str, Any] = {
+        "protocol": {"folds": split["folds"], "why": split.get("why")},
+        "folds": per_fold,
+        "mean": {},
+        "sd": {},
+    }
     for name in SPLITS:
         summary["mean"][name], summary["sd"][name] = {}, {}
         for key in METRIC_KEYS:
@@ -258,8 +310,9 @@ def _fold_summary(per_fold: dict[str, dict[str, Any]], oof: pd.DataFrame, seed: 
         summary["pooled"]["groups"] = group_metrics(oof, group_column, seed)
     first = next(iter(per_fold.values()))
     if "groups" in first:
-        summary["mean_within_group_auc"] = {name: _mean([m["groups"][name]["mean_within_group_auc"]
-                                                         for m in per_fold.values()]) for name in SPLITS}
+        summary["mean_within_group_auc"] = {
+            name: _mean([m["groups"][name]["mean_within_group_auc"] for m in per_fold.values()]) for name in SPLITS
+        }
     if "shortcut" in first:
         summary["shortcut"] = judge(first["shortcut"], oof, summary["pooled"]["test"]["auc"], seed)
     return summary
@@ -270,27 +323,42 @@ def train_planned(plan: RunPlan) -> Path:
     bags, broken = load_bags(plan.files, expect_encoder=plan.config["encoder"])
     if broken:
         plan = plan.without(broken)
-    lesions = lesion_targets(plan.annotations, bags.slide_ids, bags.coords,
-                             [patch_size_level0(a) for a in bags.attrs], Path(plan.config["features_dir"]))
+    lesions = lesion_targets(
+        plan.annotations,
+        bags.slide_ids,
+        bags.coords,
+        [patch_size_level0(a) for a in bags.attrs],
+        Path(plan.config["features_dir"]),
+    )
     out_dir = output_folder(plan.out_dir)
     if plan.folds is None:
         train_run(out_dir, bags, plan.splits[0], plan.config, lesions)
         return out_dir
-    per_fold = {run_dir.name: train_run(run_dir, bags, split, plan.fold_config(k), lesions)
-                for k, (run_dir, split) in enumerate(zip(plan.run_dirs, plan.splits))}
+    per_fold = {
+        run_dir.name: train_run(run_dir, bags, split, plan.fold_config(k), lesions)
+        for k, (run_dir, split) in enumerate(zip(plan.run_dirs, plan.splits))
+    }
     folds_table = pd.concat([s[s["split"] == "test"].assign(fold=k) for k, s in enumerate(plan.splits)])
     write_csv(folds_table.drop(columns="split").sort_values("slide_id"), out_dir / "splits.csv")
     oof = out_of_fold(plan.run_dirs)
     write_csv(oof, out_dir / "predictions.csv")
     write_config(plan.config, out_dir)
-    write_json(_fold_summary(per_fold, oof, plan.settings.seed, plan.settings.group_column, plan.config["split"]),
-               out_dir / DONE_FILE)
+    write_json(
+        _fold_summary(per_fold, oof, plan.settings.seed, plan.settings.group_column, plan.config["split"]),
+        out_dir / DONE_FILE,
+    )
     return out_dir
 
 
-def train_mil(features_dir: str | Path, labels_csv: str | Path, out_dir: str | Path,
-              settings: MilSettings | None = None, split_file: str | Path | None = None,
-              folds: int | None = None, **overrides: Any) -> Path:
+def train_mil(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    settings: MilSettings | None = None,
+    split_file: str | Path | None = None,
+    folds: int | None = None,
+    **overrides: Any,
+) -> Path:
     """Train attention MIL on ``features_dir/<slide_id>.h5`` with labels from ``labels_csv``; return the run
     folder ``out_dir`` (with ``folds``: ``out_dir/fold_<k>/`` run folders and a summary ``metrics.json``).
 
@@ -308,4 +376,3 @@ def train_mil(features_dir: str | Path, labels_csv: str | Path, out_dir: str | P
         tqdm.write(f"{plan.out_dir}: already trained with these settings and inputs; kept as it is")
         return plan.out_dir
     return train_planned(plan)
-

@@ -35,8 +35,13 @@ def _pair_wins(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
 
 
-def within_group_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray,
-                     groups: Sequence[Any] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+def within_group_auc(
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean AUC within the groups that hold both classes, with a 95% percentile interval.
 
     The bootstrap resamples each group's positives and negatives separately (so every resample keeps both
@@ -65,8 +70,13 @@ def within_group_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float]
     if not aucs:
         return {"mean": None, "ci_low": None, "ci_high": None, "n_groups": 0, "per_group": per}
     low, high = np.percentile(np.mean(boots, axis=0), [2.5, 97.5])
-    return {"mean": float(np.mean(aucs)), "ci_low": float(low), "ci_high": float(high), "n_groups": len(aucs),
-            "per_group": per}
+    return {
+        "mean": float(np.mean(aucs)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n_groups": len(aucs),
+        "per_group": per,
+    }
 
 
 def scored_within(scored: pd.DataFrame, group_of: pd.Series, seed: int) -> dict[str, Any] | None:
@@ -75,8 +85,12 @@ def scored_within(scored: pd.DataFrame, group_of: pd.Series, seed: int) -> dict[
     part = scored[scored["slide_id"].isin(group_of.index)]
     if not len(part):
         return None
-    return within_group_auc(part["label"].to_numpy(int), part["probability"].to_numpy(float),
-                            group_of.loc[part["slide_id"]].to_numpy(), seed=seed)
+    return within_group_auc(
+        part["label"].to_numpy(int),
+        part["probability"].to_numpy(float),
+        group_of.loc[part["slide_id"]].to_numpy(),
+        seed=seed,
+    )
 
 
 def _fmt_within(within: Mapping[str, Any]) -> str:
@@ -87,10 +101,16 @@ def _informative(group: Mapping[str, Any] | None, alpha: float) -> bool:
     return bool(group and group.get("auc") is not None and group.get("p_value", 1.0) < alpha)
 
 
-def shortcut_verdict(model_auc: float, group: Mapping[str, Any] | None = None,
-                     within: Mapping[str, Any] | None = None, colour_auc: float | None = None,
-                     test_group: Mapping[str, Any] | None = None, group_name: str = "group",
-                     margin: float = 0.05, alpha: float = 0.05) -> dict[str, Any]:
+def shortcut_verdict(
+    model_auc: float,
+    group: Mapping[str, Any] | None = None,
+    within: Mapping[str, Any] | None = None,
+    colour_auc: float | None = None,
+    test_group: Mapping[str, Any] | None = None,
+    group_name: str = "group",
+    margin: float = 0.05,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """The verdict on a model's (pooled) AUC from all the evidence: ``{"warning", "reasons", "verdict"}``.
 
     ``group``: the group-only check on all labelled slides (``auc``, ``p_value``); ``within``: the model's
@@ -104,43 +124,67 @@ def shortcut_verdict(model_auc: float, group: Mapping[str, Any] | None = None,
         if within["mean"] < WITHIN_FLOOR and (informative or model_auc >= within["mean"] + margin):
             reasons.append(f"the model's mean within-{group_name} AUC is {_fmt_within(within)}, near chance")
         elif informative and within["ci_low"] <= 0.5:
-            reasons.append(f"the model's mean within-{group_name} AUC, {_fmt_within(within)}, cannot be told from "
-                           "chance on these slides")
+            reasons.append(
+                f"the model's mean within-{group_name} AUC, {_fmt_within(within)}, cannot be told from "
+                "chance on these slides"
+            )
     explained = not has_within or within["ci_high"] < model_auc  # type: ignore[index]
     if informative and explained and model_auc <= (g := dict(group or {}))["auc"] + margin:
-        reasons.append(f"{group_name} alone reaches AUC {g['auc']:.3f} (permutation p={g['p_value']:.2g}), "
-                       f"within {margin:.2f} of the model's {model_auc:.3f}")
+        reasons.append(
+            f"{group_name} alone reaches AUC {g['auc']:.3f} (permutation p={g['p_value']:.2g}), "
+            f"within {margin:.2f} of the model's {model_auc:.3f}"
+        )
     test_auc = (test_group or {}).get("auc")
     if test_auc is not None and test_auc > 0.5 and test_auc >= model_auc - margin:
-        reasons.append(f"on the test split alone {group_name} reaches AUC {test_auc:.3f}: the split is confounded "
-                       f"by {group_name}, so the model's test AUC {model_auc:.3f} cannot show it reads the tissue")
+        reasons.append(
+            f"on the test split alone {group_name} reaches AUC {test_auc:.3f}: the split is confounded "
+            f"by {group_name}, so the model's test AUC {model_auc:.3f} cannot show it reads the tissue"
+        )
     if not has_within and colour_auc is not None and colour_auc >= model_auc - margin:
-        reasons.append(f"colour alone reaches AUC {colour_auc:.3f}, within {margin:.2f} of the model's "
-                       f"{model_auc:.3f}")
+        reasons.append(f"colour alone reaches AUC {colour_auc:.3f}, within {margin:.2f} of the model's {model_auc:.3f}")
     if reasons:
-        steps = [f"check the within-{group_name} AUC (the direct evidence)",
-                 "where lesion annotations exist, let them supervise the attention (train --annotations)",
-                 f"train on stain-normalised features (--stain-norm macenko) or balance the {group_name}s in training",
-                 f"collect slides of both classes in every {group_name}"]
+        steps = [
+            f"check the within-{group_name} AUC (the direct evidence)",
+            "where lesion annotations exist, let them supervise the attention (train --annotations)",
+            f"train on stain-normalised features (--stain-norm macenko) or balance the {group_name}s in training",
+            f"collect slides of both classes in every {group_name}",
+        ]
         if test_auc is not None and any("test split" in r for r in reasons):
             steps.insert(0, f"re-split stratified by {group_name} (--group-column) or cross-validate (--folds)")
-        text = (f"Warning: the model's AUC {model_auc:.3f} may come from {group_name} membership rather than the "
-                f"tissue: {'; '.join(reasons)}. Next: {'; '.join(steps)}.")
+        text = (
+            f"Warning: the model's AUC {model_auc:.3f} may come from {group_name} membership rather than the "
+            f"tissue: {'; '.join(reasons)}. Next: {'; '.join(steps)}."
+        )
         return {"warning": True, "reasons": reasons, "verdict": text}
-    return {"warning": False, "reasons": [], "verdict": _quiet(model_auc, group, within, colour_auc, group_name,
-                                                               margin, informative)}
+    return {
+        "warning": False,
+        "reasons": [],
+        "verdict": _quiet(model_auc, group, within, colour_auc, group_name, margin, informative),
+    }
 
 
-def _quiet(model_auc: float, group: Mapping[str, Any] | None, within: Mapping[str, Any] | None,
-           colour_auc: float | None, group_name: str, margin: float, informative: bool) -> str | None:
+def _quiet(
+    model_auc: float,
+    group: Mapping[str, Any] | None,
+    within: Mapping[str, Any] | None,
+    colour_auc: float | None,
+    group_name: str,
+    margin: float,
+    informative: bool,
+) -> str | None:
     """What the evidence shows when nothing warns (never an all-clear the evidence cannot give)."""
     said = []
     if within and within.get("mean") is not None:
         said.append(f"the model's mean within-{group_name} AUC is {_fmt_within(within)}")
     if group and group.get("auc") is not None:
-        said.append(f"{group_name} alone reaches AUC {group['auc']:.3f}"
-                    + (f", more than {margin:.2f} below the model's {model_auc:.3f}" if informative
-                       else f", not beyond chance (permutation p={group['p_value']:.2g})"))
+        said.append(
+            f"{group_name} alone reaches AUC {group['auc']:.3f}"
+            + (
+                f", more than {margin:.2f} below the model's {model_auc:.3f}"
+                if informative
+                else f", not beyond chance (permutation p={group['p_value']:.2g})"
+            )
+        )
     if colour_auc is not None:
         said.append(f"colour alone reaches AUC {colour_auc:.3f}")
     if not said:
@@ -148,5 +192,7 @@ def _quiet(model_auc: float, group: Mapping[str, Any] | None, within: Mapping[st
     text = "; ".join(said)
     if within and within.get("mean") is not None:
         return f"The model ranks slides within each {group_name}: {text}."
-    return (f"No within-group AUC to judge by: {text}. Without a group column or distinct colour batches, "
-            "pass --group-column (e.g. centre) to check whether the model reads the centre.")
+    return (
+        f"No within-group AUC to judge by: {text}. Without a group column or distinct colour batches, "
+        "pass --group-column (e.g. centre) to check whether the model reads the centre."
+    )

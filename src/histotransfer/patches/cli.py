@@ -11,13 +11,15 @@ from .settings import TileSettings
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "tile", help="tissue mask + patch grid at a target magnification for each slide",
+        "tile",
+        help="tissue mask + patch grid at a target magnification for each slide",
         description="Detect tissue (Otsu on saturation), cut a patch grid at --magnification and keep patches "
-                    "with tissue fraction >= --min-tissue. Writes OUT/<tiling>/ (named after the settings, e.g. "
-                    "20x_512px_0px_overlap) holding patches/<slide_id>.h5, masks/<slide_id>.png, "
-                    "thumbnails/<slide_id>.png, tiling.csv (one row per slide) and tiling.json (the settings). "
-                    "Re-running skips slides already tiled with the same settings; other settings go to "
-                    "another folder.")
+        "with tissue fraction >= --min-tissue. Writes OUT/<tiling>/ (named after the settings, e.g. "
+        "20x_512px_0px_overlap) holding patches/<slide_id>.h5, masks/<slide_id>.png, "
+        "thumbnails/<slide_id>.png, tiling.csv (one row per slide) and tiling.json (the settings). "
+        "Re-running skips slides already tiled with the same settings; other settings go to "
+        "another folder.",
+    )
     p.add_argument("slides", nargs="+", metavar="SLIDES_OR_DIRS", help="slide files and/or folders of slides")
     p.add_argument("--out", required=True, help="output folder (the tiling goes to OUT/<tiling name>/)")
     add_options(p, TileSettings)

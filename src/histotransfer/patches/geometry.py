@@ -22,8 +22,9 @@ def choose_level(level_downsamples: list[float], downsample: float) -> int:
     return best
 
 
-def tiling_spec(slide: Slide, magnification: float, patch_size: int, stride: int | None = None,
-                min_tissue: float = 0.5) -> PatchSpec:
+def tiling_spec(
+    slide: Slide, magnification: float, patch_size: int, stride: int | None = None, min_tissue: float = 0.5
+) -> PatchSpec:
     """The PatchSpec for tiling ``slide`` at ``magnification`` with ``patch_size`` pixel patches.
 
     The footprint is ``patch_size * target_mpp / slide_mpp`` level-0 pixels, read from the level closest above
@@ -76,16 +77,23 @@ def resolve_spec(spec: PatchSpec, slide: Slide) -> PatchSpec:
     level = spec.patch_level
     ps0 = spec.patch_size_level0
     if level is not None and not 0 <= level < slide.level_count:
-        raise HistotransferError(f"{slide.path}: the patch file reads level {level} but the slide has "
-                                 f"{slide.level_count} level(s); check that it belongs to this slide.")
+        raise HistotransferError(
+            f"{slide.path}: the patch file reads level {level} but the slide has "
+            f"{slide.level_count} level(s); check that it belongs to this slide."
+        )
     if ps0 is None:
         ps0 = round(spec.patch_size * slide.level_downsamples[level])
     downsample = spec.downsample if spec.downsample is not None else ps0 / spec.patch_size
     if level is None:
         level = choose_level(slide.level_downsamples, downsample)
     mpp = spec.mpp if spec.mpp is not None else slide.mpp
-    magnification = (spec.target_magnification if spec.target_magnification is not None
-                     else 10.0 / (mpp * downsample))
-    return replace(spec, patch_size_level0=ps0, patch_level=level, downsample=float(downsample), mpp=mpp,
-                   target_magnification=float(magnification),
-                   slide_path=spec.slide_path if spec.slide_path is not None else str(slide.path.resolve()))
+    magnification = spec.target_magnification if spec.target_magnification is not None else 10.0 / (mpp * downsample)
+    return replace(
+        spec,
+        patch_size_level0=ps0,
+        patch_level=level,
+        downsample=float(downsample),
+        mpp=mpp,
+        target_magnification=float(magnification),
+        slide_path=spec.slide_path if spec.slide_path is not None else str(slide.path.resolve()),
+    )

@@ -47,8 +47,12 @@ def _read_settings(folder: Path) -> dict[str, Any] | None:
 
 def _tiling_at(folder: Path) -> TilingFolder:
     record = _read_settings(folder)
-    return TilingFolder(folder, folder / "patches", record.get("name") if record else folder.name,
-                        record.get("settings") if record else None)
+    return TilingFolder(
+        folder,
+        folder / "patches",
+        record.get("name") if record else folder.name,
+        record.get("settings") if record else None,
+    )
 
 
 def find_tiling(path: str | Path) -> TilingFolder:
@@ -56,8 +60,9 @@ def find_tiling(path: str | Path) -> TilingFolder:
     when ``path`` holds several tilings (listing them)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise HistotransferError(f"{folder}: no such folder; pass a tiling folder written by `histotransfer tile` "
-                                 "(or its patches folder).")
+        raise HistotransferError(
+            f"{folder}: no such folder; pass a tiling folder written by `histotransfer tile` (or its patches folder)."
+        )
     if (folder / SETTINGS_FILE).is_file() or ((folder / "patches").is_dir() and h5_files(folder / "patches")):
         return _tiling_at(folder)
     if h5_files(folder):
@@ -70,6 +75,7 @@ def find_tiling(path: str | Path) -> TilingFolder:
         return _tiling_at(tilings[0])
     if tilings:
         listing = ", ".join(p.name for p in tilings)
-        raise HistotransferError(f"{folder}: holds {len(tilings)} tilings ({listing}); pass one of them, e.g. "
-                                 f"{tilings[0]}.")
+        raise HistotransferError(
+            f"{folder}: holds {len(tilings)} tilings ({listing}); pass one of them, e.g. {tilings[0]}."
+        )
     raise HistotransferError(f"{folder}: holds no patch files (*.h5) and no tiling; run `histotransfer tile` first.")

@@ -81,9 +81,16 @@ class PatchSet:
         return array_fingerprint(self.coords, meta={"spec": geometry, "identity": self.identity})
 
 
-def write_patch_file(path: str | os.PathLike[str], coords: np.ndarray, tissue_fraction: np.ndarray,
-                     spec: PatchSpec, identity: dict[str, Any] | None = None, tiling: str | None = None,
-                     tiling_settings: dict[str, Any] | None = None, colour_stats: np.ndarray | None = None) -> None:
+def write_patch_file(
+    path: str | os.PathLike[str],
+    coords: np.ndarray,
+    tissue_fraction: np.ndarray,
+    spec: PatchSpec,
+    identity: dict[str, Any] | None = None,
+    tiling: str | None = None,
+    tiling_settings: dict[str, Any] | None = None,
+    colour_stats: np.ndarray | None = None,
+) -> None:
     """Write one slide's patch file atomically (temporary name, renamed when complete)."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
@@ -129,22 +136,37 @@ def _attr(value: Any) -> Any:
 
 
 def _spec_from_attrs(attrs: dict[str, Any], path: Path) -> PatchSpec:
-    types = {"patch_size": int, "patch_size_level0": int, "patch_level": int, "downsample": float,
-             "target_magnification": float, "mpp": float, "min_tissue": float, "stride": int, "slide_path": str}
+    types = {
+        "patch_size": int,
+        "patch_size_level0": int,
+        "patch_level": int,
+        "downsample": float,
+        "target_magnification": float,
+        "mpp": float,
+        "min_tissue": float,
+        "stride": int,
+        "slide_path": str,
+    }
     values: dict[str, Any] = {}
     for field in fields(PatchSpec):
         if field.name in attrs:
             try:
                 values[field.name] = types[field.name](attrs[field.name])
             except (TypeError, ValueError) as exc:
-                raise FormatError(f"{path}: attribute {field.name}={attrs[field.name]!r} is not a "
-                                  f"{types[field.name].__name__}; re-tile the slide.") from exc
+                raise FormatError(
+                    f"{path}: attribute {field.name}={attrs[field.name]!r} is not a "
+                    f"{types[field.name].__name__}; re-tile the slide."
+                ) from exc
     if "patch_size" not in values or values["patch_size"] <= 0:
-        raise FormatError(f"{path}: no positive patch_size attribute on 'coords' (CLAM and TRIDENT files "
-                          "carry one); re-tile the slide with `histotransfer tile`.")
+        raise FormatError(
+            f"{path}: no positive patch_size attribute on 'coords' (CLAM and TRIDENT files "
+            "carry one); re-tile the slide with `histotransfer tile`."
+        )
     if "patch_level" not in values and "patch_size_level0" not in values:
-        raise FormatError(f"{path}: cannot tell the patches' scale: neither patch_level (CLAM) nor "
-                          "patch_size_level0 (TRIDENT) is set; re-tile the slide with `histotransfer tile`.")
+        raise FormatError(
+            f"{path}: cannot tell the patches' scale: neither patch_level (CLAM) nor "
+            "patch_size_level0 (TRIDENT) is set; re-tile the slide with `histotransfer tile`."
+        )
     return PatchSpec(**values)
 
 
@@ -161,8 +183,10 @@ def _check_inside(path: Path, coords: np.ndarray, dimensions: Any, slide_path: A
         rows = np.flatnonzero(outside)
         x, y = (int(v) for v in coords[rows[0]])
         more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
-        raise FormatError(f"{path}: patch row {rows[0]} at ({x}, {y}){more} lies outside slide "
-                          f"{slide_path or path.stem}{size}; re-tile the slide with `histotransfer tile`.")
+        raise FormatError(
+            f"{path}: patch row {rows[0]} at ({x}, {y}){more} lies outside slide "
+            f"{slide_path or path.stem}{size}; re-tile the slide with `histotransfer tile`."
+        )
 
 
 def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
@@ -190,8 +214,17 @@ def read_patch_file(path: str | os.PathLike[str]) -> PatchSet:
         identity = parse_identity(attrs.get("slide_identity"))
         settings = json.loads(attrs["tiling_settings"]) if attrs.get("tiling_settings") else None
     except ValueError as exc:
-        raise FormatError(f"{path}: unreadable slide_identity or tiling_settings attribute ({exc}); re-tile the "
-                          "slide.") from exc
+        raise FormatError(
+            f"{path}: unreadable slide_identity or tiling_settings attribute ({exc}); re-tile the slide."
+        ) from exc
     _check_inside(path, coords, (identity or {}).get("dimensions"), attrs.get("slide_path"))
-    return PatchSet(path.stem, coords, fraction, _spec_from_attrs(attrs, path), identity, attrs.get("tiling"),
-                    settings, None if colour is None else np.asarray(colour, dtype=np.float64).reshape(-1))
+    return PatchSet(
+        path.stem,
+        coords,
+        fraction,
+        _spec_from_attrs(attrs, path),
+        identity,
+        attrs.get("tiling"),
+        settings,
+        None if colour is None else np.asarray(colour, dtype=np.float64).reshape(-1),
+    )

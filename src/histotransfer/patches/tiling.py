@@ -60,12 +60,21 @@ def slide_segmentation(slide: Slide, mask_mpp: float, settings: TileSettings | N
     w, h = slide.dimensions
     ds = mask_mpp / slide.mpp
     size = (max(1, math.ceil(w / ds)), max(1, math.ceil(h / ds)))
-    level = max((i for i, d in enumerate(slide.level_downsamples) if d <= ds * 1.001), default=0,
-                key=lambda i: slide.level_downsamples[i])
+    level = max(
+        (i for i, d in enumerate(slide.level_downsamples) if d <= ds * 1.001),
+        default=0,
+        key=lambda i: slide.level_downsamples[i],
+    )
     rgb = slide.read_level(level)
     rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    return segment_tissue(rgb, mpp=slide.mpp * w / size[0], threshold=s.threshold,
-                          min_region_um2=s.min_region_um2, min_hole_um2=s.min_hole_um2, exclude_pen=s.exclude_pen)
+    return segment_tissue(
+        rgb,
+        mpp=slide.mpp * w / size[0],
+        threshold=s.threshold,
+        min_region_um2=s.min_region_um2,
+        min_hole_um2=s.min_hole_um2,
+        exclude_pen=s.exclude_pen,
+    )
 
 
 def slide_mask(slide: Slide, mask_mpp: float, settings: TileSettings | None = None) -> np.ndarray:
@@ -95,8 +104,9 @@ def centred_starts(lo: float, hi: float, length: int, footprint: int, step: int)
     return start + step * np.arange(n, dtype=np.int64)
 
 
-def grid_coords(dimensions: tuple[int, int], footprint: int, step: int,
-                bbox: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def grid_coords(
+    dimensions: tuple[int, int], footprint: int, step: int, bbox: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """Level-0 (x, y) top-left corners of the footprints of a sliding window lying wholly inside the slide.
 
     Without ``bbox`` the grid starts at the slide's (0, 0), as TRIDENT's does: a strip at the right and bottom
@@ -114,8 +124,7 @@ def grid_coords(dimensions: tuple[int, int], footprint: int, step: int,
     return np.stack([gx.ravel(), gy.ravel()], axis=1)
 
 
-def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray,
-                     footprint: int) -> np.ndarray:
+def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray, footprint: int) -> np.ndarray:
     """The fraction of each footprint the mask covers, each mask pixel a uniform square of level 0.
 
     Evaluated on the mask's summed-area table, bilinearly interpolated at the footprint's fractional
@@ -131,15 +140,20 @@ def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], coords: np.n
         u, v = np.clip(u, 0, mw), np.clip(v, 0, mh)
         i, j = np.minimum(u.astype(np.int64), mw - 1), np.minimum(v.astype(np.int64), mh - 1)
         fu, fv = u - i, v - j
-        return (table[j, i] * (1 - fu) * (1 - fv) + table[j, i + 1] * fu * (1 - fv)
-                + table[j + 1, i] * (1 - fu) * fv + table[j + 1, i + 1] * fu * fv)
+        return (
+            table[j, i] * (1 - fu) * (1 - fv)
+            + table[j, i + 1] * fu * (1 - fv)
+            + table[j + 1, i] * (1 - fu) * fv
+            + table[j + 1, i + 1] * fu * fv
+        )
 
     area = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
     return (area / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
-def patch_coords(mask: np.ndarray, dimensions: tuple[int, int], spec: PatchSpec,
-                 grid: Literal["origin", "tissue"] = "origin") -> tuple[np.ndarray, np.ndarray]:
+def patch_coords(
+    mask: np.ndarray, dimensions: tuple[int, int], spec: PatchSpec, grid: Literal["origin", "tissue"] = "origin"
+) -> tuple[np.ndarray, np.ndarray]:
     """The kept patches' level-0 coords and tissue fractions (fraction >= ``spec.min_tissue``) on a grid from
     the slide's corner (``origin``) or centred on the mask's bounding box (``tissue``)."""
     footprint = int(spec.patch_size_level0)  # type: ignore[arg-type]
@@ -170,8 +184,14 @@ def thumbnail_colour_stats(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarra
     return slide_colour_stats(thumbnail, tissue)
 
 
-def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint: int,
-                   excluded: np.ndarray | None = None, image: np.ndarray | None = None) -> np.ndarray:
+def draw_thumbnail(
+    slide: Slide,
+    mask: np.ndarray,
+    coords: np.ndarray,
+    footprint: int,
+    excluded: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+) -> np.ndarray:
     """An RGB thumbnail (``image``, else read from the slide) with the tissue contour (green), the excluded
     pen ink's contour (red) and the kept patch grid (blue) drawn on a copy."""
     img = np.array(slide.thumbnail(THUMBNAIL_SIDE) if image is None else image, copy=True, order="C")
@@ -181,8 +201,13 @@ def draw_thumbnail(slide: Slide, mask: np.ndarray, coords: np.ndarray, footprint
         _draw_outline(img, excluded, EXCLUDED_COLOUR)
     sx, sy = tw / slide.dimensions[0], th / slide.dimensions[1]
     for x, y in coords.tolist():
-        cv2.rectangle(img, (round(x * sx), round(y * sy)),
-                      (round((x + footprint) * sx) - 1, round((y + footprint) * sy) - 1), PATCH_COLOUR, 1)
+        cv2.rectangle(
+            img,
+            (round(x * sx), round(y * sy)),
+            (round((x + footprint) * sx) - 1, round((y + footprint) * sy) - 1),
+            PATCH_COLOUR,
+            1,
+        )
     return img
 
 
@@ -194,12 +219,16 @@ def mask_image(segmentation: TissueSegmentation) -> np.ndarray:
 
 
 def _outputs(folder: Path, slide_id: str) -> tuple[Path, Path, Path]:
-    return (folder / "patches" / f"{slide_id}.h5", folder / "masks" / f"{slide_id}.png",
-            folder / "thumbnails" / f"{slide_id}.png")
+    return (
+        folder / "patches" / f"{slide_id}.h5",
+        folder / "masks" / f"{slide_id}.png",
+        folder / "thumbnails" / f"{slide_id}.png",
+    )
 
 
-def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[str, Any],
-                   settings: TileSettings) -> int | None:
+def _already_tiled(
+    folder: Path, slide_id: str, spec: PatchSpec, identity: dict[str, Any], settings: TileSettings
+) -> int | None:
     """The patch count of a complete earlier tiling of this very slide file with these settings, else None."""
     patch_path, mask_path, thumb_path = _outputs(folder, slide_id)
     if not (patch_path.exists() and mask_path.exists() and thumb_path.exists()):
@@ -212,8 +241,12 @@ def _already_tiled(folder: Path, slide_id: str, spec: PatchSpec, identity: dict[
     # patches, so their features are kept. An identity recorded before the sparse sample existed is compared on
     # the keys it holds (re-tiling would change the patches' fingerprint and so redo every slide's features).
     same_slide = done.identity is not None and not identity_differences(done.identity, identity)
-    same = (done.spec == spec and same_slide and done.colour_stats is not None
-            and _with_defaults(done.tiling_settings) == settings.result_settings())
+    same = (
+        done.spec == spec
+        and same_slide
+        and done.colour_stats is not None
+        and _with_defaults(done.tiling_settings) == settings.result_settings()
+    )
     return len(done) if same else None
 
 
@@ -230,8 +263,12 @@ def tiling_folder(out_dir: str | os.PathLike[str], settings: TileSettings) -> Pa
     return Path(out_dir) / settings.folder_name
 
 
-def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-               settings: TileSettings | None = None, **overrides: Any) -> SlideResult:
+def tile_slide(
+    slide_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    settings: TileSettings | None = None,
+    **overrides: Any,
+) -> SlideResult:
     """Tile one slide into ``out_dir/<tiling name>/``; returns its ``tiling.csv`` row.
 
     ``settings`` (or keyword overrides such as ``magnification=20, patch_size=512``) say how. Status ``ok``,
@@ -250,8 +287,9 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         identity = slide_identity(slide)
         done = _already_tiled(folder, slide_id, spec, identity, s)
         if done is not None:
-            return SlideResult(slide_id, str(slide_path), "skipped", done, round(time.perf_counter() - t0, 3),
-                               DONE_MESSAGE)
+            return SlideResult(
+                slide_id, str(slide_path), "skipped", done, round(time.perf_counter() - t0, 3), DONE_MESSAGE
+            )
         try:
             segmentation = slide_segmentation(slide, mask_mpp_for(spec), s)
             coords, fractions = patch_coords(segmentation.tissue, slide.dimensions, spec, s.grid)
@@ -262,15 +300,22 @@ def tile_slide(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         except HistotransferError:
             raise
         except Exception as exc:  # a decoder's own error type: say what it means for the user
-            raise HistotransferError(f"{slide_path}: cannot read the slide's pixels ({one_line(exc)}); the file "
-                                     "may be truncated or corrupt.") from exc
+            raise HistotransferError(
+                f"{slide_path}: cannot read the slide's pixels ({one_line(exc)}); the file may be truncated or corrupt."
+            ) from exc
     write_png(mask_image(segmentation), mask_path)
     write_png(thumbnail, thumb_path)
     seconds = round(time.perf_counter() - t0, 3)
     if len(coords) == 0:
         patch_path.unlink(missing_ok=True)  # an earlier tiling of another version of this slide no longer holds
-        return SlideResult(slide_id, str(slide_path), "no_tissue", 0, seconds,
-                           f"{slide_path}: no patch has tissue fraction >= {s.min_tissue}; see {thumb_path}")
+        return SlideResult(
+            slide_id,
+            str(slide_path),
+            "no_tissue",
+            0,
+            seconds,
+            f"{slide_path}: no patch has tissue fraction >= {s.min_tissue}; see {thumb_path}",
+        )
     write_patch_file(patch_path, coords, fractions, spec, identity, s.folder_name, s.result_settings(), colour)
     return SlideResult(slide_id, str(slide_path), "ok", len(coords), seconds, "")
 
@@ -296,8 +341,12 @@ class TilingRun:
         return self.folder / "patches"
 
 
-def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                settings: TileSettings | None = None, **overrides: Any) -> TilingRun:
+def tile_slides(
+    slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    settings: TileSettings | None = None,
+    **overrides: Any,
+) -> TilingRun:
     """Tile many slides (files or folders) into ``out_dir/<tiling name>/``; one failing slide is reported, not
     fatal.
 
@@ -312,16 +361,22 @@ def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     for sub in (folder, *(folder / d for d in SUBDIRS)):
         sub.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(sub)
-    write_json({"name": s.folder_name, "settings": s.record(), "histotransfer": __version__},
-               folder / SETTINGS_FILE)
+    write_json({"name": s.folder_name, "settings": s.record(), "histotransfer": __version__}, folder / SETTINGS_FILE)
     report = BatchReport(folder / REPORT_FILE)
     # A repeat under another name gets its own row; one under the same name (the same slide id) is noted on
     # the row of the file it repeats, since report rows are keyed by slide id.
-    duplicates = [SlideResult(e.slide_id, str(e.path), "duplicate", 0, 0.0,
-                              f"{e.path}: the same file as {e.duplicate_of}; tiled once")
-                  for e in entries if e.duplicate_of is not None]
-    same_id = {e.slide_id: e for e in entries if e.duplicate_of is not None and
-               e.slide_id in {o.slide_id for o in entries if o.duplicate_of is None}}
+    duplicates = [
+        SlideResult(
+            e.slide_id, str(e.path), "duplicate", 0, 0.0, f"{e.path}: the same file as {e.duplicate_of}; tiled once"
+        )
+        for e in entries
+        if e.duplicate_of is not None
+    ]
+    same_id = {
+        e.slide_id: e
+        for e in entries
+        if e.duplicate_of is not None and e.slide_id in {o.slide_id for o in entries if o.duplicate_of is None}
+    }
     items = [(e.slide_id, str(e.path)) for e in entries if e.duplicate_of is None]
     if s.workers <= 1:
         results = run_batch(items, lambda _sid, p: _tile_or_report(p, out, s), report, desc="tiling")
@@ -332,8 +387,9 @@ def tile_slides(slides: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     for row in duplicates:
         if row.slide_id in same_id:
             original = next(r for r in results if r.slide_id == row.slide_id)
-            original.message = "; ".join(m for m in (original.message, f"also given as {same_id[row.slide_id].path}")
-                                         if m)
+            original.message = "; ".join(
+                m for m in (original.message, f"also given as {same_id[row.slide_id].path}") if m
+            )
             report.update(original)
         else:
             report.update(row)

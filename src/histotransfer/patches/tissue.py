@@ -118,9 +118,15 @@ def ink_mask(rgb_blurred: np.ndarray, mpp: float) -> np.ndarray:
     return cv2.dilate(ink, halo).astype(bool)
 
 
-def segment_tissue(rgb_thumbnail: np.ndarray, mpp: float = 8.0, *, threshold: int | None = None,
-                   min_region_um2: float = MIN_AREA_UM2, min_hole_um2: float = MIN_AREA_UM2,
-                   exclude_pen: bool = False) -> TissueSegmentation:
+def segment_tissue(
+    rgb_thumbnail: np.ndarray,
+    mpp: float = 8.0,
+    *,
+    threshold: int | None = None,
+    min_region_um2: float = MIN_AREA_UM2,
+    min_hole_um2: float = MIN_AREA_UM2,
+    exclude_pen: bool = False,
+) -> TissueSegmentation:
     """Tissue (and excluded pen ink) of an RGB ``uint8`` image whose pixels are ``mpp`` microns wide (see the
     module doc for each step and option)."""
     rgb = np.ascontiguousarray(rgb_thumbnail[..., :3])

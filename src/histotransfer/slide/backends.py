@@ -42,8 +42,12 @@ class OpenSlideSlide(Slide):
         self.level_dimensions = [_size(d) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         try:
-            super().__init__(path, _float(props.get(openslide.PROPERTY_NAME_MPP_X)),
-                             _float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)), mpp)
+            super().__init__(
+                path,
+                _float(props.get(openslide.PROPERTY_NAME_MPP_X)),
+                _float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
+                mpp,
+            )
         except HistotransferError:
             self.close()
             raise
@@ -76,8 +80,9 @@ class TiffSlideSlide(Slide):
         self.level_dimensions = [_size(d) for d in self._ts.level_dimensions]
         self.level_downsamples = [float(d) for d in self._ts.level_downsamples]
         try:
-            super().__init__(path, _float(props.get("tiffslide.mpp-x")),
-                             _float(props.get("tiffslide.objective-power")), mpp)
+            super().__init__(
+                path, _float(props.get("tiffslide.mpp-x")), _float(props.get("tiffslide.objective-power")), mpp
+            )
         except HistotransferError:
             self.close()
             raise
@@ -89,8 +94,10 @@ class TiffSlideSlide(Slide):
             page = lvl.keyframe
             offsets, counts = page.dataoffsets, page.databytecounts
             if not offsets or any(o + c > size for o, c in zip(offsets, counts, strict=False)):
-                raise HistotransferError(f"{path}: truncated or corrupt: the image data of level {i} is missing "
-                                         f"or lies beyond the end of the file ({size} bytes); copy it again.")
+                raise HistotransferError(
+                    f"{path}: truncated or corrupt: the image data of level {i} is missing "
+                    f"or lies beyond the end of the file ({size} bytes); copy it again."
+                )
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -149,8 +156,7 @@ class ImageSlide(Slide):
         return to_rgb(img)
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return paste_clipped(size, location, self.dimensions,
-                             lambda x, y, w, h: self._img[y:y + h, x:x + w])
+        return paste_clipped(size, location, self.dimensions, lambda x, y, w, h: self._img[y : y + h, x : x + w])
 
     def close(self) -> None:
         self._img = np.empty((0, 0, 3), np.uint8)

@@ -47,17 +47,18 @@ class Slide(ABC):
     backend: str = ""
     vendor: str | None = None
 
-    def __init__(self, path: Path, native_mpp: float | None, native_magnification: float | None,
-                 mpp: float | None):
+    def __init__(self, path: Path, native_mpp: float | None, native_magnification: float | None, mpp: float | None):
         self.path = Path(path)
         self.slide_id = slide_id_of(path)
         self._mpp_override = mpp
-        self.native_mpp = native_mpp if native_mpp is not None and math.isfinite(native_mpp) and native_mpp > 0 \
-            else None
+        self.native_mpp = (
+            native_mpp if native_mpp is not None and math.isfinite(native_mpp) and native_mpp > 0 else None
+        )
         if mpp is not None:
             if not (math.isfinite(mpp) and mpp > 0):
-                raise HistotransferError(f"{self.path}: --mpp must be a positive number of microns per pixel, "
-                                         f"got {mpp}.")
+                raise HistotransferError(
+                    f"{self.path}: --mpp must be a positive number of microns per pixel, got {mpp}."
+                )
             self.mpp = float(mpp)
         elif self.native_mpp is not None:
             self.mpp = float(self.native_mpp)
@@ -131,12 +132,13 @@ class Slide(ABC):
         return (type(self), (self.path, self._mpp_override))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r}, "
-                f"dimensions={self.dimensions}, levels={self.level_count}, mpp={self.mpp:.4g})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r}, "
+            f"dimensions={self.dimensions}, levels={self.level_count}, mpp={self.mpp:.4g})"
+        )
 
 
-def paste_clipped(size: tuple[int, int], origin: tuple[int, int], bounds: tuple[int, int],
-                  read: Any) -> np.ndarray:
+def paste_clipped(size: tuple[int, int], origin: tuple[int, int], bounds: tuple[int, int], read: Any) -> np.ndarray:
     """A white (h, w, 3) canvas holding the in-bounds part of a level region.
 
     ``origin`` is the region's top-left in level pixels, ``bounds`` the level's (w, h), and
@@ -148,7 +150,7 @@ def paste_clipped(size: tuple[int, int], origin: tuple[int, int], bounds: tuple[
     x0, y0 = max(ox, 0), max(oy, 0)
     x1, y1 = min(ox + w, bounds[0]), min(oy + h, bounds[1])
     if x1 > x0 and y1 > y0:
-        out[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = read(x0, y0, x1 - x0, y1 - y0)
+        out[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = read(x0, y0, x1 - x0, y1 - y0)
     return out
 
 

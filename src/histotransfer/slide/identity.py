@@ -75,8 +75,11 @@ def slide_identity(slide: Slide) -> dict[str, Any]:
 def identity_differences(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """``key recorded vs actual`` for each identity key on which two identities differ (keys ``recorded`` lacks,
     such as ``sample_sha256`` in an identity recorded before it existed, are not compared)."""
-    return [f"{k} {recorded.get(k)} vs {actual.get(k)}" for k in IDENTITY_KEYS
-            if k in recorded and recorded.get(k) != actual.get(k)]
+    return [
+        f"{k} {recorded.get(k)} vs {actual.get(k)}"
+        for k in IDENTITY_KEYS
+        if k in recorded and recorded.get(k) != actual.get(k)
+    ]
 
 
 def parse_identity(value: Any) -> dict[str, Any] | None:

@@ -40,9 +40,11 @@ def _resolve(path: Path) -> Path:
 
 def folder_slides(folder: Path) -> list[Path]:
     """The slide files directly inside ``folder``: known suffixes, not hidden, sorted by name."""
-    return sorted(p for p in folder.iterdir()
-                  if not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES) and p.exists()
-                  and not p.is_dir())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES) and p.exists() and not p.is_dir()
+    )
 
 
 def list_slides(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[SlideEntry]:
@@ -78,7 +80,8 @@ def list_slides(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         if sid in by_id:
             raise HistotransferError(
                 f"two slides share the id '{sid}' (the file name without extension): {by_id[sid]} and {p}; "
-                "rename one so that every slide id is unique.")
+                "rename one so that every slide id is unique."
+            )
         seen[real], by_id[sid] = p, p
         entries.append(SlideEntry(sid, p))
     return entries
@@ -100,5 +103,4 @@ def locate_slide(slide_id: str, recorded: str | None, index: dict[str, Path] | N
         return Path(recorded)
     where = f"recorded slide path {recorded} does not exist" if recorded else "no slide path is recorded"
     hint = " (it lists no such slide)" if index is not None else ""
-    raise HistotransferError(f"{source}: {where}; pass --slides with the folder or files holding {slide_id}.*"
-                             f"{hint}.")
+    raise HistotransferError(f"{source}: {where}; pass --slides with the folder or files holding {slide_id}.*{hint}.")

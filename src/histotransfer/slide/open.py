@@ -13,8 +13,22 @@ from .base import Slide
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 # Files a folder given on the command line is searched for (OpenSlide's formats plus plain images).
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                  ".qptiff", ".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".qptiff",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 
 
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
@@ -36,7 +50,8 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     if image is not None:
         raise HistotransferError(
             f"{path}: is a {image} image, not a {suffix or 'slide'} slide (its extension does not match its "
-            f"content); rename it to .{image.lower()} and pass --mpp with its microns per pixel.")
+            f"content); rename it to .{image.lower()} and pass --mpp with its microns per pixel."
+        )
     failures = []
     for backend in (OpenSlideSlide, TiffSlideSlide):
         try:

@@ -74,8 +74,10 @@ def _usable(page: Any) -> TypeGuard[tifffile.TiffPage]:
             and page.bitspersample == 8
             and page.samplesperpixel in (3, 4)
             and page.compression in FAST_COMPRESSIONS
-            and (page.photometric == PHOTOMETRIC_RGB
-                 or (page.photometric == PHOTOMETRIC_YCBCR and page.compression == COMPRESSION_JPEG))
+            and (
+                page.photometric == PHOTOMETRIC_RGB
+                or (page.photometric == PHOTOMETRIC_YCBCR and page.compression == COMPRESSION_JPEG)
+            )
         )
     except AttributeError:
         return False
@@ -84,8 +86,9 @@ def _usable(page: Any) -> TypeGuard[tifffile.TiffPage]:
 class TiledTiff:
     """Reads regions of a tiled TIFF's pyramid levels by decoding its tiles directly."""
 
-    def __init__(self, path: str | os.PathLike[str], level_dimensions: list[tuple[int, int]],
-                 cache_bytes: int = 128 << 20):
+    def __init__(
+        self, path: str | os.PathLike[str], level_dimensions: list[tuple[int, int]], cache_bytes: int = 128 << 20
+    ):
         self.path = Path(path)
         self._tf = tifffile.TiffFile(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -102,16 +105,24 @@ class TiledTiff:
             for page in pages:
                 if _usable(page) and (page.imagewidth, page.imagelength) == (w, h):
                     self.levels[i] = _Level(
-                        tuple(page.dataoffsets), tuple(page.databytecounts), page.tilewidth, page.tilelength,
-                        -(-w // page.tilewidth), w, h, page.decode, page.jpegtables,
-                        _jpeg_colorspace(page))
+                        tuple(page.dataoffsets),
+                        tuple(page.databytecounts),
+                        page.tilewidth,
+                        page.tilelength,
+                        -(-w // page.tilewidth),
+                        w,
+                        h,
+                        page.decode,
+                        page.jpegtables,
+                        _jpeg_colorspace(page),
+                    )
                     break
 
     def can_read(self, level: int) -> bool:
         return level in self.levels
 
     def jpeg_colorspace(self, level: int) -> str | None:
-        """"RGB" or "YCBCR" for a level of 3-sample JPEG tiles, else None (other codecs, extra samples)."""
+        """ "RGB" or "YCBCR" for a level of 3-sample JPEG tiles, else None (other codecs, extra samples)."""
         return self.levels[level].jpeg_colorspace
 
     def covered(self, level: int, x: int, y: int, w: int, h: int) -> tuple[range, range]:
@@ -121,8 +132,7 @@ class TiledTiff:
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
         if x1 <= x0 or y1 <= y0:
             return range(0), range(0)
-        return (range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1),
-                range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1))
+        return (range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1), range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1))
 
     def jpeg_stream(self, level: int, index: int) -> bytes | None:
         """Tile ``index`` of a JPEG level as one complete JPEG stream; None for a sparse (never scanned) tile.
@@ -144,7 +154,7 @@ class TiledTiff:
         tables = lv.jpegtables or b""
         tables = tables.removeprefix(JPEG_SOI).removesuffix(JPEG_EOI)
         marker = ADOBE_RGB_MARKER if lv.jpeg_colorspace == "RGB" else b""
-        return JPEG_SOI + marker + tables + data[len(JPEG_SOI):]
+        return JPEG_SOI + marker + tables + data[len(JPEG_SOI) :]
 
     def fit_cache(self, level: int, region_side: int, cap: int = 128 << 20) -> None:
         """Size the tile cache for reading ``region_side`` px squares of ``level`` in grid (row) order.
@@ -171,11 +181,13 @@ class TiledTiff:
             shape = (lv.tile_h, lv.tile_w, 3)
             spare = self._spare.pop() if self._spare and self._spare[-1].shape == shape else None
             try:
-                tile = imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
-                                                outcolorspace="RGB", out=spare)
+                tile = imagecodecs.jpeg8_decode(
+                    data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB", out=spare
+                )
             except ValueError:  # a tile stored smaller than the tile size does not fit the buffer
-                tile = imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
-                                                outcolorspace="RGB")
+                tile = imagecodecs.jpeg8_decode(
+                    data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB"
+                )
         else:
             segment = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
             tile = segment.reshape(segment.shape[-3:])[..., :3]
@@ -204,7 +216,7 @@ class TiledTiff:
                 ax0, ay0 = max(x0, gx), max(y0, gy)
                 ax1 = min(x1, gx + lv.tile_w, gx + tile.shape[1])
                 ay1 = min(y1, gy + lv.tile_h, gy + tile.shape[0])
-                out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = tile[ay0 - gy:ay1 - gy, ax0 - gx:ax1 - gx]
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - gy : ay1 - gy, ax0 - gx : ax1 - gx]
         return out
 
     def close(self) -> None:
@@ -217,8 +229,9 @@ class TiledTiff:
         self._cached = 0
 
 
-def open_tiled_tiff(path: Path, backend: str, vendor: str | None,
-                    level_dimensions: list[tuple[int, int]]) -> TiledTiff | None:
+def open_tiled_tiff(
+    path: Path, backend: str, vendor: str | None, level_dimensions: list[tuple[int, int]]
+) -> TiledTiff | None:
     """A direct tile reader for a slide whose format allows one, else None (read through the backend)."""
     if backend not in FAST_VENDORS or vendor not in FAST_VENDORS[backend]:
         return None

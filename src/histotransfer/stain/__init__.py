@@ -13,11 +13,21 @@ options) and ``jitter`` (HED augmentation).
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "HedJitter": ".jitter", "SLIDE_REGION": ".reference", "SOURCE_PATCHES": ".source",
-    "SlideStain": ".source", "StainNormalizer": ".normaliser", "fit_reference": ".target",
-    "load_reference": ".reference", "read_stain_target": ".target", "recorded_normalizer": ".normaliser",
-    "recorded_source": ".source", "source_sample": ".source", "stain_normalizer": ".target",
-    "stain_tag": ".normaliser", "write_reference_patches": ".reference", "write_stain_target": ".target",
+    "HedJitter": ".jitter",
+    "SLIDE_REGION": ".reference",
+    "SOURCE_PATCHES": ".source",
+    "SlideStain": ".source",
+    "StainNormalizer": ".normaliser",
+    "fit_reference": ".target",
+    "load_reference": ".reference",
+    "read_stain_target": ".target",
+    "recorded_normalizer": ".normaliser",
+    "recorded_source": ".source",
+    "source_sample": ".source",
+    "stain_normalizer": ".target",
+    "stain_tag": ".normaliser",
+    "write_reference_patches": ".reference",
+    "write_stain_target": ".target",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -36,7 +36,7 @@ def stained_level(stained: np.ndarray) -> int:
     if not stained.any():
         return -1
     level = int(np.flatnonzero(stained)[-1])
-    if not stained[:level + 1].all():
+    if not stained[: level + 1].all():
         raise ValueError("optical density must fall with the grey level")
     return level
 

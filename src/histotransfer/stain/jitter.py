@@ -32,8 +32,14 @@ class HedJitter:
 
     def describe(self) -> dict[str, Any]:
         """The settings, for a run's config."""
-        return {"name": "hed_jitter", "sigma": self.sigma, "bias": self.bias, "seed": self.seed,
-                "units": "natural-log optical density", "stain_vectors": "Ruifrok-Johnston H, E, DAB"}
+        return {
+            "name": "hed_jitter",
+            "sigma": self.sigma,
+            "bias": self.bias,
+            "seed": self.seed,
+            "units": "natural-log optical density",
+            "stain_vectors": "Ruifrok-Johnston H, E, DAB",
+        }
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -60,13 +60,15 @@ def macenko_estimate(rgb: np.ndarray, io: float, alpha: float, beta: float) -> t
         return estimate, "Macenko's stain estimate is degenerate (a non-finite or zero maximum concentration)"
     cosine = abs(stains[:, 0] @ stains[:, 1]) / (np.linalg.norm(stains[:, 0]) * np.linalg.norm(stains[:, 1]))
     if cosine >= math.cos(math.radians(MIN_STAIN_ANGLE_DEG)):
-        return estimate, (f"Macenko's two stain vectors are less than {MIN_STAIN_ANGLE_DEG:g} degree apart (one "
-                          "colour only)")
+        return estimate, (
+            f"Macenko's two stain vectors are less than {MIN_STAIN_ANGLE_DEG:g} degree apart (one colour only)"
+        )
     return estimate, ""
 
 
-def fit_macenko(rgb: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15,
-                min_pixels: int = MIN_STAINED_PIXELS) -> dict[str, list]:
+def fit_macenko(
+    rgb: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS
+) -> dict[str, list]:
     """Macenko target of uint8 RGB pixels (any shape ending in 3), by torchstain's NumPy normaliser:
     ``stain_matrix`` (3 x 2, haematoxylin then eosin columns) and ``max_concentrations`` (2)."""
     check_stained(rgb, min_pixels, io, beta)
@@ -108,14 +110,20 @@ def _stain_vectors(od: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch
     projected = od @ plane
     phi = torch.atan2(projected[..., 1], projected[..., 0])
     angles = torch.stack([_percentile(phi, valid, alpha), _percentile(phi, valid, 100 - alpha)], -1)
-    v_min, v_max = (plane @ torch.stack([angles[:, i].cos(), angles[:, i].sin()], -1).unsqueeze(-1)
-                    for i in (0, 1))
+    v_min, v_max = (plane @ torch.stack([angles[:, i].cos(), angles[:, i].sin()], -1).unsqueeze(-1) for i in (0, 1))
     min_first = (v_min[:, 0] > v_max[:, 0]).view(-1, 1, 1)
     return torch.where(min_first, torch.cat([v_min, v_max], -1), torch.cat([v_max, v_min], -1))
 
 
-def normalise_macenko(pixels: torch.Tensor, target: dict[str, Any], io: float, alpha: float, beta: float,
-             min_pixels: int, source: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def normalise_macenko(
+    pixels: torch.Tensor,
+    target: dict[str, Any],
+    io: float,
+    alpha: float,
+    beta: float,
+    min_pixels: int,
+    source: dict[str, list] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Macenko-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,): each patch
     from its own stain estimate, or all from the slide's ``source`` estimate.
 
@@ -141,8 +149,12 @@ def normalise_macenko(pixels: torch.Tensor, target: dict[str, Any], io: float, a
     out = io * torch.exp(-ref_stains @ (concentrations * (ref_max / max_c).unsqueeze(-1)))
     if source is None:
         cosine = torch.nn.functional.cosine_similarity(stains[..., 0], stains[..., 1], dim=-1).abs()
-        ok = (enough & torch.isfinite(max_c).all(-1) & (max_c > 1e-6).all(-1)
-              & (cosine < math.cos(math.radians(MIN_STAIN_ANGLE_DEG))))
+        ok = (
+            enough
+            & torch.isfinite(max_c).all(-1)
+            & (max_c > 1e-6).all(-1)
+            & (cosine < math.cos(math.radians(MIN_STAIN_ANGLE_DEG)))
+        )
     else:  # checked when the slide's estimate was fitted
         ok = torch.ones(len(pixels), dtype=torch.bool, device=od.device)
     # Truncation, not rounding, as torchstain's astype(uint8).

@@ -59,8 +59,7 @@ class StainNormalizer:
 
     method: str
     target: dict[str, list]
-    settings: dict[str, float] = field(default_factory=lambda: {**MACENKO_DEFAULTS,
-                                                                "min_pixels": MIN_STAINED_PIXELS})
+    settings: dict[str, float] = field(default_factory=lambda: {**MACENKO_DEFAULTS, "min_pixels": MIN_STAINED_PIXELS})
     scope: str = "patch"
 
     def __post_init__(self) -> None:
@@ -68,9 +67,16 @@ class StainNormalizer:
         check_scope(self.scope)
 
     @classmethod
-    def fit(cls, method: str, reference: Reference | Sequence[Reference], io: float = 240.0,
-            alpha: float = 1.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS,
-            scope: str = "patch") -> StainNormalizer:
+    def fit(
+        cls,
+        method: str,
+        reference: Reference | Sequence[Reference],
+        io: float = 240.0,
+        alpha: float = 1.0,
+        beta: float = 0.15,
+        min_pixels: int = MIN_STAINED_PIXELS,
+        scope: str = "patch",
+    ) -> StainNormalizer:
         """Fit ``method`` ("macenko" | "reinhard") to a reference (see ``load_reference``)."""
         settings = {"io": float(io), "alpha": float(alpha), "beta": float(beta), "min_pixels": int(min_pixels)}
         check_method(method)
@@ -91,16 +97,22 @@ class StainNormalizer:
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON: ``method``, ``target``, ``settings``, and ``scope`` when it is ``slide``
         (a per-patch normaliser is described, and tagged, as it was before per-slide normalisation existed)."""
-        return {"method": self.method, "target": self.target, "settings": self.settings,
-                **({"scope": self.scope} if self.per_slide else {})}
+        return {
+            "method": self.method,
+            "target": self.target,
+            "settings": self.settings,
+            **({"scope": self.scope} if self.per_slide else {}),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StainNormalizer:
         """The normaliser that ``to_dict`` described."""
         missing = {"method", "target", "settings"} - set(data)
         if missing:
-            raise HistotransferError(f"stain normaliser description lacks {', '.join(sorted(missing))}; "
-                                     "save it with StainNormalizer.to_dict().")
+            raise HistotransferError(
+                f"stain normaliser description lacks {', '.join(sorted(missing))}; "
+                "save it with StainNormalizer.to_dict()."
+            )
         return cls(data["method"], data["target"], data["settings"], data.get("scope", "patch"))
 
     def tag(self) -> str:
@@ -123,8 +135,11 @@ class StainNormalizer:
         counts = {"n_patches": len(patches), "n_pixels": len(pixels), "n_stained": n_stained}
         need = max(int(s["min_pixels"]), 2)
         if n_stained < need:
-            return SlideStain(None, **counts, reason=f"only {n_stained} stained pixels in the {len(patches)} "
-                                                     f"patch(es) sampled (need {need})")
+            return SlideStain(
+                None,
+                **counts,
+                reason=f"only {n_stained} stained pixels in the {len(patches)} patch(es) sampled (need {need})",
+            )
         if self.method == "macenko":
             estimate, reason = macenko_estimate(pixels, s["io"], s["alpha"], s["beta"])
         else:
@@ -138,16 +153,18 @@ class StainNormalizer:
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"expected a (B, H, W, 3) uint8 tensor, got {pixels.dtype} {tuple(pixels.shape)}")
         if self.per_slide != (source is not None):
-            raise ValueError("a per-slide normaliser takes the slide's source estimate (fit_source), a per-patch "
-                             "one none")
+            raise ValueError(
+                "a per-slide normaliser takes the slide's source estimate (fit_source), a per-patch one none"
+            )
         if pixels.numel() == 0 or (source is not None and source.estimate is None):
             return pixels.clone()
         flat = pixels.reshape(pixels.shape[0], -1, 3)
         s = self.settings
         estimate = None if source is None else source.estimate
         if self.method == "macenko":
-            out, ok = normalise_macenko(flat, self.target, s["io"], s["alpha"], s["beta"], int(s["min_pixels"]),
-                                        estimate)
+            out, ok = normalise_macenko(
+                flat, self.target, s["io"], s["alpha"], s["beta"], int(s["min_pixels"]), estimate
+            )
         else:
             out, ok = normalise_reinhard(flat, self.target, s["io"], s["beta"], int(s["min_pixels"]), estimate)
         if not bool(ok.all()):
@@ -165,8 +182,7 @@ def recorded_normalizer(record: Mapping[str, Any], source: str | os.PathLike[str
         data = json.loads(value) if isinstance(value, str) else dict(value)
         return StainNormalizer.from_dict(data)
     except (ValueError, TypeError) as exc:
-        raise HistotransferError(f"{source}: unreadable stain_target record ({exc}); re-extract the features.") \
-            from exc
+        raise HistotransferError(f"{source}: unreadable stain_target record ({exc}); re-extract the features.") from exc
 
 
 def stain_tag(normalizer: StainNormalizer | None) -> str:

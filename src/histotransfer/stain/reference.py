@@ -63,14 +63,18 @@ def read_slide_region(spec: str) -> np.ndarray:
         raise HistotransferError(f"{spec}: not a slide region; write it as SLIDE@x,y,w,h in level-0 pixels.")
     x, y, w, h = (int(match[k]) for k in ("x", "y", "w", "h"))
     if w * h == 0 or w * h > MAX_REGION_PIXELS:
-        raise HistotransferError(f"{spec}: a region of {w} x {h} pixels; give a tissue region of 1 to "
-                                 f"{MAX_REGION_PIXELS} pixels (e.g. 2048,2048).")
+        raise HistotransferError(
+            f"{spec}: a region of {w} x {h} pixels; give a tissue region of 1 to "
+            f"{MAX_REGION_PIXELS} pixels (e.g. 2048,2048)."
+        )
     # The region is in level-0 pixels, so the slide's resolution plays no part: any mpp opens it.
     with open_slide(match["path"], mpp=1.0) as slide:
         sw, sh = slide.dimensions
         if x + w > sw or y + h > sh:
-            raise HistotransferError(f"{spec}: the region ends at ({x + w}, {y + h}), outside the slide's level 0 "
-                                     f"({sw} x {sh}); pick a region inside it.")
+            raise HistotransferError(
+                f"{spec}: the region ends at ({x + w}, {y + h}), outside the slide's level 0 "
+                f"({sw} x {sh}); pick a region inside it."
+            )
         return slide.read_region((x, y), 0, (w, h))
 
 
@@ -89,8 +93,10 @@ def write_reference_patches(patches: str | os.PathLike[str], out_dir: str | os.P
         if not len(patch_set.coords):
             continue
         x, y = patch_set.coords[int(np.argmax(patch_set.tissue_fraction))]
-        with open_slide(patch_set.spec.slide_path, mpp=patch_set.spec.mpp) as slide, \
-                PatchReader(slide, patch_set.spec) as reader:
+        with (
+            open_slide(patch_set.spec.slide_path, mpp=patch_set.spec.mpp) as slide,
+            PatchReader(slide, patch_set.spec) as reader,
+        ):
             rgb = reader.read(int(x), int(y))
         if not cv2.imwrite(str(out / f"{path.stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise HistotransferError(f"{out / path.stem}.png: could not be written; check the folder.")
@@ -100,6 +106,8 @@ def write_reference_patches(patches: str | os.PathLike[str], out_dir: str | os.P
 def folder_images(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
-        raise HistotransferError(f"{folder}: holds no patch images ({', '.join(IMAGE_SUFFIXES)}) to fit a stain "
-                                 "reference on; give a folder of reference patches.")
+        raise HistotransferError(
+            f"{folder}: holds no patch images ({', '.join(IMAGE_SUFFIXES)}) to fit a stain "
+            "reference on; give a folder of reference patches."
+        )
     return images

@@ -24,8 +24,7 @@ from .density import MIN_STAINED_PIXELS, check_stained, rounded, stained_pixels
 
 # sRGB (D65) to XYZ and the D65 white point: the constants of torchstain's Reinhard (OpenCV's), so that the
 # batched Lab conversion below agrees with it.
-RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                       [0.019334, 0.119193, 0.950227]])
+RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
 D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
@@ -55,8 +54,9 @@ def _estimate(means: np.ndarray, stds: np.ndarray) -> tuple[dict[str, list], str
     return estimate, ""
 
 
-def fit_reinhard(rgb: np.ndarray, io: float = 240.0, beta: float = 0.15,
-                 min_pixels: int = MIN_STAINED_PIXELS) -> dict[str, list]:
+def fit_reinhard(
+    rgb: np.ndarray, io: float = 240.0, beta: float = 0.15, min_pixels: int = MIN_STAINED_PIXELS
+) -> dict[str, list]:
     """Reinhard target of uint8 RGB pixels, by torchstain's NumPy normaliser: ``lab_means`` and ``lab_stds``
     (L in 0-100, a, b centred on 0) over all the pixels (``io``, ``beta``: what counts as stained)."""
     check_stained(rgb, min_pixels, io, beta)
@@ -65,8 +65,11 @@ def fit_reinhard(rgb: np.ndarray, io: float = 240.0, beta: float = 0.15,
 
 # sRGB decoding of the 256 grey levels, as torchstain computes it per pixel (in float32).
 _LEVELS = np.arange(256, dtype=np.float32) / np.float32(255)
-SRGB_DECODE = np.where(_LEVELS > 0.04045, ((_LEVELS + np.float32(0.055)) / np.float32(1.055)) ** np.float32(2.4),
-                       _LEVELS / np.float32(12.92)).astype(np.float32)
+SRGB_DECODE = np.where(
+    _LEVELS > 0.04045,
+    ((_LEVELS + np.float32(0.055)) / np.float32(1.055)) ** np.float32(2.4),
+    _LEVELS / np.float32(12.92),
+).astype(np.float32)
 # Linear RGB to XYZ relative to the white point, and back.
 XYZ_WHITE_FROM_RGB = RGB_TO_XYZ / D65_WHITE[:, None]
 RGB_FROM_XYZ_WHITE = np.linalg.inv(RGB_TO_XYZ) * D65_WHITE[None, :]
@@ -93,7 +96,7 @@ def _affine_map(f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tens
     m = torch.cat([a, c.unsqueeze(-1)], -1).numpy()
     if len(m) == 1:
         return torch.from_numpy(cv2.transform(fn, m[0]))
-    return torch.from_numpy(np.stack([cv2.transform(fn[i:i + 1], m[i])[0] for i in range(len(fn))]))
+    return torch.from_numpy(np.stack([cv2.transform(fn[i : i + 1], m[i])[0] for i in range(len(fn))]))
 
 
 def lab_f(pixels: torch.Tensor) -> torch.Tensor:
@@ -159,8 +162,14 @@ def rgb_of_f_torch(f: torch.Tensor) -> torch.Tensor:
     return (rgb.clamp(0, 1) * 255).to(torch.uint8)
 
 
-def normalise_reinhard(pixels: torch.Tensor, target: dict[str, Any], io: float, beta: float,
-                       min_pixels: int, source: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def normalise_reinhard(
+    pixels: torch.Tensor,
+    target: dict[str, Any],
+    io: float,
+    beta: float,
+    min_pixels: int,
+    source: dict[str, list] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reinhard-normalised pixels (B, N, 3) uint8 and which patches could be normalised (B,): each patch by
     its own Lab mean and spread, or all by the slide's ``source`` estimate (written out for the reason
     ``normalise_macenko`` gives).
@@ -171,8 +180,9 @@ def normalise_reinhard(pixels: torch.Tensor, target: dict[str, Any], io: float, 
     f = lab_f(pixels)
     dev = f.device
     if source is None:
-        lab = f @ torch.tensor(LAB_FROM_F.T, dtype=f.dtype, device=dev) + torch.tensor(LAB_OFFSET, dtype=f.dtype,
-                                                                                          device=dev)
+        lab = f @ torch.tensor(LAB_FROM_F.T, dtype=f.dtype, device=dev) + torch.tensor(
+            LAB_OFFSET, dtype=f.dtype, device=dev
+        )
         mean, std = lab.mean(1).double(), lab.std(1, correction=0).double()
     else:
         mean = torch.tensor(source["lab_means"], dtype=torch.float64, device=dev).view(1, 3)

@@ -66,10 +66,16 @@ class SlideStain:
         """The estimate ``to_dict`` described."""
         missing = {"estimate", "n_patches", "n_pixels", "n_stained"} - set(data)
         if missing:
-            raise HistotransferError(f"slide stain estimate lacks {', '.join(sorted(missing))}; re-extract the "
-                                     "features.")
-        return cls(data["estimate"], int(data["n_patches"]), int(data["n_pixels"]), int(data["n_stained"]),
-                   str(data.get("reason", "")))
+            raise HistotransferError(
+                f"slide stain estimate lacks {', '.join(sorted(missing))}; re-extract the features."
+            )
+        return cls(
+            data["estimate"],
+            int(data["n_patches"]),
+            int(data["n_pixels"]),
+            int(data["n_stained"]),
+            str(data.get("reason", "")),
+        )
 
 
 def recorded_source(attrs: Mapping[str, Any], source: str | os.PathLike[str] = "") -> SlideStain:
@@ -77,10 +83,11 @@ def recorded_source(attrs: Mapping[str, Any], source: str | os.PathLike[str] = "
     (what a later stage applies to see the pixels extraction saw)."""
     value = attrs.get("stain_source")
     if not value:
-        raise HistotransferError(f"{source}: per-slide stain-normalised features without the slide's stain_source "
-                                 "record; re-extract the features.")
+        raise HistotransferError(
+            f"{source}: per-slide stain-normalised features without the slide's stain_source "
+            "record; re-extract the features."
+        )
     try:
         return SlideStain.from_dict(json.loads(value))
     except (ValueError, TypeError) as exc:
-        raise HistotransferError(f"{source}: unreadable stain_source record ({exc}); re-extract the features.") \
-            from exc
+        raise HistotransferError(f"{source}: unreadable stain_source record ({exc}); re-extract the features.") from exc

@@ -24,11 +24,14 @@ def read_stain_target(path: str | os.PathLike[str]) -> StainNormalizer:
     try:
         data = json.loads(read_text(path, "stain target"))
     except (OSError, ValueError) as exc:
-        raise HistotransferError(f"{path}: not a readable stain target JSON ({exc}); write it with "
-                                 "histotransfer stain-fit.") from exc
+        raise HistotransferError(
+            f"{path}: not a readable stain target JSON ({exc}); write it with histotransfer stain-fit."
+        ) from exc
     if not isinstance(data, dict):
-        raise HistotransferError(f"{path}: not a stain target (a JSON object with method, target, settings); "
-                                 "write it with histotransfer stain-fit.")
+        raise HistotransferError(
+            f"{path}: not a stain target (a JSON object with method, target, settings); "
+            "write it with histotransfer stain-fit."
+        )
     return StainNormalizer.from_dict(data)
 
 
@@ -50,8 +53,10 @@ def fit_reference(method: str, reference: str | os.PathLike[str]) -> StainNormal
     if path.suffix.lower() == ".json" and path.is_file():
         loaded = read_stain_target(path)
         if loaded.method != method:
-            raise HistotransferError(f"{path}: a {loaded.method} target, but stain normalisation {method} was "
-                                     f"asked for; pass --stain-norm {loaded.method} or another reference.")
+            raise HistotransferError(
+                f"{path}: a {loaded.method} target, but stain normalisation {method} was "
+                f"asked for; pass --stain-norm {loaded.method} or another reference."
+            )
         return loaded
     if not path.exists() and SLIDE_REGION.match(text):
         source: Reference | list[Path] = read_slide_region(text)
@@ -60,16 +65,19 @@ def fit_reference(method: str, reference: str | os.PathLike[str]) -> StainNormal
     elif path.is_file():
         source = path
     else:
-        raise HistotransferError(f"{text}: no such stain reference; give a patch image, a folder of them, "
-                                 "SLIDE@x,y,w,h or a fitted target .json.")
+        raise HistotransferError(
+            f"{text}: no such stain reference; give a patch image, a folder of them, "
+            "SLIDE@x,y,w,h or a fitted target .json."
+        )
     try:
         return StainNormalizer.fit(method, source)
     except HistotransferError as exc:
         raise HistotransferError(f"{text}: {exc}") from None
 
 
-def stain_normalizer(method: str, reference: str | os.PathLike[str] | None,
-                     scope: str = "slide") -> StainNormalizer | None:
+def stain_normalizer(
+    method: str, reference: str | os.PathLike[str] | None, scope: str = "slide"
+) -> StainNormalizer | None:
     """The normaliser of a stage's ``stain_norm`` / ``stain_ref`` / ``stain_scope`` options: None for
     ``"none"``. The scope is the stage's, whatever scope a fitted target ``.json`` was recorded with."""
     if method == "none":

@@ -60,14 +60,25 @@ class Cell:
     def folder(self, out_dir: Path) -> Path:
         return out_dir / self.key
 
-    def record(self, status: str, seconds: float | None = None, message: str = "",
-               result: dict[str, Any] | None = None) -> dict[str, Any]:
+    def record(
+        self, status: str, seconds: float | None = None, message: str = "", result: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The cell as the tables and report see it."""
-        return {"kind": self.kind, "key": self.key, "folder": self.key, "dataset": self.dataset,
-                "encoder": self.encoder.spec() if self.encoder else None,
-                "config": self.encoder.key if self.encoder else "", "recipe": self.variant, "stain": self.stain,
-                "seed": self.seed,
-                "status": status, "seconds": seconds, "message": message, "result": result or {}}
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "folder": self.key,
+            "dataset": self.dataset,
+            "encoder": self.encoder.spec() if self.encoder else None,
+            "config": self.encoder.key if self.encoder else "",
+            "recipe": self.variant,
+            "stain": self.stain,
+            "seed": self.seed,
+            "status": status,
+            "seconds": seconds,
+            "message": message,
+            "result": result or {},
+        }
 
 
 def read_done(cell: Cell, out_dir: Path) -> dict[str, Any] | None:
@@ -98,10 +109,20 @@ def prepare_folder(cell: Cell, out_dir: Path) -> Path:
 def write_done(cell: Cell, out_dir: Path, result: dict[str, Any], seconds: float, message: str) -> None:
     folder = cell.folder(out_dir)
     (folder / FAILED).unlink(missing_ok=True)
-    write_json({"kind": cell.kind, "key": cell.key, "hash": cell.hash, "settings": cell.settings,
-                "deps": [d.key for d in cell.deps], "result": result, "seconds": round(seconds, 3),
-                "message": message, "finished": datetime.now(UTC).isoformat(timespec="seconds")},
-               folder / DONE)
+    write_json(
+        {
+            "kind": cell.kind,
+            "key": cell.key,
+            "hash": cell.hash,
+            "settings": cell.settings,
+            "deps": [d.key for d in cell.deps],
+            "result": result,
+            "seconds": round(seconds, 3),
+            "message": message,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        folder / DONE,
+    )
 
 
 def write_failed(cell: Cell, out_dir: Path, reason: str, exc: BaseException) -> None:
@@ -109,5 +130,13 @@ def write_failed(cell: Cell, out_dir: Path, reason: str, exc: BaseException) -> 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / DONE).unlink(missing_ok=True)
     write_text("".join(traceback.format_exception(exc)), folder / "error.log")
-    write_json({"kind": cell.kind, "key": cell.key, "hash": cell.hash, "reason": reason,
-                "failed": datetime.now(UTC).isoformat(timespec="seconds")}, folder / FAILED)
+    write_json(
+        {
+            "kind": cell.kind,
+            "key": cell.key,
+            "hash": cell.hash,
+            "reason": reason,
+            "failed": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        folder / FAILED,
+    )

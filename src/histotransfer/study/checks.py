@@ -48,8 +48,15 @@ class Checker:
             return None
         return p
 
-    def encoders(self, name: str, weights: str | None, truncations: list[int], where: str,
-                 listed: bool = True, blocks: int | None = None) -> list[EncoderConfig]:
+    def encoders(
+        self,
+        name: str,
+        weights: str | None,
+        truncations: list[int],
+        where: str,
+        listed: bool = True,
+        blocks: int | None = None,
+    ) -> list[EncoderConfig]:
         """Check an encoder against the registry (imported lazily: torch) and expand its truncations (``listed``:
         given as the list ``truncations``, else as one ``truncation``), or check its ``blocks``."""
         from ..encoders import encoder_info, list_encoders, resolve_weights
@@ -78,19 +85,25 @@ class Checker:
         for j, k in enumerate(truncations):
             top = meta["n_stages"] - 1
             if not 0 <= k <= top:
-                self.fail(f"{where}.truncations[{j}]" if listed else f"{where}.truncation",
-                          f"truncation {k} is too deep for {name}: it has {top + 1} stages, so truncation must be "
-                          f"in 0..{top}")
+                self.fail(
+                    f"{where}.truncations[{j}]" if listed else f"{where}.truncation",
+                    f"truncation {k} is too deep for {name}: it has {top + 1} stages, so truncation must be "
+                    f"in 0..{top}",
+                )
             else:
                 out.append(EncoderConfig(name, label, k))
         return out
 
-    def _blocks(self, name: str, label: str, truncations: list[int], blocks: int, where: str, depth: int | None,
-                listed: bool) -> list[EncoderConfig]:
+    def _blocks(
+        self, name: str, label: str, truncations: list[int], blocks: int, where: str, depth: int | None, listed: bool
+    ) -> list[EncoderConfig]:
         """The configuration of a transformer's first ``blocks`` blocks (truncation 0 beside it, or none)."""
         if depth is None:
-            self.fail(f"{where}.blocks", f"blocks applies to transformer encoders, not {name}; use "
-                                         f"{'truncations' if listed else 'truncation'} for it")
+            self.fail(
+                f"{where}.blocks",
+                f"blocks applies to transformer encoders, not {name}; use "
+                f"{'truncations' if listed else 'truncation'} for it",
+            )
         elif blocks > depth:
             self.fail(f"{where}.blocks", f"{name} has {depth} blocks: pass blocks 1..{depth}")
         elif truncations != [0]:
@@ -103,8 +116,10 @@ class Checker:
     def dataset(self, raw: Any, where: str, tile: TileSettings | None) -> Dataset | None:
         d = self.model(DatasetEntry, raw, where)
         if isinstance(raw, dict) and "demo" not in raw:
-            for key, what in (("slides", "a folder of slides or a list of slide files"), ("labels", "a CSV with "
-                                                                                             "columns slide_id,label")):
+            for key, what in (
+                ("slides", "a folder of slides or a list of slide files"),
+                ("labels", "a CSV with columns slide_id,label"),
+            ):
                 if raw.get(key) is None:
                     self.fail(f"{where}.{key}", f"missing (required): {what}")
         if d is None or tile is None:
@@ -112,8 +127,12 @@ class Checker:
         if d.demo is not None and (d.slides is not None or d.labels is not None):
             self.fail(where, "give either 'demo' (generated slides) or 'slides' and 'labels'")
             return None
-        settings = TileSettings.model_validate({**tile.model_dump(exclude_unset=True), **d.model_dump(
-            include=set(TileSettings.model_fields) & d.model_fields_set)})
+        settings = TileSettings.model_validate(
+            {
+                **tile.model_dump(exclude_unset=True),
+                **d.model_dump(include=set(TileSettings.model_fields) & d.model_fields_set),
+            }
+        )
         if d.split is not None and d.split_file is not None:
             self.fail(where, "give either 'split' (an official split rule) or 'split_file'")
         if d.demo is not None:
@@ -129,8 +148,11 @@ class Checker:
     def _slides(self, items: list[str], where: str) -> list[Path]:
         from ..slide import list_slides
 
-        paths = [p for i, item in enumerate(items)
-                 if (p := self.path(item, f"{where}[{i}]" if len(items) > 1 else where, "slide file or folder"))]
+        paths = [
+            p
+            for i, item in enumerate(items)
+            if (p := self.path(item, f"{where}[{i}]" if len(items) > 1 else where, "slide file or folder"))
+        ]
         try:
             return [e.path for e in list_slides(paths) if e.duplicate_of is None]
         except HistotransferError as exc:
@@ -149,9 +171,10 @@ class Checker:
             self.fail(where, str(exc))
             return
         if group_column is not None and group_column not in table.extra:
-            self.fail(where.replace(".labels", ".group_column"),
-                      f"{labels} has no column {group_column!r} "
-                      f"(its extra columns: {', '.join(table.extra) or 'none'})")
+            self.fail(
+                where.replace(".labels", ".group_column"),
+                f"{labels} has no column {group_column!r} (its extra columns: {', '.join(table.extra) or 'none'})",
+            )
 
     def extract(self, raw: Any) -> tuple[ExtractSettings | None, tuple[str, ...], str | None]:
         """The ``extract`` section: its settings without stain normalisation, the stain axis (``stain_norm``, one
@@ -162,8 +185,11 @@ class Checker:
         listed = isinstance(methods, list)
         methods = methods if listed else [methods]
         if listed and (not methods or len({str(m) for m in methods}) != len(methods)):
-            self.fail("extract.stain_norm", f"expected a method (none, macenko, reinhard) or a non-empty list of "
-                                            f"distinct ones, got {raw['stain_norm']!r}")
+            self.fail(
+                "extract.stain_norm",
+                f"expected a method (none, macenko, reinhard) or a non-empty list of "
+                f"distinct ones, got {raw['stain_norm']!r}",
+            )
             return None, (), None
         ref = raw.get("stain_ref")
         if isinstance(ref, str):
@@ -186,7 +212,7 @@ class Checker:
         region = SLIDE_REGION.match(value)
         if region is not None and not (self.base / value).exists() and not Path(value).exists():
             found = self.path(region["path"], where, "slide of the stain reference region")
-            return None if found is None else f"{found}@{value[region.end('path') + 1:]}"
+            return None if found is None else f"{found}@{value[region.end('path') + 1 :]}"
         found = self.path(value, where, "stain reference (patch image, folder, SLIDE@x,y,w,h or target .json)")
         return None if found is None else str(found)
 
@@ -201,9 +227,12 @@ class Checker:
             if isinstance(item, dict) and "seed" in item:
                 self.fail(f"{where}.seed", "set the seeds with the top-level 'seeds' list")
             if isinstance(item, dict) and "annotations" in item:
-                self.fail(f"{where}.annotations", "a study does not train on lesion annotations (a dataset's "
-                                                  "annotations score the attention only); use `histotransfer train "
-                                                  "--annotations` for that")
+                self.fail(
+                    f"{where}.annotations",
+                    "a study does not train on lesion annotations (a dataset's "
+                    "annotations score the attention only); use `histotransfer train "
+                    "--annotations` for that",
+                )
             m = self.model(MilSection, item, where)
             if m is not None:
                 settings = MilSettings.model_validate(m.model_dump(exclude={"name"}, exclude_unset=True))
@@ -218,13 +247,22 @@ class Checker:
         configs = self.encoders(ref.name, ref.weights, [ref.truncation], where, listed=False, blocks=ref.blocks)
         if not configs or grid is None:
             return configs[0] if configs else None
-        matches = [e for e in grid if e.name == ref.name and e.truncate == ref.truncation and e.blocks == ref.blocks
-                   and (ref.weights is None or e.weights == configs[0].weights)]
+        matches = [
+            e
+            for e in grid
+            if e.name == ref.name
+            and e.truncate == ref.truncation
+            and e.blocks == ref.blocks
+            and (ref.weights is None or e.weights == configs[0].weights)
+        ]
         if len(matches) != 1:
             have = ", ".join(e.label for e in grid if e.name == ref.name) or "none"
             why = "is not" if not matches else "matches several configurations"
             depth = f"truncation {ref.truncation}" if ref.blocks is None else f"{ref.blocks} blocks"
-            self.fail(where, f"{ref.name} with {depth} {why} in 'encoders' (configured for "
-                             f"{ref.name}: {have}); add it there{' or give weights' if matches else ''}")
+            self.fail(
+                where,
+                f"{ref.name} with {depth} {why} in 'encoders' (configured for "
+                f"{ref.name}: {have}); add it there{' or give weights' if matches else ''}",
+            )
             return None
         return matches[0]

@@ -11,14 +11,16 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "study", help="run a whole study (grid of encoders x truncations x datasets x seeds) from a YAML file",
+        "study",
+        help="run a whole study (grid of encoders x truncations x datasets x seeds) from a YAML file",
         description="Run every cell of the study not already done (tiling, extraction, MIL per seed, "
-                    "fine-tuning, CKA), then write tables/, figures/ and report.html. Re-running resumes.")
+        "fine-tuning, CKA), then write tables/, figures/ and report.html. Re-running resumes.",
+    )
     p.add_argument("study_file", metavar="FILE", help="study file (YAML); see examples/paper_study.yaml")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: the file's 'out' key, else ./<FILE stem>_out)")
-    p.add_argument("--check", action="store_true",
-                   help="validate the file and list the cells to do, without running anything")
+    p.add_argument("--out", default=None, help="output folder (default: the file's 'out' key, else ./<FILE stem>_out)")
+    p.add_argument(
+        "--check", action="store_true", help="validate the file and list the cells to do, without running anything"
+    )
     p.set_defaults(func=_study)
 
 

@@ -61,19 +61,27 @@ def load_study(path: str | Path) -> Study:
     for key in raw:
         if key not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1, cutoff=0.6)
-            v.fail(str(key), f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                                       f"; valid keys: {', '.join(TOP_KEYS)}"))
+            v.fail(
+                str(key),
+                f"unknown key '{key}'"
+                + (f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(TOP_KEYS)}"),
+            )
     tile = v.model(TileSettings, raw.get("tile"), "tile")
     extract, stains, stain_ref = v.extract(raw.get("extract"))
     mil = v.mil(raw.get("mil"))
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        v.fail("seeds", f"expected a non-empty list of distinct integers from 0 to {SEED_MAX}, got "
-                        f"{raw.get('seeds')!r}")
-    datasets = [d for i, item in enumerate(_listed(v, raw, "datasets"))
-                if (d := v.dataset(item, f"datasets[{i}]", tile))]
+    if (
+        not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        v.fail(
+            "seeds", f"expected a non-empty list of distinct integers from 0 to {SEED_MAX}, got {raw.get('seeds')!r}"
+        )
+    datasets = [
+        d for i, item in enumerate(_listed(v, raw, "datasets")) if (d := v.dataset(item, f"datasets[{i}]", tile))
+    ]
     names = [d.name for d in datasets]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         v.fail("datasets", f"dataset name '{dup}' is used more than once")
@@ -85,8 +93,9 @@ def load_study(path: str | Path) -> Study:
                 v.fail(f"encoders[{i}]", f"{cfg.label} is listed more than once")
             grid.append(cfg)
     ft = v.model(FinetuneSection, raw["finetune"], "finetune") if raw.get("finetune") is not None else None
-    ft_encoders = [c for i, r in enumerate(ft.encoders if ft else [])
-                   if (c := v.ref(r, f"finetune.encoders[{i}]", grid))]
+    ft_encoders = [
+        c for i, r in enumerate(ft.encoders if ft else []) if (c := v.ref(r, f"finetune.encoders[{i}]", grid))
+    ]
     if ft is not None and ft.mil is not None and ft.mil not in [m.name for m in mil]:
         v.fail("finetune.mil", f"{ft.mil!r} is not one of the MIL variants ({', '.join(m.name for m in mil)})")
     for s in (ft.seeds or []) if ft else []:
@@ -95,8 +104,11 @@ def load_study(path: str | Path) -> Study:
     cka = v.model(CkaSection, raw["cka"], "cka") if raw.get("cka") is not None else None
     for key in STAIN_KEYS:
         if isinstance(raw.get("cka"), dict) and key in raw["cka"]:
-            v.fail(f"cka.{key}", "CKA sees the patches as the extraction normalised them: set extract.stain_norm "
-                                 "and extract.stain_ref instead")
+            v.fail(
+                f"cka.{key}",
+                "CKA sees the patches as the extraction normalised them: set extract.stain_norm "
+                "and extract.stain_ref instead",
+            )
     pairs = []
     for i, p in enumerate(cka.pairs if cka else []):
         a, b = v.ref(p.a, f"cka.pairs[{i}].a", None), v.ref(p.b, f"cka.pairs[{i}].b", None)
@@ -107,20 +119,36 @@ def load_study(path: str | Path) -> Study:
     cam = v.model(CamSettings, raw["cam"], "cam") if raw.get("cam") is not None else None
     if v.problems:
         listing = "\n".join(f"  - {p}" for p in v.problems)
-        raise HistotransferError(f"{path}: {len(v.problems)} problem(s) in the study file (nothing was run):\n"
-                                 f"{listing}")
+        raise HistotransferError(
+            f"{path}: {len(v.problems)} problem(s) in the study file (nothing was run):\n{listing}"
+        )
     out = raw.get("out")
     extract = cast(ExtractSettings, extract)  # a missing extract section was a problem, raised above
     return Study(
-        path=path, text=text, name=str(raw.get("name") or path.stem),
-        out=(path.parent / Path(out).expanduser()).resolve() if out else None, datasets=tuple(datasets),
-        encoders=tuple(grid), seeds=tuple(seeds), extract=extract, stains=stains, stain_ref=stain_ref,
+        path=path,
+        text=text,
+        name=str(raw.get("name") or path.stem),
+        out=(path.parent / Path(out).expanduser()).resolve() if out else None,
+        datasets=tuple(datasets),
+        encoders=tuple(grid),
+        seeds=tuple(seeds),
+        extract=extract,
+        stains=stains,
+        stain_ref=stain_ref,
         mil=tuple(mil),
-        finetune=FinetuneSettings.model_validate(ft.model_dump(exclude={"encoders", "seeds", "mil"},
-                                                               exclude_unset=True)) if ft else None,
+        finetune=FinetuneSettings.model_validate(
+            ft.model_dump(exclude={"encoders", "seeds", "mil"}, exclude_unset=True)
+        )
+        if ft
+        else None,
         finetune_mil=(ft.mil if ft and ft.mil else mil[0].name),
-        finetune_encoders=tuple(dict.fromkeys(ft_encoders)), finetune_seeds=tuple(ft.seeds or seeds) if ft else (),
+        finetune_encoders=tuple(dict.fromkeys(ft_encoders)),
+        finetune_seeds=tuple(ft.seeds or seeds) if ft else (),
         cka=CkaSettings.model_validate(cka.model_dump(exclude={"finetuned", "pairs"}, exclude_unset=True))
-        if cka else None,
-        cka_finetuned=bool(cka and cka.finetuned), cka_pairs=tuple(pairs), cam=cam, encoder_info=v.info,
+        if cka
+        else None,
+        cka_finetuned=bool(cka and cka.finetuned),
+        cka_pairs=tuple(pairs),
+        cam=cam,
+        encoder_info=v.info,
     )

@@ -54,12 +54,15 @@ def _auc_axis(ax: plt.Axes, lows: pd.Series) -> None:
 
 def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
     """One panel per comparison; CKA (mean ± sd over seeds) against stage, one line per dataset."""
-    fig_info = Figure("cka_per_stage", "CKA per stage",
-                      "Linear CKA between the two encoders' activations at each stage, on the same patches "
-                      "(1 = same representation up to rotation and scale). Mean ± sd over seeds. Dashed: the "
-                      "baseline, CKA between the first encoder and random initialisations of its architecture on "
-                      "the same patches (mean over draws and seeds), shaded ± the sd over its random draws: what "
-                      "architecture and inputs alone give.")
+    fig_info = Figure(
+        "cka_per_stage",
+        "CKA per stage",
+        "Linear CKA between the two encoders' activations at each stage, on the same patches "
+        "(1 = same representation up to rotation and scale). Mean ± sd over seeds. Dashed: the "
+        "baseline, CKA between the first encoder and random initialisations of its architecture on "
+        "the same patches (mean over draws and seeds), shaded ± the sd over its random draws: what "
+        "architecture and inputs alone give.",
+    )
     if cka.empty:
         fig_info.missing = "the study has no CKA results (add 'finetune' and 'cka' sections)."
         return fig_info
@@ -74,11 +77,24 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
             ax.set_xticks(agg["stage_index"], agg["stage"], rotation=30, ha="right")
             if "baseline" in part and part["baseline"].notna().any():
                 base = _agg(part, ["stage_index"], "baseline").sort_values("stage_index")
-                ax.plot(base["stage_index"], base["mean"], linestyle="--", marker="x", color=line[0].get_color(),
-                        alpha=0.7, label=f"{ds}: baseline (random init)")
+                ax.plot(
+                    base["stage_index"],
+                    base["mean"],
+                    linestyle="--",
+                    marker="x",
+                    color=line[0].get_color(),
+                    alpha=0.7,
+                    label=f"{ds}: baseline (random init)",
+                )
                 spread = part.groupby("stage_index")["baseline_sd"].mean().reindex(base["stage_index"]).fillna(0.0)
-                ax.fill_between(base["stage_index"], base["mean"] - spread.to_numpy(),
-                                base["mean"] + spread.to_numpy(), color=line[0].get_color(), alpha=0.15, lw=0)
+                ax.fill_between(
+                    base["stage_index"],
+                    base["mean"] - spread.to_numpy(),
+                    base["mean"] + spread.to_numpy(),
+                    color=line[0].get_color(),
+                    alpha=0.15,
+                    lw=0,
+                )
         estimators = ", ".join(sorted(set(sub["estimator"].dropna()))) if "estimator" in sub else "biased"
         ax.set_ylim(min(0.0, float(sub[["cka", "baseline"]].min().min()) - 0.05) if "baseline" in sub else 0, 1.05)
         ax.set_xlabel(f"stage ({estimators} estimator)")
@@ -93,12 +109,23 @@ def cka_per_stage(cka: pd.DataFrame, path: Path) -> Figure:
 
 def auc_vs_top1(mil: pd.DataFrame, path: Path) -> Figure:
     """Test AUC (mean ± sd over seeds) of full-depth ImageNet encoders against their ImageNet top-1."""
-    fig_info = Figure("auc_vs_imagenet_top1", "AUC vs ImageNet top-1",
-                      "Slide-level test AUC of each full-depth encoder with ImageNet weights against the ImageNet "
-                      "top-1 accuracy of the weights it loaded (random or other weights have none and are not "
-                      "drawn). Mean ± sd over seeds.")
-    sel = mil[(mil["truncate"] == 0) & mil["blocks"].isna() & (mil["family"] != "histopathology")
-              & mil["imagenet_top1"].notna()] if len(mil) else mil
+    fig_info = Figure(
+        "auc_vs_imagenet_top1",
+        "AUC vs ImageNet top-1",
+        "Slide-level test AUC of each full-depth encoder with ImageNet weights against the ImageNet "
+        "top-1 accuracy of the weights it loaded (random or other weights have none and are not "
+        "drawn). Mean ± sd over seeds.",
+    )
+    sel = (
+        mil[
+            (mil["truncate"] == 0)
+            & mil["blocks"].isna()
+            & (mil["family"] != "histopathology")
+            & mil["imagenet_top1"].notna()
+        ]
+        if len(mil)
+        else mil
+    )
     if sel.empty:
         fig_info.missing = "no finished full-depth encoder with ImageNet weights (only they have an ImageNet top-1)."
         return fig_info
@@ -109,8 +136,9 @@ def auc_vs_top1(mil: pd.DataFrame, path: Path) -> Figure:
         agg = _agg(sel[sel["dataset"] == ds], ["config", "encoder", "imagenet_top1"], "auc")
         ax.errorbar(agg["imagenet_top1"], agg["mean"], yerr=agg["sd"], fmt="o", capsize=3)
         for _, r in agg.iterrows():
-            ax.annotate(r["encoder"], (r["imagenet_top1"], r["mean"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                r["encoder"], (r["imagenet_top1"], r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         ax.margins(x=0.2)  # room for the encoder names
         _auc_axis(ax, agg["mean"] - agg["sd"])
         ax.set_title(ds)
@@ -123,9 +151,12 @@ def auc_vs_top1(mil: pd.DataFrame, path: Path) -> Figure:
 
 def auc_vs_truncation(mil: pd.DataFrame, path: Path) -> Figure:
     """Test AUC (mean ± sd over seeds) against the number of removed stages, one line per encoder."""
-    fig_info = Figure("auc_vs_truncation", "AUC vs truncation",
-                      "Slide-level test AUC against the number of final stages removed from the encoder "
-                      "(0 = full network). Mean ± sd over seeds.")
+    fig_info = Figure(
+        "auc_vs_truncation",
+        "AUC vs truncation",
+        "Slide-level test AUC against the number of final stages removed from the encoder "
+        "(0 = full network). Mean ± sd over seeds.",
+    )
     if mil.empty:
         fig_info.missing = "no finished MIL run."
         return fig_info

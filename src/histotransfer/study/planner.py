@@ -25,8 +25,14 @@ def plan(study: Study) -> list[Cell]:
         tiling = ds.tile.result_settings()
         # Tiling skips slides already tiled with the same settings and re-tiles the others by itself; a slide
         # file changed in place (another size or time) changes the cell.
-        tile = Cell("tile", f"tile/{ds.name}", {"slides": [file_id_cheap(p) for p in ds.slides], **tiling},
-                    deps=(demo,) if demo else (), dataset=ds.name, resume_key=None)
+        tile = Cell(
+            "tile",
+            f"tile/{ds.name}",
+            {"slides": [file_id_cheap(p) for p in ds.slides], **tiling},
+            deps=(demo,) if demo else (),
+            dataset=ds.name,
+            resume_key=None,
+        )
         cells.append(tile)
         for stain in study.stains:
             cells += stain_cells(study, ds, stain, tile, demo)
@@ -46,16 +52,21 @@ def stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell | 
     extracts: dict[EncoderConfig, Cell] = {}
     for (name, weights, blocks), group in by_network(study.encoders).items():
         if blocks is None:
-            encoder: dict[str, Any] = {"name": name, "weights": weights,
-                                       "truncate": sorted(e.truncate for e in group)}
+            encoder: dict[str, Any] = {"name": name, "weights": weights, "truncate": sorted(e.truncate for e in group)}
             network = group[0].key.rsplit("-t", 1)[0]
         else:
             encoder, network = group[0].spec(), group[0].key
         settings = {"encoder": encoder, **extract}
-        cell = Cell("extract", f"extract/{ds.name}/{network}{suffix}", settings,
-                    deps=(tile,), dataset=ds.name, encoder=group[0], stain=stain,
-                    resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"},
-                                              name, weights, tiling]))
+        cell = Cell(
+            "extract",
+            f"extract/{ds.name}/{network}{suffix}",
+            settings,
+            deps=(tile,),
+            dataset=ds.name,
+            encoder=group[0],
+            stain=stain,
+            resume_key=settings_hash([{k: v for k, v in settings.items() if k != "encoder"}, name, weights, tiling]),
+        )
         extracts.update(dict.fromkeys(group, cell))
         cells.append(cell)
     labels = {"labels": file_id(ds.labels), "split_file": file_id(ds.split_file)}
@@ -67,42 +78,89 @@ def stain_cells(study: Study, ds: Dataset, stain: str, tile: Cell, demo: Cell | 
                 # The run depends on its truncation's features only: adding a truncation to the network's
                 # extraction cell must not retrain the others.
                 features = settings_hash([{"encoder": enc.spec(), **extract}, tile.hash])
-                mils[enc, variant.name, seed] = resumable(Cell(
-                    "mil", f"mil/{ds.name}/{enc.key}{suffix}/{variant.name}/seed{seed}",
-                    {**labels, **mil, "features": features}, deps=(extracts[enc],) + ((demo,) if demo else ()),
-                    dataset=ds.name, encoder=enc, seed=seed, variant=variant.name, stain=stain,
-                    hashed=(demo,) if demo else ()))
+                mils[enc, variant.name, seed] = resumable(
+                    Cell(
+                        "mil",
+                        f"mil/{ds.name}/{enc.key}{suffix}/{variant.name}/seed{seed}",
+                        {**labels, **mil, "features": features},
+                        deps=(extracts[enc],) + ((demo,) if demo else ()),
+                        dataset=ds.name,
+                        encoder=enc,
+                        seed=seed,
+                        variant=variant.name,
+                        stain=stain,
+                        hashed=(demo,) if demo else (),
+                    )
+                )
                 cells.append(mils[enc, variant.name, seed])
     if study.cam is not None and (ds.demo is not None or ds.annotations is not None):
         cam = study.cam.result_settings()
         for enc in study.encoders:
             for seed in study.seeds:
-                cells.append(resumable(Cell(
-                    "cam", f"cam/{ds.name}/{enc.key}{suffix}/{study.mil[0].name}/seed{seed}", cam,
-                    deps=(mils[enc, study.mil[0].name, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                    variant=study.mil[0].name, stain=stain)))
+                cells.append(
+                    resumable(
+                        Cell(
+                            "cam",
+                            f"cam/{ds.name}/{enc.key}{suffix}/{study.mil[0].name}/seed{seed}",
+                            cam,
+                            deps=(mils[enc, study.mil[0].name, seed], tile),
+                            dataset=ds.name,
+                            encoder=enc,
+                            seed=seed,
+                            variant=study.mil[0].name,
+                            stain=stain,
+                        )
+                    )
+                )
     finetunes: dict[tuple[EncoderConfig, int], Cell] = {}
     if study.finetune is not None:
         for enc in study.finetune_encoders:
             for seed in study.finetune_seeds:
                 settings = FinetuneSettings.build(study.finetune, seed=seed).result_settings()
-                finetunes[enc, seed] = resumable(Cell(
-                    "finetune", f"finetune/{ds.name}/{enc.key}{suffix}/{study.finetune_mil}/seed{seed}", settings,
-                    deps=(mils[enc, study.finetune_mil, seed], tile), dataset=ds.name, encoder=enc, seed=seed,
-                    variant=study.finetune_mil, stain=stain))
+                finetunes[enc, seed] = resumable(
+                    Cell(
+                        "finetune",
+                        f"finetune/{ds.name}/{enc.key}{suffix}/{study.finetune_mil}/seed{seed}",
+                        settings,
+                        deps=(mils[enc, study.finetune_mil, seed], tile),
+                        dataset=ds.name,
+                        encoder=enc,
+                        seed=seed,
+                        variant=study.finetune_mil,
+                        stain=stain,
+                    )
+                )
                 cells.append(finetunes[enc, seed])
     if study.cka is not None:
         if study.cka_finetuned:
             for (enc, seed), ft_cell in finetunes.items():
                 cka = cka_settings(study, seed, stain).result_settings()
-                cells.append(Cell("cka", f"cka/{ds.name}/{enc.key}{suffix}/seed{seed}", {
-                    **cka, **reference_id(study, stain), "comparison": "finetuned"},
-                    deps=(ft_cell, tile), dataset=ds.name, encoder=enc, seed=seed, stain=stain))
+                cells.append(
+                    Cell(
+                        "cka",
+                        f"cka/{ds.name}/{enc.key}{suffix}/seed{seed}",
+                        {**cka, **reference_id(study, stain), "comparison": "finetuned"},
+                        deps=(ft_cell, tile),
+                        dataset=ds.name,
+                        encoder=enc,
+                        seed=seed,
+                        stain=stain,
+                    )
+                )
         for a, b in study.cka_pairs:
             cka = cka_settings(study, study.seeds[0], stain).result_settings()
-            cells.append(Cell("cka", f"cka/{ds.name}/pair-{a.key}--{b.key}{suffix}", {
-                **cka, **reference_id(study, stain), "comparison": "pair", "a": a.spec(), "b": b.spec()},
-                deps=(tile,), dataset=ds.name, encoder=a, seed=study.seeds[0], stain=stain))
+            cells.append(
+                Cell(
+                    "cka",
+                    f"cka/{ds.name}/pair-{a.key}--{b.key}{suffix}",
+                    {**cka, **reference_id(study, stain), "comparison": "pair", "a": a.spec(), "b": b.spec()},
+                    deps=(tile,),
+                    dataset=ds.name,
+                    encoder=a,
+                    seed=study.seeds[0],
+                    stain=stain,
+                )
+            )
     return cells
 
 
@@ -132,11 +190,11 @@ def cka_settings(study: Study, seed: int, stain: str) -> CkaSettings:
     extracted them."""
     assert study.cka is not None
     ex = study.extract_for(stain)
-    shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0,
-              "input_size": ex.input_size}
+    shared = {"batch_size": ex.batch_size, "device": ex.device, "workers": ex.workers or 0, "input_size": ex.input_size}
     overrides = {k: v for k, v in shared.items() if k not in study.cka.model_fields_set}
-    return CkaSettings.build(study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref,
-                             stain_scope=ex.stain_scope, **overrides)
+    return CkaSettings.build(
+        study.cka, seed=seed, stain_norm=ex.stain_norm, stain_ref=ex.stain_ref, stain_scope=ex.stain_scope, **overrides
+    )
 
 
 def file_id_cheap(path: Path) -> list[Any]:
@@ -154,4 +212,3 @@ def resumable(cell: Cell) -> Cell:
 def file_id(path: Path | None) -> str | None:
     """A file's identity for cache keys: its content hash, so editing labels retrains."""
     return None if path is None else file_sha256(path)
-

@@ -23,8 +23,21 @@ from .._io import write_text
 from .figures import Figure
 from .tables import TABLES, footnote
 
-PACKAGES = ["histotransfer", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "h5py", "openslide-python",
-            "openslide-bin", "tiffslide", "tifffile", "matplotlib", "pyyaml"]
+PACKAGES = [
+    "histotransfer",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "h5py",
+    "openslide-python",
+    "openslide-bin",
+    "tiffslide",
+    "tifffile",
+    "matplotlib",
+    "pyyaml",
+]
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -74,23 +87,34 @@ def _cells_html(cells: Sequence[Mapping[str, Any]]) -> str:
             message += f' (<a href="{link}error.log">error.log</a>)'
         rows.append(
             f'<tr><td>{html.escape(c["kind"])}</td><td><a href="{link}">{html.escape(c["key"])}</a></td>'
-            f'<td class="{status}">{status}</td><td>{secs}</td><td>{message}</td></tr>')
+            f'<td class="{status}">{status}</td><td>{secs}</td><td>{message}</td></tr>'
+        )
     head = "<tr><th>stage</th><th>cell (folder)</th><th>status</th><th>seconds</th><th>message</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-SHORTCUT_NOTE = ("Within-group AUC: the model's mean test AUC within each group (the group column, or staining "
-                 "batches inferred from slide colour), with a 95% bootstrap interval: the direct evidence, since "
-                 "inside one group the group cannot rank slides. Group-only AUC: slides scored by their group alone "
-                 "(no slide's own label used), judged against a permutation null. Colour-only AUC: a logistic "
-                 "regression on each slide's tissue colour statistics, out of fold; a lower bound on what colour can "
-                 "tell. A verdict is shown where the within-group AUC is near chance, the group alone comes within "
-                 "the margin of the model's AUC (on all slides or on the test split), or, with no group, colour does.")
+SHORTCUT_NOTE = (
+    "Within-group AUC: the model's mean test AUC within each group (the group column, or staining "
+    "batches inferred from slide colour), with a 95% bootstrap interval: the direct evidence, since "
+    "inside one group the group cannot rank slides. Group-only AUC: slides scored by their group alone "
+    "(no slide's own label used), judged against a permutation null. Colour-only AUC: a logistic "
+    "regression on each slide's tissue colour statistics, out of fold; a lower bound on what colour can "
+    "tell. A verdict is shown where the within-group AUC is near chance, the group alone comes within "
+    "the margin of the model's AUC (on all slides or on the test split), or, with no group, colour does."
+)
 
 
-def write_report(path: Path, title: str, study_file: Path, study_text: str, tables: Mapping[str, pd.DataFrame],
-                 figures: Sequence[Figure], cells: Sequence[Mapping[str, Any]], notes: Sequence[str] = (),
-                 shortcuts: pd.DataFrame | None = None) -> Path:
+def write_report(
+    path: Path,
+    title: str,
+    study_file: Path,
+    study_text: str,
+    tables: Mapping[str, pd.DataFrame],
+    figures: Sequence[Figure],
+    cells: Sequence[Mapping[str, Any]],
+    notes: Sequence[str] = (),
+    shortcuts: pd.DataFrame | None = None,
+) -> Path:
     """Write the self-contained HTML report to ``path`` (atomically) and return it; ``notes`` (small samples,
     shortcuts, CKA caveats) come first, so nobody reads a table without them. ``shortcuts`` (one row per MIL
     run, ``tables.shortcut_table``) is shown after the tables when it has rows."""
@@ -106,7 +130,7 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         f"<style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">Study file <code>{html.escape(str(study_file))}</code>; report written '
-        f'{datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}; cells: {html.escape(summary)}.</p>',
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; cells: {html.escape(summary)}.</p>",
     ]
     if notes:
         parts.append('<h2>Read these first</h2><ul class="notes">')
@@ -119,14 +143,19 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
             parts.append(_table_html(df))
         else:
             parts.append('<p class="note">No encoder configuration of the study belongs in this table.</p>')
-        parts.append(f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
-                     f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>')
+        parts.append(
+            f'<p class="note">{html.escape(footnote(name))} CSV: <a href="tables/{name}.csv">tables/{name}.csv'
+            f'</a>, Markdown: <a href="tables/{name}.md">tables/{name}.md</a>.</p>'
+        )
     if shortcuts is not None and len(shortcuts):
-        parts.append('<h2 id="shortcut_check">Shortcut check: do the group or colour alone explain the '
-                     "model&#x27;s AUC?</h2>")
+        parts.append(
+            '<h2 id="shortcut_check">Shortcut check: do the group or colour alone explain the model&#x27;s AUC?</h2>'
+        )
         parts.append(_table_html(shortcuts))
-        parts.append(f'<p class="note">{html.escape(SHORTCUT_NOTE)} CSV: <a href="tables/runs_mil.csv">'
-                     "tables/runs_mil.csv</a>.</p>")
+        parts.append(
+            f'<p class="note">{html.escape(SHORTCUT_NOTE)} CSV: <a href="tables/runs_mil.csv">'
+            "tables/runs_mil.csv</a>.</p>"
+        )
     parts.append("<h2>Figures</h2>")
     for fig in figures:
         parts.append(f'<h3 id="{fig.name}">{html.escape(fig.title)}</h3>')
@@ -135,8 +164,10 @@ def write_report(path: Path, title: str, study_file: Path, study_text: str, tabl
         else:
             parts.append(f"<figure>{_img(fig.path)}<figcaption>{html.escape(fig.caption)}</figcaption></figure>")
     parts.append("<h2>Cells</h2>")
-    parts.append('<p class="note">Each cell is cached in its folder (<code>done.json</code> marks it finished); '
-                 "re-running the study skips finished cells and redoes failed ones.</p>")
+    parts.append(
+        '<p class="note">Each cell is cached in its folder (<code>done.json</code> marks it finished); '
+        "re-running the study skips finished cells and redoes failed ones.</p>"
+    )
     parts.append(_cells_html(cells))
     parts.append("<h2>Study file</h2>")
     parts.append(f"<pre>{html.escape(study_text)}</pre>")

@@ -33,12 +33,22 @@ from .runs import cka_stages, finetune_runs, localisation_runs, mil_runs
 from .tables import build_tables, localisation_table, shortcut_table, write_tables
 from .work import WORK, Context
 
-CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "stain", "seed", "status", "seconds", "message",
-                "folder"]
+CELL_COLUMNS = ["kind", "key", "dataset", "config", "recipe", "stain", "seed", "status", "seconds", "message", "folder"]
 
 
-OUTPUT_KEYS = ("slides", "labels", "patches", "features", "run", "frozen_run", "encoder", "csv", "localisation",
-               "cams", "annotations")
+OUTPUT_KEYS = (
+    "slides",
+    "labels",
+    "patches",
+    "features",
+    "run",
+    "frozen_run",
+    "encoder",
+    "csv",
+    "localisation",
+    "cams",
+    "annotations",
+)
 
 
 def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
@@ -49,7 +59,7 @@ def _outputs_exist(result: dict[str, Any], out_dir: Path) -> bool:
     for key in OUTPUT_KEYS:
         value = result.get(key)
         value = list(value.values()) if isinstance(value, dict) else value
-        for rel in (value if isinstance(value, list) else [value] if value else []):
+        for rel in value if isinstance(value, list) else [value] if value else []:
             if not (out_dir / rel).exists():
                 return False
     return all(run_finished(out_dir / result[key]) for key in ("run", "frozen_run") if result.get(key))
@@ -63,8 +73,9 @@ def _lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise HistotransferError(f"{out_dir}: another study is running in this folder; wait for it to "
-                                     "finish or choose another --out") from None
+            raise HistotransferError(
+                f"{out_dir}: another study is running in this folder; wait for it to finish or choose another --out"
+            ) from None
         yield
 
 
@@ -76,8 +87,15 @@ def _write_cells(records: list[dict[str, Any]], out_dir: Path) -> None:
 # How a cell's work is shared under torchrun: "all" ranks run it together (extraction and CKA shard slides,
 # fine-tuning is data-parallel), "spread" cells (independent: MIL runs, CAMs) are dealt to the ranks, each
 # computed as one process would, "one" runs on rank 0.
-MODES = {"demo": "one", "tile": "one", "extract": "all", "mil": "spread", "cam": "spread", "finetune": "all",
-         "cka": "all"}
+MODES = {
+    "demo": "one",
+    "tile": "one",
+    "extract": "all",
+    "mil": "spread",
+    "cam": "spread",
+    "finetune": "all",
+    "cka": "all",
+}
 
 
 def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
@@ -90,8 +108,7 @@ def _mode(cell: Cell, study: Study, ranks: Ranks) -> str:
     return MODES[cell.kind]
 
 
-def _run_cell(cell: Cell, ctx: Context, out_dir: Path) -> tuple[dict[str, Any] | None, float, str,
-                                                               Exception | None]:
+def _run_cell(cell: Cell, ctx: Context, out_dir: Path) -> tuple[dict[str, Any] | None, float, str, Exception | None]:
     """Do one cell's work in its folder. Returns (result, seconds, message, error): result None and error set
     when it failed."""
     t0 = time.perf_counter()
@@ -122,8 +139,7 @@ def _run_together(cell: Cell, ctx: Context, out_dir: Path, ranks: Ranks) -> None
     outcome = _run_cell(cell, ctx, out_dir)
     failure = ranks.agree(cell.key, None if outcome[0] is not None else outcome[2])
     if ranks.rank == 0:
-        _mark(cell, out_dir, outcome if failure is None or outcome[0] is None else
-              (None, outcome[1], failure, None))
+        _mark(cell, out_dir, outcome if failure is None or outcome[0] is None else (None, outcome[1], failure, None))
 
 
 def _from_markers(cell: Cell, out_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -138,8 +154,9 @@ def _from_markers(cell: Cell, out_dir: Path) -> tuple[str, dict[str, Any]]:
     return "failed", {"message": failed.get("reason", "did not finish"), "result": {}, "seconds": None}
 
 
-def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = True,
-              ranks: Ranks | None = None) -> list[dict[str, Any]]:
+def run_cells(
+    study: Study, cells: list[Cell], out_dir: Path, progress: bool = True, ranks: Ranks | None = None
+) -> list[dict[str, Any]]:
     """Run every cell not already done; return one record per cell (status done/cached/failed/blocked).
 
     Under torchrun every rank calls this with the same cells: each cell runs as ``MODES`` says, and after it
@@ -150,18 +167,24 @@ def run_cells(study: Study, cells: list[Cell], out_dir: Path, progress: bool = T
     ctx = Context(study, out_dir)
     records: dict[str, dict[str, Any]] = {}
     status: dict[str, str] = {}
-    cached = {c.key: m for c in cells
-              if (m := read_done(c, out_dir)) is not None and _outputs_exist(m["result"], out_dir)}
+    cached = {
+        c.key: m for c in cells if (m := read_done(c, out_dir)) is not None and _outputs_exist(m["result"], out_dir)
+    }
     ranks.barrier()  # every rank has read the same markers before any cell runs
-    bar = tqdm(total=len(cells), initial=len(cached), desc=f"study {study.name}", unit="cell",
-               dynamic_ncols=True, disable=not progress or not lead)
+    bar = tqdm(
+        total=len(cells),
+        initial=len(cached),
+        desc=f"study {study.name}",
+        unit="cell",
+        dynamic_ncols=True,
+        disable=not progress or not lead,
+    )
 
     def settle(cell: Cell, state: str, marker: dict[str, Any]) -> None:
         status[cell.key] = state
         if state in ("done", "cached"):
             ctx.results[cell.key] = marker["result"]
-        records[cell.key] = cell.record(state, marker.get("seconds"), marker.get("message", ""),
-                                        marker.get("result"))
+        records[cell.key] = cell.record(state, marker.get("seconds"), marker.get("message", ""), marker.get("result"))
         bar.update(1)
 
     i = 0
@@ -223,15 +246,37 @@ def write_outputs(study: Study, out_dir: Path, records: list[dict[str, Any]]) ->
     ft = finetune_runs(out_dir, finished, info)
     cka = cka_stages(out_dir, finished)
     loc = localisation_runs(out_dir, finished, info)
-    tables = build_tables(mil, ft, study.encoders, study.finetune_encoders, datasets, info,
-                          [v.name for v in study.mil], study.finetune_mil, study.stains)
+    tables = build_tables(
+        mil,
+        ft,
+        study.encoders,
+        study.finetune_encoders,
+        datasets,
+        info,
+        [v.name for v in study.mil],
+        study.finetune_mil,
+        study.stains,
+    )
     if len(loc):
         tables["table5_localisation"] = localisation_table(loc, datasets)
-    shown = write_tables(out_dir / "tables", tables, datasets,
-                         {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka, "runs_localisation": loc})
+    shown = write_tables(
+        out_dir / "tables",
+        tables,
+        datasets,
+        {"runs_mil": mil, "runs_finetune": ft, "cka_stages": cka, "runs_localisation": loc},
+    )
     figures = draw_figures(out_dir / "figures", mil, cka)
-    return write_report(out_dir / "report.html", study.name, study.path, study.text, shown, figures, records,
-                        report_notes(mil, cka), shortcut_table(mil))
+    return write_report(
+        out_dir / "report.html",
+        study.name,
+        study.path,
+        study.text,
+        shown,
+        figures,
+        records,
+        report_notes(mil, cka),
+        shortcut_table(mil),
+    )
 
 
 def report_notes(mil: pd.DataFrame, cka: pd.DataFrame) -> list[str]:
@@ -242,19 +287,25 @@ def report_notes(mil: pd.DataFrame, cka: pd.DataFrame) -> list[str]:
     warned = mil[mil["shortcut_warning"].fillna(False).astype(bool)] if len(mil) else mil
     if len(warned):
         runs = ", ".join(warned["run"].head(3)) + (", ..." if len(warned) > 3 else "")
-        notes.append(f"In {len(warned)} of {len(mil)} MIL runs the shortcut check warns that the AUC may come from "
-                     f"group membership or colour rather than the tissue (see the shortcut check; {runs}): "
-                     f"{warned['shortcut_verdict'].iloc[0]}")
+        notes.append(
+            f"In {len(warned)} of {len(mil)} MIL runs the shortcut check warns that the AUC may come from "
+            f"group membership or colour rather than the tissue (see the shortcut check; {runs}): "
+            f"{warned['shortcut_verdict'].iloc[0]}"
+        )
     small = mil[mil["n_slides"] < SMALL_SPLIT] if len(mil) else mil
     if len(small):
         sizes = ", ".join(sorted({f"{d}: {n}" for d, n in zip(small["dataset"], small["n_slides"])}))
-        notes.append(f"{len(small)} of {len(mil)} MIL runs were tested on fewer than {SMALL_SPLIT} slides "
-                     f"(test slides per dataset: {sizes}); their AUCs and intervals are too unstable to rank "
-                     "encoders, whatever the table's digits suggest.")
+        notes.append(
+            f"{len(small)} of {len(mil)} MIL runs were tested on fewer than {SMALL_SPLIT} slides "
+            f"(test slides per dataset: {sizes}); their AUCs and intervals are too unstable to rank "
+            "encoders, whatever the table's digits suggest."
+        )
     if len(cka):
         estimators = ", ".join(sorted(set(cka["estimator"].dropna())))
-        notes.append(f"CKA uses the {estimators} estimator; every comparison is drawn against its baseline, the "
-                     "CKA of the first encoder with a random initialisation of its architecture on the same patches.")
+        notes.append(
+            f"CKA uses the {estimators} estimator; every comparison is drawn against its baseline, the "
+            "CKA of the first encoder with a random initialisation of its architecture on the same patches."
+        )
         notes += sorted({w for w in cka["warning"].dropna() if w})
     return notes
 
@@ -268,8 +319,7 @@ def execute(study: Study, out_dir: str | Path | None = None, progress: bool = Tr
     """Run a loaded study; return (report path, cell records). Under torchrun every rank takes part (see
     :func:`run_cells`); rank 0 holds the folder's lock and writes cells.csv, the tables and the report."""
     out = output_folder(Path(out_dir).expanduser().resolve() if out_dir is not None else default_out_dir(study))
-    with joined(None, resolve_device(study.extract.device)) as ranks, \
-            _lock(out) if ranks.rank == 0 else nullcontext():
+    with joined(None, resolve_device(study.extract.device)) as ranks, _lock(out) if ranks.rank == 0 else nullcontext():
         ranks.barrier()
         if ranks.rank == 0:
             write_text(study.text, out / "study.yaml")

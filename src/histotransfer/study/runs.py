@@ -19,8 +19,18 @@ import pandas as pd
 from .._read import read_csv
 from .grid import EncoderConfig
 
-ATTENTION_SCORES = ("top_patch_touches", "touching_share", "top_patch_overlap", "mean_overlap", "attention_overlap",
-                    "auc_touching", "top_patch_hit", "lesion_patch_share", "attention_mass", "auc")
+ATTENTION_SCORES = (
+    "top_patch_touches",
+    "touching_share",
+    "top_patch_overlap",
+    "mean_overlap",
+    "attention_overlap",
+    "auc_touching",
+    "top_patch_hit",
+    "lesion_patch_share",
+    "attention_mass",
+    "auc",
+)
 CAM_SCORES = ("pointing_game", "pointing_chance", "cam_mass", "lesion_area_share")
 
 
@@ -42,8 +52,11 @@ def _protocol(run: Path) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     if "pooled" not in metrics:
         return {"protocol": "split", "fold_auc_mean": float("nan"), "fold_auc_sd": float("nan")}
-    return {"protocol": f"{metrics['protocol']['folds']}-fold CV",
-            "fold_auc_mean": _nan(metrics["mean"]["test"]["auc"]), "fold_auc_sd": _nan(metrics["sd"]["test"]["auc"])}
+    return {
+        "protocol": f"{metrics['protocol']['folds']}-fold CV",
+        "fold_auc_mean": _nan(metrics["mean"]["test"]["auc"]),
+        "fold_auc_sd": _nan(metrics["sd"]["test"]["auc"]),
+    }
 
 
 def _multi_centre(run: Path) -> dict[str, Any]:
@@ -53,15 +66,21 @@ def _multi_centre(run: Path) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     shortcut = metrics.get("shortcut") or {}
     within = shortcut.get("within") or {}
-    groups = (metrics["pooled"].get("groups") if "pooled" in metrics else
-              (metrics.get("groups") or {}).get("test")) or {}
+    groups = (
+        metrics["pooled"].get("groups") if "pooled" in metrics else (metrics.get("groups") or {}).get("test")
+    ) or {}
     mean = within.get("mean")
     if mean is None:
         mean = groups.get("mean_within_group_auc")
-    return {"within_group_auc": _nan(mean), "within_group_ci_low": _nan(within.get("ci_low")),
-            "within_group_ci_high": _nan(within.get("ci_high")),
-            "colour_auc": _nan(shortcut.get("colour_auc")), "group_auc": _nan(shortcut.get("group_auc")),
-            "shortcut_warning": bool(shortcut.get("warning")), "shortcut_verdict": shortcut.get("verdict") or ""}
+    return {
+        "within_group_auc": _nan(mean),
+        "within_group_ci_low": _nan(within.get("ci_low")),
+        "within_group_ci_high": _nan(within.get("ci_high")),
+        "colour_auc": _nan(shortcut.get("colour_auc")),
+        "group_auc": _nan(shortcut.get("group_auc")),
+        "shortcut_warning": bool(shortcut.get("warning")),
+        "shortcut_verdict": shortcut.get("verdict") or "",
+    }
 
 
 def weights_top1(info: Mapping[str, Mapping[str, Any]], name: str, weights: str) -> float | None:
@@ -72,13 +91,20 @@ def weights_top1(info: Mapping[str, Mapping[str, Any]], name: str, weights: str)
 
 def _encoder_columns(spec: Mapping[str, Any], info: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     cfg = EncoderConfig(spec["name"], spec["weights"], int(spec["truncate"]), spec.get("blocks"))
-    return {"config": cfg.key, "encoder": cfg.name, "weights": cfg.weights, "truncate": cfg.truncate,
-            "blocks": cfg.blocks, "family": info.get(cfg.name, {}).get("family"),
-            "imagenet_top1": weights_top1(info, cfg.name, cfg.weights)}
+    return {
+        "config": cfg.key,
+        "encoder": cfg.name,
+        "weights": cfg.weights,
+        "truncate": cfg.truncate,
+        "blocks": cfg.blocks,
+        "family": info.get(cfg.name, {}).get("family"),
+        "imagenet_top1": weights_top1(info, cfg.name, cfg.weights),
+    }
 
 
-def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
-             info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def mil_runs(
+    out_dir: Path, records: Sequence[Mapping[str, Any]], info: Mapping[str, Mapping[str, Any]]
+) -> pd.DataFrame:
     """One row per finished MIL run: dataset, encoder configuration, seed, test AUC, test slides, run folder."""
     rows = []
     for r in records:
@@ -86,18 +112,54 @@ def mil_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             continue
         run = r["result"]["run"]
         auc, n = _test_metrics(out_dir / run)
-        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-                     "stain": r.get("stain", "none"), "seed": r["seed"], "auc": auc, "n_slides": n, "run": run,
-                     **_protocol(out_dir / run), **_multi_centre(out_dir / run)})
-    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
-                                       "imagenet_top1", "recipe", "stain", "seed", "auc", "n_slides", "run",
-                                       "protocol", "fold_auc_mean", "fold_auc_sd", "within_group_auc",
-                                       "within_group_ci_low", "within_group_ci_high",
-                                       "colour_auc", "group_auc", "shortcut_warning", "shortcut_verdict"])
+        rows.append(
+            {
+                "dataset": r["dataset"],
+                **_encoder_columns(r["encoder"], info),
+                "recipe": r.get("recipe", ""),
+                "stain": r.get("stain", "none"),
+                "seed": r["seed"],
+                "auc": auc,
+                "n_slides": n,
+                "run": run,
+                **_protocol(out_dir / run),
+                **_multi_centre(out_dir / run),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "dataset",
+            "config",
+            "encoder",
+            "weights",
+            "truncate",
+            "blocks",
+            "family",
+            "imagenet_top1",
+            "recipe",
+            "stain",
+            "seed",
+            "auc",
+            "n_slides",
+            "run",
+            "protocol",
+            "fold_auc_mean",
+            "fold_auc_sd",
+            "within_group_auc",
+            "within_group_ci_low",
+            "within_group_ci_high",
+            "colour_auc",
+            "group_auc",
+            "shortcut_warning",
+            "shortcut_verdict",
+        ],
+    )
 
 
-def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
-                  info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def finetune_runs(
+    out_dir: Path, records: Sequence[Mapping[str, Any]], info: Mapping[str, Mapping[str, Any]]
+) -> pd.DataFrame:
     """One row per finished fine-tuning run, with the frozen run of the same seed beside it."""
     rows = []
     for r in records:
@@ -105,13 +167,41 @@ def finetune_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             continue
         frozen_auc, _ = _test_metrics(out_dir / r["result"]["frozen_run"])
         auc, n = _test_metrics(out_dir / r["result"]["run"])
-        rows.append({"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-                     "stain": r.get("stain", "none"), "seed": r["seed"], "frozen_auc": frozen_auc,
-                     "finetuned_auc": auc, "n_slides": n, "run": r["result"]["run"],
-                     "frozen_run": r["result"]["frozen_run"]})
-    return pd.DataFrame(rows, columns=["dataset", "config", "encoder", "weights", "truncate", "blocks", "family",
-                                       "imagenet_top1", "recipe", "stain", "seed", "frozen_auc", "finetuned_auc",
-                                       "n_slides", "run", "frozen_run"])
+        rows.append(
+            {
+                "dataset": r["dataset"],
+                **_encoder_columns(r["encoder"], info),
+                "recipe": r.get("recipe", ""),
+                "stain": r.get("stain", "none"),
+                "seed": r["seed"],
+                "frozen_auc": frozen_auc,
+                "finetuned_auc": auc,
+                "n_slides": n,
+                "run": r["result"]["run"],
+                "frozen_run": r["result"]["frozen_run"],
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "dataset",
+            "config",
+            "encoder",
+            "weights",
+            "truncate",
+            "blocks",
+            "family",
+            "imagenet_top1",
+            "recipe",
+            "stain",
+            "seed",
+            "frozen_auc",
+            "finetuned_auc",
+            "n_slides",
+            "run",
+            "frozen_run",
+        ],
+    )
 
 
 def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -125,34 +215,67 @@ def cka_stages(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> pd.DataFr
         csv = out_dir / r["result"]["csv"]
         df = read_csv(csv)
         record = json.loads((csv.parent / "cka.json").read_text()) if (csv.parent / "cka.json").is_file() else {}
-        frames.append(pd.DataFrame({
-            "dataset": r["dataset"], "comparison": r["result"]["comparison"], "stain": r.get("stain", "none"),
-            "seed": r["seed"],
-            "stage_index": np.arange(len(df)), "stage": df["stage"].astype(str), "cka": df["cka"].astype(float),
-            "baseline": df["baseline"].astype(float) if "baseline" in df else np.nan,
-            "baseline_sd": df["baseline_sd"].astype(float) if "baseline_sd" in df else np.nan,
-            "estimator": record.get("estimator", "biased"), "n_patches": record.get("n_patches"),
-            "warning": " ".join(record.get("warnings") or []), "csv": r["result"]["csv"],
-        }))
-    columns = ["dataset", "comparison", "stain", "seed", "stage_index", "stage", "cka", "baseline", "baseline_sd",
-               "estimator", "n_patches", "warning", "csv"]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "dataset": r["dataset"],
+                    "comparison": r["result"]["comparison"],
+                    "stain": r.get("stain", "none"),
+                    "seed": r["seed"],
+                    "stage_index": np.arange(len(df)),
+                    "stage": df["stage"].astype(str),
+                    "cka": df["cka"].astype(float),
+                    "baseline": df["baseline"].astype(float) if "baseline" in df else np.nan,
+                    "baseline_sd": df["baseline_sd"].astype(float) if "baseline_sd" in df else np.nan,
+                    "estimator": record.get("estimator", "biased"),
+                    "n_patches": record.get("n_patches"),
+                    "warning": " ".join(record.get("warnings") or []),
+                    "csv": r["result"]["csv"],
+                }
+            )
+        )
+    columns = [
+        "dataset",
+        "comparison",
+        "stain",
+        "seed",
+        "stage_index",
+        "stage",
+        "cka",
+        "baseline",
+        "baseline_sd",
+        "estimator",
+        "n_patches",
+        "warning",
+        "csv",
+    ]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
-def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
-                      info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def localisation_runs(
+    out_dir: Path, records: Sequence[Mapping[str, Any]], info: Mapping[str, Mapping[str, Any]]
+) -> pd.DataFrame:
     """One row per MIL run whose dataset has lesion annotations: the cohort means of its attention localisation
     (positive test slides) and, when the study made CAMs of it, their localisation and resolution."""
-    cams = {(r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]): r["result"]["cams"]
-            for r in records if r["kind"] == "cam"}
+    cams = {
+        (r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]): r["result"]["cams"]
+        for r in records
+        if r["kind"] == "cam"
+    }
     rows = []
     for r in records:
         if r["kind"] != "mil" or not r["result"].get("localisation"):
             continue
         loc = json.loads((out_dir / r["result"]["localisation"]).read_text())
-        row = {"dataset": r["dataset"], **_encoder_columns(r["encoder"], info), "recipe": r.get("recipe", ""),
-               "stain": r.get("stain", "none"), "seed": r["seed"], "n_scored": loc["n_scored"],
-               **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ATTENTION_SCORES}}
+        row = {
+            "dataset": r["dataset"],
+            **_encoder_columns(r["encoder"], info),
+            "recipe": r.get("recipe", ""),
+            "stain": r.get("stain", "none"),
+            "seed": r["seed"],
+            "n_scored": loc["n_scored"],
+            **{k: (loc["cohort"].get(k) or {}).get("mean") for k in ATTENTION_SCORES},
+        }
         cam_file = cams.get((r["dataset"], r["config"], r.get("stain", "none"), r.get("recipe", ""), r["seed"]))
         if cam_file is not None:
             cam = json.loads((out_dir / cam_file).read_text())
@@ -160,6 +283,19 @@ def localisation_runs(out_dir: Path, records: Sequence[Mapping[str, Any]],
             row.update({k: (cohort.get(k) or {}).get("mean") for k in CAM_SCORES})
             row["um_per_cell"] = (cam.get("resolution") or {}).get("um_per_cell")
         rows.append(row)
-    columns = ["dataset", "config", "encoder", "weights", "truncate", "blocks", "recipe", "stain", "seed", "n_scored",
-               *ATTENTION_SCORES, *CAM_SCORES, "um_per_cell"]
+    columns = [
+        "dataset",
+        "config",
+        "encoder",
+        "weights",
+        "truncate",
+        "blocks",
+        "recipe",
+        "stain",
+        "seed",
+        "n_scored",
+        *ATTENTION_SCORES,
+        *CAM_SCORES,
+        "um_per_cell",
+    ]
     return pd.DataFrame(rows, columns=columns)

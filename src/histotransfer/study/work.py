@@ -77,10 +77,14 @@ class Context:
 def _run_demo(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], str]:
     from ..demo_slides import make_demo_slides
 
-    demo = make_demo_slides(folder, n_slides=cell.settings["n_slides"], seed=cell.settings["seed"],
-                            size=cell.settings["size"])
-    return {"slides": [relative(p, ctx.out) for p in demo.slides], "labels": relative(demo.labels_csv, ctx.out),
-            "annotations": relative(folder / "lesion_masks", ctx.out)}, f"{len(demo.slides)} demo slides"
+    demo = make_demo_slides(
+        folder, n_slides=cell.settings["n_slides"], seed=cell.settings["seed"], size=cell.settings["size"]
+    )
+    return {
+        "slides": [relative(p, ctx.out) for p in demo.slides],
+        "labels": relative(demo.labels_csv, ctx.out),
+        "annotations": relative(folder / "lesion_masks", ctx.out),
+    }, f"{len(demo.slides)} demo slides"
 
 
 def _run_tile(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], str]:
@@ -97,8 +101,9 @@ def _run_tile(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], s
     ok = [r for r in run.results if r.status in ("ok", "skipped") and r.n_patches > 0]
     if not ok:
         first = bad[0].message if bad else "no tissue found in any slide"
-        raise HistotransferError(f"no slide of dataset '{ds.name}' was tiled ({first}); see "
-                                 f"{run.folder / 'tiling.csv'}")
+        raise HistotransferError(
+            f"no slide of dataset '{ds.name}' was tiled ({first}); see {run.folder / 'tiling.csv'}"
+        )
     message = f"{len(ok)} slides tiled, {sum(r.n_patches for r in ok)} patches"
     if len(ok) < len(run.results):
         message += f"; {len(run.results) - len(ok)} slide(s) without patches or failed (see tiling.csv)"
@@ -111,9 +116,16 @@ def _run_extract(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any]
     enc = cell.settings["encoder"]
     patches = ctx.path(ctx.dep(cell, "tile")["patches"])
     blocks = enc.get("blocks")
-    done = extract_features(patches, folder, enc["name"], enc["weights"],
-                            enc["truncate"] if blocks is not None else list(enc["truncate"]),
-                            ctx.study.extract_for(cell.stain), ranks=ctx.ranks, blocks=blocks)
+    done = extract_features(
+        patches,
+        folder,
+        enc["name"],
+        enc["weights"],
+        enc["truncate"] if blocks is not None else list(enc["truncate"]),
+        ctx.study.extract_for(cell.stain),
+        ranks=ctx.ranks,
+        blocks=blocks,
+    )
     folders = done if isinstance(done, dict) else {enc["truncate"]: done}  # blocks: one folder, truncate 0
     tiled = {p.stem for p in h5_files(patches)}
     counts = {}
@@ -152,8 +164,9 @@ def _run_mil(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], st
     assert labels is not None and cell.seed is not None
     labels_used, note = _labels_with_features(labels, features, folder)
     variant = next(v for v in ctx.study.mil if v.name == cell.variant)
-    run = Path(train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed),
-                         split_file=ds.split_file))
+    run = Path(
+        train_mil(features, labels_used, folder / "run", ds.mil(variant.settings, cell.seed), split_file=ds.split_file)
+    )
     result = {"run": relative(run, ctx.out)}
     folds = json.loads((run / "metrics.json").read_text()).get("protocol")
     if folds is not None:
@@ -178,8 +191,14 @@ def _run_cam(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], st
     ids = sorted(splits.loc[(splits["split"] == "test") & (splits["label"].astype(int) == 1), "slide_id"])
     slides, _ = ctx.slides_and_labels(cell)
     assert ctx.study.cam is not None
-    cams = write_cams(run, folder / "cam", CamSettings.build(ctx.study.cam, device=ctx.study.extract.device),
-                      slides=slides, annotations_dir=annotations, slide_ids=ids)
+    cams = write_cams(
+        run,
+        folder / "cam",
+        CamSettings.build(ctx.study.cam, device=ctx.study.extract.device),
+        slides=slides,
+        annotations_dir=annotations,
+        slide_ids=ids,
+    )
     return {"cams": relative(cams.folder / "cam.json", ctx.out)}, f"{len(ids)} positive test slide(s)"
 
 
@@ -190,8 +209,9 @@ def _run_finetune(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any
     assert ctx.study.finetune is not None and cell.seed is not None
     frozen = relative(model_run(ctx.path(ctx.dep(cell, "mil")["run"])), ctx.out)  # a cross-validation: its fold 0
     slides, _ = ctx.slides_and_labels(cell)
-    settings = FinetuneSettings.build(ctx.study.finetune, seed=cell.seed,
-                                      extract_batch_size=ctx.study.extract.batch_size)
+    settings = FinetuneSettings.build(
+        ctx.study.finetune, seed=cell.seed, extract_batch_size=ctx.study.extract.batch_size
+    )
     run = Path(finetune(ctx.path(frozen), folder / "run", slides, settings, ranks=ctx.ranks))
     return {"run": relative(run, ctx.out), "frozen_run": frozen, "encoder": relative(run / "encoder.pt", ctx.out)}, ""
 
@@ -207,13 +227,17 @@ def _run_cka(cell: Cell, ctx: Context, folder: Path) -> tuple[dict[str, Any], st
         comparison = f"{cell.encoder.label}: frozen vs fine-tuned"
     else:
         a, b = cell.settings["a"], cell.settings["b"]
-        comparison = (f"{EncoderConfig(**cell.settings['a']).label} vs "
-                      f"{EncoderConfig(**cell.settings['b']).label}")
-    compare_encoders(a, b, patches, folder / "cka", cka_settings(ctx.study, cell.seed, cell.stain),
-                     ranks=ctx.ranks)
+        comparison = f"{EncoderConfig(**cell.settings['a']).label} vs {EncoderConfig(**cell.settings['b']).label}"
+    compare_encoders(a, b, patches, folder / "cka", cka_settings(ctx.study, cell.seed, cell.stain), ranks=ctx.ranks)
     return {"csv": relative(folder / "cka" / "cka.csv", ctx.out), "comparison": comparison}, ""
 
 
-WORK = {"demo": _run_demo, "tile": _run_tile, "extract": _run_extract, "mil": _run_mil, "cam": _run_cam,
-        "finetune": _run_finetune, "cka": _run_cka}
-
+WORK = {
+    "demo": _run_demo,
+    "tile": _run_tile,
+    "extract": _run_extract,
+    "mil": _run_mil,
+    "cam": _run_cam,
+    "finetune": _run_finetune,
+    "cka": _run_cka,
+}
