@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_out
 LOCK := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: install demo test lint lock test-latest clean
+.PHONY: install demo test lint format lock test-latest clean
 
 # PIP_CONSTRAINT also reaches pip's isolated build environment, so the build backend is the locked one too.
 $(STAMP): pyproject.toml $(LOCK)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+# Rewrites the code in the project's one style (what `make lint` checks).
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
