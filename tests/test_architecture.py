@@ -20,8 +20,8 @@ STAGES = ["slide", "patches", "stain", "encoders", "features", "mil", "finetune"
 BASE = {"errors", "_io", "_lazy", "provenance", "settings", "runtime", "formats", "batch", "__init__"}
 # No module is longer than this; one longer than LONG is named, with the one job that needs its length, in the
 # "Long modules" section of docs/architecture.md.
-MAX_LINES = 700
-LONG = 450
+MAX_LINES = 850
+LONG = 500
 ARCHITECTURE_DOC = SRC.parents[1] / "docs" / "architecture.md"
 
 
