@@ -146,7 +146,8 @@ def shortcut_verdict(
         steps = [
             f"check the within-{group_name} AUC (the direct evidence)",
             "where lesion annotations exist, let them supervise the attention (train --annotations)",
-            f"train on stain-normalised features (--stain-norm macenko) or balance the {group_name}s in training",
+            "train on stain-normalised features (--stain-norm macenko) or balance training across "
+            f"{group_name} (--balance groups, with --group-column)",
             f"collect slides of both classes in every {group_name}",
         ]
         if test_auc is not None and any("test split" in r for r in reasons):
